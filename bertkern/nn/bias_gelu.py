@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bertkern import ops
+
+
+class BiasGELU(nn.Module):
+    """gelu(x + bias) in one kernel. Use after a bias-free nn.Linear, giving it the Linear's bias.
+
+    num_features=None makes a bias-free GELU (the bias can still be passed to forward).
+    """
+
+    def __init__(self, num_features: int | None = None, approximate: str = "none", backend: str | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.approximate, self.backend = approximate, backend
+        self.bias = None if num_features is None else nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.bias_gelu(x, self.bias if bias is None else bias, approximate=self.approximate, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        n = None if self.bias is None else self.bias.shape[0]
+        return f"num_features={n}, approximate={self.approximate!r}, backend={self.backend!r}"

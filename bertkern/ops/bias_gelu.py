@@ -1,0 +1,112 @@
+"""bias_gelu: y = gelu(x + bias), forward and backward, on the torch, triton or cuda backend.
+
+Registered as the custom ops bertkern::bias_gelu and bertkern::bias_gelu_backward (with fake
+implementations and autograd), so torch.compile(fullgraph=True) traces through them.
+"""
+from __future__ import annotations
+
+import torch
+
+from bertkern import backend as _backend
+from bertkern import reference
+
+
+def _kernels(backend: str):
+    """(forward, backward) of one backend, all taking 2-D row views."""
+    if backend == "triton":
+        from bertkern.triton import bias_gelu as k
+
+        return k.forward, k.backward
+    if backend == "cuda":
+        ops = torch.ops.bertkern_cuda
+
+        def cuda_backward(dy, x, bias, approximate):
+            dx, db = ops.bias_gelu_bwd(dy, x, bias, approximate)
+            return dx, (db if bias is not None else None)
+
+        return ops.bias_gelu_fwd, cuda_backward
+    return reference.bias_gelu, reference.bias_gelu_backward
+
+
+@torch.library.custom_op("bertkern::bias_gelu", mutates_args=())
+def _bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str, backend: str) -> torch.Tensor:
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    forward, _ = _kernels(backend)
+    return forward(_backend.as_rows(x), bias, approximate).view(x.shape)
+
+
+@_bias_gelu.register_fake
+def _(x, bias, approximate, backend):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("bertkern::bias_gelu_backward", mutates_args=())
+def _bias_gelu_backward(
+    grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, approximate: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dbias); dbias is an empty tensor when there is no bias."""
+    no_dbias = x.new_empty(0) if bias is None else None
+    if x.numel() == 0:
+        return torch.zeros(x.shape, dtype=x.dtype, device=x.device), (
+            no_dbias if bias is None else torch.zeros_like(bias)
+        )
+    _, backward = _kernels(backend)
+    dx, dbias = backward(_backend.as_rows(grad), _backend.as_rows(x), bias, approximate)
+    return dx.view(x.shape), (no_dbias if bias is None else dbias)
+
+
+@_bias_gelu_backward.register_fake
+def _(grad, x, bias, approximate, backend):
+    return x.new_empty(x.shape), (x.new_empty(0) if bias is None else bias.new_empty(bias.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, approximate, backend = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.approximate, ctx.backend = approximate, backend
+
+
+def _backward(ctx, grad):
+    x, bias = ctx.saved_tensors
+    dx, dbias = torch.ops.bertkern.bias_gelu_backward(grad, x, bias, ctx.approximate, ctx.backend)
+    return dx, (dbias if bias is not None else None), None, None
+
+
+_bias_gelu.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> None:
+    name = "bertkern.ops.bias_gelu"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{name}: x must have at least one dimension, got a scalar")
+    if approximate not in reference.GELU_APPROXIMATIONS:
+        raise ValueError(f"{name}: approximate must be one of {reference.GELU_APPROXIMATIONS}, got {approximate!r}")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{name}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.dim() != 1 or bias.shape[0] != x.shape[-1]:
+        raise ValueError(f"{name}: bias must have shape [{x.shape[-1]}] (x's last dim), got {list(bias.shape)}")
+    if bias.dtype != x.dtype:
+        raise ValueError(f"{name}: bias dtype {bias.dtype} does not match x dtype {x.dtype}")
+    if bias.device != x.device:
+        raise ValueError(f"{name}: bias is on {bias.device} but x is on {x.device}")
+
+
+def bias_gelu(
+    x: torch.Tensor, bias: torch.Tensor | None = None, *, approximate: str = "none", backend: str | None = None
+) -> torch.Tensor:
+    """gelu(x + bias) over any shape whose last dim is bias's size.
+
+    approximate="none" is the exact erf GELU (HF "gelu"); "tanh" is HF "gelu_new" / "gelu_pytorch_tanh".
+    backend: "torch", "triton", "cuda" or "auto" (default: $BERTKERN_BACKEND, else "auto").
+    """
+    _check(x, bias, approximate)
+    unsupported = None if x.dtype in _backend.KERNEL_DTYPES else f"dtype {x.dtype} has no kernel"
+    chosen = _backend.resolve("bias_gelu", backend, x.device, unsupported)
+    return torch.ops.bertkern.bias_gelu(x, bias, approximate, chosen)

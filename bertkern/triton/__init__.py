@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op. Imported lazily by bertkern.ops so that triton stays optional."""
