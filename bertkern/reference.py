@@ -31,8 +31,9 @@ def gelu_grad(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     if approximate == "tanh":
         k, c = math.sqrt(2.0 / math.pi), 0.044715
         # 0.5 * (1 + tanh(u)) == sigmoid(2u): the kernels use the sigmoid form, which never overflows.
-        s = torch.sigmoid(2.0 * k * (h + c * h**3))
-        return s + h * 2.0 * s * (1.0 - s) * k * (1.0 + 3.0 * c * h * h)
+        z = 2.0 * k * (h + c * h**3)
+        s = torch.sigmoid(z)
+        return s + h * 2.0 * s * torch.sigmoid(-z) * k * (1.0 + 3.0 * c * h * h)
     cdf = 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
     pdf = torch.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi))
     return cdf + h * pdf

@@ -57,4 +57,9 @@ def assert_close_2x(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor,
     assert not ref_nan.any(), f"{name}: NaN in reference (test bug)"
     err, eager_err = _err(out, ref64), _err(eager, ref64)
     tol = 2 * eager_err + ATOL_FLOOR[out.dtype]
+    if out.dtype == torch.bfloat16 and out.device.type == "cpu" and _backend.triton_interpreted() and err > tol:
+        # Triton's interpreter casts fp32 -> bf16 by truncation (numpy has no bf16); GPUs round to
+        # nearest. Allow that one extra ulp per element (ulp <= |value| * 2^-7), only here.
+        slack = (out.double() - ref64.double()).abs() - ref64.double().abs() * 2.0**-7
+        err = slack.max().item()
     assert err <= tol, f"{name}: max error {err:.3g} > 2 x eager's {eager_err:.3g} + floor {ATOL_FLOOR[out.dtype]:.1g}"

@@ -30,8 +30,10 @@ def _gelu(h, TANH: tl.constexpr):
 @triton.jit
 def _gelu_grad(h, TANH: tl.constexpr):
     if TANH:
-        s = tl.sigmoid(2.0 * TANH_K * (h + TANH_C * h * h * h))
-        return s + h * 2.0 * s * (1.0 - s) * TANH_K * (1.0 + 3.0 * TANH_C * h * h)
+        z = 2.0 * TANH_K * (h + TANH_C * h * h * h)
+        s = tl.sigmoid(z)
+        # sigmoid(-z), not 1 - s: the complement keeps its precision where s rounds to 1
+        return s + h * 2.0 * s * tl.sigmoid(-z) * TANH_K * (1.0 + 3.0 * TANH_C * h * h)
     else:
         return 0.5 * (1.0 + tl.erf(h * SQRT1_2)) + h * tl.exp(-0.5 * h * h) * INV_SQRT_2PI
 

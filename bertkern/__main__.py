@@ -1,0 +1,42 @@
+"""The `bertkern` command: `bertkern info`, `bertkern bench ...`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+USAGE = """usage: bertkern <command> [args]
+  info [--json]     what is built and usable here (versions, bertkern._C, GPU, backend per op)
+  bench [args]      the benchmark suite (benchmarks/run.py of a source checkout; --help for its args)"""
+
+
+def _bench(argv: list[str]) -> int:
+    root = Path(__file__).resolve().parent.parent
+    run = root / "benchmarks" / "run.py"
+    if not run.exists():
+        print(f"bertkern bench: {run} not found; the benchmarks ship with the source checkout "
+              "(pip install -e . from a clone)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(run.parent))
+    import run as bench_run  # benchmarks/run.py
+
+    return bench_run.main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "info":
+        from bertkern.info import main as info_main
+
+        return info_main(rest)
+    if command == "bench":
+        return _bench(rest)
+    print(f"bertkern: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""`bertkern info` / `python -m bertkern.info`: what is built and usable here, and why not."""
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from bertkern import backend as _backend
+
+OPS = ("bias_gelu", "add_layer_norm", "embedding_layer_norm", "masked_softmax", "attention")
+
+
+def collect() -> dict:
+    import bertkern
+    from bertkern import ops
+
+    info: dict = {
+        "bertkern": bertkern.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": None,
+        "gpu": None,
+        "triton_interpret": _backend.triton_interpreted(),
+    }
+    ok, why = _backend.triton_status()
+    if ok:
+        import triton
+
+        info["triton"] = triton.__version__
+    else:
+        info["triton_error"] = why
+
+    built, why = _backend.cuda_extension_status()
+    info["cuda_extension"] = {"built": built}
+    if built:
+        info["cuda_extension"]["build_info"] = str(torch.ops.bertkern_cuda.build_info())
+    else:
+        info["cuda_extension"]["why_not"] = why
+
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["gpu"] = f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs)"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    per_backend = {}
+    for name in _backend.BACKENDS:
+        why = _backend.unavailable_reason(name, device)
+        per_backend[name] = "usable" if why is None else f"unavailable: {why}"
+    info[f"backends_on_{device.type}"] = per_backend
+
+    info["ops"] = {
+        op: (f"auto -> {_backend.auto_backend(device)} on {device.type}" if hasattr(ops, op) else "not implemented yet")
+        for op in OPS
+    }
+    return info
+
+
+def format_info(info: dict, indent: int = 0) -> str:
+    lines = []
+    for key, value in info.items():
+        if isinstance(value, dict):
+            lines.append(" " * indent + f"{key}:")
+            lines.append(format_info(value, indent + 2))
+        else:
+            lines.append(" " * indent + f"{key}: {value}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    info = collect()
+    if "--json" in argv:
+        import json
+
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_info(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
