@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The whole GPU check in one call, for a lent GPU machine without internet (system-wide Python with
+# torch + CUDA, triton, pytest, pytest-benchmark already installed):
+#   1. versions and nvidia-smi          4. pytest -m gpu tests/, then the full tests/
+#   2. build bertkern._C for sm_90      5. python benchmarks/run.py -> benchmarks/results/<gpu>/
+#   3. python -m bertkern.info          6. results.tgz + logs into $OUT (when set)
+# Every step runs under a time limit and the script keeps going when one fails; a summary table is
+# printed last. The benchmark gets what the earlier steps left of BUDGET_S (default 540 s, ~9 min):
+# its cases run most important first, and the ones past the budget are listed as not run.
+#
+#   bash benchmarks/gpu_check.sh
+#   BERTKERN_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh   # tree copied without .git
+#
+# Env: PYTHON (default python3), BUDGET_S (540), OUT (folder for results.tgz and logs; else a temp dir).
+# Exit status: the number of failed steps (0 = all passed).
+set -u
+cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-540}
+T0=$(date +%s)
+LOGS=${OUT:-$(mktemp -d /tmp/bertkern_gpu_check.XXXXXX)}
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bertkern and benchmarks import even if the install fails
+SUMMARY=()
+FAILED=0
+
+left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
+
+step() { # step NAME LOG LIMIT_S CMD...: run CMD under a time limit, tee its output to $LOGS/LOG, record the outcome
+  local name=$1 log=$LOGS/$2 limit=$3 t rc dt verdict
+  shift 3
+  ((limit < 10)) && limit=10
+  t=$(date +%s)
+  printf '\n=== %s (limit %ss): %s\n' "$name" "$limit" "$*" | tee -a "$log"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  dt=$(($(date +%s) - t))
+  if ((rc == 0)); then
+    verdict=ok
+  elif ((rc == 124 || rc == 137)); then
+    verdict="TIMED OUT"
+  else
+    verdict="FAILED (rc $rc)"
+  fi
+  ((rc == 0)) || FAILED=$((FAILED + 1))
+  printf '=== %s: %s in %ss\n' "$name" "$verdict" "$dt" | tee -a "$log"
+  SUMMARY+=("$(printf '%-28s %-16s %5ss' "$name" "$verdict" "$dt")")
+}
+
+versions() {
+  "$PY" -V
+  "$PY" - <<'EOF'
+import torch
+print("torch", torch.__version__, "CUDA", torch.version.cuda, "GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as e:
+    print("triton: unavailable:", e)
+EOF
+  "$PY" -m pip list 2>/dev/null | grep -i -E '^(torch|triton|pytest|pytest-benchmark|numpy|transformers|setuptools|ninja) ' || true
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2 || echo "nvcc: not on PATH"
+  nvidia-smi
+}
+
+build() {
+  env BERTKERN_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+    "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e . || return
+  "$PY" -c "import bertkern._C, sys; print('bertkern._C imported from', bertkern._C.__file__)"
+}
+
+export PY
+export -f versions build
+step "versions + nvidia-smi" env.log 60 bash -c versions
+step "build bertkern._C (sm_90)" build.log 300 bash -c build
+step "python -m bertkern.info" env.log 60 "$PY" -m bertkern.info
+step "pytest -m gpu tests/" tests.log 150 "$PY" -m pytest -m gpu tests/ -q -ra -p no:cacheprovider
+# The full suite gets what is left once ~200 s are kept for the benchmark.
+step "pytest tests/ (all)" tests.log $(($(left) - 200)) "$PY" -m pytest tests/ -q -ra -p no:cacheprovider
+BENCH_BUDGET=$(($(left) - 60))
+((BENCH_BUDGET < 60)) && BENCH_BUDGET=60
+step "benchmarks/run.py" bench.log $((BENCH_BUDGET + 45)) "$PY" benchmarks/run.py --budget-s "$BENCH_BUDGET"
+
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/results.tgz" --exclude=benchmarks/results/cpu benchmarks/results 2>/dev/null &&
+    echo "results (JSON, Markdown, plots) in \$OUT/results.tgz; logs in \$OUT/*.log"
+  [ -f benchmarks/results/LATEST.md ] && cp benchmarks/results/LATEST.md "$OUT/LATEST.md"
+fi
+
+{
+  printf '\n=== gpu_check summary (%ss in all; logs in %s)\n' "$(($(date +%s) - T0))" "$LOGS"
+  printf '%-28s %-16s %6s\n' step outcome time
+  printf '%s\n' "${SUMMARY[@]}"
+  printf '%d step(s) failed\n' "$FAILED"
+} | tee "$LOGS/summary.txt"
+exit "$FAILED"
