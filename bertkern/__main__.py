@@ -6,7 +6,8 @@ from pathlib import Path
 
 USAGE = """usage: bertkern <command> [args]
   info [--json]     what is built and usable here (versions, bertkern._C, GPU, backend per op)
-  bench [args]      the benchmark suite (benchmarks/run.py of a source checkout; --help for its args)"""
+  bench [args]      the benchmark suite (benchmarks/run.py of a source checkout; --help for its args)
+  verify MODEL      run MODEL (a directory, or "minilm") eager and optimized; exit 1 past the 2x rule"""
 
 
 def _bench(argv: list[str]) -> int:
@@ -34,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         return info_main(rest)
     if command == "bench":
         return _bench(rest)
+    if command == "verify":
+        from bertkern.verify import main as verify_main
+
+        return verify_main(rest)
     print(f"bertkern: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -55,6 +55,59 @@ def bias_gelu_backward(
 
 
 # ---------------------------------------------------------------- add_layer_norm
+# Dropout masks of add_layer_norm are counter-based (Philox4x32-10, as in curand and tl.randint4x), so
+# every backend draws the same mask from the same seed and the backward pass regenerates it instead of
+# storing it. Element (row, col) of a [rows, N] view uses counter (col // 4, row, 0, 0), key (seed low
+# 32 bits, seed high 32 bits), output word col % 4, and is kept when (word >> 1) >= dropout_threshold(p).
+_M32 = 0xFFFFFFFF
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def dropout_threshold(p: float) -> int:
+    """A 31-bit word w keeps its element iff w >= this; the keep rate is 1 - threshold / 2**31."""
+    return min(int(p * 2**31), 2**31)
+
+
+def _mulhilo32(a: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a * c for a constant a < 2**32 and int64 c < 2**32, without
+    int64 overflow: c is split into 16-bit halves."""
+    t = a * (c & 0xFFFF)  # < 2**48
+    s = a * (c >> 16) + (t >> 16)  # < 2**49
+    return s >> 16, ((s & 0xFFFF) << 16) | (t & 0xFFFF)
+
+
+def philox_words(seed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The [rows, cols] int64 tensor of Philox4x32-10 words (each < 2**32) that the dropout masks
+    use; seed is a one-element int64 tensor (it stays on its device: no host sync)."""
+    dev = seed.device
+    n4 = (cols + 3) // 4
+    seed = seed.reshape(()).to(torch.int64)
+    c0 = torch.arange(n4, dtype=torch.int64, device=dev).expand(rows, n4)
+    c1 = (torch.arange(rows, dtype=torch.int64, device=dev) & _M32)[:, None].expand(rows, n4)
+    c2 = torch.zeros((rows, n4), dtype=torch.int64, device=dev)
+    c3 = c2
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_ROUND_A, c0)
+        hi2, lo2 = _mulhilo32(_PHILOX_ROUND_B, c2)
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    return torch.stack((c0, c1, c2, c3), dim=-1).reshape(rows, 4 * n4)[:, :cols]
+
+
+def dropout_keep_mask(seed: torch.Tensor, shape: torch.Size | tuple, p: float) -> torch.Tensor:
+    """The boolean keep mask (True = kept) that add_layer_norm's dropout applies to an input of
+    `shape`, drawn from `seed`; the leading dims are flattened into rows."""
+    cols = shape[-1] if len(shape) else 1
+    rows = math.prod(shape[:-1]) if len(shape) else 1
+    return ((philox_words(seed, rows, cols) >> 1) >= dropout_threshold(p)).reshape(shape)
+
+
+def dropout_scale(p: float) -> float:
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
 def add_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -64,25 +117,137 @@ def add_layer_norm(
     x_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     training: bool = True,
+    keep: torch.Tensor | None = None,
+    return_prenorm: bool = False,
+):
+    """layer_norm(dropout(x + x_bias) + residual) over the last dim.
+
+    Dropout uses the boolean mask `keep` (True = kept, scaled by 1 / (1 - dropout_p)) when given,
+    else F.dropout. return_prenorm=True returns (y, prenorm), prenorm being the sum fed to the norm.
+    """
+    h = add_layer_norm_prenorm(x, residual, x_bias, dropout_p, training, keep)
+    w = None if weight is None else weight.to(h.dtype)
+    b = None if bias is None else bias.to(h.dtype)
+    y = F.layer_norm(h, h.shape[-1:], w, b, eps).to(x.dtype)
+    return (y, h.to(x.dtype)) if return_prenorm else y
+
+
+def add_layer_norm_prenorm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    x_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """layer_norm(dropout(x + x_bias) + residual) over the last dim."""
+    """dropout(x + x_bias) + residual in float32 (float64 for float64 input): what the norm sees."""
     acc = _acc_dtype(x.dtype)
     h = x.to(acc)
     if x_bias is not None:
         h = h + x_bias.to(acc)
-    if dropout_p > 0.0:
-        h = F.dropout(h, dropout_p, training=training)
+    if dropout_p > 0.0 and training:
+        if keep is not None:
+            h = torch.where(keep, h * dropout_scale(dropout_p), 0.0)
+        else:
+            h = F.dropout(h, dropout_p, training=True)
     if residual is not None:
         h = h + residual.to(acc)
-    w = None if weight is None else weight.to(acc)
-    b = None if bias is None else bias.to(acc)
-    return F.layer_norm(h, h.shape[-1:], w, b, eps).to(x.dtype)
+    return h
+
+
+def layer_norm_stats(h: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) over the last dim, in float32 (float64 for float64 input), two-pass."""
+    h = h.to(_acc_dtype(h.dtype))
+    mean = h.mean(-1)
+    var = (h - mean[..., None]).square().mean(-1)
+    return mean, torch.rsqrt(var + eps)
+
+
+def add_layer_norm_backward(
+    grad: torch.Tensor,
+    h: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    grad_prenorm: torch.Tensor | None = None,
+):
+    """Gradients of add_layer_norm, written out (no autograd) so gradcheck tests the formula.
+
+    h is the pre-norm sum; mean and rstd its statistics. Returns (dh, dx, dweight, dbias, dx_bias):
+    dh is the gradient of the sum (= d residual), dx = dh * keep / (1 - p) (= dh without dropout),
+    and the column sums dweight = sum(grad * xhat), dbias = sum(grad), dx_bias = sum(dx) over rows.
+    """
+    acc = _acc_dtype(h.dtype)
+    n = h.shape[-1]
+    xhat = (h.to(acc) - mean.to(acc)[..., None]) * rstd.to(acc)[..., None]
+    dy = grad.to(acc)
+    g = dy if weight is None else dy * weight.to(acc)
+    c1 = (g * xhat).sum(-1, keepdim=True) / n
+    c2 = g.sum(-1, keepdim=True) / n
+    dh = (g - xhat * c1 - c2) * rstd.to(acc)[..., None]
+    if grad_prenorm is not None:
+        dh = dh + grad_prenorm.to(acc)
+    dx = dh if keep is None else torch.where(keep, dh * dropout_scale(dropout_p), 0.0)
+
+    def colsum(t):
+        return t.reshape(-1, n).sum(0)
+
+    dweight = colsum(dy * xhat)
+    return dh.to(h.dtype), dx.to(h.dtype), dweight, colsum(dy), colsum(dx)
+
+
+# ---------------------------------------------------------------- embedding_layer_norm
+def embedding_sum(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    word_embeddings: torch.Tensor,
+    position_embeddings: torch.Tensor | None,
+    token_type_embeddings: torch.Tensor | None,
+) -> torch.Tensor:
+    """word[ids] + type[token_type_ids] + pos[position_ids] (HF BertEmbeddings' order) in float32
+    (float64 for float64 tables); position_ids None means arange(S) along the last dim, token_type_ids
+    None means zeros; a None table is left out."""
+    acc = _acc_dtype(word_embeddings.dtype)
+    e = F.embedding(input_ids, word_embeddings).to(acc)
+    if token_type_embeddings is not None:
+        if token_type_ids is None:
+            e = e + token_type_embeddings[0].to(acc)
+        else:
+            e = e + F.embedding(token_type_ids.expand(input_ids.shape), token_type_embeddings).to(acc)
+    if position_embeddings is not None:
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        e = e + F.embedding(position_ids.expand(input_ids.shape), position_embeddings).to(acc)
+    return e
+
+
+def embedding_layer_norm(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    word_embeddings: torch.Tensor,
+    position_embeddings: torch.Tensor | None,
+    token_type_embeddings: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """LayerNorm(word[ids] + type[token_type_ids] + pos[position_ids]) over the hidden dim."""
+    e = embedding_sum(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
+                      token_type_embeddings)
+    w = None if weight is None else weight.to(e.dtype)
+    b = None if bias is None else bias.to(e.dtype)
+    return F.layer_norm(e, e.shape[-1:], w, b, eps).to(word_embeddings.dtype)
 
 
 # ---------------------------------------------------------------- masked_softmax
 def keep_mask(mask: torch.Tensor) -> torch.Tensor:
     """Boolean 'may attend' view of a mask: bool masks as given (True = keep); float masks keep
-    every key whose additive value is above -inf / finfo.min (-10000 stays a soft additive mask)."""
+    every key whose additive value is above -inf / finfo.min (-10000 stays a soft additive mask).
+    The comparison is made in the mask's own dtype (finfo of the mask, not of the scores)."""
     if mask.dtype == torch.bool:
         return mask
     return mask > torch.finfo(mask.dtype).min
@@ -94,8 +259,14 @@ def masked_softmax(
     scale: float = 1.0,
     dropout_p: float = 0.0,
     training: bool = True,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dropout(softmax(scores * scale + mask)) over the last dim; rows with every key masked give 0."""
+    """dropout(softmax(scores * scale + mask)) over the last dim; rows with every key masked give 0.
+
+    The mask broadcasts against scores like `scores + mask` (bool: True = keep; float: additive, with
+    -inf / finfo(mask.dtype).min meaning masked). With a `seed` (one-element int64 tensor), dropout
+    applies the kernels' Philox mask (dropout_keep_mask over the [rows, S_k] view); without, F.dropout.
+    """
     s = scores.to(_acc_dtype(scores.dtype)) * scale
     if mask is not None:
         keep = keep_mask(mask)
@@ -107,9 +278,28 @@ def masked_softmax(
     e = torch.exp(s - torch.where(dead, 0.0, row_max))
     p = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
     p = torch.where(dead, 0.0, p)
-    if dropout_p > 0.0:
-        p = F.dropout(p, dropout_p, training=training)
+    if dropout_p > 0.0 and training:
+        if seed is None:
+            p = F.dropout(p, dropout_p)
+        else:
+            p = torch.where(dropout_keep_mask(seed, p.shape, dropout_p), p * dropout_scale(dropout_p), 0.0)
     return p.to(scores.dtype)
+
+
+def masked_softmax_backward(
+    grad: torch.Tensor, probs: torch.Tensor, scale: float = 1.0, dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """d scores of masked_softmax, written out: scale * p * (dp - sum(dp * p)), dp = dropout's
+    backward of grad. `probs` is the softmax before dropout; with dropout_p > 0, `seed` is the
+    forward's. Fully masked rows have p == 0 everywhere and so get 0."""
+    acc = _acc_dtype(probs.dtype)
+    dp, p = grad.to(acc), probs.to(acc)
+    if dropout_p > 0.0:
+        if seed is None:
+            raise ValueError("masked_softmax_backward: dropout_p > 0 needs the forward's seed")
+        dp = torch.where(dropout_keep_mask(seed, p.shape, dropout_p), dp * dropout_scale(dropout_p), 0.0)
+    return (scale * p * (dp - (dp * p).sum(-1, keepdim=True))).to(probs.dtype)
 
 
 # ---------------------------------------------------------------- attention

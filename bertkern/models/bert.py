@@ -160,6 +160,7 @@ class BertEmbeddings(nn.Module):
                 self.LayerNorm.weight,
                 self.LayerNorm.bias,
                 self.LayerNorm.eps,
+                padding_idx=self.word_embeddings.padding_idx,  # like nn.Embedding: no grad to the pad row
             )
         else:
             x = (

@@ -1,4 +1,6 @@
 """Public functional ops. Each takes backend=None|"auto"|"torch"|"triton"|"cuda"."""
 from bertkern.ops.bias_gelu import bias_gelu
+from bertkern.ops.layer_norm import add_layer_norm, embedding_layer_norm
+from bertkern.ops.masked_softmax import masked_softmax
 
-__all__ = ["bias_gelu"]
+__all__ = ["add_layer_norm", "bias_gelu", "embedding_layer_norm", "masked_softmax"]

@@ -1,0 +1,553 @@
+"""add_layer_norm and embedding_layer_norm on the torch, triton or cuda backend.
+
+add_layer_norm(x, residual, weight, bias, eps) = layer_norm(dropout(x + x_bias) + residual) over the
+last dim; embedding_layer_norm = layer_norm(word[ids] + type[token_type_ids] + pos[position_ids]).
+
+Custom ops (each with a fake implementation; the first and third with autograd):
+
+  bertkern::add_layer_norm(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? x_bias,
+      Tensor? seed, float eps, float dropout_p, bool store_prenorm, str backend)
+      -> (Tensor y, Tensor prenorm, Tensor mean, Tensor rstd)
+  bertkern::add_layer_norm_backward(Tensor grad, Tensor? grad_prenorm, Tensor h, Tensor mean,
+      Tensor rstd, Tensor? weight, Tensor? seed, float dropout_p, bool need_dweight, bool need_dbias,
+      bool need_dx_bias, str backend) -> (Tensor dh, Tensor dx, Tensor dweight, Tensor dbias, Tensor dx_bias)
+  bertkern::embedding_layer_norm(Tensor input_ids, Tensor? position_ids, Tensor? token_type_ids,
+      Tensor word_embeddings, Tensor? position_embeddings, Tensor? token_type_embeddings,
+      Tensor? weight, Tensor? bias, float eps, int padding_idx, bool store_prenorm, str backend)
+      -> (Tensor y, Tensor prenorm, Tensor mean, Tensor rstd)
+
+Outputs that are not computed are empty tensors: prenorm unless store_prenorm, dx without dropout
+(then dx == dh), the column sums unless asked for. mean and rstd are float32 (float64 for float64
+inputs), shaped like the input without its last dim.
+
+Dropout: the public op draws a one-element int64 seed tensor on the input's device from torch's
+generator (so torch.manual_seed reproduces it, and no host sync happens: under CUDA-graph capture the
+draw is a graph-safe generator kernel). The kernels derive the mask from (seed, row, col) with
+Philox4x32-10 (bertkern.reference.dropout_keep_mask) and the backward pass regenerates it from the
+saved seed, so forward and backward agree and no mask is stored. Every backend, the torch one
+included, draws the same mask from the same seed. Calling the custom op with your own seed tensor
+gives a fixed mask (used by gradcheck).
+
+Saved for backward: the pre-norm sum h in the input dtype (written by the forward only when a
+gradient is needed, or when return_prenorm=True; when h is just x it is not written), mean, rstd,
+weight and the seed.
+"""
+from __future__ import annotations
+
+import torch
+
+from bertkern import backend as _backend
+from bertkern import reference
+
+
+# ---------------------------------------------------------------- torch backend (2-D rows)
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+def _keep(seed: torch.Tensor | None, shape, dropout_p: float) -> torch.Tensor | None:
+    if seed is None or dropout_p <= 0.0:
+        return None
+    return reference.dropout_keep_mask(seed, shape, dropout_p)
+
+
+def _torch_forward(x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm):
+    keep = _keep(seed, x.shape, dropout_p)
+    h = reference.add_layer_norm_prenorm(x, residual, x_bias, dropout_p if keep is not None else 0.0, keep=keep)
+    mean, rstd = reference.layer_norm_stats(h, eps)
+    w = None if weight is None else weight.to(h.dtype)
+    b = None if bias is None else bias.to(h.dtype)
+    y = torch.nn.functional.layer_norm(h, h.shape[-1:], w, b, eps).to(x.dtype)
+    # copy=True: with nothing added, h is x itself, and a custom op's output must not alias an input.
+    return y, (h.to(x.dtype, copy=True) if store_prenorm else _empty(x)), mean, rstd
+
+
+def _torch_backward(grad, grad_prenorm, h, mean, rstd, weight, seed, dropout_p, need_dw, need_db, need_dxb):
+    keep = _keep(seed, h.shape, dropout_p)
+    dh, dx, dw, db, dxb = reference.add_layer_norm_backward(grad, h, mean, rstd, weight, keep, dropout_p, grad_prenorm)
+    return (
+        dh,
+        dx if keep is not None else _empty(h),
+        dw.to(h.dtype) if need_dw else _empty(h),
+        db.to(h.dtype) if need_db else _empty(h),
+        dxb.to(h.dtype) if need_dxb else _empty(h),
+    )
+
+
+def _kernels(backend: str):
+    """(forward, backward) of one backend, on 2-D row views, with the custom ops' conventions."""
+    if backend == "triton":
+        from bertkern.triton import layer_norm as k
+
+        return k.forward, k.backward
+    if backend == "cuda":
+        ops = torch.ops.bertkern_cuda
+        return ops.add_layer_norm_fwd, ops.add_layer_norm_bwd
+    return _torch_forward, _torch_backward
+
+
+def _rows_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else _backend.as_rows(t)
+
+
+def _vec(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A [N] parameter with unit stride (the kernels index it directly)."""
+    return None if t is None else t.contiguous()
+
+
+# ---------------------------------------------------------------- add_layer_norm custom ops
+@torch.library.custom_op("bertkern::add_layer_norm", mutates_args=())
+def _add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    x_bias: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    eps: float,
+    dropout_p: float,
+    store_prenorm: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    forward, _ = _kernels(backend)
+    y, prenorm, mean, rstd = forward(
+        _backend.as_rows(x), _rows_or_none(residual), _vec(weight), _vec(bias), _vec(x_bias), seed, eps, dropout_p,
+        store_prenorm,
+    )
+    stats = x.shape[:-1]
+    return y.view(x.shape), (prenorm.view(x.shape) if store_prenorm else prenorm), mean.view(stats), rstd.view(stats)
+
+
+@_add_layer_norm.register_fake
+def _(x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm, backend):
+    acc = reference._acc_dtype(x.dtype)
+    prenorm = x.new_empty(x.shape) if store_prenorm else x.new_empty(0)
+    stats = x.shape[:-1]
+    return x.new_empty(x.shape), prenorm, x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
+
+
+@torch.library.custom_op("bertkern::add_layer_norm_backward", mutates_args=())
+def _add_layer_norm_backward(
+    grad: torch.Tensor,
+    grad_prenorm: torch.Tensor | None,
+    h: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    dropout_p: float,
+    need_dweight: bool,
+    need_dbias: bool,
+    need_dx_bias: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, backward = _kernels(backend)
+    n = h.shape[-1]
+    dh, dx, dw, db, dxb = backward(
+        _backend.as_rows(grad), _rows_or_none(grad_prenorm), _backend.as_rows(h),
+        mean.reshape(-1), rstd.reshape(-1), _vec(weight), seed, dropout_p, need_dweight, need_dbias, need_dx_bias,
+    )
+    assert dw.numel() in (0, n) and db.numel() in (0, n) and dxb.numel() in (0, n)
+    return dh.view(h.shape), (dx.view(h.shape) if dx.dim() == 2 else dx), dw, db, dxb  # 1-D [0]: no dx
+
+
+@_add_layer_norm_backward.register_fake
+def _(grad, grad_prenorm, h, mean, rstd, weight, seed, dropout_p, need_dweight, need_dbias, need_dx_bias, backend):
+    n = h.shape[-1]
+    dx = h.new_empty(h.shape) if (seed is not None and dropout_p > 0.0) else h.new_empty(0)
+    return (h.new_empty(h.shape), dx, *(h.new_empty(n if need else 0) for need in (need_dweight, need_dbias, need_dx_bias)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm, backend = inputs
+    _, prenorm, mean, rstd = output
+    # The sum the norm saw: the stored pre-norm copy, or x itself when nothing was added to it.
+    ctx.h_is_x = not store_prenorm
+    ctx.h_missing = not store_prenorm and (residual is not None or x_bias is not None or seed is not None)
+    ctx.save_for_backward(x if ctx.h_is_x else prenorm, mean, rstd, weight, seed)
+    ctx.dropout_p, ctx.backend = dropout_p, backend
+    ctx.has = (residual is not None, weight is not None, bias is not None, x_bias is not None)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad, grad_prenorm, _grad_mean, _grad_rstd):
+    if ctx.h_missing:
+        raise RuntimeError(
+            "bertkern.ops.add_layer_norm: the pre-norm sum was not stored for backward "
+            "(the op ran with store_prenorm=False while its inputs required grad)"
+        )
+    h, mean, rstd, weight, seed = ctx.saved_tensors
+    has_res, has_w, has_b, has_xb = ctx.has
+    need = ctx.needs_input_grad
+    if grad is None:
+        grad = torch.zeros_like(h)
+    if grad_prenorm is not None and grad_prenorm.numel() == 0:
+        grad_prenorm = None
+    dh, dx, dw, db, dxb = torch.ops.bertkern.add_layer_norm_backward(
+        grad, grad_prenorm, h, mean, rstd, weight, seed, ctx.dropout_p,
+        has_w and need[2], has_b and need[3], has_xb and need[4], ctx.backend,
+    )
+    if seed is None:
+        dx = dh
+    return (
+        dx if need[0] else None,
+        dh if (has_res and need[1]) else None,
+        dw if (has_w and need[2]) else None,
+        db if (has_b and need[3]) else None,
+        dxb if (has_xb and need[4]) else None,
+        None, None, None, None, None,
+    )
+
+
+_add_layer_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- input checks
+def _check_tensor(name: str, arg: str, t, ref: torch.Tensor, shape: tuple, what: str) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: {arg} must have shape {list(shape)} ({what}), got {list(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name}: {arg} dtype {t.dtype} does not match x dtype {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name}: {arg} is on {t.device} but x is on {ref.device}")
+
+
+def _check_eps_p(name: str, eps, dropout_p) -> None:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0.0:
+        raise ValueError(f"{name}: eps must be a non-negative number, got {eps!r}")
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{name}: dropout_p must be in [0, 1], got {dropout_p!r}")
+
+
+def _check(x, residual, weight, bias, x_bias, eps, dropout_p) -> None:
+    name = "bertkern.ops.add_layer_norm"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{name}: x must have a non-empty last dim, got shape {list(x.shape)}")
+    n = x.shape[-1]
+    _check_tensor(name, "residual", residual, x, tuple(x.shape), "x's shape")
+    for arg, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
+        _check_tensor(name, arg, t, x, (n,), "x's last dim")
+    _check_eps_p(name, eps, dropout_p)
+
+
+def _autocast(*tensors):
+    """Under autocast, run in float32 like F.layer_norm does (autocast's fp32 list: lower-precision
+    floats go up to float32, float64 stays)."""
+    low = (torch.float16, torch.bfloat16)
+    return tuple(t.float() if t is not None and t.dtype in low else t for t in tensors)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _draw_seed(device: torch.device) -> torch.Tensor:
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-12,
+    *,
+    x_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_prenorm: bool = False,
+    backend: str | None = None,
+):
+    """layer_norm(dropout(x + x_bias) + residual) over the last dim, in one pass.
+
+    residual has x's shape; weight, bias and x_bias are [N] (N = x.shape[-1]); each may be None. All
+    share x's dtype and device. Dropout (scaled by 1 / (1 - dropout_p)) applies whenever
+    dropout_p > 0: pass 0.0 in eval mode. return_prenorm=True returns (y, prenorm), prenorm being
+    dropout(x + x_bias) + residual in x's dtype (the next residual of a pre-LN model); it is
+    differentiable. Statistics are fp32 (fp64 for fp64). Under autocast everything runs in float32,
+    as F.layer_norm does. backend: "torch", "triton", "cuda" or "auto" (default: $BERTKERN_BACKEND,
+    else "auto").
+    """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        x, residual, weight, bias, x_bias = _autocast(x, residual, weight, bias, x_bias)
+    _check(x, residual, weight, bias, x_bias, eps, dropout_p)
+    unsupported = None if x.dtype in _backend.KERNEL_DTYPES else f"dtype {x.dtype} has no kernel"
+    chosen = _backend.resolve("add_layer_norm", backend, x.device, unsupported)
+    seed = _draw_seed(x.device) if dropout_p > 0.0 else None
+    trivial = residual is None and x_bias is None and seed is None  # the norm's input is x itself
+    store = return_prenorm or (not trivial and _needs_grad(x, residual, weight, bias, x_bias))
+    y, prenorm, _, _ = torch.ops.bertkern.add_layer_norm(
+        x, residual, weight, bias, x_bias, seed, float(eps), float(dropout_p), store, chosen
+    )
+    return (y, prenorm) if return_prenorm else y
+
+
+# ---------------------------------------------------------------- embedding_layer_norm
+def _ids_2d(ids: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """An id tensor as a [rows, S] view (expanded to input_ids' shape; views where possible)."""
+    if ids is None:
+        return None
+    ids = ids.expand(shape)
+    return ids.reshape(-1, shape[-1]) if ids.dim() != 2 else ids
+
+
+def _emb_torch_forward(ids, pids, tids, word, pos, typ, weight, bias, eps, store_prenorm):
+    e = reference.embedding_sum(ids, pids, tids, word, pos, typ)
+    mean, rstd = reference.layer_norm_stats(e, eps)
+    w = None if weight is None else weight.to(e.dtype)
+    b = None if bias is None else bias.to(e.dtype)
+    y = torch.nn.functional.layer_norm(e, e.shape[-1:], w, b, eps).to(word.dtype)
+    n = word.shape[1]
+    prenorm = e.to(word.dtype).reshape(-1, n) if store_prenorm else _empty(word)
+    return y.reshape(-1, n), prenorm, mean.reshape(-1), rstd.reshape(-1)
+
+
+@torch.library.custom_op("bertkern::embedding_layer_norm", mutates_args=())
+def _embedding_layer_norm(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    word_embeddings: torch.Tensor,
+    position_embeddings: torch.Tensor | None,
+    token_type_embeddings: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    padding_idx: int,
+    store_prenorm: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = input_ids.shape
+    ids, pids, tids = (_ids_2d(t, shape) for t in (input_ids, position_ids, token_type_ids))
+    tables = (_rows_or_none(t) for t in (word_embeddings, position_embeddings, token_type_embeddings))
+    args = (ids, pids, tids, *tables, _vec(weight), _vec(bias), eps, store_prenorm)
+    if backend == "torch":
+        y, prenorm, mean, rstd = _emb_torch_forward(*args)
+    else:  # triton, and cuda (which uses the Triton kernel for the gather; see embedding_layer_norm)
+        from bertkern.triton import layer_norm as k
+
+        y, prenorm, mean, rstd = k.embedding_forward(*args)
+    out = (*shape, word_embeddings.shape[1])
+    return y.view(out), (prenorm.view(out) if store_prenorm else prenorm), mean.view(shape), rstd.view(shape)
+
+
+@_embedding_layer_norm.register_fake
+def _(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings, token_type_embeddings,
+      weight, bias, eps, padding_idx, store_prenorm, backend):
+    w = word_embeddings
+    out = (*input_ids.shape, w.shape[1])
+    acc = reference._acc_dtype(w.dtype)
+    prenorm = w.new_empty(out) if store_prenorm else w.new_empty(0)
+    return w.new_empty(out), prenorm, w.new_empty(input_ids.shape, dtype=acc), w.new_empty(input_ids.shape, dtype=acc)
+
+
+def _emb_setup_context(ctx, inputs, output):
+    (input_ids, position_ids, token_type_ids, word, pos, typ, weight, bias, eps, padding_idx, store_prenorm,
+     backend) = inputs
+    _, prenorm, mean, rstd = output
+    ctx.stored = store_prenorm
+    ctx.save_for_backward(prenorm, mean, rstd, weight, input_ids, position_ids, token_type_ids)
+    ctx.rows = (word.shape[0], None if pos is None else pos.shape[0], None if typ is None else typ.shape[0])
+    ctx.dtype, ctx.has_bias, ctx.padding_idx, ctx.backend = word.dtype, bias is not None, padding_idx, backend
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _table_grad(num_rows: int, ids: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """sum of d's rows into a [num_rows, N] float32 table by ids (repeats accumulate); deterministic
+    (sorted, index_put_ accumulate) when torch.use_deterministic_algorithms is on."""
+    out = torch.zeros((num_rows, d.shape[1]), dtype=d.dtype, device=d.device)
+    ids = ids.reshape(-1)
+    if torch.are_deterministic_algorithms_enabled():
+        return out.index_put_((ids,), d, accumulate=True)
+    return out.index_add_(0, ids, d)
+
+
+def _emb_backward(ctx, grad, _grad_prenorm, _grad_mean, _grad_rstd):
+    if not ctx.stored:
+        raise RuntimeError("bertkern.ops.embedding_layer_norm: the pre-norm sum was not stored for backward")
+    prenorm, mean, rstd, weight, input_ids, position_ids, token_type_ids = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if grad is None:
+        grad = torch.zeros_like(prenorm)
+    ln_backend = "triton" if ctx.backend == "cuda" and not _cuda_ops_ready() else ctx.backend
+    dh, _, dw, db, _ = torch.ops.bertkern.add_layer_norm_backward(
+        grad, None, prenorm, mean, rstd, weight, None, 0.0,
+        weight is not None and need[6], ctx.has_bias and need[7], False, ln_backend,
+    )
+    n = prenorm.shape[-1]
+    acc = reference._acc_dtype(ctx.dtype)
+    d = dh.reshape(-1, n).to(acc)
+    n_word, n_pos, n_type = ctx.rows
+    dword = dpos = dtype_ = None
+    if need[3]:
+        dword = _table_grad(n_word, input_ids, d)
+        if ctx.padding_idx >= 0:
+            dword[ctx.padding_idx] = 0
+        dword = dword.to(ctx.dtype)
+    if n_pos is not None and need[4]:
+        if position_ids is None:  # arange(S) along the last dim: a plain sum over the leading dims
+            s = input_ids.shape[-1]
+            dpos = torch.zeros((n_pos, n), dtype=acc, device=d.device)
+            dpos[:s] = d.view(-1, s, n).sum(0)
+        else:
+            dpos = _table_grad(n_pos, position_ids.expand(input_ids.shape), d)
+        dpos = dpos.to(ctx.dtype)
+    if n_type is not None and need[5]:
+        if token_type_ids is None:  # every token uses row 0
+            dtype_ = torch.zeros((n_type, n), dtype=acc, device=d.device)
+            dtype_[0] = d.sum(0)
+        else:
+            dtype_ = _table_grad(n_type, token_type_ids.expand(input_ids.shape), d)
+        dtype_ = dtype_.to(ctx.dtype)
+    return (
+        None, None, None, dword, dpos, dtype_,
+        dw if (weight is not None and need[6]) else None,
+        db if (ctx.has_bias and need[7]) else None,
+        None, None, None, None,
+    )
+
+
+_embedding_layer_norm.register_autograd(_emb_backward, setup_context=_emb_setup_context)
+
+
+def _cuda_ops_ready() -> bool:
+    return _backend.cuda_extension_status()[0] and hasattr(torch.ops.bertkern_cuda, "add_layer_norm_bwd")
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _check_embedding(input_ids, position_ids, token_type_ids, word, pos, typ, weight, bias, eps, padding_idx):
+    name = "bertkern.ops.embedding_layer_norm"
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"{name}: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{name}: input_ids must be int64 or int32, got dtype {input_ids.dtype}")
+    if input_ids.dim() == 0:
+        raise ValueError(f"{name}: input_ids must have at least one dimension (the sequence), got a scalar")
+    if not isinstance(word, torch.Tensor):
+        raise TypeError(f"{name}: word_embeddings must be a torch.Tensor, got {type(word).__name__}")
+    if word.dim() != 2 or word.shape[1] == 0:
+        raise ValueError(f"{name}: word_embeddings must be [vocab, hidden], got shape {list(word.shape)}")
+    if not word.is_floating_point():
+        raise ValueError(f"{name}: word_embeddings must be floating point, got dtype {word.dtype}")
+    n = word.shape[1]
+    for arg, t in (("input_ids", input_ids), ("position_ids", position_ids), ("token_type_ids", token_type_ids)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"{name}: {arg} must be int64 or int32, got dtype {t.dtype}")
+        if t.device != word.device:
+            raise ValueError(f"{name}: {arg} is on {t.device} but word_embeddings is on {word.device}")
+        try:
+            ok = t.expand(input_ids.shape) is not None
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name}: {arg} of shape {list(t.shape)} does not broadcast to input_ids' {list(input_ids.shape)}")
+    for arg, t in (("position_embeddings", pos), ("token_type_embeddings", typ)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dim() != 2 or t.shape[1] != n or t.shape[0] == 0:
+            raise ValueError(f"{name}: {arg} must have shape [rows, {n}] (word_embeddings' hidden size), got {list(t.shape)}")
+        if t.dtype != word.dtype:
+            raise ValueError(f"{name}: {arg} dtype {t.dtype} does not match word_embeddings dtype {word.dtype}")
+        if t.device != word.device:
+            raise ValueError(f"{name}: {arg} is on {t.device} but word_embeddings is on {word.device}")
+    for arg, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"{name}: {arg} must have shape [{n}] (the hidden size), got {list(t.shape)}")
+        if t.dtype != word.dtype:
+            raise ValueError(f"{name}: {arg} dtype {t.dtype} does not match word_embeddings dtype {word.dtype}")
+        if t.device != word.device:
+            raise ValueError(f"{name}: {arg} is on {t.device} but word_embeddings is on {word.device}")
+    if pos is not None and position_ids is None and input_ids.shape[-1] > pos.shape[0]:
+        raise ValueError(f"{name}: sequence length {input_ids.shape[-1]} exceeds position_embeddings' {pos.shape[0]} rows")
+    if padding_idx is not None and not -word.shape[0] <= padding_idx < word.shape[0]:
+        raise ValueError(f"{name}: padding_idx {padding_idx} is out of range for {word.shape[0]} word embeddings")
+    _check_eps_p(name, eps, 0.0)
+    # Out-of-range ids would read out of bounds in a kernel. Checking costs a host sync on a GPU, so
+    # only CPU tensors are checked, and not while compiling (a data-dependent branch).
+    if word.device.type == "cpu" and not torch.compiler.is_compiling():
+        for arg, t, rows in (("input_ids", input_ids, word.shape[0]),
+                             ("position_ids", position_ids, None if pos is None else pos.shape[0]),
+                             ("token_type_ids", token_type_ids, None if typ is None else typ.shape[0])):
+            if t is not None and rows is not None and t.numel() and (t.min() < 0 or t.max() >= rows):
+                raise ValueError(f"{name}: {arg} has values outside [0, {rows})")
+
+
+def embedding_layer_norm(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    word_embeddings: torch.Tensor,
+    position_embeddings: torch.Tensor | None,
+    token_type_embeddings: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-12,
+    *,
+    padding_idx: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """LayerNorm(word[input_ids] + type[token_type_ids] + pos[position_ids]) in one gather+add+norm pass.
+
+    input_ids: [..., S] int64/int32. position_ids None means arange(S) for every sequence, and
+    token_type_ids None means zeros; both may be any shape that broadcasts to input_ids (e.g. [1, S]
+    or expanded views). position_embeddings / token_type_embeddings None leave that term out. The
+    tables, weight and bias share one floating dtype and device. padding_idx (like nn.Embedding's)
+    keeps that word row's gradient at zero. Table gradients accumulate repeated ids in float32
+    (index_add_; deterministic index_put_ under torch.use_deterministic_algorithms). backend="cuda"
+    runs the gather in the Triton kernel (there is no CUDA C++ one) and the backward in CUDA C++.
+    """
+    if isinstance(word_embeddings, torch.Tensor) and torch.is_autocast_enabled(word_embeddings.device.type):
+        word_embeddings, position_embeddings, token_type_embeddings, weight, bias = _autocast(
+            word_embeddings, position_embeddings, token_type_embeddings, weight, bias
+        )
+    _check_embedding(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
+                     token_type_embeddings, weight, bias, eps, padding_idx)
+    word = word_embeddings
+    unsupported = None if word.dtype in _backend.KERNEL_DTYPES else f"dtype {word.dtype} has no kernel"
+    if unsupported is None:
+        unsupported = _triton_embedding_unsupported(word.shape[1])
+    chosen = _backend.resolve("embedding_layer_norm", backend, word.device, unsupported)
+    if chosen == "cuda" and _backend.triton_status()[0] is False:
+        _backend._warn_once("bertkern.ops.embedding_layer_norm: the cuda backend needs triton for the "
+                            "embedding gather; falling back to the torch backend")
+        chosen = "torch"
+    if position_embeddings is None:
+        position_ids = None
+    if token_type_embeddings is None:
+        token_type_ids = None
+    store = _needs_grad(word, position_embeddings, token_type_embeddings, weight, bias)
+    pad = -1 if padding_idx is None else padding_idx % word.shape[0]
+    y, _, _, _ = torch.ops.bertkern.embedding_layer_norm(
+        input_ids, position_ids, token_type_ids, word, position_embeddings, token_type_embeddings,
+        weight, bias, float(eps), pad, store, chosen,
+    )
+    return y
+
+
+def _triton_embedding_unsupported(n: int) -> str | None:
+    if not _backend.triton_status()[0]:
+        return None  # resolve() reports the missing backend itself
+    from bertkern.triton import layer_norm as k
+
+    return k.embedding_supported(n)

@@ -1,0 +1,483 @@
+"""Triton kernels for add_layer_norm and embedding_layer_norm, forward and backward.
+
+add_layer_norm: y = layer_norm(h), h = dropout(x + x_bias) + residual over the last dim of 2-D
+[M, N] views with unit stride along N (bertkern.backend.as_rows). Math is fp32 (fp64 for fp64
+inputs), cast on store; statistics are two-pass over the row held in registers. Rows up to
+MAX_BLOCK_N wide are one tile (several rows per program when they are narrow); wider rows loop over
+column chunks, merging per-chunk (mean, M2) pairs (Chan et al.) and re-reading the inputs to normalize.
+
+Dropout is counter-based: element (row, col) keeps when Philox4x32-10 word col % 4 of counter
+(col // 4, row, 0, 0) under key = seed, shifted right by one, is >= threshold (see
+bertkern.reference.philox_words). The seed is read from a device tensor, so no host sync, and the
+backward pass regenerates the mask rather than storing it.
+
+Backward: dh = rstd * (g - xhat * mean(g * xhat) - mean(g)), g = dy * weight, plus the gradient of the
+returned pre-norm sum; dx = dh * keep / (1 - p). The column sums (dweight, dbias, dx_bias) are reduced
+in fp32: each program owns one partial row per sum, and torch sums the few partial rows afterwards
+(deterministic, no atomics).
+
+Every function here follows the bertkern::add_layer_norm(_backward) convention: outputs that are not
+computed are returned as empty tensors.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Widest row kept in registers as one tile (16 warps x 32 lanes x 32 fp32 values); wider rows loop
+# over LOOP_BLOCK_N-wide chunks. Module attributes so tests can shrink them to reach the loop path.
+MAX_BLOCK_N = 16384
+LOOP_BLOCK_N = 4096
+# Elements per program for narrow rows: 4 warps x 32 lanes x 32 values; 768-wide rows go 4 per program.
+ROW_TILE_ELEMS = 4096
+
+
+# ---------------------------------------------------------------- shared pieces
+@triton.jit
+def _keep_mask(seed, rows, col0, thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] keep flags for columns col0 + arange(BLOCK_N) (col0 % 4 == 0): one Philox
+    call per 4 columns, its 4 words interleaved back into column order."""
+    c4 = col0 // 4 + tl.arange(0, BLOCK_N // 4)
+    offsets = (rows.to(tl.int64)[:, None] << 32) | c4[None, :].to(tl.int64)  # counter (col // 4, row, 0, 0)
+    r0, r1, r2, r3 = tl.randint4x(seed, offsets)
+    # join(join(r0, r2), join(r1, r3)) has [..., a, i] = r_{2i + a}; flattening puts r_j at column 4k + j.
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_M, BLOCK_N])
+    return (r >> 1).to(tl.int32, bitcast=True) >= thresh
+
+
+@triton.jit
+def _prenorm_tile(X, R, XB, seed, rows, cols, col0, m, N, stride_x, stride_r, thresh, scale,
+                  HAS_RES: tl.constexpr, HAS_XBIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """h = dropout(x + x_bias) + residual for one tile, in the accumulation dtype; 0 outside m."""
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
+    acc = tl.float64 if x.dtype == tl.float64 else tl.float32
+    h = x.to(acc)
+    if HAS_XBIAS:
+        h += tl.load(XB + cols, mask=cols < N, other=0.0).to(acc)[None, :]
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, rows, col0, thresh, BLOCK_M, BLOCK_N)
+        h = tl.where(keep, h * scale, 0.0)
+    if HAS_RES:
+        h += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=m, other=0.0).to(acc)
+    return h
+
+
+@triton.jit
+def _rsqrt(v):
+    # IEEE-rounded sqrt (tl.sqrt is approximate in fp32; sqrt_rn has no fp64 form).
+    if v.dtype == tl.float64:
+        return 1.0 / tl.sqrt(v)
+    else:
+        return 1.0 / tl.sqrt_rn(v)
+
+
+@triton.jit
+def _affine(xhat, W, B, cols, N, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    y = xhat
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(xhat.dtype)[None, :]
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(xhat.dtype)[None, :]
+    return y
+
+
+@triton.jit
+def _norm_store(h, m, rows, row_ok, cols, N, eps, W, B, Y, P, MEAN, RSTD, stride_y, stride_p,
+                HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_PRENORM: tl.constexpr):
+    """Normalize whole rows held in h (zeros outside m), store y, the pre-norm sum and the stats."""
+    if STORE_PRENORM:
+        tl.store(P + rows[:, None] * stride_p + cols[None, :], h.to(P.dtype.element_ty), mask=m)
+    mean = tl.sum(h, axis=1) / N
+    d = tl.where(m, h - mean[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) / N
+    rstd = _rsqrt(var + eps)
+    y = _affine(d * rstd[:, None], W, B, cols, N, HAS_W, HAS_B)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+# ---------------------------------------------------------------- add_layer_norm forward
+@triton.jit
+def _add_ln_fwd_kernel(
+    X, R, XB, W, B, SEED, Y, P, MEAN, RSTD,
+    M, N, stride_x, stride_r, stride_y, stride_p, eps, thresh, scale,
+    HAS_RES: tl.constexpr, HAS_XBIAS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, STORE_PRENORM: tl.constexpr, LOOP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+    acc = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+    if not LOOP:
+        cols = tl.arange(0, BLOCK_N)
+        m = row_ok[:, None] & (cols < N)[None, :]
+        h = _prenorm_tile(X, R, XB, seed, rows, cols, 0, m, N, stride_x, stride_r, thresh, scale,
+                          HAS_RES, HAS_XBIAS, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+        _norm_store(h, m, rows, row_ok, cols, N, eps, W, B, Y, P, MEAN, RSTD, stride_y, stride_p,
+                    HAS_W, HAS_B, STORE_PRENORM)
+    else:
+        # Pass 1: exact two-pass statistics per chunk, merged across chunks (Chan et al.).
+        mean = tl.zeros([BLOCK_M], dtype=acc)
+        m2 = tl.zeros([BLOCK_M], dtype=acc)
+        for col0 in range(0, N, BLOCK_N):
+            cols = col0 + tl.arange(0, BLOCK_N)
+            m = row_ok[:, None] & (cols < N)[None, :]
+            h = _prenorm_tile(X, R, XB, seed, rows, cols, col0, m, N, stride_x, stride_r, thresh, scale,
+                              HAS_RES, HAS_XBIAS, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+            if STORE_PRENORM:
+                tl.store(P + rows[:, None] * stride_p + cols[None, :], h.to(P.dtype.element_ty), mask=m)
+            n_prev = tl.cast(col0, acc)
+            n_chunk = tl.cast(tl.minimum(N - col0, BLOCK_N), acc)
+            n_tot = n_prev + n_chunk
+            c_mean = tl.sum(h, axis=1) / n_chunk
+            d = tl.where(m, h - c_mean[:, None], 0.0)
+            delta = c_mean - mean
+            mean += delta * (n_chunk / n_tot)
+            m2 += tl.sum(d * d, axis=1) + delta * delta * (n_prev * n_chunk / n_tot)
+        rstd = _rsqrt(m2 / N + eps)
+        # Pass 2: rebuild h from the inputs (exact, unlike the rounded pre-norm copy) and normalize.
+        for col0 in range(0, N, BLOCK_N):
+            cols = col0 + tl.arange(0, BLOCK_N)
+            m = row_ok[:, None] & (cols < N)[None, :]
+            h = _prenorm_tile(X, R, XB, seed, rows, cols, col0, m, N, stride_x, stride_r, thresh, scale,
+                              HAS_RES, HAS_XBIAS, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+            y = _affine((h - mean[:, None]) * rstd[:, None], W, B, cols, N, HAS_W, HAS_B)
+            tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
+        tl.store(MEAN + rows, mean, mask=row_ok)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+# ---------------------------------------------------------------- add_layer_norm backward
+@triton.jit
+def _add_ln_bwd_kernel(
+    DY, DP, H, MEAN, RSTD, W, SEED, DH, DX, DW_PART, DB_PART, DXB_PART,
+    M, N, stride_dy, stride_dp, stride_h, stride_dh, stride_dx, rows_per_program, thresh, scale,
+    HAS_DP: tl.constexpr, HAS_W: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_DXB: tl.constexpr, LOOP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+    acc = tl.float64 if H.dtype.element_ty == tl.float64 else tl.float32
+    part = pid.to(tl.int64) * N
+    if not LOOP:
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        if HAS_W:
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(acc)
+        dw = tl.zeros([BLOCK_N], dtype=acc)
+        db = tl.zeros([BLOCK_N], dtype=acc)
+        dxb = tl.zeros([BLOCK_N], dtype=acc)
+        for start in range(row_start, row_end, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < row_end
+            m = row_ok[:, None] & col_ok[None, :]
+            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0).to(acc)
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0).to(acc)
+            h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(acc)
+            xhat = tl.where(m, (h - mean[:, None]) * rstd[:, None], 0.0)
+            dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(acc)
+            if HAS_W:
+                g = dy * w[None, :]
+            else:
+                g = dy
+            c1 = tl.sum(g * xhat, axis=1) / N
+            c2 = tl.sum(g, axis=1) / N
+            dh = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            if HAS_DP:
+                dh += tl.load(DP + rows[:, None] * stride_dp + cols[None, :], mask=m, other=0.0).to(acc)
+            tl.store(DH + rows[:, None] * stride_dh + cols[None, :], dh.to(DH.dtype.element_ty), mask=m)
+            if HAS_DROPOUT:
+                keep = _keep_mask(seed, rows, 0, thresh, BLOCK_M, BLOCK_N)
+                dx = tl.where(keep & m, dh * scale, 0.0)
+                tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
+            else:
+                dx = dh
+            if NEED_DW:
+                dw += tl.sum(dy * xhat, axis=0)
+            if NEED_DB:
+                db += tl.sum(dy, axis=0)
+            if NEED_DXB:
+                dxb += tl.sum(tl.where(m, dx, 0.0), axis=0)
+        if NEED_DW:
+            tl.store(DW_PART + part + cols, dw, mask=col_ok)
+        if NEED_DB:
+            tl.store(DB_PART + part + cols, db, mask=col_ok)
+        if NEED_DXB:
+            tl.store(DXB_PART + part + cols, dxb, mask=col_ok)
+    else:
+        # One row at a time (BLOCK_M == 1), two sweeps over its column chunks. The column partials
+        # live in this program's own rows of the (zero-initialized) partial buffers.
+        for row in range(row_start, row_end):
+            rows = row + tl.arange(0, BLOCK_M)
+            mean = tl.load(MEAN + rows).to(acc)
+            rstd = tl.load(RSTD + rows).to(acc)
+            c1 = tl.zeros([BLOCK_M], dtype=acc)
+            c2 = tl.zeros([BLOCK_M], dtype=acc)
+            for col0 in range(0, N, BLOCK_N):
+                cols = col0 + tl.arange(0, BLOCK_N)
+                col_ok = cols < N
+                m = (rows < M)[:, None] & col_ok[None, :]
+                h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(acc)
+                xhat = tl.where(m, (h - mean[:, None]) * rstd[:, None], 0.0)
+                g = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(acc)
+                if HAS_W:
+                    g = g * tl.load(W + cols, mask=col_ok, other=0.0).to(acc)[None, :]
+                c1 += tl.sum(g * xhat, axis=1)
+                c2 += tl.sum(g, axis=1)
+            c1 = c1 / N
+            c2 = c2 / N
+            for col0 in range(0, N, BLOCK_N):
+                cols = col0 + tl.arange(0, BLOCK_N)
+                col_ok = cols < N
+                m = (rows < M)[:, None] & col_ok[None, :]
+                h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(acc)
+                xhat = tl.where(m, (h - mean[:, None]) * rstd[:, None], 0.0)
+                dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(acc)
+                if HAS_W:
+                    g = dy * tl.load(W + cols, mask=col_ok, other=0.0).to(acc)[None, :]
+                else:
+                    g = dy
+                dh = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+                if HAS_DP:
+                    dh += tl.load(DP + rows[:, None] * stride_dp + cols[None, :], mask=m, other=0.0).to(acc)
+                tl.store(DH + rows[:, None] * stride_dh + cols[None, :], dh.to(DH.dtype.element_ty), mask=m)
+                if HAS_DROPOUT:
+                    keep = _keep_mask(seed, rows, col0, thresh, BLOCK_M, BLOCK_N)
+                    dx = tl.where(keep & m, dh * scale, 0.0)
+                    tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
+                else:
+                    dx = dh
+                if NEED_DW:
+                    p = DW_PART + part + cols
+                    tl.store(p, tl.load(p, mask=col_ok, other=0.0) + tl.sum(dy * xhat, axis=0), mask=col_ok)
+                if NEED_DB:
+                    p = DB_PART + part + cols
+                    tl.store(p, tl.load(p, mask=col_ok, other=0.0) + tl.sum(dy, axis=0), mask=col_ok)
+                if NEED_DXB:
+                    p = DXB_PART + part + cols
+                    tl.store(p, tl.load(p, mask=col_ok, other=0.0) + tl.sum(tl.where(m, dx, 0.0), axis=0),
+                             mask=col_ok)
+
+
+# ---------------------------------------------------------------- embedding_layer_norm forward
+@triton.jit
+def _emb_ln_fwd_kernel(
+    IDS, PIDS, TIDS, WORD, POS, TYPE, W, B, Y, P, MEAN, RSTD,
+    M, N, S, s_ids_b, s_ids_s, s_pids_b, s_pids_s, s_tids_b, s_tids_s,
+    stride_word, stride_pos, stride_type, stride_y, stride_p, eps,
+    HAS_POS: tl.constexpr, HAS_PIDS: tl.constexpr, HAS_TYPE: tl.constexpr, HAS_TIDS: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_PRENORM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Rows are tokens of a [M // S, S] id grid (strided index views; stride 0 for broadcast ids)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    b = rows // S
+    s = rows % S
+    cols = tl.arange(0, BLOCK_N)
+    m = row_ok[:, None] & (cols < N)[None, :]
+    acc = tl.float64 if WORD.dtype.element_ty == tl.float64 else tl.float32
+    ids = tl.load(IDS + b * s_ids_b + s * s_ids_s, mask=row_ok, other=0).to(tl.int64)
+    h = tl.load(WORD + ids[:, None] * stride_word + cols[None, :], mask=m, other=0.0).to(acc)
+    if HAS_TYPE:  # HF order: word + type, then + position
+        if HAS_TIDS:
+            tids = tl.load(TIDS + b * s_tids_b + s * s_tids_s, mask=row_ok, other=0).to(tl.int64)
+        else:
+            tids = tl.zeros([BLOCK_M], dtype=tl.int64)
+        h += tl.load(TYPE + tids[:, None] * stride_type + cols[None, :], mask=m, other=0.0).to(acc)
+    if HAS_POS:
+        if HAS_PIDS:
+            pids = tl.load(PIDS + b * s_pids_b + s * s_pids_s, mask=row_ok, other=0).to(tl.int64)
+        else:
+            pids = s
+        h += tl.load(POS + pids[:, None] * stride_pos + cols[None, :], mask=m, other=0.0).to(acc)
+    _norm_store(h, m, rows, row_ok, cols, N, eps, W, B, Y, P, MEAN, RSTD, stride_y, stride_p,
+                HAS_W, HAS_B, STORE_PRENORM)
+
+
+# ---------------------------------------------------------------- launch helpers
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tiles(N: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, num_warps, loop) for rows N wide."""
+    block_n = max(4, triton.next_power_of_2(N))  # >= 4: one Philox call covers 4 columns
+    if block_n > MAX_BLOCK_N:
+        block_n = LOOP_BLOCK_N
+        return 1, block_n, min(16, max(4, block_n // 512)), True
+    block_m = max(1, min(256, ROW_TILE_ELEMS // block_n))
+    # 32 fp32 values per thread: 4 warps for <= 4096 elements, up to 16 warps for 16384-wide rows.
+    num_warps = min(16, max(4, block_m * block_n // 1024))
+    return block_m, block_n, num_warps, False
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreter: few programs keep CPU tests fast
+
+
+def _dropout_args(dropout_p: float) -> tuple[int, float]:
+    from bertkern.reference import dropout_scale, dropout_threshold
+
+    return dropout_threshold(dropout_p), dropout_scale(dropout_p)
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+def forward(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    x_bias: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    eps: float,
+    dropout_p: float,
+    store_prenorm: bool,
+):
+    """(y, prenorm or empty, mean, rstd) of add_layer_norm on [M, N] row views; seed is an int64
+    device tensor (one element) when dropout_p > 0, else None."""
+    M, N = x.shape
+    acc = _acc_dtype(x.dtype)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    prenorm = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_prenorm else _empty(x)
+    mean = torch.empty((M,), dtype=acc, device=x.device)
+    rstd = torch.empty((M,), dtype=acc, device=x.device)
+    if M == 0:
+        return y, prenorm, mean, rstd
+    has_dropout = seed is not None and dropout_p > 0.0
+    thresh, scale = _dropout_args(dropout_p)
+    block_m, block_n, num_warps, loop = _tiles(N)
+    r = residual if residual is not None else x
+    _add_ln_fwd_kernel[(triton.cdiv(M, block_m),)](
+        x, r, x if x_bias is None else x_bias, x if weight is None else weight, x if bias is None else bias,
+        seed if has_dropout else x, y, prenorm if store_prenorm else y, mean, rstd,
+        M, N, x.stride(0), r.stride(0), y.stride(0), N, eps, thresh, scale,
+        HAS_RES=residual is not None, HAS_XBIAS=x_bias is not None, HAS_W=weight is not None,
+        HAS_B=bias is not None, HAS_DROPOUT=has_dropout, STORE_PRENORM=store_prenorm, LOOP=loop,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return y, prenorm, mean, rstd
+
+
+def backward(
+    dy: torch.Tensor,
+    dprenorm: torch.Tensor | None,
+    h: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    dropout_p: float,
+    need_dweight: bool,
+    need_dbias: bool,
+    need_dx_bias: bool,
+):
+    """(dh, dx or empty, dweight, dbias, dx_bias) of add_layer_norm on [M, N] row views.
+
+    h is the pre-norm sum; dh its gradient (= d residual); dx = dh * keep / (1 - p) is computed only
+    with dropout (seed given). The column sums come back in h's dtype, empty unless asked for.
+    """
+    M, N = h.shape
+    acc = _acc_dtype(h.dtype)
+    has_dropout = seed is not None and dropout_p > 0.0
+    dh = torch.empty((M, N), dtype=h.dtype, device=h.device)
+    dx = torch.empty((M, N), dtype=h.dtype, device=h.device) if has_dropout else _empty(h)
+    if M == 0:
+        sums = [torch.zeros(N, dtype=h.dtype, device=h.device) if need else _empty(h)
+                for need in (need_dweight, need_dbias, need_dx_bias)]
+        return (dh, dx, *sums)
+    block_m, block_n, num_warps, loop = _tiles(N)
+    # Enough programs to fill the GPU a few times over; each keeps one fp32 partial row per column sum.
+    programs = min(triton.cdiv(M, block_m), 4 * _num_sms(h.device))
+    rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
+    programs = triton.cdiv(M, rows_per_program)
+    alloc = torch.zeros if loop else torch.empty  # the loop path accumulates into its partial rows
+    parts = [alloc((programs, N), dtype=acc, device=h.device) if need else None
+             for need in (need_dweight, need_dbias, need_dx_bias)]
+    thresh, scale = _dropout_args(dropout_p)
+    has_dp = dprenorm is not None
+    _add_ln_bwd_kernel[(programs,)](
+        dy, dprenorm if has_dp else dy, h, mean, rstd, h if weight is None else weight,
+        seed if has_dropout else h, dh, dx if has_dropout else dh,
+        *[p if p is not None else mean for p in parts],
+        M, N, dy.stride(0), dprenorm.stride(0) if has_dp else 0, h.stride(0), dh.stride(0),
+        dx.stride(0) if has_dropout else 0, rows_per_program, thresh, scale,
+        HAS_DP=has_dp, HAS_W=weight is not None, HAS_DROPOUT=has_dropout,
+        NEED_DW=need_dweight, NEED_DB=need_dbias, NEED_DXB=need_dx_bias, LOOP=loop,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    sums = [p.sum(0).to(h.dtype) if p is not None else _empty(h) for p in parts]
+    return (dh, dx, *sums)
+
+
+def embedding_supported(N: int) -> str | None:
+    """Why the Triton embedding kernel cannot take rows N wide (None if it can)."""
+    if max(4, triton.next_power_of_2(N)) > MAX_BLOCK_N:
+        return f"hidden size {N} is wider than the embedding kernel's single tile ({MAX_BLOCK_N})"
+    return None
+
+
+def _index_view(ids: torch.Tensor | None, S: int) -> tuple[int, int]:
+    """(batch stride, position stride) of an id tensor viewed as [M // S, S] (0, 0 if absent)."""
+    return (0, 0) if ids is None else (ids.stride(0), ids.stride(1))
+
+
+def embedding_forward(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    word: torch.Tensor,
+    pos: torch.Tensor | None,
+    typ: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    store_prenorm: bool,
+):
+    """(y [M, N], prenorm or empty, mean, rstd) of embedding_layer_norm; the id tensors are 2-D
+    [B, S] views (any strides, e.g. expanded), M = B * S; position_ids None means arange(S)."""
+    Bt, S = input_ids.shape
+    M, N = Bt * S, word.shape[1]
+    acc = _acc_dtype(word.dtype)
+    y = torch.empty((M, N), dtype=word.dtype, device=word.device)
+    prenorm = torch.empty((M, N), dtype=word.dtype, device=word.device) if store_prenorm else _empty(word)
+    mean = torch.empty((M,), dtype=acc, device=word.device)
+    rstd = torch.empty((M,), dtype=acc, device=word.device)
+    if M == 0:
+        return y, prenorm, mean, rstd
+    block_m, block_n, num_warps, loop = _tiles(N)
+    assert not loop, embedding_supported(N)
+    has_pids = pos is not None and position_ids is not None
+    has_tids = typ is not None and token_type_ids is not None
+    _emb_ln_fwd_kernel[(triton.cdiv(M, block_m),)](
+        input_ids, position_ids if has_pids else input_ids, token_type_ids if has_tids else input_ids,
+        word, pos if pos is not None else word, typ if typ is not None else word,
+        weight if weight is not None else word, bias if bias is not None else word,
+        y, prenorm if store_prenorm else y, mean, rstd,
+        M, N, S, *_index_view(input_ids, S),
+        *_index_view(position_ids if has_pids else None, S), *_index_view(token_type_ids if has_tids else None, S),
+        word.stride(0), pos.stride(0) if pos is not None else 0, typ.stride(0) if typ is not None else 0,
+        y.stride(0), N, eps,
+        HAS_POS=pos is not None, HAS_PIDS=has_pids, HAS_TYPE=typ is not None, HAS_TIDS=has_tids,
+        HAS_W=weight is not None, HAS_B=bias is not None, STORE_PRENORM=store_prenorm,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return y, prenorm, mean, rstd

@@ -1,0 +1,849 @@
+// add_layer_norm: y = layer_norm(h), h = dropout(x + x_bias) + residual over the last dim, and its
+// backward, as torch.ops.bertkern_cuda ops (the Python op bertkern::add_layer_norm calls them).
+//
+// Inputs are 2-D [M, N] row views with unit column stride and any row stride; outputs are fresh
+// contiguous tensors; outputs not computed come back as empty tensors (the Python op's convention).
+// Math and statistics are fp32 (fp64 for fp64), two-pass over the row held in registers.
+//
+// Layout. A "team" of W warps owns one row at a time; each thread holds ITERS vectors of V elements
+// (16-byte loads when every row start is 16-byte aligned, else V = 1), so the row lives in registers
+// and the statistics are exact two-pass sums. Narrow rows get a single warp (shuffles only) and
+// several teams per block; W and ITERS are picked per N to leave few lanes idle (BERT-base fp16:
+// 768 = 3 warps x 32 lanes x 8). Rows wider than the register budget (16 warps x 32 lanes x 16
+// values: N > 8192 on the vector path, N > 4096 on the scalar one), and float64, use a
+// block-per-row loop kernel that re-reads the row.
+//
+// Dropout. Counter-based Philox4x32-10 (the curand / Triton generator; bertkern.reference.philox_words
+// is the spec): element (row, col) keeps when word col % 4 of philox(counter = (col / 4, row, 0, 0),
+// key = (seed lo, seed hi)), shifted right by 1, is >= threshold = floor(p * 2^31). The seed is read
+// from a one-element int64 device tensor (no host sync; CUDA-graph safe), and the backward kernel
+// regenerates the same mask. Every backend draws the same mask from the same seed.
+//
+// Backward column sums (dweight, dbias, dx_bias) are deterministic: each team keeps fp32 partials in
+// registers over its rows, the teams of a block fold them in a fixed order through shared memory into
+// one partial row per block, and a reduction kernel sums the partial rows in a fixed order.
+#include "common.cuh"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+namespace bertkern {
+namespace ln {
+
+constexpr int kMaxWarpsPerRow = 16;  // a team is at most 512 threads (the launch bound below)
+constexpr int kTeamThreads = 512;    // __launch_bounds__ of the team kernels: <= 128 registers/thread
+constexpr int kBlockTarget = 256;    // threads per block to aim for when teams are narrow
+constexpr int kLoopThreads = 256;    // block size of the loop kernels
+
+// ------------------------------------------------------------------------------------ Philox
+// Philox4x32-10 (Salmon et al. 2011), written out so that the host can run it too (tests); the same
+// rounds and constants as curand_Philox4x32_10 and triton.language.philox.
+__host__ __device__ __forceinline__ uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
+#if defined(__CUDA_ARCH__)
+  *hi = __umulhi(a, b);
+  return a * b;
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  *hi = static_cast<uint32_t>(p >> 32);
+  return static_cast<uint32_t>(p);
+#endif
+}
+
+__host__ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, hi1;
+    const uint32_t lo0 = mulhilo32(0xD2511F53u, c.x, &hi0);
+    const uint32_t lo1 = mulhilo32(0xCD9E8D57u, c.z, &hi1);
+    c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
+    k.x += 0x9E3779B9u;
+    k.y += 0xBB67AE85u;
+  }
+  return c;
+}
+
+__host__ __device__ __forceinline__ uint32_t word_of(const uint4& r, int j) {
+  return j == 0 ? r.x : j == 1 ? r.y : j == 2 ? r.z : r.w;
+}
+
+struct Dropout {
+  uint2 key;        // (seed lo, seed hi)
+  uint32_t thresh;  // keep iff (word >> 1) >= thresh
+  bool on;
+};
+
+__device__ __forceinline__ Dropout make_dropout(const int64_t* seed, uint32_t thresh) {
+  Dropout d{make_uint2(0u, 0u), thresh, seed != nullptr};
+  if (d.on) {
+    const uint64_t s = static_cast<uint64_t>(*seed);
+    d.key = make_uint2(static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32));
+  }
+  return d;
+}
+
+// Keep flags of elements [col, col + V) of `row`, bit j for element col + j. col % V == 0, and with
+// V % 4 == 0 each Philox call serves 4 columns; other V (the scalar path) pick one word per element.
+template <int V>
+__host__ __device__ __forceinline__ uint32_t keep_bits(const Dropout& d, int64_t row, int64_t col) {
+  const uint32_t r32 = static_cast<uint32_t>(row);
+  uint32_t bits = 0;
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int g = 0; g < V / 4; ++g) {
+      const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(col / 4 + g), r32, 0u, 0u), d.key);
+      bits |= static_cast<uint32_t>((r.x >> 1) >= d.thresh) << (4 * g + 0);
+      bits |= static_cast<uint32_t>((r.y >> 1) >= d.thresh) << (4 * g + 1);
+      bits |= static_cast<uint32_t>((r.z >> 1) >= d.thresh) << (4 * g + 2);
+      bits |= static_cast<uint32_t>((r.w >> 1) >= d.thresh) << (4 * g + 3);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t c = col + j;
+      const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(c >> 2), r32, 0u, 0u), d.key);
+      bits |= static_cast<uint32_t>((word_of(r, static_cast<int>(c & 3)) >> 1) >= d.thresh) << j;
+    }
+  }
+  return bits;
+}
+
+// ------------------------------------------------------------------------------- reductions
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+  // Butterfly: every lane ends with the same bits (a + b == b + a), so a team agrees on its stats.
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the `wpr` warps of the calling thread's team (warps [team * wpr, team * wpr + wpr) of the
+// block). Every thread of the block must call it (it may __syncthreads); all get the same bits.
+// smem holds one value per warp of the block (<= 32).
+template <typename A>
+__device__ __forceinline__ A team_sum(A v, int wpr, A* smem) {
+  v = warp_sum(v);
+  if (wpr == 1) return v;  // uniform over the block
+  const int warp = threadIdx.x >> 5;
+  __syncthreads();  // the previous call's readers are done with smem
+  if ((threadIdx.x & 31) == 0) smem[warp] = v;
+  __syncthreads();
+  const int first = warp - warp % wpr;
+  A s = A(0);
+  for (int i = 0; i < wpr; ++i) s += smem[first + i];  // fixed order
+  return s;
+}
+
+template <typename A>
+__device__ __forceinline__ A rsqrt_(A v) {
+  return A(1) / sqrt(v);  // IEEE sqrt and division (no fast math in this build)
+}
+
+// ------------------------------------------------------------------------------ parameters
+template <typename T>
+struct FwdParams {
+  const T* x;
+  const T* residual;  // nullable
+  const T* x_bias;    // nullable, [N]
+  const T* weight;    // nullable, [N]
+  const T* bias;      // nullable, [N]
+  const int64_t* seed;  // nullable: no dropout
+  T* y;               // [M, N] contiguous
+  T* prenorm;         // nullable, [M, N] contiguous
+  acc_t<T>* mean;     // [M]
+  acc_t<T>* rstd;     // [M]
+  int64_t M, N, stride_x, stride_r;
+  acc_t<T> eps, scale;
+  uint32_t thresh;
+};
+
+template <typename T>
+struct BwdParams {
+  const T* dy;
+  const T* dprenorm;  // nullable
+  const T* h;
+  const acc_t<T>* mean;
+  const acc_t<T>* rstd;
+  const T* weight;      // nullable
+  const int64_t* seed;  // nullable: no dropout, dx == dh
+  T* dh;                // [M, N] contiguous
+  T* dx;                // nullable, [M, N] contiguous
+  acc_t<T>* dw_part;    // nullable, [parts, N]
+  acc_t<T>* db_part;    // nullable
+  acc_t<T>* dxb_part;   // nullable
+  int64_t M, N, stride_dy, stride_dp, stride_h;
+  acc_t<T> scale;
+  uint32_t thresh;
+};
+
+// ------------------------------------------------------------------------------ team kernels
+// Block = teams_per_block teams of wpr warps; team t of block b starts at row b * teams_per_block + t
+// (forward: one row per team). Thread i of a team owns columns (it * team_threads + i) * V + [0, V).
+template <typename T, int V, int ITERS>
+__global__ void __launch_bounds__(kTeamThreads) add_ln_fwd_team_kernel(FwdParams<T> p, int wpr) {
+  using A = acc_t<T>;
+  __shared__ A red[32];
+  const int team_threads = 32 * wpr;
+  const int team = threadIdx.x / team_threads;
+  const int lane = threadIdx.x % team_threads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / team_threads) + team;
+  const bool row_ok = row < p.M;  // no early exit: team_sum may synchronize the block
+  const int64_t N = p.N;
+  const Dropout drop = make_dropout(p.seed, p.thresh);
+
+  A h[ITERS][V];
+  A sum = A(0);
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int64_t col = (static_cast<int64_t>(it) * team_threads + lane) * V;
+    // N % V == 0 on the vector path (V == 1 otherwise), so col < N covers the whole vector.
+    if (row_ok && col < N) {
+      const Vec<T, V> xv = load_vec<T, V>(p.x + row * p.stride_x + col);
+#pragma unroll
+      for (int j = 0; j < V; ++j) h[it][j] = static_cast<A>(xv.v[j]);
+      if (p.x_bias != nullptr) {
+        const Vec<T, V> bv = load_vec<T, V>(p.x_bias + col);
+#pragma unroll
+        for (int j = 0; j < V; ++j) h[it][j] += static_cast<A>(bv.v[j]);
+      }
+      if (drop.on) {
+        const uint32_t bits = keep_bits<V>(drop, row, col);
+#pragma unroll
+        for (int j = 0; j < V; ++j) h[it][j] = ((bits >> j) & 1u) ? h[it][j] * p.scale : A(0);
+      }
+      if (p.residual != nullptr) {
+        const Vec<T, V> rv = load_vec<T, V>(p.residual + row * p.stride_r + col);
+#pragma unroll
+        for (int j = 0; j < V; ++j) h[it][j] += static_cast<A>(rv.v[j]);
+      }
+      if (p.prenorm != nullptr) {
+        Vec<T, V> out;
+#pragma unroll
+        for (int j = 0; j < V; ++j) out.v[j] = static_cast<T>(h[it][j]);
+        store_vec<T, V>(p.prenorm + row * N + col, out);
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) sum += h[it][j];
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) h[it][j] = A(0);
+    }
+  }
+  const A mean = team_sum(sum, wpr, red) / static_cast<A>(N);
+  A sq = A(0);
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int64_t col = (static_cast<int64_t>(it) * team_threads + lane) * V;
+    if (col < N) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const A d = h[it][j] - mean;
+        sq += d * d;
+      }
+    }
+  }
+  const A var = team_sum(sq, wpr, red) / static_cast<A>(N);
+  const A rstd = rsqrt_(var + p.eps);
+  if (!row_ok) return;  // no barriers below
+  if (lane == 0) {
+    p.mean[row] = mean;
+    p.rstd[row] = rstd;
+  }
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int64_t col = (static_cast<int64_t>(it) * team_threads + lane) * V;
+    if (col < N) {
+      Vec<T, V> wv, bv, out;
+      if (p.weight != nullptr) wv = load_vec<T, V>(p.weight + col);
+      if (p.bias != nullptr) bv = load_vec<T, V>(p.bias + col);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        A v = (h[it][j] - mean) * rstd;
+        if (p.weight != nullptr) v *= static_cast<A>(wv.v[j]);
+        if (p.bias != nullptr) v += static_cast<A>(bv.v[j]);
+        out.v[j] = static_cast<T>(v);
+      }
+      store_vec<T, V>(p.y + row * N + col, out);
+    }
+  }
+}
+
+// Writes each team's column partial acc[ITERS][V] into partial row blockIdx.x, folding the teams of
+// the block in team order through shared memory (smem: N values of A). Called by every thread.
+template <typename A, int V, int ITERS>
+__device__ __forceinline__ void fold_partials(const A (&acc)[ITERS][V], A* __restrict__ out, A* smem, int64_t N,
+                                              int team, int teams, int lane, int team_threads) {
+  if (teams == 1) {
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int64_t col = (static_cast<int64_t>(it) * team_threads + lane) * V;
+      if (col < N) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) out[col + j] = acc[it][j];
+      }
+    }
+    return;
+  }
+  for (int t = 0; t < teams; ++t) {
+    if (team == t) {
+#pragma unroll
+      for (int it = 0; it < ITERS; ++it) {
+        const int64_t col = (static_cast<int64_t>(it) * team_threads + lane) * V;
+        if (col < N) {
+#pragma unroll
+          for (int j = 0; j < V; ++j) smem[col + j] = (t == 0 ? A(0) : smem[col + j]) + acc[it][j];
+        }
+      }
+    }
+    __syncthreads();
+  }
+  for (int64_t c = threadIdx.x; c < N; c += blockDim.x) out[c] = smem[c];
+  __syncthreads();  // smem is reused by the next fold
+}
+
+// Backward: the block's teams walk rows [base + team] for base = blockIdx.x * teams, += gridDim.x *
+// teams (the same trip count for the whole block, so team_sum may synchronize).
+template <typename T, int V, int ITERS>
+__global__ void __launch_bounds__(kTeamThreads) add_ln_bwd_team_kernel(BwdParams<T> p, int wpr) {
+  using A = acc_t<T>;
+  __shared__ A red[32];
+  extern __shared__ __align__(16) unsigned char fold_raw[];  // N values of A when teams > 1
+  A* fold = reinterpret_cast<A*>(fold_raw);
+  const int team_threads = 32 * wpr;
+  const int teams = blockDim.x / team_threads;
+  const int team = threadIdx.x / team_threads;
+  const int lane = threadIdx.x % team_threads;
+  const int64_t N = p.N;
+  const A inv_n = A(1) / static_cast<A>(N);
+  const Dropout drop = make_dropout(p.seed, p.thresh);
+
+  A dw[ITERS][V], db[ITERS][V], dxb[ITERS][V];
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) dw[it][j] = db[it][j] = dxb[it][j] = A(0);
+  }
+
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * teams; base < p.M;
+       base += static_cast<int64_t>(gridDim.x) * teams) {
+    const int64_t row = base + team;
+    const bool row_ok = row < p.M;
+    const A mean = row_ok ? p.mean[row] : A(0);
+    const A rstd = row_ok ? p.rstd[row] : A(0);
+    A xhat[ITERS][V], g[ITERS][V];
+    A s1 = A(0), s2 = A(0);
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int64_t col = (static_cast<int64_t>(it) * team_threads + lane) * V;
+      if (row_ok && col < N) {
+        const Vec<T, V> hv = load_vec<T, V>(p.h + row * p.stride_h + col);
+        const Vec<T, V> gv = load_vec<T, V>(p.dy + row * p.stride_dy + col);
+        Vec<T, V> wv;  // re-read per row from L1 rather than held in registers
+        if (p.weight != nullptr) wv = load_vec<T, V>(p.weight + col);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const A dyv = static_cast<A>(gv.v[j]);
+          xhat[it][j] = (static_cast<A>(hv.v[j]) - mean) * rstd;
+          g[it][j] = p.weight != nullptr ? dyv * static_cast<A>(wv.v[j]) : dyv;
+          s1 += g[it][j] * xhat[it][j];
+          s2 += g[it][j];
+          dw[it][j] += dyv * xhat[it][j];
+          db[it][j] += dyv;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) xhat[it][j] = g[it][j] = A(0);
+      }
+    }
+    const A c1 = team_sum(s1, wpr, red) * inv_n;
+    const A c2 = team_sum(s2, wpr, red) * inv_n;
+    if (row_ok) {
+#pragma unroll
+      for (int it = 0; it < ITERS; ++it) {
+        const int64_t col = (static_cast<int64_t>(it) * team_threads + lane) * V;
+        if (col < N) {
+          A d[V];
+#pragma unroll
+          for (int j = 0; j < V; ++j) d[j] = (g[it][j] - xhat[it][j] * c1 - c2) * rstd;
+          if (p.dprenorm != nullptr) {
+            const Vec<T, V> pv = load_vec<T, V>(p.dprenorm + row * p.stride_dp + col);
+#pragma unroll
+            for (int j = 0; j < V; ++j) d[j] += static_cast<A>(pv.v[j]);
+          }
+          Vec<T, V> out;
+#pragma unroll
+          for (int j = 0; j < V; ++j) out.v[j] = static_cast<T>(d[j]);
+          store_vec<T, V>(p.dh + row * N + col, out);
+          if (drop.on) {
+            const uint32_t bits = keep_bits<V>(drop, row, col);
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              d[j] = ((bits >> j) & 1u) ? d[j] * p.scale : A(0);
+              out.v[j] = static_cast<T>(d[j]);
+            }
+            store_vec<T, V>(p.dx + row * N + col, out);
+          }
+#pragma unroll
+          for (int j = 0; j < V; ++j) dxb[it][j] += d[j];
+        }
+      }
+    }
+  }
+
+  A* outs[3] = {p.dw_part, p.db_part, p.dxb_part};
+  const int64_t part = static_cast<int64_t>(blockIdx.x) * N;
+  if (outs[0] != nullptr) fold_partials<A, V, ITERS>(dw, outs[0] + part, fold, N, team, teams, lane, team_threads);
+  if (outs[1] != nullptr) fold_partials<A, V, ITERS>(db, outs[1] + part, fold, N, team, teams, lane, team_threads);
+  if (outs[2] != nullptr) fold_partials<A, V, ITERS>(dxb, outs[2] + part, fold, N, team, teams, lane, team_threads);
+}
+
+// ------------------------------------------------------------------------------ loop kernels
+// One block per row (grid-strided), scalar accesses, any N and alignment; float64 always comes here.
+template <typename A>
+__device__ __forceinline__ A block_sum(A v, A* smem) {
+  return team_sum(v, static_cast<int>(blockDim.x >> 5), smem);
+}
+
+template <typename T>
+__device__ __forceinline__ acc_t<T> prenorm_at(const FwdParams<T>& p, const Dropout& drop, int64_t row, int64_t c) {
+  using A = acc_t<T>;
+  A h = static_cast<A>(p.x[row * p.stride_x + c]);
+  if (p.x_bias != nullptr) h += static_cast<A>(p.x_bias[c]);
+  if (drop.on) h = (keep_bits<1>(drop, row, c) & 1u) ? h * p.scale : A(0);
+  if (p.residual != nullptr) h += static_cast<A>(p.residual[row * p.stride_r + c]);
+  return h;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kLoopThreads) add_ln_fwd_loop_kernel(FwdParams<T> p) {
+  using A = acc_t<T>;
+  __shared__ A red[32];
+  const int64_t N = p.N;
+  const Dropout drop = make_dropout(p.seed, p.thresh);
+  for (int64_t row = blockIdx.x; row < p.M; row += gridDim.x) {
+    A s = A(0);
+    for (int64_t c = threadIdx.x; c < N; c += blockDim.x) {
+      const A h = prenorm_at(p, drop, row, c);
+      if (p.prenorm != nullptr) p.prenorm[row * N + c] = static_cast<T>(h);
+      s += h;
+    }
+    const A mean = block_sum(s, red) / static_cast<A>(N);
+    A sq = A(0);
+    for (int64_t c = threadIdx.x; c < N; c += blockDim.x) {
+      const A d = prenorm_at(p, drop, row, c) - mean;
+      sq += d * d;
+    }
+    const A rstd = rsqrt_(block_sum(sq, red) / static_cast<A>(N) + p.eps);
+    if (threadIdx.x == 0) {
+      p.mean[row] = mean;
+      p.rstd[row] = rstd;
+    }
+    for (int64_t c = threadIdx.x; c < N; c += blockDim.x) {
+      A v = (prenorm_at(p, drop, row, c) - mean) * rstd;
+      if (p.weight != nullptr) v *= static_cast<A>(p.weight[c]);
+      if (p.bias != nullptr) v += static_cast<A>(p.bias[c]);
+      p.y[row * N + c] = static_cast<T>(v);
+    }
+  }
+}
+
+// Column partials: thread i owns columns i, i + blockDim.x, ... of its block's (zeroed) partial rows
+// for every row the block takes, so the read-modify-write needs no atomics.
+template <typename T>
+__global__ void __launch_bounds__(kLoopThreads) add_ln_bwd_loop_kernel(BwdParams<T> p) {
+  using A = acc_t<T>;
+  __shared__ A red[32];
+  const int64_t N = p.N;
+  const A inv_n = A(1) / static_cast<A>(N);
+  const Dropout drop = make_dropout(p.seed, p.thresh);
+  const int64_t part = static_cast<int64_t>(blockIdx.x) * N;
+  for (int64_t row = blockIdx.x; row < p.M; row += gridDim.x) {
+    const A mean = p.mean[row];
+    const A rstd = p.rstd[row];
+    A s1 = A(0), s2 = A(0);
+    for (int64_t c = threadIdx.x; c < N; c += blockDim.x) {
+      const A xhat = (static_cast<A>(p.h[row * p.stride_h + c]) - mean) * rstd;
+      A g = static_cast<A>(p.dy[row * p.stride_dy + c]);
+      if (p.weight != nullptr) g *= static_cast<A>(p.weight[c]);
+      s1 += g * xhat;
+      s2 += g;
+    }
+    const A c1 = block_sum(s1, red) * inv_n;
+    const A c2 = block_sum(s2, red) * inv_n;
+    for (int64_t c = threadIdx.x; c < N; c += blockDim.x) {
+      const A xhat = (static_cast<A>(p.h[row * p.stride_h + c]) - mean) * rstd;
+      const A dyv = static_cast<A>(p.dy[row * p.stride_dy + c]);
+      const A g = p.weight != nullptr ? dyv * static_cast<A>(p.weight[c]) : dyv;
+      A d = (g - xhat * c1 - c2) * rstd;
+      if (p.dprenorm != nullptr) d += static_cast<A>(p.dprenorm[row * p.stride_dp + c]);
+      p.dh[row * N + c] = static_cast<T>(d);
+      if (drop.on) {
+        d = (keep_bits<1>(drop, row, c) & 1u) ? d * p.scale : A(0);
+        p.dx[row * N + c] = static_cast<T>(d);
+      }
+      if (p.dw_part != nullptr) p.dw_part[part + c] += dyv * xhat;
+      if (p.db_part != nullptr) p.db_part[part + c] += dyv;
+      if (p.dxb_part != nullptr) p.dxb_part[part + c] += d;
+    }
+  }
+}
+
+// out[n] = sum_r partial[r, n] over `parts` rows: 32 columns x 8 row lanes per block, lanes folded in
+// a fixed order (deterministic).
+constexpr int kSumCols = 32;
+constexpr int kSumLanes = 8;
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kSumCols * kSumLanes) column_sum_kernel(const A* __restrict__ partial,
+                                                                          T* __restrict__ out, int64_t parts,
+                                                                          int64_t N) {
+  __shared__ A lanes[kSumLanes][kSumCols];
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
+  A s = A(0);
+  if (n < N) {
+    for (int64_t r = threadIdx.y; r < parts; r += kSumLanes) s += partial[r * N + n];
+  }
+  lanes[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && n < N) {
+    A total = lanes[0][threadIdx.x];
+#pragma unroll
+    for (int k = 1; k < kSumLanes; ++k) total += lanes[k][threadIdx.x];
+    out[n] = static_cast<T>(total);
+  }
+}
+
+// ------------------------------------------------------------------------------------ host side
+bool is_kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+void check_rows(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [M, N], got shape ", t.sizes());
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": ", name,
+              " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
+              " must have unit stride in dim 1, got strides ", t.strides());
+}
+
+// An optional [M, N] input like `ref` (shape, dtype, device), or an undefined tensor for None.
+at::Tensor like_rows(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Tensor& ref) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  check_rows(op, name, *t);
+  TORCH_CHECK(t->sizes() == ref.sizes(), op, ": ", name, " shape ", t->sizes(), " does not match ", ref.sizes());
+  TORCH_CHECK(t->scalar_type() == ref.scalar_type(), op, ": ", name, " dtype ", t->scalar_type(),
+              " does not match ", ref.scalar_type());
+  TORCH_CHECK(t->device() == ref.device(), op, ": ", name, " is on ", t->device(), " but the input is on ",
+              ref.device());
+  return *t;
+}
+
+// An optional [N] vector like `ref`'s rows, made contiguous, or an undefined tensor for None.
+at::Tensor like_col(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Tensor& ref) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == ref.size(1), op, ": ", name, " must have shape [", ref.size(1),
+              "], got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == ref.scalar_type(), op, ": ", name, " dtype ", t->scalar_type(),
+              " does not match ", ref.scalar_type());
+  TORCH_CHECK(t->device() == ref.device(), op, ": ", name, " is on ", t->device(), " but the input is on ",
+              ref.device());
+  return t->contiguous();
+}
+
+at::Tensor checked_seed(const char* op, const std::optional<at::Tensor>& seed, double dropout_p,
+                        const at::Tensor& ref) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, op, ": dropout_p must be in [0, 1], got ", dropout_p);
+  if (!seed.has_value() || !seed->defined() || dropout_p <= 0.0) return at::Tensor();
+  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, op,
+              ": seed must be a one-element int64 tensor, got ", seed->scalar_type(), " of shape ", seed->sizes());
+  TORCH_CHECK(seed->device() == ref.device(), op, ": seed is on ", seed->device(), " but the input is on ",
+              ref.device());
+  return *seed;
+}
+
+uint32_t dropout_threshold(double p) {  // bertkern.reference.dropout_threshold
+  return static_cast<uint32_t>(std::min<double>(std::floor(p * 2147483648.0), 2147483648.0));
+}
+
+double dropout_scale(double p) { return p >= 1.0 ? 0.0 : 1.0 / (1.0 - p); }
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// Team layout for rows of N elements in vectors of v: the (iters, warps per row) pair among the
+// compiled ITERS that leaves the fewest idle lanes (ties: fewer warps, so fewer block barriers).
+struct Team {
+  int iters = 0;  // 0: the row does not fit in registers
+  int wpr = 0;
+};
+
+Team pick_team(int64_t N, int v, std::initializer_list<int> iters_options) {
+  Team best;
+  double best_util = -1.0;
+  for (int iters : iters_options) {
+    const int64_t per_warp = 32LL * v * iters;
+    const int64_t wpr = ceil_div<int64_t>(N, per_warp);
+    if (wpr > kMaxWarpsPerRow) continue;
+    const double util = static_cast<double>(N) / static_cast<double>(per_warp * wpr);
+    if (util > best_util + 1e-9 || (std::abs(util - best_util) <= 1e-9 && wpr < best.wpr)) {
+      best = {iters, static_cast<int>(wpr)};
+      best_util = util;
+    }
+  }
+  return best;
+}
+
+int teams_per_block(int wpr) { return std::max(1, kBlockTarget / (32 * wpr)); }
+
+// Calls f(std::integral_constant<int, V>{}, std::integral_constant<int, ITERS>{}) for the compiled
+// (V, ITERS) pairs: 16-byte vectors with <= 16 elements per thread, and the scalar path with <= 8
+// (16 scalar columns per thread spilled in the backward kernel). Returns false for anything else.
+template <typename T, typename F>
+bool with_team(int v, int iters, F&& f) {
+  if constexpr (std::is_same_v<T, double>) {
+    return false;  // float64 uses the loop kernels: fewer instantiations to build
+  } else {
+    constexpr int VW = vec_width<T>();
+    using I1 = std::integral_constant<int, 1>;
+    using I2 = std::integral_constant<int, 2>;
+    using I4 = std::integral_constant<int, 4>;
+    using I8 = std::integral_constant<int, 8>;
+    using IV = std::integral_constant<int, VW>;
+    if (v == VW) {
+      if (iters == 1) return f(IV{}, I1{}), true;
+      if (iters == 2) return f(IV{}, I2{}), true;
+      if constexpr (VW <= 4) {
+        if (iters == 4) return f(IV{}, I4{}), true;
+      }
+      return false;
+    }
+    if (v == 1) {
+      if (iters == 1) return f(I1{}, I1{}), true;
+      if (iters == 4) return f(I1{}, I4{}), true;
+      if (iters == 8) return f(I1{}, I8{}), true;
+    }
+    return false;
+  }
+}
+
+template <typename T>
+Team plan_team(int64_t N, bool vec) {
+  if constexpr (std::is_same_v<T, double>) {
+    return {};
+  } else {
+    constexpr int VW = vec_width<T>();
+    if (vec) return VW == 8 ? pick_team(N, VW, {1, 2}) : pick_team(N, VW, {1, 2, 4});
+    return pick_team(N, 1, {1, 4, 8});
+  }
+}
+
+bool rows_aligned(const void* p, int64_t stride, int64_t M, int v) {
+  return p == nullptr || (is_aligned(p, 16) && (M == 1 || stride % v == 0));
+}
+
+template <typename T, typename A>
+void sum_partials(const at::Tensor& partial, at::Tensor& out, cudaStream_t stream) {
+  const int64_t parts = partial.size(0), N = partial.size(1);
+  column_sum_kernel<T, A><<<static_cast<unsigned>(ceil_div<int64_t>(N, kSumCols)), dim3(kSumCols, kSumLanes), 0,
+                            stream>>>(partial.const_data_ptr<A>(), out.mutable_data_ptr<T>(), parts, N);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual_opt, const std::optional<at::Tensor>& weight_opt,
+    const std::optional<at::Tensor>& bias_opt, const std::optional<at::Tensor>& x_bias_opt,
+    const std::optional<at::Tensor>& seed_opt, double eps, double dropout_p, bool store_prenorm) {
+  constexpr const char* op = "bertkern_cuda::add_layer_norm_fwd";
+  check_rows(op, "x", x);
+  const at::Tensor residual = like_rows(op, "residual", residual_opt, x);
+  const at::Tensor weight = like_col(op, "weight", weight_opt, x);
+  const at::Tensor bias = like_col(op, "bias", bias_opt, x);
+  const at::Tensor x_bias = like_col(op, "x_bias", x_bias_opt, x);
+  const at::Tensor seed = checked_seed(op, seed_opt, dropout_p, x);
+  TORCH_CHECK(eps >= 0.0, op, ": eps must be non-negative, got ", eps);
+  const c10::cuda::CUDAGuard guard(x.device());
+
+  const int64_t M = x.size(0), N = x.size(1);
+  TORCH_CHECK(N > 0, op, ": x must have a non-empty last dim");
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor prenorm = store_prenorm ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
+  at::Tensor mean = at::empty({M}, x.options().dtype(acc_type));
+  at::Tensor rstd = at::empty({M}, x.options().dtype(acc_type));
+  if (M == 0) return {y, prenorm, mean, rstd};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "add_layer_norm_fwd", [&] {
+    using A = acc_t<scalar_t>;
+    FwdParams<scalar_t> p;
+    p.x = x.const_data_ptr<scalar_t>();
+    p.residual = ptr_or_null<scalar_t>(residual);
+    p.x_bias = ptr_or_null<scalar_t>(x_bias);
+    p.weight = ptr_or_null<scalar_t>(weight);
+    p.bias = ptr_or_null<scalar_t>(bias);
+    p.seed = seed.defined() ? seed.const_data_ptr<int64_t>() : nullptr;
+    p.y = y.mutable_data_ptr<scalar_t>();
+    p.prenorm = store_prenorm ? prenorm.mutable_data_ptr<scalar_t>() : nullptr;
+    p.mean = mean.mutable_data_ptr<A>();
+    p.rstd = rstd.mutable_data_ptr<A>();
+    p.M = M;
+    p.N = N;
+    p.stride_x = x.stride(0);
+    p.stride_r = residual.defined() ? residual.stride(0) : 0;
+    p.eps = static_cast<A>(eps);
+    p.scale = static_cast<A>(dropout_scale(dropout_p));
+    p.thresh = dropout_threshold(dropout_p);
+
+    constexpr int VW = vec_width<scalar_t>();
+    const bool vec = N % VW == 0 && rows_aligned(p.x, p.stride_x, M, VW) &&
+                     rows_aligned(p.residual, p.stride_r, M, VW) && rows_aligned(p.y, N, M, VW) &&
+                     rows_aligned(p.prenorm, N, M, VW) && rows_aligned(p.x_bias, 0, 1, VW) &&
+                     rows_aligned(p.weight, 0, 1, VW) && rows_aligned(p.bias, 0, 1, VW);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+    const Team team = plan_team<scalar_t>(N, vec);
+    const bool launched = team.iters > 0 && with_team<scalar_t>(vec ? VW : 1, team.iters, [&](auto v, auto iters) {
+      const int teams = teams_per_block(team.wpr);
+      const int64_t blocks = ceil_div<int64_t>(M, teams);
+      TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many rows (", M, ")");
+      add_ln_fwd_team_kernel<scalar_t, decltype(v)::value, decltype(iters)::value>
+          <<<static_cast<unsigned>(blocks), 32 * team.wpr * teams, 0, stream>>>(p, team.wpr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (!launched) {
+      const int64_t blocks = std::min<int64_t>(M, 8LL * num_sms(x.device().index()));
+      add_ln_fwd_loop_kernel<scalar_t><<<static_cast<unsigned>(blocks), kLoopThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {y, prenorm, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd(
+    const at::Tensor& grad, const std::optional<at::Tensor>& grad_prenorm_opt, const at::Tensor& h,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight_opt,
+    const std::optional<at::Tensor>& seed_opt, double dropout_p, bool need_dweight, bool need_dbias,
+    bool need_dx_bias) {
+  constexpr const char* op = "bertkern_cuda::add_layer_norm_bwd";
+  check_rows(op, "h", h);
+  const at::Tensor dy = like_rows(op, "grad", grad, h);
+  TORCH_CHECK(dy.defined(), op, ": grad must be a tensor");
+  const at::Tensor dprenorm = like_rows(op, "grad_prenorm", grad_prenorm_opt, h);
+  const at::Tensor weight = like_col(op, "weight", weight_opt, h);
+  const at::Tensor seed = checked_seed(op, seed_opt, dropout_p, h);
+  const int64_t M = h.size(0), N = h.size(1);
+  TORCH_CHECK(N > 0, op, ": h must have a non-empty last dim");
+  const auto acc_type = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto check_stats = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == M && t.is_contiguous(), op, ": ", name,
+                " must be a contiguous [", M, "] tensor, got shape ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == acc_type, op, ": ", name, " must be ", acc_type, ", got ", t.scalar_type());
+    TORCH_CHECK(t.device() == h.device(), op, ": ", name, " is on ", t.device(), " but h is on ", h.device());
+  };
+  check_stats("mean", mean);
+  check_stats("rstd", rstd);
+  const c10::cuda::CUDAGuard guard(h.device());
+
+  at::Tensor dh = at::empty({M, N}, h.options());
+  at::Tensor dx = seed.defined() ? at::empty({M, N}, h.options()) : at::empty({0}, h.options());
+  const bool need[3] = {need_dweight, need_dbias, need_dx_bias};
+  at::Tensor sums[3];
+  for (int k = 0; k < 3; ++k) sums[k] = at::empty({need[k] ? N : 0}, h.options());
+  if (M == 0) {
+    for (int k = 0; k < 3; ++k) sums[k].zero_();  // the sum over no rows
+    return {dh, dx, sums[0], sums[1], sums[2]};
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, h.scalar_type(), "add_layer_norm_bwd", [&] {
+    using A = acc_t<scalar_t>;
+    BwdParams<scalar_t> p;
+    p.dy = dy.const_data_ptr<scalar_t>();
+    p.dprenorm = ptr_or_null<scalar_t>(dprenorm);
+    p.h = h.const_data_ptr<scalar_t>();
+    p.mean = mean.const_data_ptr<A>();
+    p.rstd = rstd.const_data_ptr<A>();
+    p.weight = ptr_or_null<scalar_t>(weight);
+    p.seed = seed.defined() ? seed.const_data_ptr<int64_t>() : nullptr;
+    p.dh = dh.mutable_data_ptr<scalar_t>();
+    p.dx = seed.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    p.M = M;
+    p.N = N;
+    p.stride_dy = dy.stride(0);
+    p.stride_dp = dprenorm.defined() ? dprenorm.stride(0) : 0;
+    p.stride_h = h.stride(0);
+    p.scale = static_cast<A>(dropout_scale(dropout_p));
+    p.thresh = dropout_threshold(dropout_p);
+
+    constexpr int VW = vec_width<scalar_t>();
+    const bool vec = N % VW == 0 && rows_aligned(p.dy, p.stride_dy, M, VW) &&
+                     rows_aligned(p.dprenorm, p.stride_dp, M, VW) && rows_aligned(p.h, p.stride_h, M, VW) &&
+                     rows_aligned(p.dh, N, M, VW) && rows_aligned(p.dx, N, M, VW) &&
+                     rows_aligned(p.weight, 0, 1, VW);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(h.device().index());
+    const int sms = num_sms(h.device().index());
+    const auto part_opts = h.options().dtype(acc_type);
+    at::Tensor parts[3];
+    const auto alloc_parts = [&](int64_t rows, bool zero) {
+      for (int k = 0; k < 3; ++k) {
+        if (!need[k]) continue;
+        parts[k] = at::empty({rows, N}, part_opts);
+        if (zero) {
+          C10_CUDA_CHECK(cudaMemsetAsync(parts[k].mutable_data_ptr<A>(), 0, parts[k].nbytes(), stream));
+        }
+      }
+      p.dw_part = need[0] ? parts[0].mutable_data_ptr<A>() : nullptr;
+      p.db_part = need[1] ? parts[1].mutable_data_ptr<A>() : nullptr;
+      p.dxb_part = need[2] ? parts[2].mutable_data_ptr<A>() : nullptr;
+    };
+
+    const Team team = plan_team<scalar_t>(N, vec);
+    int64_t blocks = 0;
+    const bool launched = team.iters > 0 && with_team<scalar_t>(vec ? VW : 1, team.iters, [&](auto v, auto iters) {
+      auto kernel = add_ln_bwd_team_kernel<scalar_t, decltype(v)::value, decltype(iters)::value>;
+      const int teams = teams_per_block(team.wpr);
+      const int threads = 32 * team.wpr * teams;
+      const size_t smem = teams > 1 ? static_cast<size_t>(N) * sizeof(A) : 0;  // <= 2048 * 4 bytes
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+      // One full wave of blocks (each keeps one partial row per column sum), never more than the rows.
+      blocks = std::min<int64_t>(static_cast<int64_t>(std::max(per_sm, 1)) * sms, ceil_div<int64_t>(M, teams));
+      alloc_parts(blocks, false);
+      kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p, team.wpr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (!launched) {
+      blocks = std::min<int64_t>(M, 4LL * sms);
+      alloc_parts(blocks, true);
+      add_ln_bwd_loop_kernel<scalar_t><<<static_cast<unsigned>(blocks), kLoopThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    for (int k = 0; k < 3; ++k) {
+      if (need[k]) sum_partials<scalar_t, A>(parts[k], sums[k], stream);
+    }
+    // `parts` are freed while the kernels may still run: the caching allocator only hands their memory
+    // to work queued later on this stream.
+  });
+  return {dh, dx, sums[0], sums[1], sums[2]};
+}
+
+}  // namespace ln
+}  // namespace bertkern
+
+TORCH_LIBRARY_FRAGMENT(bertkern_cuda, m) {
+  m.def(
+      "add_layer_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? x_bias, "
+      "Tensor? seed, float eps, float dropout_p, bool store_prenorm) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "add_layer_norm_bwd(Tensor grad, Tensor? grad_prenorm, Tensor h, Tensor mean, Tensor rstd, "
+      "Tensor? weight, Tensor? seed, float dropout_p, bool need_dweight, bool need_dbias, bool need_dx_bias) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bertkern_cuda, CUDA, m) {
+  m.impl("add_layer_norm_fwd", &bertkern::ln::add_layer_norm_fwd);
+  m.impl("add_layer_norm_bwd", &bertkern::ln::add_layer_norm_bwd);
+}

@@ -1,0 +1,750 @@
+// masked_softmax: y = dropout(softmax(x * scale + mask)) over the last dim, and its backward
+// dx = scale * p * (dp - sum(dp * p)), dp = dropout's backward of dy. CUDA kernels for bertkern.
+//
+//   bertkern_cuda::masked_softmax_fwd(Tensor scores, Tensor? mask, float scale, float dropout_p,
+//                                     Tensor? seed) -> (Tensor out, Tensor probs)
+//   bertkern_cuda::masked_softmax_bwd(Tensor grad, Tensor probs, float scale, float dropout_p,
+//                                     Tensor? seed) -> Tensor
+//
+// fwd: scores is 4-D [B, H, Q, N] with unit stride along N (any other strides); mask is None or a
+// 4-D tensor of scores' shape read through its own strides, so an expanded [B, 1, 1, N] mask (stride
+// 0 over H and Q) is never materialised. Mask dtypes: bool (true = keep), the scores' dtype or
+// float32 (additive; kept where mask > lowest(mask dtype), so -inf and finfo.min mask the key).
+// Masked keys become -inf by selection, never by addition: NaN/inf under the mask cannot leak. A row
+// with every key masked is all zeros. out is [B, H, Q, N] contiguous; probs is the softmax before
+// dropout (the backward needs it) when dropout_p > 0, else an empty tensor.
+// bwd: grad and probs are 2-D [rows, N] with unit stride along N; returns dx [rows, N] contiguous.
+//
+// Dropout: element (row, col) of the [rows, N] view takes word col % 4 of Philox4x32-10 at counter
+// (col / 4, row mod 2^32, 0, 0) under key (seed low 32 bits, seed high 32 bits) and is kept when
+// (word >> 1) >= threshold, threshold = floor(dropout_p * 2^31); kept values are scaled by
+// 1 / (1 - dropout_p). This is bertkern.reference.dropout_keep_mask bit for bit, so the backward
+// regenerates the forward's mask and all backends agree. The seed is read from a device tensor:
+// no host sync, and CUDA-graph replays use whatever seed the graph drew.
+//
+// Kernels: rows of up to 1024 keys are held in registers by one warp (several rows per warp for
+// short rows: 1..32 lanes per row), with 16-byte vector loads/stores when every row is 16-byte
+// aligned (N a multiple of 8 for 16-bit, 4 for fp32) and element-wise accesses otherwise; longer
+// rows (and float64) take one block per row: an online max/sum pass, then a normalising pass.
+// Math in fp32 (fp64 for fp64), int64 offsets.
+
+#include "common.cuh"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarpBlock = 128;     // threads per block of the warp-per-row kernels
+constexpr int kWarpMaxN = 1024;     // longest row the warp kernels hold (32 lanes x 32 registers)
+constexpr int kRowBlockMax = 512;   // threads per block of the block-per-row kernels
+constexpr unsigned kFull = 0xffffffffu;
+
+using bertkern::acc_t;
+using bertkern::load_vec;
+using bertkern::store_vec;
+using bertkern::Vec;
+
+__device__ __forceinline__ float exp_acc(float x) { return __expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+
+// ------------------------------------------------------------------ Philox4x32-10
+struct Words {
+  uint32_t w[4];
+};
+
+__device__ __forceinline__ Words philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                        uint32_t k1) {
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+    const uint32_t hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+    const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return {{c0, c1, c2, c3}};
+}
+
+struct DropoutArgs {
+  const int64_t* seed;   // one int64 on the device
+  uint32_t threshold;    // keep iff (word >> 1) >= threshold; 2^31 drops everything
+  double keep_scale;     // 1 / (1 - p), 0 when p == 1
+  bool enabled;
+};
+
+struct Key {
+  uint32_t k0, k1;
+};
+
+__device__ __forceinline__ Key load_key(const DropoutArgs& d) {
+  const uint64_t s = static_cast<uint64_t>(*d.seed);
+  return {static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32)};
+}
+
+// Keep flags of columns col0 .. col0 + V - 1 of `row` (col0 % 4 == 0): one Philox call per 4 columns.
+template <int V>
+__device__ __forceinline__ void keep_flags(bool (&keep)[V], int64_t row, int col0, Key key, uint32_t threshold) {
+  static_assert(V % 4 == 0, "dropout words come in fours");
+  const uint32_t r = static_cast<uint32_t>(row);
+#pragma unroll
+  for (int q = 0; q < V / 4; ++q) {
+    const Words o = philox(static_cast<uint32_t>(col0 / 4 + q), r, 0u, 0u, key.k0, key.k1);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) keep[4 * q + j] = (o.w[j] >> 1) >= threshold;
+  }
+}
+
+// ------------------------------------------------------------------ masks
+struct NoMask {};
+struct BoolMask {};  // torch.bool storage: one byte, 0 or 1
+
+template <typename M, typename A>
+struct MaskRead {  // additive float mask of type M
+  static __device__ __forceinline__ bool read(const void* m, int64_t off, A& add, A lowest) {
+    const A v = static_cast<A>(static_cast<const M*>(m)[off]);
+    add = v;
+    return v > lowest;  // false for NaN too
+  }
+};
+template <typename A>
+struct MaskRead<NoMask, A> {
+  static __device__ __forceinline__ bool read(const void*, int64_t, A& add, A) {
+    add = A(0);
+    return true;
+  }
+};
+template <typename A>
+struct MaskRead<BoolMask, A> {
+  static __device__ __forceinline__ bool read(const void* m, int64_t off, A& add, A) {
+    add = A(0);
+    return static_cast<const uint8_t*>(m)[off] != 0;
+  }
+};
+
+struct FwdArgs {
+  const void* x;
+  const void* mask;
+  void* y;
+  void* probs;
+  int64_t rows, H, Q;
+  int N;
+  int64_t xs_b, xs_h, xs_q;
+  int64_t ms_b, ms_h, ms_q, ms_k;
+  double scale;
+  double mask_lowest;
+  DropoutArgs drop;
+};
+
+struct BwdArgs {
+  const void* grad;
+  const void* probs;
+  void* dx;
+  int64_t rows;
+  int N;
+  int64_t gs, ps;  // row strides
+  double scale;
+  DropoutArgs drop;
+};
+
+__device__ __forceinline__ void row_offsets(const FwdArgs& a, int64_t row, int64_t& x_off, int64_t& m_off) {
+  const int64_t q = row % a.Q, bh = row / a.Q;
+  const int64_t h = bh % a.H, b = bh / a.H;
+  x_off = b * a.xs_b + h * a.xs_h + q * a.xs_q;
+  m_off = b * a.ms_b + h * a.ms_h + q * a.ms_q;
+}
+
+template <typename T, typename M, typename A>
+__device__ __forceinline__ A logit(const FwdArgs& a, T x, int64_t m_off, int col, A scale, A lowest) {
+  A add;
+  const bool keep = MaskRead<M, A>::read(a.mask, m_off + static_cast<int64_t>(col) * a.ms_k, add, lowest);
+  return keep ? static_cast<A>(x) * scale + add : A(-INFINITY);
+}
+
+// ------------------------------------------------------------------ warp-per-row kernels
+// A group of `lanes` = 2^log2_lanes lanes owns one row; lane `sub` of the group holds the VEC
+// consecutive columns starting at (c * lanes + sub) * VEC, for c < ELTS / VEC (capacity lanes * ELTS
+// >= N). ALIGNED: the host checked N % VEC == 0 and 16-byte alignment of every row, and a pack moves
+// as one 16-byte load/store (VEC = 16 / sizeof(T)). Otherwise VEC = 4 and elements move one by one
+// with per-element bounds. Either way VEC % 4 == 0: one Philox call serves 4 columns.
+template <typename T, bool ALIGNED>
+struct WarpVec {
+  static constexpr int value = ALIGNED ? 16 / static_cast<int>(sizeof(T)) : 4;
+};
+
+template <typename T, int VEC, bool ALIGNED>
+__device__ __forceinline__ Vec<T, VEC> load_pack(const T* p, int col0, int N) {
+  if constexpr (ALIGNED) {
+    return load_vec<T, VEC>(p + col0);
+  } else {
+    Vec<T, VEC> v;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v.v[j] = col0 + j < N ? p[col0 + j] : static_cast<T>(0.0f);
+    return v;
+  }
+}
+
+template <typename T, int VEC, bool ALIGNED>
+__device__ __forceinline__ void store_pack(T* p, int col0, int N, const Vec<T, VEC>& v) {
+  if constexpr (ALIGNED) {
+    store_vec<T, VEC>(p + col0, v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      if (col0 + j < N) p[col0 + j] = v.v[j];
+  }
+}
+
+__device__ __forceinline__ int64_t warp_row(int log2_lanes) {
+  const int lane = threadIdx.x % kWarp;
+  return (static_cast<int64_t>(blockIdx.x) * (kWarpBlock / kWarp) + threadIdx.x / kWarp) * (kWarp >> log2_lanes) +
+         (lane >> log2_lanes);
+}
+
+template <typename T, typename M, int ELTS, bool ALIGNED>
+__global__ void __launch_bounds__(kWarpBlock) masked_softmax_fwd_warp(FwdArgs a, int log2_lanes) {
+  using A = acc_t<T>;
+  constexpr int VEC = WarpVec<T, ALIGNED>::value;
+  constexpr int CHUNKS = ELTS / VEC;
+  const int lanes = 1 << log2_lanes;
+  const int sub = (threadIdx.x % kWarp) & (lanes - 1);
+  const int64_t row = warp_row(log2_lanes);
+  const bool row_ok = row < a.rows;
+  const int N = a.N;
+  const A scale = static_cast<A>(a.scale), lowest = static_cast<A>(a.mask_lowest);
+
+  int64_t x_off = 0, m_off = 0;
+  if (row_ok) row_offsets(a, row, x_off, m_off);
+  const T* x = static_cast<const T*>(a.x) + x_off;
+
+  A z[ELTS];
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int col0 = (c * lanes + sub) * VEC;
+    if (row_ok && col0 < N) {
+      const Vec<T, VEC> v = load_pack<T, VEC, ALIGNED>(x, col0, N);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        z[c * VEC + j] = (ALIGNED || col0 + j < N) ? logit<T, M, A>(a, v.v[j], m_off, col0 + j, scale, lowest)
+                                                   : A(-INFINITY);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) z[c * VEC + j] = A(-INFINITY);
+    }
+  }
+
+  // Every lane, in range or not, takes part in the shuffles.
+  A mx = A(-INFINITY);
+#pragma unroll
+  for (int i = 0; i < ELTS; ++i) mx = z[i] > mx ? z[i] : mx;
+  for (int o = lanes >> 1; o > 0; o >>= 1) {
+    const A other = __shfl_xor_sync(kFull, mx, o);
+    mx = other > mx ? other : mx;
+  }
+  const bool dead = mx == A(-INFINITY);  // every key masked
+  const A shift = dead ? A(0) : mx;
+  A sum = A(0);
+#pragma unroll
+  for (int i = 0; i < ELTS; ++i) {
+    z[i] = exp_acc(z[i] - shift);
+    sum += z[i];
+  }
+  for (int o = lanes >> 1; o > 0; o >>= 1) sum += __shfl_xor_sync(kFull, sum, o);
+  const A inv = dead ? A(0) : A(1) / sum;
+  if (!row_ok) return;
+
+  T* y = static_cast<T*>(a.y) + row * N;
+  const bool drop = a.drop.enabled;
+  T* pr = drop ? static_cast<T*>(a.probs) + row * N : nullptr;
+  Key key{0u, 0u};
+  if (drop) key = load_key(a.drop);
+  const A keep_scale = static_cast<A>(a.drop.keep_scale);
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int col0 = (c * lanes + sub) * VEC;
+    if (col0 >= N) continue;
+    Vec<T, VEC> out, probs;
+    if (drop) {
+      bool keep[VEC];
+      keep_flags<VEC>(keep, row, col0, key, a.drop.threshold);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const A p = z[c * VEC + j] * inv;
+        probs.v[j] = static_cast<T>(p);
+        out.v[j] = static_cast<T>(keep[j] ? p * keep_scale : A(0));
+      }
+      store_pack<T, VEC, ALIGNED>(pr, col0, N, probs);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out.v[j] = static_cast<T>(z[c * VEC + j] * inv);
+    }
+    store_pack<T, VEC, ALIGNED>(y, col0, N, out);
+  }
+}
+
+template <typename T, int ELTS, bool ALIGNED>
+__global__ void __launch_bounds__(kWarpBlock) masked_softmax_bwd_warp(BwdArgs a, int log2_lanes) {
+  using A = acc_t<T>;
+  constexpr int VEC = WarpVec<T, ALIGNED>::value;
+  constexpr int CHUNKS = ELTS / VEC;
+  const int lanes = 1 << log2_lanes;
+  const int sub = (threadIdx.x % kWarp) & (lanes - 1);
+  const int64_t row = warp_row(log2_lanes);
+  const bool row_ok = row < a.rows;
+  const int N = a.N;
+  const T* g = static_cast<const T*>(a.grad) + (row_ok ? row * a.gs : 0);
+  const T* pp = static_cast<const T*>(a.probs) + (row_ok ? row * a.ps : 0);
+  const bool drop = a.drop.enabled;
+  Key key{0u, 0u};
+  if (drop && row_ok) key = load_key(a.drop);
+
+  // The row stays in registers in its own dtype (half the registers of fp32 copies for 16-bit
+  // inputs); bit i of `kept` is dropout's verdict on element i. Out-of-range elements load as 0.
+  Vec<T, VEC> gv[CHUNKS], pv[CHUNKS];
+  uint32_t kept = 0xffffffffu;
+  A dot = A(0);
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int col0 = (c * lanes + sub) * VEC;
+    if (row_ok && col0 < N) {
+      gv[c] = load_pack<T, VEC, ALIGNED>(g, col0, N);
+      pv[c] = load_pack<T, VEC, ALIGNED>(pp, col0, N);
+      if (drop) {
+        bool keep[VEC];
+        keep_flags<VEC>(keep, row, col0, key, a.drop.threshold);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j)
+          if (!keep[j]) kept &= ~(1u << (c * VEC + j));
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const A d = (kept >> (c * VEC + j)) & 1u ? static_cast<A>(gv[c].v[j]) : A(0);
+        dot += d * static_cast<A>(pv[c].v[j]);
+      }
+    }
+  }
+  for (int o = lanes >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(kFull, dot, o);
+  if (!row_ok) return;
+
+  // dp = dropout'(grad) = grad * keep * keep_scale, so sum(dp * p) = keep_scale * dot.
+  const A dp_scale = drop ? static_cast<A>(a.drop.keep_scale) : A(1);
+  dot *= dp_scale;
+  const A scale = static_cast<A>(a.scale);
+  T* dx = static_cast<T*>(a.dx) + row * N;
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int col0 = (c * lanes + sub) * VEC;
+    if (col0 >= N) continue;
+    Vec<T, VEC> out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const A d = (kept >> (c * VEC + j)) & 1u ? static_cast<A>(gv[c].v[j]) * dp_scale : A(0);
+      const A p = static_cast<A>(pv[c].v[j]);
+      out.v[j] = static_cast<T>(scale * p * (d - dot));
+    }
+    store_pack<T, VEC, ALIGNED>(dx, col0, N, out);
+  }
+}
+
+// ------------------------------------------------------------------ block-per-row kernels
+template <typename A>
+struct MaxSum {
+  A m, s;  // running max and sum of exp(z - m)
+};
+
+template <typename A>
+__device__ __forceinline__ MaxSum<A> combine(MaxSum<A> a, MaxSum<A> b) {
+  const A m = a.m > b.m ? a.m : b.m;
+  if (m == A(-INFINITY)) return {m, A(0)};
+  return {m, a.s * exp_acc(a.m - m) + b.s * exp_acc(b.m - m)};
+}
+
+template <typename A>
+__device__ __forceinline__ MaxSum<A> block_maxsum(MaxSum<A> v) {
+  __shared__ A sm[kRowBlockMax / kWarp], ss[kRowBlockMax / kWarp];
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const MaxSum<A> other{__shfl_xor_sync(kFull, v.m, o), __shfl_xor_sync(kFull, v.s, o)};
+    v = combine(v, other);
+  }
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  if (lane == 0) {
+    sm[warp] = v.m;
+    ss[warp] = v.s;
+  }
+  __syncthreads();
+  v = lane < warps ? MaxSum<A>{sm[lane], ss[lane]} : MaxSum<A>{A(-INFINITY), A(0)};
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const MaxSum<A> other{__shfl_xor_sync(kFull, v.m, o), __shfl_xor_sync(kFull, v.s, o)};
+    v = combine(v, other);
+  }
+  return v;  // every warp reduced the same partials: all threads hold the block's result
+}
+
+template <typename A>
+__device__ __forceinline__ A block_sum(A v) {
+  __shared__ A part[kRowBlockMax / kWarp];
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  v = lane < warps ? part[lane] : A(0);
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+// One block per row; thread t handles the 4-column quads t, t + blockDim.x, ... (one Philox call per quad).
+template <typename T, typename M>
+__global__ void __launch_bounds__(kRowBlockMax) masked_softmax_fwd_block(FwdArgs a) {
+  using A = acc_t<T>;
+  const int64_t row = blockIdx.x;
+  const int N = a.N;
+  const A scale = static_cast<A>(a.scale), lowest = static_cast<A>(a.mask_lowest);
+  int64_t x_off, m_off;
+  row_offsets(a, row, x_off, m_off);
+  const T* x = static_cast<const T*>(a.x) + x_off;
+
+  MaxSum<A> ms{A(-INFINITY), A(0)};
+  for (int q = threadIdx.x; q * 4 < N; q += blockDim.x) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int col = q * 4 + j;
+      if (col >= N) break;
+      const A z = logit<T, M, A>(a, x[col], m_off, col, scale, lowest);
+      if (z > ms.m) {
+        ms.s = ms.s * exp_acc(ms.m - z) + A(1);
+        ms.m = z;
+      } else if (z != A(-INFINITY)) {
+        ms.s += exp_acc(z - ms.m);
+      }
+    }
+  }
+  ms = block_maxsum(ms);
+  const bool dead = ms.m == A(-INFINITY);
+  const A shift = dead ? A(0) : ms.m;
+  const A inv = dead ? A(0) : A(1) / ms.s;
+
+  T* y = static_cast<T*>(a.y) + row * N;
+  const bool drop = a.drop.enabled;
+  T* pr = drop ? static_cast<T*>(a.probs) + row * N : nullptr;
+  Key key{0u, 0u};
+  if (drop) key = load_key(a.drop);
+  const A keep_scale = static_cast<A>(a.drop.keep_scale);
+  for (int q = threadIdx.x; q * 4 < N; q += blockDim.x) {
+    bool keep[4] = {true, true, true, true};
+    if (drop) keep_flags<4>(keep, row, q * 4, key, a.drop.threshold);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int col = q * 4 + j;
+      if (col >= N) break;
+      const A p = exp_acc(logit<T, M, A>(a, x[col], m_off, col, scale, lowest) - shift) * inv;
+      if (drop) {
+        pr[col] = static_cast<T>(p);
+        y[col] = static_cast<T>(keep[j] ? p * keep_scale : A(0));
+      } else {
+        y[col] = static_cast<T>(p);
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kRowBlockMax) masked_softmax_bwd_block(BwdArgs a) {
+  using A = acc_t<T>;
+  const int64_t row = blockIdx.x;
+  const int N = a.N;
+  const T* g = static_cast<const T*>(a.grad) + row * a.gs;
+  const T* pp = static_cast<const T*>(a.probs) + row * a.ps;
+  const bool drop = a.drop.enabled;
+  Key key{0u, 0u};
+  if (drop) key = load_key(a.drop);
+  const A keep_scale = static_cast<A>(a.drop.keep_scale);
+
+  A dot = A(0);
+  for (int q = threadIdx.x; q * 4 < N; q += blockDim.x) {
+    bool keep[4] = {true, true, true, true};
+    if (drop) keep_flags<4>(keep, row, q * 4, key, a.drop.threshold);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int col = q * 4 + j;
+      if (col >= N) break;
+      const A d = keep[j] ? static_cast<A>(g[col]) * (drop ? keep_scale : A(1)) : A(0);
+      dot += d * static_cast<A>(pp[col]);
+    }
+  }
+  dot = block_sum(dot);
+
+  const A scale = static_cast<A>(a.scale);
+  T* dx = static_cast<T*>(a.dx) + row * N;
+  for (int q = threadIdx.x; q * 4 < N; q += blockDim.x) {
+    bool keep[4] = {true, true, true, true};
+    if (drop) keep_flags<4>(keep, row, q * 4, key, a.drop.threshold);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int col = q * 4 + j;
+      if (col >= N) break;
+      const A d = keep[j] ? static_cast<A>(g[col]) * (drop ? keep_scale : A(1)) : A(0);
+      const A p = static_cast<A>(pp[col]);
+      dx[col] = static_cast<T>(scale * p * (d - dot));
+    }
+  }
+}
+
+// ------------------------------------------------------------------ launchers
+int ceil_log2(int64_t n) {
+  int l = 0;
+  while ((int64_t{1} << l) < n) ++l;
+  return l;
+}
+
+struct WarpShape {
+  int elts, log2_lanes;
+  int64_t blocks;
+};
+
+// Registers per lane and lanes per row for a row of N keys read VEC at a time.
+WarpShape warp_shape(int N, int vec, int64_t rows) {
+  const int cap = 1 << ceil_log2(N);                 // <= kWarpMaxN
+  const int elts = std::max(vec, cap / kWarp);        // a pack at least; 32 lanes once rows are long
+  const int lanes = std::max(1, cap / elts);          // a power of two <= 32
+  const int log2_lanes = ceil_log2(lanes);
+  const int64_t rows_per_block = (kWarpBlock / kWarp) * (kWarp / lanes);
+  return {elts, log2_lanes, (rows + rows_per_block - 1) / rows_per_block};
+}
+
+int block_threads(int N) {
+  const int quads = (N + 3) / 4;
+  return std::min(kRowBlockMax, std::max(kWarp, 1 << ceil_log2(quads)));
+}
+
+template <typename T, typename M, bool ALIGNED, int ELTS = WarpVec<T, ALIGNED>::value>
+void launch_fwd_warp(const FwdArgs& a, const WarpShape& s, cudaStream_t stream) {
+  if constexpr (ELTS < 32) {
+    if (s.elts != ELTS) return launch_fwd_warp<T, M, ALIGNED, ELTS * 2>(a, s, stream);
+  }
+  masked_softmax_fwd_warp<T, M, ELTS, ALIGNED>
+      <<<static_cast<unsigned>(s.blocks), kWarpBlock, 0, stream>>>(a, s.log2_lanes);
+}
+
+template <typename T, bool ALIGNED, int ELTS = WarpVec<T, ALIGNED>::value>
+void launch_bwd_warp(const BwdArgs& a, const WarpShape& s, cudaStream_t stream) {
+  if constexpr (ELTS < 32) {
+    if (s.elts != ELTS) return launch_bwd_warp<T, ALIGNED, ELTS * 2>(a, s, stream);
+  }
+  masked_softmax_bwd_warp<T, ELTS, ALIGNED><<<static_cast<unsigned>(s.blocks), kWarpBlock, 0, stream>>>(a, s.log2_lanes);
+}
+
+template <typename T, typename M>
+void launch_fwd(const FwdArgs& a, bool aligned, cudaStream_t stream) {
+  if constexpr (!std::is_same_v<T, double>) {
+    if (a.N <= kWarpMaxN) {
+      const WarpShape s = warp_shape(a.N, aligned ? WarpVec<T, true>::value : WarpVec<T, false>::value, a.rows);
+      TORCH_CHECK(s.blocks <= std::numeric_limits<int32_t>::max(), "masked_softmax_fwd: too many rows (", a.rows, ")");
+      if (aligned) {
+        launch_fwd_warp<T, M, true>(a, s, stream);
+      } else {
+        launch_fwd_warp<T, M, false>(a, s, stream);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  TORCH_CHECK(a.rows <= std::numeric_limits<int32_t>::max(), "masked_softmax_fwd: too many rows (", a.rows, ")");
+  masked_softmax_fwd_block<T, M><<<static_cast<unsigned>(a.rows), block_threads(a.N), 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_bwd(const BwdArgs& a, bool aligned, cudaStream_t stream) {
+  if constexpr (!std::is_same_v<T, double>) {
+    if (a.N <= kWarpMaxN) {
+      const WarpShape s = warp_shape(a.N, aligned ? WarpVec<T, true>::value : WarpVec<T, false>::value, a.rows);
+      TORCH_CHECK(s.blocks <= std::numeric_limits<int32_t>::max(), "masked_softmax_bwd: too many rows (", a.rows, ")");
+      if (aligned) {
+        launch_bwd_warp<T, true>(a, s, stream);
+      } else {
+        launch_bwd_warp<T, false>(a, s, stream);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  TORCH_CHECK(a.rows <= std::numeric_limits<int32_t>::max(), "masked_softmax_bwd: too many rows (", a.rows, ")");
+  masked_softmax_bwd_block<T><<<static_cast<unsigned>(a.rows), block_threads(a.N), 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename M>
+double lowest_of() {
+  if constexpr (std::is_same_v<M, NoMask> || std::is_same_v<M, BoolMask>) {
+    return 0.0;
+  } else {
+    return static_cast<double>(std::numeric_limits<M>::lowest());
+  }
+}
+
+bool is_kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+DropoutArgs dropout_args(const char* fn, double dropout_p, const std::optional<at::Tensor>& seed,
+                         const at::Tensor& like) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, fn, ": dropout_p must be in [0, 1], got ", dropout_p);
+  DropoutArgs d{nullptr, 0u, 1.0, false};
+  if (dropout_p == 0.0) return d;
+  TORCH_CHECK(seed.has_value() && seed->defined(), fn, ": dropout_p > 0 needs a seed tensor");
+  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() >= 1, fn,
+              ": seed must be an int64 tensor with one element, got ", seed->scalar_type(), " with ",
+              seed->numel(), " elements");
+  TORCH_CHECK(seed->device() == like.device(), fn, ": seed is on ", seed->device(), " but the inputs are on ",
+              like.device());
+  d.seed = seed->data_ptr<int64_t>();
+  // Same as reference.dropout_threshold: min(int(p * 2^31), 2^31).
+  const double t = std::floor(dropout_p * 2147483648.0);
+  d.threshold = t >= 2147483648.0 ? 0x80000000u : static_cast<uint32_t>(t);
+  d.keep_scale = dropout_p < 1.0 ? 1.0 / (1.0 - dropout_p) : 0.0;
+  d.enabled = true;
+  return d;
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd(const at::Tensor& scores, const std::optional<at::Tensor>& mask,
+                                                      double scale, double dropout_p,
+                                                      const std::optional<at::Tensor>& seed) {
+  constexpr const char* fn = "masked_softmax_fwd";
+  TORCH_CHECK(scores.is_cuda(), fn, ": scores must be a CUDA tensor, got ", scores.device());
+  TORCH_CHECK(scores.dim() == 4, fn, ": scores must be 4-D [B, H, S_q, S_k], got ", scores.dim(), " dims");
+  TORCH_CHECK(is_kernel_dtype(scores.scalar_type()), fn,
+              ": scores must be float32, float16, bfloat16 or float64, got ", scores.scalar_type());
+  TORCH_CHECK(scores.size(3) <= 1 || scores.stride(3) == 1, fn,
+              ": scores must have unit stride along the keys (dim 3), got stride ", scores.stride(3));
+  TORCH_CHECK(scores.size(3) <= std::numeric_limits<int32_t>::max() / 2, fn, ": too many keys (", scores.size(3), ")");
+  const bool has_mask = mask.has_value() && mask->defined();
+  if (has_mask) {
+    TORCH_CHECK(mask->device() == scores.device(), fn, ": mask is on ", mask->device(), " but scores is on ",
+                scores.device());
+    TORCH_CHECK(mask->sizes() == scores.sizes(), fn, ": mask must be a [B, H, S_q, S_k] view of scores' shape ",
+                scores.sizes(), " (expand it: broadcast dims with stride 0), got ", mask->sizes());
+    const auto mt = mask->scalar_type();
+    TORCH_CHECK(mt == at::kBool || mt == at::kFloat || mt == scores.scalar_type(), fn,
+                ": mask must be bool, float32 or the scores' dtype (", scores.scalar_type(), "), got ", mt);
+  }
+  c10::cuda::CUDAGuard guard(scores.device());
+  const DropoutArgs drop = dropout_args(fn, dropout_p, seed, scores);
+
+  const auto opts = scores.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor y = at::empty(scores.sizes(), opts);
+  at::Tensor probs = drop.enabled ? at::empty(scores.sizes(), opts) : at::empty({0}, opts);
+  if (y.numel() == 0) return {y, probs};
+
+  FwdArgs a{};
+  a.x = scores.data_ptr();
+  a.mask = has_mask ? mask->data_ptr() : nullptr;
+  a.y = y.data_ptr();
+  a.probs = drop.enabled ? probs.data_ptr() : nullptr;
+  a.H = scores.size(1);
+  a.Q = scores.size(2);
+  a.rows = scores.size(0) * a.H * a.Q;
+  a.N = static_cast<int>(scores.size(3));
+  a.xs_b = scores.stride(0);
+  a.xs_h = scores.stride(1);
+  a.xs_q = scores.stride(2);
+  if (has_mask) {
+    a.ms_b = mask->stride(0);
+    a.ms_h = mask->stride(1);
+    a.ms_q = mask->stride(2);
+    a.ms_k = mask->stride(3);
+  }
+  a.scale = scale;
+  a.drop = drop;
+
+  // 16-byte packs need every row start aligned: the base, the strides of the non-trivial dims, N.
+  const int vec = 16 / static_cast<int>(scores.element_size());
+  bool vec_ok = a.N % vec == 0 && bertkern::is_aligned(a.x, 16);
+  for (int d = 0; d < 3; ++d) vec_ok = vec_ok && (scores.size(d) == 1 || scores.stride(d) % vec == 0);
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(scores.device().index()).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), fn, [&] {
+    using T = scalar_t;
+    if (!has_mask) {
+      a.mask_lowest = 0.0;
+      launch_fwd<T, NoMask>(a, vec_ok, stream);
+    } else if (mask->scalar_type() == at::kBool) {
+      a.mask_lowest = 0.0;
+      launch_fwd<T, BoolMask>(a, vec_ok, stream);
+    } else if (mask->scalar_type() == scores.scalar_type()) {
+      a.mask_lowest = lowest_of<T>();
+      launch_fwd<T, T>(a, vec_ok, stream);
+    } else {
+      a.mask_lowest = lowest_of<float>();
+      launch_fwd<T, float>(a, vec_ok, stream);
+    }
+  });
+  return {y, probs};
+}
+
+at::Tensor masked_softmax_bwd(const at::Tensor& grad, const at::Tensor& probs, double scale, double dropout_p,
+                              const std::optional<at::Tensor>& seed) {
+  constexpr const char* fn = "masked_softmax_bwd";
+  TORCH_CHECK(probs.is_cuda(), fn, ": probs must be a CUDA tensor, got ", probs.device());
+  TORCH_CHECK(grad.device() == probs.device(), fn, ": grad is on ", grad.device(), " but probs is on ",
+              probs.device());
+  TORCH_CHECK(probs.dim() == 2, fn, ": probs must be 2-D [rows, S_k], got ", probs.dim(), " dims");
+  TORCH_CHECK(grad.sizes() == probs.sizes(), fn, ": grad must have probs' shape ", probs.sizes(), ", got ",
+              grad.sizes());
+  TORCH_CHECK(is_kernel_dtype(probs.scalar_type()), fn,
+              ": probs must be float32, float16, bfloat16 or float64, got ", probs.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == probs.scalar_type(), fn, ": grad dtype ", grad.scalar_type(),
+              " does not match probs dtype ", probs.scalar_type());
+  TORCH_CHECK(probs.size(1) <= 1 || (probs.stride(1) == 1 && grad.stride(1) == 1), fn,
+              ": grad and probs must have unit stride along the keys, got ", grad.stride(1), " and ", probs.stride(1));
+  TORCH_CHECK(probs.size(1) <= std::numeric_limits<int32_t>::max() / 2, fn, ": too many keys (", probs.size(1), ")");
+  c10::cuda::CUDAGuard guard(probs.device());
+  const DropoutArgs drop = dropout_args(fn, dropout_p, seed, probs);
+
+  at::Tensor dx = at::empty(probs.sizes(), probs.options().memory_format(at::MemoryFormat::Contiguous));
+  if (dx.numel() == 0) return dx;
+
+  BwdArgs a{};
+  a.grad = grad.data_ptr();
+  a.probs = probs.data_ptr();
+  a.dx = dx.data_ptr();
+  a.rows = probs.size(0);
+  a.N = static_cast<int>(probs.size(1));
+  a.gs = grad.stride(0);
+  a.ps = probs.stride(0);
+  a.scale = scale;
+  a.drop = drop;
+
+  const int vec = 16 / static_cast<int>(probs.element_size());
+  const bool vec_ok = a.N % vec == 0 && bertkern::is_aligned(a.grad, 16) && bertkern::is_aligned(a.probs, 16) &&
+                      (a.rows == 1 || (a.gs % vec == 0 && a.ps % vec == 0));
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(probs.device().index()).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), fn,
+                                  [&] { launch_bwd<scalar_t>(a, vec_ok, stream); });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(bertkern_cuda, m) {
+  m.def("masked_softmax_fwd(Tensor scores, Tensor? mask, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  m.def("masked_softmax_bwd(Tensor grad, Tensor probs, float scale, float dropout_p, Tensor? seed) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bertkern_cuda, CUDA, m) {
+  m.impl("masked_softmax_fwd", &masked_softmax_fwd);
+  m.impl("masked_softmax_bwd", &masked_softmax_bwd);
+}

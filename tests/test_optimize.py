@@ -1,0 +1,434 @@
+"""bertkern.optimize / restore / optimized and bertkern.verify: BERT-family Hugging Face models built
+from tiny random configs (nothing is downloaded), bertkern.models, and the shipped MiniLM checkpoint."""
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local
+transformers = pytest.importorskip("transformers")
+
+import bertkern  # noqa: E402
+from bertkern import backend as _backend  # noqa: E402
+from bertkern import verify as ver  # noqa: E402
+from harness import skip_unless_usable  # noqa: E402
+
+opt = importlib.import_module("bertkern.optimize")  # the module (bertkern.optimize is the function)
+
+ATOL = 1e-5
+VOCAB = 101
+LENGTHS = [6, 3, 1]  # a full row, one padded, one with a single real token
+FUSED_OPS = ("bias_gelu", "add_layer_norm", "masked_softmax")
+
+# name -> (model class, config class, config overrides). Each covers a different head and, between
+# them, every GELU form, a LayerNorm eps that matters (1e-3), and RoBERTa-style padding_idx positions.
+ARCHS = {
+    "bert": ("BertModel", "BertConfig", {}),
+    "bert-seqcls": ("BertForSequenceClassification", "BertConfig", {"num_labels": 3}),
+    "bert-tokcls": ("BertForTokenClassification", "BertConfig", {"num_labels": 5}),
+    "bert-qa": ("BertForQuestionAnswering", "BertConfig", {}),
+    "bert-mlm": ("BertForMaskedLM", "BertConfig", {"hidden_act": "gelu_new"}),
+    "roberta": ("RobertaForSequenceClassification", "RobertaConfig", {"pad_token_id": 1, "layer_norm_eps": 1e-3}),
+    "electra": ("ElectraForTokenClassification", "ElectraConfig", {"hidden_act": "gelu_new", "embedding_size": 16}),
+    "xlm-roberta": ("XLMRobertaModel", "XLMRobertaConfig", {"pad_token_id": 1, "hidden_act": "gelu_pytorch_tanh"}),
+    "camembert": ("CamembertForMaskedLM", "CamembertConfig", {"pad_token_id": 1}),
+}
+
+
+def tiny(arch: str = "bert", **overrides) -> torch.nn.Module:
+    model_cls, config_cls, arch_kw = ARCHS[arch]
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,  # not 4x: nothing may assume a nice width
+        max_position_embeddings=20,
+        type_vocab_size=2,
+        initializer_range=0.2,  # GELU / softmax inputs of order 1: a wrong approximation or mask shows
+        attn_implementation="eager",
+    )
+    kw.update(arch_kw)
+    kw.update(overrides)
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).eval()
+
+
+def padded_batch(model, lengths=LENGTHS):
+    pad = model.config.pad_token_id
+    batch, seq = len(lengths), max(lengths)
+    ids = torch.randint(3, VOCAB, (batch, seq))
+    mask = torch.zeros(batch, seq, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    return torch.where(mask.bool(), ids, pad), mask
+
+
+def outputs(model, ids, mask, **kw):
+    out = model(input_ids=ids, attention_mask=mask, **kw)
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def max_err(a: dict, b: dict, mask) -> float:
+    """Max |a - b| over every output; [B, S, ...] outputs only at real tokens."""
+    assert a.keys() == b.keys()
+    errs = []
+    for k in a:
+        x, y = a[k], b[k]
+        if x.dim() >= 2 and x.shape[:2] == mask.shape:
+            x, y = x[mask.bool()], y[mask.bool()]
+        errs.append((x - y).abs().max().item())
+    return max(errs)
+
+
+def available_ops():
+    return [o for o in FUSED_OPS if opt.op_available(o)]
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records each bertkern op call (name, backend resolved, eps / dropout_p / approximate) so a test
+    can prove the fused path ran, on which backend and with which settings."""
+    calls = []
+    real_resolve = _backend.resolve
+
+    def resolve(op, *args, **kwargs):
+        chosen = real_resolve(op, *args, **kwargs)
+        calls.append({"op": op, "backend": chosen})
+        return chosen
+
+    monkeypatch.setattr(_backend, "resolve", resolve)
+    settings = []
+    for name in available_ops():
+        real = getattr(bertkern.ops, name)
+
+        def wrapper(*args, _real=real, _name=name, **kwargs):
+            entry = {"op": _name, **{k: kwargs[k] for k in ("dropout_p", "approximate") if k in kwargs}}
+            if _name == "add_layer_norm":
+                entry["eps"] = args[4]
+            settings.append(entry)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(bertkern.ops, name, wrapper)
+    return {"resolved": calls, "settings": settings}
+
+
+# ---------------------------------------------------------------- parity on every architecture
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_eval_outputs_match_on_real_tokens(arch, backend, monkeypatch, spy):
+    if backend == "triton":
+        skip_unless_usable("triton", "cpu")
+    monkeypatch.setenv("BERTKERN_BACKEND", backend)
+    model = tiny(arch)
+    ids, mask = padded_batch(model)
+    with torch.no_grad():
+        ref = outputs(model, ids, mask)
+        report = bertkern.optimize(model)
+        got = outputs(model, ids, mask)
+    assert max_err(got, ref, mask) <= ATOL, str(report)
+
+    counts = report.counts()
+    for op, per_layer in (("add_layer_norm", 2), ("bias_gelu", 1), ("masked_softmax", 1)):
+        assert counts.get(op, 0) == (2 * per_layer if opt.op_available(op) else 0), str(report)
+    ran = {c["op"] for c in spy["resolved"]}
+    assert ran == set(available_ops())
+    assert {c["backend"] for c in spy["resolved"]} == {backend}
+    # Settings come from the modules: eps of the LayerNorm, the GELU form of the config, p=0 in eval.
+    eps = model.config.layer_norm_eps
+    approximate = {"gelu": "none"}.get(model.config.hidden_act, "tanh")
+    for s in spy["settings"]:
+        assert s.get("dropout_p", 0.0) == 0.0
+        assert s.get("eps", eps) == eps
+        assert s.get("approximate", approximate) == approximate
+
+
+# ---------------------------------------------------------------- training
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_train_grads_match_unpatched_without_dropout(backend, monkeypatch):
+    if backend == "triton":
+        skip_unless_usable("triton", "cpu")
+    monkeypatch.setenv("BERTKERN_BACKEND", backend)
+    model = tiny("bert-seqcls", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
+    ids, mask = padded_batch(model)
+    labels = torch.tensor([0, 2, 1])
+
+    def grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss0, g0 = grads()
+    bertkern.optimize(model)
+    loss1, g1 = grads()
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_train_dropout_goes_through_the_fused_ops(spy):
+    model = tiny("bert-seqcls", hidden_dropout_prob=0.25, attention_probs_dropout_prob=0.125).train()
+    ids, mask = padded_batch(model)
+    report = bertkern.optimize(model)
+    loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2])).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    p_of = {s["op"]: s.get("dropout_p") for s in spy["settings"]}
+    if "add_layer_norm" in report.counts():
+        assert p_of["add_layer_norm"] == 0.25
+    if "masked_softmax" in report.counts():
+        assert p_of["masked_softmax"] == 0.125
+    # Dropout is live: two training forwards differ; eval passes p = 0.
+    with torch.no_grad():
+        a, b = (model(input_ids=ids, attention_mask=mask).logits for _ in range(2))
+        assert not torch.equal(a, b)
+        spy["settings"].clear()
+        model.eval()
+        model(input_ids=ids, attention_mask=mask)
+    assert all(s.get("dropout_p", 0.0) == 0.0 for s in spy["settings"])
+
+
+# ---------------------------------------------------------------- restore, state, report
+def test_restore_gives_back_the_original_forwards_and_outputs():
+    model = tiny("bert-seqcls")
+    ids, mask = padded_batch(model)
+    with torch.no_grad():
+        before = outputs(model, ids, mask)
+        report = bertkern.optimize(model)
+        assert report.replaced
+        for name in report.replaced_names():
+            assert "forward" in model.get_submodule(name).__dict__
+        restored = bertkern.restore(model)
+        after = outputs(model, ids, mask)
+    assert sorted(restored) == sorted(report.replaced_names())
+    for module in model.modules():
+        assert "forward" not in module.__dict__ and opt._MARK not in module.__dict__
+        assert module.forward.__func__ is type(module).forward
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    assert bertkern.restore(model) == []  # nothing left to undo
+
+
+def test_context_manager_undoes_only_what_it_did():
+    model = tiny("bert")
+    ids, mask = padded_batch(model)
+    with torch.no_grad():
+        ref = outputs(model, ids, mask)
+        with bertkern.optimized(model, ops=("bias_gelu",)) as report:
+            assert report.replaced_names() == ["encoder.layer.0.intermediate", "encoder.layer.1.intermediate"]
+            assert max_err(outputs(model, ids, mask), ref, mask) <= ATOL
+        assert all("forward" not in m.__dict__ for m in model.modules())
+        assert all(torch.equal(v, ref[k]) for k, v in outputs(model, ids, mask).items())
+
+
+def test_state_dict_parameters_and_types_unchanged():
+    model = tiny("roberta")
+    keys = list(model.state_dict())
+    params = [(n, id(p), p.data_ptr()) for n, p in model.named_parameters()]
+    buffers = [(n, id(b)) for n, b in model.named_buffers()]
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    bertkern.optimize(model)
+    assert list(model.state_dict()) == keys
+    assert [(n, id(p), p.data_ptr()) for n, p in model.named_parameters()] == params
+    assert [(n, id(b)) for n, b in model.named_buffers()] == buffers
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    # A state dict saved from the optimized model loads into a plain one, and vice versa.
+    plain = tiny("roberta")
+    plain.load_state_dict(model.state_dict())
+    model.load_state_dict(plain.state_dict())
+
+
+def test_report_names_what_was_replaced_and_left_alone(caplog):
+    model = tiny("bert-mlm")
+    with caplog.at_level(logging.INFO, logger="bertkern.optimize"):
+        report = bertkern.optimize(model)
+    text = str(report)
+    assert text in caplog.text
+    assert report.model is model
+    if opt.op_available("add_layer_norm"):
+        assert report.replaced_names("add_layer_norm") == [
+            f"bert.encoder.layer.{i}.{part}" for i in range(2) for part in ("attention.output", "output")]
+        assert "bert.encoder.layer.1.output" in text or "(+1)" in text
+    assert report.replaced_names("bias_gelu") == [f"bert.encoder.layer.{i}.intermediate" for i in range(2)]
+    assert all(r.detail == "approximate='tanh'" for r in report.replaced if r.kind == "bias_gelu")
+    left = {r.name: r.reason for r in report.left_alone}
+    assert "dropout" in left["cls.predictions.transform"]  # dense + act + LayerNorm: no residual add
+    assert left["bert.embeddings.LayerNorm"] == "not requested"
+    assert "replaced" in text and "left alone" in text and "cls.predictions.transform" in text
+    d = report.to_dict()
+    assert d["model"] == "BertForMaskedLM" and len(d["replaced"]) == len(report.replaced)
+
+
+def test_unsupported_activation_left_alone_with_a_reason():
+    model = tiny("bert", hidden_act="relu")
+    ids, mask = padded_batch(model)
+    with torch.no_grad():
+        ref = outputs(model, ids, mask)
+        report = bertkern.optimize(model)
+        got = outputs(model, ids, mask)
+    assert "bias_gelu" not in report.counts()
+    reasons = {r.name: r.reason for r in report.left_alone if r.kind == "bias_gelu"}
+    assert set(reasons) == {"encoder.layer.0.intermediate", "encoder.layer.1.intermediate"}
+    assert all("ReLU" in r and "not a GELU" in r for r in reasons.values())
+    assert max_err(got, ref, mask) <= ATOL
+
+
+def test_sdpa_attention_left_alone_rest_fused():
+    model = tiny("bert", attn_implementation="sdpa")
+    ids, mask = padded_batch(model)
+    with torch.no_grad():
+        ref = outputs(model, ids, mask)
+        report = bertkern.optimize(model)
+        got = outputs(model, ids, mask)
+    reasons = [r.reason for r in report.left_alone if r.kind == "masked_softmax"]
+    assert len(reasons) == 2 and all("sdpa" in r for r in reasons)
+    assert "masked_softmax" not in report.counts() and report.counts()["bias_gelu"] == 2
+    assert max_err(got, ref, mask) <= ATOL
+
+
+def test_missing_op_is_reported_as_skipped(monkeypatch):
+    monkeypatch.delattr(bertkern.ops, "add_layer_norm", raising=False)
+    model = tiny("bert")
+    report = bertkern.optimize(model)
+    skipped = [r for r in report.left_alone if r.kind == "add_layer_norm"]
+    assert len(skipped) == 4 and all(r.reason.startswith("skipped: op not available") for r in skipped)
+    assert report.counts()["bias_gelu"] == 2
+
+
+def test_distilbert_left_alone_with_reasons():
+    config = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37,
+                                           max_position_embeddings=20, initializer_range=0.2,
+                                           attn_implementation="eager")
+    model = transformers.DistilBertForSequenceClassification(config).eval()
+    ids, mask = padded_batch(model)
+    with torch.no_grad():
+        ref = outputs(model, ids, mask)
+        report = bertkern.optimize(model)
+        got = outputs(model, ids, mask)
+    assert report.replaced == []
+    kinds = {r.kind for r in report.left_alone}
+    assert {"add_layer_norm", "bias_gelu", "masked_softmax"} <= kinds
+    assert any("TransformerBlock.forward" in r.reason for r in report.left_alone)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_bertkern_models_use_their_config_flags():
+    from bertkern.models import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=20, initializer_range=0.2, num_labels=3)).eval()
+    ids, mask = padded_batch(model)
+    with torch.no_grad():
+        ref = model(ids, mask).logits
+        report = bertkern.optimize(model)
+        got = model(ids, mask).logits
+    flags = {"bias_gelu": "fused_bias_gelu", "add_layer_norm": "fused_layer_norm", "masked_softmax": "fused_softmax"}
+    for op, flag in flags.items():
+        assert getattr(model.config, flag) == opt.op_available(op)
+    assert model.config.fused_embeddings is False  # not requested by default
+    assert "bert.encoder.layer.0.intermediate" in report.replaced_names("bias_gelu")
+    assert all("forward" not in m.__dict__ for m in model.modules())  # flags, not forward swaps
+    assert (got - ref).abs().max().item() <= ATOL
+    bertkern.restore(model)
+    assert not any(getattr(model.config, f) for f in flags.values())
+
+
+def test_inplace_false_copies_and_leaves_the_model_alone():
+    model = tiny("electra")
+    ids, mask = padded_batch(model)
+    report = bertkern.optimize(model, inplace=False)
+    assert report.model is not model and report.replaced
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        assert max_err(outputs(report.model, ids, mask), outputs(model, ids, mask), mask) <= ATOL
+    # The optimized copy deep-copies again, its forwards bound to the new copy.
+    again = copy.deepcopy(report.model)
+    name = report.replaced_names()[0]
+    assert again.get_submodule(name).forward.__self__ is again.get_submodule(name)
+
+
+def test_second_optimize_and_instance_overrides_are_left_alone():
+    model = tiny("bert")
+    custom = model.encoder.layer[0].output
+    custom.forward = lambda h, r: torch.nn.functional.layer_norm(h[..., :32] + r, (32,))  # someone else's
+    first = bertkern.optimize(model)
+    assert "encoder.layer.0.output" not in first.replaced_names()
+    assert any(r.name == "encoder.layer.0.output" and "overridden" in r.reason for r in first.left_alone)
+    second = bertkern.optimize(model)
+    assert second.replaced == [] and all(r.reason == "already optimized"
+                                         for r in second.left_alone if r.name in first.replaced_names())
+    bertkern.restore(model)
+    assert "forward" in custom.__dict__  # theirs stays
+    assert all("forward" not in m.__dict__ for m in model.modules() if m is not custom)
+
+
+def test_bad_arguments():
+    model = tiny("bert")
+    with pytest.raises(ValueError, match="unknown op"):
+        bertkern.optimize(model, ops=("softmax",))
+    with pytest.raises(ValueError, match="backend"):
+        bertkern.optimize(model, backend="tpu")
+    with pytest.raises(TypeError):
+        bertkern.optimize("bert-base-uncased")
+
+
+# ---------------------------------------------------------------- torch.compile
+def test_compile_fullgraph_torch_backend(monkeypatch):
+    """Deselect with -k 'not compile' (about 10 s on 2 CPU cores)."""
+    monkeypatch.setenv("BERTKERN_BACKEND", "torch")
+    torch._dynamo.reset()
+    model = tiny("bert-seqcls")
+    ids, mask = padded_batch(model)
+    with torch.no_grad():
+        ref = outputs(model, ids, mask)
+        report = bertkern.optimize(model)
+        compiled = torch.compile(report.model, fullgraph=True, backend="aot_eager")  # a graph break raises
+        got = compiled(input_ids=ids, attention_mask=mask).logits
+    assert (got - ref["logits"]).abs().max().item() <= ATOL
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- the real checkpoint, verify
+def test_minilm_checkpoint_end_to_end():
+    path = ver.minilm_path()
+    model = transformers.BertModel.from_pretrained(path, local_files_only=True, attn_implementation="eager").eval()
+    ids, mask = padded_batch(model, lengths=[12, 7, 1])
+    ids = torch.where(mask.bool(), torch.randint(1000, 30000, ids.shape), 0)
+    with torch.no_grad():
+        ref = outputs(model, ids, mask)
+        report = bertkern.optimize(model)
+        got = outputs(model, ids, mask)
+    assert len(report.replaced) == 6 * sum({"add_layer_norm": 2}.get(o, 1) for o in available_ops())
+    assert max_err(got, ref, mask) <= ATOL
+
+
+def test_verify_tiny_model_passes():
+    model = tiny("bert-seqcls")
+    result = ver.verify(model, dtypes=("float32", "bfloat16"), batch=3, seq=8)
+    assert result["passed"], ver.format_result(result)
+    assert result["lengths"][:2] == [8, 1]
+    for name in ("float32", "bfloat16"):
+        r = result["results"][name]
+        assert r["err_optimized_vs_fp64"] <= r["limit"]
+        assert r["cosine_min"] > 0.999 and r["top1_agreement"] == 1.0
+    assert result["results"]["float32"]["max_abs_err"] <= ATOL
+    assert all("forward" not in m.__dict__ for m in model.modules())  # the model passed in is untouched
+
+
+def test_verify_main_on_a_directory(tmp_path, capsys, monkeypatch):
+    tiny("roberta").save_pretrained(tmp_path)
+    assert ver.main([str(tmp_path), "--batch", "3", "--seq", "8"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+    assert ver.main([str(tmp_path / "missing")]) == 2
+    # A broken kernel fails the 2x-of-eager rule and the exit code says so.
+    real = bertkern.ops.bias_gelu
+    monkeypatch.setattr(bertkern.ops, "bias_gelu", lambda x, b, **kw: real(x, b, **kw) * 1.01)
+    assert ver.main([str(tmp_path), "--batch", "3", "--seq", "8"]) == 1
+    assert "FAILED" in capsys.readouterr().out
