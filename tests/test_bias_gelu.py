@@ -171,3 +171,14 @@ def test_bias_gelu_module():
     torch.testing.assert_close(y, F.gelu(x + m.bias, approximate="tanh"))
     y.sum().backward()
     assert m.bias.grad is not None and x.grad is not None
+
+
+def test_bias_gelu_under_autocast_casts_the_fp32_bias():
+    x, b = torch.randn(4, 32), torch.randn(32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = x.bfloat16()
+        y = bertkern.ops.bias_gelu(h, b, backend="torch")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, F.gelu(h + b.bfloat16()))
+    with pytest.raises(ValueError, match="bias dtype"):  # outside autocast a mismatch is an error
+        bertkern.ops.bias_gelu(x.bfloat16(), b)
