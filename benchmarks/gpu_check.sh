@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a lent GPU machine without internet (system-wide Python with
-# torch + CUDA, triton, pytest, pytest-benchmark already installed):
+# torch + CUDA, triton, transformers, pytest, pytest-benchmark already installed):
 #   1. versions and nvidia-smi          4. pytest -m gpu tests/, then the full tests/
-#   2. build bertkern._C for sm_90      5. python benchmarks/run.py -> benchmarks/results/<gpu>/
+#   2. build bertkern._C for sm_90      5. benchmarks: run.py --suite ops, then bert --quick, then train --quick
 #   3. python -m bertkern.info          6. results.tgz + logs into $OUT (when set)
 # Every step runs under a time limit and the script keeps going when one fails; a summary table is
-# printed last. The benchmark gets what the earlier steps left of BUDGET_S (default 540 s, ~9 min):
-# its cases run most important first, and the ones past the budget are listed as not run.
+# printed last. The benchmarks get BENCH_RESERVE_S (default 330 s) of BUDGET_S (default 540 s, ~9 min),
+# more if the earlier steps finish early, split ops 30% / bert 45% / train 25% of what is left when
+# each starts; within a suite the most important cases run first (bert: BERT-base fp16 32x128,
+# 16x512 at 60% fill, 1x128; bertkern's providers before torch.compile), and the rest are listed as
+# not run. Each suite writes its JSON after every case, so a suite killed at its limit keeps its numbers.
 #
 #   bash benchmarks/gpu_check.sh
 #   BERTKERN_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh   # tree copied without .git
 #
-# Env: PYTHON (default python3), BUDGET_S (540), OUT (folder for results.tgz and logs; else a temp dir).
+# Env: PYTHON (default python3), BUDGET_S (540), BENCH_RESERVE_S (330), OUT (folder for results.tgz and
+# logs; else a temp dir), SUITES (default "ops bert train"), SKIP_TESTS=1 (a benchmark-only call: build,
+# then the suites get everything that is left), BERT_ARGS / TRAIN_ARGS / OPS_ARGS (extra
+# run.py arguments, e.g. BERT_ARGS="--skip-providers compile"). MiniLM runs with its real weights when
+# the tree carries them in .minilm/ (python benchmarks/model_suite.py export-minilm .minilm: ~45 MB in
+# fp16), else with random weights of its shape (the results say which).
+# $OUT receives at most 7 files: env.log build.log tests.log bench.log summary.txt LATEST.md results.tgz.
 # Exit status: the number of failed steps (0 = all passed).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-540}
+BENCH_RESERVE_S=${BENCH_RESERVE_S:-330}
+SUITES=${SUITES:-ops bert train}
+[ -f .minilm/config.json ] && export BERTKERN_MINILM_DIR="$PWD/.minilm"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 T0=$(date +%s)
 LOGS=${OUT:-$(mktemp -d /tmp/bertkern_gpu_check.XXXXXX)}
 mkdir -p "$LOGS"
@@ -75,12 +88,32 @@ export -f versions build
 step "versions + nvidia-smi" env.log 60 bash -c versions
 step "build bertkern._C (sm_90)" build.log 300 bash -c build
 step "python -m bertkern.info" env.log 60 "$PY" -m bertkern.info
-step "pytest -m gpu tests/" tests.log 150 "$PY" -m pytest -m gpu tests/ -q -ra -p no:cacheprovider
-# The full suite gets what is left once ~200 s are kept for the benchmark.
-step "pytest tests/ (all)" tests.log $(($(left) - 200)) "$PY" -m pytest tests/ -q -ra -p no:cacheprovider
-BENCH_BUDGET=$(($(left) - 60))
-((BENCH_BUDGET < 60)) && BENCH_BUDGET=60
-step "benchmarks/run.py" bench.log $((BENCH_BUDGET + 45)) "$PY" benchmarks/run.py --budget-s "$BENCH_BUDGET"
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  step "pytest -m gpu tests/" tests.log 150 "$PY" -m pytest -m gpu tests/ -q -ra -p no:cacheprovider
+  # The full suite gets what is left once BENCH_RESERVE_S are kept for the benchmarks.
+  step "pytest tests/ (all)" tests.log $(($(left) - BENCH_RESERVE_S)) "$PY" -m pytest tests/ -q -ra -p no:cacheprovider
+fi
+
+# bench SUITE SHARE_PERCENT_OF_WHAT_IS_LEFT ARGS...: run.py --suite SUITE with a budget of that share
+# of what is left (less ~20 s kept for the tar at the end), and a hard limit GRACE_S past it (process
+# start-up, model building, writing the files).
+GRACE_S=40
+bench() {
+  local suite=$1 share=$2 avail budget
+  shift 2
+  avail=$(($(left) - 20))
+  budget=$((avail * share / 100 - GRACE_S))
+  ((budget < 30)) && budget=30
+  step "bench $suite" bench.log $((budget + GRACE_S)) "$PY" benchmarks/run.py --suite "$suite" --budget-s "$budget" "$@"
+}
+for s in $SUITES; do
+  case $s in
+    ops) bench ops 30 ${OPS_ARGS:-} ;;
+    bert) if [[ " $SUITES " == *" train "* ]]; then bench bert 64 --quick ${BERT_ARGS:-}; else bench bert 100 --quick ${BERT_ARGS:-}; fi ;;
+    train) bench train 100 --quick ${TRAIN_ARGS:-} ;;
+    *) echo "gpu_check: unknown suite $s (ops, bert, train)" ;;
+  esac
+done
 
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/results.tgz" --exclude=benchmarks/results/cpu benchmarks/results 2>/dev/null &&

@@ -62,6 +62,8 @@ DEFAULT_L2_BYTES = 50 * 2**20  # H100; read off the device when there is one
 COPY_BYTES = 1 << 30  # per buffer for the copy-bandwidth line: far larger than any L2
 SCHEMA = 1
 NO_CUDA_LINE = "timings need a CUDA GPU; none seen here"
+# benchmarks/bench_<name>.py files that are whole-model suites (run.py --suite), not op specs
+MODEL_SUITES = ("bert", "train")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -148,7 +150,8 @@ class OpSpec:
 def discover(names=None, errors: list[str] | None = None) -> list[OpSpec]:
     """The SPEC of every benchmarks/bench_<op>.py (or of the named ops), in file-name order.
     A module that fails to import raises, or, given an `errors` list, is described there and left out."""
-    found = {p.stem.removeprefix("bench_"): p.stem for p in sorted(BENCH_DIR.glob("bench_*.py"))}
+    found = {p.stem.removeprefix("bench_"): p.stem for p in sorted(BENCH_DIR.glob("bench_*.py"))
+             if p.stem.removeprefix("bench_") not in MODEL_SUITES}
     wanted = list(found) if not names else names
     unknown = [n for n in wanted if n not in found]
     if unknown:
@@ -535,11 +538,13 @@ HARNESS_ERROR = "harness error"
 
 def run_op(spec: OpSpec, cases: list[Case], device: torch.device, *, copy_bw: dict, deadline: float | None = None,
            warmup_ms: float = 25, rep_ms: float = 100, settings: dict | None = None, log=print,
-           timer: Callable = bench_ms, env: dict | None = None, partial_json: Path | None = None) -> dict:
+           timer: Callable = bench_ms, env: dict | None = None, partial_json: Path | None = None,
+           only: set[str] | None = None) -> dict:
     """Every case of one op (those past `deadline`, a time.monotonic() value, are listed as not run).
     The document so far is saved to `partial_json` after each case, so a killed run keeps what it measured.
-    `timer` is replaceable so that tests can drive this path on the CPU."""
-    providers = gpu_providers(spec)
+    `timer` is replaceable so that tests can drive this path on the CPU. `only`: the providers to run
+    (None: all); the correctness gate's eager baseline is computed either way."""
+    providers = {k: v for k, v in gpu_providers(spec).items() if only is None or k in only}
     l2 = l2_bytes(device) if device.type == "cuda" else 0  # no cache to defeat off the GPU: one copy
     doc = {
         "schema": SCHEMA,
@@ -695,14 +700,82 @@ def plot(doc: dict, path: Path) -> bool:
     return True
 
 
+def op_csv_rows(doc: dict) -> list[dict]:
+    """One row per (case, provider) of an op document, with the environment in every row."""
+    env = {f"env_{k}": doc["env"].get(k) for k in ("gpu", "driver", "torch", "triton", "cuda", "commit", "dirty", "date")}
+    rows = []
+    for r in doc["results"]:
+        c = r["case"]
+        base = {"op": doc["op"], "direction": c["direction"], "dtype": c["dtype"],
+                "shape": "x".join(str(v) for v in c["shape"].values()),
+                **{f"shape_{k}": v for k, v in c["shape"].items()}, **{f"opt_{k}": v for k, v in c["options"].items()},
+                "bytes": r.get("bytes")}
+        if "not_run" in r:
+            rows.append({**base, "provider": "", "status": "not run", "reason": r["not_run"], **env})
+            continue
+        for p, e in r["providers"].items():
+            errs = [o for o in (e.get("errors") or {}).values()]
+            worst = max(errs, key=lambda o: (o.get("err") or 0) / (o.get("tol") or 1), default={})
+            row = {**base, "provider": p, "status": e["status"], "ms": e.get("ms"), "ms_p20": e.get("ms_p20"),
+                   "ms_p80": e.get("ms_p80"), "gbs": e.get("gbs"), "pct_copy": e.get("pct_copy"),
+                   "speedup_vs_eager": e.get("speedup_vs_eager")}
+            row.update({k: v for k, v in e.items() if k not in row and isinstance(v, (int, float))})  # e.g. a FLOP rate
+            rows.append({**row, "err_vs_fp64": worst.get("err"), "eager_err_vs_fp64": worst.get("eager_err"),
+                         "tol": worst.get("tol"), "reason": e.get("reason", ""), **env})
+    return rows
+
+
+def plot_speedup(doc: dict, path: Path) -> bool:
+    """Bars: geometric-mean speed-up over eager per provider, a group per (direction, dtype, options)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return False
+    groups: dict[tuple, list] = {}
+    for r in doc["results"]:
+        if "not_run" not in r:
+            groups.setdefault(_group_key(r["case"]), []).append(r)
+    providers = [p for p in doc["providers"] if p != "eager"]
+    sp = {(g, p): _geomean([r["providers"][p]["speedup_vs_eager"] for r in rows
+                            if "speedup_vs_eager" in r["providers"].get(p, {})])
+          for g, rows in groups.items() for p in providers}
+    providers = [p for p in providers if any(sp[(g, p)] for g in groups)]
+    if not providers:
+        return False
+    fig, ax = plt.subplots(figsize=(2 + 1.5 * len(groups), 4))
+    width = 0.8 / len(providers)
+    keys = list(groups)
+    for j, p in enumerate(providers):
+        ax.bar([i + j * width for i in range(len(keys))], [sp[(g, p)] or 0 for g in keys], width, label=p)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
+    ax.set_xticklabels([f"{g[0]} {g[1]}" + "".join(f"\n{k}={v}" for k, v in g[2]) for g in keys], fontsize=8)
+    ax.axhline(1.0, c="gray", lw=1, ls="--")
+    ax.set_ylabel("geomean speed-up over eager")
+    ax.set_title(f"{doc['op']} on {doc['env'].get('gpu')}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def write_op_results(doc: dict, out_root: Path) -> list[Path]:
+    from benchmarks.model_suite import write_csv
+
     folder = Path(out_root) / doc["env"]["gpu_slug"]
-    paths = [folder / f"{doc['op']}.json", folder / f"{doc['op']}.md"]
+    paths = [folder / f"{doc['op']}.json", folder / f"{doc['op']}.md", folder / f"{doc['op']}.csv"]
     save_json(doc, paths[0])
     paths[1].write_text(render_op_markdown(doc))
+    write_csv(op_csv_rows(doc), paths[2])
     try:  # a plotting problem must not cost the numbers
         if plot(doc, folder / f"{doc['op']}.png"):
             paths.append(folder / f"{doc['op']}.png")
+        if plot_speedup(doc, folder / f"{doc['op']}_speedup.png"):
+            paths.append(folder / f"{doc['op']}_speedup.png")
     except Exception as e:
         print(f"warning: no plot for {doc['op']}: {_short_exc(e)}", file=sys.stderr)
     return paths
@@ -753,9 +826,10 @@ def render_latest(docs: list[dict]) -> str:
 
 
 def write_latest(out_root: Path) -> Path | None:
-    """LATEST.md from every <gpu>/<op>.json under out_root (the CPU folder excluded)."""
+    """LATEST.md from every <gpu>/<op>.json under out_root (the CPU folder excluded), followed by the
+    model suites' sections (<gpu>/bert.json, <gpu>/train.json: see MODEL_SUITES)."""
     out_root = Path(out_root)
-    docs = []
+    docs, suites = [], {s: [] for s in MODEL_SUITES}
     for p in sorted(out_root.glob("*/*.json")):
         if p.parent.name == "cpu":
             continue
@@ -763,22 +837,30 @@ def write_latest(out_root: Path) -> Path | None:
             d = load_json(p)
         except (OSError, ValueError):
             continue
-        if d.get("schema") == SCHEMA and "results" in d:
+        if d.get("schema") == SCHEMA and d.get("suite") in suites and "cells" in d:
+            suites[d["suite"]].append(d)
+        elif d.get("schema") == SCHEMA and "results" in d:
             docs.append(d)
-    if not docs:
+    if not docs and not any(suites.values()):
         return None
+    text = render_latest(docs) if docs else ("# Latest GPU benchmark results\n\nWritten by `python benchmarks/run.py`; "
+                                             "full tables in `benchmarks/results/<gpu>/`.\n")
+    for suite, sdocs in suites.items():
+        if sdocs:
+            text += "\n".join(importlib.import_module(f"benchmarks.bench_{suite}").render_latest_section(sdocs)) + "\n"
     path = out_root / "LATEST.md"
-    path.write_text(render_latest(docs))
+    path.write_text(text)
     return path
 
 
 # ----------------------------------------------------------------------------- honest CPU mode
-def check_op_cpu(spec: OpSpec, cases: list[Case]) -> list[dict]:
-    """Each bertkern backend against float64 and eager on small CPU inputs (run_case, untimed).
-    One row per (case, backend), status PASS / FAIL / skipped."""
+def check_op_cpu(spec: OpSpec, cases: list[Case], only: set[str] | None = None) -> list[dict]:
+    """Each bertkern backend (those in `only`, if given) against float64 and eager on small CPU inputs
+    (run_case, untimed). One row per (case, backend), status PASS / FAIL / skipped."""
     rows = []
+    providers = {k: v for k, v in cpu_providers(spec).items() if only is None or k in only}
     for case in cases:
-        r = run_case(spec, case, cpu_providers(spec), torch.device("cpu"), 0.0, 0, 0, 0, timer=None)
+        r = run_case(spec, case, providers, torch.device("cpu"), 0.0, 0, 0, 0, timer=None)
         for name, entry in r["providers"].items():
             status = {"ok": "PASS", "WRONG": "FAIL", "error": "FAIL", "skipped": "skipped"}[entry["status"]]
             rows.append({"case": r["case"], "backend": name, **entry, "status": status})
@@ -948,8 +1030,11 @@ def render_cpu_report(op_rows: dict[str, list[dict]], model_rows: list[dict], mo
 
 
 def honest_cpu_mode(specs: list[OpSpec], out_root: Path, *, quick: bool = False, dtypes=None,
-                    latest: Path = RESULTS_DIR / "LATEST.md", log=print) -> int:
-    """Correctness of every op and backend (and the model) at small sizes, no timings. Exit status."""
+                    latest: Path = RESULTS_DIR / "LATEST.md", log=print, only: set[str] | None = None,
+                    show_latest: bool = True) -> int:
+    """Correctness of every op and backend (and the model) at small sizes, no timings. Exit status.
+    only: the backends to check (None: all); show_latest=False leaves printing LATEST.md to the
+    caller (run.py, after its other suites)."""
     t0 = time.monotonic()
     env = environment(torch.device("cpu"))
     log(f"bertkern benchmarks, CPU mode: {env_line(env)}")
@@ -958,7 +1043,7 @@ def honest_cpu_mode(specs: list[OpSpec], out_root: Path, *, quick: bool = False,
     op_rows = {}
     for spec in specs:
         cases = [c for c in spec.cpu_cases(quick) if dtypes is None or c.dtype in dtypes]
-        op_rows[spec.name] = check_op_cpu(spec, cases)
+        op_rows[spec.name] = check_op_cpu(spec, cases, only)
     model_rows, model_skip = check_model_cpu(quick=quick)
     report = render_cpu_report(op_rows, model_rows, model_skip)
     log(report)
@@ -972,9 +1057,10 @@ def honest_cpu_mode(specs: list[OpSpec], out_root: Path, *, quick: bool = False,
     (folder / "check.md").write_text(f"CPU correctness check: {env_line(env)}\n\n```\n{report}```\n")
     log(f"{checked - len(fails)} of {checked} checks PASS, {len(fails)} FAIL ({time.monotonic() - t0:.1f} s); "
         f"report in {rel_path(folder / 'check.md')}")
-    log("")
-    log(NO_CUDA_LINE + ". Latest committed GPU results:")
-    log(latest.read_text() if latest.exists() else f"(no GPU results have been committed yet: {rel_path(latest)} is absent)")
+    if show_latest:
+        log("")
+        log(NO_CUDA_LINE + ". Latest committed GPU results:")
+        log(latest.read_text() if latest.exists() else f"(no GPU results have been committed yet: {rel_path(latest)} is absent)")
     return 1 if fails else 0
 
 

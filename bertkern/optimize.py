@@ -1,11 +1,19 @@
 """Swap bertkern's fused ops into an existing model, in place, and back.
 
-    report = bertkern.optimize(model)          # HF BERT / RoBERTa / ELECTRA / XLM-R / CamemBERT ...
-    print(report)                              # what was replaced, what was left alone and why
-    bertkern.restore(model)                    # the original forwards again, exactly
+    model = bertkern.optimize(model)              # HF BERT / RoBERTa / ELECTRA / XLM-R / CamemBERT ...
+    compiled = torch.compile(model, fullgraph=True)  # optional: the fused ops trace without breaks
+    print(bertkern.optimize_report(model))        # what was replaced, what was left alone and why
+    bertkern.restore(model)                       # the original forwards again, exactly
 
-    with bertkern.optimized(model) as report:  # the same, undone on exit
+    model, report = bertkern.optimize(model, return_report=True)  # the same, report in hand
+    with bertkern.optimized(model):               # optimized inside the block, undone on exit
         ...
+
+`optimize` returns the model (the same object; a deep copy with inplace=False) and logs the report
+at INFO on the "bertkern.optimize" logger. The report of the latest optimize() of a model stays
+reachable with `bertkern.optimize_report(model)` (also through a torch.compile wrapper) until
+`restore`; it is held in a weak-keyed table, so it neither keeps the model alive nor travels with
+a deep copy or a pickle.
 
 Models: transformers' BERT family (BertModel, BertFor*, RoBERTa, ELECTRA, XLM-RoBERTa, CamemBERT and
 anything with the same blocks) and bertkern.models. DistilBERT's blocks do not have this layout (the
@@ -49,6 +57,7 @@ import inspect
 import logging
 import sys
 import types
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -87,15 +96,24 @@ class LeftAlone:
 
 @dataclass
 class OptimizeReport:
-    """What `optimize` did. `model` is the optimized model (a copy when inplace=False)."""
+    """What one `optimize` call did. `model` is the optimized model (a copy when inplace=False),
+    held weakly: None once that model is gone."""
 
-    model: nn.Module
+    model_type: str  # the class name of the optimized model
     backend: str | None
     ops: tuple[str, ...]
     replaced: list[Replaced] = field(default_factory=list)
     left_alone: list[LeftAlone] = field(default_factory=list)
-    # What this call changed, for optimized(): ("module", module) or ("flag", config, flag, old value).
+    # What this call changed, for optimized(): ("module", weakref to it) or ("flag", config, flag, old
+    # value). Nothing here refers strongly to the model (which may itself be a patched module): the
+    # report is the value of a weak-keyed table keyed by the model, and a strong reference back to
+    # the key would keep both alive forever.
     _undo: list = field(default_factory=list, repr=False, compare=False)
+    _model_ref: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def model(self) -> nn.Module | None:
+        return self._model_ref() if self._model_ref is not None else None
 
     def counts(self) -> dict[str, int]:
         """Replaced modules per op."""
@@ -112,7 +130,7 @@ class OptimizeReport:
 
     def to_dict(self) -> dict:
         return {
-            "model": type(self.model).__name__,
+            "model": self.model_type,
             "backend": self.backend,
             "ops": list(self.ops),
             "replaced": [dataclasses.asdict(r) for r in self.replaced],
@@ -122,7 +140,7 @@ class OptimizeReport:
     def __str__(self) -> str:
         backend = self.backend or "per call ($BERTKERN_BACKEND, else auto)"
         counts = ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items())) or "nothing"
-        lines = [f"bertkern.optimize({type(self.model).__name__}): replaced {len(self.replaced)} module(s): "
+        lines = [f"bertkern.optimize({self.model_type}): replaced {len(self.replaced)} module(s): "
                  f"{counts}; left alone {len(self.left_alone)}; ops {', '.join(self.ops)}; backend {backend}"]
         for (kind, detail), names in _group(self.replaced, lambda r: (r.kind, r.detail)).items():
             note = f"  ({detail})" if detail else ""
@@ -185,14 +203,19 @@ def _self_attention_forward(self, hidden_states: torch.Tensor, attention_mask: t
                             *args, **kwargs):
     """HF's eager self-attention with the scale + mask + softmax + dropout in one op. Anything the
     fused path does not cover (another attention implementation, a KV cache, cross-attention inputs,
-    extra positional arguments) goes to the class's own forward."""
+    a head mask, extra positional arguments) goes to the class's own forward. transformers 4.x
+    passes head_mask / encoder_hidden_states / past_key_values / output_attentions / cache_position
+    as keywords (None / False in encoder use) and returns (context, probs) as 5.x does."""
     patch = self._bertkern_patch
+    config = getattr(self, "config", None)  # 4.x: no config on the module (implementation fixed by class)
     if (
         args
-        or getattr(self.config, "_attn_implementation", None) != "eager"
+        or (config is not None and getattr(config, "_attn_implementation", None) != "eager")
         or kwargs.get("cache") is not None
         or kwargs.get("past_key_values") is not None
+        or kwargs.get("past_key_value") is not None
         or kwargs.get("encoder_hidden_states") is not None
+        or kwargs.get("head_mask") is not None
     ):
         return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
     input_shape = hidden_states.shape[:-1]
@@ -382,28 +405,68 @@ def _is_attention_candidate(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, n, None), nn.Module) for n in ("query", "key", "value"))
 
 
-def _match_self_attention(module: nn.Module, backend: str | None) -> _Patch:
-    """HF's BERT-family self-attention on the eager path."""
+def _attn_implementation(module: nn.Module) -> str | None:
+    """The attention implementation a self-attention module runs: its config's (transformers 5.x:
+    one class, the implementation read from the config at each call), else read from its class
+    (transformers 4.x: one class per implementation, picked at construction: BertSelfAttention for
+    "eager", BertSdpaSelfAttention for "sdpa", ...); None if neither says."""
     config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "_attn_implementation"):
+        return config._attn_implementation
+    name = type(module).__name__.lower()
+    if "sdpa" in name:
+        return "sdpa"
+    if "flash" in name:
+        return "flash_attention_2"
+    if name.endswith("selfattention") and "config" not in module.__dict__:
+        return "eager"
+    return None
+
+
+def _is_cross_attention(module: nn.Module) -> bool:
+    """transformers 5.x has a separate cross-attention class whose forward takes the encoder states
+    before the mask; 4.x has one class for both, cross-attention only when encoder states are passed
+    (the fused forward sends those calls to the original) and only in decoders (rejected anyway)."""
+    if "cross" in type(module).__name__.lower():
+        return True
     try:
-        params = inspect.signature(module.forward).parameters
+        names = list(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
-        params = {}
-    if "encoder_hidden_states" in params:
+        return False
+    if "encoder_hidden_states" not in names:
+        return False
+    return "attention_mask" not in names or names.index("encoder_hidden_states") < names.index("attention_mask")
+
+
+def _match_self_attention(module: nn.Module, backend: str | None) -> _Patch:
+    """HF's BERT-family self-attention on the eager path (transformers 4.x and 5.x)."""
+    config = getattr(module, "config", None)
+    if _is_cross_attention(module):
         raise _NoMatch("cross-attention")
-    if getattr(module, "is_causal", False) or getattr(config, "is_decoder", False):
+    if getattr(module, "is_causal", False) or getattr(module, "is_decoder", False) or getattr(config, "is_decoder", False):
         raise _NoMatch("decoder (causal) attention")
-    if config is None or not hasattr(config, "_attn_implementation"):
-        raise _NoMatch("no HF config with an _attn_implementation")
-    impl = config._attn_implementation
+    impl = _attn_implementation(module)
+    if impl is None:
+        raise _NoMatch("no HF config with an _attn_implementation, and not an eager *SelfAttention class")
     if impl != "eager":
-        raise _NoMatch(f"uses attn_implementation={impl!r} (already a fused attention); bertkern fuses the "
-                       "eager path only: load with attn_implementation='eager' to use masked_softmax")
+        raise _NoMatch(f"uses attn_implementation={impl!r} ({type(module).__name__}; already a fused attention); "
+                       "bertkern fuses the eager path only: load with attn_implementation='eager' to use "
+                       "masked_softmax")
     head = getattr(module, "attention_head_size", None)
     if not isinstance(head, int) or not isinstance(getattr(module, "dropout", None), nn.Dropout):
         raise _NoMatch("no attention_head_size / dropout attributes of the BERT layout")
     if not isinstance(module.query, nn.Linear):
         raise _NoMatch(f"query is a {type(module.query).__name__}, not a Linear")
+    position = getattr(module, "position_embedding_type", "absolute")
+    if position not in (None, "absolute"):
+        raise _NoMatch(f"position_embedding_type={position!r}: relative position scores the fused path would skip")
+    extra = [n for n, _ in module.named_children() if n not in ("query", "key", "value", "dropout")]
+    extra += list(module._parameters)
+    if extra:
+        # The probe below could miss them with small weights (relative position embeddings at
+        # initialisation shift the scores by ~1e-4), so anything beyond q / k / v / dropout is refused.
+        raise _NoMatch(f"has {', '.join(extra)} besides query / key / value / dropout (relative positions, "
+                       "rotary, ...), which the fused path would skip")
     scale = float(getattr(module, "scaling", head**-0.5))
     device, dtype = _param_device_dtype(module.query)
     if device.type != "meta":
@@ -549,28 +612,51 @@ def _report_leftovers(report: OptimizeReport, model: nn.Module, covered: set[int
                 covered.update(id(m) for m in child.modules())
 
 
+# model -> the OptimizeReport of its latest optimize(); weak keys: a model that goes away takes its
+# entry with it (the report holds the model weakly too).
+_REPORTS: "weakref.WeakKeyDictionary[nn.Module, OptimizeReport]" = weakref.WeakKeyDictionary()
+
+
+def _unwrap(model: Any) -> Any:
+    """The module inside a torch.compile wrapper (OptimizedModule keeps it as `_orig_mod`)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def optimize_report(model: nn.Module) -> OptimizeReport | None:
+    """The report of the latest `bertkern.optimize` of `model` (or of the model inside a
+    torch.compile wrapper); None if it was never optimized, was restored since, or is a copy
+    (reports do not travel with deep copies)."""
+    return _REPORTS.get(_unwrap(model))
+
+
 def optimize(
     model: nn.Module,
     *,
     backend: str | None = None,
     ops: tuple[str, ...] | list[str] = DEFAULT_OPS,
     inplace: bool = True,
-) -> OptimizeReport:
-    """Swap bertkern's fused ops into `model` (see the module docstring) and report what was done.
+    return_report: bool = False,
+) -> nn.Module | tuple[nn.Module, OptimizeReport]:
+    """Swap bertkern's fused ops into `model` (see the module docstring) and return the model.
 
     backend: passed to every op call (None: the op decides per call from $BERTKERN_BACKEND, else auto).
         Not applicable to bertkern.models models, whose flags call the ops with the default backend.
     ops: which ops to swap in, of "bias_gelu", "add_layer_norm", "masked_softmax",
         "embedding_layer_norm" (bertkern.models only). Ops not yet in bertkern.ops are reported as skipped.
-    inplace: False optimizes a deep copy and leaves `model` as it is; the copy is `report.model`.
+    inplace: True (default) patches `model` itself and returns it; False patches and returns a deep
+        copy, leaving `model` as it is.
+    return_report: return (model, OptimizeReport) instead of the model alone.
 
-    Returns an OptimizeReport (`str(report)` is a readable summary; it is also logged at INFO).
-    Compile the optimized model as usual: `torch.compile(report.model, fullgraph=True)`.
+    The report (`str(report)` is a readable summary) is logged at INFO on the "bertkern.optimize"
+    logger and stays reachable as `bertkern.optimize_report(model)`. Compile the result as usual:
+    `torch.compile(bertkern.optimize(model), fullgraph=True)`.
     """
     ops = _check_args(model, backend, ops)
     if not inplace:
         model = copy.deepcopy(model)
-    report = OptimizeReport(model=model, backend=backend, ops=ops)
+    report = OptimizeReport(model_type=type(model).__name__, backend=backend, ops=ops,
+                            _model_ref=weakref.ref(model))
     available = {op: op_available(op) for op in ops}
     covered: set[int] = set()
 
@@ -616,19 +702,23 @@ def optimize(
             report.left_alone.append(LeftAlone(name, kind, type_name, str(e)))
             continue
         _patch(module, patch)
-        report._undo.append(("module", module))
+        report._undo.append(("module", weakref.ref(module)))
         detail = {"bias_gelu": f"approximate={patch.approximate!r}", "masked_softmax": "eager attention path"}
         report.replaced.append(Replaced(name, kind, type_name, detail.get(kind, "")))
 
     _report_leftovers(report, model, covered)
     logger.info("%s", report)
-    return report
+    _REPORTS[model] = report
+    return (model, report) if return_report else model
 
 
 def restore(model: nn.Module) -> list[str]:
     """Undo every bertkern swap in `model`: the modules' class forwards and the bertkern.models flags
-    come back exactly as they were. Returns the qualified names of the modules restored (for
-    bertkern.models, the module owning the config whose flags were put back)."""
+    come back exactly as they were, and optimize_report(model) becomes None. Returns the qualified
+    names of the modules restored (for bertkern.models, the module owning the config whose flags
+    were put back)."""
+    model = _unwrap(model)
+    _REPORTS.pop(model, None)
     restored = []
     for name, module in model.named_modules():
         if _MARK in module.__dict__ and _unpatch(module):
@@ -645,8 +735,9 @@ def restore(model: nn.Module) -> list[str]:
 def _undo(report: OptimizeReport) -> None:
     for entry in reversed(report._undo):
         if entry[0] == "module":
-            if _MARK in entry[1].__dict__:
-                _unpatch(entry[1])
+            module = entry[1]()
+            if module is not None and _MARK in module.__dict__:
+                _unpatch(module)
         else:
             _, config, flag, value = entry
             setattr(config, flag, value)
@@ -658,11 +749,17 @@ def _undo(report: OptimizeReport) -> None:
 
 
 @contextlib.contextmanager
-def optimized(model: nn.Module, **kwargs: Any) -> Iterator[OptimizeReport]:
-    """`with bertkern.optimized(model) as report:` optimizes (same arguments as optimize) and undoes
-    exactly what it did on exit."""
-    report = optimize(model, **kwargs)
+def optimized(model: nn.Module, **kwargs: Any) -> Iterator[Any]:
+    """`with bertkern.optimized(model):` optimizes `model` in place (the arguments of optimize;
+    `as` gives what optimize returns: the model, or (model, report) with return_report=True) and
+    undoes exactly what this call did on exit."""
+    if kwargs.get("inplace", True) is False:
+        raise ValueError("bertkern.optimized: inplace=False makes no sense here (use bertkern.optimize)")
+    result = optimize(model, **kwargs)
+    report = result[1] if kwargs.get("return_report") else optimize_report(model)
     try:
-        yield report
+        yield result
     finally:
         _undo(report)
+        if _REPORTS.get(model) is report:
+            del _REPORTS[model]

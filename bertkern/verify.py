@@ -192,7 +192,7 @@ def verify(
         dtype = DTYPES[name]
         model = copy.deepcopy(base).to(device=device, dtype=dtype).eval()
         eager = run_model(model, ids, mask)
-        report = optimize(model, backend=backend, ops=ops)
+        model, report = optimize(model, backend=backend, ops=ops, return_report=True)
         report_summary = report_summary or report
         opt = run_model(model, ids, mask)
         restore(model)

@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: long-running (runs by default; deselect with -m 'not slow')")
 
 
 def pytest_collection_modifyitems(config, items):

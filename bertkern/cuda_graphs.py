@@ -1,0 +1,340 @@
+"""CUDA graphs for inference without torch.compile: one graph per (batch, seq) bucket.
+
+    runner = bertkern.cuda_graphs.CUDAGraphRunner(bertkern.optimize(model.cuda().eval()))
+    out = runner(input_ids=ids, attention_mask=mask)   # same outputs as model(...), sliced to [B, S]
+
+    runner = capture_graphs(model, batch_sizes=(1, 8, 32), seq_lens=(64, 128))  # capture up front
+
+A forward of a small BERT at batch 1 is a few hundred kernel launches of a few microseconds each: the
+launches, not the GPU, set the latency. A CUDA graph records them once and replays them with one
+launch. Graphs have fixed shapes, so inputs are padded up to the smallest bucket that holds them
+(padding tokens get attention_mask 0 and the pad token id, padding rows are all padding) and the
+outputs are sliced back: the dims that follow the batch size and the sequence length are found at
+capture time by running the model once more at a neighbouring shape (so attention maps
+[B, H, S, S] are sliced on both S dims, and a [B, num_labels] logits is left alone on dim 1 even
+when num_labels equals the bucket's seq length).
+
+Each bucket is captured on first use: static input buffers, a few warm-up forwards on a side stream
+(Triton compiles / autotunes there, outside the capture), then the capture; later calls copy the
+inputs in and replay. All buckets share one memory pool. Replays are serialised on the current
+stream, and each graph's static inputs and outputs stay alive, so sharing is safe.
+
+For `torch.compile` users, `torch.compile(model, mode="reduce-overhead")` does the same job; this is
+for code that does not compile. Works with the fused ops: in eval mode no dropout runs; in any case
+bertkern's dropout seeds are device tensors drawn from torch's generator (graph-safe), not host values.
+
+Limits: eval mode only (a model in training mode is refused); the inputs are [batch, seq, ...]
+tensors (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, ...); other keyword
+arguments are constants that are part of the graph key; a forward that synchronises with the host
+or has data-dependent shapes (e.g. a padding-free / unpadded path) cannot be captured, which is
+reported when the capture fails. Outputs are copied out of the graph's static buffers by default
+(copy_outputs=False returns views that the next replay of that bucket overwrites).
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_SEQ_LENS = (16, 32, 64, 128, 256, 512)
+
+__all__ = ["CUDAGraphRunner", "capture_graphs", "choose_bucket", "default_buckets"]
+
+
+# ---------------------------------------------------------------- buckets (pure Python)
+def _check_buckets(buckets: Iterable) -> list[tuple[int, int]]:
+    out = set()
+    for bucket in buckets:
+        try:
+            batch, seq = bucket
+        except (TypeError, ValueError):
+            raise ValueError(f"a bucket is a (batch, seq) pair, got {bucket!r}") from None
+        for what, n in (("batch", batch), ("seq", seq)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"bucket {bucket!r}: {what} must be a positive int, got {n!r}")
+        out.add((batch, seq))
+    if not out:
+        raise ValueError("no buckets given")
+    return sorted(out)
+
+
+def default_buckets(max_seq: int | None = None, batch_sizes=DEFAULT_BATCH_SIZES,
+                    seq_lens=DEFAULT_SEQ_LENS) -> list[tuple[int, int]]:
+    """batch_sizes x seq_lens, seq lengths capped at max_seq (the model's longest input, which
+    replaces the seq lengths beyond it)."""
+    if max_seq is not None and any(s > max_seq for s in seq_lens):
+        seq_lens = sorted({s for s in seq_lens if s <= max_seq} | {max_seq})
+    return _check_buckets(itertools.product(batch_sizes, seq_lens))
+
+
+def choose_bucket(buckets: Iterable[tuple[int, int]], batch: int, seq: int) -> tuple[int, int] | None:
+    """The bucket an input of [batch, seq] runs in: of the buckets at least that large in both
+    dims, the one with the fewest padded tokens (batch x seq), then the shorter sequence (attention
+    grows with seq^2), then the smaller batch. None if no bucket holds it."""
+    fits = [(b, s) for b, s in buckets if b >= batch and s >= seq]
+    return min(fits, key=lambda bs: (bs[0] * bs[1], bs[1], bs[0])) if fits else None
+
+
+# ---------------------------------------------------------------- the runner
+@dataclass
+class _Graph:
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]  # static buffers, [bucket batch, bucket seq, ...]
+    outputs: list  # the static output leaves (tensors, or other values returned as they are)
+    spec: Any  # pytree spec to rebuild the model's output type
+    slices: list  # per leaf: (batch dims, seq dims) to slice back, or None for a non-tensor leaf
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return None
+
+
+def _config_value(model: nn.Module, name: str, default=None):
+    value = getattr(getattr(model, "config", None), name, None)
+    return default if value is None else value
+
+
+def _max_seq(model: nn.Module) -> int | None:
+    n = _config_value(model, "max_position_embeddings")
+    if n is None:
+        return None
+    if _config_value(model, "model_type") in ("roberta", "xlm-roberta", "camembert"):
+        n -= _config_value(model, "pad_token_id", 1) + 1  # positions start after padding_idx
+    return int(n)
+
+
+class CUDAGraphRunner:
+    """Run `model` (a CUDA model in eval mode; HF or bertkern.models) through CUDA graphs, one per
+    (batch, seq) bucket, captured on first use. See the module docstring.
+
+    buckets: (batch, seq) pairs; None: batch 1..64 (powers of 2) x seq 16..512 (powers of 2, capped
+        at the model's max_position_embeddings). Only buckets that get used are captured.
+    strict: an input larger than every bucket raises ValueError; False (default) runs the model
+        eagerly, with a warning the first time.
+    copy_outputs: True (default) returns outputs of their own; False returns views of the graph's
+        static outputs (no copy; overwritten by the next replay of that bucket).
+    warmup: eager forwards on a side stream before each capture (Triton compiles there).
+    pad_token_id: the id for padding tokens (default: model.config.pad_token_id, else 0).
+    """
+
+    def __init__(self, model: nn.Module, *, buckets: Iterable[tuple[int, int]] | None = None, strict: bool = False,
+                 copy_outputs: bool = True, warmup: int = 2, pad_token_id: int | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"CUDAGraphRunner: model must be a torch.nn.Module, got {type(model).__name__}")
+        device = self._graph_device(model)
+        _check_eval(model)
+        self.model = model
+        self.device = device
+        self.buckets = _check_buckets(buckets) if buckets is not None else default_buckets(_max_seq(model))
+        self.strict = strict
+        self.copy_outputs = copy_outputs
+        self.warmup = int(warmup)
+        self.pad_token_id = int(pad_token_id if pad_token_id is not None else _config_value(model, "pad_token_id", 0))
+        self._graphs: dict[tuple, _Graph] = {}
+        self._pool = None
+        self._warned: set = set()
+        self.captures = 0  # graphs captured so far
+        self.replays = 0  # calls served by a graph
+        self.eager_calls = 0  # calls larger than every bucket, run eagerly
+
+    # -------------------------------------------------------- public
+    def bucket_for(self, batch: int, seq: int) -> tuple[int, int] | None:
+        return choose_bucket(self.buckets, batch, seq)
+
+    @property
+    def captured(self) -> list[tuple]:
+        """The keys of the captured graphs: (batch, seq, input names and dtypes, constant kwargs)."""
+        return list(self._graphs)
+
+    def capture(self, batch: int, seq: int, input_names=("input_ids", "attention_mask"), **constants) -> None:
+        """Capture the graph of bucket (batch, seq) now, for integer [batch, seq] inputs named
+        `input_names` (and constant keyword arguments), instead of on first use."""
+        if (batch, seq) not in self.buckets:
+            raise ValueError(f"({batch}, {seq}) is not one of the buckets {self.buckets}")
+        templates = {name: torch.empty(0, 0, dtype=torch.long) for name in input_names}
+        key = self._key((batch, seq), templates, constants)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture((batch, seq), templates, constants)
+
+    def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> Any:
+        _check_eval(self.model)
+        tensors = {k: v for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask), *kwargs.items())
+                   if isinstance(v, torch.Tensor)}
+        constants = {k: v for k, v in kwargs.items() if k not in tensors and v is not None}
+        if not tensors:
+            raise TypeError("CUDAGraphRunner: give the inputs as tensors (input_ids=..., attention_mask=...)")
+        first = next(iter(tensors.values()))
+        if first.dim() < 2:
+            raise ValueError(f"CUDAGraphRunner: inputs must be [batch, seq, ...], got shape {tuple(first.shape)}")
+        batch, seq = first.shape[:2]
+        for name, t in tensors.items():
+            if t.dim() < 2 or tuple(t.shape[:2]) != (batch, seq):
+                raise ValueError(f"CUDAGraphRunner: {name} has shape {tuple(t.shape)}; every input must be "
+                                 f"[batch, seq, ...] = [{batch}, {seq}, ...] like the first")
+        if "attention_mask" not in tensors:  # padding needs a mask: all real tokens
+            tensors["attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=first.device)
+        bucket = choose_bucket(self.buckets, batch, seq)
+        if bucket is None:
+            return self._eager(batch, seq, tensors, constants)
+        key = self._key(bucket, tensors, constants)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(bucket, tensors, constants)
+        with self._on_device():
+            for name, buf in entry.inputs.items():
+                buf[:batch, :seq].copy_(tensors[name])
+                buf[batch:].fill_(self._pad_value(name))
+                buf[:batch, seq:].fill_(self._pad_value(name))
+            entry.graph.replay()
+        self.replays += 1
+        leaves = [_slice_back(out, how, batch, seq, self.copy_outputs) for out, how in zip(entry.outputs, entry.slices)]
+        return pytree.tree_unflatten(leaves, entry.spec)
+
+    # -------------------------------------------------------- the CUDA calls (four small hooks)
+    def _graph_device(self, model: nn.Module) -> torch.device:
+        """The model's CUDA device; a RuntimeError saying why when there is none."""
+        device = _model_device(model)
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "CUDAGraphRunner needs a CUDA GPU: CUDA graphs record and replay GPU kernel launches, and "
+                "torch.cuda.is_available() is False here. On CPU call the model directly (or torch.compile it).")
+        if device is None or device.type != "cuda":
+            where = "has no parameters or buffers" if device is None else f"is on {device}"
+            raise RuntimeError(
+                f"CUDAGraphRunner needs a model on a CUDA device (CUDA graphs replay GPU kernels); this model "
+                f"{where}: move it with model.cuda() first")
+        return device
+
+    def _on_device(self):
+        return torch.cuda.device(self.device)
+
+    def _warm_up(self, forward, probe):
+        """`warmup` forwards and the probe on a side stream (kernels compile / autotune there, and the
+        allocator sees the side-stream use the capture needs); (last forward's output, probe's)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(max(1, self.warmup)):
+                out = forward()
+            probe_out = probe()
+        torch.cuda.current_stream().wait_stream(side)
+        return out, probe_out
+
+    def _record(self, forward):
+        """(graph, static output) of one forward captured into the runner's shared memory pool."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = forward()
+        return graph, out
+
+    # -------------------------------------------------------- internals
+    def _key(self, bucket, tensors: dict, constants: dict) -> tuple:
+        inputs = tuple(sorted((name, t.dtype, tuple(t.shape[2:])) for name, t in tensors.items()))
+        try:
+            consts = tuple(sorted(constants.items()))
+            hash(consts)
+        except TypeError:
+            raise TypeError(f"CUDAGraphRunner: non-tensor keyword arguments must be hashable constants, got "
+                            f"{sorted(constants)}") from None
+        return (*bucket, inputs, consts)
+
+    def _pad_value(self, name: str) -> int:
+        return self.pad_token_id if name == "input_ids" else 0
+
+    def _static_inputs(self, batch: int, seq: int, templates: dict) -> dict[str, torch.Tensor]:
+        """Buffers of the bucket's shape; warm-up and probe values: pad ids, all tokens real."""
+        bufs = {}
+        for name, t in templates.items():
+            value = 1 if name == "attention_mask" else self._pad_value(name)
+            bufs[name] = torch.full((batch, seq, *t.shape[2:]), value, dtype=t.dtype, device=self.device)
+        return bufs
+
+    def _eager(self, batch, seq, tensors, constants):
+        if self.strict:
+            raise ValueError(f"CUDAGraphRunner: no bucket holds an input of [{batch}, {seq}] (largest buckets: "
+                             f"batch {max(b for b, _ in self.buckets)}, seq {max(s for _, s in self.buckets)})")
+        if (batch, seq) not in self._warned:
+            self._warned.add((batch, seq))
+            warnings.warn(f"CUDAGraphRunner: no bucket holds an input of [{batch}, {seq}]; running it eagerly",
+                          stacklevel=3)
+        self.eager_calls += 1
+        with torch.no_grad():
+            return self.model(**{k: v.to(self.device) for k, v in tensors.items()}, **constants)
+
+    def _capture(self, bucket: tuple[int, int], templates: dict, constants: dict) -> _Graph:
+        batch, seq = bucket
+        static = self._static_inputs(batch, seq, templates)
+        # A neighbouring shape (one more row, one token fewer) tells which output dims follow the
+        # batch and which follow the sequence.
+        probe_shape = (batch + 1, seq - 1 if seq > 1 else seq)
+        probe = self._static_inputs(*probe_shape, templates)
+        with self._on_device(), torch.no_grad():
+            out, probe_out = self._warm_up(lambda: self.model(**static, **constants),
+                                           lambda: self.model(**probe, **constants))
+            leaves, _ = pytree.tree_flatten(out)
+            probe_leaves, _ = pytree.tree_flatten(probe_out)
+            if len(leaves) != len(probe_leaves):
+                raise RuntimeError("CUDAGraphRunner: the model's output structure changes with the input shape")
+            slices = [_follow_dims(a, b, bucket, probe_shape) for a, b in zip(leaves, probe_leaves)]
+            del out, probe_out, leaves, probe_leaves, probe
+            try:
+                graph, out = self._record(lambda: self.model(**static, **constants))
+            except Exception as e:
+                raise RuntimeError(
+                    f"CUDAGraphRunner: capturing bucket {bucket} failed ({type(e).__name__}: {e}). The forward must "
+                    "not synchronise with the host (.item(), .cpu(), printing a tensor, data-dependent shapes "
+                    "such as a padding-free path) while it is being captured") from e
+        outputs, spec = pytree.tree_flatten(out)
+        self.captures += 1
+        return _Graph(graph, static, outputs, spec, slices)
+
+
+def _check_eval(model: nn.Module) -> None:
+    if model.training:
+        raise ValueError("CUDAGraphRunner is for inference: call model.eval() first (in training mode "
+                         "dropout and autograd run, which these graphs do not capture)")
+
+
+def _follow_dims(a: Any, b: Any, shape: tuple[int, int], probe_shape: tuple[int, int]):
+    """(batch dims, seq dims) of an output leaf: the dims whose size went from the bucket's batch
+    (seq) to the probe's when the input shape did. None for non-tensors and unchanged tensors."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() != b.dim():
+        return None
+    batch_dims = [d for d in range(a.dim()) if (a.shape[d], b.shape[d]) == (shape[0], probe_shape[0])]
+    seq_dims = [d for d in range(a.dim()) if (a.shape[d], b.shape[d]) == (shape[1], probe_shape[1])
+                and probe_shape[1] != shape[1]]
+    return batch_dims, seq_dims
+
+
+def _slice_back(out: Any, how, batch: int, seq: int, copy: bool) -> Any:
+    if not isinstance(out, torch.Tensor):
+        return out
+    if how is not None:
+        index = [slice(None)] * out.dim()
+        for d in how[0]:
+            index[d] = slice(0, batch)
+        for d in how[1]:
+            index[d] = slice(0, seq)
+        out = out[tuple(index)]
+    return out.clone() if copy else out
+
+
+def capture_graphs(model: nn.Module, batch_sizes: Iterable[int], seq_lens: Iterable[int], **kwargs: Any) -> CUDAGraphRunner:
+    """A CUDAGraphRunner over the buckets batch_sizes x seq_lens, every graph captured now (for
+    input_ids + attention_mask; other input sets are captured on first use). kwargs go to the
+    runner (strict, copy_outputs, warmup, pad_token_id)."""
+    runner = CUDAGraphRunner(model, buckets=list(itertools.product(batch_sizes, seq_lens)), **kwargs)
+    for batch, seq in runner.buckets:
+        runner.capture(batch, seq)
+    return runner
