@@ -141,6 +141,11 @@ class OpSpec:
     x_key: str = "rows"  # the shape key on the x axis of plots
     backends: tuple[str, ...] = ("triton", "cuda")  # bertkern backends timed on the GPU
     extra_providers: dict[str, Callable] = dataclasses.field(default_factory=dict)  # name -> factory(case, device)
+    # optional: the useful FLOPs of a case; timed providers then also report TFLOP/s (compute-bound ops)
+    flops: Callable[[Case], int] | None = None
+    # optional: inputs -> bool mask, broadcasting to every checked output, of the positions that count
+    # (e.g. the real tokens of a padded batch): the gate compares only there, output gradients are 0 elsewhere
+    valid: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
 
     def checked_names(self, direction: str) -> tuple[str, ...]:
         grads = tuple("d" + n for n in self.grad_inputs)
@@ -263,6 +268,8 @@ def make_copies(spec: OpSpec, case: Case, device: torch.device, count: int) -> l
             shapes = [(o.shape, o.dtype) for o in _as_tuple(spec.eager(**copies[0].inputs, **case.options))]
         for c in copies:
             c.grad_outs = tuple(torch.randn(s, device=device, dtype=torch.float32).to(dt) for s, dt in shapes)
+            if spec.valid is not None:
+                c.grad_outs = tuple(torch.where(spec.valid(c.inputs), g, 0) for g in c.grad_outs)
     return copies
 
 
@@ -406,7 +413,11 @@ def check_provider(spec: OpSpec, case: Case, fn: Callable, prep: Prepared, devic
         outs = tuple(o.detach() for o in make_step(spec, case, fn, prep.copies[0])())
     except Exception as e:
         return {"status": "error", "reason": _short_exc(e)}
-    verdict = check_outputs(spec.checked_names(case.direction), outs, prep.ref64, prep.eager)
+    ref64, eager = prep.ref64, prep.eager
+    if spec.valid is not None:  # compare only the positions that count
+        keep = spec.valid(prep.copies[0].inputs)
+        outs, ref64, eager = (tuple(torch.where(keep, t, 0) for t in ts) for ts in (outs, ref64, eager))
+    verdict = check_outputs(spec.checked_names(case.direction), outs, ref64, eager)
     entry = {"status": "ok" if verdict["ok"] else "WRONG", "errors": verdict["outputs"]}
     if not verdict["ok"]:
         entry["reason"] = verdict["reason"]
@@ -434,6 +445,8 @@ def run_case(spec: OpSpec, case: Case, providers: dict, device: torch.device, co
                 ms, lo, hi = timer(rotating([make_step(spec, case, fn, c) for c in prep.copies]), warmup_ms, rep_ms)
                 gbs = prep.nbytes / ms / 1e6
                 entry.update(ms=ms, ms_p20=lo, ms_p80=hi, gbs=gbs, pct_copy=100 * gbs / copy_gbs)
+                if spec.flops is not None:
+                    entry["tflops"] = spec.flops(case) / ms / 1e9
             except Exception as e:
                 entry = {"status": "error", "reason": "timing: " + _short_exc(e), "errors": entry["errors"]}
         out["providers"][name] = entry
@@ -582,6 +595,8 @@ def _cell(entry: dict | None) -> str:
     if entry["status"] != "ok":
         return f"**{entry['status']}**"
     s = f"{entry['ms']:.4f} ms · {entry['gbs']:.0f} GB/s · {entry['pct_copy']:.0f}%"
+    if "tflops" in entry:
+        s += f" · {entry['tflops']:.0f} TFLOP/s"
     return s + (f" · {entry['speedup_vs_eager']:.2f}×" if "speedup_vs_eager" in entry else "")
 
 

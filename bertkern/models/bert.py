@@ -7,6 +7,15 @@ The `fused_*` flags of `BertConfig` route parts of the forward pass through `ber
 not the model, decide which backend runs. Flags are read at forward time, so flipping
 `model.config.fused_bias_gelu` on a loaded model changes the path without touching any weights.
 
+- `fused_attention`: one QKV GEMM (the query / key / value weights concatenated to [3 * hidden, hidden]
+  at forward time, cached in inference; the parameters and state-dict names stay HF's), then
+  `bertkern.ops.attention` on strided q / k / v views of its output (no copies), whose output is
+  already laid out as [B, S, hidden].
+- `padding_free`: with a [B, S] attention_mask, the embeddings' output is packed once
+  (`bertkern.padding.unpad`), every layer runs on the real tokens only ([total, hidden], attention by
+  `bertkern.ops.attention_varlen`), and the result is scattered back once (`repad`); padded positions
+  of last_hidden_state are then 0. Without a 2-D mask the padded path runs.
+
 Differences from HF, on purpose:
 - Only the absolute-position encoder (no decoder, cross-attention, KV cache or relative positions).
 - The padding mask is a boolean keep-mask and masked keys get exactly zero weight. A query whose
@@ -27,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertkern import ops, reference
+from bertkern import ops, padding, reference
 
 # HF activation name -> the `approximate` argument of F.gelu / bertkern.ops.bias_gelu.
 # gelu_new and gelu_pytorch_tanh are both the tanh approximation (HF writes them two ways).
@@ -59,6 +68,9 @@ class BertConfig:
     fused_layer_norm: bool = False
     fused_embeddings: bool = False
     fused_softmax: bool = False
+    fused_attention: bool = False
+    # Run the encoder on packed real tokens (attention_varlen) instead of padded sequences.
+    padding_free: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_act not in _GELU_APPROXIMATE:
@@ -174,7 +186,10 @@ class BertEmbeddings(nn.Module):
 
 class BertSelfAttention(nn.Module):
     """Multi-head scaled dot-product self-attention (the projections and the softmax; the output
-    projection lives in BertSelfOutput, as in HF)."""
+    projection lives in BertSelfOutput, as in HF).
+
+    `varlen=(cu_seqlens, max_seqlen)` means hidden_states are packed tokens [total, hidden] (the
+    padding-free path); the mask is then unused."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -191,7 +206,46 @@ class BertSelfAttention(nn.Module):
         batch, seq, _ = x.shape
         return x.view(batch, seq, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
-    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [3 * hidden, hidden], bias [3 * hidden]): query, key, value stacked for one GEMM.
+        Concatenated at each forward (differentiable: the gradients reach the three Linear layers);
+        in inference (no grad, not compiling) cached until a parameter changes (its version counter)."""
+        params = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias,
+                  self.value.bias)
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if cacheable:
+            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+            cached = self.__dict__.get("_qkv_cache")
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        fused = torch.cat(params[:3], 0), torch.cat(params[3:], 0)
+        if cacheable:
+            self.__dict__["_qkv_cache"] = (key, fused)  # a plain attribute: never in the state dict
+        return fused
+
+    def _fused_forward(self, hidden_states, mask, varlen, dropout_p):
+        weight, bias = self._qkv_params()
+        qkv = F.linear(hidden_states, weight, bias)  # one GEMM: [..., 3 * hidden]
+        heads, size, scale = self.num_attention_heads, self.attention_head_size, 1.0 / math.sqrt(self.attention_head_size)
+        if varlen is not None:
+            cu_seqlens, max_seqlen = varlen
+            total = hidden_states.shape[0]
+            q, k, v = qkv.view(total, 3, heads, size).unbind(1)  # [total, H, D] strided views
+            out = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scale, dropout_p=dropout_p)
+            return out.view(total, self.config.hidden_size)
+        batch, seq, _ = hidden_states.shape
+        q, k, v = qkv.view(batch, seq, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, S, D] views
+        out = ops.attention(q, k, v, mask, scale=scale, dropout_p=dropout_p)  # [B, H, S, D] in [B, S, H, D] memory
+        return out.transpose(1, 2).reshape(batch, seq, self.config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        varlen: tuple[torch.Tensor, int] | None = None,
+    ) -> torch.Tensor:
+        if varlen is not None or self.config.fused_attention:
+            return self._fused_forward(hidden_states, mask, varlen, self.dropout.p if self.training else 0.0)
         q = self._split_heads(self.query(hidden_states))  # [B, H, S, D]
         k = self._split_heads(self.key(hidden_states))
         v = self._split_heads(self.value(hidden_states))
@@ -235,8 +289,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.output(self.self(hidden_states, mask), hidden_states)
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None, varlen=None) -> torch.Tensor:
+        return self.output(self.self(hidden_states, mask, varlen), hidden_states)
 
 
 class BertIntermediate(nn.Module):
@@ -273,8 +327,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        attended = self.attention(hidden_states, mask)
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None, varlen=None) -> torch.Tensor:
+        attended = self.attention(hidden_states, mask, varlen)
         return self.output(self.intermediate(attended), attended)
 
 
@@ -283,9 +337,10 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None, varlen=None) -> torch.Tensor:
+        """[B, S, hidden] with a mask, or packed [total, hidden] with varlen=(cu_seqlens, max_seqlen)."""
         for layer in self.layer:
-            hidden_states = layer(hidden_states, mask)
+            hidden_states = layer(hidden_states, mask, varlen)
         return hidden_states
 
 
@@ -465,9 +520,16 @@ class BertModel(_BertPreTrained):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> BertModelOutput:
-        mask = self.keep_mask(attention_mask)  # built once, shared by every layer
         hidden = self.embeddings(input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
-        hidden = self.encoder(hidden, mask)
+        if self.config.padding_free and attention_mask is not None and attention_mask.dim() == 2:
+            # Pack the real tokens once, run every layer on them, scatter back once.
+            batch, seq = attention_mask.shape
+            packed, indices, cu_seqlens, max_seqlen = padding.unpad(hidden, attention_mask)
+            packed = self.encoder(packed, None, varlen=(cu_seqlens, max_seqlen))
+            hidden = padding.repad(packed, indices, batch, seq)
+        else:
+            mask = self.keep_mask(attention_mask)  # built once, shared by every layer
+            hidden = self.encoder(hidden, mask)
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return BertModelOutput(hidden, pooled)
 

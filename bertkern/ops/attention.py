@@ -1,0 +1,497 @@
+"""attention: out = dropout(softmax(q k^T * scale + mask)) v, fused (the S x S scores never reach
+memory), forward and backward; and attention_varlen, the same on packed variable-length sequences.
+
+Registered as the custom ops
+
+    bertkern::attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, float dropout_p,
+                        Tensor? seed, str backend) -> (Tensor out, Tensor stats)
+    bertkern::attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out,
+                                 Tensor stats, float scale, float dropout_p, Tensor? seed, str backend)
+                                 -> (Tensor dq, Tensor dk, Tensor dv)
+    bertkern::attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen,
+                               float scale, float dropout_p, Tensor? seed, str backend) -> (Tensor out, Tensor stats)
+    bertkern::attention_varlen_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens,
+                                        SymInt max_seqlen, Tensor out, Tensor stats, float scale,
+                                        float dropout_p, Tensor? seed, str backend) -> (Tensor dq, Tensor dk, Tensor dv)
+
+with fake implementations and autograd, so torch.compile(fullgraph=True) traces through them.
+
+Layouts. Padded: q [B, H, S_q, D], k / v [B, H, S_k, D], any strides with unit stride along D (views
+of a packed QKV projection `qkv.view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)` are read in place; other
+layouts are copied once). `out` is [B, H, S_q, D] stored as [B, S_q, H, D] (so
+`out.transpose(1, 2).reshape(B, S_q, H * D)` is a view, what a BERT layer wants next); the gradients
+likewise. `stats` is fp32 [2, B, H, S_q]: the row max m of the logits q k^T * scale + mask and
+1 / sum(exp(logits - m)) (-inf and 0 for a fully masked row), from which the backward recomputes the
+probabilities. Varlen: q / k / v [total, H, D] packed tokens (sequence b = tokens
+cu_seqlens[b] : cu_seqlens[b + 1], which must end at total), out / grads [total, H, D] contiguous,
+stats [2, H, total].
+
+Dropout uses masked_softmax's Philox scheme (bertkern.reference.dropout_keep_mask) on the
+[B, H, S_q, S_k] probabilities: element (b, h, i, j) is row (b * H + h) * S_q + i, column j. In
+varlen mode the row is (b * H + h) * max_seqlen + i, so a packed batch whose max_seqlen equals the
+padded length drops exactly what the padded call drops. The seed is a one-element int64 tensor drawn
+from torch's generator (torch.manual_seed reproduces it); the backward regenerates the same mask.
+
+Backends: "triton" (bertkern/triton/attention.py; fp16 / bf16 / fp32, head dim up to 256); "torch"
+(the eager reference: S x S scores in memory, the backward written out); "cuda": there is no CUDA C++
+attention kernel yet, so backend="cuda" runs the Triton kernel on CUDA tensors (with a one-time
+warning), and "auto" picks Triton on CUDA. float64 inputs and head dims above 256 fall back to the
+torch backend with a warning.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from bertkern import backend as _backend
+from bertkern import reference
+
+_NAME = "bertkern.ops.attention"
+_VNAME = "bertkern.ops.attention_varlen"
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+# ---------------------------------------------------------------- torch backend (the written-out reference)
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits(q, k, mask, scale):
+    """(q k^T * scale + mask) in fp32 (fp64), -inf where masked: what masked_softmax normalises."""
+    acc = _acc(q.dtype)
+    z = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
+    if mask is not None:
+        keep = reference.keep_mask(mask)
+        if mask.dtype != torch.bool:
+            z = z + torch.where(keep, mask, 0).to(acc)
+        z = z.masked_fill(~keep, float("-inf"))
+    return z
+
+
+def _probs(q, k, mask, scale):
+    """softmax of the logits before dropout, fp32 (fp64); fully masked rows are 0."""
+    acc = _acc(q.dtype)
+    s = q.to(acc) @ k.to(acc).transpose(-1, -2)
+    return reference.masked_softmax(s, mask, scale)
+
+
+def _keep(seed, shape, dropout_p):
+    return reference.dropout_keep_mask(seed, shape, dropout_p)
+
+
+def _stats(q, k, mask, scale):
+    """[2, ..., S_q]: the row max of the logits and 1 / sum(exp(logits - max)); -inf, 0 if fully masked."""
+    z = _logits(q, k, mask, scale)
+    m = z.amax(-1)
+    dead = torch.isneginf(m)
+    total = torch.exp(z - torch.where(dead, 0.0, m)[..., None]).sum(-1)
+    return torch.stack((m, torch.where(dead, 0.0, 1.0 / torch.where(dead, 1.0, total))))
+
+
+def torch_forward(q, k, v, mask, scale, dropout_p, seed):
+    """(out, stats) in fp32 (fp64) of 4-D q, k, v: the reference the kernels are tested against."""
+    acc = _acc(q.dtype)
+    if k.shape[2] == 0:  # no keys: every row is fully masked
+        stats = torch.stack((q.new_full(q.shape[:3], float("-inf"), dtype=acc), q.new_zeros(q.shape[:3], dtype=acc)))
+        return q.new_zeros(q.shape, dtype=acc), stats
+    p = _probs(q, k, mask, scale)
+    stats = _stats(q, k, mask, scale)
+    if dropout_p > 0.0:
+        p = torch.where(_keep(seed, p.shape, dropout_p), p * reference.dropout_scale(dropout_p), 0.0)
+    return p @ v.to(p.dtype), stats
+
+
+def torch_dlogits(grad, q, k, v, mask, scale, dropout_p, seed):
+    """(d logits, probs, dropped probs): d logits = P * (dP - rowsum(dP * P)), the gradient with
+    respect to q k^T * scale + mask (before dropout), in fp32 (fp64)."""
+    p = _probs(q, k, mask, scale)
+    acc = p.dtype
+    dpd = grad.to(acc) @ v.to(acc).transpose(-1, -2)
+    dz = reference.masked_softmax_backward(dpd, p, 1.0, dropout_p, seed)
+    pd = p
+    if dropout_p > 0.0:
+        pd = torch.where(_keep(seed, p.shape, dropout_p), p * reference.dropout_scale(dropout_p), 0.0)
+    return dz, p, pd
+
+
+def torch_backward(grad, q, k, v, mask, scale, dropout_p, seed):
+    """(dq, dk, dv) in fp32 (fp64), written out (no autograd) so that gradcheck tests the formula."""
+    if k.shape[2] == 0:
+        acc = _acc(q.dtype)
+        return q.new_zeros(q.shape, dtype=acc), k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)
+    dz, _, pd = torch_dlogits(grad, q, k, v, mask, scale, dropout_p, seed)
+    acc = dz.dtype
+    dv = pd.transpose(-1, -2) @ grad.to(acc)
+    dq = (dz @ k.to(acc)) * scale
+    dk = (dz.transpose(-1, -2) @ q.to(acc)) * scale
+    return dq, dk, dv
+
+
+def _bshd(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """t ([B, H, S, D]) copied into [B, S, H, D] memory, returned as the [B, H, S, D] view."""
+    B, H, S, D = t.shape
+    out = torch.empty((B, S, H, D), dtype=dtype or t.dtype, device=t.device).transpose(1, 2)
+    out.copy_(t)
+    return out
+
+
+def _bshd_empty(B, H, S, D, dtype, device) -> torch.Tensor:
+    return torch.empty((B, S, H, D), dtype=dtype, device=device).transpose(1, 2)
+
+
+def _varlen_index(cu_seqlens: torch.Tensor, max_seqlen: int, total: int):
+    """(idx [B, max_seqlen] packed token of (b, i), clamped; valid [B, max_seqlen] i < length_b)."""
+    cu = cu_seqlens.to(torch.int64)
+    pos = torch.arange(max_seqlen, device=cu.device)
+    valid = pos[None, :] < (cu[1:] - cu[:-1])[:, None]
+    idx = (cu[:-1, None] + pos[None, :]).clamp(0, max(total - 1, 0))
+    return idx, valid
+
+
+def _pad(t: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[total, H, D] -> [B, H, max_seqlen, D], zeros past each sequence's end."""
+    return torch.where(valid[:, :, None, None], t[idx], 0).transpose(1, 2)
+
+
+def torch_varlen_forward(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed):
+    total, H, D = q.shape
+    acc = _acc(q.dtype)
+    out = torch.zeros((total, H, D), dtype=acc, device=q.device)
+    stats = torch.stack((torch.full((H, total), float("-inf"), dtype=acc, device=q.device),
+                       torch.zeros((H, total), dtype=acc, device=q.device)))
+    if total == 0 or cu_seqlens.numel() < 2 or max_seqlen == 0:
+        return out, stats
+    idx, valid = _varlen_index(cu_seqlens, max_seqlen, total)
+    mask = valid[:, None, None, :]
+    o, l = torch_forward(_pad(q, idx, valid), _pad(k, idx, valid), _pad(v, idx, valid), mask, scale, dropout_p, seed)
+    rows = idx[valid]
+    out[rows] = o.transpose(1, 2)[valid]
+    stats[:, :, rows] = l.transpose(1, 2)[:, :, valid]
+    return out, stats
+
+
+def torch_varlen_backward(grad, q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed):
+    total, H, D = q.shape
+    acc = _acc(q.dtype)
+    grads = [torch.zeros((total, H, D), dtype=acc, device=q.device) for _ in range(3)]
+    if total == 0 or cu_seqlens.numel() < 2 or max_seqlen == 0:
+        return tuple(grads)
+    idx, valid = _varlen_index(cu_seqlens, max_seqlen, total)
+    mask = valid[:, None, None, :]
+    padded = torch_backward(_pad(grad, idx, valid), _pad(q, idx, valid), _pad(k, idx, valid), _pad(v, idx, valid),
+                            mask, scale, dropout_p, seed)
+    rows = idx[valid]
+    for g, p in zip(grads, padded):
+        g[rows] = p.transpose(1, 2)[valid]
+    return tuple(grads)
+
+
+# ---------------------------------------------------------------- kernel-side helpers
+def _kernel_ok(q: torch.Tensor) -> bool:
+    return q.dtype in _TRITON_DTYPES and q.shape[-1] <= MAX_HEAD_DIM
+
+
+def _unit_d(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last dim has unit stride (e.g. a view of a packed QKV), else a copy."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _mask4(mask: torch.Tensor | None, shape) -> torch.Tensor | None:
+    """The mask as a 4-D broadcast view of [B, H, S_q, S_k] (stride 0 over broadcast dims, no copy)."""
+    if mask is None:
+        return None
+    return mask.expand(shape)
+
+
+def _triton():
+    from bertkern.triton import attention as k
+
+    return k
+
+
+# ---------------------------------------------------------------- padded custom ops
+@torch.library.custom_op("bertkern::attention", mutates_args=())
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, dropout_p: float,
+    seed: torch.Tensor | None, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, S_q, D = q.shape
+    if backend == "torch" or not _kernel_ok(q) or q.numel() == 0 or k.shape[2] == 0:
+        o, stats = torch_forward(q, k, v, mask, scale, dropout_p, seed)
+        return _bshd(o, q.dtype), stats.contiguous()
+    shape = (B, H, S_q, k.shape[2])
+    return _triton().forward(_unit_d(q), _unit_d(k), _unit_d(v), _mask4(mask, shape), scale, dropout_p, seed)
+
+
+@_attention.register_fake
+def _(q, k, v, mask, scale, dropout_p, seed, backend):
+    B, H, S_q, D = q.shape
+    return _bshd_empty(B, H, S_q, D, q.dtype, q.device), q.new_empty((2, B, H, S_q), dtype=_acc(q.dtype))
+
+
+@torch.library.custom_op("bertkern::attention_backward", mutates_args=())
+def _attention_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+    out: torch.Tensor, stats: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor | None, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, S_q, D = q.shape
+    S_k = k.shape[2]
+    if backend == "torch" or not _kernel_ok(q) or q.numel() == 0 or S_k == 0:
+        dq, dk, dv = torch_backward(grad, q, k, v, mask, scale, dropout_p, seed)
+        return _bshd(dq, q.dtype), _bshd(dk, q.dtype), _bshd(dv, q.dtype)
+    return _triton().backward(_unit_d(grad.to(q.dtype)), _unit_d(q), _unit_d(k), _unit_d(v),
+                              _mask4(mask, (B, H, S_q, S_k)), _unit_d(out), stats, scale, dropout_p, seed)
+
+
+@_attention_backward.register_fake
+def _(grad, q, k, v, mask, out, stats, scale, dropout_p, seed, backend):
+    B, H, S_q, D = q.shape
+    S_k = k.shape[2]
+    return (_bshd_empty(B, H, S_q, D, q.dtype, q.device), _bshd_empty(B, H, S_k, D, q.dtype, q.device),
+            _bshd_empty(B, H, S_k, D, q.dtype, q.device))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, scale, dropout_p, seed, backend = inputs
+    out, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(q, k, v, mask, out, stats, seed)
+    ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
+    ctx.mask_meta = None if mask is None else (mask.shape, mask.dtype)
+
+
+def _backward(ctx, grad, _grad_stats):
+    q, k, v, mask, out, stats, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dq = dk = dv = dmask = None
+    if any(need[:3]):
+        dq, dk, dv = torch.ops.bertkern.attention_backward(
+            grad, q, k, v, mask, out, stats, ctx.scale, ctx.dropout_p, seed, ctx.backend)
+    if need[3]:
+        # A float mask that requires grad (a learned bias): d mask = d logits summed over its broadcast
+        # dims. Computed eagerly (S x S in memory), whatever the backend: slow, but right.
+        dz, _, _ = torch_dlogits(grad, q, k, v, mask, ctx.scale, ctx.dropout_p, seed)
+        shape, dtype = ctx.mask_meta
+        dmask = dz.sum_to_size(shape).to(dtype)
+    return dq, dk, dv, dmask, None, None, None, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- varlen custom ops
+@torch.library.custom_op("bertkern::attention_varlen", mutates_args=())
+def _attention_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
+    dropout_p: float, seed: torch.Tensor | None, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "torch" or not _kernel_ok(q):
+        o, stats = torch_varlen_forward(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed)
+        return o.to(q.dtype), stats
+    return _triton().varlen_forward(_unit_d(q), _unit_d(k), _unit_d(v), cu_seqlens, max_seqlen, scale, dropout_p, seed)
+
+
+@_attention_varlen.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, backend):
+    total, H, D = q.shape
+    return q.new_empty((total, H, D)), q.new_empty((2, H, total), dtype=_acc(q.dtype))
+
+
+@torch.library.custom_op("bertkern::attention_varlen_backward", mutates_args=())
+def _attention_varlen_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+    max_seqlen: int, out: torch.Tensor, stats: torch.Tensor, scale: float, dropout_p: float,
+    seed: torch.Tensor | None, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "torch" or not _kernel_ok(q):
+        grads = torch_varlen_backward(grad, q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed)
+        return tuple(g.to(q.dtype) for g in grads)
+    return _triton().varlen_backward(_unit_d(grad.to(q.dtype)), _unit_d(q), _unit_d(k), _unit_d(v), cu_seqlens,
+                                     max_seqlen, _unit_d(out), stats, scale, dropout_p, seed)
+
+
+@_attention_varlen_backward.register_fake
+def _(grad, q, k, v, cu_seqlens, max_seqlen, out, stats, scale, dropout_p, seed, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, backend = inputs
+    out, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(q, k, v, cu_seqlens, out, stats, seed)
+    ctx.max_seqlen, ctx.scale, ctx.dropout_p, ctx.backend = max_seqlen, scale, dropout_p, backend
+
+
+def _varlen_backward(ctx, grad, _grad_stats):
+    q, k, v, cu_seqlens, out, stats, seed = ctx.saved_tensors
+    dq = dk = dv = None
+    if any(ctx.needs_input_grad[:3]):
+        dq, dk, dv = torch.ops.bertkern.attention_varlen_backward(
+            grad, q, k, v, cu_seqlens, ctx.max_seqlen, out, stats, ctx.scale, ctx.dropout_p, seed, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention_varlen.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+# ---------------------------------------------------------------- public functions
+def _pick_backend(op: str, backend: str | None, device: torch.device, unsupported: str | None) -> str:
+    """backend.resolve, except that "cuda" (explicit, or chosen by "auto") runs the Triton kernel:
+    there is no CUDA C++ attention kernel yet."""
+    requested = backend or os.environ.get("BERTKERN_BACKEND") or "auto"
+    if requested == "cuda":
+        if device.type != "cuda":
+            raise RuntimeError(f"bertkern.ops.{op}: backend='cuda' is unavailable: "
+                               f"the cuda backend needs CUDA tensors, got {device.type}")
+        _backend._warn_once(f"bertkern.ops.{op}: there is no CUDA C++ attention kernel yet; "
+                            "backend='cuda' runs the Triton kernel")
+        requested = "triton"
+    chosen = _backend.resolve(op, requested, device, unsupported)
+    if chosen == "cuda":  # "auto" with the extension built: the Triton kernel is the fast path here
+        chosen = "triton" if _backend.unavailable_reason("triton", device) is None else "torch"
+    return chosen
+
+
+def _unsupported(q: torch.Tensor) -> str | None:
+    if q.dtype not in _TRITON_DTYPES:
+        return f"dtype {q.dtype} has no attention kernel"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} has no attention kernel"
+    return None
+
+
+def _check_common(name, q, k, v, scale, dropout_p, dims, layout):
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != dims:
+            raise ValueError(f"{name}: {arg} must be a {dims}-D tensor {layout}, got shape {list(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: {arg} must be a floating-point tensor, got dtype {t.dtype}")
+    for arg, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: {arg} has dtype {t.dtype} but q has {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: {arg} is on {t.device} but q is on {q.device}")
+    if scale is not None and (isinstance(scale, (torch.Tensor, bool)) or not isinstance(scale, (int, float))):
+        raise TypeError(f"{name}: scale must be a Python float or None, got {type(scale).__name__}")
+    if (isinstance(dropout_p, (torch.Tensor, bool)) or not isinstance(dropout_p, (int, float))
+            or not 0.0 <= dropout_p <= 1.0):
+        raise ValueError(f"{name}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
+
+
+def _check(q, k, v, mask, scale, dropout_p) -> None:
+    _check_common(_NAME, q, k, v, scale, dropout_p, 4, "[B, H, S, D]")
+    B, H, S_q, D = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise ValueError(f"{_NAME}: k must be [B, H, S_k, D] with q's B={B}, H={H}, D={D}, got {list(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"{_NAME}: v must have k's shape {list(k.shape)}, got {list(v.shape)}")
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{_NAME}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(f"{_NAME}: mask must be bool (True = attend) or a floating-point additive mask, "
+                         f"got dtype {mask.dtype}")
+    if mask.device != q.device:
+        raise ValueError(f"{_NAME}: mask is on {mask.device} but q is on {q.device}")
+    scores = (B, H, S_q, k.shape[2])
+    try:
+        ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, scores) == scores
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{_NAME}: mask of shape {list(mask.shape)} does not broadcast to the scores' shape "
+                         f"{list(scores)} [B, H, S_q, S_k] (a [B, S_k] padding mask goes in as mask[:, None, None, :])")
+
+
+def _seed(dropout_p: float, device: torch.device) -> torch.Tensor | None:
+    if dropout_p <= 0.0:
+        return None
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """dropout(softmax(q k^T * scale + mask)) v, fused: the scores are never written to memory.
+
+    q: [B, H, S_q, D]; k, v: [B, H, S_k, D]; fp16 / bf16 / fp32 (fp64 through the torch backend);
+        any strides with unit stride along D (views of a packed QKV projection are read in place).
+        Math in fp32.
+    mask: None; bool (True = attend); or additive float (0 = attend; -inf or finfo(mask.dtype).min =
+        masked; other values such as -10000 are added as they are), broadcasting to [B, H, S_q, S_k]:
+        [B, 1, 1, S_k] (the padding mask: the fast path), [B, 1, S_q, S_k], [B, H, S_q, S_k], expanded
+        views (read with stride 0, never materialised). A query whose keys are all masked gets zeros
+        (and zero gradients). A float mask that requires grad gets one (computed eagerly: slow).
+    scale: default 1 / sqrt(D).
+    dropout_p: drop probability on the attention probabilities (applied whenever > 0: pass 0.0 in
+        eval); Philox mask from a seed drawn from torch's generator, same bits as masked_softmax's.
+    backend: "torch", "triton", "cuda" (no CUDA C++ kernel yet: runs Triton, warning once) or "auto"
+        (default: $BERTKERN_BACKEND, else "auto": Triton on CUDA tensors, else torch).
+
+    Returns [B, H, S_q, D] stored as [B, S_q, H, D]: `out.transpose(1, 2).reshape(B, S_q, H * D)` is free.
+    """
+    _check(q, k, v, mask, scale, dropout_p)
+    chosen = _pick_backend("attention", backend, q.device, _unsupported(q))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    out, _ = torch.ops.bertkern.attention(q, k, v, mask, scale, dropout_p, _seed(dropout_p, q.device), chosen)
+    return out
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """attention over packed variable-length sequences, no padding anywhere.
+
+    q, k, v: [total, H, D] packed tokens (any strides with unit stride along D, e.g. views of a packed
+        QKV projection [total, 3, H, D]); sequence b is tokens cu_seqlens[b] : cu_seqlens[b + 1] and
+        attends only to itself.
+    cu_seqlens: int32 (or int64) [B + 1] cumulative lengths, starting at 0 and ending at total (see
+        bertkern.padding.unpad), on q's device. Not checked against the data (that would sync the host).
+    max_seqlen: the longest length (a Python int); it sizes the launch grid and the dropout rows.
+    Dropout row of query i in (b, h) is (b * H + h) * max_seqlen + i: with max_seqlen equal to a padded
+    batch's S, the same mask as `attention` on that padded batch.
+
+    Returns [total, H, D] contiguous.
+    """
+    _check_common(_VNAME, q, k, v, scale, dropout_p, 3, "[total, H, D]")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"{_VNAME}: q, k and v must have the same shape [total, H, D], got "
+                         f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 \
+            or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{_VNAME}: cu_seqlens must be a 1-D int32 tensor [B + 1], got "
+                         + (f"{cu_seqlens.dtype} of shape {list(cu_seqlens.shape)}"
+                            if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__))
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"{_VNAME}: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if isinstance(max_seqlen, (bool, torch.Tensor)) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"{_VNAME}: max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
+    chosen = _pick_backend("attention_varlen", backend, q.device, _unsupported(q))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    out, _ = torch.ops.bertkern.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p,
+                                                 _seed(dropout_p, q.device), chosen)
+    return out
