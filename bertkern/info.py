@@ -8,7 +8,7 @@ import torch
 
 from bertkern import backend as _backend
 
-OPS = ("bias_gelu", "add_layer_norm", "embedding_layer_norm", "masked_softmax", "attention")
+OPS = ("bias_gelu", "add_layer_norm", "embedding_layer_norm", "masked_softmax", "attention", "attention_varlen")
 
 
 def collect() -> dict:
