@@ -668,3 +668,17 @@ def test_gpu_compile_fullgraph():
                       fullgraph=True)
     f(q, k, v).sum().backward()
     assert torch.isfinite(q.grad).all()
+
+
+def test_torch_backend_ignores_an_enclosing_autocast():
+    """Custom ops run with autocast still on: the eager path must keep its fp32 math (and the varlen
+    path its fp32 scatter) instead of having its matmuls re-cast to bf16."""
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    ref = reference.attention(q, k, v)
+    packed = [t[0].transpose(0, 1).contiguous() for t in (q, k, v)]  # [total=5, H, D]
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bertkern.ops.attention(q, k, v, backend="torch")
+        out_varlen = bertkern.ops.attention_varlen(*packed, cu, 3, backend="torch")
+    assert out.dtype == torch.float32 and out_varlen.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

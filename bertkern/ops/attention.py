@@ -40,6 +40,7 @@ torch backend with a warning.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -91,6 +92,19 @@ def _stats(q, k, mask, scale):
     return torch.stack((m, torch.where(dead, 0.0, 1.0 / torch.where(dead, 1.0, total))))
 
 
+def _no_autocast(fn):
+    """The eager math picks its own precision (fp32 accumulation); an enclosing autocast must not
+    re-cast its matmuls (custom ops run their implementation with autocast still on)."""
+
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(first, *args, **kwargs)
+
+    return wrapper
+
+
+@_no_autocast
 def torch_forward(q, k, v, mask, scale, dropout_p, seed):
     """(out, stats) in fp32 (fp64) of 4-D q, k, v: the reference the kernels are tested against."""
     acc = _acc(q.dtype)
@@ -117,6 +131,7 @@ def torch_dlogits(grad, q, k, v, mask, scale, dropout_p, seed):
     return dz, p, pd
 
 
+@_no_autocast
 def torch_backward(grad, q, k, v, mask, scale, dropout_p, seed):
     """(dq, dk, dv) in fp32 (fp64), written out (no autograd) so that gradcheck tests the formula."""
     if k.shape[2] == 0:
