@@ -383,24 +383,11 @@ def run(device: torch.device, cell_list: list[Cell], providers: list[Provider], 
 
 
 def failures(doc: dict) -> list[str]:
-    bad = []
-    for r in doc["cells"]:
-        label = Cell.from_dict(r["cell"]).label
-        if r.get("not_run", "").startswith(harness.HARNESS_ERROR):
-            bad.append(f"{label}: {r['not_run']}")
-        for p, e in r.get("providers", {}).items():
-            if e["status"] in ("WRONG", "error"):
-                bad.append(f"{p} {e['status']} on {label}: {e.get('reason', '')}")
-    return bad
+    return ms.failures(doc, lambda c: Cell.from_dict(c).label)
 
 
 def not_run(doc: dict) -> list[str]:
-    lines = [f"{Cell.from_dict(r['cell']).label}: {r['not_run']}" for r in doc["cells"] if "not_run" in r]
-    for r in doc["cells"]:
-        skipped = [p for p, e in r.get("providers", {}).items() if e.get("budget")]
-        if skipped:
-            lines.append(f"{Cell.from_dict(r['cell']).label}: {', '.join(skipped)} (time budget)")
-    return lines
+    return ms.not_run(doc, lambda c: Cell.from_dict(c).label)
 
 
 # ----------------------------------------------------------------------------- results files

@@ -449,6 +449,29 @@ def judge_grads(loss: float, grads: dict[str, torch.Tensor], eager_loss: float, 
 
 
 # ----------------------------------------------------------------------------- files
+
+def failures(doc: dict, label) -> list[str]:
+    """WRONG / error providers and harness errors of a suite's document, one line each;
+    label(cell_dict) names a cell."""
+    bad = []
+    for r in doc["cells"]:
+        if r.get("not_run", "").startswith(harness.HARNESS_ERROR):
+            bad.append(f"{label(r['cell'])}: {r['not_run']}")
+        for p, e in r.get("providers", {}).items():
+            if e["status"] in ("WRONG", "error"):
+                bad.append(f"{p} {e['status']} on {label(r['cell'])}: {e.get('reason', '')}")
+    return bad
+
+
+def not_run(doc: dict, label) -> list[str]:
+    """Cells not run and providers skipped for time, one line each."""
+    lines = [f"{label(r['cell'])}: {r['not_run']}" for r in doc["cells"] if "not_run" in r]
+    for r in doc["cells"]:
+        skipped = [p for p, e in r.get("providers", {}).items() if e.get("budget")]
+        if skipped:
+            lines.append(f"{label(r['cell'])}: {', '.join(skipped)} (time budget)")
+    return lines
+
 def write_csv(rows: list[dict], path: Path) -> Path:
     """One line per dict; the header is the union of the keys in first-seen order."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
