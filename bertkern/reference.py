@@ -108,6 +108,15 @@ def dropout_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
+def dropout_seed(dropout_p: float, device: torch.device) -> torch.Tensor | None:
+    """The Philox seed every op's dropout draws its mask from (None without dropout): a one-element
+    device tensor from torch's generator, so torch.manual_seed reproduces it and no host sync (or
+    CUDA-graph replay) freezes it."""
+    if dropout_p <= 0.0:
+        return None
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
 def add_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor | None,

@@ -425,12 +425,6 @@ def _check(q, k, v, mask, scale, dropout_p) -> None:
                          f"{list(scores)} [B, H, S_q, S_k] (a [B, S_k] padding mask goes in as mask[:, None, None, :])")
 
 
-def _seed(dropout_p: float, device: torch.device) -> torch.Tensor | None:
-    if dropout_p <= 0.0:
-        return None
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-
-
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -463,7 +457,8 @@ def attention(
     chosen = _pick_backend("attention", backend, q.device, _unsupported(q))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     dropout_p = float(dropout_p)
-    out, _ = torch.ops.bertkern.attention(q, k, v, mask, scale, dropout_p, _seed(dropout_p, q.device), chosen)
+    seed = reference.dropout_seed(dropout_p, q.device)
+    out, _ = torch.ops.bertkern.attention(q, k, v, mask, scale, dropout_p, seed, chosen)
     return out
 
 
@@ -508,5 +503,5 @@ def attention_varlen(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     dropout_p = float(dropout_p)
     out, _ = torch.ops.bertkern.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p,
-                                                 _seed(dropout_p, q.device), chosen)
+                                                 reference.dropout_seed(dropout_p, q.device), chosen)
     return out

@@ -250,10 +250,6 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _draw_seed(device: torch.device) -> torch.Tensor:
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-
-
 def add_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -281,7 +277,7 @@ def add_layer_norm(
     _check(x, residual, weight, bias, x_bias, eps, dropout_p)
     unsupported = None if x.dtype in _backend.KERNEL_DTYPES else f"dtype {x.dtype} has no kernel"
     chosen = _backend.resolve("add_layer_norm", backend, x.device, unsupported)
-    seed = _draw_seed(x.device) if dropout_p > 0.0 else None
+    seed = reference.dropout_seed(dropout_p, x.device)
     trivial = residual is None and x_bias is None and seed is None  # the norm's input is x itself
     store = return_prenorm or (not trivial and _needs_grad(x, residual, weight, bias, x_bias))
     y, prenorm, _, _ = torch.ops.bertkern.add_layer_norm(

@@ -203,8 +203,6 @@ def masked_softmax(
     unsupported = None if scores.dtype in _backend.KERNEL_DTYPES else f"dtype {scores.dtype} has no kernel"
     chosen = _backend.resolve("masked_softmax", backend, scores.device, unsupported)
     dropout_p = float(dropout_p)
-    seed = None
-    if dropout_p > 0.0:
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=scores.device)
+    seed = reference.dropout_seed(dropout_p, scores.device)
     out, _ = torch.ops.bertkern.masked_softmax(scores, mask, float(scale), dropout_p, seed, chosen)
     return out
