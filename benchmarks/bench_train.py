@@ -575,15 +575,7 @@ def render_cpu_report(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def cpu_counts(doc: dict) -> tuple[int, int]:
-    run_ = fail = 0
-    for r in doc["cells"]:
-        if "not_run" in r:
-            run_, fail = run_ + 1, fail + 1
-        for e in r.get("providers", {}).values():
-            run_ += e["status"] != "skipped"
-            fail += e["status"] in ("WRONG", "error")
-    return run_, fail
+cpu_counts = ms.cpu_counts
 
 
 if __name__ == "__main__":

@@ -472,6 +472,18 @@ def not_run(doc: dict, label) -> list[str]:
             lines.append(f"{label(r['cell'])}: {', '.join(skipped)} (time budget)")
     return lines
 
+
+def cpu_counts(doc: dict) -> tuple[int, int]:
+    """(checks run, checks failed) of a suite's CPU-mode document."""
+    run_ = fail = 0
+    for r in doc["cells"]:
+        if "not_run" in r:
+            run_, fail = run_ + 1, fail + 1
+        for e in r.get("providers", {}).values():
+            run_ += e["status"] != "skipped"
+            fail += e["status"] in ("WRONG", "error")
+    return run_, fail
+
 def write_csv(rows: list[dict], path: Path) -> Path:
     """One line per dict; the header is the union of the keys in first-seen order."""
     columns = list(dict.fromkeys(k for r in rows for k in r))

@@ -24,6 +24,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def record_backends(monkeypatch):
+    """Record (op, backend) for every bertkern op call as it resolves its backend, so a test can
+    prove that a fused path ran, and on which backend."""
+    from bertkern import backend as _backend
+
+    calls = []
+    real_resolve = _backend.resolve
+
+    def resolve(op, *args, **kwargs):
+        chosen = real_resolve(op, *args, **kwargs)
+        calls.append((op, chosen))
+        return chosen
+
+    monkeypatch.setattr(_backend, "resolve", resolve)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -544,7 +544,7 @@ def test_cuda_mask_dtypes_are_converted_keeping_hard_masks():
 
 
 # ---------------------------------------------------------------- the fused BERT path
-def test_bert_fused_softmax_matches_hf(monkeypatch):
+def test_bert_fused_softmax_matches_hf(monkeypatch, record_backends):
     transformers = pytest.importorskip("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from bertkern.models import BertModel
@@ -563,17 +563,7 @@ def test_bert_fused_softmax_matches_hf(monkeypatch):
     with torch.no_grad():
         want = hf(ids, attention_mask=attn).last_hidden_state
     ours = BertModel.from_hf(hf, fused_softmax=True)
-    calls = []
-    from bertkern import backend as _backend
-
-    real_resolve = _backend.resolve
-
-    def resolve(op, *args, **kwargs):
-        chosen = real_resolve(op, *args, **kwargs)
-        calls.append((op, chosen))
-        return chosen
-
-    monkeypatch.setattr(_backend, "resolve", resolve)
+    calls = record_backends
     for backend in ["torch", "triton"]:
         skip_unless_usable(backend, "cpu")
         monkeypatch.setenv("BERTKERN_BACKEND", backend)

@@ -11,7 +11,6 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded; every model here is local
 transformers = pytest.importorskip("transformers")
 
-from bertkern import backend as _backend  # noqa: E402
 from bertkern.models import BertConfig, BertForSequenceClassification, BertModel  # noqa: E402
 from harness import skip_unless_usable  # noqa: E402
 
@@ -60,22 +59,6 @@ def max_err_real_tokens(a, b, mask):
     """Max |a - b| over the non-padded positions of [B, S, H] outputs."""
     keep = mask.bool()
     return (a[keep] - b[keep]).abs().max().item()
-
-
-@pytest.fixture
-def record_backends(monkeypatch):
-    """Record the backend every bertkern op call resolves to, so a test can prove that the fused
-    path ran, and on which backend."""
-    calls = []
-    real_resolve = _backend.resolve
-
-    def resolve(op, *args, **kwargs):
-        chosen = real_resolve(op, *args, **kwargs)
-        calls.append((op, chosen))
-        return chosen
-
-    monkeypatch.setattr(_backend, "resolve", resolve)
-    return calls
 
 
 # ---------------------------------------------------------------- config

@@ -14,7 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local
 transformers = pytest.importorskip("transformers")
 
 import bertkern  # noqa: E402
-from bertkern import backend as _backend  # noqa: E402
 from bertkern import verify as ver  # noqa: E402
 from harness import skip_unless_usable  # noqa: E402
 
@@ -90,18 +89,9 @@ def available_ops():
 
 
 @pytest.fixture
-def spy(monkeypatch):
-    """Records each bertkern op call (name, backend resolved, eps / dropout_p / approximate) so a test
-    can prove the fused path ran, on which backend and with which settings."""
-    calls = []
-    real_resolve = _backend.resolve
-
-    def resolve(op, *args, **kwargs):
-        chosen = real_resolve(op, *args, **kwargs)
-        calls.append({"op": op, "backend": chosen})
-        return chosen
-
-    monkeypatch.setattr(_backend, "resolve", resolve)
+def spy(monkeypatch, record_backends):
+    """Records each bertkern op call ((name, backend resolved), and eps / dropout_p / approximate) so
+    a test can prove the fused path ran, on which backend and with which settings."""
     settings = []
     for name in available_ops():
         real = getattr(bertkern.ops, name)
@@ -114,7 +104,7 @@ def spy(monkeypatch):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(bertkern.ops, name, wrapper)
-    return {"resolved": calls, "settings": settings}
+    return {"resolved": record_backends, "settings": settings}
 
 
 # ---------------------------------------------------------------- parity on every architecture
@@ -135,9 +125,9 @@ def test_eval_outputs_match_on_real_tokens(arch, backend, monkeypatch, spy):
     counts = report.counts()
     for op, per_layer in (("add_layer_norm", 2), ("bias_gelu", 1), ("masked_softmax", 1)):
         assert counts.get(op, 0) == (2 * per_layer if opt.op_available(op) else 0), str(report)
-    ran = {c["op"] for c in spy["resolved"]}
+    ran = {op for op, _ in spy["resolved"]}
     assert ran == set(available_ops())
-    assert {c["backend"] for c in spy["resolved"]} == {backend}
+    assert {chosen for _, chosen in spy["resolved"]} == {backend}
     # Settings come from the modules: eps of the LayerNorm, the GELU form of the config, p=0 in eval.
     eps = model.config.layer_norm_eps
     approximate = {"gelu": "none"}.get(model.config.hidden_act, "tanh")
@@ -342,7 +332,7 @@ def test_transformers_4_style_attention_is_fused_and_head_mask_falls_back(spy):
         got = outputs(model, ids, mask)
     assert report.replaced_names("masked_softmax") == [f"encoder.layer.{i}.attention.self" for i in range(2)]
     assert max_err(got, ref, mask) <= ATOL
-    assert "masked_softmax" in {c["op"] for c in spy["resolved"]}
+    assert "masked_softmax" in {op for op, _ in spy["resolved"]}
     # A head mask is not fused: the module's own forward runs (same result as before optimize).
     attn = model.encoder.layer[0].attention.self
     h = torch.randn(2, 5, 32)
