@@ -15,10 +15,12 @@ padding), as HF builds it. Providers:
 - compile: torch.compile of eager;
 - sdpa: torch.nn.functional.scaled_dot_product_attention with the same mask (a float mask rules out
   its FlashAttention backend: this is HF's sdpa path), plus the same layout copy;
-- triton: bertkern.ops.attention (its output is already [B, S, H, D] memory: no copy);
-- varlen: bertkern.ops.attention_varlen on the real tokens only. Its step includes gathering q, k, v
-  into packed form and scattering the output back (and the reverse in backward), O(B S H D) bytes:
-  in the padding-free model those happen once per forward, not per layer, so this understates it.
+- triton, cuda: bertkern.ops.attention on its Triton kernel and on its CUDA C++ (mma.sync) kernel
+  (the output is already [B, S, H, D] memory: no copy);
+- varlen, varlen-cuda: bertkern.ops.attention_varlen (Triton, CUDA) on the real tokens only. Its
+  step includes gathering q, k, v into packed form and scattering the output back (and the reverse
+  in backward), O(B S H D) bytes: in the padding-free model those happen once per forward, not per
+  layer, so this understates it.
 The correctness gate compares the real tokens only (padded query rows are garbage in the dense
 providers and absent in varlen), and output gradients are 0 at padded rows (as a model's loss on real
 tokens gives them).
@@ -112,10 +114,14 @@ def kernel(backend: str):
     return fn
 
 
-def varlen_provider(case: Case, device: torch.device):
+def varlen_provider(backend: str):
+    return lambda case, device: _varlen(case, device, backend)
+
+
+def _varlen(case: Case, device: torch.device, backend: str):
     from bertkern import backend as _backend
 
-    why = _backend.unavailable_reason("triton", device)
+    why = _backend.unavailable_reason(backend, device)
     if why is not None:
         raise Skip(why)
     b, h, s, d = (case.shape[k] for k in ("batch", "heads", "seq", "head_dim"))
@@ -124,7 +130,7 @@ def varlen_provider(case: Case, device: torch.device):
 
     def fn(q, k, v, mask, fill=1.0):
         packed = [t.transpose(1, 2).reshape(b * s, h, d).index_select(0, indices) for t in (q, k, v)]
-        out = bertkern.ops.attention_varlen(*packed, cu_seqlens, max_seqlen, scale=_scale(q), backend="triton")
+        out = bertkern.ops.attention_varlen(*packed, cu_seqlens, max_seqlen, scale=_scale(q), backend=backend)
         return padding.repad(out, indices, b, s).transpose(1, 2)
 
     return fn
@@ -175,8 +181,9 @@ SPEC = OpSpec(
     grad_inputs=("q", "k", "v"),
     output_names=("out",),
     x_key="batch",
-    backends=("triton",),
-    extra_providers={"sdpa": sdpa_provider, "varlen": varlen_provider},
+    backends=("triton", "cuda"),
+    extra_providers={"sdpa": sdpa_provider, "varlen": varlen_provider("triton"),
+                     "varlen-cuda": varlen_provider("cuda")},
     flops=flops,
     valid=valid,
 )

@@ -71,9 +71,10 @@ constexpr I round_up(I a, I b) {
   return ceil_div(a, b) * b;
 }
 
-// Streaming multiprocessors of a device, cached (the attribute query is cheap but not free, and
-// launch sizing asks on every call). Racing first calls store the same value, so relaxed is fine.
-inline int num_sms(c10::DeviceIndex device) {
+// A device attribute, cached per device (the query is cheap but not free, and launches ask on every
+// call). Racing first calls store the same value, so relaxed ordering is fine.
+template <cudaDeviceAttr kAttr>
+inline int cached_device_attribute(c10::DeviceIndex device) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cache[kMaxDevices] = {};
   const bool cacheable = device >= 0 && device < kMaxDevices;
@@ -81,10 +82,20 @@ inline int num_sms(c10::DeviceIndex device) {
     const int cached = cache[device].load(std::memory_order_relaxed);
     if (cached > 0) return cached;
   }
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  if (cacheable) cache[device].store(sms, std::memory_order_relaxed);
-  return sms;
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, kAttr, device));
+  if (cacheable) cache[device].store(value, std::memory_order_relaxed);
+  return value;
+}
+
+// Streaming multiprocessors of a device.
+inline int num_sms(c10::DeviceIndex device) {
+  return cached_device_attribute<cudaDevAttrMultiProcessorCount>(device);
+}
+
+// Compute capability major of a device (8 = Ampere, 9 = Hopper).
+inline int cc_major(c10::DeviceIndex device) {
+  return cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(device);
 }
 
 }  // namespace bertkern

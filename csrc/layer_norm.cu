@@ -13,16 +13,14 @@
 // values: N > 8192 on the vector path, N > 4096 on the scalar one), and float64, use a
 // block-per-row loop kernel that re-reads the row.
 //
-// Dropout. Counter-based Philox4x32-10 (the curand / Triton generator; bertkern.reference.philox_words
-// is the spec): element (row, col) keeps when word col % 4 of philox(counter = (col / 4, row, 0, 0),
-// key = (seed lo, seed hi)), shifted right by 1, is >= threshold = floor(p * 2^31). The seed is read
-// from a one-element int64 device tensor (no host sync; CUDA-graph safe), and the backward kernel
-// regenerates the same mask. Every backend draws the same mask from the same seed.
+// Dropout: the Philox scheme of philox.cuh (the same mask on every backend); the backward kernel
+// regenerates the forward's mask from the seed.
 //
 // Backward column sums (dweight, dbias, dx_bias) are deterministic: each team keeps fp32 partials in
 // registers over its rows, the teams of a block fold them in a fixed order through shared memory into
 // one partial row per block, and a reduction kernel sums the partial rows in a fixed order.
 #include "common.cuh"
+#include "philox.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -37,78 +35,6 @@ constexpr int kMaxWarpsPerRow = 16;  // a team is at most 512 threads (the launc
 constexpr int kTeamThreads = 512;    // __launch_bounds__ of the team kernels: <= 128 registers/thread
 constexpr int kBlockTarget = 256;    // threads per block to aim for when teams are narrow
 constexpr int kLoopThreads = 256;    // block size of the loop kernels
-
-// ------------------------------------------------------------------------------------ Philox
-// Philox4x32-10 (Salmon et al. 2011), written out so that the host can run it too (tests); the same
-// rounds and constants as curand_Philox4x32_10 and triton.language.philox.
-__host__ __device__ __forceinline__ uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
-#if defined(__CUDA_ARCH__)
-  *hi = __umulhi(a, b);
-  return a * b;
-#else
-  const uint64_t p = static_cast<uint64_t>(a) * b;
-  *hi = static_cast<uint32_t>(p >> 32);
-  return static_cast<uint32_t>(p);
-#endif
-}
-
-__host__ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
-#pragma unroll
-  for (int round = 0; round < 10; ++round) {
-    uint32_t hi0, hi1;
-    const uint32_t lo0 = mulhilo32(0xD2511F53u, c.x, &hi0);
-    const uint32_t lo1 = mulhilo32(0xCD9E8D57u, c.z, &hi1);
-    c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
-    k.x += 0x9E3779B9u;
-    k.y += 0xBB67AE85u;
-  }
-  return c;
-}
-
-__host__ __device__ __forceinline__ uint32_t word_of(const uint4& r, int j) {
-  return j == 0 ? r.x : j == 1 ? r.y : j == 2 ? r.z : r.w;
-}
-
-struct Dropout {
-  uint2 key;        // (seed lo, seed hi)
-  uint32_t thresh;  // keep iff (word >> 1) >= thresh
-  bool on;
-};
-
-__device__ __forceinline__ Dropout make_dropout(const int64_t* seed, uint32_t thresh) {
-  Dropout d{make_uint2(0u, 0u), thresh, seed != nullptr};
-  if (d.on) {
-    const uint64_t s = static_cast<uint64_t>(*seed);
-    d.key = make_uint2(static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32));
-  }
-  return d;
-}
-
-// Keep flags of elements [col, col + V) of `row`, bit j for element col + j. col % V == 0, and with
-// V % 4 == 0 each Philox call serves 4 columns; other V (the scalar path) pick one word per element.
-template <int V>
-__host__ __device__ __forceinline__ uint32_t keep_bits(const Dropout& d, int64_t row, int64_t col) {
-  const uint32_t r32 = static_cast<uint32_t>(row);
-  uint32_t bits = 0;
-  if constexpr (V % 4 == 0) {
-#pragma unroll
-    for (int g = 0; g < V / 4; ++g) {
-      const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(col / 4 + g), r32, 0u, 0u), d.key);
-      bits |= static_cast<uint32_t>((r.x >> 1) >= d.thresh) << (4 * g + 0);
-      bits |= static_cast<uint32_t>((r.y >> 1) >= d.thresh) << (4 * g + 1);
-      bits |= static_cast<uint32_t>((r.z >> 1) >= d.thresh) << (4 * g + 2);
-      bits |= static_cast<uint32_t>((r.w >> 1) >= d.thresh) << (4 * g + 3);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const int64_t c = col + j;
-      const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(c >> 2), r32, 0u, 0u), d.key);
-      bits |= static_cast<uint32_t>((word_of(r, static_cast<int>(c & 3)) >> 1) >= d.thresh) << j;
-    }
-  }
-  return bits;
-}
 
 // ------------------------------------------------------------------------------- reductions
 template <typename A>
@@ -553,23 +479,6 @@ at::Tensor like_col(const char* op, const char* name, const std::optional<at::Te
               ref.device());
   return t->contiguous();
 }
-
-at::Tensor checked_seed(const char* op, const std::optional<at::Tensor>& seed, double dropout_p,
-                        const at::Tensor& ref) {
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, op, ": dropout_p must be in [0, 1], got ", dropout_p);
-  if (!seed.has_value() || !seed->defined() || dropout_p <= 0.0) return at::Tensor();
-  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, op,
-              ": seed must be a one-element int64 tensor, got ", seed->scalar_type(), " of shape ", seed->sizes());
-  TORCH_CHECK(seed->device() == ref.device(), op, ": seed is on ", seed->device(), " but the input is on ",
-              ref.device());
-  return *seed;
-}
-
-uint32_t dropout_threshold(double p) {  // bertkern.reference.dropout_threshold
-  return static_cast<uint32_t>(std::min<double>(std::floor(p * 2147483648.0), 2147483648.0));
-}
-
-double dropout_scale(double p) { return p >= 1.0 ? 0.0 : 1.0 / (1.0 - p); }
 
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {

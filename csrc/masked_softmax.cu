@@ -15,12 +15,9 @@
 // dropout (the backward needs it) when dropout_p > 0, else an empty tensor.
 // bwd: grad and probs are 2-D [rows, N] with unit stride along N; returns dx [rows, N] contiguous.
 //
-// Dropout: element (row, col) of the [rows, N] view takes word col % 4 of Philox4x32-10 at counter
-// (col / 4, row mod 2^32, 0, 0) under key (seed low 32 bits, seed high 32 bits) and is kept when
-// (word >> 1) >= threshold, threshold = floor(dropout_p * 2^31); kept values are scaled by
-// 1 / (1 - dropout_p). This is bertkern.reference.dropout_keep_mask bit for bit, so the backward
-// regenerates the forward's mask and all backends agree. The seed is read from a device tensor:
-// no host sync, and CUDA-graph replays use whatever seed the graph drew.
+// Dropout: the Philox scheme of philox.cuh on the [rows, N] view (element (row, col)); it is
+// bertkern.reference.dropout_keep_mask bit for bit, so the backward regenerates the forward's mask
+// and all backends agree.
 //
 // Kernels: rows of up to 1024 keys are held in registers by one warp (several rows per warp for
 // short rows: 1..32 lanes per row), with 16-byte vector loads/stores when every row is 16-byte
@@ -29,6 +26,7 @@
 // Math in fp32 (fp64 for fp64), int64 offsets.
 
 #include "common.cuh"
+#include "philox.cuh"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -50,6 +48,9 @@ constexpr int kRowBlockMax = 512;   // threads per block of the block-per-row ke
 constexpr unsigned kFull = 0xffffffffu;
 
 using bertkern::acc_t;
+using bertkern::Dropout;
+using bertkern::keep_bits;
+using bertkern::make_dropout;
 using bertkern::load_vec;
 using bertkern::store_vec;
 using bertkern::Vec;
@@ -57,55 +58,21 @@ using bertkern::Vec;
 __device__ __forceinline__ float exp_acc(float x) { return __expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 
-// ------------------------------------------------------------------ Philox4x32-10
-struct Words {
-  uint32_t w[4];
-};
-
-__device__ __forceinline__ Words philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
-                                        uint32_t k1) {
-#pragma unroll
-  for (int r = 0; r < 10; ++r) {
-    const uint32_t hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
-    const uint32_t hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
-    const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return {{c0, c1, c2, c3}};
-}
-
+// ------------------------------------------------------------------ dropout
 struct DropoutArgs {
-  const int64_t* seed;   // one int64 on the device
+  const int64_t* seed;   // one int64 on the device; nullptr: dropout off
   uint32_t threshold;    // keep iff (word >> 1) >= threshold; 2^31 drops everything
   double keep_scale;     // 1 / (1 - p), 0 when p == 1
   bool enabled;
 };
 
-struct Key {
-  uint32_t k0, k1;
-};
-
-__device__ __forceinline__ Key load_key(const DropoutArgs& d) {
-  const uint64_t s = static_cast<uint64_t>(*d.seed);
-  return {static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32)};
-}
-
 // Keep flags of columns col0 .. col0 + V - 1 of `row` (col0 % 4 == 0): one Philox call per 4 columns.
 template <int V>
-__device__ __forceinline__ void keep_flags(bool (&keep)[V], int64_t row, int col0, Key key, uint32_t threshold) {
+__device__ __forceinline__ void keep_flags(bool (&keep)[V], int64_t row, int col0, const Dropout& d) {
   static_assert(V % 4 == 0, "dropout words come in fours");
-  const uint32_t r = static_cast<uint32_t>(row);
+  const uint32_t bits = keep_bits<V>(d, row, col0);
 #pragma unroll
-  for (int q = 0; q < V / 4; ++q) {
-    const Words o = philox(static_cast<uint32_t>(col0 / 4 + q), r, 0u, 0u, key.k0, key.k1);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) keep[4 * q + j] = (o.w[j] >> 1) >= threshold;
-  }
+  for (int j = 0; j < V; ++j) keep[j] = (bits >> j) & 1u;
 }
 
 // ------------------------------------------------------------------ masks
@@ -269,8 +236,7 @@ __global__ void __launch_bounds__(kWarpBlock) masked_softmax_fwd_warp(FwdArgs a,
   T* y = static_cast<T*>(a.y) + row * N;
   const bool drop = a.drop.enabled;
   T* pr = drop ? static_cast<T*>(a.probs) + row * N : nullptr;
-  Key key{0u, 0u};
-  if (drop) key = load_key(a.drop);
+  const Dropout key = make_dropout(drop ? a.drop.seed : nullptr, a.drop.threshold);
   const A keep_scale = static_cast<A>(a.drop.keep_scale);
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
@@ -279,7 +245,7 @@ __global__ void __launch_bounds__(kWarpBlock) masked_softmax_fwd_warp(FwdArgs a,
     Vec<T, VEC> out, probs;
     if (drop) {
       bool keep[VEC];
-      keep_flags<VEC>(keep, row, col0, key, a.drop.threshold);
+      keep_flags<VEC>(keep, row, col0, key);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const A p = z[c * VEC + j] * inv;
@@ -308,8 +274,7 @@ __global__ void __launch_bounds__(kWarpBlock) masked_softmax_bwd_warp(BwdArgs a,
   const T* g = static_cast<const T*>(a.grad) + (row_ok ? row * a.gs : 0);
   const T* pp = static_cast<const T*>(a.probs) + (row_ok ? row * a.ps : 0);
   const bool drop = a.drop.enabled;
-  Key key{0u, 0u};
-  if (drop && row_ok) key = load_key(a.drop);
+  const Dropout key = make_dropout(drop && row_ok ? a.drop.seed : nullptr, a.drop.threshold);
 
   // The row stays in registers in its own dtype (half the registers of fp32 copies for 16-bit
   // inputs); bit i of `kept` is dropout's verdict on element i. Out-of-range elements load as 0.
@@ -324,7 +289,7 @@ __global__ void __launch_bounds__(kWarpBlock) masked_softmax_bwd_warp(BwdArgs a,
       pv[c] = load_pack<T, VEC, ALIGNED>(pp, col0, N);
       if (drop) {
         bool keep[VEC];
-        keep_flags<VEC>(keep, row, col0, key, a.drop.threshold);
+        keep_flags<VEC>(keep, row, col0, key);
 #pragma unroll
         for (int j = 0; j < VEC; ++j)
           if (!keep[j]) kept &= ~(1u << (c * VEC + j));
@@ -439,12 +404,11 @@ __global__ void __launch_bounds__(kRowBlockMax) masked_softmax_fwd_block(FwdArgs
   T* y = static_cast<T*>(a.y) + row * N;
   const bool drop = a.drop.enabled;
   T* pr = drop ? static_cast<T*>(a.probs) + row * N : nullptr;
-  Key key{0u, 0u};
-  if (drop) key = load_key(a.drop);
+  const Dropout key = make_dropout(drop ? a.drop.seed : nullptr, a.drop.threshold);
   const A keep_scale = static_cast<A>(a.drop.keep_scale);
   for (int q = threadIdx.x; q * 4 < N; q += blockDim.x) {
     bool keep[4] = {true, true, true, true};
-    if (drop) keep_flags<4>(keep, row, q * 4, key, a.drop.threshold);
+    if (drop) keep_flags<4>(keep, row, q * 4, key);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int col = q * 4 + j;
@@ -468,14 +432,13 @@ __global__ void __launch_bounds__(kRowBlockMax) masked_softmax_bwd_block(BwdArgs
   const T* g = static_cast<const T*>(a.grad) + row * a.gs;
   const T* pp = static_cast<const T*>(a.probs) + row * a.ps;
   const bool drop = a.drop.enabled;
-  Key key{0u, 0u};
-  if (drop) key = load_key(a.drop);
+  const Dropout key = make_dropout(drop ? a.drop.seed : nullptr, a.drop.threshold);
   const A keep_scale = static_cast<A>(a.drop.keep_scale);
 
   A dot = A(0);
   for (int q = threadIdx.x; q * 4 < N; q += blockDim.x) {
     bool keep[4] = {true, true, true, true};
-    if (drop) keep_flags<4>(keep, row, q * 4, key, a.drop.threshold);
+    if (drop) keep_flags<4>(keep, row, q * 4, key);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int col = q * 4 + j;
@@ -490,7 +453,7 @@ __global__ void __launch_bounds__(kRowBlockMax) masked_softmax_bwd_block(BwdArgs
   T* dx = static_cast<T*>(a.dx) + row * N;
   for (int q = threadIdx.x; q * 4 < N; q += blockDim.x) {
     bool keep[4] = {true, true, true, true};
-    if (drop) keep_flags<4>(keep, row, q * 4, key, a.drop.threshold);
+    if (drop) keep_flags<4>(keep, row, q * 4, key);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int col = q * 4 + j;
@@ -601,22 +564,10 @@ bool is_kernel_dtype(at::ScalarType t) {
 
 DropoutArgs dropout_args(const char* fn, double dropout_p, const std::optional<at::Tensor>& seed,
                          const at::Tensor& like) {
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, fn, ": dropout_p must be in [0, 1], got ", dropout_p);
-  DropoutArgs d{nullptr, 0u, 1.0, false};
-  if (dropout_p == 0.0) return d;
-  TORCH_CHECK(seed.has_value() && seed->defined(), fn, ": dropout_p > 0 needs a seed tensor");
-  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() >= 1, fn,
-              ": seed must be an int64 tensor with one element, got ", seed->scalar_type(), " with ",
-              seed->numel(), " elements");
-  TORCH_CHECK(seed->device() == like.device(), fn, ": seed is on ", seed->device(), " but the inputs are on ",
-              like.device());
-  d.seed = seed->data_ptr<int64_t>();
-  // Same as reference.dropout_threshold: min(int(p * 2^31), 2^31).
-  const double t = std::floor(dropout_p * 2147483648.0);
-  d.threshold = t >= 2147483648.0 ? 0x80000000u : static_cast<uint32_t>(t);
-  d.keep_scale = dropout_p < 1.0 ? 1.0 / (1.0 - dropout_p) : 0.0;
-  d.enabled = true;
-  return d;
+  const at::Tensor s = bertkern::checked_seed(fn, seed, dropout_p, like);
+  if (!s.defined()) return DropoutArgs{nullptr, 0u, 1.0, false};
+  return DropoutArgs{s.data_ptr<int64_t>(), bertkern::dropout_threshold(dropout_p), bertkern::dropout_scale(dropout_p),
+                     true};
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd(const at::Tensor& scores, const std::optional<at::Tensor>& mask,

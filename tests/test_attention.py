@@ -6,7 +6,8 @@ reproducible, the same in forward and backward), gradcheck, opcheck, torch.compi
 Hugging Face parity of the reference BERT with fused_attention and padding_free.
 
 Under TRITON_INTERPRET=1 (no GPU) the shapes stay tiny; the gpu-marked tests cover bf16, D = 128
-and long sequences on a GPU."""
+and long sequences on a GPU, and run every kernel test through the CUDA C++ kernels too (backend
+"cuda": fp16 / bf16 only, so those tests use fp16 where the Triton ones use fp32)."""
 from __future__ import annotations
 
 import json
@@ -31,6 +32,21 @@ NEG_INF = float("-inf")
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 KERNEL = pytest.param("triton", id="triton-cuda" if GPU else "triton-interp", marks=[pytest.mark.gpu] if GPU else [])
+CUDA = pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)
+KERNELS = [KERNEL, CUDA]
+
+
+def kdtype(backend: str) -> torch.dtype:
+    """The dtype a backend-generic test runs in: fp16 for the CUDA kernels (fp16 / bf16 only)."""
+    return torch.float16 if backend == "cuda" else torch.float32
+
+
+def skip_unless_covered(backend: str, q: torch.Tensor) -> None:
+    """The CUDA kernels' test params skip inputs that backend="cuda" sends to Triton instead
+    (test_cuda_backend_coverage checks that routing)."""
+    why = attn_mod._cuda_unsupported(q) if backend == "cuda" else None
+    if why is not None:
+        pytest.skip(f"not a CUDA-kernel input: {why}")
 
 
 def seed_tensor(value: int, device=DEVICE) -> torch.Tensor:
@@ -72,6 +88,7 @@ def assert_attention_close(got, want, eager, names=("out", "dq", "dk", "dv")):
 def check_attention(backend, q, k, v, mask, grad, scale=None, dropout_p=0.0, seed=None):
     """The custom op (our seed) against the float64 reference, eager = the reference in q's dtype."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    skip_unless_covered(backend, q)
 
     def ours(q, k, v):
         return torch.ops.bertkern.attention(q, k, v, mask, scale, dropout_p, seed, backend)[0]
@@ -88,7 +105,7 @@ def check_attention(backend, q, k, v, mask, grad, scale=None, dropout_p=0.0, see
 
 
 # ---------------------------------------------------------------- accuracy: dtype x S x D
-@pytest.mark.parametrize("backend", [KERNEL])
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("S", [1, 7, 77, 129])
 @pytest.mark.parametrize("D", [32, 64, 80])
@@ -109,7 +126,7 @@ MASK_FORMS = ["none", "b11s", "b1ss", "bhss", "expanded", "b11s:inf", "b11s:min"
               "expanded:min", "s", "ss:inf"]
 
 
-@pytest.mark.parametrize("backend", [KERNEL])
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("S", [7, 77])
 @pytest.mark.parametrize("form", MASK_FORMS)
@@ -124,7 +141,7 @@ def test_attention_mask_forms(backend, dtype, S, form):
     check_attention(backend, q, k, v, mask, rand(B, H, S, D, dtype=dtype), scale=0.3)
 
 
-@pytest.mark.parametrize("backend", [KERNEL])
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("q_dtype, mask_dtype", [(torch.float16, torch.float32), (torch.float32, torch.bfloat16)], ids=str)
 def test_mixed_mask_dtype(backend, q_dtype, mask_dtype):
     """The mask's own finfo.min masks a key, whatever q's dtype."""
@@ -134,7 +151,7 @@ def test_mixed_mask_dtype(backend, q_dtype, mask_dtype):
     check_attention(backend, q, k, v, mask, rand(2, 2, 33, 32, dtype=q_dtype))
 
 
-@pytest.mark.parametrize("backend", [KERNEL])
+@pytest.mark.parametrize("backend", KERNELS)
 def test_cross_lengths_and_head_dim_128(backend):
     """S_q != S_k (keys longer and shorter), and D = 128 once (the largest BERT-family head)."""
     skip_unless_usable(backend, DEVICE)
@@ -145,30 +162,32 @@ def test_cross_lengths_and_head_dim_128(backend):
         check_attention(backend, q, k, v, mask, rand(1, 2, S_q, D, dtype=torch.float16))
 
 
-@pytest.mark.parametrize("backend", [KERNEL])
+@pytest.mark.parametrize("backend", KERNELS)
 def test_many_tiles(backend, monkeypatch):
-    """Small tiles (16 x 16 under the interpreter) so that the online softmax runs over many key
-    tiles and the backward over many query tiles, with tails, a [B,H,S,S] mask and dropout."""
+    """Many key tiles for the online softmax and many query tiles for the backward, with tails, a
+    [B,H,S,S] mask and dropout: 16 x 16 tiles under the interpreter; on a GPU, S = 203 spans four of
+    the 64-row tiles."""
     skip_unless_usable(backend, DEVICE)
     from bertkern.triton import attention as k_mod
 
     monkeypatch.setattr(k_mod, "INTERPRET_BLOCKS", (16, 16))
-    S, D = 53, 32
-    q, k, v = (rand(1, 2, S, D, scale=2.0) for _ in range(3))
-    mask = make_mask("bhss:min", 1, 2, S, S, torch.float32, DEVICE)
-    check_attention(backend, q, k, v, mask, rand(1, 2, S, D), dropout_p=0.2, seed=seed_tensor(11))
+    S, D, dt = (203 if GPU else 53), 32, kdtype(backend)
+    q, k, v = (rand(1, 2, S, D, dtype=dt, scale=2.0) for _ in range(3))
+    mask = make_mask("bhss:min", 1, 2, S, S, dt, DEVICE)
+    check_attention(backend, q, k, v, mask, rand(1, 2, S, D, dtype=dt), dropout_p=0.2, seed=seed_tensor(11))
 
 
-def test_large_logits_and_fully_masked_rows():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_large_logits_and_fully_masked_rows(backend):
     """Logits of +-100s (the online max must rescale), rows masked entirely through a [B,1,S,S] mask:
     zeros and zero gradients, finite everywhere."""
-    skip_unless_usable("triton", DEVICE)
-    B, H, S, D = 2, 2, 40, 32
-    q, k, v = (rand(B, H, S, D, scale=6.0) for _ in range(3))
+    skip_unless_usable(backend, DEVICE)
+    B, H, S, D, dt = 2, 2, 40, 32, kdtype(backend)
+    q, k, v = (rand(B, H, S, D, dtype=dt, scale=6.0) for _ in range(3))
     keep = torch.ones(B, 1, S, S, dtype=torch.bool, device=DEVICE)
     keep[0, :, 3] = False
     keep[1, :, :, 5:] = False
-    out, dq, dk, dv = check_attention("triton", q, k, v, keep, rand(B, H, S, D))
+    out, dq, dk, dv = check_attention(backend, q, k, v, keep, rand(B, H, S, D, dtype=dt))
     assert (out[0, :, 3] == 0).all() and (dq[0, :, 3] == 0).all()
     assert (dk[1, :, 5:] == 0).all() and (dv[1, :, 5:] == 0).all()
 
@@ -214,14 +233,28 @@ def test_packed_qkv_views_are_read_in_place(monkeypatch):
     torch.testing.assert_close(qkv.grad.double(), qkv2.grad, rtol=1e-5, atol=2e-6)
 
 
-def test_other_strides_are_copied_and_still_right():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_other_strides_are_copied_and_still_right(backend):
     """D not unit-stride (a transposed view) is copied once; odd-strided grads too."""
-    skip_unless_usable("triton", DEVICE)
-    B, H, S, D = 1, 2, 9, 32
-    q = rand(B, H, D, S).transpose(-1, -2)
-    k, v = rand(B, H, S, D), rand(B, S, H, D).transpose(1, 2)
-    grad = rand(B, H, D, S).transpose(-1, -2)
-    check_attention("triton", q, k, v, None, grad)
+    skip_unless_usable(backend, DEVICE)
+    B, H, S, D, dt = 1, 2, 9, 32, kdtype(backend)
+    q = rand(B, H, D, S, dtype=dt).transpose(-1, -2)
+    k, v = rand(B, H, S, D, dtype=dt), rand(B, S, H, D, dtype=dt).transpose(1, 2)
+    grad = rand(B, H, D, S, dtype=dt).transpose(-1, -2)
+    check_attention(backend, q, k, v, None, grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [32, 48, 64, 80, 100, 128])
+def test_cuda_packed_qkv_views_and_head_dims(D):
+    """The CUDA kernels on views of a packed [B, S, 3, H, D] projection (strides (3HD, D, 3HD, 1): the
+    16-byte vector loads when D % 8 == 0, element loads otherwise) at every compiled head-dim bucket
+    (32, 64, 80, 128) and sizes padded up to one."""
+    B, S, H = 2, 77, 3
+    qkv = rand(B, S, 3 * H * D, dtype=torch.bfloat16, device="cuda")
+    q, k, v = qkv.view(B, S, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    mask = make_mask("b11s", B, H, S, S, torch.bfloat16, "cuda")
+    check_attention("cuda", q, k, v, mask, rand(B, H, S, D, dtype=torch.bfloat16, device="cuda"))
 
 
 # ---------------------------------------------------------------- varlen
@@ -236,14 +269,14 @@ def _packed_batch(lengths, H, D, dtype=torch.float32, S=None):
     return [t.transpose(1, 2) for t in padded], mask, packed, cu, max_len
 
 
-@pytest.mark.parametrize("backend", ["torch", KERNEL])
+@pytest.mark.parametrize("backend", ["torch", *KERNELS])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_varlen_equals_padded(backend, dropout_p):
     """attention_varlen on the packed real tokens == attention on the padded batch with its padding
     mask, at the real tokens: outputs and gradients, and the same dropout mask (max_seqlen == S)."""
     skip_unless_usable(backend, DEVICE)
     lengths, H, D = [5, 0, 17, 1, 12], 2, 32
-    (q, k, v), mask, (qp, kp, vp), cu, max_len = _packed_batch(lengths, H, D)
+    (q, k, v), mask, (qp, kp, vp), cu, max_len = _packed_batch(lengths, H, D, dtype=kdtype(backend))
     assert cu.tolist() == [0, 5, 5, 22, 23, 35] and cu.dtype == torch.int32 and max_len == 17
     seed = seed_tensor(1234) if dropout_p else None
     grad = rand(*q.shape) * mask[:, None, :, None]
@@ -262,10 +295,11 @@ def test_varlen_equals_padded(backend, dropout_p):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
     if dropout_p:
         ref = ref_attention(q, k, v, mask[:, None, None, :], 0.25, dropout_p, seed)
-        torch.testing.assert_close(got[0], padding.unpad(ref.transpose(1, 2), mask)[0], rtol=1e-5, atol=1e-6)
+        tol = dict(rtol=1e-5, atol=1e-6) if q.dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(got[0], padding.unpad(ref.transpose(1, 2), mask)[0], **tol)
 
 
-@pytest.mark.parametrize("backend", [KERNEL])
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_varlen_accuracy_and_packed_qkv(backend, dtype, monkeypatch):
     """Varlen from views of a packed [total, 3, H, D] projection (read in place), against float64."""
@@ -291,8 +325,9 @@ def test_varlen_accuracy_and_packed_qkv(backend, dtype, monkeypatch):
         return torch.cat(outs)
 
     got = fwd_bwd(ours, (q, k, v), grad)
-    ours(q, k, v)
-    assert seen[-1].data_ptr() == q.data_ptr() and seen[-1].stride() == q.stride()
+    if backend == "triton":
+        ours(q, k, v)
+        assert seen[-1].data_ptr() == q.data_ptr() and seen[-1].stride() == q.stride()
     want = fwd_bwd(ref, (q.double(), k.double(), v.double()), grad.double())
     eager = fwd_bwd(ref, (q, k, v), grad)
     assert_attention_close(got, want, eager)
@@ -300,8 +335,8 @@ def test_varlen_accuracy_and_packed_qkv(backend, dtype, monkeypatch):
 
 def test_varlen_empty_batch():
     skip_unless_usable("triton", DEVICE)
-    for backend in ("torch", "triton"):
-        q = rand(0, 2, 32)
+    for backend in ("torch", "triton") + (("cuda",) if GPU else ()):
+        q = rand(0, 2, 32, dtype=torch.float16 if GPU else torch.float32)
         cu = torch.zeros(3, dtype=torch.int32, device=DEVICE)
         out = bertkern.ops.attention_varlen(q, q, q, cu, 0, backend=backend)
         assert out.shape == (0, 2, 32)
@@ -325,25 +360,26 @@ def test_unpad_repad_round_trip_and_grads():
 
 
 # ---------------------------------------------------------------- dropout
-@pytest.mark.parametrize("backend", ["torch", KERNEL])
+@pytest.mark.parametrize("backend", ["torch", *KERNELS])
 @pytest.mark.parametrize("form", ["b11s", "bhss"])
 def test_dropout_matches_reference_mask(backend, form):
     """Same seed, same mask as masked_softmax's: out and grads equal the reference built from
     reference.masked_softmax(..., seed) (rows (b, h, i) of the [B, H, S, S] probabilities)."""
     skip_unless_usable(backend, DEVICE)
-    B, H, S, D = 2, 3, 37, 32
-    q, k, v = (rand(B, H, S, D) for _ in range(3))
-    mask = make_mask(form, B, H, S, S, torch.float32, DEVICE)
-    check_attention(backend, q, k, v, mask, rand(B, H, S, D), dropout_p=0.3, seed=seed_tensor(0x1234_5678_9ABC))
+    B, H, S, D, dt = 2, 3, 37, 32, kdtype(backend)
+    q, k, v = (rand(B, H, S, D, dtype=dt) for _ in range(3))
+    mask = make_mask(form, B, H, S, S, dt, DEVICE)
+    check_attention(backend, q, k, v, mask, rand(B, H, S, D, dtype=dt), dropout_p=0.3,
+                    seed=seed_tensor(0x1234_5678_9ABC))
 
 
-@pytest.mark.parametrize("backend", ["torch", KERNEL])
+@pytest.mark.parametrize("backend", ["torch", *KERNELS])
 def test_dropout_reproducible_and_backward_consistent(backend):
     """torch.manual_seed reproduces the output; consecutive calls differ; the backward uses the
     forward's mask: identical to autograd through the reference with the seed the op drew."""
     skip_unless_usable(backend, DEVICE)
     B, H, S, D, p = 2, 2, 29, 32, 0.4
-    q, k, v = (rand(B, H, S, D, dtype=torch.float64 if backend == "torch" else torch.float32) for _ in range(3))
+    q, k, v = (rand(B, H, S, D, dtype=torch.float64 if backend == "torch" else kdtype(backend)) for _ in range(3))
     torch.manual_seed(7)
     y1 = bertkern.ops.attention(q, k, v, dropout_p=p, backend=backend)
     y2 = bertkern.ops.attention(q, k, v, dropout_p=p, backend=backend)
@@ -359,28 +395,26 @@ def test_dropout_reproducible_and_backward_consistent(backend):
     torch.manual_seed(7)
     out = bertkern.ops.attention(*leaves, dropout_p=p, backend=backend)
     out.backward(grad)
-    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    want = ref_attention(*ref_leaves, dropout_p=p, seed=seed)
-    want.backward(grad)
-    tol = dict(rtol=1e-10, atol=1e-12) if q.dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
-    torch.testing.assert_close(out, want, **tol)
-    for a, b in zip(leaves, ref_leaves):
-        torch.testing.assert_close(a.grad, b.grad, **tol)
+    want = fwd_bwd(lambda *t: ref_attention(*t, dropout_p=p, seed=seed), (q.double(), k.double(), v.double()),
+                   grad.double())
+    eager = fwd_bwd(lambda *t: ref_attention(*t, dropout_p=p, seed=seed), (q, k, v), grad)
+    assert_attention_close((out.detach(), *(t.grad for t in leaves)), want, eager)
 
 
-def test_dropout_statistics():
-    skip_unless_usable("triton", DEVICE)
-    B, H, S, D, p = 1, 2, 64, 16, 0.25
-    q = torch.zeros(B, H, S, D, device=DEVICE)  # uniform attention: out = mean of the kept v / (1 - p)
-    v = torch.eye(S, device=DEVICE)[None, None, :, :D].expand(B, H, S, D).contiguous()
-    out = bertkern.ops.attention(q, q, v, dropout_p=p, backend="triton")
+@pytest.mark.parametrize("backend", KERNELS)
+def test_dropout_statistics(backend):
+    skip_unless_usable(backend, DEVICE)
+    B, H, S, D, p, dt = 1, 2, 64, 16, 0.25, kdtype(backend)
+    q = torch.zeros(B, H, S, D, device=DEVICE, dtype=dt)  # uniform attention: out = mean of the kept v / (1 - p)
+    v = torch.eye(S, device=DEVICE, dtype=dt)[None, None, :, :D].expand(B, H, S, D).contiguous()
+    out = bertkern.ops.attention(q, q, v, dropout_p=p, backend=backend).float()
     # out[..., i, j] = keep(i, j) / (S (1 - p)) for j < D: read the kept fraction back
     kept = (out * S * (1 - p)).round()
     assert set(kept.unique().tolist()) <= {0.0, 1.0}
     frac = 1 - kept.mean().item()
     n = kept.numel()
     assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / n), frac
-    assert torch.equal(bertkern.ops.attention(q, q, v, dropout_p=1.0, backend="triton"), torch.zeros_like(v))
+    assert torch.equal(bertkern.ops.attention(q, q, v, dropout_p=1.0, backend=backend), torch.zeros_like(v))
 
 
 # ---------------------------------------------------------------- autograd, registration, compile
@@ -418,27 +452,27 @@ def test_mask_grad_through_kernel_backend():
     torch.testing.assert_close(m.grad, m2.grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["torch", KERNEL])
+@pytest.mark.parametrize("backend", ["torch", *KERNELS])
 def test_opcheck(backend):
     skip_unless_usable(backend, DEVICE)
     op, bwd = torch.ops.bertkern.attention.default, torch.ops.bertkern.attention_backward.default
-    B, H, S, D = 2, 2, 7, 16
-    q, k, v = (rand(B, H, S, D).requires_grad_() for _ in range(3))
-    bmask = make_mask("b11s", B, H, S, S, torch.float32, DEVICE)
-    fmask = make_mask("b1ss:inf", B, H, S, S, torch.float32, DEVICE)
+    B, H, S, D, dt = 2, 2, 7, 16, kdtype(backend)
+    q, k, v = (rand(B, H, S, D, dtype=dt).requires_grad_() for _ in range(3))
+    bmask = make_mask("b11s", B, H, S, S, dt, DEVICE)
+    fmask = make_mask("b1ss:inf", B, H, S, S, dt, DEVICE)
     seed = seed_tensor(3)
     for args in [(None, 0.5, 0.0, None), (bmask, 0.5, 0.0, None), (fmask, 0.25, 0.2, seed)]:
         torch.library.opcheck(op, (q, k, v, *args, backend))
     out, stats = op(q.detach(), k.detach(), v.detach(), bmask, 0.5, 0.2, seed, backend)
-    g = rand(B, H, S, D)
+    g = rand(B, H, S, D, dtype=dt)
     torch.library.opcheck(bwd, (g, q.detach(), k.detach(), v.detach(), bmask, out, stats, 0.5, 0.2, seed, backend))
     vop, vbwd = torch.ops.bertkern.attention_varlen.default, torch.ops.bertkern.attention_varlen_backward.default
     cu = torch.tensor([0, 4, 4, 11], dtype=torch.int32, device=DEVICE)
-    qp, kp, vp = (rand(11, H, D).requires_grad_() for _ in range(3))
+    qp, kp, vp = (rand(11, H, D, dtype=dt).requires_grad_() for _ in range(3))
     torch.library.opcheck(vop, (qp, kp, vp, cu, 7, 0.5, 0.0, None, backend))
     torch.library.opcheck(vop, (qp, kp, vp, cu, 7, 0.5, 0.2, seed, backend))
     out, stats = vop(qp.detach(), kp.detach(), vp.detach(), cu, 7, 0.5, 0.2, seed, backend)
-    torch.library.opcheck(vbwd, (rand(11, H, D), qp.detach(), kp.detach(), vp.detach(), cu, 7, out, stats, 0.5, 0.2,
+    torch.library.opcheck(vbwd, (rand(11, H, D, dtype=dt), qp.detach(), kp.detach(), vp.detach(), cu, 7, out, stats, 0.5, 0.2,
                                  seed, backend))
 
 
@@ -483,11 +517,63 @@ def _triton_ok():
 
 
 @pytest.mark.gpu
-def test_cuda_backend_runs_triton_with_a_warning():
-    q = torch.randn(1, 2, 5, 16, device="cuda")
-    with pytest.warns(UserWarning, match="no CUDA C.. attention kernel"):
+def test_cuda_backend_coverage(record_backends, monkeypatch):
+    """backend="cuda" runs the CUDA kernels on fp16 / bf16 with D <= 128, silently; fp32 and larger
+    head dims run Triton with a warning naming why; "auto" picks Triton."""
+    import warnings
+
+    monkeypatch.delenv("BERTKERN_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_WARNED", set())  # the warnings below are once per process
+    q = torch.randn(1, 2, 5, 16, device="cuda", dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         out = bertkern.ops.attention(q, q, q, backend="cuda")
-    torch.testing.assert_close(out, ref_attention(q, q, q))
+    torch.testing.assert_close(out, ref_attention(q, q, q), rtol=2e-3, atol=2e-3)
+    assert record_backends[-1] == ("attention", "cuda")
+    for t, why in ((q.float(), "float32"), (torch.randn(1, 2, 5, 160, device="cuda", dtype=torch.float16), "160")):
+        with pytest.warns(UserWarning, match=f"CUDA kernel does not cover.*{why}"):
+            bertkern.ops.attention(t, t, t, backend="cuda")
+        assert record_backends[-1] == ("attention", "triton")
+    bertkern.ops.attention(q, q, q)
+    assert record_backends[-1] == ("attention", "triton")
+
+
+def test_cuda_ops_are_registered():
+    """Without a GPU too: the extension registers the attention ops, with CUDA kernels only."""
+    ok, why = _backend.cuda_extension_status()
+    if not ok:
+        pytest.skip(why)  # tests/test_extension.py fails instead when the build was required
+    assert str(torch.ops.bertkern_cuda.attention_fwd.default._schema) == (
+        "bertkern_cuda::attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_seqlens, "
+        "int max_seqlen, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)")
+    assert str(torch.ops.bertkern_cuda.attention_bwd.default._schema) == (
+        "bertkern_cuda::attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_seqlens, "
+        "int max_seqlen, Tensor out, Tensor stats, float scale, float dropout_p, Tensor? seed) "
+        "-> (Tensor, Tensor, Tensor)")
+    for op in ("attention_fwd", "attention_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bertkern_cuda::{op}", "CUDA")
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"bertkern_cuda::{op}", "CPU")
+
+
+@pytest.mark.gpu
+def test_cuda_ops_check_their_arguments():
+    """Called directly, the CUDA ops refuse what they do not cover, naming the argument."""
+    ops = torch.ops.bertkern_cuda
+    q = torch.randn(1, 2, 5, 16, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="q must be float16 or bfloat16"):
+        ops.attention_fwd(q.float(), q.float(), q.float(), None, None, 0, 1.0, 0.0, None)
+    with pytest.raises(RuntimeError, match="k has dtype"):
+        ops.attention_fwd(q, q.bfloat16(), q, None, None, 0, 1.0, 0.0, None)
+    with pytest.raises(RuntimeError, match="head dim 160"):
+        big = torch.randn(1, 2, 5, 160, device="cuda", dtype=torch.float16)
+        ops.attention_fwd(big, big, big, None, None, 0, 1.0, 0.0, None)
+    with pytest.raises(RuntimeError, match="mask must be a .B, H, S_q, S_k. view"):
+        ops.attention_fwd(q, q, q, torch.ones(1, 1, 1, 5, dtype=torch.bool, device="cuda"), None, 0, 1.0, 0.0, None)
+    with pytest.raises(RuntimeError, match="dropout_p > 0 needs a seed"):
+        ops.attention_fwd(q, q, q, None, None, 0, 1.0, 0.1, None)
+    with pytest.raises(RuntimeError, match="unit stride along D"):
+        ops.attention_fwd(q.transpose(-1, -2), q.transpose(-1, -2), q.transpose(-1, -2), None, None, 0, 1.0, 0.0,
+                          None)
 
 
 def test_bad_input_names_the_argument():
@@ -632,37 +718,38 @@ def test_kernels_compile_for_sm90():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("D", [64, 80, 128])
 @pytest.mark.parametrize("form", ["b11s", "bhss:min"])
-def test_gpu_bert_shapes(dtype, D, form):
+def test_gpu_bert_shapes(backend, dtype, D, form):
     B, H, S = 2, 4, 384
     q, k, v = (rand(B, H, S, D, dtype=dtype, device="cuda", scale=1.5) for _ in range(3))
     mask = make_mask(form, B, H, S, S, dtype, "cuda")
-    check_attention("triton", q, k, v, mask, rand(B, H, S, D, dtype=dtype, device="cuda"), dropout_p=0.1,
+    check_attention(backend, q, k, v, mask, rand(B, H, S, D, dtype=dtype, device="cuda"), dropout_p=0.1,
                     seed=seed_tensor(9, "cuda"))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_gpu_long_sequences_and_varlen(dtype):
+def test_gpu_long_sequences_and_varlen(backend, dtype):
     q, k, v = (rand(1, 2, 4096, 64, dtype=dtype, device="cuda") for _ in range(3))
-    check_attention("triton", q, k, v, None, rand(1, 2, 4096, 64, dtype=dtype, device="cuda"))
+    check_attention(backend, q, k, v, None, rand(1, 2, 4096, 64, dtype=dtype, device="cuda"))
     lengths = [512, 3, 129, 77, 0, 384]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     qp, kp, vp = (rand(sum(lengths), 12, 64, dtype=dtype, device="cuda") for _ in range(3))
-    for backend in ("torch", "triton"):
-        out = bertkern.ops.attention_varlen(qp, kp, vp, cu, 512, backend=backend)
-        if backend == "torch":
-            want = out
+    want = bertkern.ops.attention_varlen(qp, kp, vp, cu, 512, backend="torch")
+    out = bertkern.ops.attention_varlen(qp, kp, vp, cu, 512, backend=backend)
     torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
-def test_gpu_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_compile_fullgraph(backend):
     q, k, v = (torch.randn(2, 4, 128, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
     mask = torch.rand(2, 1, 1, 128, device="cuda") > 0.2
-    f = torch.compile(lambda q, k, v: bertkern.ops.attention(q, k, v, mask, dropout_p=0.1, backend="triton"),
+    f = torch.compile(lambda q, k, v: bertkern.ops.attention(q, k, v, mask, dropout_p=0.1, backend=backend),
                       fullgraph=True)
     f(q, k, v).sum().backward()
     assert torch.isfinite(q.grad).all()

@@ -32,11 +32,12 @@ varlen mode the row is (b * H + h) * max_seqlen + i, so a packed batch whose max
 padded length drops exactly what the padded call drops. The seed is a one-element int64 tensor drawn
 from torch's generator (torch.manual_seed reproduces it); the backward regenerates the same mask.
 
-Backends: "triton" (bertkern/triton/attention.py; fp16 / bf16 / fp32, head dim up to 256); "torch"
-(the eager reference: S x S scores in memory, the backward written out); "cuda": there is no CUDA C++
-attention kernel yet, so backend="cuda" runs the Triton kernel on CUDA tensors (with a one-time
-warning), and "auto" picks Triton on CUDA. float64 inputs and head dims above 256 fall back to the
-torch backend with a warning.
+Backends: "triton" (bertkern/triton/attention.py; fp16 / bf16 / fp32, head dim up to 256); "cuda"
+(csrc/attention.cu: tensor-core mma.sync kernels, fp16 / bf16, head dim up to 128, sm_80+; other
+inputs run the Triton kernel, with a one-time warning); "torch" (the eager reference: S x S scores
+in memory, the backward written out). "auto" picks Triton on CUDA tensors: the CUDA C++ kernels are
+opt-in until benchmarks on a GPU show which is faster. float64 inputs and head dims above 256 fall
+back to the torch backend with a warning.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ _NAME = "bertkern.ops.attention"
 _VNAME = "bertkern.ops.attention_varlen"
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+CUDA_MAX_HEAD_DIM = 128
 
 
 # ---------------------------------------------------------------- torch backend (the written-out reference)
@@ -227,6 +229,14 @@ def _triton():
     return k
 
 
+def _cuda_mask(mask: torch.Tensor | None, q: torch.Tensor, shape) -> torch.Tensor | None:
+    """The mask as the CUDA kernels read it: bool, fp32 or q's dtype (other float dtypes are cast
+    before broadcasting, so a [B, 1, 1, S_k] mask stays small), as a 4-D broadcast view."""
+    if mask is not None and mask.dtype not in (torch.bool, torch.float32, q.dtype):
+        mask = mask.float()
+    return _mask4(mask, shape)
+
+
 # ---------------------------------------------------------------- padded custom ops
 @torch.library.custom_op("bertkern::attention", mutates_args=())
 def _attention(
@@ -238,6 +248,9 @@ def _attention(
         o, stats = torch_forward(q, k, v, mask, scale, dropout_p, seed)
         return _bshd(o, q.dtype), stats.contiguous()
     shape = (B, H, S_q, k.shape[2])
+    if backend == "cuda":
+        return torch.ops.bertkern_cuda.attention_fwd(_unit_d(q), _unit_d(k), _unit_d(v), _cuda_mask(mask, q, shape),
+                                                     None, 0, scale, dropout_p, seed)
     return _triton().forward(_unit_d(q), _unit_d(k), _unit_d(v), _mask4(mask, shape), scale, dropout_p, seed)
 
 
@@ -257,6 +270,10 @@ def _attention_backward(
     if backend == "torch" or not _kernel_ok(q) or q.numel() == 0 or S_k == 0:
         dq, dk, dv = torch_backward(grad, q, k, v, mask, scale, dropout_p, seed)
         return _bshd(dq, q.dtype), _bshd(dk, q.dtype), _bshd(dv, q.dtype)
+    if backend == "cuda":
+        return torch.ops.bertkern_cuda.attention_bwd(
+            _unit_d(grad.to(q.dtype)), _unit_d(q), _unit_d(k), _unit_d(v), _cuda_mask(mask, q, (B, H, S_q, S_k)), None,
+            0, _unit_d(out), stats, scale, dropout_p, seed)
     return _triton().backward(_unit_d(grad.to(q.dtype)), _unit_d(q), _unit_d(k), _unit_d(v),
                               _mask4(mask, (B, H, S_q, S_k)), _unit_d(out), stats, scale, dropout_p, seed)
 
@@ -306,6 +323,9 @@ def _attention_varlen(
     if backend == "torch" or not _kernel_ok(q):
         o, stats = torch_varlen_forward(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed)
         return o.to(q.dtype), stats
+    if backend == "cuda":
+        return torch.ops.bertkern_cuda.attention_fwd(_unit_d(q), _unit_d(k), _unit_d(v), None, cu_seqlens, max_seqlen,
+                                                     scale, dropout_p, seed)
     return _triton().varlen_forward(_unit_d(q), _unit_d(k), _unit_d(v), cu_seqlens, max_seqlen, scale, dropout_p, seed)
 
 
@@ -324,6 +344,10 @@ def _attention_varlen_backward(
     if backend == "torch" or not _kernel_ok(q):
         grads = torch_varlen_backward(grad, q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed)
         return tuple(g.to(q.dtype) for g in grads)
+    if backend == "cuda":
+        return torch.ops.bertkern_cuda.attention_bwd(
+            _unit_d(grad.to(q.dtype)), _unit_d(q), _unit_d(k), _unit_d(v), None, cu_seqlens, max_seqlen, _unit_d(out),
+            stats, scale, dropout_p, seed)
     return _triton().varlen_backward(_unit_d(grad.to(q.dtype)), _unit_d(q), _unit_d(k), _unit_d(v), cu_seqlens,
                                      max_seqlen, _unit_d(out), stats, scale, dropout_p, seed)
 
@@ -354,21 +378,31 @@ _attention_varlen.register_autograd(_varlen_backward, setup_context=_varlen_setu
 
 
 # ---------------------------------------------------------------- public functions
-def _pick_backend(op: str, backend: str | None, device: torch.device, unsupported: str | None) -> str:
-    """backend.resolve, except that "cuda" (explicit, or chosen by "auto") runs the Triton kernel:
-    there is no CUDA C++ attention kernel yet."""
+def _pick_backend(op: str, backend: str | None, q: torch.Tensor) -> str:
+    """backend.resolve, with two attention-specific rules: "auto" means Triton on CUDA tensors (the
+    CUDA C++ kernels are opt-in until timed), and "cuda" runs Triton (warning once) on inputs the
+    CUDA kernels do not cover (fp32, head dim > 128, GPUs before sm_80)."""
     requested = backend or os.environ.get("BERTKERN_BACKEND") or "auto"
-    if requested == "cuda":
-        if device.type != "cuda":
-            raise RuntimeError(f"bertkern.ops.{op}: backend='cuda' is unavailable: "
-                               f"the cuda backend needs CUDA tensors, got {device.type}")
-        _backend._warn_once(f"bertkern.ops.{op}: there is no CUDA C++ attention kernel yet; "
-                            "backend='cuda' runs the Triton kernel")
-        requested = "triton"
-    chosen = _backend.resolve(op, requested, device, unsupported)
-    if chosen == "cuda":  # "auto" with the extension built: the Triton kernel is the fast path here
-        chosen = "triton" if _backend.unavailable_reason("triton", device) is None else "torch"
-    return chosen
+    if requested == "auto":
+        requested = "triton" if q.device.type == "cuda" and _backend.unavailable_reason("triton", q.device) is None \
+            else "torch"
+    elif requested == "cuda" and _backend.unavailable_reason("cuda", q.device) is None:
+        why = _cuda_unsupported(q)
+        if why is not None and _unsupported(q) is None:
+            _backend._warn_once(f"bertkern.ops.{op}: the CUDA kernel does not cover this input ({why}); "
+                                "running the Triton kernel")
+            requested = "triton"
+    return _backend.resolve(op, requested, q.device, _unsupported(q))
+
+
+def _cuda_unsupported(q: torch.Tensor) -> str | None:
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype}: the CUDA kernels are fp16 / bf16"
+    if q.shape[-1] > CUDA_MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {CUDA_MAX_HEAD_DIM}"
+    if torch.cuda.get_device_capability(q.device)[0] < 8:
+        return "the CUDA kernels need sm_80 or newer"
+    return None
 
 
 def _unsupported(q: torch.Tensor) -> str | None:
@@ -448,13 +482,14 @@ def attention(
     scale: default 1 / sqrt(D).
     dropout_p: drop probability on the attention probabilities (applied whenever > 0: pass 0.0 in
         eval); Philox mask from a seed drawn from torch's generator, same bits as masked_softmax's.
-    backend: "torch", "triton", "cuda" (no CUDA C++ kernel yet: runs Triton, warning once) or "auto"
-        (default: $BERTKERN_BACKEND, else "auto": Triton on CUDA tensors, else torch).
+    backend: "torch", "triton", "cuda" (the CUDA C++ kernels: fp16 / bf16, D <= 128, sm_80+; other
+        inputs run Triton, warning once) or "auto" (default: $BERTKERN_BACKEND, else "auto": Triton
+        on CUDA tensors, else torch).
 
     Returns [B, H, S_q, D] stored as [B, S_q, H, D]: `out.transpose(1, 2).reshape(B, S_q, H * D)` is free.
     """
     _check(q, k, v, mask, scale, dropout_p)
-    chosen = _pick_backend("attention", backend, q.device, _unsupported(q))
+    chosen = _pick_backend("attention", backend, q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     dropout_p = float(dropout_p)
     seed = reference.dropout_seed(dropout_p, q.device)
@@ -499,7 +534,7 @@ def attention_varlen(
         raise ValueError(f"{_VNAME}: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
     if isinstance(max_seqlen, (bool, torch.Tensor)) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"{_VNAME}: max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
-    chosen = _pick_backend("attention_varlen", backend, q.device, _unsupported(q))
+    chosen = _pick_backend("attention_varlen", backend, q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     dropout_p = float(dropout_p)
     out, _ = torch.ops.bertkern.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p,

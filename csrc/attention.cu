@@ -1,0 +1,903 @@
+// attention: out = dropout(softmax(q k^T * scale + mask)) v, fused (the S x S scores never reach
+// memory), and its backward, as torch.ops.bertkern_cuda ops (bertkern.ops.attention calls them):
+//
+//   attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_seqlens, int max_seqlen,
+//                 float scale, float dropout_p, Tensor? seed) -> (Tensor out, Tensor stats)
+//   attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_seqlens,
+//                 int max_seqlen, Tensor out, Tensor stats, float scale, float dropout_p,
+//                 Tensor? seed) -> (Tensor dq, Tensor dk, Tensor dv)
+//
+// The contract is bertkern/triton/attention.py's, so the two backends are interchangeable:
+// - Padded (cu_seqlens None): q [B, H, S_q, D], k / v [B, H, S_k, D], any strides with unit stride
+//   along D (views of a packed QKV projection are read in place). out and the gradients are
+//   [B, H, S, D] stored as [B, S, H, D]; stats is fp32 [2, B, H, S_q]: the row max of the logits and
+//   1 / sum(exp(logits - max)), -inf and 0 for a fully masked row (whose out and gradients are 0).
+// - Varlen: q / k / v [total, H, D] packed tokens, sequence b = tokens cu_seqlens[b] .. cu_seqlens[b+1]
+//   (int32 or int64) attending only to itself; out / grads [total, H, D]; stats [2, H, total].
+// - mask (padded only): a 4-D view of [B, H, S_q, S_k] read through its strides (stride 0 over
+//   broadcast dims: a [B, 1, 1, S_k] padding mask is never materialised); bool (true = attend), or
+//   additive fp32 / q's dtype, kept where value > lowest(dtype) (-inf and finfo.min mask a key, NaN
+//   too). Masked keys become -inf by selection, never by addition.
+// - dropout: the Philox scheme of philox.cuh on the [B, H, S_q, S_k] probabilities, row
+//   (b * H + h) * R + i, column j, with R = S_q padded or max_seqlen varlen: the bits of
+//   bertkern.reference.dropout_keep_mask, the Triton kernels and masked_softmax.
+//
+// Kernels (fp16 / bf16, head dim up to 128, sm_80+): tensor-core mma.sync.m16n8k16 with fp32
+// accumulation, 4 warps per block, each warp owning 16 rows of a 64-row tile; the operand tiles go
+// through shared memory (rows padded by 16 bytes: conflict-free fragment reads) and the fragments'
+// register layouts are the PTX ISA's, so scores computed by one mma feed the next as its A operand
+// with no shared-memory round trip (as in FlashAttention-2). The head dim is padded to 32, 64, 80 or
+// 128 in shared memory (zeros), so one compiled kernel serves every D up to it.
+// - forward: one block per 64 queries of one (b, h) streams 64-key tiles with an online softmax
+//   (running max and sum; the accumulator rescaled by exp(m_old - m_new)).
+// - backward (no atomics, deterministic): delta = rowsum(dO * O); a dK/dV kernel (one block per 64
+//   keys, looping over query tiles, recomputing P^T from the stats) and a dQ kernel (one block per
+//   64 queries, looping over key tiles). dS = P * (dP - delta).
+// Not yet here (a first version, written without a GPU to time it): cp.async double buffering,
+// ldmatrix, wgmma on sm_90, and sharing Philox words across lanes in the dK/dV kernel.
+#include "common.cuh"
+#include "philox.cuh"
+
+#include <c10/util/BFloat16.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace bertkern {
+namespace attn {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRowsPerBlock = kWarps * 16;  // rows (queries, or keys in dK/dV) owned by one block
+constexpr int kPad = 8;                     // 16 bytes of padding per shared-memory row
+constexpr int kMaxHeadDim = 128;
+constexpr unsigned kFull = 0xffffffffu;
+
+// ------------------------------------------------------------------ parameters
+struct Strides {  // batch, head, token strides in elements (unit stride along D); batch is 0 varlen
+  int64_t b, h, s;
+};
+
+struct Params {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;   // backward: the forward's output
+  const void* dout;  // backward: the incoming gradient
+  void* o;           // forward: out; backward: unused
+  void* dq;
+  void* dk;
+  void* dv;
+  Strides sq, sk, sv, so, sdo, sdq, sdk, sdv;
+  bool vq, vk, vv, vdo;  // 16-byte vector loads allowed (D % 8 == 0, strides % 8 == 0, aligned)
+
+  const void* mask;  // nullptr: none
+  int mask_kind;     // 0 none, 1 bool (one byte), 2 fp32 additive, 3 q's dtype additive
+  int64_t mb, mh, mq, mk;
+  float mask_lowest;
+
+  const void* cu;  // varlen cumulative lengths, nullptr when padded
+  bool cu64;
+
+  float* stats;        // [2, ...]: row max, 1 / row sum
+  float* delta;        // backward: rowsum(dO * O), laid out like one plane of stats
+  int64_t st_b, st_h;  // stats / delta strides (batch 0 varlen); token stride 1
+  int64_t plane;       // stats plane stride
+
+  int H, S_q, S_k, D;
+  int64_t row_stride;  // dropout rows per (b, h): S_q padded, max_seqlen varlen
+  float scale;
+  float keep_scale;
+  const int64_t* seed;  // nullptr: no dropout
+  uint32_t thresh;
+};
+
+// ------------------------------------------------------------------ 16-bit types and mma.sync
+// Tiles are moved as raw 16-bit words (uint16_t): zero bits are 0.0 in fp16 and bf16 alike.
+template <typename T>
+struct Half16;
+
+template <>
+struct Half16<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);  // lo in the low 16 bits: the lower k / n index
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ uint16_t bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
+  static __device__ __forceinline__ float to_float(uint16_t x) { return __half2float(__ushort_as_half(x)); }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();  // the host refuses devices below sm_80
+#endif
+  }
+};
+
+template <>
+struct Half16<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ uint16_t bits(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
+  static __device__ __forceinline__ float to_float(uint16_t x) {
+    return __bfloat162float(__ushort_as_bfloat16(x));
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+  }
+};
+
+// Register layouts of mma.m16n8k16 (PTX ISA), lane = 4 * g + t:
+//   A (16 x 16, row-major): a[0] = (row g, k 2t, 2t+1), a[1] = (row g+8, k 2t, 2t+1),
+//                           a[2] = (row g, k 2t+8, 2t+9), a[3] = (row g+8, k 2t+8, 2t+9)
+//   B (16 x 8, "col"):      b0 = (k 2t, 2t+1; col g), b1 = (k 2t+8, 2t+9; col g)
+//   C (16 x 8, fp32):       c[0], c[1] = (row g, col 2t, 2t+1), c[2], c[3] = (row g+8, col 2t, 2t+1)
+// So the C tiles of columns 16kk .. 16kk+7 and 16kk+8 .. 16kk+15 are, packed to 16 bits, the A
+// operand of a product over k = those 16 columns.
+
+// Two consecutive 16-bit elements (p must be 4-byte aligned: every caller's column is even).
+__device__ __forceinline__ uint32_t ld_pair(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// Elements p[0] and p[ld] (two rows, one column) as one register, p[0] in the low half.
+__device__ __forceinline__ uint32_t ld_col_pair(const uint16_t* p, int ld) {
+  return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[ld]) << 16);
+}
+
+// A fragment of rows row0 .. row0+15, k columns 16kk .. 16kk+15 of a row-major smem tile.
+template <int LD>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const uint16_t* s, int row0, int kk, int g, int t) {
+  const uint16_t* p = s + (row0 + g) * LD + 16 * kk + 2 * t;
+  a[0] = ld_pair(p);
+  a[1] = ld_pair(p + 8 * LD);
+  a[2] = ld_pair(p + 8);
+  a[3] = ld_pair(p + 8 * LD + 8);
+}
+
+// acc[j] (+)= A (16 x kD, rows row0.. of sa) times B^T, B = rows 8j .. 8j+7 of sb (kD wide): the
+// "row-major times transposed row-major" product (Q K^T, dO V^T, K Q^T, V dO^T).
+template <typename T, int kD, int kN, int LD>
+__device__ __forceinline__ void mma_abt(float (&acc)[kN / 8][4], const uint16_t* sa, int row0, const uint16_t* sb,
+                                        int g, int t) {
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    uint32_t a[4];
+    load_a<LD>(a, sa, row0, kk, g, t);
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) {
+      const uint16_t* p = sb + (8 * j + g) * LD + 16 * kk + 2 * t;
+      Half16<T>::mma(acc[j], a, ld_pair(p), ld_pair(p + 8));
+    }
+  }
+}
+
+// acc[jd] += P (16 x kK, fp32 C layout in p) times B, B = the kK x kD row-major smem tile sb: the
+// "scores times values" product (P V, P^T dO, dS^T Q, dS K).
+template <typename T, int kD, int kK, int LD>
+__device__ __forceinline__ void mma_pb(float (&acc)[kD / 8][4], const float (&p)[kK / 8][4], const uint16_t* sb,
+                                       int g, int t) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    const uint32_t a[4] = {Half16<T>::pack(p[2 * kk][0], p[2 * kk][1]), Half16<T>::pack(p[2 * kk][2], p[2 * kk][3]),
+                           Half16<T>::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                           Half16<T>::pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+    for (int jd = 0; jd < kD / 8; ++jd) {
+      const uint16_t* q = sb + (16 * kk + 2 * t) * LD + 8 * jd + g;
+      Half16<T>::mma(acc[jd], a, ld_col_pair(q, LD), ld_col_pair(q + 8 * LD, LD));
+    }
+  }
+}
+
+// ------------------------------------------------------------------ tiles, sequences, logits
+// rows x kD tile of a global [*, D] row block (row stride `stride`) into smem [rows][LD]; zeros past
+// `valid` rows and past D.
+template <int kRows, int kD, int LD>
+__device__ __forceinline__ void load_tile(uint16_t* s, const uint16_t* g, int64_t stride, int valid, int D,
+                                          bool vec) {
+  if (vec) {
+    constexpr int kChunks = kD / 8;
+    for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
+      const int r = c / kChunks, col = (c % kChunks) * 8;
+      uint4 x = make_uint4(0u, 0u, 0u, 0u);
+      if (r < valid && col < D) x = *reinterpret_cast<const uint4*>(g + r * stride + col);
+      *reinterpret_cast<uint4*>(s + r * LD + col) = x;
+    }
+  } else {
+    for (int e = threadIdx.x; e < kRows * kD; e += kThreads) {
+      const int r = e / kD, col = e % kD;
+      s[r * LD + col] = r < valid && col < D ? g[r * stride + col] : uint16_t(0);
+    }
+  }
+}
+
+struct Seq {
+  int64_t tok0;  // first token of the sequence in the packed tensors (0 padded)
+  int Lq, Lk;
+};
+
+__device__ __forceinline__ Seq seq_of(const Params& p, int b) {
+  if (p.cu == nullptr) return {0, p.S_q, p.S_k};
+  int64_t lo, hi;
+  if (p.cu64) {
+    lo = static_cast<const int64_t*>(p.cu)[b];
+    hi = static_cast<const int64_t*>(p.cu)[b + 1];
+  } else {
+    lo = static_cast<const int32_t*>(p.cu)[b];
+    hi = static_cast<const int32_t*>(p.cu)[b + 1];
+  }
+  const int n = static_cast<int>(hi - lo);
+  return {lo, n, n};
+}
+
+__device__ __forceinline__ const uint16_t* at_token(const void* base, const Strides& s, int b, int h, int64_t tok) {
+  return static_cast<const uint16_t*>(base) + b * s.b + h * s.h + tok * s.s;
+}
+
+// The logit of query i, key j: acc * scale + mask, or -inf where masked or out of range.
+template <typename T>
+__device__ __forceinline__ float logit(const Params& p, int64_t mbase, int i, int j, int Lq, int Lk, float acc) {
+  if (i >= Lq || j >= Lk) return -INFINITY;
+  float z = acc * p.scale;
+  if (p.mask_kind != 0) {
+    const int64_t off = mbase + i * p.mq + j * p.mk;
+    if (p.mask_kind == 1) {
+      if (static_cast<const uint8_t*>(p.mask)[off] == 0) return -INFINITY;
+    } else {
+      const float m = p.mask_kind == 2 ? static_cast<const float*>(p.mask)[off]
+                                       : Half16<T>::to_float(static_cast<const uint16_t*>(p.mask)[off]);
+      if (!(m > p.mask_lowest)) return -INFINITY;  // NaN masks too
+      z += m;
+    }
+  }
+  return z;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(kFull, x, 1));
+  return fmaxf(x, __shfl_xor_sync(kFull, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(kFull, x, 1);
+  return x + __shfl_xor_sync(kFull, x, 2);
+}
+
+// Keep bits of columns col, col + 1 (col even) of dropout row `row`: one Philox call.
+__device__ __forceinline__ uint32_t keep_pair(const Dropout& d, int64_t row, int col) {
+  const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(col >> 2), static_cast<uint32_t>(row), 0u, 0u),
+                                d.key);
+  const bool hi = (col & 2) != 0;
+  return static_cast<uint32_t>(((hi ? r.z : r.x) >> 1) >= d.thresh) |
+         (static_cast<uint32_t>(((hi ? r.w : r.y) >> 1) >= d.thresh) << 1);
+}
+
+// Stores rows (row0 + g, row0 + g + 8) of a 16 x kD fp32 C-layout block, times row_scale[r], into
+// a [*, D] row block of 16-bit T (rows >= valid skipped).
+template <typename T, int kD>
+__device__ __forceinline__ void store_rows(void* base, int64_t stride, int row0, int valid, int D,
+                                           const float (&acc)[kD / 8][4], const float (&row_scale)[2], int g,
+                                           int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + g + 8 * r;
+    if (row >= valid) continue;
+    uint16_t* out = static_cast<uint16_t*>(base) + row * stride;
+#pragma unroll
+    for (int jd = 0; jd < kD / 8; ++jd) {
+      const int col = 8 * jd + 2 * t;
+      const float x0 = acc[jd][2 * r] * row_scale[r], x1 = acc[jd][2 * r + 1] * row_scale[r];
+      if (col + 1 < D && (D % 2 == 0) && (stride % 2 == 0)) {
+        *reinterpret_cast<uint32_t*>(out + col) = Half16<T>::pack(x0, x1);
+      } else {
+        if (col < D) out[col] = Half16<T>::bits(x0);
+        if (col + 1 < D) out[col + 1] = Half16<T>::bits(x1);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ forward
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p) {
+  constexpr int kM = kRowsPerBlock, kN = 64, LD = kD + kPad;
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint16_t* sK = reinterpret_cast<uint16_t*>(smem);  // [kN][LD]; holds the Q tile first
+  uint16_t* sV = sK + kN * LD;                       // [kN][LD]
+
+  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kM;
+  const Seq seq = seq_of(p, b);
+  if (m0 >= seq.Lq) return;
+  const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+  const int row0 = warp * 16;                  // the warp's rows in the tile
+  const int qi[2] = {m0 + row0 + g, m0 + row0 + g + 8};  // the thread's two queries
+
+  const uint16_t* q = at_token(p.q, p.sq, b, h, seq.tok0 + m0);
+  const uint16_t* k = at_token(p.k, p.sk, b, h, seq.tok0);
+  const uint16_t* v = at_token(p.v, p.sv, b, h, seq.tok0);
+  const int64_t mbase = b * p.mb + h * p.mh;
+  const Dropout drop = make_dropout(p.seed, p.thresh);
+  const int64_t drow = (static_cast<int64_t>(b) * p.H + h) * p.row_stride;
+
+  // Q fragments stay in registers for the whole key loop.
+  load_tile<kM, kD, LD>(sK, q, p.sq.s, seq.Lq - m0, p.D, p.vq);
+  __syncthreads();
+  uint32_t qa[kD / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) load_a<LD>(qa[kk], sK, row0, kk, g, t);
+
+  float o[kD / 8][4] = {};
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // l_run: this thread's columns only
+  for (int n0 = 0; n0 < seq.Lk; n0 += kN) {
+    __syncthreads();  // the previous tile (or the Q tile) is no longer read
+    load_tile<kN, kD, LD>(sK, k + n0 * p.sk.s, p.sk.s, seq.Lk - n0, p.D, p.vk);
+    load_tile<kN, kD, LD>(sV, v + n0 * p.sv.s, p.sv.s, seq.Lk - n0, p.D, p.vv);
+    __syncthreads();
+
+    float s[kN / 8][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+#pragma unroll
+      for (int j = 0; j < kN / 8; ++j) {
+        const uint16_t* bp = sK + (8 * j + g) * LD + 16 * kk + 2 * t;
+        Half16<T>::mma(s[j], qa[kk], ld_pair(bp), ld_pair(bp + 8));
+      }
+    }
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = logit<T>(p, mbase, qi[e / 2], n0 + 8 * j + 2 * t + (e & 1), seq.Lq, seq.Lk, s[j][e]);
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
+      }
+    }
+    float shift[2], alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float m_new = fmaxf(m_run[r], quad_max(tile_max[r]));
+      shift[r] = m_new == -INFINITY ? 0.f : m_new;  // no key yet: exp(-inf - 0) = 0
+      alpha[r] = __expf(m_run[r] - shift[r]);
+      m_run[r] = m_new;
+      l_run[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = __expf(s[j][e] - shift[e / 2]);
+        l_run[e / 2] += s[j][e];  // the sum is over probabilities before dropout
+      }
+      if (drop.on) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const uint32_t keep = keep_pair(drop, drow + qi[r], n0 + 8 * j + 2 * t);
+          if (!(keep & 1u)) s[j][2 * r] = 0.f;
+          if (!(keep & 2u)) s[j][2 * r + 1] = 0.f;
+        }
+      }
+    }
+#pragma unroll
+    for (int jd = 0; jd < kD / 8; ++jd) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[jd][e] *= alpha[e / 2];
+    }
+    mma_pb<T, kD, kN, LD>(o, s, sV, g, t);
+  }
+
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(l_run[r]);
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    if (t == 0 && qi[r] < seq.Lq) {
+      float* st = p.stats + b * p.st_b + h * p.st_h + seq.tok0 + qi[r];
+      st[0] = m_run[r];  // -inf for a fully masked row
+      st[p.plane] = inv[r];
+    }
+  }
+  const float row_scale[2] = {inv[0] * p.keep_scale, inv[1] * p.keep_scale};
+  store_rows<T, kD>(static_cast<uint16_t*>(p.o) + b * p.so.b + h * p.so.h + (seq.tok0 + m0) * p.so.s, p.so.s,
+                    row0, seq.Lq - m0, p.D, o, row_scale, g, t);
+}
+
+// ------------------------------------------------------------------ backward
+// delta = rowsum(dO * O) in fp32: one warp per query row.
+__global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Params p, bool bf16) {
+  const int b = blockIdx.z, h = blockIdx.y, i = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const Seq seq = seq_of(p, b);
+  if (i >= seq.Lq) return;
+  const uint16_t* o = static_cast<const uint16_t*>(p.out) + b * p.so.b + h * p.so.h + (seq.tok0 + i) * p.so.s;
+  const uint16_t* d = static_cast<const uint16_t*>(p.dout) + b * p.sdo.b + h * p.sdo.h + (seq.tok0 + i) * p.sdo.s;
+  float acc = 0.f;
+  for (int c = lane; c < p.D; c += 32) {
+    acc += bf16 ? Half16<__nv_bfloat16>::to_float(o[c]) * Half16<__nv_bfloat16>::to_float(d[c])
+                : Half16<__half>::to_float(o[c]) * Half16<__half>::to_float(d[c]);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(kFull, acc, off);
+  if (lane == 0) p.delta[b * p.st_b + h * p.st_h + seq.tok0 + i] = acc;
+}
+
+// Per-query statistics of a tile in shared memory: (max, 1 / sum, delta); +inf / 0 / 0 for rows out
+// of range or fully masked, so that exp(logit - max) / sum is 0 there (and never inf * 0).
+__device__ __forceinline__ void load_row_stats(const Params& p, float* s_max, float* s_inv, float* s_delta, int b,
+                                               int h, const Seq& seq, int m0, int rows) {
+  for (int r = threadIdx.x; r < rows; r += kThreads) {
+    const int i = m0 + r;
+    float mx = INFINITY, inv = 0.f, dl = 0.f;
+    if (i < seq.Lq) {
+      const int64_t off = b * p.st_b + h * p.st_h + seq.tok0 + i;
+      mx = p.stats[off];
+      if (mx == -INFINITY) mx = INFINITY;
+      inv = p.stats[p.plane + off];
+      dl = p.delta[off];
+    }
+    s_max[r] = mx;
+    s_inv[r] = inv;
+    s_delta[r] = dl;
+  }
+}
+
+// dK, dV: one block per 64 keys (each warp 16 keys), looping over tiles of kM queries. Computed
+// transposed (keys as rows): S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Params p) {
+  constexpr int kN = kRowsPerBlock, kM = kD <= 64 ? 64 : 32, LD = kD + kPad;
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint16_t* sK = reinterpret_cast<uint16_t*>(smem);  // [kN][LD]
+  uint16_t* sV = sK + kN * LD;                       // [kN][LD]
+  uint16_t* sQ = sV + kN * LD;                       // [kM][LD]
+  uint16_t* sDO = sQ + kM * LD;                      // [kM][LD]
+  float* s_max = reinterpret_cast<float*>(sDO + kM * LD);
+  float* s_inv = s_max + kM;
+  float* s_delta = s_inv + kM;
+
+  const int b = blockIdx.z, h = blockIdx.y, n0 = blockIdx.x * kN;
+  const Seq seq = seq_of(p, b);
+  if (n0 >= seq.Lk) return;
+  const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+  const int row0 = warp * 16;
+  const int kj[2] = {n0 + row0 + g, n0 + row0 + g + 8};  // the thread's two keys
+
+  const uint16_t* q = at_token(p.q, p.sq, b, h, seq.tok0);
+  const uint16_t* dout = at_token(p.dout, p.sdo, b, h, seq.tok0);
+  const int64_t mbase = b * p.mb + h * p.mh;
+  const Dropout drop = make_dropout(p.seed, p.thresh);
+  const int64_t drow = (static_cast<int64_t>(b) * p.H + h) * p.row_stride;
+
+  load_tile<kN, kD, LD>(sK, at_token(p.k, p.sk, b, h, seq.tok0 + n0), p.sk.s, seq.Lk - n0, p.D, p.vk);
+  load_tile<kN, kD, LD>(sV, at_token(p.v, p.sv, b, h, seq.tok0 + n0), p.sv.s, seq.Lk - n0, p.D, p.vv);
+
+  float dk[kD / 8][4] = {}, dv[kD / 8][4] = {};
+  for (int m0 = 0; m0 < seq.Lq; m0 += kM) {
+    __syncthreads();  // the previous query tile is no longer read
+    load_tile<kM, kD, LD>(sQ, q + m0 * p.sq.s, p.sq.s, seq.Lq - m0, p.D, p.vq);
+    load_tile<kM, kD, LD>(sDO, dout + m0 * p.sdo.s, p.sdo.s, seq.Lq - m0, p.D, p.vdo);
+    load_row_stats(p, s_max, s_inv, s_delta, b, h, seq, m0, kM);
+    __syncthreads();
+
+    float st[kM / 8][4] = {}, dpt[kM / 8][4] = {};
+    mma_abt<T, kD, kM, LD>(st, sK, row0, sQ, g, t);
+    mma_abt<T, kD, kM, LD>(dpt, sV, row0, sDO, g, t);
+#pragma unroll
+    for (int j = 0; j < kM / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = 8 * j + 2 * t + (e & 1), i = m0 + c, key = kj[e / 2];
+        const float z = logit<T>(p, mbase, i, key, seq.Lq, seq.Lk, st[j][e]);
+        const float prob = __expf(z - s_max[c]) * s_inv[c];
+        float dp = dpt[j][e], pd = prob;
+        if (drop.on) {
+          const bool keep = keep_bits<1>(drop, drow + i, key) & 1u;
+          pd = keep ? prob * p.keep_scale : 0.f;
+          dp = keep ? dp * p.keep_scale : 0.f;
+        }
+        st[j][e] = pd;                          // P^T after dropout: dV's operand
+        dpt[j][e] = prob * (dp - s_delta[c]);   // dS^T: dK's operand
+      }
+    }
+    mma_pb<T, kD, kM, LD>(dv, st, sDO, g, t);
+    mma_pb<T, kD, kM, LD>(dk, dpt, sQ, g, t);
+  }
+
+  const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};
+  store_rows<T, kD>(static_cast<uint16_t*>(p.dv) + b * p.sdv.b + h * p.sdv.h + (seq.tok0 + n0) * p.sdv.s, p.sdv.s,
+                    row0, seq.Lk - n0, p.D, dv, one, g, t);
+  store_rows<T, kD>(static_cast<uint16_t*>(p.dk) + b * p.sdk.b + h * p.sdk.h + (seq.tok0 + n0) * p.sdk.s, p.sdk.s,
+                    row0, seq.Lk - n0, p.D, dk, scale, g, t);
+}
+
+// dQ: one block per 64 queries (each warp 16), looping over tiles of kN keys: S = Q K^T,
+// dP = dO V^T, dQ += dS K.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params p) {
+  constexpr int kM = kRowsPerBlock, kN = kD <= 64 ? 64 : 32, LD = kD + kPad;
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);  // [kM][LD]
+  uint16_t* sDO = sQ + kM * LD;                      // [kM][LD]
+  uint16_t* sK = sDO + kM * LD;                      // [kN][LD]
+  uint16_t* sV = sK + kN * LD;                       // [kN][LD]
+  float* s_max = reinterpret_cast<float*>(sV + kN * LD);
+  float* s_inv = s_max + kM;
+  float* s_delta = s_inv + kM;
+
+  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kM;
+  const Seq seq = seq_of(p, b);
+  if (m0 >= seq.Lq) return;
+  const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+  const int row0 = warp * 16;
+  const int qi[2] = {m0 + row0 + g, m0 + row0 + g + 8};
+
+  const uint16_t* k = at_token(p.k, p.sk, b, h, seq.tok0);
+  const uint16_t* v = at_token(p.v, p.sv, b, h, seq.tok0);
+  const int64_t mbase = b * p.mb + h * p.mh;
+  const Dropout drop = make_dropout(p.seed, p.thresh);
+  const int64_t drow = (static_cast<int64_t>(b) * p.H + h) * p.row_stride;
+
+  load_tile<kM, kD, LD>(sQ, at_token(p.q, p.sq, b, h, seq.tok0 + m0), p.sq.s, seq.Lq - m0, p.D, p.vq);
+  load_tile<kM, kD, LD>(sDO, at_token(p.dout, p.sdo, b, h, seq.tok0 + m0), p.sdo.s, seq.Lq - m0, p.D, p.vdo);
+  load_row_stats(p, s_max, s_inv, s_delta, b, h, seq, m0, kM);
+  __syncthreads();
+  float mx[2], inv[2], dl[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int c = row0 + g + 8 * r;
+    mx[r] = s_max[c];
+    inv[r] = s_inv[c];
+    dl[r] = s_delta[c];
+  }
+
+  float dq[kD / 8][4] = {};
+  for (int n0 = 0; n0 < seq.Lk; n0 += kN) {
+    __syncthreads();  // the previous key tile is no longer read
+    load_tile<kN, kD, LD>(sK, k + n0 * p.sk.s, p.sk.s, seq.Lk - n0, p.D, p.vk);
+    load_tile<kN, kD, LD>(sV, v + n0 * p.sv.s, p.sv.s, seq.Lk - n0, p.D, p.vv);
+    __syncthreads();
+
+    float s[kN / 8][4] = {}, dp[kN / 8][4] = {};
+    mma_abt<T, kD, kN, LD>(s, sQ, row0, sK, g, t);
+    mma_abt<T, kD, kN, LD>(dp, sDO, row0, sV, g, t);
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) {
+      uint32_t keep[2] = {3u, 3u};
+      if (drop.on) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) keep[r] = keep_pair(drop, drow + qi[r], n0 + 8 * j + 2 * t);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2;
+        const float z = logit<T>(p, mbase, qi[r], n0 + 8 * j + 2 * t + (e & 1), seq.Lq, seq.Lk, s[j][e]);
+        const float prob = __expf(z - mx[r]) * inv[r];
+        float d = dp[j][e];
+        if (drop.on) d = (keep[r] >> (e & 1)) & 1u ? d * p.keep_scale : 0.f;
+        s[j][e] = prob * (d - dl[r]);  // dS
+      }
+    }
+    mma_pb<T, kD, kN, LD>(dq, s, sK, g, t);
+  }
+  const float scale[2] = {p.scale, p.scale};
+  store_rows<T, kD>(static_cast<uint16_t*>(p.dq) + b * p.sdq.b + h * p.sdq.h + (seq.tok0 + m0) * p.sdq.s, p.sdq.s,
+                    row0, seq.Lq - m0, p.D, dq, scale, g, t);
+}
+
+// ------------------------------------------------------------------ launch
+constexpr int fwd_smem(int kD) { return 2 * kRowsPerBlock * (kD + kPad) * 2; }
+constexpr int bwd_smem(int kD) {  // both backward kernels: two 64-row tiles, two kOther-row tiles, stats
+  return (2 * kRowsPerBlock + 2 * (kD <= 64 ? 64 : 32)) * (kD + kPad) * 2 + 3 * kRowsPerBlock * 4;
+}
+
+template <typename Kernel>
+void launch(Kernel kernel, dim3 grid, int smem, const Params& p, cudaStream_t stream) {
+  if (smem > 48 * 1024) {  // above the default dynamic shared-memory limit: opt in (sm_80+ allow it)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  }
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The padded head dim a kernel is compiled for: the smallest of 32, 64, 80, 128 holding D.
+template <typename F>
+void with_head_dim(int D, F&& f) {
+  if (D <= 32) {
+    f(std::integral_constant<int, 32>{});
+  } else if (D <= 64) {
+    f(std::integral_constant<int, 64>{});
+  } else if (D <= 80) {
+    f(std::integral_constant<int, 80>{});
+  } else {
+    f(std::integral_constant<int, 128>{});
+  }
+}
+
+template <typename F>
+void with_type(at::ScalarType t, F&& f) {
+  if (t == at::kHalf) {
+    f(__half{});
+  } else {
+    f(__nv_bfloat16{});
+  }
+}
+
+// ------------------------------------------------------------------ host: checks and layouts
+constexpr const char* kFwd = "bertkern_cuda::attention_fwd";
+constexpr const char* kBwd = "bertkern_cuda::attention_bwd";
+
+bool vec_ok(const at::Tensor& t, const Strides& s, int D) {
+  return D % 8 == 0 && s.b % 8 == 0 && s.h % 8 == 0 && s.s % 8 == 0 && is_aligned(t.const_data_ptr(), 16);
+}
+
+// (batch, head, token) strides of a [B, H, S, D] (padded) or [total, H, D] (varlen) tensor.
+Strides strides_of(const at::Tensor& t, bool varlen) {
+  if (varlen) return {0, t.stride(1), t.stride(0)};
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+void check_device_arch(const char* op, const at::Tensor& q) {
+  const int major = cc_major(q.device().index());
+  TORCH_CHECK(major >= 8, op, ": the CUDA attention kernels need sm_80 or newer (tensor-core mma.sync), ",
+              "got compute capability ", major, ".x; use backend='triton'");
+}
+
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool varlen) {
+  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+              ": q must be float16 or bfloat16 (the CUDA attention kernels use fp16/bf16 tensor cores), got ",
+              q.scalar_type(), "; use backend='triton' for float32");
+  const int dims = varlen ? 3 : 4;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
+    TORCH_CHECK(t.dim() == dims, op, ": ", name, " must be ", dims, "-D (", varlen ? "[total, H, D]" : "[B, H, S, D]",
+                "), got shape ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but q has ",
+                q.scalar_type());
+    TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ", q.device());
+    TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name, " must have unit stride along D, got strides ",
+                t.strides());
+  }
+  const int64_t D = q.size(-1);
+  TORCH_CHECK(D >= 1 && D <= kMaxHeadDim, op, ": head dim ", D, " is outside the CUDA kernels' range [1, ",
+              kMaxHeadDim, "]; use backend='triton'");
+  if (varlen) {
+    TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": q, k, v must have the same shape, got ",
+                q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  } else {
+    TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == D, op,
+                ": k must be [B, H, S_k, D] with q's B, H, D, got ", k.sizes(), " for q ", q.sizes());
+    TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  }
+  TORCH_CHECK(q.size(-2) <= std::numeric_limits<int>::max() && k.size(-2) <= std::numeric_limits<int>::max() &&
+                  q.size(varlen ? 0 : 2) <= std::numeric_limits<int>::max(),
+              op, ": sequence lengths must fit in int32");
+  check_device_arch(op, q);
+}
+
+// Fills the shape, mask, varlen and dropout fields shared by forward and backward.
+Params common_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens,
+                     int64_t max_seqlen, double scale, double dropout_p, const at::Tensor& seed, int64_t& B) {
+  const bool varlen = cu_seqlens.has_value() && cu_seqlens->defined();
+  Params p{};
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.sq = strides_of(q, varlen);
+  p.sk = strides_of(k, varlen);
+  p.sv = strides_of(v, varlen);
+  p.D = static_cast<int>(q.size(-1));
+  p.vq = vec_ok(q, p.sq, p.D);
+  p.vk = vec_ok(k, p.sk, p.D);
+  p.vv = vec_ok(v, p.sv, p.D);
+  if (varlen) {
+    const at::Tensor& cu = *cu_seqlens;
+    TORCH_CHECK(!(mask.has_value() && mask->defined()), op, ": varlen attention takes no mask");
+    TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1 && (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
+                op, ": cu_seqlens must be a 1-D int32 or int64 tensor [B + 1], got ", cu.scalar_type(), " of shape ",
+                cu.sizes());
+    TORCH_CHECK(cu.device() == q.device(), op, ": cu_seqlens is on ", cu.device(), " but q is on ", q.device());
+    TORCH_CHECK(cu.is_contiguous(), op, ": cu_seqlens must be contiguous");
+    TORCH_CHECK(max_seqlen >= 0 && max_seqlen <= std::numeric_limits<int>::max(), op,
+                ": max_seqlen must be in [0, 2^31), got ", max_seqlen);
+    B = cu.numel() - 1;
+    p.cu = cu.const_data_ptr();
+    p.cu64 = cu.scalar_type() == at::kLong;
+    p.H = static_cast<int>(q.size(1));
+    p.S_q = p.S_k = static_cast<int>(max_seqlen);
+  } else {
+    B = q.size(0);
+    p.H = static_cast<int>(q.size(1));
+    p.S_q = static_cast<int>(q.size(2));
+    p.S_k = static_cast<int>(k.size(2));
+  }
+  p.row_stride = p.S_q;
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device() == q.device(), op, ": mask is on ", m.device(), " but q is on ", q.device());
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == p.H && m.size(2) == p.S_q && m.size(3) == p.S_k, op,
+                ": mask must be a [B, H, S_q, S_k] view (expand a broadcast mask first), got ", m.sizes());
+    const auto mt = m.scalar_type();
+    TORCH_CHECK(mt == at::kBool || mt == at::kFloat || mt == q.scalar_type(), op,
+                ": mask must be bool, float32 or q's dtype, got ", mt);
+    p.mask = m.const_data_ptr();
+    p.mask_kind = mt == at::kBool ? 1 : mt == at::kFloat ? 2 : 3;
+    p.mb = m.stride(0);
+    p.mh = m.stride(1);
+    p.mq = m.stride(2);
+    p.mk = m.stride(3);
+    p.mask_lowest = mt == at::kFloat  ? std::numeric_limits<float>::lowest()
+                    : mt == at::kHalf ? -65504.0f
+                                      : static_cast<float>(std::numeric_limits<c10::BFloat16>::lowest());
+  }
+  p.scale = static_cast<float>(scale);
+  p.seed = seed.defined() ? seed.const_data_ptr<int64_t>() : nullptr;
+  p.thresh = dropout_threshold(dropout_p);
+  p.keep_scale = seed.defined() ? static_cast<float>(dropout_scale(dropout_p)) : 1.0f;
+  return p;
+}
+
+at::Tensor bshd_empty(int64_t B, int64_t S, int64_t H, int64_t D, const at::TensorOptions& opts) {
+  return at::empty({B, S, H, D}, opts).transpose(1, 2);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& mask,
+                                                 const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+                                                 double scale, double dropout_p,
+                                                 const std::optional<at::Tensor>& seed_opt) {
+  const bool varlen = cu_seqlens.has_value() && cu_seqlens->defined();
+  check_qkv(kFwd, q, k, v, varlen);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor seed = checked_seed(kFwd, seed_opt, dropout_p, q);
+  int64_t B = 0;
+  Params p = common_params(kFwd, q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, B);
+  const int64_t H = p.H, D = p.D;
+  at::Tensor out, stats;
+  if (varlen) {
+    const int64_t total = q.size(0);
+    out = at::empty({total, H, D}, q.options());
+    stats = at::empty({2, H, total}, q.options().dtype(at::kFloat));
+    p.st_b = 0;
+    p.st_h = total;
+  } else {
+    out = bshd_empty(B, p.S_q, H, D, q.options());
+    stats = at::empty({2, B, H, p.S_q}, q.options().dtype(at::kFloat));
+    p.st_b = H * p.S_q;
+    p.st_h = p.S_q;
+  }
+  p.plane = stats.stride(0);
+  p.o = out.data_ptr();
+  p.so = strides_of(out, varlen);
+  p.stats = stats.data_ptr<float>();
+  if (out.numel() == 0 || B == 0 || p.S_q == 0) return {out, stats};
+  const dim3 grid(ceil_div(p.S_q, kRowsPerBlock), p.H, static_cast<unsigned>(B));
+  TORCH_CHECK(B <= 65535 && p.H <= 65535, kFwd, ": B and H must be at most 65535");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
+  with_type(q.scalar_type(), [&](auto type) {
+    using T = decltype(type);
+    with_head_dim(p.D, [&](auto hd) {
+      constexpr int kD = decltype(hd)::value;
+      launch(attention_fwd_kernel<T, kD>, grid, fwd_smem(kD), p, stream);
+    });
+  });
+  return {out, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+    const at::Tensor& out, const at::Tensor& stats_in, double scale, double dropout_p,
+    const std::optional<at::Tensor>& seed_opt) {
+  const bool varlen = cu_seqlens.has_value() && cu_seqlens->defined();
+  check_qkv(kBwd, q, k, v, varlen);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad", grad}, {"out", out}}) {
+    TORCH_CHECK(t.sizes() == q.sizes(), kBwd, ": ", name, " must have q's shape ", q.sizes(), ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), kBwd, ": ", name, " has dtype ", t.scalar_type(),
+                " but q has ", q.scalar_type());
+    TORCH_CHECK(t.device() == q.device(), kBwd, ": ", name, " is on ", t.device(), " but q is on ", q.device());
+    TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, kBwd, ": ", name, " must have unit stride along D");
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor seed = checked_seed(kBwd, seed_opt, dropout_p, q);
+  int64_t B = 0;
+  Params p = common_params(kBwd, q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, B);
+  const int64_t H = p.H, D = p.D;
+  const int64_t total = varlen ? q.size(0) : 0;
+  const std::vector<int64_t> stats_shape =
+      varlen ? std::vector<int64_t>{2, H, total} : std::vector<int64_t>{2, B, H, p.S_q};
+  TORCH_CHECK(stats_in.scalar_type() == at::kFloat && stats_in.sizes() == at::IntArrayRef(stats_shape), kBwd,
+              ": stats must be the forward's float32 ", at::IntArrayRef(stats_shape), ", got ", stats_in.scalar_type(),
+              " ", stats_in.sizes());
+  TORCH_CHECK(stats_in.device() == q.device(), kBwd, ": stats is on ", stats_in.device(), " but q is on ", q.device());
+  const at::Tensor stats = stats_in.contiguous();
+  at::Tensor dq, dk, dv, delta;
+  if (varlen) {
+    dq = at::empty({total, H, D}, q.options());
+    dk = at::empty({total, H, D}, q.options());
+    dv = at::empty({total, H, D}, q.options());
+    delta = at::empty({H, total}, q.options().dtype(at::kFloat));
+    p.st_b = 0;
+    p.st_h = total;
+  } else {
+    dq = bshd_empty(B, p.S_q, H, D, q.options());
+    dk = bshd_empty(B, p.S_k, H, D, q.options());
+    dv = bshd_empty(B, p.S_k, H, D, q.options());
+    delta = at::empty({B, H, p.S_q}, q.options().dtype(at::kFloat));
+    p.st_b = H * p.S_q;
+    p.st_h = p.S_q;
+  }
+  p.plane = stats.stride(0);
+  p.stats = const_cast<float*>(stats.const_data_ptr<float>());
+  p.delta = delta.data_ptr<float>();
+  p.out = out.const_data_ptr();
+  p.dout = grad.const_data_ptr();
+  p.so = strides_of(out, varlen);
+  p.sdo = strides_of(grad, varlen);
+  p.vdo = vec_ok(grad, p.sdo, p.D);
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.sdq = strides_of(dq, varlen);
+  p.sdk = strides_of(dk, varlen);
+  p.sdv = strides_of(dv, varlen);
+  if (B == 0 || q.numel() == 0 || p.S_q == 0) {
+    dk.zero_();  // keys no query reads get zero gradients
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  TORCH_CHECK(B <= 65535 && p.H <= 65535, kBwd, ": B and H must be at most 65535");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
+  attention_bwd_delta_kernel<<<dim3(ceil_div(p.S_q, kWarps), p.H, static_cast<unsigned>(B)), kThreads, 0, stream>>>(
+      p, q.scalar_type() == at::kBFloat16);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  with_type(q.scalar_type(), [&](auto type) {
+    using T = decltype(type);
+    with_head_dim(p.D, [&](auto hd) {
+      constexpr int kD = decltype(hd)::value;
+      if (p.S_k > 0) {
+        launch(attention_bwd_dkdv_kernel<T, kD>, dim3(ceil_div(p.S_k, kRowsPerBlock), p.H, static_cast<unsigned>(B)),
+               bwd_smem(kD), p, stream);
+      }
+      launch(attention_bwd_dq_kernel<T, kD>, dim3(ceil_div(p.S_q, kRowsPerBlock), p.H, static_cast<unsigned>(B)),
+             bwd_smem(kD), p, stream);
+    });
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace attn
+}  // namespace bertkern
+
+TORCH_LIBRARY_FRAGMENT(bertkern_cuda, m) {
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_seqlens, int max_seqlen, float scale, "
+      "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_seqlens, int max_seqlen, "
+      "Tensor out, Tensor stats, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bertkern_cuda, CUDA, m) {
+  m.impl("attention_fwd", &bertkern::attn::attention_fwd);
+  m.impl("attention_bwd", &bertkern::attn::attention_bwd);
+}
