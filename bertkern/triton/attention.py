@@ -504,17 +504,9 @@ def compile_report(capability: int = 90, dtypes=("fp16", "bf16", "fp32"), head_d
     sm_<capability> on the host (no GPU needed; Triton's bundled ptxas) and report shared memory,
     registers and spill (stack) bytes per (dtype, D, mask kind / dropout / varlen variant). Run with
     TRITON_INTERPRET unset: `python -m bertkern.triton.attention`."""
-    import os
-    import re
-    import subprocess
-    import tempfile
+    from bertkern.triton.compile_check import compile_kernel
 
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     ptr = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
-    scalars_f = {"scale", "keep_scale"}
     rows = []
     for dt in dtypes:
         itemsize = 4 if dt == "fp32" else 2
@@ -532,40 +524,15 @@ def compile_report(capability: int = 90, dtypes=("fp16", "bf16", "fp32"), head_d
                     consts = dict(MASK_KIND=kind, MASK_MIN=-3.0e38 if kind == 2 else 0.0, MASK_ROWS=mask_rows,
                                   DROPOUT=dropout, VARLEN=varlen, DOT_F32=False,
                                   PREC="ieee" if dt == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-                    sig = {}
-                    for name in fn.arg_names:
-                        if name in consts:
-                            sig[name] = "constexpr"
-                        elif name in ("STATS", "DELTA"):
-                            sig[name] = "*fp32"
-                        elif name == "MASK":
-                            sig[name] = "*fp32" if kind == 2 else "*u8"
-                        elif name == "SEED":
-                            sig[name] = "*i64"
-                        elif name == "CU":
-                            sig[name] = "*i32"
-                        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
-                            sig[name] = ptr[dt]
-                        else:
-                            sig[name] = "fp32" if name in scalars_f else "i32"
-                    row = {"dtype": dt, "D": D, "variant": variant, "kernel": fn.fn.__name__.strip("_"),
-                           "config": (bm, bn, warps, stages)}
-                    try:
-                        src = ASTSource(fn, sig, {(fn.arg_names.index(c),): v for c, v in consts.items()})
-                        k = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                                           options=dict(num_warps=warps, num_stages=stages))
-                        row["shared"] = k.metadata.shared
-                        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                            f.write(k.asm["cubin"])
-                            f.flush()
-                            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
-                                                   text=True).stdout
-                        m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-                        if m:
-                            row["registers"], row["stack"] = int(m.group(1)), int(m.group(2))
-                    except Exception as e:  # noqa: BLE001  (report it, go on)
-                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-                    rows.append(row)
+                    # every other argument (sizes, strides, thresh) is an i32
+                    sig = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), ptr[dt]),
+                           "STATS": "*fp32", "DELTA": "*fp32", "MASK": "*fp32" if kind == 2 else "*u8",
+                           "SEED": "*i64", "CU": "*i32", "scale": "fp32", "keep_scale": "fp32"}
+                    res = compile_kernel(fn, sig, consts, warps, stages, capability)
+                    if "error" in res:  # one line in the table
+                        res["error"] = res["error"].splitlines()[0][:300]
+                    rows.append({"dtype": dt, "D": D, "variant": variant, "kernel": fn.fn.__name__.strip("_"),
+                                 "config": (bm, bn, warps, stages), **res})
     return rows
 
 
