@@ -118,6 +118,8 @@ struct Half16<__half> {
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#elif defined(BERTKERN_EMULATE)
+    emulate_mma<__half>(c, a, b0, b1);  // tests/cuda_emu: the kernels run on the CPU
 #else
     __trap();  // the host refuses devices below sm_80
 #endif
@@ -143,6 +145,8 @@ struct Half16<__nv_bfloat16> {
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#elif defined(BERTKERN_EMULATE)
+    emulate_mma<__nv_bfloat16>(c, a, b0, b1);
 #else
     __trap();
 #endif
@@ -424,7 +428,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
 
 // ------------------------------------------------------------------ backward
 // delta = rowsum(dO * O) in fp32: one warp per query row.
-__global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Params p, bool bf16) {
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Params p) {
   const int b = blockIdx.z, h = blockIdx.y, i = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   const Seq seq = seq_of(p, b);
   if (i >= seq.Lq) return;
@@ -432,8 +437,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Par
   const uint16_t* d = static_cast<const uint16_t*>(p.dout) + b * p.sdo.b + h * p.sdo.h + (seq.tok0 + i) * p.sdo.s;
   float acc = 0.f;
   for (int c = lane; c < p.D; c += 32) {
-    acc += bf16 ? Half16<__nv_bfloat16>::to_float(o[c]) * Half16<__nv_bfloat16>::to_float(d[c])
-                : Half16<__half>::to_float(o[c]) * Half16<__half>::to_float(d[c]);
+    acc += Half16<T>::to_float(o[c]) * Half16<T>::to_float(d[c]);
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(kFull, acc, off);
@@ -603,19 +607,12 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params
                     row0, seq.Lq - m0, p.D, dq, scale, g, t);
 }
 
-// ------------------------------------------------------------------ launch
+// ------------------------------------------------------------------ host: plans
+// From the argument checks to each kernel's grid, with no CUDA runtime call: the host emulator
+// (tests/cuda_emu) runs exactly this code and the kernels above on CPU tensors.
 constexpr int fwd_smem(int kD) { return 2 * kRowsPerBlock * (kD + kPad) * 2; }
 constexpr int bwd_smem(int kD) {  // both backward kernels: two 64-row tiles, two kOther-row tiles, stats
   return (2 * kRowsPerBlock + 2 * (kD <= 64 ? 64 : 32)) * (kD + kPad) * 2 + 3 * kRowsPerBlock * 4;
-}
-
-template <typename Kernel>
-void launch(Kernel kernel, dim3 grid, int smem, const Params& p, cudaStream_t stream) {
-  if (smem > 48 * 1024) {  // above the default dynamic shared-memory limit: opt in (sm_80+ allow it)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  }
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The padded head dim a kernel is compiled for: the smallest of 32, 64, 80, 128 holding D.
@@ -641,9 +638,14 @@ void with_type(at::ScalarType t, F&& f) {
   }
 }
 
-// ------------------------------------------------------------------ host: checks and layouts
 constexpr const char* kFwd = "bertkern_cuda::attention_fwd";
 constexpr const char* kBwd = "bertkern_cuda::attention_bwd";
+constexpr const char* kFwdSchema =
+    "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_seqlens, int max_seqlen, float scale, "
+    "float dropout_p, Tensor? seed) -> (Tensor, Tensor)";
+constexpr const char* kBwdSchema =
+    "attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_seqlens, int max_seqlen, "
+    "Tensor out, Tensor stats, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)";
 
 bool vec_ok(const at::Tensor& t, const Strides& s, int D) {
   return D % 8 == 0 && s.b % 8 == 0 && s.h % 8 == 0 && s.s % 8 == 0 && is_aligned(t.const_data_ptr(), 16);
@@ -655,14 +657,7 @@ Strides strides_of(const at::Tensor& t, bool varlen) {
   return {t.stride(0), t.stride(1), t.stride(2)};
 }
 
-void check_device_arch(const char* op, const at::Tensor& q) {
-  const int major = cc_major(q.device().index());
-  TORCH_CHECK(major >= 8, op, ": the CUDA attention kernels need sm_80 or newer (tensor-core mma.sync), ",
-              "got compute capability ", major, ".x; use backend='triton'");
-}
-
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool varlen) {
-  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
               ": q must be float16 or bfloat16 (the CUDA attention kernels use fp16/bf16 tensor cores), got ",
               q.scalar_type(), "; use backend='triton' for float32");
@@ -682,18 +677,17 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   if (varlen) {
     TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": q, k, v must have the same shape, got ",
                 q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+    TORCH_CHECK(q.size(0) <= std::numeric_limits<int>::max(), op, ": total tokens must fit in int32");
   } else {
     TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == D, op,
                 ": k must be [B, H, S_k, D] with q's B, H, D, got ", k.sizes(), " for q ", q.sizes());
     TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ", v.sizes());
+    TORCH_CHECK(q.size(2) <= std::numeric_limits<int>::max() && k.size(2) <= std::numeric_limits<int>::max(), op,
+                ": sequence lengths must fit in int32");
   }
-  TORCH_CHECK(q.size(-2) <= std::numeric_limits<int>::max() && k.size(-2) <= std::numeric_limits<int>::max() &&
-                  q.size(varlen ? 0 : 2) <= std::numeric_limits<int>::max(),
-              op, ": sequence lengths must fit in int32");
-  check_device_arch(op, q);
 }
 
-// Fills the shape, mask, varlen and dropout fields shared by forward and backward.
+// The shape, input, mask, varlen and dropout fields shared by forward and backward.
 Params common_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens,
                      int64_t max_seqlen, double scale, double dropout_p, const at::Tensor& seed, int64_t& B) {
@@ -730,6 +724,8 @@ Params common_params(const char* op, const at::Tensor& q, const at::Tensor& k, c
     p.S_q = static_cast<int>(q.size(2));
     p.S_k = static_cast<int>(k.size(2));
   }
+  TORCH_CHECK(B <= 65535 && p.H <= 65535, op, ": the batch and head counts must be at most 65535 (grid limits), got ",
+              B, " and ", p.H);
   p.row_stride = p.S_q;
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;
@@ -756,58 +752,72 @@ Params common_params(const char* op, const at::Tensor& q, const at::Tensor& k, c
   return p;
 }
 
+// Points p's statistics fields at stats ([2, B, H, S_q] padded, [2, H, total] varlen).
+void set_stats(Params& p, const at::Tensor& stats, bool varlen) {
+  p.stats = const_cast<float*>(stats.const_data_ptr<float>());
+  p.plane = stats.stride(0);
+  p.st_b = varlen ? 0 : stats.stride(1);
+  p.st_h = stats.stride(varlen ? 1 : 2);
+}
+
 at::Tensor bshd_empty(int64_t B, int64_t S, int64_t H, int64_t D, const at::TensorOptions& opts) {
   return at::empty({B, S, H, D}, opts).transpose(1, 2);
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 const std::optional<at::Tensor>& mask,
-                                                 const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
-                                                 double scale, double dropout_p,
-                                                 const std::optional<at::Tensor>& seed_opt) {
+struct FwdPlan {
+  Params p;
+  int64_t B;
+  at::Tensor out, stats;
+};
+
+FwdPlan plan_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                 const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale, double dropout_p,
+                 const std::optional<at::Tensor>& seed_opt) {
   const bool varlen = cu_seqlens.has_value() && cu_seqlens->defined();
   check_qkv(kFwd, q, k, v, varlen);
-  const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor seed = checked_seed(kFwd, seed_opt, dropout_p, q);
-  int64_t B = 0;
-  Params p = common_params(kFwd, q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, B);
+  FwdPlan plan;
+  plan.p = common_params(kFwd, q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, plan.B);
+  Params& p = plan.p;
   const int64_t H = p.H, D = p.D;
-  at::Tensor out, stats;
   if (varlen) {
-    const int64_t total = q.size(0);
-    out = at::empty({total, H, D}, q.options());
-    stats = at::empty({2, H, total}, q.options().dtype(at::kFloat));
-    p.st_b = 0;
-    p.st_h = total;
+    plan.out = at::empty({q.size(0), H, D}, q.options());
+    plan.stats = at::empty({2, H, q.size(0)}, q.options().dtype(at::kFloat));
   } else {
-    out = bshd_empty(B, p.S_q, H, D, q.options());
-    stats = at::empty({2, B, H, p.S_q}, q.options().dtype(at::kFloat));
-    p.st_b = H * p.S_q;
-    p.st_h = p.S_q;
+    plan.out = bshd_empty(plan.B, p.S_q, H, D, q.options());
+    plan.stats = at::empty({2, plan.B, H, p.S_q}, q.options().dtype(at::kFloat));
   }
-  p.plane = stats.stride(0);
-  p.o = out.data_ptr();
-  p.so = strides_of(out, varlen);
-  p.stats = stats.data_ptr<float>();
-  if (out.numel() == 0 || B == 0 || p.S_q == 0) return {out, stats};
-  const dim3 grid(ceil_div(p.S_q, kRowsPerBlock), p.H, static_cast<unsigned>(B));
-  TORCH_CHECK(B <= 65535 && p.H <= 65535, kFwd, ": B and H must be at most 65535");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
-  with_type(q.scalar_type(), [&](auto type) {
+  set_stats(p, plan.stats, varlen);
+  p.o = plan.out.data_ptr();
+  p.so = strides_of(plan.out, varlen);
+  return plan;
+}
+
+// Calls launch(kernel, grid, shared-memory bytes) for each kernel of the forward, in order.
+template <typename Launch>
+void dispatch_fwd(const FwdPlan& plan, Launch&& launch) {
+  const Params& p = plan.p;
+  if (plan.out.numel() == 0 || plan.B == 0 || p.S_q == 0) return;
+  const dim3 grid(ceil_div(p.S_q, kRowsPerBlock), p.H, static_cast<unsigned>(plan.B));
+  with_type(plan.out.scalar_type(), [&](auto type) {
     using T = decltype(type);
     with_head_dim(p.D, [&](auto hd) {
       constexpr int kD = decltype(hd)::value;
-      launch(attention_fwd_kernel<T, kD>, grid, fwd_smem(kD), p, stream);
+      launch(attention_fwd_kernel<T, kD>, grid, fwd_smem(kD));
     });
   });
-  return {out, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
-    const at::Tensor& out, const at::Tensor& stats_in, double scale, double dropout_p,
-    const std::optional<at::Tensor>& seed_opt) {
+struct BwdPlan {
+  Params p;
+  int64_t B;
+  at::Tensor dq, dk, dv, delta, stats;
+};
+
+BwdPlan plan_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens,
+                 int64_t max_seqlen, const at::Tensor& out, const at::Tensor& stats_in, double scale,
+                 double dropout_p, const std::optional<at::Tensor>& seed_opt) {
   const bool varlen = cu_seqlens.has_value() && cu_seqlens->defined();
   check_qkv(kBwd, q, k, v, varlen);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad", grad}, {"out", out}}) {
@@ -817,87 +827,125 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     TORCH_CHECK(t.device() == q.device(), kBwd, ": ", name, " is on ", t.device(), " but q is on ", q.device());
     TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, kBwd, ": ", name, " must have unit stride along D");
   }
-  const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor seed = checked_seed(kBwd, seed_opt, dropout_p, q);
-  int64_t B = 0;
-  Params p = common_params(kBwd, q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, B);
-  const int64_t H = p.H, D = p.D;
-  const int64_t total = varlen ? q.size(0) : 0;
+  BwdPlan plan;
+  plan.p = common_params(kBwd, q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, plan.B);
+  Params& p = plan.p;
+  const int64_t H = p.H, D = p.D, total = varlen ? q.size(0) : 0;
   const std::vector<int64_t> stats_shape =
-      varlen ? std::vector<int64_t>{2, H, total} : std::vector<int64_t>{2, B, H, p.S_q};
+      varlen ? std::vector<int64_t>{2, H, total} : std::vector<int64_t>{2, plan.B, H, p.S_q};
   TORCH_CHECK(stats_in.scalar_type() == at::kFloat && stats_in.sizes() == at::IntArrayRef(stats_shape), kBwd,
               ": stats must be the forward's float32 ", at::IntArrayRef(stats_shape), ", got ", stats_in.scalar_type(),
               " ", stats_in.sizes());
   TORCH_CHECK(stats_in.device() == q.device(), kBwd, ": stats is on ", stats_in.device(), " but q is on ", q.device());
-  const at::Tensor stats = stats_in.contiguous();
-  at::Tensor dq, dk, dv, delta;
+  plan.stats = stats_in.contiguous();
+  set_stats(p, plan.stats, varlen);
   if (varlen) {
-    dq = at::empty({total, H, D}, q.options());
-    dk = at::empty({total, H, D}, q.options());
-    dv = at::empty({total, H, D}, q.options());
-    delta = at::empty({H, total}, q.options().dtype(at::kFloat));
-    p.st_b = 0;
-    p.st_h = total;
+    plan.dq = at::empty({total, H, D}, q.options());
+    plan.dk = at::empty({total, H, D}, q.options());
+    plan.dv = at::empty({total, H, D}, q.options());
+    plan.delta = at::empty({H, total}, q.options().dtype(at::kFloat));
   } else {
-    dq = bshd_empty(B, p.S_q, H, D, q.options());
-    dk = bshd_empty(B, p.S_k, H, D, q.options());
-    dv = bshd_empty(B, p.S_k, H, D, q.options());
-    delta = at::empty({B, H, p.S_q}, q.options().dtype(at::kFloat));
-    p.st_b = H * p.S_q;
-    p.st_h = p.S_q;
+    plan.dq = bshd_empty(plan.B, p.S_q, H, D, q.options());
+    plan.dk = bshd_empty(plan.B, p.S_k, H, D, q.options());
+    plan.dv = bshd_empty(plan.B, p.S_k, H, D, q.options());
+    plan.delta = at::empty({plan.B, H, p.S_q}, q.options().dtype(at::kFloat));
   }
-  p.plane = stats.stride(0);
-  p.stats = const_cast<float*>(stats.const_data_ptr<float>());
-  p.delta = delta.data_ptr<float>();
+  p.delta = plan.delta.data_ptr<float>();  // laid out like one plane of stats (contiguous both)
   p.out = out.const_data_ptr();
   p.dout = grad.const_data_ptr();
   p.so = strides_of(out, varlen);
   p.sdo = strides_of(grad, varlen);
   p.vdo = vec_ok(grad, p.sdo, p.D);
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.sdq = strides_of(dq, varlen);
-  p.sdk = strides_of(dk, varlen);
-  p.sdv = strides_of(dv, varlen);
-  if (B == 0 || q.numel() == 0 || p.S_q == 0) {
-    dk.zero_();  // keys no query reads get zero gradients
-    dv.zero_();
-    return {dq, dk, dv};
+  p.dq = plan.dq.data_ptr();
+  p.dk = plan.dk.data_ptr();
+  p.dv = plan.dv.data_ptr();
+  p.sdq = strides_of(plan.dq, varlen);
+  p.sdk = strides_of(plan.dk, varlen);
+  p.sdv = strides_of(plan.dv, varlen);
+  if (plan.B == 0 || q.numel() == 0 || p.S_q == 0) {  // keys no query reads get zero gradients
+    plan.dk.zero_();
+    plan.dv.zero_();
   }
-  TORCH_CHECK(B <= 65535 && p.H <= 65535, kBwd, ": B and H must be at most 65535");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
-  attention_bwd_delta_kernel<<<dim3(ceil_div(p.S_q, kWarps), p.H, static_cast<unsigned>(B)), kThreads, 0, stream>>>(
-      p, q.scalar_type() == at::kBFloat16);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  with_type(q.scalar_type(), [&](auto type) {
+  return plan;
+}
+
+// delta, then dK / dV, then dQ (the last two read delta).
+template <typename Launch>
+void dispatch_bwd(const BwdPlan& plan, Launch&& launch) {
+  const Params& p = plan.p;
+  if (plan.B == 0 || plan.dq.numel() == 0 || p.S_q == 0) return;
+  const unsigned B = static_cast<unsigned>(plan.B);
+  with_type(plan.dq.scalar_type(), [&](auto type) {
     using T = decltype(type);
+    launch(attention_bwd_delta_kernel<T>, dim3(ceil_div(p.S_q, kWarps), p.H, B), 0);
     with_head_dim(p.D, [&](auto hd) {
       constexpr int kD = decltype(hd)::value;
       if (p.S_k > 0) {
-        launch(attention_bwd_dkdv_kernel<T, kD>, dim3(ceil_div(p.S_k, kRowsPerBlock), p.H, static_cast<unsigned>(B)),
-               bwd_smem(kD), p, stream);
+        launch(attention_bwd_dkdv_kernel<T, kD>, dim3(ceil_div(p.S_k, kRowsPerBlock), p.H, B), bwd_smem(kD));
       }
-      launch(attention_bwd_dq_kernel<T, kD>, dim3(ceil_div(p.S_q, kRowsPerBlock), p.H, static_cast<unsigned>(B)),
-             bwd_smem(kD), p, stream);
+      launch(attention_bwd_dq_kernel<T, kD>, dim3(ceil_div(p.S_q, kRowsPerBlock), p.H, B), bwd_smem(kD));
     });
   });
-  return {dq, dk, dv};
 }
+
+#ifndef BERTKERN_EMULATE
+// ------------------------------------------------------------------ CUDA: launch and registration
+void check_cuda(const char* op, const at::Tensor& q) {
+  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got ", q.device());
+  const int major = cc_major(q.device().index());
+  TORCH_CHECK(major >= 8, op, ": the CUDA attention kernels need sm_80 or newer (tensor-core mma.sync), ",
+              "got compute capability ", major, ".x; use backend='triton'");
+}
+
+// A launcher for dispatch_fwd / dispatch_bwd on the current stream.
+auto stream_launcher(const Params& p, const at::Tensor& q) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  return [&p, stream](auto kernel, dim3 grid, int smem) {
+    if (smem > 48 * 1024) {  // above the default dynamic shared-memory limit: opt in (sm_80+ allow it)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    }
+    kernel<<<grid, kThreads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& mask,
+                                                 const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+                                                 double scale, double dropout_p,
+                                                 const std::optional<at::Tensor>& seed) {
+  check_cuda(kFwd, q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const FwdPlan plan = plan_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed);
+  dispatch_fwd(plan, stream_launcher(plan.p, q));
+  return {plan.out, plan.stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+    const at::Tensor& out, const at::Tensor& stats, double scale, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
+  check_cuda(kBwd, q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const BwdPlan plan = plan_bwd(grad, q, k, v, mask, cu_seqlens, max_seqlen, out, stats, scale, dropout_p, seed);
+  dispatch_bwd(plan, stream_launcher(plan.p, q));
+  return {plan.dq, plan.dk, plan.dv};
+}
+#endif  // BERTKERN_EMULATE
 
 }  // namespace attn
 }  // namespace bertkern
 
+#ifndef BERTKERN_EMULATE
 TORCH_LIBRARY_FRAGMENT(bertkern_cuda, m) {
-  m.def(
-      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_seqlens, int max_seqlen, float scale, "
-      "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
-  m.def(
-      "attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_seqlens, int max_seqlen, "
-      "Tensor out, Tensor stats, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)");
+  m.def(bertkern::attn::kFwdSchema);
+  m.def(bertkern::attn::kBwdSchema);
 }
 
 TORCH_LIBRARY_IMPL(bertkern_cuda, CUDA, m) {
   m.impl("attention_fwd", &bertkern::attn::attention_fwd);
   m.impl("attention_bwd", &bertkern::attn::attention_bwd);
 }
+#endif

@@ -76,14 +76,7 @@ def case_id(case) -> str:
 
 
 # Known failures, by case_id prefix: reported, not hidden; xfail(strict) fails once they are fixed.
-KNOWN = {
-    "sm90-bias_gelu-": "bias_gelu._gelu / _gelu_grad read module floats (SQRT1_2, TANH_K, ...) that are not "
-                       "tl.constexpr: NameError at compile (the interpreter accepts them)",
-    "sm90-add_layer_norm-bwd-bf16-N4096-train": "spills 72 B (255 registers): BLOCK_N 4096 on 4 warps keeps "
-                                                "32 columns x 3 fp32 column sums per thread",
-    "sm90-attention-fwd-fp16-D256-": "D = 256 with dropout spills 16 B (255 registers) with fwd_config",
-    "sm90-attention-bwd-fp16-D256-": "D = 256 with dropout: bwd_dq spills 8 B (255 registers) with bwd_config",
-}
+KNOWN: dict[str, str] = {}
 
 
 def _param(case):

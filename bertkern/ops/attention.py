@@ -400,7 +400,7 @@ def _cuda_unsupported(q: torch.Tensor) -> str | None:
         return f"dtype {q.dtype}: the CUDA kernels are fp16 / bf16"
     if q.shape[-1] > CUDA_MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {CUDA_MAX_HEAD_DIM}"
-    if torch.cuda.get_device_capability(q.device)[0] < 8:
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 8:
         return "the CUDA kernels need sm_80 or newer"
     return None
 

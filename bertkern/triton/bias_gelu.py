@@ -6,36 +6,34 @@ one partial row, and the few partial rows are summed afterwards (deterministic, 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-SQRT1_2 = 1.0 / math.sqrt(2.0)
-INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-TANH_K = math.sqrt(2.0 / math.pi)
-TANH_C = 0.044715
+# The GELU constants are written as literals inside the jit functions: a compiled kernel cannot read
+# module-level Python floats (Triton raises NameError; its interpreter alone accepts them).
+#   0.7071067811865476 = 1 / sqrt(2), 0.3989422804014327 = 1 / sqrt(2 pi),
+#   0.7978845608028654 = sqrt(2 / pi), 0.044715 = the tanh approximation's cubic coefficient.
 
 
 @triton.jit
 def _gelu(h, TANH: tl.constexpr):
     if TANH:
         # 0.5 * (1 + tanh(u)) == sigmoid(2u)
-        return h * tl.sigmoid(2.0 * TANH_K * (h + TANH_C * h * h * h))
+        return h * tl.sigmoid(2.0 * 0.7978845608028654 * (h + 0.044715 * h * h * h))
     else:
-        return 0.5 * h * (1.0 + tl.erf(h * SQRT1_2))
+        return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
 
 
 @triton.jit
 def _gelu_grad(h, TANH: tl.constexpr):
     if TANH:
-        z = 2.0 * TANH_K * (h + TANH_C * h * h * h)
+        z = 2.0 * 0.7978845608028654 * (h + 0.044715 * h * h * h)
         s = tl.sigmoid(z)
         # sigmoid(-z), not 1 - s: the complement keeps its precision where s rounds to 1
-        return s + h * 2.0 * s * tl.sigmoid(-z) * TANH_K * (1.0 + 3.0 * TANH_C * h * h)
+        return s + h * 2.0 * s * tl.sigmoid(-z) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
     else:
-        return 0.5 * (1.0 + tl.erf(h * SQRT1_2)) + h * tl.exp(-0.5 * h * h) * INV_SQRT_2PI
+        return 0.5 * (1.0 + tl.erf(h * 0.7071067811865476)) + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
 
 
 @triton.jit

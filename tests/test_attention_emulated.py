@@ -1,0 +1,179 @@
+"""csrc/attention.cu's CUDA kernels run on the CPU through the emulation in tests/cuda_emu (threads for
+CUDA threads, the PTX ISA's mma.sync fragment layouts), so that a machine without a GPU checks the
+kernels' own code: tiling and tails, head-dim padding, every mask form, fully masked rows, Philox
+dropout rows, varlen sequences, packed-QKV strides, the backward's three kernels. The checks are
+test_attention.py's (float64 reference, the 2x-of-eager rule), through bertkern.ops.attention's
+backend="cuda" path with torch.ops.bertkern_cuda pointed at the emulated ops.
+
+Not covered here: the real hardware (tensor-core rounding and accumulation order, __expf, memory
+ordering, speed). The gpu-marked CUDA tests in test_attention.py cover those on a GPU.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import bertkern
+from test_attention import (MASK_FORMS, _packed_batch, assert_attention_close, check_attention, fwd_bwd,
+                            ref_attention, seed_tensor)
+from test_masked_softmax import make_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = "cpu"
+
+
+def _cuda_include() -> str | None:
+    """A CUDA toolkit's include folder (the emulation needs cuda_runtime.h, cuda_bf16.h and what they
+    include): $CUDA_HOME's, /usr/local/cuda's, or the one next to nvcc on PATH."""
+    import shutil
+
+    candidates = [os.path.join(os.environ[v], "include") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    candidates.append("/usr/local/cuda/include")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include"))
+    for c in candidates:
+        if all(os.path.isfile(os.path.join(c, h)) for h in ("cuda_runtime.h", "cuda_bf16.h", "crt/host_defines.h",
+                                                             "nv/target")):
+            return c
+    return None
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """torch.ops.bertkern_cuda_emu, built from tests/cuda_emu/attention_emu.cpp (g++, ~20 s)."""
+    from torch.utils import cpp_extension
+
+    inc = _cuda_include()
+    if inc is None:
+        pytest.skip("no CUDA toolkit headers to build the emulation against")
+    if torch.version.cuda is None:
+        pytest.skip("a CPU-only torch has no c10/cuda headers")
+    cpp_extension.load(
+        name="bertkern_attention_emu",
+        sources=[str(ROOT / "tests" / "cuda_emu" / "attention_emu.cpp")],
+        extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests" / "cuda_emu"), inc],
+        extra_cflags=["-std=c++20", "-O1", "-w"],
+        build_directory=str(tmp_path_factory.mktemp("attention_emu")),
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.bertkern_cuda_emu
+
+
+@pytest.fixture
+def cuda(emulated, monkeypatch):
+    """backend="cuda" of the custom ops, running the emulated kernels on CPU tensors."""
+    monkeypatch.setattr(torch.ops, "bertkern_cuda", emulated)
+    return "cuda"
+
+
+def rand(*shape, dtype=torch.float16, scale=1.0):
+    return (torch.randn(*shape) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("S", [1, 77, 129])
+@pytest.mark.parametrize("D", [32, 80])
+def test_matches_reference(cuda, dtype, S, D):
+    """The [B, 1, 1, S] padding mask with a fully padded sequence; several query and key tiles."""
+    B, H = 3, 2
+    q, k, v = (rand(B, H, S, D, dtype=dtype, scale=1.5) for _ in range(3))
+    mask = make_mask("b11s", B, H, S, S, dtype, CPU)
+    out, dq, dk, dv = check_attention(cuda, q, k, v, mask, rand(B, H, S, D, dtype=dtype))
+    for t in (out, dq, dk, dv):
+        assert (t[0] == 0).all()
+
+
+@pytest.mark.parametrize("form", MASK_FORMS)
+def test_mask_forms(cuda, form):
+    B, H, S, D = 2, 2, 37, 32
+    q, k, v = (rand(B, H, S, D, scale=1.5) for _ in range(3))
+    mask = make_mask(form, B, H, S, S, torch.float16, CPU)
+    check_attention(cuda, q, k, v, mask, rand(B, H, S, D), scale=0.3)
+
+
+def test_fp32_mask_and_cross_lengths(cuda):
+    """An fp32 additive mask on fp16 inputs; S_q != S_k both ways."""
+    for S_q, S_k in [(5, 70), (70, 9)]:
+        q, k, v = rand(1, 2, S_q, 32), rand(1, 2, S_k, 32), rand(1, 2, S_k, 32)
+        mask = make_mask("b1ss:min", 1, 2, S_q, S_k, torch.float32, CPU)
+        check_attention(cuda, q, k, v, mask, rand(1, 2, S_q, 32))
+
+
+@pytest.mark.parametrize("D", [16, 48, 64, 100, 128])
+def test_head_dims_and_packed_qkv_views(cuda, D):
+    """Every head-dim bucket (32, 64, 80, 128) with D padded up to it, on views of a packed
+    [B, S, 3, H, D] projection: 16-byte loads when D % 8 == 0, element loads otherwise."""
+    B, S, H = 1, 40, 2
+    qkv = rand(B, S, 3 * H * D, dtype=torch.bfloat16)
+    q, k, v = qkv.view(B, S, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    mask = make_mask("b11s", B, H, S, S, torch.bfloat16, CPU)
+    check_attention(cuda, q, k, v, mask, rand(B, H, S, D, dtype=torch.bfloat16))
+
+
+def test_large_logits_fully_masked_rows_and_dropout(cuda):
+    """Logits of +-100s, rows masked entirely through a [B,1,S,S] mask (zeros, zero gradients), and
+    dropout over two key tiles with the reference's Philox mask."""
+    B, H, S, D = 2, 2, 70, 32
+    q, k, v = (rand(B, H, S, D, scale=6.0) for _ in range(3))
+    keep = torch.ones(B, 1, S, S, dtype=torch.bool)
+    keep[0, :, 3] = False
+    keep[1, :, :, 5:] = False
+    out, dq, dk, dv = check_attention(cuda, q, k, v, keep, rand(B, H, S, D))
+    assert (out[0, :, 3] == 0).all() and (dq[0, :, 3] == 0).all()
+    assert (dk[1, :, 5:] == 0).all() and (dv[1, :, 5:] == 0).all()
+    q, k, v = (rand(B, H, S, D) for _ in range(3))
+    mask = make_mask("bhss", B, H, S, S, torch.float16, CPU)
+    check_attention(cuda, q, k, v, mask, rand(B, H, S, D), dropout_p=0.3, seed=seed_tensor(0x1234_5678_9ABC, CPU))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_varlen(cuda, dropout_p):
+    """attention_varlen (int32 and int64 cu_seqlens) equals the padded op at the real tokens, and
+    matches the float64 reference sequence by sequence."""
+    lengths, H, D = [5, 0, 70, 1, 12], 2, 32
+    (q, k, v), mask, (qp, kp, vp), cu, max_len = _packed_batch(lengths, H, D, dtype=torch.float16)
+    seed = seed_tensor(1234, CPU) if dropout_p else None
+    grad = rand(*q.shape) * mask[:, None, :, None]
+    gp = bertkern.padding.unpad(grad.transpose(1, 2), mask)[0]
+
+    def padded(q, k, v):
+        return torch.ops.bertkern.attention(q, k, v, mask[:, None, None, :], 0.25, dropout_p, seed, cuda)[0]
+
+    want = fwd_bwd(padded, (q, k, v), grad)
+    for cu_t in (cu, cu.long()):
+        def packed(q, k, v):
+            return torch.ops.bertkern.attention_varlen(q, k, v, cu_t, max_len, 0.25, dropout_p, seed, cuda)[0]
+
+        got = fwd_bwd(packed, (qp, kp, vp), gp)
+        for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+            torch.testing.assert_close(g, bertkern.padding.unpad(w.transpose(1, 2), mask)[0], rtol=0, atol=0,
+                                       msg=name)
+
+    if not dropout_p:  # and against float64, sequence by sequence (an empty one has no rows)
+        def ref(q, k, v):
+            return torch.cat([ref_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), scale=0.25).transpose(0, 1)
+                              for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if b > a])
+
+        assert_attention_close(got, fwd_bwd(ref, (qp.double(), kp.double(), vp.double()), gp.double()),
+                               fwd_bwd(ref, (qp, kp, vp), gp))
+
+
+def test_argument_checks(cuda):
+    """The host-side checks the real ops share (they run before any launch)."""
+    ops = torch.ops.bertkern_cuda
+    q = rand(1, 2, 5, 16)
+    with pytest.raises(RuntimeError, match="q must be float16 or bfloat16"):
+        ops.attention_fwd(q.float(), q.float(), q.float(), None, None, 0, 1.0, 0.0, None)
+    with pytest.raises(RuntimeError, match="head dim 160"):
+        big = rand(1, 2, 5, 160)
+        ops.attention_fwd(big, big, big, None, None, 0, 1.0, 0.0, None)
+    with pytest.raises(RuntimeError, match="dropout_p > 0 needs a seed"):
+        ops.attention_fwd(q, q, q, None, None, 0, 1.0, 0.1, None)
+    with pytest.raises(RuntimeError, match="varlen attention takes no mask"):
+        p = q[0].transpose(0, 1)
+        ops.attention_fwd(p, p, p, torch.ones(1, 2, 5, 5, dtype=torch.bool), torch.tensor([0, 5]), 5, 1.0, 0.0, None)
