@@ -326,7 +326,7 @@ __device__ __forceinline__ void store_rows(void* base, int64_t stride, int row0,
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p) {
   constexpr int kM = kRowsPerBlock, kN = 64, LD = kD + kPad;
-  extern __shared__ __align__(16) unsigned char smem[];
+  BERTKERN_DYNAMIC_SMEM(smem);
   uint16_t* sK = reinterpret_cast<uint16_t*>(smem);  // [kN][LD]; holds the Q tile first
   uint16_t* sV = sK + kN * LD;                       // [kN][LD]
 
@@ -469,7 +469,7 @@ __device__ __forceinline__ void load_row_stats(const Params& p, float* s_max, fl
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Params p) {
   constexpr int kN = kRowsPerBlock, kM = kD <= 64 ? 64 : 32, LD = kD + kPad;
-  extern __shared__ __align__(16) unsigned char smem[];
+  BERTKERN_DYNAMIC_SMEM(smem);
   uint16_t* sK = reinterpret_cast<uint16_t*>(smem);  // [kN][LD]
   uint16_t* sV = sK + kN * LD;                       // [kN][LD]
   uint16_t* sQ = sV + kN * LD;                       // [kM][LD]
@@ -538,7 +538,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Para
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params p) {
   constexpr int kM = kRowsPerBlock, kN = kD <= 64 ? 64 : 32, LD = kD + kPad;
-  extern __shared__ __align__(16) unsigned char smem[];
+  BERTKERN_DYNAMIC_SMEM(smem);
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);  // [kM][LD]
   uint16_t* sDO = sQ + kM * LD;                      // [kM][LD]
   uint16_t* sK = sDO + kM * LD;                      // [kN][LD]
@@ -608,8 +608,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params
 }
 
 // ------------------------------------------------------------------ host: plans
-// From the argument checks to each kernel's grid, with no CUDA runtime call: the host emulator
-// (tests/cuda_emu) runs exactly this code and the kernels above on CPU tensors.
+// From the argument checks to each kernel's grid: FwdPlan / BwdPlan hold the parameters and the
+// outputs, dispatch_* name each kernel with its grid and shared memory.
 constexpr int fwd_smem(int kD) { return 2 * kRowsPerBlock * (kD + kPad) * 2; }
 constexpr int bwd_smem(int kD) {  // both backward kernels: two 64-row tiles, two kOther-row tiles, stats
   return (2 * kRowsPerBlock + 2 * (kD <= 64 ? 64 : 32)) * (kD + kPad) * 2 + 3 * kRowsPerBlock * 4;
@@ -889,25 +889,12 @@ void dispatch_bwd(const BwdPlan& plan, Launch&& launch) {
   });
 }
 
-#ifndef BERTKERN_EMULATE
-// ------------------------------------------------------------------ CUDA: launch and registration
-void check_cuda(const char* op, const at::Tensor& q) {
-  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got ", q.device());
+// ------------------------------------------------------------------ ops
+void check_device(const char* op, const at::Tensor& q) {
+  TORCH_CHECK(is_device_tensor(q), op, ": q must be a CUDA tensor, got ", q.device());
   const int major = cc_major(q.device().index());
   TORCH_CHECK(major >= 8, op, ": the CUDA attention kernels need sm_80 or newer (tensor-core mma.sync), ",
               "got compute capability ", major, ".x; use backend='triton'");
-}
-
-// A launcher for dispatch_fwd / dispatch_bwd on the current stream.
-auto stream_launcher(const Params& p, const at::Tensor& q) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  return [&p, stream](auto kernel, dim3 grid, int smem) {
-    if (smem > 48 * 1024) {  // above the default dynamic shared-memory limit: opt in (sm_80+ allow it)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    }
-    kernel<<<grid, kThreads, smem, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -915,10 +902,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
                                                  double scale, double dropout_p,
                                                  const std::optional<at::Tensor>& seed) {
-  check_cuda(kFwd, q);
-  const c10::cuda::CUDAGuard guard(q.device());
+  check_device(kFwd, q);
+  const DeviceScope scope(q);
   const FwdPlan plan = plan_fwd(q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed);
-  dispatch_fwd(plan, stream_launcher(plan.p, q));
+  dispatch_fwd(plan, [&](auto kernel, dim3 grid, int smem) {
+    launch(kernel, grid, kThreads, smem, scope.stream(), plan.p);
+  });
   return {plan.out, plan.stats};
 }
 
@@ -927,25 +916,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
     const at::Tensor& out, const at::Tensor& stats, double scale, double dropout_p,
     const std::optional<at::Tensor>& seed) {
-  check_cuda(kBwd, q);
-  const c10::cuda::CUDAGuard guard(q.device());
+  check_device(kBwd, q);
+  const DeviceScope scope(q);
   const BwdPlan plan = plan_bwd(grad, q, k, v, mask, cu_seqlens, max_seqlen, out, stats, scale, dropout_p, seed);
-  dispatch_bwd(plan, stream_launcher(plan.p, q));
+  dispatch_bwd(plan, [&](auto kernel, dim3 grid, int smem) {
+    launch(kernel, grid, kThreads, smem, scope.stream(), plan.p);
+  });
   return {plan.dq, plan.dk, plan.dv};
 }
-#endif  // BERTKERN_EMULATE
 
 }  // namespace attn
 }  // namespace bertkern
 
-#ifndef BERTKERN_EMULATE
-TORCH_LIBRARY_FRAGMENT(bertkern_cuda, m) {
+TORCH_LIBRARY_FRAGMENT(BERTKERN_OPS, m) {
   m.def(bertkern::attn::kFwdSchema);
   m.def(bertkern::attn::kBwdSchema);
 }
 
-TORCH_LIBRARY_IMPL(bertkern_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(BERTKERN_OPS, BERTKERN_DEVICE, m) {
   m.impl("attention_fwd", &bertkern::attn::attention_fwd);
   m.impl("attention_bwd", &bertkern::attn::attention_bwd);
 }
-#endif

@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 namespace bertkern {
 
@@ -71,6 +72,44 @@ constexpr I round_up(I a, I b) {
   return ceil_div(a, b) * b;
 }
 
+// ------------------------------------------------------------------ how host code reaches the GPU
+// Every csrc/*.cu goes through these instead of <<<>>>, CUDAGuard and is_cuda() directly, so that
+// tests/cuda_emu can compile the same files with BERTKERN_EMULATE defined and run the kernels on the
+// CPU (CPU tensors, ops registered as torch.ops.bertkern_cuda_emu.*; see tests/cuda_emu/emu.h).
+#ifndef BERTKERN_EMULATE
+// The ops' namespace and dispatch key: TORCH_LIBRARY_FRAGMENT(BERTKERN_OPS, m),
+// TORCH_LIBRARY_IMPL(BERTKERN_OPS, BERTKERN_DEVICE, m).
+#define BERTKERN_OPS bertkern_cuda
+#define BERTKERN_DEVICE CUDA
+// The block's dynamic shared memory, as 16-byte aligned bytes.
+#define BERTKERN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+
+inline bool is_device_tensor(const at::Tensor& t) { return t.is_cuda(); }
+
+// The tensor's device made current for the scope, and its current stream.
+class DeviceScope {
+ public:
+  explicit DeviceScope(const at::Tensor& t)
+      : guard_(t.device()), stream_(c10::cuda::getCurrentCUDAStream(t.device().index()).stream()) {}
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  c10::cuda::CUDAGuard guard_;
+  cudaStream_t stream_;
+};
+
+// kernel<<<grid, block, smem, stream>>>(args...), then the launch-error check. More than 48 KiB of
+// dynamic shared memory needs the kernel's opt-in first (sm_80+ allow up to 163 / 227 KiB).
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  kernel<<<grid, block, smem, stream>>>(static_cast<KArgs>(std::forward<Args>(args))...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif  // BERTKERN_EMULATE
+
 // A device attribute, cached per device (the query is cheap but not free, and launches ask on every
 // call). Racing first calls store the same value, so relaxed ordering is fine.
 template <cudaDeviceAttr kAttr>
@@ -83,7 +122,11 @@ inline int cached_device_attribute(c10::DeviceIndex device) {
     if (cached > 0) return cached;
   }
   int value = 0;
+#ifdef BERTKERN_EMULATE
+  value = emu::device_attribute(kAttr);
+#else
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, kAttr, device));
+#endif
   if (cacheable) cache[device].store(value, std::memory_order_relaxed);
   return value;
 }

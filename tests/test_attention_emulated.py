@@ -10,64 +10,27 @@ ordering, speed). The gpu-marked CUDA tests in test_attention.py cover those on 
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
 import bertkern
+import emulation
 from test_attention import (MASK_FORMS, _packed_batch, assert_attention_close, check_attention, fwd_bwd,
                             ref_attention, seed_tensor)
 from test_masked_softmax import make_mask
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = "cpu"
-
-
-def _cuda_include() -> str | None:
-    """A CUDA toolkit's include folder (the emulation needs cuda_runtime.h, cuda_bf16.h and what they
-    include): $CUDA_HOME's, /usr/local/cuda's, or the one next to nvcc on PATH."""
-    import shutil
-
-    candidates = [os.path.join(os.environ[v], "include") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    candidates.append("/usr/local/cuda/include")
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include"))
-    for c in candidates:
-        if all(os.path.isfile(os.path.join(c, h)) for h in ("cuda_runtime.h", "cuda_bf16.h", "crt/host_defines.h",
-                                                             "nv/target")):
-            return c
-    return None
 
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    """torch.ops.bertkern_cuda_emu, built from tests/cuda_emu/attention_emu.cpp (g++, ~20 s)."""
-    from torch.utils import cpp_extension
-
-    inc = _cuda_include()
-    if inc is None:
-        pytest.skip("no CUDA toolkit headers to build the emulation against")
-    if torch.version.cuda is None:
-        pytest.skip("a CPU-only torch has no c10/cuda headers")
-    cpp_extension.load(
-        name="bertkern_attention_emu",
-        sources=[str(ROOT / "tests" / "cuda_emu" / "attention_emu.cpp")],
-        extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests" / "cuda_emu"), inc],
-        extra_cflags=["-std=c++20", "-O1", "-w"],
-        build_directory=str(tmp_path_factory.mktemp("attention_emu")),
-        is_python_module=False,
-        verbose=False,
-    )
-    return torch.ops.bertkern_cuda_emu
+    return emulation.build("attention", tmp_path_factory.mktemp("attention_emu"))
 
 
 @pytest.fixture
 def cuda(emulated, monkeypatch):
     """backend="cuda" of the custom ops, running the emulated kernels on CPU tensors."""
-    monkeypatch.setattr(torch.ops, "bertkern_cuda", emulated)
+    emulation.use_emulation(monkeypatch, emulated)
     return "cuda"
 
 

@@ -1,18 +1,29 @@
-// A CPU emulation of the CUDA features that csrc/attention.cu's kernels use, so that machines without
-// a GPU (CI) run those kernels themselves: their indexing, tiling, masking, online softmax, dropout
-// rows, tails and layouts. It checks the code, not the hardware: timing, memory ordering and
-// numerics of the real tensor cores (accumulation order, approximate exp) are not emulated.
+// A CPU emulation of the CUDA features that bertkern's kernels (csrc/*.cu) use, so that machines
+// without a GPU (CI) run those kernels themselves: their indexing, tiling, reductions, masking,
+// dropout rows, tails and launch configurations. It checks the code, not the hardware: timing,
+// memory ordering and the numerics of the real instructions (tensor-core accumulation order,
+// approximate exp / rsqrt) are not emulated.
 //
-// - A block runs as one std::thread per CUDA thread; __syncthreads() is a barrier of the block.
+// Include this first, then a csrc/*.cu file: with BERTKERN_EMULATE defined, common.cuh leaves the
+// launch layer (launch, DeviceScope, is_device_tensor, BERTKERN_OPS...) to this file, and the file's
+// ops register as torch.ops.bertkern_cuda_emu.* with CPU kernels.
+//
+// - A block runs as one std::thread per CUDA thread (1-, 2- or 3-D blocks); __syncthreads() is a
+//   barrier of the block. Blocks run one after another: function-static variables stand for
+//   __shared__ ones, and one buffer, filled with NaN bytes before each block, for dynamic shared
+//   memory (reads of shared memory never written show up).
 // - Warp shuffles and mma.sync exchange values through per-warp slots between two barriers of the
-//   warp; mma.sync m16n8k16 decodes its operands with the PTX ISA's fragment layouts (lane = 4g + t:
+//   warp (every lane of the warp must take part, as the kernels' full masks promise).
+// - mma.sync m16n8k16 decodes its operands with the PTX ISA's fragment layouts (lane = 4g + t:
 //   A a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..), a[2] = (g, 2t+8..), a[3] = (g+8, 2t+8..);
 //   B b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g); C c[0..1] = (g, 2t..2t+1), c[2..3] = (g+8, ..)),
 //   multiplies in fp32 and adds to the lane's accumulators.
-// - Blocks run one after another, sharing one shared-memory buffer that is filled with NaN bytes
-//   before each block (reads of shared memory never written show up).
+// - The device has 4 SMs (so grid-stride loops and partial sums run several rounds) and sm_90.
 #pragma once
 
+#define BERTKERN_EMULATE 1
+
+#include <ATen/core/Tensor.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -24,62 +35,75 @@
 #include <memory>
 #include <stdexcept>
 #include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace emu {
 
 constexpr int kWarpSize = 32;
+constexpr size_t kSmemBytes = 232448;  // an H100 block's maximum
 
 struct Warp {
-  std::barrier<> bar{kWarpSize};
-  float f[kWarpSize];
+  explicit Warp(int lanes) : bar(lanes) {}
+  std::barrier<> bar;
+  double v[kWarpSize];  // shuffle slots (wide enough for every shuffled type)
   uint32_t a[kWarpSize][4];
   uint32_t b[kWarpSize][2];
 };
 
 struct Block {
-  explicit Block(int threads) : bar(threads), warps(new Warp[threads / kWarpSize]) {}
+  explicit Block(int threads) : bar(threads) {
+    for (int w = 0; w * kWarpSize < threads; ++w) warps.emplace_back(new Warp(std::min(kWarpSize, threads - w * kWarpSize)));
+  }
   std::barrier<> bar;
-  std::unique_ptr<Warp[]> warps;
+  std::vector<std::unique_ptr<Warp>> warps;
 };
 
 inline thread_local uint3 thread_idx;
 inline thread_local uint3 block_idx;
+inline thread_local int linear_tid = 0;
 inline thread_local Block* block = nullptr;
+inline dim3 block_dim, grid_dim;
+alignas(16) inline unsigned char smem[kSmemBytes];
 
-inline Warp& warp() { return block->warps[thread_idx.x / kWarpSize]; }
-inline int lane() { return static_cast<int>(thread_idx.x % kWarpSize); }
+inline Warp& warp() { return *block->warps[linear_tid / kWarpSize]; }
+inline int lane() { return linear_tid % kWarpSize; }
+inline unsigned char* dynamic_smem() { return smem; }
 
-template <typename T>
-float to_float(uint16_t bits) {
-  if constexpr (std::is_same_v<T, __half>) {
-    __half_raw r;
-    r.x = bits;
-    return __half2float(__half(r));
-  } else {
-    uint32_t w = static_cast<uint32_t>(bits) << 16;  // bf16 is the top half of an fp32
-    float f;
-    std::memcpy(&f, &w, sizeof f);
-    return f;
+inline int device_attribute(cudaDeviceAttr attr) {
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount:
+      return 4;
+    case cudaDevAttrComputeCapabilityMajor:
+      return 9;
+    default:
+      return 0;
   }
 }
 
-// Runs kernel(p) over `grid` blocks of `threads` threads each; `smem` is the kernels' shared buffer.
-template <typename Kernel, typename P>
-void run_grid(Kernel kernel, dim3 grid, int threads, const P& p, unsigned char* smem, size_t smem_bytes) {
+// Runs body() as every thread of every block of the grid.
+template <typename Body>
+void run_grid(dim3 grid, dim3 blk, size_t dynamic_bytes, Body&& body) {
+  if (dynamic_bytes > kSmemBytes) throw std::runtime_error("emulated launch: too much dynamic shared memory");
+  grid_dim = grid;
+  block_dim = blk;
+  const int threads = static_cast<int>(blk.x * blk.y * blk.z);
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
-        std::memset(smem, 0xff, smem_bytes);  // NaN in fp16, bf16 and fp32
-        Block blk(threads);
+        std::memset(smem, 0xff, kSmemBytes);  // NaN in fp16, bf16, fp32 and fp64
+        Block b(threads);
         std::vector<std::thread> team;
         team.reserve(threads);
         for (int t = 0; t < threads; ++t) {
           team.emplace_back([&, t] {
-            thread_idx = make_uint3(static_cast<unsigned>(t), 0u, 0u);
+            thread_idx = make_uint3(t % blk.x, t / blk.x % blk.y, t / (blk.x * blk.y));
             block_idx = make_uint3(x, y, z);
-            block = &blk;
-            kernel(p);
+            linear_tid = t;
+            block = &b;
+            body();
           });
         }
         for (auto& th : team) th.join();
@@ -88,27 +112,74 @@ void run_grid(Kernel kernel, dim3 grid, int threads, const P& p, unsigned char* 
   }
 }
 
+template <typename T>
+float to_float(uint16_t bits) {
+  if constexpr (std::is_same_v<T, __half>) {
+    __half_raw r;
+    r.x = bits;
+    return __half2float(__half(r));
+  } else {
+    const uint32_t w = static_cast<uint32_t>(bits) << 16;  // bf16 is the top half of an fp32
+    float f;
+    std::memcpy(&f, &w, sizeof f);
+    return f;
+  }
+}
+
 }  // namespace emu
 
-// The CUDA built-ins, for host code (cuda_runtime.h already maps __global__, __device__,
-// __shared__ and __align__ to host attributes).
+// ------------------------------------------------------------------ the launch layer of common.cuh
+#define BERTKERN_OPS bertkern_cuda_emu
+#define BERTKERN_DEVICE CPU
+#define BERTKERN_DYNAMIC_SMEM(name) unsigned char* name = ::emu::dynamic_smem()
+
+namespace bertkern {
+
+inline bool is_device_tensor(const at::Tensor& t) { return t.is_cpu(); }
+
+class DeviceScope {
+ public:
+  explicit DeviceScope(const at::Tensor&) {}
+  cudaStream_t stream() const { return nullptr; }
+};
+
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t, Args&&... args) {
+  // Arguments are copied at launch, as the real launch does.
+  std::tuple<std::decay_t<KArgs>...> copied(static_cast<KArgs>(std::forward<Args>(args))...);
+  emu::run_grid(grid, block, smem, [&] { std::apply(kernel, copied); });
+}
+
+}  // namespace bertkern
+
+// ------------------------------------------------------------------ CUDA built-ins for host code
+// (cuda_runtime.h maps __global__, __device__, __align__ to host attributes.)
+#undef __shared__
+#define __shared__ static
 #define __launch_bounds__(...)
 #define threadIdx (::emu::thread_idx)
 #define blockIdx (::emu::block_idx)
+#define blockDim (::emu::block_dim)
+#define gridDim (::emu::grid_dim)
 
 inline void __syncthreads() { emu::block->bar.arrive_and_wait(); }
 
-inline float __shfl_xor_sync(unsigned /*mask: every lane takes part here*/, float v, int lane_mask) {
+template <typename V>
+V __shfl_xor_sync(unsigned /*mask: every lane takes part here*/, V v, int lane_mask, int /*width*/ = 32) {
+  static_assert(sizeof(V) <= sizeof(double), "shuffle slot too small");
   emu::Warp& w = emu::warp();
   const int lane = emu::lane();
-  w.f[lane] = v;
+  std::memcpy(&w.v[lane], &v, sizeof v);
   w.bar.arrive_and_wait();
-  const float r = w.f[lane ^ lane_mask];
+  V r;
+  std::memcpy(&r, &w.v[lane ^ lane_mask], sizeof r);
   w.bar.arrive_and_wait();
   return r;
 }
 
 inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: c (16 x 8) += a (16 x 16) b (16 x 8).
 template <typename T>

@@ -1,0 +1,56 @@
+"""Builds the CPU emulation of a csrc/*.cu file (tests/cuda_emu/<op>_emu.cpp: emu.h, then the .cu file)
+as torch.ops.bertkern_cuda_emu.*, so that tests run the CUDA kernels' own code without a GPU; and
+points backend="cuda" at it (see tests/cuda_emu/emu.h for what the emulation covers)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = ROOT / "tests" / "cuda_emu"
+
+
+def cuda_include() -> str | None:
+    """A CUDA toolkit's include folder (the emulation needs cuda_runtime.h, cuda_bf16.h and what they
+    include): $CUDA_HOME's, /usr/local/cuda's, or the one next to nvcc on PATH."""
+    candidates = [os.path.join(os.environ[v], "include") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    candidates.append("/usr/local/cuda/include")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include"))
+    needed = ("cuda_runtime.h", "cuda_bf16.h", "crt/host_defines.h", "nv/target")
+    for c in candidates:
+        if all(os.path.isfile(os.path.join(c, h)) for h in needed):
+            return c
+    return None
+
+
+def build(op: str, build_dir: Path):
+    """torch.ops.bertkern_cuda_emu after loading tests/cuda_emu/<op>_emu.cpp (g++, 10-60 s)."""
+    from torch.utils import cpp_extension
+
+    inc = cuda_include()
+    if inc is None:
+        pytest.skip("no CUDA toolkit headers to build the emulation against")
+    if torch.version.cuda is None:
+        pytest.skip("a CPU-only torch has no c10/cuda headers")
+    cpp_extension.load(
+        name=f"bertkern_{op}_emu",
+        sources=[str(EMU / f"{op}_emu.cpp")],
+        extra_include_paths=[str(ROOT / "csrc"), str(EMU), inc],
+        extra_cflags=["-std=c++20", "-O1", "-w"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.bertkern_cuda_emu
+
+
+def use_emulation(monkeypatch, ops) -> None:
+    """The ops' backend="cuda" path calls torch.ops.bertkern_cuda.*: point it at the emulation (CPU
+    tensors) for the test."""
+    monkeypatch.setattr(torch.ops, "bertkern_cuda", ops)
