@@ -51,6 +51,12 @@ def build(op: str, build_dir: Path):
 
 
 def use_emulation(monkeypatch, ops) -> None:
-    """The ops' backend="cuda" path calls torch.ops.bertkern_cuda.*: point it at the emulation (CPU
-    tensors) for the test."""
+    """For the test: backend="cuda" accepts CPU tensors, and the ops' cuda path (which calls
+    torch.ops.bertkern_cuda.*) runs the emulation. The public functions (bertkern.ops.*) then work
+    with backend="cuda" on CPU tensors."""
+    from bertkern import backend as _backend
+
     monkeypatch.setattr(torch.ops, "bertkern_cuda", ops)
+    real = _backend.unavailable_reason
+    monkeypatch.setattr(_backend, "unavailable_reason",
+                        lambda backend, device: None if backend == "cuda" and device.type == "cpu" else real(backend, device))
