@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_bwd_kernel(
   if (partial == nullptr) return;  // no bias: the same for every thread, so leaving is safe
   if (blockDim.y > 1) {
     // Dynamic shared memory: [by][bx * V] of A, sized by the host only when by > 1.
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    BERTKERN_DYNAMIC_SMEM(smem_raw);
     A* smem = reinterpret_cast<A*>(smem_raw);
 #pragma unroll
     for (int j = 0; j < V; ++j) smem[(threadIdx.y * blockDim.x + threadIdx.x) * V + j] = db[j];
@@ -231,7 +231,7 @@ bool is_kernel_dtype(at::ScalarType t) {
 void check_rows(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [M, N], got ", t.dim(), "-D shape ", t.sizes());
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(is_device_tensor(t), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": ", name,
               " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
   // A size-1 dim's stride is meaningless (as_rows may hand us one), so only N > 1 is checked.
@@ -274,7 +274,7 @@ at::Tensor bias_gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& b
   const bool tanh = parse_approximate(op, approximate);
   check_rows(op, "x", x);
   const at::Tensor bias = checked_bias(op, bias_opt, x);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceScope scope(x);
 
   const int64_t M = x.size(0);
   const int64_t N = x.size(1);
@@ -295,11 +295,9 @@ at::Tensor bias_gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& b
     const int64_t row_blocks = ceil_div<int64_t>(M, static_cast<int64_t>(tile.by) * kUnroll);
     const dim3 grid = grid_of(tile.col_blocks, std::min<int64_t>(row_blocks, kMaxGridY));
     const dim3 block(tile.bx, tile.by);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
     with_variant<V>(vec, tanh, [&](auto v, auto t) {
-      bias_gelu_fwd_kernel<scalar_t, decltype(v)::value, decltype(t)::value>
-          <<<grid, block, 0, stream>>>(xp, bp, yp, M, N, sx, row_blocks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(bias_gelu_fwd_kernel<scalar_t, decltype(v)::value, decltype(t)::value>, grid, block, 0, scope.stream(),
+             xp, bp, yp, M, N, sx, row_blocks);
     });
   });
   return y;
@@ -317,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at:
               " does not match x dtype ", x.scalar_type());
   TORCH_CHECK(dy.device() == x.device(), op, ": dy is on ", dy.device(), " but x is on ", x.device());
   const at::Tensor bias = checked_bias(op, bias_opt, x);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceScope scope(x);
 
   const int64_t M = x.size(0);
   const int64_t N = x.size(1);
@@ -346,7 +344,6 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at:
     const size_t smem = (bp != nullptr && tile.by > 1)
                             ? static_cast<size_t>(tile.bx) * tile.by * (vec ? V : 1) * sizeof(A)
                             : 0;
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
     const int sms = num_sms(x.device().index());
 
     with_variant<V>(vec, tanh, [&](auto v, auto t) {
@@ -365,14 +362,11 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at:
       if (bp != nullptr) partial = at::empty({chunks, N}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
       A* pp = bp != nullptr ? partial.mutable_data_ptr<A>() : nullptr;
 
-      kernel<<<grid_of(tile.col_blocks, chunks), block, smem, stream>>>(dyp, xp, bp, dxp, pp, M, N, sdy, sx,
-                                                                         rows_per_chunk);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(kernel, grid_of(tile.col_blocks, chunks), block, smem, scope.stream(), dyp, xp, bp, dxp, pp, M, N, sdy,
+             sx, rows_per_chunk);
       if (bp != nullptr) {
-        dbias_reduce_kernel<scalar_t, A>
-            <<<grid_of(ceil_div<int64_t>(N, kReduceCols), 1), dim3(kReduceCols, kReduceLanes), 0, stream>>>(
-                pp, dbias.mutable_data_ptr<scalar_t>(), chunks, N);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(dbias_reduce_kernel<scalar_t, A>, grid_of(ceil_div<int64_t>(N, kReduceCols), 1),
+               dim3(kReduceCols, kReduceLanes), 0, scope.stream(), pp, dbias.mutable_data_ptr<scalar_t>(), chunks, N);
       }
       // `partial` is freed here while the kernels may still run: safe, the caching allocator only
       // reuses the block for work queued later on this same stream.
@@ -384,12 +378,12 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at:
 }  // namespace
 }  // namespace bertkern
 
-TORCH_LIBRARY_FRAGMENT(bertkern_cuda, m) {
+TORCH_LIBRARY_FRAGMENT(BERTKERN_OPS, m) {
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor");
   m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, str approximate) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(bertkern_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(BERTKERN_OPS, BERTKERN_DEVICE, m) {
   m.impl("bias_gelu_fwd", &bertkern::bias_gelu_fwd);
   m.impl("bias_gelu_bwd", &bertkern::bias_gelu_bwd);
 }
