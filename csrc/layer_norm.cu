@@ -235,7 +235,7 @@ template <typename T, int V, int ITERS>
 __global__ void __launch_bounds__(kTeamThreads) add_ln_bwd_team_kernel(BwdParams<T> p, int wpr) {
   using A = acc_t<T>;
   __shared__ A red[32];
-  extern __shared__ __align__(16) unsigned char fold_raw[];  // N values of A when teams > 1
+  BERTKERN_DYNAMIC_SMEM(fold_raw);  // N values of A when teams > 1
   A* fold = reinterpret_cast<A*>(fold_raw);
   const int team_threads = 32 * wpr;
   const int teams = blockDim.x / team_threads;
@@ -449,7 +449,7 @@ bool is_kernel_dtype(at::ScalarType t) {
 void check_rows(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [M, N], got shape ", t.sizes());
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(is_device_tensor(t), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": ", name,
               " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
   TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
@@ -559,9 +559,8 @@ bool rows_aligned(const void* p, int64_t stride, int64_t M, int v) {
 template <typename T, typename A>
 void sum_partials(const at::Tensor& partial, at::Tensor& out, cudaStream_t stream) {
   const int64_t parts = partial.size(0), N = partial.size(1);
-  column_sum_kernel<T, A><<<static_cast<unsigned>(ceil_div<int64_t>(N, kSumCols)), dim3(kSumCols, kSumLanes), 0,
-                            stream>>>(partial.const_data_ptr<A>(), out.mutable_data_ptr<T>(), parts, N);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(column_sum_kernel<T, A>, static_cast<unsigned>(ceil_div<int64_t>(N, kSumCols)), dim3(kSumCols, kSumLanes), 0,
+         stream, partial.const_data_ptr<A>(), out.mutable_data_ptr<T>(), parts, N);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
@@ -576,7 +575,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
   const at::Tensor x_bias = like_col(op, "x_bias", x_bias_opt, x);
   const at::Tensor seed = checked_seed(op, seed_opt, dropout_p, x);
   TORCH_CHECK(eps >= 0.0, op, ": eps must be non-negative, got ", eps);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceScope scope(x);
 
   const int64_t M = x.size(0), N = x.size(1);
   TORCH_CHECK(N > 0, op, ": x must have a non-empty last dim");
@@ -613,20 +612,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
                      rows_aligned(p.residual, p.stride_r, M, VW) && rows_aligned(p.y, N, M, VW) &&
                      rows_aligned(p.prenorm, N, M, VW) && rows_aligned(p.x_bias, 0, 1, VW) &&
                      rows_aligned(p.weight, 0, 1, VW) && rows_aligned(p.bias, 0, 1, VW);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+    const cudaStream_t stream = scope.stream();
     const Team team = plan_team<scalar_t>(N, vec);
     const bool launched = team.iters > 0 && with_team<scalar_t>(vec ? VW : 1, team.iters, [&](auto v, auto iters) {
       const int teams = teams_per_block(team.wpr);
       const int64_t blocks = ceil_div<int64_t>(M, teams);
       TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many rows (", M, ")");
-      add_ln_fwd_team_kernel<scalar_t, decltype(v)::value, decltype(iters)::value>
-          <<<static_cast<unsigned>(blocks), 32 * team.wpr * teams, 0, stream>>>(p, team.wpr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(add_ln_fwd_team_kernel<scalar_t, decltype(v)::value, decltype(iters)::value>,
+             static_cast<unsigned>(blocks), 32 * team.wpr * teams, 0, stream, p, team.wpr);
     });
     if (!launched) {
       const int64_t blocks = std::min<int64_t>(M, 8LL * num_sms(x.device().index()));
-      add_ln_fwd_loop_kernel<scalar_t><<<static_cast<unsigned>(blocks), kLoopThreads, 0, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(add_ln_fwd_loop_kernel<scalar_t>, static_cast<unsigned>(blocks), kLoopThreads, 0, stream, p);
     }
   });
   return {y, prenorm, mean, rstd};
@@ -655,7 +652,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
   };
   check_stats("mean", mean);
   check_stats("rstd", rstd);
-  const c10::cuda::CUDAGuard guard(h.device());
+  const DeviceScope scope(h);
 
   at::Tensor dh = at::empty({M, N}, h.options());
   at::Tensor dx = seed.defined() ? at::empty({M, N}, h.options()) : at::empty({0}, h.options());
@@ -692,7 +689,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
                      rows_aligned(p.dprenorm, p.stride_dp, M, VW) && rows_aligned(p.h, p.stride_h, M, VW) &&
                      rows_aligned(p.dh, N, M, VW) && rows_aligned(p.dx, N, M, VW) &&
                      rows_aligned(p.weight, 0, 1, VW);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(h.device().index());
+    const cudaStream_t stream = scope.stream();
     const int sms = num_sms(h.device().index());
     const auto part_opts = h.options().dtype(acc_type);
     at::Tensor parts[3];
@@ -700,9 +697,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
       for (int k = 0; k < 3; ++k) {
         if (!need[k]) continue;
         parts[k] = at::empty({rows, N}, part_opts);
-        if (zero) {
-          C10_CUDA_CHECK(cudaMemsetAsync(parts[k].mutable_data_ptr<A>(), 0, parts[k].nbytes(), stream));
-        }
+        if (zero) parts[k].zero_();
       }
       p.dw_part = need[0] ? parts[0].mutable_data_ptr<A>() : nullptr;
       p.db_part = need[1] ? parts[1].mutable_data_ptr<A>() : nullptr;
@@ -721,14 +716,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
       // One full wave of blocks (each keeps one partial row per column sum), never more than the rows.
       blocks = std::min<int64_t>(static_cast<int64_t>(std::max(per_sm, 1)) * sms, ceil_div<int64_t>(M, teams));
       alloc_parts(blocks, false);
-      kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p, team.wpr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(kernel, static_cast<unsigned>(blocks), threads, smem, stream, p, team.wpr);
     });
     if (!launched) {
       blocks = std::min<int64_t>(M, 4LL * sms);
       alloc_parts(blocks, true);
-      add_ln_bwd_loop_kernel<scalar_t><<<static_cast<unsigned>(blocks), kLoopThreads, 0, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(add_ln_bwd_loop_kernel<scalar_t>, static_cast<unsigned>(blocks), kLoopThreads, 0, stream, p);
     }
     for (int k = 0; k < 3; ++k) {
       if (need[k]) sum_partials<scalar_t, A>(parts[k], sums[k], stream);
@@ -742,7 +735,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
 }  // namespace ln
 }  // namespace bertkern
 
-TORCH_LIBRARY_FRAGMENT(bertkern_cuda, m) {
+TORCH_LIBRARY_FRAGMENT(BERTKERN_OPS, m) {
   m.def(
       "add_layer_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? x_bias, "
       "Tensor? seed, float eps, float dropout_p, bool store_prenorm) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -752,7 +745,7 @@ TORCH_LIBRARY_FRAGMENT(bertkern_cuda, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(bertkern_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(BERTKERN_OPS, BERTKERN_DEVICE, m) {
   m.impl("add_layer_norm_fwd", &bertkern::ln::add_layer_norm_fwd);
   m.impl("add_layer_norm_bwd", &bertkern::ln::add_layer_norm_bwd);
 }

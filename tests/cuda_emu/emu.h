@@ -181,6 +181,18 @@ inline float __expf(float x) { return std::exp(x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 
+// Runtime calls of host code. C10_CUDA_CHECK without libc10_cuda (not linked here); the occupancy
+// query answers one block per SM (so grid-stride loops run the most rounds). A template more
+// specialized than cuda_runtime.h's, so no call reaches the real runtime.
+#include <c10/cuda/CUDAException.h>
+#undef C10_CUDA_CHECK
+#define C10_CUDA_CHECK(EXPR) TORCH_CHECK((EXPR) == cudaSuccess, "emulated CUDA call failed: " #EXPR)
+template <typename... KArgs>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void (*)(KArgs...), int, size_t) {
+  *blocks = 1;
+  return cudaSuccess;
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: c (16 x 8) += a (16 x 16) b (16 x 8).
 template <typename T>
 void emulate_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
