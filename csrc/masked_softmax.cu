@@ -48,8 +48,11 @@ constexpr int kRowBlockMax = 512;   // threads per block of the block-per-row ke
 constexpr unsigned kFull = 0xffffffffu;
 
 using bertkern::acc_t;
+using bertkern::DeviceScope;
 using bertkern::Dropout;
+using bertkern::is_device_tensor;
 using bertkern::keep_bits;
+using bertkern::launch;
 using bertkern::make_dropout;
 using bertkern::load_vec;
 using bertkern::store_vec;
@@ -497,8 +500,8 @@ void launch_fwd_warp(const FwdArgs& a, const WarpShape& s, cudaStream_t stream) 
   if constexpr (ELTS < 32) {
     if (s.elts != ELTS) return launch_fwd_warp<T, M, ALIGNED, ELTS * 2>(a, s, stream);
   }
-  masked_softmax_fwd_warp<T, M, ELTS, ALIGNED>
-      <<<static_cast<unsigned>(s.blocks), kWarpBlock, 0, stream>>>(a, s.log2_lanes);
+  launch(masked_softmax_fwd_warp<T, M, ELTS, ALIGNED>, static_cast<unsigned>(s.blocks), kWarpBlock, 0, stream, a,
+         s.log2_lanes);
 }
 
 template <typename T, bool ALIGNED, int ELTS = WarpVec<T, ALIGNED>::value>
@@ -506,7 +509,8 @@ void launch_bwd_warp(const BwdArgs& a, const WarpShape& s, cudaStream_t stream) 
   if constexpr (ELTS < 32) {
     if (s.elts != ELTS) return launch_bwd_warp<T, ALIGNED, ELTS * 2>(a, s, stream);
   }
-  masked_softmax_bwd_warp<T, ELTS, ALIGNED><<<static_cast<unsigned>(s.blocks), kWarpBlock, 0, stream>>>(a, s.log2_lanes);
+  launch(masked_softmax_bwd_warp<T, ELTS, ALIGNED>, static_cast<unsigned>(s.blocks), kWarpBlock, 0, stream, a,
+         s.log2_lanes);
 }
 
 template <typename T, typename M>
@@ -520,13 +524,11 @@ void launch_fwd(const FwdArgs& a, bool aligned, cudaStream_t stream) {
       } else {
         launch_fwd_warp<T, M, false>(a, s, stream);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
   }
   TORCH_CHECK(a.rows <= std::numeric_limits<int32_t>::max(), "masked_softmax_fwd: too many rows (", a.rows, ")");
-  masked_softmax_fwd_block<T, M><<<static_cast<unsigned>(a.rows), block_threads(a.N), 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(masked_softmax_fwd_block<T, M>, static_cast<unsigned>(a.rows), block_threads(a.N), 0, stream, a);
 }
 
 template <typename T>
@@ -540,13 +542,11 @@ void launch_bwd(const BwdArgs& a, bool aligned, cudaStream_t stream) {
       } else {
         launch_bwd_warp<T, false>(a, s, stream);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
   }
   TORCH_CHECK(a.rows <= std::numeric_limits<int32_t>::max(), "masked_softmax_bwd: too many rows (", a.rows, ")");
-  masked_softmax_bwd_block<T><<<static_cast<unsigned>(a.rows), block_threads(a.N), 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(masked_softmax_bwd_block<T>, static_cast<unsigned>(a.rows), block_threads(a.N), 0, stream, a);
 }
 
 template <typename M>
@@ -574,7 +574,7 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd(const at::Tensor& scores, 
                                                       double scale, double dropout_p,
                                                       const std::optional<at::Tensor>& seed) {
   constexpr const char* fn = "masked_softmax_fwd";
-  TORCH_CHECK(scores.is_cuda(), fn, ": scores must be a CUDA tensor, got ", scores.device());
+  TORCH_CHECK(is_device_tensor(scores), fn, ": scores must be a CUDA tensor, got ", scores.device());
   TORCH_CHECK(scores.dim() == 4, fn, ": scores must be 4-D [B, H, S_q, S_k], got ", scores.dim(), " dims");
   TORCH_CHECK(is_kernel_dtype(scores.scalar_type()), fn,
               ": scores must be float32, float16, bfloat16 or float64, got ", scores.scalar_type());
@@ -591,7 +591,7 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd(const at::Tensor& scores, 
     TORCH_CHECK(mt == at::kBool || mt == at::kFloat || mt == scores.scalar_type(), fn,
                 ": mask must be bool, float32 or the scores' dtype (", scores.scalar_type(), "), got ", mt);
   }
-  c10::cuda::CUDAGuard guard(scores.device());
+  const DeviceScope scope(scores);
   const DropoutArgs drop = dropout_args(fn, dropout_p, seed, scores);
 
   const auto opts = scores.options().memory_format(at::MemoryFormat::Contiguous);
@@ -625,7 +625,7 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd(const at::Tensor& scores, 
   bool vec_ok = a.N % vec == 0 && bertkern::is_aligned(a.x, 16);
   for (int d = 0; d < 3; ++d) vec_ok = vec_ok && (scores.size(d) == 1 || scores.stride(d) % vec == 0);
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(scores.device().index()).stream();
+  const cudaStream_t stream = scope.stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), fn, [&] {
     using T = scalar_t;
     if (!has_mask) {
@@ -648,7 +648,7 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd(const at::Tensor& scores, 
 at::Tensor masked_softmax_bwd(const at::Tensor& grad, const at::Tensor& probs, double scale, double dropout_p,
                               const std::optional<at::Tensor>& seed) {
   constexpr const char* fn = "masked_softmax_bwd";
-  TORCH_CHECK(probs.is_cuda(), fn, ": probs must be a CUDA tensor, got ", probs.device());
+  TORCH_CHECK(is_device_tensor(probs), fn, ": probs must be a CUDA tensor, got ", probs.device());
   TORCH_CHECK(grad.device() == probs.device(), fn, ": grad is on ", grad.device(), " but probs is on ",
               probs.device());
   TORCH_CHECK(probs.dim() == 2, fn, ": probs must be 2-D [rows, S_k], got ", probs.dim(), " dims");
@@ -661,7 +661,7 @@ at::Tensor masked_softmax_bwd(const at::Tensor& grad, const at::Tensor& probs, d
   TORCH_CHECK(probs.size(1) <= 1 || (probs.stride(1) == 1 && grad.stride(1) == 1), fn,
               ": grad and probs must have unit stride along the keys, got ", grad.stride(1), " and ", probs.stride(1));
   TORCH_CHECK(probs.size(1) <= std::numeric_limits<int32_t>::max() / 2, fn, ": too many keys (", probs.size(1), ")");
-  c10::cuda::CUDAGuard guard(probs.device());
+  const DeviceScope scope(probs);
   const DropoutArgs drop = dropout_args(fn, dropout_p, seed, probs);
 
   at::Tensor dx = at::empty(probs.sizes(), probs.options().memory_format(at::MemoryFormat::Contiguous));
@@ -682,7 +682,7 @@ at::Tensor masked_softmax_bwd(const at::Tensor& grad, const at::Tensor& probs, d
   const bool vec_ok = a.N % vec == 0 && bertkern::is_aligned(a.grad, 16) && bertkern::is_aligned(a.probs, 16) &&
                       (a.rows == 1 || (a.gs % vec == 0 && a.ps % vec == 0));
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(probs.device().index()).stream();
+  const cudaStream_t stream = scope.stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), fn,
                                   [&] { launch_bwd<scalar_t>(a, vec_ok, stream); });
   return dx;
@@ -690,12 +690,12 @@ at::Tensor masked_softmax_bwd(const at::Tensor& grad, const at::Tensor& probs, d
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(bertkern_cuda, m) {
+TORCH_LIBRARY_FRAGMENT(BERTKERN_OPS, m) {
   m.def("masked_softmax_fwd(Tensor scores, Tensor? mask, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
   m.def("masked_softmax_bwd(Tensor grad, Tensor probs, float scale, float dropout_p, Tensor? seed) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(bertkern_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(BERTKERN_OPS, BERTKERN_DEVICE, m) {
   m.impl("masked_softmax_fwd", &masked_softmax_fwd);
   m.impl("masked_softmax_bwd", &masked_softmax_bwd);
 }
