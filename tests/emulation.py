@@ -42,7 +42,10 @@ def build(op: str, build_dir: Path):
         name=f"bertkern_{op}_emu",
         sources=[str(EMU / f"{op}_emu.cpp")],
         extra_include_paths=[str(ROOT / "csrc"), str(EMU), inc],
-        extra_cflags=["-std=c++20", "-O1", "-w"],
+        # UBSan's alignment check: x86 forgives a misaligned 16-byte access that a GPU does not, so
+        # a wrong vector-path decision would otherwise pass here.
+        extra_cflags=["-std=c++20", "-O1", "-w", "-fsanitize=alignment", "-fno-sanitize-recover=alignment"],
+        extra_ldflags=["-fsanitize=alignment"],
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=False,
