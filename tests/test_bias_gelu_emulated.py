@@ -12,8 +12,8 @@ Not covered here: the forward's grid-stride over more than 65535 row blocks (mil
 many emulated threads; test_extension.py's gpu test "fwd-grid-stride" runs it); more than 16 row
 chunks (the reduction's lanes striding over partial rows: 4 emulated blocks per wave give at most
 4); the device-mismatch checks (every tensor is a CPU one here, and a meta tensor sends the
-dispatcher to a Meta kernel instead); misaligned 16-byte accesses (x86 loads them fine); and the
-real hardware (libdevice erff/expf rounding, timing). The gpu-marked tests cover those on a GPU.
+dispatcher to a Meta kernel instead); and the real hardware (libdevice erff/expf rounding,
+timing). The gpu-marked tests cover those on a GPU.
 """
 from __future__ import annotations
 
