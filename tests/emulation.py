@@ -29,9 +29,16 @@ def cuda_include() -> str | None:
     return None
 
 
+_BUILT: set[str] = set()  # a library's ops register once per process
+
+
 def build(op: str, build_dir: Path):
-    """torch.ops.bertkern_cuda_emu after loading tests/cuda_emu/<op>_emu.cpp (g++, 10-60 s)."""
+    """torch.ops.bertkern_cuda_emu after loading tests/cuda_emu/<op>_emu.cpp (g++, 10-60 s; once per
+    process)."""
     from torch.utils import cpp_extension
+
+    if op in _BUILT:
+        return torch.ops.bertkern_cuda_emu
 
     inc = cuda_include()
     if inc is None:
@@ -50,6 +57,7 @@ def build(op: str, build_dir: Path):
         is_python_module=False,
         verbose=False,
     )
+    _BUILT.add(op)
     return torch.ops.bertkern_cuda_emu
 
 
