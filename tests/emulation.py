@@ -71,3 +71,26 @@ def use_emulation(monkeypatch, ops) -> None:
     real = _backend.unavailable_reason
     monkeypatch.setattr(_backend, "unavailable_reason",
                         lambda backend, device: None if backend == "cuda" and device.type == "cpu" else real(backend, device))
+
+
+def fixtures(*ops: str):
+    """(emulated, cuda) pytest fixtures for a test module: `emulated` builds the ops' emulation once
+    per module; `cuda` (the backend name to pass) turns the emulation on for one test, with every
+    tensor torch allocates filled with NaN (deterministic mode), so an output element that no
+    kernel thread writes fails the checks."""
+
+    @pytest.fixture(scope="module")
+    def emulated(tmp_path_factory):
+        for op in ops:
+            lib = build(op, tmp_path_factory.mktemp(f"{op}_emu"))
+        return lib
+
+    @pytest.fixture
+    def cuda(emulated, monkeypatch):
+        use_emulation(monkeypatch, emulated)
+        before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        yield "cuda"
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+    return emulated, cuda

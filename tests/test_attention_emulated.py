@@ -22,16 +22,7 @@ from test_masked_softmax import make_mask
 CPU = "cpu"
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    return emulation.build("attention", tmp_path_factory.mktemp("attention_emu"))
-
-
-@pytest.fixture
-def cuda(emulated, monkeypatch):
-    """backend="cuda" of the custom ops, running the emulated kernels on CPU tensors."""
-    emulation.use_emulation(monkeypatch, emulated)
-    return "cuda"
+emulated, cuda = emulation.fixtures("attention")
 
 
 def rand(*shape, dtype=torch.float16, scale=1.0):

@@ -29,16 +29,7 @@ from test_bias_gelu import APPROX, eager, run_fwd_bwd
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    return emulation.build("bias_gelu", tmp_path_factory.mktemp("bias_gelu_emu"))
-
-
-@pytest.fixture
-def cuda(emulated, monkeypatch):
-    """backend="cuda" of the custom ops, running the emulated kernels on CPU tensors."""
-    emulation.use_emulation(monkeypatch, emulated)
-    return "cuda"
+emulated, cuda = emulation.fixtures("bias_gelu")
 
 
 def check(backend, x, bias, grad, approximate):

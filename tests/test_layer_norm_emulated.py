@@ -34,16 +34,7 @@ from test_layer_norm import OPTIONAL, PRESENT, as64, check_all, eager, emb_eager
 CPU = "cpu"
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    return emulation.build("layer_norm", tmp_path_factory.mktemp("layer_norm_emu"))
-
-
-@pytest.fixture
-def cuda(emulated, monkeypatch):
-    """backend="cuda" of the custom ops, running the emulated kernels on CPU tensors."""
-    emulation.use_emulation(monkeypatch, emulated)
-    return "cuda"
+emulated, cuda = emulation.fixtures("layer_norm")
 
 
 def eager_pre(x, residual, weight, bias, x_bias, eps, keep=None, p=0.0):

@@ -31,20 +31,7 @@ ALL_DTYPES = [*DTYPES, torch.float64]
 NEG_INF, NAN = float("-inf"), float("nan")
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    return emulation.build("masked_softmax", tmp_path_factory.mktemp("masked_softmax_emu"))
-
-
-@pytest.fixture
-def cuda(emulated, monkeypatch):
-    """backend="cuda" of the custom ops, running the emulated kernels on CPU tensors, with the
-    kernels' outputs allocated full of NaN."""
-    emulation.use_emulation(monkeypatch, emulated)
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)  # torch.empty fills with NaN
-    yield "cuda"
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+emulated, cuda = emulation.fixtures("masked_softmax")
 
 
 def assert_masked_zero(y, dx, mask, shape):

@@ -24,11 +24,7 @@ MODES = {  # mode: (config flags, the attention-side op it calls)
 }
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    for op in OPS:
-        ops = emulation.build(op, tmp_path_factory.mktemp(f"{op}_emu"))
-    return ops
+emulated, cuda = emulation.fixtures(*OPS)
 
 
 def run(model: BertModel, dtype: torch.dtype, batch, weights):
@@ -41,9 +37,8 @@ def run(model: BertModel, dtype: torch.dtype, batch, weights):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_bert_on_the_cuda_kernels(emulated, monkeypatch, record_backends, mode):
-    emulation.use_emulation(monkeypatch, emulated)
-    monkeypatch.setenv("BERTKERN_BACKEND", "cuda")
+def test_bert_on_the_cuda_kernels(cuda, monkeypatch, record_backends, mode):
+    monkeypatch.setenv("BERTKERN_BACKEND", cuda)
     hf = hf_bert()
     unfused = BertModel.from_hf(hf).eval()
     flags, attention_op = MODES[mode]
