@@ -29,13 +29,19 @@ def make_inputs(shape, dtype, device, present=OPTIONAL, noncontig=False, scale=1
     return {k: (v if k == "x" or k in present else None) for k, v in t.items()}
 
 
-def eager(x, residual, weight, bias, x_bias, eps, keep=None, p=0.0):
-    """What a user writes, in the inputs' dtype: add, dropout (an explicit mask here), add, F.layer_norm."""
+def eager_prenorm(x, residual, x_bias, keep=None, p=0.0):
+    """The sum eager normalises, in the inputs' dtype: add, dropout (an explicit mask here), add."""
     h = x if x_bias is None else x + x_bias
     if keep is not None:
         h = h * keep.to(h.dtype) * (1.0 / (1.0 - p))
     if residual is not None:
         h = h + residual
+    return h
+
+
+def eager(x, residual, weight, bias, x_bias, eps, keep=None, p=0.0):
+    """What a user writes, in the inputs' dtype: add, dropout (an explicit mask here), add, F.layer_norm."""
+    h = eager_prenorm(x, residual, x_bias, keep, p)
     return F.layer_norm(h, h.shape[-1:], weight, bias, eps)
 
 

@@ -29,7 +29,8 @@ import bertkern
 import emulation
 from bertkern import reference
 from harness import randn
-from test_layer_norm import OPTIONAL, PRESENT, as64, check_all, eager, emb_eager, make_inputs, run
+from test_layer_norm import (OPTIONAL, PRESENT, as64, check_all, eager, eager_prenorm, emb_eager, make_inputs,
+                             run)
 
 CPU = "cpu"
 
@@ -39,11 +40,7 @@ emulated, cuda = emulation.fixtures("layer_norm")
 
 def eager_pre(x, residual, weight, bias, x_bias, eps, keep=None, p=0.0):
     """test_layer_norm.eager, returning (y, prenorm) for return_prenorm=True."""
-    h = x if x_bias is None else x + x_bias
-    if keep is not None:
-        h = h * keep.to(h.dtype) * (1.0 / (1.0 - p))
-    if residual is not None:
-        h = h + residual
+    h = eager_prenorm(x, residual, x_bias, keep, p)
     return eager(h, None, weight, bias, None, eps), h
 
 
