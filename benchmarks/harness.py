@@ -48,16 +48,14 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from bertkern.testing import check_2x  # noqa: E402
+
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 BENCH_DIR = ROOT / "benchmarks"
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 _DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32",
                   "float64": "fp64", "double": "fp64"}
-# The absolute floor of the error rule per dtype: the same numbers as tests/harness.py's ATOL_FLOOR
-# (tests/test_benchmarks.py keeps them equal). Here it is scaled by max(1, max|reference|), so that
-# outputs far from 1 (dbias summed over 64k rows) get the same few ulps of slack.
-ATOL_FLOOR = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
 DEFAULT_L2_BYTES = 50 * 2**20  # H100; read off the device when there is one
 COPY_BYTES = 1 << 30  # per buffer for the copy-bandwidth line: far larger than any L2
 SCHEMA = 1
@@ -279,31 +277,15 @@ def reference_outputs(spec: OpSpec, case: Case, copy: Copy) -> tuple[torch.Tenso
         return tuple(o.detach() for o in make_step(spec, case, spec.reference, copy.double())())
 
 
-def max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
-
-
 def check_outputs(names, outs, ref64, eager) -> dict:
-    """The project's error rule on every output: max |out - ref64| <= 2 x eager's + floor x max(1, |ref64|).
-    Shapes and dtypes must match eager's; NaN never passes. Returns {"ok", "reason", "outputs"}."""
-    report, reasons = {}, []
+    """bertkern.testing's rule on every output, the floor scaled by max(1, |ref64|) so that outputs far
+    from 1 (dbias summed over 64k rows) get the same few ulps of slack.
+    Returns {"ok", "reason", "outputs": {name: errors}}."""
     if len(outs) != len(names):
         return {"ok": False, "reason": f"{len(outs)} outputs, expected {len(names)} ({', '.join(names)})", "outputs": {}}
-    for name, out, ref, ea in zip(names, outs, ref64, eager):
-        if out.shape != ea.shape or out.dtype != ea.dtype:
-            reasons.append(f"{name}: {tuple(out.shape)} {out.dtype} != eager's {tuple(ea.shape)} {ea.dtype}")
-            continue
-        err, eager_err = max_error(out, ref), max_error(ea, ref)
-        scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
-        tol = 2 * eager_err + ATOL_FLOOR[out.dtype] * scale
-        nan = bool(torch.isnan(out).any().item())
-        report[name] = {k: (v if math.isfinite(v) else None)  # NaN is not JSON; the reason says NaN
-                        for k, v in {"err": err, "eager_err": eager_err, "vs_eager": max_error(out, ea), "tol": tol}.items()}
-        if nan:
-            reasons.append(f"{name}: NaN in output")
-        elif not err <= tol:
-            reasons.append(f"{name}: max error {err:.3g} > tol {tol:.3g} (2 x eager's {eager_err:.3g} + floor)")
-    return {"ok": not reasons, "reason": "; ".join(reasons), "outputs": report}
+    checks = {name: check_2x(out, ref, ea, name, scale_floor=True) for name, out, ref, ea in zip(names, outs, ref64, eager)}
+    return {"ok": all(c.ok for c in checks.values()), "reason": "; ".join(c.reason for c in checks.values() if c.reason),
+            "outputs": {name: c.to_dict() for name, c in checks.items() if "!= eager's" not in c.reason}}
 
 
 def _poison(device: torch.device, nbytes: int) -> None:
@@ -937,25 +919,16 @@ def check_model_cpu(backends=("torch", "triton", "cuda"), quick=False) -> tuple[
     grad_out = torch.randn(2, 16, cfg.hidden_size, generator=g, dtype=torch.float64)
     ref_out, ref_grads = _model_run(copy.deepcopy(plain).double(), ids, mask, grad_out, "torch")
     base_out, base_grads = _model_run(plain, ids, mask, grad_out, "torch")
-    floor = 1e-5  # float32 through whole layers: looser than one op's floor; still 2x the unfused error
 
     def judge(out, grads) -> tuple[dict, list[str]]:
-        pairs = {"output": [(out, base_out, ref_out)]}
-        pairs["param grads"] = [(grads.get(n), base_grads[n], r) for n, r in ref_grads.items()]
-        errs, bad = {}, []
-        if any(o is None for o, _, _ in pairs["param grads"]):
-            bad.append("some parameters got no gradient")
-            pairs["param grads"] = [p for p in pairs["param grads"] if p[0] is not None]
-        for key, triples in pairs.items():
-            e = max(max_error(o, r) for o, _, r in triples)
-            b = max(max_error(b, r) for _, b, r in triples)
-            s = max(r.abs().max().item() for _, _, r in triples)
-            errs[key] = {"err": e, "eager_err": b}
-            if any(torch.isnan(o).any() for o, _, _ in triples):
-                bad.append(f"{key}: NaN")
-            elif not e <= 2 * b + floor * max(1.0, s):
-                bad.append(f"{key}: max error {e:.3g} > 2 x unfused {b:.3g} + floor")
-        return errs, bad
+        # The whole-model floor of bertkern.testing (float32 through whole layers), scaled by max(1, |ref|).
+        checks = {"output": check_2x(out, ref_out, base_out, "output", floor="model", scale_floor=True)}
+        got = [n for n in ref_grads if grads.get(n) is not None]
+        checks["param grads"] = check_2x([grads[n] for n in got], [ref_grads[n] for n in got],
+                                         [base_grads[n] for n in got], "param grads", floor="model", scale_floor=True)
+        errs = {k: {"err": c.err, "eager_err": c.eager_err} for k, c in checks.items()}
+        bad = ["some parameters got no gradient"] if len(got) < len(ref_grads) else []
+        return errs, bad + [c.reason for c in checks.values() if c.reason]
 
     rows = []
     for vname, on in variants:

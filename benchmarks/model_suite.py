@@ -32,11 +32,10 @@ from benchmarks import harness  # noqa: E402  (first: sets TRITON_INTERPRET=1 wh
 
 import torch  # noqa: E402
 
+from bertkern.testing import check_2x, floor_of  # noqa: E402
+
 Skip = harness.Skip
 SHORT_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-# Absolute floor of the 2x-of-eager rule on whole-model outputs (LayerNorm-scaled, values of order 1);
-# the same numbers as bertkern/verify.py's FLOOR.
-FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3.2e-2}
 ENV_COLUMNS = ("gpu", "driver", "torch", "triton", "cuda", "commit", "dirty", "date")
 
 # Architectures (Hugging Face BertConfig fields). Random weights except MiniLM, whose real
@@ -384,67 +383,48 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def judge_hidden(out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, rows: list[int],
                  dtype: torch.dtype) -> dict:
-    """The rule of the module docstring on last hidden states [B, S, H]; ref holds the float64
-    output of sequences `rows`. {"status": ok/WRONG, "err", "eager_err", "tol", "vs_eager", "cosine_min"}."""
+    """bertkern.testing's rule (whole-model floor of `dtype`, scaled by max(1, |ref|)) on the real tokens
+    of last hidden states [B, S, H]; ref holds the float64 output of sequences `rows`.
+    {"status": ok/WRONG, "err", "eager_err", "tol", "vs_eager", "cosine_min"}."""
     if out.shape != eager.shape:
         return {"status": "WRONG", "reason": f"output shape {tuple(out.shape)} != eager's {tuple(eager.shape)}"}
     keep = mask.bool()
     sub = keep[rows]
-    ref_real = ref[sub]
-    err, eager_err = _maxabs(out[rows][sub], ref_real), _maxabs(eager[rows][sub], ref_real)
-    scale = max(1.0, ref_real.abs().max().item()) if ref_real.numel() else 1.0
-    tol = 2 * eager_err + FLOOR[dtype] * scale
+    check = check_2x(out[rows][sub], ref[sub], eager[rows][sub], "last hidden state",
+                     floor=floor_of(dtype, "model"), scale_floor=True)
     cos = torch.nn.functional.cosine_similarity(mean_pool(out, mask), mean_pool(eager, mask), dim=-1)
-    entry = {"err": _finite(err), "eager_err": _finite(eager_err), "tol": _finite(tol),
-             "vs_eager": _finite(_maxabs(out[keep], eager[keep])), "cosine_min": _finite(cos.min().item())}
+    entry = {**check.to_dict(), "vs_eager": _finite(_maxabs(out[keep], eager[keep])), "cosine_min": _finite(cos.min().item())}
     if torch.isnan(out[keep]).any():
         return {"status": "WRONG", "reason": "NaN in the output", **entry}
-    if not err <= tol:
-        return {"status": "WRONG", "reason": f"max error {err:.3g} > tol {tol:.3g} (2 x eager's {eager_err:.3g} + floor)",
-                **entry}
+    if not check.ok:
+        return {"status": "WRONG", "reason": check.reason, **entry}
     return {"status": "ok", **entry}
 
 
 def judge_grads(loss: float, grads: dict[str, torch.Tensor], eager_loss: float, eager_grads: dict, ref_loss: float,
-                ref_grads: dict, floor: float) -> dict:
-    """The rule on a training step: the loss, and every parameter gradient taken together (max error
-    over all of them, tol scaled by the largest reference gradient), plus the cosine of the whole
-    gradient vector against float64."""
-    reasons = []
+                ref_grads: dict, amp: torch.dtype | None) -> dict:
+    """bertkern.testing's rule on a training step: the loss, and every parameter gradient taken together
+    (the "grad" floor of the autocast dtype scaled by the largest reference gradient), plus the cosine of
+    the whole gradient vector against float64."""
+    floor = floor_of(amp or torch.float32, "grad")
     missing = [n for n in ref_grads if grads.get(n) is None]
-    loss_err, eager_loss_err = abs(loss - ref_loss), abs(eager_loss - ref_loss)
-    loss_tol = 2 * eager_loss_err + floor * max(1.0, abs(ref_loss))
-    err = eager_err = scale = dot = n_out = n_ref = 0.0
-    nan = not math.isfinite(loss)
-    for name, r in ref_grads.items():
-        g, e = grads.get(name), eager_grads[name]
-        if g is None:
-            continue
-        if g.shape != r.shape:
-            reasons.append(f"grad of {name}: shape {tuple(g.shape)} != {tuple(r.shape)}")
-            continue
-        nan = nan or bool(torch.isnan(g).any())
-        gd, rd = g.double(), r.double()
-        err = max(err, (gd - rd).abs().max().item())
-        eager_err = max(eager_err, (e.double() - rd).abs().max().item())
-        scale = max(scale, rd.abs().max().item())
-        dot += (gd * rd).sum().item()
-        n_out += (gd * gd).sum().item()
-        n_ref += (rd * rd).sum().item()
-    tol = 2 * eager_err + floor * scale
+    reasons = [f"{len(missing)} parameters got no gradient ({', '.join(missing[:3])}...)"] if missing else []
+    got = [n for n in ref_grads if grads.get(n) is not None]
+    reasons += [f"grad of {n}: shape {tuple(grads[n].shape)} != {tuple(ref_grads[n].shape)}"
+                for n in got if grads[n].shape != ref_grads[n].shape]
+    got = [n for n in got if grads[n].shape == ref_grads[n].shape]
+    gs, rs, es = [grads[n] for n in got], [ref_grads[n].double() for n in got], [eager_grads[n] for n in got]
+    scale = max([r.abs().max().item() for r in rs if r.numel()], default=0.0)
+    ref_loss_t = torch.tensor(ref_loss, dtype=torch.float64)
+    loss_check = check_2x(torch.tensor(loss, dtype=torch.float64), ref_loss_t, torch.tensor(eager_loss, dtype=torch.float64),
+                          "loss", floor=floor * max(1.0, abs(ref_loss)))
+    grad_check = check_2x(gs, rs, es, "grad", floor=floor * scale) if got else None
+    dot = sum((g.double() * r).sum().item() for g, r in zip(gs, rs))
+    n_out, n_ref = sum(g.double().square().sum().item() for g in gs), sum(r.square().sum().item() for r in rs)
     cosine = dot / math.sqrt(n_out * n_ref) if n_out > 0 and n_ref > 0 else None
-    if missing:
-        reasons.append(f"{len(missing)} parameters got no gradient ({', '.join(missing[:3])}...)")
-    if nan:
-        reasons.append("NaN in the loss or the gradients")
-    else:
-        if not loss_err <= loss_tol:
-            reasons.append(f"loss error {loss_err:.3g} > tol {loss_tol:.3g}")
-        if not err <= tol:
-            reasons.append(f"grad max error {err:.3g} > tol {tol:.3g} (2 x eager's {eager_err:.3g} + floor)")
-    entry = {"loss_err": _finite(loss_err), "eager_loss_err": _finite(eager_loss_err), "err": _finite(err),
-             "eager_err": _finite(eager_err), "tol": _finite(tol),
-             "grad_cosine": None if cosine is None else _finite(cosine)}
+    reasons += [c.reason for c in (loss_check, grad_check) if c is not None and c.reason]
+    entry = {"loss_err": _finite(loss_check.err), "eager_loss_err": _finite(loss_check.eager_err),
+             **(grad_check.to_dict() if grad_check else {}), "grad_cosine": None if cosine is None else _finite(cosine)}
     return {"status": "WRONG" if reasons else "ok", **({"reason": "; ".join(reasons)} if reasons else {}), **entry}
 
 
