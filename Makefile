@@ -1,17 +1,33 @@
-# make test   : create .venv, install torch 2.14.1 + the project (CUDA extension built when nvcc is
-#               present), run the test suite (Triton under the interpreter when there is no GPU).
-# make bench  : the benchmark suite (on a machine without a CUDA GPU: correctness through every
-#               backend at small sizes, and the latest committed GPU results).
+# make test  : create .venv, install torch 2.14.1 + the project (CUDA extension built when nvcc is
+#              present), run the test suite (Triton under the interpreter when there is no GPU).
+# make bench : the benchmark suite (on a machine without a CUDA GPU: correctness through every
+#              backend at small sizes, and the latest committed GPU results).
+# make test-compat : the optimize and model tests against transformers 4.57.x (CI runs it too).
+#
+# bertkern._C is rebuilt only when csrc/, setup.py, pyproject.toml or the build settings below
+# change: $(VENV)/.built is a stamp over those, and $(VENV)/.build-settings holds the settings of
+# the last run (rewritten only when they differ, so its date says when they last changed).
+# Python files need no rebuild: the install is editable.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MAX_JOBS ?= 2
-TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 # Build (and require) the CUDA extension whenever nvcc is on PATH; BERTKERN_BUILD_CUDA=0 skips it.
 BERTKERN_BUILD_CUDA ?= $(if $(shell command -v nvcc),1,0)
 export MAX_JOBS TORCH_CUDA_ARCH_LIST BERTKERN_BUILD_CUDA
+TF457 ?= .venv-tf457
 
-.PHONY: test bench install gpu-check clean
+# _C is compiled against torch's headers: the torch pin is a build setting too (other lines of
+# requirements-dev.txt are not, so adding a test dependency does not recompile the extension).
+TORCH_PIN := $(shell grep -E '^torch[=<>~ ]' requirements-dev.txt)
+BUILD_SETTINGS := BERTKERN_BUILD_CUDA=$(BERTKERN_BUILD_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) CUDA_HOME=$(CUDA_HOME) $(TORCH_PIN)
+# At parse time, so that `make -n` sees the same dates as `make`.
+_ := $(shell mkdir -p $(VENV) && echo '$(BUILD_SETTINGS)' | cmp -s - $(VENV)/.build-settings \
+	|| echo '$(BUILD_SETTINGS)' > $(VENV)/.build-settings)
+
+.PHONY: test test-compat bench install gpu-check clean
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,12 +35,31 @@ $(VENV)/.deps: requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-install: $(VENV)/.deps
-	@echo "building bertkern (BERTKERN_BUILD_CUDA=$(BERTKERN_BUILD_CUDA), archs $(TORCH_CUDA_ARCH_LIST), MAX_JOBS=$(MAX_JOBS))"
-	time $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+# pip -v streams the build; the filter shows one line per compiled file ("[3/8] .../attention.o")
+# instead of minutes of silence, and the whole log is kept for when it fails.
+$(VENV)/.built: $(VENV)/.build-settings setup.py pyproject.toml $(wildcard csrc/*) | $(VENV)/.deps
+	@echo "building bertkern ($(BUILD_SETTINGS) MAX_JOBS=$(MAX_JOBS)); the CUDA extension takes 8-15 min on 2 cores; log: $(VENV)/build.log"
+	@set -o pipefail; start=$$(date +%s); \
+	$(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee $(VENV)/build.log \
+		| sed -un -e 's|^ *\(\[[0-9]*/[0-9]*\]\) .* -o \([^ ]*\).*|  \1 \2|p' -e '/^bertkern setup/p' \
+		|| { tail -n 40 $(VENV)/build.log; echo "bertkern build failed: $(VENV)/build.log"; exit 1; }; \
+	echo "bertkern installed in $$(( $$(date +%s) - start )) s"
+	touch $@
+
+install: $(VENV)/.built
 
 test: install
 	BERTKERN_REQUIRE_CUDA_EXT=$(BERTKERN_BUILD_CUDA) $(PY) -m pytest tests -q -ra
+
+# transformers 4.57.x in a small folder put ahead of the venv's transformers 5 (~140 MB, ~45 s):
+# with the hub and tokenizers releases it needs, and requests (hub 0.x); the rest comes from the venv.
+$(TF457)/.done: | $(VENV)/.deps
+	$(PY) -m pip install -q --no-deps --target $(TF457) 'transformers==4.57.*' 'huggingface-hub<1.0' \
+		'tokenizers>=0.22,<=0.23.0' requests urllib3 charset-normalizer certifi
+	touch $@
+
+test-compat: install $(TF457)/.done
+	PYTHONPATH=$(TF457) $(PY) -m pytest tests/test_optimize.py tests/test_models.py -q -ra
 
 bench: install
 	$(PY) benchmarks/run.py
@@ -33,4 +68,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf build *.egg-info bertkern/_C*.so
+	rm -rf build *.egg-info bertkern/_C*.so bertkern/_build_config.json $(VENV)/.built

@@ -1,4 +1,4 @@
-"""Build and install bertkern.
+"""Build bertkern's CUDA extension; the package metadata is in pyproject.toml.
 
 The CUDA extension bertkern._C (every csrc/*.cu and csrc/*.cpp: a new op only adds files) is built
 when a CUDA toolchain is there: nvcc with its headers, and a CUDA build of torch. No GPU is needed to
@@ -9,25 +9,35 @@ build. Without a toolchain bertkern installs as a pure-Python package (torch and
 Environment:
     BERTKERN_BUILD_CUDA=0|1    force the extension off, or on (then a missing toolchain is an error);
                                unset: build it when the toolchain is found
-    TORCH_CUDA_ARCH_LIST       archs to build, default "8.0;9.0" (A100, H100)
+    TORCH_CUDA_ARCH_LIST       archs to build, default "8.0;9.0+PTX" (A100, H100 cubins; PTX that newer
+                               GPUs JIT-compile at first use)
     MAX_JOBS                   parallel compile jobs (read by torch's ninja build)
     CUDA_HOME / CUDA_PATH      the CUDA toolkit; default: from nvcc on PATH, else /usr/local/cuda
     BERTKERN_PTXAS_VERBOSE=1   print ptxas register / spill reports for every kernel
+
+What this file decides, because it depends on the build: the version (a wheel with bertkern._C gets a
+local tag naming its CUDA and torch, e.g. 0.1.0+cu130.torch2.14), the torch requirement (pinned to the
+torch minor release _C was compiled against, whose C++ ABI it needs), and bertkern/_build_config.json,
+the record `bertkern info` reads to say why _C is missing or does not load.
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+RECORD = os.path.join(ROOT, "bertkern", "_build_config.json")
+# custom_op, register_fake and is_autocast_enabled(device_type) are torch 2.4 APIs; CI tests 2.14.
+TORCH_FLOOR = "torch>=2.4"
 
 
 def _log(message: str) -> None:
@@ -38,7 +48,30 @@ def _version() -> str:
     # One source of truth: bertkern/__init__.py (read, not imported: importing needs torch).
     with open(os.path.join(ROOT, "bertkern", "__init__.py"), encoding="utf-8") as f:
         match = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M)
-    return match.group(1) if match else "0.1.0"
+    if not match:
+        raise SystemExit("bertkern setup: no __version__ = \"...\" line in bertkern/__init__.py")
+    return match.group(1)
+
+
+def _torch_versions() -> tuple[str | None, str | None]:
+    try:
+        import torch
+    except ImportError:
+        return None, None
+    return torch.__version__, torch.version.cuda
+
+
+def _write_record(state: str, why_not: str = "", archs: str | None = None) -> None:
+    """bertkern/_build_config.json: what this build did, for `bertkern info`. Not for an sdist (it
+    would ship this machine's record); MANIFEST.in excludes it there too."""
+    if "sdist" in sys.argv:
+        return
+    torch_version, torch_cuda = _torch_versions()
+    record = {"cuda_extension": state, "why_not": why_not, "torch": torch_version, "torch_cuda": torch_cuda,
+              "archs": archs}
+    with open(RECORD, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
 
 
 def _env_switch(name: str) -> bool | None:
@@ -120,6 +153,7 @@ def cuda_extension() -> tuple[list, dict]:
     switch = _env_switch("BERTKERN_BUILD_CUDA")
     if switch is False:
         _log("BERTKERN_BUILD_CUDA=0: installing without the CUDA extension")
+        _write_record("off", "BERTKERN_BUILD_CUDA=0")
         return [], {}
     ok, why = _torch_cuda()
     cuda_home = None
@@ -130,6 +164,7 @@ def cuda_extension() -> tuple[list, dict]:
         if switch:
             raise SystemExit(f"bertkern setup: BERTKERN_BUILD_CUDA=1 but bertkern._C cannot be built: {why}")
         _log(f"installing without the CUDA extension: {why}")
+        _write_record("not_built", why)
         return [], {}
 
     # torch.utils.cpp_extension reads CUDA_HOME and finds nvcc/headers/libs from it once, at import.
@@ -141,6 +176,7 @@ def cuda_extension() -> tuple[list, dict]:
         raise SystemExit(f"bertkern setup: TORCH_CUDA_ARCH_LIST={archs!r} is not a list like '8.0;9.0+PTX'")
     archs_define = ";".join(a for a in re.split(r"[; ]+", archs) if a)
     _ensure_ninja()
+    _write_record("built", archs=archs)
 
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
@@ -170,17 +206,19 @@ def cuda_extension() -> tuple[list, dict]:
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = cuda_extension()
+def build_metadata(with_extension: bool) -> tuple[str, list[str]]:
+    """(version, torch requirement): a build with _C names its CUDA and torch in a local version tag
+    and needs that torch minor release (its C++ ABI changes between releases); pure Python does not."""
+    version = _version()
+    if not with_extension or "sdist" in sys.argv:  # an sdist is built anywhere: plain version, no pin
+        return version, [TORCH_FLOOR]
+    torch_version, torch_cuda = _torch_versions()
+    major, minor = torch_version.split("+")[0].split(".")[:2]
+    return f"{version}+cu{torch_cuda.replace('.', '')}.torch{major}.{minor}", [f"torch=={major}.{minor}.*"]
 
-setup(
-    name="bertkern",
-    version=_version(),
-    description="Fused Triton and CUDA kernels for BERT-style encoders",
-    packages=find_packages(exclude=("tests", "tests.*", "benchmarks", "benchmarks.*")),
-    python_requires=">=3.10",
-    install_requires=["torch", "triton"],
-    entry_points={"console_scripts": ["bertkern = bertkern.__main__:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+
+ext_modules, cmdclass = cuda_extension()
+version, torch_requirement = build_metadata(bool(ext_modules))
+
+# Everything else (name, extras, entry point, license, packages) is in pyproject.toml.
+setup(version=version, install_requires=torch_requirement, ext_modules=ext_modules, cmdclass=cmdclass)

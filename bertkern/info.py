@@ -33,15 +33,21 @@ def collect() -> dict:
         info["triton_error"] = why
 
     built, why = _backend.cuda_extension_status()
-    info["cuda_extension"] = {"built": built}
+    ext: dict = {"built": built}
     if built:
-        info["cuda_extension"]["build_info"] = str(torch.ops.bertkern_cuda.build_info())
+        ext["build_info"] = str(torch.ops.bertkern_cuda.build_info())
     else:
-        info["cuda_extension"]["why_not"] = why
+        ext["state"] = _backend.extension_diagnosis(ImportError(why)).state
+        ext["why_not"] = why
+    record = _backend.build_record()
+    ext["build_record"] = record if record is not None else "none (installed before records, or not installed)"
+    info["cuda_extension"] = ext
 
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info["gpu"] = f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs)"
+        if built:
+            ext["kernels_for_this_gpu"] = _backend.cuda_arch_problem(torch.device("cuda", 0)) or "yes"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     per_backend = {}
@@ -69,15 +75,26 @@ def format_info(info: dict, indent: int = 0) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bertkern info", description="What is built and usable here, and why not.")
+    parser.add_argument("--json", action="store_true", help="print as JSON")
+    parser.error = lambda message: _usage_error(parser, message)  # type: ignore[method-assign]
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     info = collect()
-    if "--json" in argv:
+    if args.json:
         import json
 
         print(json.dumps(info, indent=2))
     else:
         print(format_info(info))
     return 0
+
+
+def _usage_error(parser, message: str):
+    """One line on stderr and exit 2 (argparse would print the whole usage first)."""
+    print(f"{parser.prog}: {message} (see {parser.prog} --help)", file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

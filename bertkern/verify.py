@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bertkern import backend as _backend
 from bertkern.optimize import DEFAULT_OPS, optimize, restore
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -188,13 +189,17 @@ def verify(
 
     results: dict[str, Any] = {}
     report_summary = None
+    ran: dict[str, set[str]] = {}
     for name in dtypes:
         dtype = DTYPES[name]
         model = copy.deepcopy(base).to(device=device, dtype=dtype).eval()
         eager = run_model(model, ids, mask)
         model, report = optimize(model, backend=backend, ops=ops, return_report=True)
         report_summary = report_summary or report
-        opt = run_model(model, ids, mask)
+        with _backend.observe() as calls:  # which backend each fused op actually ran on
+            opt = run_model(model, ids, mask)
+        for op, chosen in calls:
+            ran.setdefault(op, set()).add(chosen)
         restore(model)
         del model
 
@@ -233,6 +238,8 @@ def verify(
         "batch": len(lengths),
         "seq": ids.shape[1],
         "lengths": lengths,
+        "ran": {op: sorted(backends) for op, backends in sorted(ran.items())},
+        "kernels_ran": any(b != "torch" for backends in ran.values() for b in backends),
         "replaced": report_summary.counts() if report_summary else {},
         "left_alone": len(report_summary.left_alone) if report_summary else 0,
         "report": str(report_summary) if report_summary else "",
@@ -247,6 +254,7 @@ def format_result(result: dict) -> str:
         f"{result['backend']}, batch {result['batch']} x seq {result['seq']} "
         f"(lengths {', '.join(map(str, result['lengths']))})",
         result["report"],
+        _format_ran(result),
         f"{'dtype':<9} {'max|opt-eager|':>14} {'eager vs fp64':>13} {'opt vs fp64':>11} {'limit':>9} "
         f"{'cos(pooled)':>11} {'top-1':>6}  result",
     ]
@@ -261,8 +269,25 @@ def format_result(result: dict) -> str:
             if not o["passed"]:
                 lines.append(f"  {key}: optimized error vs float64 {o['err_optimized_vs_fp64']:.3g} > 2 x eager's "
                              f"{o['err_eager_vs_fp64']:.3g} + floor = {o['limit']:.3g}")
-    lines.append("PASSED" if result["passed"] else "FAILED (optimized error above 2 x eager's + floor)")
+    if not result["passed"]:
+        lines.append("FAILED (optimized error above 2 x eager's + floor)")
+    elif result["kernels_ran"]:
+        lines.append("PASSED")
+    else:
+        lines.append("PASSED, but no bertkern kernel ran: this only checked the model swap on the torch reference")
     return "\n".join(lines)
+
+
+def _format_ran(result: dict) -> str:
+    if not result["ran"]:
+        return "ran: no bertkern op was called (nothing was replaced)"
+    names = {"torch": "torch reference", "triton": "Triton kernel", "cuda": "CUDA kernel (bertkern._C)"}
+    text = "ran: " + ", ".join(f"{op} on {' + '.join(names[b] for b in backends)}"
+                                for op, backends in result["ran"].items())
+    if not result["kernels_ran"]:
+        text += ("\n  (no kernel ran: on CPU `auto` picks the torch reference; for the Triton kernels use a CUDA "
+                 "GPU, or --backend triton with TRITON_INTERPRET=1, slow)")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,9 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attn-implementation", default="eager",
                         help="how to load the model (default eager, so masked_softmax is exercised)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.error = lambda message: _usage_error(message)  # type: ignore[method-assign]
     args = parser.parse_args(argv)
     if args.batch < 1 or args.seq < 1:
-        parser.error("--batch and --seq must be positive")
+        return _usage_error("--batch and --seq must be positive")
+    problem = _backend_problem(args.backend, args.device)
+    if problem:
+        return _usage_error(problem)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         result = verify(args.model, dtypes=args.dtypes, backend=args.backend, batch=args.batch, seq=args.seq,
@@ -295,6 +324,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return 0 if result["passed"] else 1
+
+
+def _usage_error(message: str) -> int:
+    """Usage errors: one line on stderr, exit 2 (1 is kept for a model past the 2x rule)."""
+    print(f"bertkern verify: {message} (see bertkern verify --help)", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _backend_problem(backend: str | None, device: str | None) -> str | None:
+    """Why the requested backend cannot run here (checked before loading the model), or None."""
+    try:
+        requested = _backend.check_name("verify", backend)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (ValueError, RuntimeError) as e:
+        return str(e)
+    if requested == "auto":
+        return None
+    why = _backend.unavailable_reason(requested, dev)
+    return f"backend {requested!r} cannot run on {dev.type}: {why}" if why else None
 
 
 if __name__ == "__main__":

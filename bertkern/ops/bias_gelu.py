@@ -110,7 +110,7 @@ def bias_gelu(
     approximate="none" is the exact erf GELU (HF "gelu"); "tanh" is HF "gelu_new" / "gelu_pytorch_tanh".
     backend: "torch", "triton", "cuda" or "auto" (default: $BERTKERN_BACKEND, else "auto").
     """
-    if bias is not None and isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    if bias is not None and isinstance(x, torch.Tensor) and _backend.autocast_enabled(x):
         # Under autocast the Linear before us returns fp16/bf16 while its bias stays fp32:
         # add in x's dtype, as autocast's own addmm would.
         bias = bias.to(x.dtype)

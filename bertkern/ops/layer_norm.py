@@ -272,7 +272,7 @@ def add_layer_norm(
     as F.layer_norm does. backend: "torch", "triton", "cuda" or "auto" (default: $BERTKERN_BACKEND,
     else "auto").
     """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, torch.Tensor) and _backend.autocast_enabled(x):
         x, residual, weight, bias, x_bias = _autocast(x, residual, weight, bias, x_bias)
     _check(x, residual, weight, bias, x_bias, eps, dropout_p)
     unsupported = None if x.dtype in _backend.KERNEL_DTYPES else f"dtype {x.dtype} has no kernel"
@@ -513,7 +513,7 @@ def embedding_layer_norm(
     (index_add_; deterministic index_put_ under torch.use_deterministic_algorithms). backend="cuda"
     runs the gather in the Triton kernel (there is no CUDA C++ one) and the backward in CUDA C++.
     """
-    if isinstance(word_embeddings, torch.Tensor) and torch.is_autocast_enabled(word_embeddings.device.type):
+    if isinstance(word_embeddings, torch.Tensor) and _backend.autocast_enabled(word_embeddings):
         word_embeddings, position_embeddings, token_type_embeddings, weight, bias = _autocast(
             word_embeddings, position_embeddings, token_type_embeddings, weight, bias
         )

@@ -1,0 +1,52 @@
+"""torch.compile(bertkern.optimize(model), dynamic=True): one compilation serves every sequence length
+(a server batching requests of varying length must not recompile per length). On CPU through the torch
+backend; the Triton path under compile is a GPU matter (see DESIGN.md)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+import bertkern  # noqa: E402
+from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
+
+
+def _tiny_bert():
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=64, attn_implementation="eager")
+    return transformers.BertModel(config).eval()
+
+
+def _batch(seq: int, batch: int = 3):
+    ids = torch.randint(5, 50, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, seq // 2:] = 0  # one padded row, so the padding path is traced too
+    return ids, mask
+
+
+def test_dynamic_compile_does_not_recompile_per_length():
+    model = _tiny_bert()
+    optimized = bertkern.optimize(model, backend="torch", inplace=False)
+    torch._dynamo.reset()
+    # aot_eager: the same Dynamo guards (which decide recompiles) and fake-tensor tracing of every
+    # bertkern op with symbolic shapes as Inductor, without minutes of C++ codegen on a CPU runner.
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(optimized, dynamic=True, backend=counter)
+    try:
+        with torch.no_grad():
+            ids, mask = _batch(7)
+            compiled(input_ids=ids, attention_mask=mask)
+            frames = counter.frame_count
+            assert frames >= 1
+            for seq in (5, 12, 16, 31):
+                ids, mask = _batch(seq)
+                got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+                want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert counter.frame_count == frames, f"recompiled: {counter.frame_count} compilations for 5 lengths"
+    finally:
+        torch._dynamo.reset()
