@@ -1,5 +1,3 @@
-"""bertkern's benchmarks: one harness (harness.py), one declarative file per op (bench_<op>.py), run.py.
-
-A package so that `benchmarks.harness` can never be mistaken for tests/harness.py, and so that pytest
-imports benchmarks/conftest.py and test_bench_ops.py under their own package names.
-"""
+"""bertkern's benchmarks (`bertkern bench` = run.py): common.py (arguments, environment, timers, the one
+writer), ops.py + one bench_<op>.py per op, models.py (the bert and train suites). A package so that
+`benchmarks.common` is never mistaken for a test helper, and pytest imports test_bench_ops.py by its name."""

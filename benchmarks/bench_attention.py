@@ -1,139 +1,101 @@
-"""attention: softmax(q k^T / sqrt(D) + padding mask) v over BERT shapes, forward and forward+backward,
-in TFLOP/s of useful work.
+"""attention: softmax(q k^T * scale + mask) v over [B, H, S, D] (BERT's self-attention after the
+projections) and its backward, over batch {32, 8, 64, 1} x seq {512, 128, 384} x heads {12, 16},
+head_dim 64, every sequence full or with 60% fill (padding after). attention_varlen: the same batches
+run padding-free (unpadded once per case, packed [total, H, D]), against the same eager baseline.
 
-    python benchmarks/bench_attention.py [--quick] [--dtype fp16,bf16] [--budget-s S] [--out DIR]
+    bertkern bench --ops attention,attention_varlen [--quick] [--dtype fp16,bf16]
 
-Cases: batch 1 / 8 / 32 / 64 x seq 128 / 384 / 512, head dim 64 with 12 heads (BERT-base) and 16
-heads (BERT-large), fp16 and bf16, and a padding mask at 60% fill (lengths spread evenly from 20% to
-100% of seq, mean 60%; batch 1: one sequence of 60%) or 100% fill. No dropout.
-
-Inputs are what a BERT layer has: q, k, v are [B, H, S, D] views of one [B, S, 3, H, D] QKV
-projection, and an additive [B, 1, 1, S] mask in the inputs' dtype (0 = real token, finfo.min =
-padding), as HF builds it. Providers:
-- eager: HF BertSelfAttention's eager path: matmul, scale, + mask, softmax (fp32 inside), matmul,
-  then the transpose(1, 2).contiguous() to [B, S, H, D] that the output projection needs;
-- compile: torch.compile of eager;
-- sdpa: torch.nn.functional.scaled_dot_product_attention with the same mask (a float mask rules out
-  its FlashAttention backend: this is HF's sdpa path), plus the same layout copy;
-- triton, cuda: bertkern.ops.attention on its Triton kernel and on its CUDA C++ (mma.sync) kernel
-  (the output is already [B, S, H, D] memory: no copy);
-- varlen, varlen-cuda: bertkern.ops.attention_varlen (Triton, CUDA) on the real tokens only. Its
-  step includes gathering q, k, v into packed form and scattering the output back (and the reverse
-  in backward), O(B S H D) bytes: in the padding-free model those happen once per forward, not per
-  layer, so this understates it.
-The correctness gate compares the real tokens only (padded query rows are garbage in the dense
-providers and absent in varlen), and output gradients are 0 at padded rows (as a model's loss on real
-tokens gives them).
-
-TFLOP/s counts useful work only: forward 4 H D sum_b L_b^2 (L_b = real length: the padded part of a
-dense provider's work is not counted), forward+backward 3x that (the backward's four S x S x D
-matmuls; FlashAttention's recomputation of q k^T is not counted). The GB/s column counts q, k, v and
-out once (and the backward's dO, dq, dk, dv), so its % of copy bandwidth is not a meaningful floor here.
+Providers: eager (HF eager attention: matmul, scale + mask, softmax in fp32, matmul), compile, sdpa
+(F.scaled_dot_product_attention, the transformers default), the bertkern backends, and for
+attention_varlen torch-varlen (torch.nn.attention.varlen.varlen_attn, CUDA only). Outputs are gated
+on the real query rows only; TFLOP/s counts the real tokens' attention FLOPs.
 """
-from __future__ import annotations
-
+import dataclasses
 import math
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` and `bertkern` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from benchmarks.common import Skip
+from benchmarks.ops import Case, OpSpec, grid, unavailable
 
-from benchmarks.harness import Case, OpSpec, Skip, grid  # noqa: E402  (sets TRITON_INTERPRET=1 without a GPU)
+import bertkern
+from bertkern import padding, reference
 
-import bertkern  # noqa: E402,F401  (registers torch.ops.bertkern.attention)
-from bertkern import padding  # noqa: E402
-from bertkern import reference as _reference  # noqa: E402
-
-DTYPES = (torch.float16, torch.bfloat16)
-BATCHES = (32, 8, 64, 1)  # run order: a time budget cuts from the end
-SEQS = (512, 128, 384)
-FILLS = (0.6, 1.0)
+FILLS = ({"fill": 0.6}, {"fill": 1.0})
 
 
 def lengths(case: Case) -> list[int]:
-    """Real lengths of the batch: deterministic per case, mean fill x seq."""
+    """Real lengths: deterministic per case, mean fill x seq, spread over [(2 fill - 1) seq, seq]."""
     b, s, fill = case.shape["batch"], case.shape["seq"], case.options.get("fill", 1.0)
-    if fill >= 1.0:
-        return [s] * b
-    if b == 1:
-        return [max(1, round(fill * s))]
+    if fill >= 1.0 or b == 1:
+        return [max(1, round(min(fill, 1.0) * s))] * b
     lo = max(1, round((2 * fill - 1) * s))
     return [round(lo + (s - lo) * i / (b - 1)) for i in range(b)]
 
 
-def _scale(q: torch.Tensor) -> float:
-    return 1.0 / math.sqrt(q.shape[-1])
-
-
-def make_inputs(case: Case, device: torch.device) -> dict[str, torch.Tensor]:
+def make_inputs(case: Case, device):
     b, h, s, d = (case.shape[k] for k in ("batch", "heads", "seq", "head_dim"))
-    qkv = torch.randn(b, s, 3, h, d, device=device).to(case.dtype)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = torch.randn(b, s, 3, h, d, device=device).to(case.dtype).permute(2, 0, 3, 1, 4).unbind(0)  # HF's layout
     real = torch.arange(s, device=device)[None, :] < torch.tensor(lengths(case), device=device)[:, None]
-    mask = torch.where(real, 0.0, torch.finfo(case.dtype).min).to(case.dtype)[:, None, None, :]
-    return {"q": q, "k": k, "v": v, "mask": mask}
+    return {"q": q, "k": k, "v": v, "mask": torch.where(real, 0.0, torch.finfo(case.dtype).min).to(case.dtype)[:, None, None, :]}
 
 
-def valid(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def valid(inputs):
     """[B, 1, S, 1]: the real query rows."""
     return (inputs["mask"] == 0).transpose(-1, -2)
 
 
-def _bshd(out: torch.Tensor) -> torch.Tensor:
+def _bshd(out):
     """The layout copy HF makes before the output projection, returned as the [B, H, S, D] view."""
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def eager(q, k, v, mask, fill=1.0):
     """HF BertSelfAttention, eager attention."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * _scale(q) + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return _bshd(torch.matmul(probs, v))
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + mask
+    return _bshd(torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v))
 
 
-def reference(q, k, v, mask, fill=1.0):
-    return _reference.attention(q, k, v, mask, _scale(q))
+def ref(q, k, v, mask, fill=1.0):
+    return reference.attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]))
 
 
-def sdpa_provider(case: Case, device: torch.device):
+def sdpa(case, device):
+    return lambda q, k, v, mask, fill=1.0: _bshd(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def kernel(backend: str, case: Case, device):
+    return lambda q, k, v, mask, fill=1.0: torch.ops.bertkern.attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]), 0.0, None, backend)[0]
+
+
+def varlen(attend):
+    """A padding-free provider: unpad q, k, v to [total, H, D] (indices found once per case: no host
+    sync per call), attend(q, k, v, cu_seqlens, max_seqlen), repad to [B, H, S, D]."""
+    def factory(case: Case, device):
+        b, h, s, d = (case.shape[k] for k in ("batch", "heads", "seq", "head_dim"))
+        real = torch.arange(s, device=device)[None, :] < torch.tensor(lengths(case), device=device)[:, None]
+        _, indices, cu_seqlens, max_seqlen = padding.unpad(real[..., None], real)
+
+        def fn(q, k, v, mask, fill=1.0):
+            packed = [t.transpose(1, 2).reshape(b * s, h, d).index_select(0, indices) for t in (q, k, v)]
+            return padding.repad(attend(*packed, cu_seqlens, max_seqlen), indices, b, s).transpose(1, 2)
+
+        return fn
+
+    return factory
+
+
+def varlen_kernel(backend: str, case: Case, device):
+    return varlen(lambda q, k, v, cu, n: bertkern.ops.attention_varlen(q, k, v, cu, n, backend=backend))(case, device)
+
+
+def torch_varlen(case: Case, device):
     if device.type != "cuda":
-        raise Skip("sdpa is timed on CUDA only")
-    return lambda q, k, v, mask, fill=1.0: _bshd(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=_scale(q)))
+        raise Skip("torch.nn.attention.varlen.varlen_attn runs on CUDA only")
+    from torch.nn.attention.varlen import varlen_attn
 
-
-def kernel(backend: str):
-    op = torch.ops.bertkern.attention
-
-    def fn(q, k, v, mask, fill=1.0):
-        return op(q, k, v, mask, _scale(q), 0.0, None, backend)[0]
-
-    return fn
-
-
-def varlen_provider(backend: str):
-    return lambda case, device: _varlen(case, device, backend)
-
-
-def _varlen(case: Case, device: torch.device, backend: str):
-    from bertkern import backend as _backend
-
-    why = _backend.unavailable_reason(backend, device)
-    if why is not None:
-        raise Skip(why)
-    b, h, s, d = (case.shape[k] for k in ("batch", "heads", "seq", "head_dim"))
-    real = torch.arange(s, device=device)[None, :] < torch.tensor(lengths(case), device=device)[:, None]
-    _, indices, cu_seqlens, max_seqlen = padding.unpad(real[..., None], real)  # once per case: no sync per call
-
-    def fn(q, k, v, mask, fill=1.0):
-        packed = [t.transpose(1, 2).reshape(b * s, h, d).index_select(0, indices) for t in (q, k, v)]
-        out = bertkern.ops.attention_varlen(*packed, cu_seqlens, max_seqlen, scale=_scale(q), backend=backend)
-        return padding.repad(out, indices, b, s).transpose(1, 2)
-
-    return fn
+    return varlen(lambda q, k, v, cu, n: varlen_attn(q, k, v, cu.int(), cu.int(), n, n))(case, device)
 
 
 def flops(case: Case) -> int:
@@ -143,52 +105,29 @@ def flops(case: Case) -> int:
 
 def bytes_moved(case: Case) -> int:
     b, h, s, d = (case.shape[k] for k in ("batch", "heads", "seq", "head_dim"))
-    size = case.dtype.itemsize
     n = b * h * s * d
-    fwd = (4 * n + b * s) * size
-    bwd = (8 * n + b * s) * size
+    fwd, bwd = (4 * n + b * s) * case.dtype.itemsize, (8 * n + b * s) * case.dtype.itemsize
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[case.direction]
 
 
-def _shape(batch: int, seq: int, heads: int = 12) -> dict[str, int]:
+def shape(batch: int, seq: int, heads: int = 12):
     return {"batch": batch, "heads": heads, "seq": seq, "head_dim": 64}
 
 
-def cases(quick: bool) -> list[Case]:
-    fills = tuple({"fill": f} for f in FILLS)
+def cases(quick: bool):
     if quick:
-        return grid("attention", ("fwd", "fwd+bwd"), (torch.float16,), [_shape(32, 512), _shape(32, 128)], fills)
-    shapes = [_shape(b, s, h) for h in (12, 16) for b in BATCHES for s in SEQS]
-    return grid("attention", ("fwd", "fwd+bwd"), DTYPES, shapes, fills)
+        return grid(("fwd", "fwd+bwd"), (torch.float16,), [shape(32, 512), shape(32, 128)], FILLS)
+    return grid(("fwd", "fwd+bwd"), (torch.float16, torch.bfloat16),
+                [shape(b, s, h) for h in (12, 16) for b in (32, 8, 64, 1) for s in (512, 128, 384)], FILLS)
 
 
-def cpu_cases(quick: bool) -> list[Case]:
-    """Tiny shapes with an odd length and padding, for the interpreter."""
-    shapes = [{"batch": 3, "heads": 2, "seq": 37, "head_dim": 32}]
+def cpu_cases(quick: bool):
+    """A tiny shape with an odd length and padding, for the interpreter."""
     dtypes = (torch.float32,) if quick else (torch.float32, torch.float16, torch.bfloat16)
-    return grid("attention", ("fwd", "fwd+bwd"), dtypes, shapes, ({"fill": 0.6},))
+    return grid(("fwd", "fwd+bwd"), dtypes, [{"batch": 3, "heads": 2, "seq": 37, "head_dim": 32}], ({"fill": 0.6},))
 
 
-SPEC = OpSpec(
-    name="attention",
-    make_inputs=make_inputs,
-    eager=eager,
-    reference=reference,
-    kernel=kernel,
-    bytes_moved=bytes_moved,
-    cases=cases,
-    cpu_cases=cpu_cases,
-    grad_inputs=("q", "k", "v"),
-    output_names=("out",),
-    x_key="batch",
-    backends=("triton", "cuda"),
-    extra_providers={"sdpa": sdpa_provider, "varlen": varlen_provider("triton"),
-                     "varlen-cuda": varlen_provider("cuda")},
-    flops=flops,
-    valid=valid,
-)
-
-if __name__ == "__main__":
-    from benchmarks import run
-
-    sys.exit(run.main(["--ops", SPEC.name, *sys.argv[1:]]))
+ATTENTION = OpSpec("attention", make_inputs, eager, ref, kernel, bytes_moved, cases, cpu_cases, grad_inputs=("q", "k", "v"),
+                   output_names=("out",), x_key="batch", extra_providers={"sdpa": sdpa}, flops=flops, valid=valid)
+ATTENTION_VARLEN = dataclasses.replace(ATTENTION, name="attention_varlen", kernel=varlen_kernel,
+                                       extra_providers={"sdpa": sdpa, "torch-varlen": torch_varlen})

@@ -18,7 +18,7 @@
 # logs; else a temp dir), SUITES (default "ops bert train"), SKIP_TESTS=1 (a benchmark-only call: build,
 # then the suites get everything that is left), BERT_ARGS / TRAIN_ARGS / OPS_ARGS (extra
 # run.py arguments, e.g. BERT_ARGS="--skip-providers compile"). MiniLM runs with its real weights when
-# the tree carries them in .minilm/ (python benchmarks/model_suite.py export-minilm .minilm: ~45 MB in
+# the tree carries them in .minilm/ (python benchmarks/run.py --export-minilm .minilm: ~45 MB in
 # fp16), else with random weights of its shape (the results say which).
 # $OUT receives at most 7 files: env.log build.log tests.log bench.log summary.txt LATEST.md results.tgz.
 # Exit status: the number of failed steps (0 = all passed).

@@ -2,14 +2,12 @@
 
     pytest benchmarks/ --benchmark-only [--benchmark-json out.json]
 
-Each test first checks the provider against the float64 reference (a WRONG provider fails, it is not
-timed), then times its step with the device synchronised inside the timed call, on inputs rotated past
-the L2 as in benchmarks/run.py. pytest-benchmark's numbers are host wall-clock, launch latency included;
-benchmarks/run.py (CUDA events, do_bench median) is the one that writes benchmarks/results/.
-Skipped as a whole without a CUDA GPU or without pytest-benchmark.
+Each test first gates the provider against float64 (a WRONG one fails, untimed), then times its step
+with the device synchronized inside the timed call, on inputs rotated past the L2 as in run.py.
+pytest-benchmark's numbers are host wall-clock, launch latency included; `bertkern bench` (do_bench)
+writes benchmarks/results/. Skipped without a CUDA GPU or without pytest-benchmark.
 """
-from __future__ import annotations
-
+import itertools
 import os
 
 import pytest
@@ -19,37 +17,29 @@ pytest.importorskip("pytest_benchmark")
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
-    pytest.skip("benchmarks need a CUDA GPU (without one, `python benchmarks/run.py` checks correctness)",
-                allow_module_level=True)
+    pytest.skip("benchmarks need a CUDA GPU (without one, `bertkern bench` checks correctness)", allow_module_level=True)
 
-from benchmarks import harness  # noqa: E402
+from benchmarks import common, ops  # noqa: E402
 
-FULL = os.environ.get("BERTKERN_BENCH_FULL") == "1"
-
-
-def _params():
-    for spec in harness.discover():
-        for case in spec.cases(not FULL):
-            shape = "x".join(str(v) for v in case.shape.values())
-            for provider in harness.gpu_providers(spec):
-                yield pytest.param(spec, case, provider, id=f"{spec.name}-{case.direction}-{harness.dtype_name(case.dtype)}-{shape}-{provider}")
+CASES = [(spec, case, name) for spec in ops.discover() for case in spec.cases(os.environ.get("BERTKERN_BENCH_FULL") != "1")
+         for name in ops.providers(spec, gpu=True)]
 
 
-@pytest.mark.parametrize("spec,case,provider", list(_params()))
+@pytest.mark.parametrize("spec,case,provider", CASES, ids=[f"{s.name}-{c.label.replace(' ', '-')}-{p}" for s, c, p in CASES])
 def test_op(benchmark, spec, case, provider):
     device = torch.device("cuda", torch.cuda.current_device())
     try:
-        fn = harness.gpu_providers(spec)[provider](case, device)
-    except harness.Skip as s:
+        fn = ops.providers(spec, gpu=True)[provider](case, device)
+    except common.Skip as s:
         pytest.skip(str(s))
-    prep = harness.prepare_case(spec, case, device, harness.l2_bytes(device))
-    entry = harness.check_provider(spec, case, fn, prep, device)
+    prep = ops.prepare(spec, case, device, common.environment(device)["l2_bytes"])
+    entry = ops.check(spec, case, fn, prep, device)
     if entry["status"] != "ok":
         pytest.fail(f"{provider} is {entry['status']} on {case.label}: {entry.get('reason', '')}")
-    step = harness.rotating([harness.make_step(spec, case, fn, c) for c in prep.copies])
+    steps = itertools.cycle([ops.make_step(spec, case, fn, c) for c in prep.copies])
 
     def timed():
-        step()
+        next(steps)()
         torch.cuda.synchronize()
 
     benchmark.extra_info.update(case=case.to_dict(), bytes=prep.nbytes, rotations=len(prep.copies))

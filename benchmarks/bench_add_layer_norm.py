@@ -1,0 +1,75 @@
+"""add_layer_norm: y = layer_norm(dropout(x + x_bias) + residual), BERT's block after each attention and
+feed-forward projection, and its backward (dx, dresidual, dweight, dbias, dx_bias), over rows = batch x
+seq from 128 to 64k and hidden sizes 384..4096.
+
+    bertkern bench --ops add_layer_norm [--quick] [--dtype fp16,bf16]
+
+Dropout is random and every provider is gated against float64, so the dropout_p = 0.1 cases (training)
+are forward only with x = x_bias = 0: dropout(0) = 0 for any mask, so the output is checkable while
+every provider still draws its mask and does all its work. Their backward (dx depends on the mask) is
+checked by tests/test_layer_norm.py against the forward's mask.
+"""
+import torch
+import torch.nn.functional as F
+
+from benchmarks.ops import Case, OpSpec, grid
+
+import bertkern
+from bertkern import reference
+
+ROWS = (128, 512, 2048, 8192, 16384, 32768, 65536)
+HIDDEN = (768, 1024, 384, 4096)  # BERT-base, -large, MiniLM, a wide row; a time budget cuts from the end
+EPS = 1e-12  # BERT's layer_norm_eps
+
+
+def make_inputs(case: Case, device):
+    rows, n, dt = case.shape["rows"], case.shape["hidden"], case.dtype
+    zero = case.options.get("dropout_p", 0.0) > 0.0  # see the module docstring
+    x, x_bias = torch.randn(rows, n, device=device).to(dt), (0.5 * torch.randn(n, device=device)).to(dt)
+    return {"x": x * (not zero), "residual": torch.randn(rows, n, device=device).to(dt),
+            "weight": (1.0 + 0.1 * torch.randn(n, device=device)).to(dt), "bias": (0.1 * torch.randn(n, device=device)).to(dt),
+            "x_bias": x_bias * (not zero)}
+
+
+def eager(x, residual, weight, bias, x_bias, dropout_p=0.0):
+    """HF BertSelfOutput / BertOutput after the dense layer."""
+    h = F.dropout(x + x_bias, dropout_p, training=True) + residual
+    return F.layer_norm(h, h.shape[-1:], weight, bias, EPS)
+
+
+def ref(x, residual, weight, bias, x_bias, dropout_p=0.0):
+    return reference.add_layer_norm(x, residual, weight, bias, EPS, x_bias, dropout_p)
+
+
+def kernel(backend: str, case: Case, device):
+    return lambda x, residual, weight, bias, x_bias, dropout_p=0.0: bertkern.ops.add_layer_norm(
+        x, residual, weight, bias, EPS, x_bias=x_bias, dropout_p=dropout_p, backend=backend)
+
+
+def bytes_moved(case: Case) -> int:
+    """fwd: read x, residual (+ x_bias, weight, bias), write y. bwd: read dy and the saved pre-norm sum
+    (+ weight), write d(sum) (dx too with dropout), dweight, dbias, dx_bias. fwd+bwd also writes the
+    pre-norm sum. The fp32 row statistics are the kernels' own overhead, not counted."""
+    m, n, size = case.shape["rows"], case.shape["hidden"], case.dtype.itemsize
+    fwd = (3 * m * n + 3 * n) * size
+    bwd = ((3 + (case.options.get("dropout_p", 0.0) > 0.0)) * m * n + 4 * n) * size
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + m * n * size + bwd}[case.direction]
+
+
+def cases(quick: bool):
+    rows, widths = ((2048, 32768), (768,)) if quick else (ROWS, HIDDEN)
+    shapes, dtypes = [{"rows": r, "hidden": n} for n in widths for r in rows], (torch.float16, torch.bfloat16)
+    directions = ("fwd", "bwd") if quick else DIRECTIONS
+    return grid(directions, dtypes, shapes, ({"dropout_p": 0.0},)) + grid(("fwd",), dtypes, shapes, ({"dropout_p": 0.1},))
+
+
+def cpu_cases(quick: bool):
+    """Odd sizes (masking), a BERT-base row, and the dropout path."""
+    shapes = [{"rows": 37, "hidden": 200}] + ([] if quick else [{"rows": 16, "hidden": 768}])
+    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.float16, torch.bfloat16)
+    return grid(("fwd", "bwd"), dtypes, shapes, ({"dropout_p": 0.0},)) + grid(("fwd",), dtypes[:1], shapes[:1], ({"dropout_p": 0.1},))
+
+
+DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+ADD_LAYER_NORM = OpSpec("add_layer_norm", make_inputs, eager, ref, kernel, bytes_moved, cases, cpu_cases,
+                        grad_inputs=("x", "residual", "weight", "bias", "x_bias"))

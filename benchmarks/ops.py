@@ -1,0 +1,306 @@
+"""The op suite: every op is one `OpSpec` in benchmarks/bench_<op>.py (inputs, the eager composition users
+write, the float64 reference, the bertkern call, the bytes it must move, its cases); this file derives
+the rest:
+
+- providers: `eager`, `compile` (torch.compile of eager), one per bertkern backend, and the spec's extras;
+  one that cannot run here is recorded as skipped, with the reason;
+- the correctness gate before any timing: every output against float64 by bertkern.testing's rule
+  (floor scaled by max(1, |ref|)); a WRONG provider is never timed;
+- timing (CUDA): triton.testing.do_bench over input copies rotated past twice the L2; backward timed on
+  precomputed forward graphs (retain_graph), so only the backward is in the number;
+- the 100% line: a 1 GiB device-to-device copy measured in the same run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+import math
+import time
+import zlib
+from typing import Any, Callable
+
+from benchmarks import common
+from benchmarks.common import Skip
+
+import torch
+
+from bertkern.testing import check_2x
+
+DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+# The API's names; the old bench names still work.
+OPS = {"add_layer_norm": "add_layer_norm", "masked_softmax": "masked_softmax", "embedding_layer_norm": "embedding_layer_norm",
+       "attention": "attention", "attention_varlen": "attention", "bias_gelu": "bias_gelu"}  # name -> bench_<file>
+ALIASES = {"layer_norm": "add_layer_norm", "softmax": "masked_softmax"}
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark point: direction ("fwd", "bwd", "fwd+bwd"), dtype, sizes, and non-size options."""
+
+    direction: str
+    dtype: torch.dtype
+    shape: dict[str, int]
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return " ".join([self.direction, common.dtype_name(self.dtype)] + [f"{k}={v}" for k, v in {**self.shape, **self.options}.items()])
+
+    def to_dict(self) -> dict:
+        return {"direction": self.direction, "dtype": common.dtype_name(self.dtype), **self.shape, **self.options}
+
+
+def grid(directions, dtypes, shapes, options=({},)) -> list[Case]:
+    """Every combination, shapes outermost: the order cases run in (a time budget cuts the tail)."""
+    return [Case(d, dt, dict(s), dict(o)) for s in shapes for o in options for dt in dtypes for d in directions]
+
+
+@dataclasses.dataclass
+class OpSpec:
+    name: str
+    make_inputs: Callable[[Case, torch.device], dict[str, torch.Tensor]]  # random, never zeros
+    eager: Callable[..., Any]  # the plain PyTorch composition: eager(**inputs, **case.options)
+    reference: Callable[..., Any]  # the same on float64 copies of the inputs
+    kernel: Callable[[str, Case, torch.device], Callable[..., Any]]  # (backend, case, device) -> the bertkern call
+    bytes_moved: Callable[[Case], int]  # each input read once, each output written once
+    cases: Callable[[bool], list[Case]]  # quick -> GPU cases, most important first
+    cpu_cases: Callable[[bool], list[Case]]  # quick -> small cases for the CPU check
+    grad_inputs: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ("y",)
+    x_key: str = "rows"  # the size on the x axis of plots
+    backends: tuple[str, ...] = ("triton", "cuda")
+    extra_providers: dict[str, Callable] = dataclasses.field(default_factory=dict)  # name -> factory(case, device)
+    flops: Callable[[Case], int] | None = None  # compute-bound ops also report TFLOP/s
+    # inputs -> bool mask of the output positions that count (real tokens): gated there only
+    valid: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+
+    def checked_names(self, direction: str) -> tuple[str, ...]:
+        grads = tuple("d" + n for n in self.grad_inputs)
+        return {"fwd": self.output_names, "bwd": grads, "fwd+bwd": self.output_names + grads}[direction]
+
+
+def discover(names=None, errors: list[str] | None = None) -> list[OpSpec]:
+    """The specs of the named ops (API names or aliases; default: all). An import failure raises, or
+    with an `errors` list is described there and the op left out."""
+    names = [ALIASES.get(n, n) for n in names or OPS]
+    unknown = [n for n in names if n not in OPS]
+    if unknown:
+        raise ValueError(f"unknown op(s) {unknown}; have {list(OPS)} (aliases: {ALIASES})")
+    specs = []
+    for n in dict.fromkeys(names):
+        try:
+            specs.append(getattr(importlib.import_module(f"benchmarks.bench_{OPS[n]}"), n.upper()))
+        except Exception as e:
+            if errors is None:
+                raise
+            errors.append(f"benchmarks/bench_{OPS[n]}.py could not be imported: {common.short_exc(e)}")
+    return specs
+
+
+# ----------------------------------------------------------------------------- providers
+def unavailable(backend: str, device: torch.device) -> None:
+    from bertkern import backend as _backend
+
+    why = _backend.unavailable_reason(backend, device)
+    if why is not None:
+        raise Skip(why)
+
+
+def providers(spec: OpSpec, gpu: bool) -> dict[str, Callable]:
+    """name -> factory(case, device) -> fn. GPU: eager, compile, the backends, the extras; CPU: the
+    bertkern backends (eager is the gate's baseline either way)."""
+    def backend(b):
+        return lambda case, device: unavailable(b, device) or spec.kernel(b, case, device)
+
+    def compiled(case, device):
+        import torch._dynamo
+
+        torch._dynamo.reset()  # dynamic=False recompiles per shape; past the recompile limit it would run eager
+        return torch.compile(spec.eager, dynamic=False)
+
+    if not gpu:
+        return {b: backend(b) for b in ("torch",) + spec.backends}
+    return {"eager": lambda case, device: spec.eager, "compile": compiled, **{b: backend(b) for b in spec.backends},
+            **spec.extra_providers}
+
+
+# ----------------------------------------------------------------------------- one case
+@dataclasses.dataclass
+class Copy:
+    """One set of inputs (and the output gradients a backward uses)."""
+
+    inputs: dict[str, torch.Tensor]
+    grad_outs: tuple[torch.Tensor, ...] = ()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.inputs.values(), *self.grad_outs])
+
+    def double(self) -> "Copy":
+        up = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
+        return Copy({k: up(v) for k, v in self.inputs.items()}, tuple(map(up, self.grad_outs)))
+
+
+def _tuple(out) -> tuple[torch.Tensor, ...]:
+    return (out,) if isinstance(out, torch.Tensor) else tuple(o for o in out if o is not None)
+
+
+def make_step(spec: OpSpec, case: Case, fn: Callable, copy: Copy) -> Callable[[], tuple]:
+    """A no-argument call doing exactly the timed work of the case on `copy`, returning the checked
+    outputs. For "bwd" the forward runs here, once, untimed."""
+    if case.direction == "fwd":
+        return lambda: _tuple(fn(**copy.inputs, **case.options))
+    leaves = {k: (v.detach().requires_grad_() if k in spec.grad_inputs else v) for k, v in copy.inputs.items()}
+    wrt = [leaves[n] for n in spec.grad_inputs]
+    if case.direction == "bwd":
+        outs = _tuple(fn(**leaves, **case.options))
+        return lambda: tuple(torch.autograd.grad(outs, wrt, copy.grad_outs, retain_graph=True))
+
+    def fwd_bwd():
+        outs = _tuple(fn(**leaves, **case.options))
+        return tuple(o.detach() for o in outs) + tuple(torch.autograd.grad(outs, wrt, copy.grad_outs))
+
+    return fwd_bwd
+
+
+def rotations(case_bytes: int, l2_bytes: int, copy_bytes: int, free_bytes: int, cap: int = 1000) -> int:
+    """ceil(2 x L2 / bytes) input copies, so that cycling through them never hits in L2; fewer if they
+    would take more than a quarter of the free memory (x3: the graph a backward copy keeps)."""
+    want = max(1, math.ceil(2 * l2_bytes / max(case_bytes, 1)))
+    return int(min(want, max(1, free_bytes // 4 // max(3 * copy_bytes, 1)), cap))
+
+
+@dataclasses.dataclass
+class Prepared:
+    nbytes: int
+    copies: list[Copy]
+    ref64: tuple[torch.Tensor, ...]
+    eager: tuple[torch.Tensor, ...]
+
+
+def prepare(spec: OpSpec, case: Case, device: torch.device, l2: int = 0) -> Prepared:
+    """Seeded inputs (enough copies to rotate past the L2), the float64 truth and eager's outputs."""
+    torch.manual_seed(zlib.crc32(f"{spec.name} {case.label}".encode()))
+
+    def copies(n):
+        cs = [Copy(spec.make_inputs(case, device)) for _ in range(n)]
+        if case.direction != "fwd":
+            with torch.no_grad():
+                outs = _tuple(spec.eager(**cs[0].inputs, **case.options))
+            for c in cs:
+                c.grad_outs = tuple(torch.randn(o.shape, device=device).to(o.dtype) for o in outs)
+                if spec.valid is not None:
+                    c.grad_outs = tuple(torch.where(spec.valid(c.inputs), g, 0) for g in c.grad_outs)
+        return cs
+
+    nbytes, cs = spec.bytes_moved(case), copies(1)
+    if l2:
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 34
+        cs += copies(rotations(nbytes, l2, cs[0].nbytes(), free) - 1)
+    with torch.enable_grad():
+        ref64 = tuple(o.detach() for o in make_step(spec, case, spec.reference, cs[0].double())())
+    eager = tuple(o.detach() for o in make_step(spec, case, spec.eager, cs[0])())
+    return Prepared(nbytes, cs, ref64, eager)
+
+
+def check(spec: OpSpec, case: Case, fn: Callable, prep: Prepared, device: torch.device) -> dict:
+    """One call on the first copy, on NaN-filled fresh memory, judged by the 2x rule: {"status", "errors"}."""
+    if device.type == "cuda":  # unwritten outputs then show as NaN
+        torch.empty(min(max(256 << 20, 2 * prep.nbytes), 4 << 30) // 4, device=device).fill_(float("nan"))
+    try:
+        outs = tuple(o.detach() for o in make_step(spec, case, fn, prep.copies[0])())
+    except Exception as e:
+        return {"status": "error", "reason": common.short_exc(e)}
+    names, ref64, eager = spec.checked_names(case.direction), prep.ref64, prep.eager
+    if len(outs) != len(names):
+        return {"status": "WRONG", "reason": f"{len(outs)} outputs, expected {len(names)} ({', '.join(names)})"}
+    if spec.valid is not None:  # compare only the positions that count
+        keep = spec.valid(prep.copies[0].inputs)
+        outs, ref64, eager = (tuple(torch.where(keep, t, 0) for t in ts) for ts in (outs, ref64, eager))
+    checks = {n: check_2x(o, r, e, n, scale_floor=True) for n, o, r, e in zip(names, outs, ref64, eager)}
+    entry = {"status": "ok" if all(c.ok for c in checks.values()) else "WRONG",
+             "errors": {n: c.to_dict() for n, c in checks.items()}}
+    return entry | ({"reason": "; ".join(c.reason for c in checks.values() if c.reason)} if entry["status"] != "ok" else {})
+
+
+def run_case(spec: OpSpec, case: Case, provs: dict, device: torch.device, copy_gbs: float = 0.0, l2: int = 0,
+             timer: Callable | None = None) -> dict:
+    """Check every provider, then time the right ones with timer(step) -> (median, p20, p80) ms."""
+    prep = prepare(spec, case, device, l2 if timer else 0)
+    out = {"case": case.to_dict(), "bytes": prep.nbytes, "rotations": len(prep.copies), "providers": {}}
+    for name, factory in provs.items():
+        try:
+            fn = factory(case, device)
+        except Skip as s:
+            out["providers"][name] = {"status": "skipped", "reason": str(s)}
+            continue
+        entry = check(spec, case, fn, prep, device)
+        if entry["status"] == "ok" and timer is not None:
+            try:
+                steps = itertools.cycle([make_step(spec, case, fn, c) for c in prep.copies])
+                ms, lo, hi = timer(lambda: next(steps)())
+                gbs = prep.nbytes / ms / 1e6
+                entry.update(ms=ms, ms_p20=lo, ms_p80=hi, gbs=gbs, pct_copy=100 * gbs / copy_gbs)
+                if spec.flops is not None:
+                    entry["tflops"] = spec.flops(case) / ms / 1e9
+            except Exception as e:
+                entry = {"status": "error", "reason": "timing: " + common.short_exc(e), "errors": entry["errors"]}
+        out["providers"][name] = entry
+    return out
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:
+    """The 100% line: a large device-to-device copy, bytes read + written over time."""
+    src = torch.randint(-128, 127, (nbytes,), dtype=torch.int8, device=device)
+    dst = torch.empty_like(src)
+    ms, lo, hi = common.time_op(lambda: dst.copy_(src), 25, 200)
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"bytes": 2 * nbytes, "ms": ms, "ms_p20": lo, "ms_p80": hi, "gbs": 2 * nbytes / ms / 1e6}
+
+
+def new_doc(spec: OpSpec, provs, env: dict, settings: dict, cases: list[Case]) -> dict:
+    return {"schema": common.SCHEMA, "suite": "ops", "name": spec.name, "title": spec.name, "env": env,
+            "settings": settings, "providers": list(provs), "baseline": "eager",
+            "describe": {"eager": "the plain PyTorch composition", "compile": "torch.compile(eager, dynamic=False)",
+                         **{b: f"bertkern.ops.{spec.name}(backend=\"{b}\")" for b in ("torch",) + spec.backends}},
+            "table_keys": ["direction", "dtype"] + list(dict.fromkeys(k for c in cases for k in c.options)),
+            "x_key": spec.x_key, "y_key": "gbs", "results": []}
+
+
+def run_op(spec: OpSpec, cases: list[Case], device: torch.device, *, copy_bw: dict, env: dict, deadline: float | None = None,
+           warmup_ms: float = 25, rep_ms: float = 100, settings: dict | None = None, only=None, log=print,
+           timer: Callable | None = None, partial_json=None) -> dict:
+    """Every case of one op on the GPU (those past `deadline` listed as not run); the document is saved
+    to `partial_json` after each case, so a killed run keeps what it measured. `timer` replaces do_bench
+    in tests."""
+    provs = {k: v for k, v in providers(spec, gpu=True).items() if only is None or k in only}
+    doc = new_doc(spec, provs, env, {"warmup_ms": warmup_ms, "rep_ms": rep_ms, "timer": "triton.testing.do_bench median, "
+                                     "L2 flushed per rep", "rotation": "ceil(2 x L2 / bytes) input copies", **(settings or {})}, cases)
+    doc["copy_bandwidth"] = copy_bw
+    timer = timer or (lambda step: common.time_op(step, warmup_ms, rep_ms))
+    l2 = env.get("l2_bytes", 0) if device.type == "cuda" else 0
+    for n, case in enumerate(cases):
+        if deadline is not None and time.monotonic() > deadline:
+            r = {"case": case.to_dict(), "bytes": spec.bytes_moved(case), "not_run": "time budget spent"}
+        else:
+            try:
+                r = run_case(spec, case, provs, device, copy_bw["gbs"], l2, timer)
+            except Exception as e:  # inputs or reference failed (out of memory, say): record it, go on
+                r = {"case": case.to_dict(), "bytes": spec.bytes_moved(case), "not_run": f"{common.HARNESS_ERROR}: {common.short_exc(e)}"}
+            common.free_memory(device)
+            log(f"[{n + 1}/{len(cases)}] {spec.name} {case.label} ({r['bytes'] / 1e6:.1f} MB): " + (
+                r.get("not_run") or " | ".join(f"{p} {common.cell_text(e)}" for p, e in r["providers"].items())))
+        doc["results"].append(r)
+        if partial_json is not None:
+            common.save_json(common.finish(doc), partial_json)
+    return common.finish(doc)
+
+
+def check_cpu(spec: OpSpec, quick: bool, dtypes=None, only=None) -> dict:
+    """Each bertkern backend against float64 and eager on small CPU inputs, untimed: a document like run_op's."""
+    provs = {k: v for k, v in providers(spec, gpu=False).items() if only is None or k in only}
+    cases = [c for c in spec.cpu_cases(quick) if dtypes is None or c.dtype in dtypes]
+    doc = new_doc(spec, provs, common.environment(torch.device("cpu")), {"mode": "CPU correctness, untimed"}, cases)
+    doc["results"] = [run_case(spec, case, provs, torch.device("cpu")) for case in cases]
+    return doc
