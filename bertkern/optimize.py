@@ -55,6 +55,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import os
 import sys
 import types
 import weakref
@@ -67,11 +68,12 @@ from torch import nn
 
 from bertkern import backend as _backend
 from bertkern import ops as _ops
+from bertkern import padding as _padding
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OPS = ("bias_gelu", "add_layer_norm", "masked_softmax")
-KNOWN_OPS = ("bias_gelu", "add_layer_norm", "masked_softmax", "embedding_layer_norm")
+DEFAULT_OPS = ("attention", "bias_gelu", "add_layer_norm", "embedding_layer_norm")
+KNOWN_OPS = ("attention", "bias_gelu", "add_layer_norm", "embedding_layer_norm", "masked_softmax")
 
 _MARK = "_bertkern_patch"  # attribute set on each patched module
 _SAVED_FLAGS = "_bertkern_saved_flags"  # attribute set on a bertkern BertConfig whose flags we set
@@ -171,32 +173,228 @@ def _names(names: list[str], shown: int = 3) -> str:
 class _Patch:
     kind: str
     backend: str | None
-    approximate: str = "none"  # bias_gelu
+    approximate: str | None = "none"  # bias_gelu; block: the FFN's GELU form (None: not fused)
     norm: str = "LayerNorm"  # add_layer_norm: the LayerNorm child's name
-    scale: float = 1.0  # masked_softmax: the attention's scaling
+    scale: float | None = 1.0  # masked_softmax / attention: the attention's scaling
+    fused_norms: bool = True  # block: add & norm and bias + GELU through the ops (False: HF's modules)
+    padding_free: bool = True  # encoder: run the layers on packed real tokens
+    layers: str = "encoder"  # encoder: the child holding the `layer` list ("encoder" / "transformer")
+    step: str = "bert"  # encoder: how one layer runs ("bert" / "block")
+    output_cls: Any = None  # encoder: the ModelOutput class the original forward returns
+    pooled: bool = False  # encoder: output_cls has a pooler_output
+    arg_names: tuple = ()  # embedding_layer_norm: the original forward's parameter names
+
+
+def _linear_add_norm(x, dense: nn.Linear, dropout: nn.Module | None, residual, norm: nn.LayerNorm, fused: bool,
+                     backend: str | None) -> torch.Tensor:
+    """LayerNorm(dropout(dense(x)) + residual). Fused: the matmul without its bias, then bias + dropout +
+    residual + LayerNorm in one op; else HF's own modules. eps and p are read at every call."""
+    if not fused:
+        y = dense(x)
+        return norm((dropout(y) if dropout is not None else y) + residual)
+    p = dropout.p if dropout is not None and dropout.training else 0.0
+    return _ops.add_layer_norm(F.linear(x, dense.weight), residual, norm.weight, norm.bias, norm.eps,
+                               x_bias=dense.bias, dropout_p=p, backend=backend)
+
+
+def _linear_gelu(x, dense: nn.Linear, act: Any, approximate: str | None, backend: str | None) -> torch.Tensor:
+    """act(dense(x)); with a GELU form, the matmul without its bias, then bias + GELU in one op."""
+    if approximate is None:
+        return act(dense(x))
+    y = F.linear(x, dense.weight)
+    bias = dense.bias
+    if bias is not None and bias.dtype != y.dtype:  # autocast: the matmul ran in lower precision
+        bias = bias.to(y.dtype)
+    return _ops.bias_gelu(y, bias, approximate=approximate, backend=backend)
 
 
 def _intermediate_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """gelu(dense(h)): the matmul without its bias, then bias + GELU in one op."""
     patch = self._bertkern_patch
-    x = F.linear(hidden_states, self.dense.weight)
-    bias = self.dense.bias
-    if bias is not None and bias.dtype != x.dtype:  # autocast: the matmul ran in lower precision
-        bias = bias.to(x.dtype)
-    return _ops.bias_gelu(x, bias, approximate=patch.approximate, backend=patch.backend)
+    return _linear_gelu(hidden_states, self.dense, None, patch.approximate, patch.backend)
 
 
 def _add_norm_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-    """LayerNorm(dropout(dense(h)) + input_tensor): the matmul without its bias, then bias + dropout +
-    residual + LayerNorm in one op. eps and p are read from the modules at every call."""
+    """LayerNorm(dropout(dense(h)) + input_tensor) in one op after the matmul."""
     patch = self._bertkern_patch
-    norm = getattr(self, patch.norm)
-    dropout = self.dropout
-    p = dropout.p if dropout.training else 0.0
-    x = F.linear(hidden_states, self.dense.weight)
-    return _ops.add_layer_norm(
-        x, input_tensor, norm.weight, norm.bias, norm.eps, x_bias=self.dense.bias, dropout_p=p, backend=patch.backend
+    return _linear_add_norm(hidden_states, self.dense, self.dropout, input_tensor, getattr(self, patch.norm), True,
+                            patch.backend)
+
+
+# ---- fused attention (one QKV GEMM), DistilBERT blocks, embeddings, the padding-free encoder
+def _hf_collecting_attentions() -> bool:
+    """transformers 5.x records attention weights through hooks when output_attentions is asked for
+    (the attention module never sees the flag): then the original forward must run. The check reads
+    HF's context variable, which torch.compile cannot trace; compiled models skip it."""
+    capture = sys.modules.get("transformers.utils.output_capturing")
+    if capture is None or torch.compiler.is_compiling():
+        return False
+    collector = getattr(capture, "_active_collector", None)
+    try:
+        collected = collector.get() if collector is not None else None
+    except LookupError:
+        return False
+    return bool(collected) and "attentions" in collected
+
+
+_UNFUSED_ATTENTION_KWARGS = ("cache", "past_key_values", "past_key_value", "encoder_hidden_states", "head_mask")
+
+
+def _attention_falls_back(args, kwargs, mask) -> bool:
+    """Calls the fused attention does not cover: extra positional arguments, a KV cache, cross-attention
+    inputs, a head mask, attention weights asked for, a mask that is not a [B, S] / 4-D tensor."""
+    return bool(
+        args
+        or any(kwargs.get(k) is not None for k in _UNFUSED_ATTENTION_KWARGS)
+        or kwargs.get("output_attentions")
+        or (mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() in (2, 4)))
+        or _hf_collecting_attentions()
     )
+
+
+def _as_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """HF's attention mask as bertkern.ops.attention takes it: 4-D masks (eager's additive float, SDPA's
+    bool keep-mask) as they are; flash attention's [B, S] padding mask (1 = real) as a bool [B, 1, 1, S]."""
+    if mask is not None and mask.dim() == 2:
+        return mask.bool()[:, None, None, :]
+    return mask
+
+
+def _attention_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
+    """HF BERT-family self-attention, whatever its attn_implementation: one QKV GEMM and
+    bertkern.ops.attention on strided views of its output. Returns (output, None) as HF's SDPA path
+    does; calls it does not cover go to the class's own forward."""
+    if _attention_falls_back(args, kwargs, attention_mask):
+        return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
+    from bertkern.models.bert import qkv_attention
+
+    patch = self._bertkern_patch
+    p = self.dropout.p if self.training else 0.0
+    out = qkv_attention(self, self.query, self.key, self.value, self.num_attention_heads, hidden_states,
+                        _as_mask(attention_mask), dropout_p=p, scale=patch.scale, backend=patch.backend)
+    return out, None
+
+
+def _block_step(self, h, mask, varlen, patch: _Patch) -> torch.Tensor:
+    """One DistilBERT TransformerBlock on [B, S, dim] (mask) or packed [total, dim] (varlen)."""
+    from bertkern.models.bert import qkv_attention
+
+    att, ffn = self.attention, self.ffn
+    p = att.dropout.p if att.training else 0.0
+    a = qkv_attention(att, att.q_lin, att.k_lin, att.v_lin, att.n_heads, h, mask, varlen, dropout_p=p,
+                      scale=patch.scale, backend=patch.backend)
+    a = _linear_add_norm(a, att.out_lin, None, h, self.sa_layer_norm, patch.fused_norms, patch.backend)
+    f = _linear_gelu(a, ffn.lin1, ffn.activation, patch.approximate if patch.fused_norms else None, patch.backend)
+    return _linear_add_norm(f, ffn.lin2, ffn.dropout, a, self.output_layer_norm, patch.fused_norms, patch.backend)
+
+
+def _block_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
+    """DistilBERT's TransformerBlock: fused attention, add & norm, FFN, add & norm."""
+    if _attention_falls_back(args, kwargs, attention_mask):
+        return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
+    return _block_step(self, hidden_states, _as_mask(attention_mask), None, self._bertkern_patch)
+
+
+def _bert_layer_step(layer, h, mask, varlen, backend) -> torch.Tensor:
+    """One BERT-family layer: fused attention, then its own (possibly patched) add & norm and FFN."""
+    from bertkern.models.bert import qkv_attention
+
+    att = layer.attention.self
+    p = att.dropout.p if att.training else 0.0
+    a = qkv_attention(att, att.query, att.key, att.value, att.num_attention_heads, h, mask, varlen, dropout_p=p,
+                      scale=getattr(att, "scaling", None), backend=backend)
+    a = layer.attention.output(a, h)
+    return layer.output(layer.intermediate(a), a)
+
+
+def _run_layers(self, patch: _Patch, h, mask, varlen) -> torch.Tensor:
+    for layer in getattr(self, patch.layers).layer:
+        if patch.step == "block":
+            h = _block_step(layer, h, mask, varlen, layer.__dict__.get(_MARK) or _unfused_block(patch))
+        else:
+            h = _bert_layer_step(layer, h, mask, varlen, patch.backend)
+    return h
+
+
+def _unfused_block(patch: _Patch) -> _Patch:
+    return _Patch("block", patch.backend, approximate=None, scale=None, fused_norms=False)
+
+
+_ENCODER_INPUTS = ("token_type_ids", "position_ids", "inputs_embeds")
+
+
+def _encoder_falls_back(self, args, kwargs, attention_mask) -> bool:
+    """Calls the packed / fused encoder does not cover go to the original forward: hidden states or
+    attention weights asked for (HF records them per layer), a KV cache, cross-attention inputs, a head
+    mask, a 4-D mask, gradient checkpointing, extra positional arguments or unknown inputs."""
+    config = getattr(self, "config", None)
+    if args or (attention_mask is not None and attention_mask.dim() != 2):
+        return True
+    if getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False):
+        return True
+    if self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.modules()):
+        return True  # HF checkpoints through each layer's __call__, which the fused loop bypasses
+    return any(v is not None and v is not False for k, v in kwargs.items() if k not in _ENCODER_INPUTS + ("return_dict",))
+
+
+def _encoder_forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                     *args, **kwargs):
+    """The encoder model (BertModel and family, DistilBertModel): embeddings once, then every layer on
+    the packed real tokens (padding-free) or on the padded batch under a bool mask, then the pooler."""
+    patch = self._bertkern_patch
+    if _encoder_falls_back(self, args, kwargs, attention_mask):
+        return type(self).forward(self, input_ids, attention_mask, *args, **kwargs)
+    return_dict = kwargs.get("return_dict")
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    h = self.embeddings(input_ids=input_ids, **{k: kwargs[k] for k in _ENCODER_INPUTS if kwargs.get(k) is not None})
+    if getattr(self, "embeddings_project", None) is not None:  # ELECTRA: embedding_size -> hidden_size
+        h = self.embeddings_project(h)
+    batch, seq = h.shape[:2]
+    done = False
+    if attention_mask is not None and patch.padding_free and not torch.compiler.is_compiling():
+        # Padding-free: pack once (one host sync), every layer on [total, hidden], scatter back once.
+        # Padded positions of the output are zeros (HF's values there are meaningless anyway).
+        packed, indices, cu_seqlens, max_seqlen = _padding.unpad(h, attention_mask)
+        if packed.shape[0] < batch * seq:
+            h = _padding.repad(_run_layers(self, patch, packed, None, (cu_seqlens, max_seqlen)), indices, batch, seq)
+            done = True
+        else:
+            attention_mask = None  # no padding: no mask at all
+    if not done:
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        h = _run_layers(self, patch, h, mask, None)
+    out = {"last_hidden_state": h}
+    if patch.pooled:
+        pooler = getattr(self, "pooler", None)
+        out["pooler_output"] = pooler(h) if pooler is not None else None
+    out = patch.output_cls(**out)
+    return out if return_dict else out.to_tuple()
+
+
+def _embeddings_forward(self, *args, **kwargs):
+    """word + position + token type embeddings and LayerNorm in one op (RoBERTa's position ids from
+    padding_idx by the module's own rule), then the module's dropout. inputs_embeds or a cache offset
+    go to the original forward."""
+    patch = self._bertkern_patch
+    bound = dict(zip(patch.arg_names, args))
+    bound.update(kwargs)
+    input_ids = bound.get("input_ids")
+    if (input_ids is None or bound.get("inputs_embeds") is not None or bound.get("cache_length")
+            or bound.get("past_key_values_length") or set(bound) - set(patch.arg_names)):
+        return type(self).forward(self, *args, **kwargs)
+    position_ids = bound.get("position_ids")
+    position = getattr(self, "position_embeddings", None)
+    if position_ids is None and position is not None and hasattr(self, "create_position_ids_from_input_ids"):
+        position_ids = self.create_position_ids_from_input_ids(input_ids, self.padding_idx)  # RoBERTa family
+    token_type = getattr(self, "token_type_embeddings", None)
+    word = self.word_embeddings
+    x = _ops.embedding_layer_norm(
+        input_ids, position_ids, bound.get("token_type_ids"), word.weight,
+        position.weight if position is not None else None, token_type.weight if token_type is not None else None,
+        self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, padding_idx=word.padding_idx,
+        backend=patch.backend)
+    return self.dropout(x)
 
 
 def _self_attention_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -234,6 +432,10 @@ _FORWARDS = {
     "bias_gelu": _intermediate_forward,
     "add_layer_norm": _add_norm_forward,
     "masked_softmax": _self_attention_forward,
+    "attention": _attention_forward,
+    "block": _block_forward,
+    "encoder": _encoder_forward,
+    "embedding_layer_norm": _embeddings_forward,
 }
 
 
@@ -438,60 +640,239 @@ def _is_cross_attention(module: nn.Module) -> bool:
     return "attention_mask" not in names or names.index("encoder_hidden_states") < names.index("attention_mask")
 
 
-def _match_self_attention(module: nn.Module, backend: str | None) -> _Patch:
-    """HF's BERT-family self-attention on the eager path (transformers 4.x and 5.x)."""
+def _attention_layout(module: nn.Module) -> float:
+    """Checks shared by both attention swaps (the BERT layout, nothing the fused path would skip);
+    returns the attention's scaling."""
     config = getattr(module, "config", None)
     if _is_cross_attention(module):
         raise _NoMatch("cross-attention")
     if getattr(module, "is_causal", False) or getattr(module, "is_decoder", False) or getattr(config, "is_decoder", False):
         raise _NoMatch("decoder (causal) attention")
-    impl = _attn_implementation(module)
-    if impl is None:
-        raise _NoMatch("no HF config with an _attn_implementation, and not an eager *SelfAttention class")
-    if impl != "eager":
-        raise _NoMatch(f"uses attn_implementation={impl!r} ({type(module).__name__}; already a fused attention); "
-                       "bertkern fuses the eager path only: load with attn_implementation='eager' to use "
-                       "masked_softmax")
     head = getattr(module, "attention_head_size", None)
     if not isinstance(head, int) or not isinstance(getattr(module, "dropout", None), nn.Dropout):
         raise _NoMatch("no attention_head_size / dropout attributes of the BERT layout")
-    if not isinstance(module.query, nn.Linear):
-        raise _NoMatch(f"query is a {type(module.query).__name__}, not a Linear")
+    for n in ("query", "key", "value"):
+        if not _plain(getattr(module, n), nn.Linear):
+            raise _NoMatch(f"{n} is a {type(getattr(module, n)).__name__} with its own forward or hooks, not a Linear")
     position = getattr(module, "position_embedding_type", "absolute")
     if position not in (None, "absolute"):
         raise _NoMatch(f"position_embedding_type={position!r}: relative position scores the fused path would skip")
     extra = [n for n, _ in module.named_children() if n not in ("query", "key", "value", "dropout")]
     extra += list(module._parameters)
     if extra:
-        # The probe below could miss them with small weights (relative position embeddings at
+        # The probe could miss them with small weights (relative position embeddings at
         # initialisation shift the scores by ~1e-4), so anything beyond q / k / v / dropout is refused.
         raise _NoMatch(f"has {', '.join(extra)} besides query / key / value / dropout (relative positions, "
                        "rotary, ...), which the fused path would skip")
-    scale = float(getattr(module, "scaling", head**-0.5))
+    return float(getattr(module, "scaling", head**-0.5))
+
+
+def _probe_attention(module: nn.Module, head: int, scale: float, check_probs: bool) -> None:
+    """Run the module's own forward on a small input under an additive padding mask and check it
+    computes softmax(q k^T * scale + mask) v (and returns those probabilities when check_probs)."""
     device, dtype = _param_device_dtype(module.query)
+    if device.type == "meta":
+        return
+    gen = torch.Generator().manual_seed(0)
+    batch, seq, hidden = 2, 3, module.query.in_features
+    h = _randn(gen, (batch, seq, hidden), device, dtype)
+    mask = torch.zeros(batch, 1, seq, seq, device=device, dtype=dtype)
+    mask[1, :, :, seq - 1] = torch.finfo(dtype).min
+    with _probe_mode(module):
+        out = module.forward(h, attention_mask=mask)
+
+        def heads(x):
+            return x.view(batch, seq, -1, head).transpose(1, 2)
+
+        q, k, v = heads(module.query(h)), heads(module.key(h)), heads(module.value(h))
+        probs = torch.softmax(q @ k.transpose(-1, -2) * scale + mask, dim=-1)
+        want = (probs @ v).transpose(1, 2).reshape(batch, seq, -1)
+    # The fused forwards return (output, weights) like transformers 5.x; an attention returning
+    # anything else (4.x returns (output,) without output_attentions) keeps its own forward.
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise _NoMatch("its forward does not return (output, attention weights) as transformers 5.x does")
+    _check_close(out[0], want, "softmax(q k^T * scaling + mask) v")
+    if check_probs:
+        _check_close(out[1], probs, "the attention weights softmax(q k^T * scaling + mask)")
+
+
+def _match_self_attention(module: nn.Module, backend: str | None) -> _Patch:
+    """HF's BERT-family self-attention on the eager path (transformers 4.x and 5.x): the softmax only."""
+    scale = _attention_layout(module)
+    impl = _attn_implementation(module)
+    if impl is None:
+        raise _NoMatch("no HF config with an _attn_implementation, and not an eager *SelfAttention class")
+    if impl != "eager":
+        raise _NoMatch(f"uses attn_implementation={impl!r} ({type(module).__name__}): masked_softmax fuses the "
+                       "eager path only (the 'attention' op covers every implementation)")
+    _probe_attention(module, module.attention_head_size, scale, check_probs=True)
+    return _Patch("masked_softmax", backend, scale=scale)
+
+
+def _match_attention(module: nn.Module, backend: str | None) -> _Patch:
+    """HF's BERT-family self-attention, any attn_implementation: one QKV GEMM + ops.attention."""
+    scale = _attention_layout(module)
+    if not isinstance(getattr(module, "num_attention_heads", None), int):
+        raise _NoMatch("no num_attention_heads attribute of the BERT layout")
+    _probe_attention(module, module.attention_head_size, scale, check_probs=False)
+    return _Patch("attention", backend, scale=scale)
+
+
+def _is_block_candidate(module: nn.Module) -> bool:
+    """DistilBERT's TransformerBlock layout."""
+    att, ffn = getattr(module, "attention", None), getattr(module, "ffn", None)
+    return (all(isinstance(getattr(att, n, None), nn.Linear) for n in ("q_lin", "k_lin", "v_lin", "out_lin"))
+            and all(isinstance(getattr(ffn, n, None), nn.Linear) for n in ("lin1", "lin2"))
+            and isinstance(getattr(module, "sa_layer_norm", None), nn.LayerNorm)
+            and isinstance(getattr(module, "output_layer_norm", None), nn.LayerNorm))
+
+
+def _match_block(module: nn.Module, backend: str | None, fused_norms: bool, fuse_gelu: bool) -> _Patch:
+    """attention (q_lin / k_lin / v_lin, out_lin) -> sa_layer_norm(+ h) -> ffn (lin1, act, lin2, dropout)
+    -> output_layer_norm(+ a), checked on a probe input against the block's own forward."""
+    att, ffn = module.attention, module.ffn
+    if not isinstance(getattr(att, "n_heads", None), int) or not isinstance(getattr(att, "dropout", None), nn.Dropout):
+        raise _NoMatch("attention has no n_heads / dropout of the DistilBERT layout")
+    if getattr(ffn, "chunk_size_feed_forward", 0) or not isinstance(getattr(ffn, "dropout", None), nn.Dropout):
+        raise _NoMatch("FFN chunking or no FFN dropout")
+    for m in (att, ffn, *att.children(), *ffn.children(), module.sa_layer_norm, module.output_layer_norm):
+        if "forward" in m.__dict__ or m._forward_hooks or m._forward_pre_hooks:
+            raise _NoMatch(f"{type(m).__name__} has hooks or an instance forward that a fused path would skip")
+    extra = [n for n, _ in module.named_children() if n not in ("attention", "sa_layer_norm", "ffn", "output_layer_norm")]
+    if extra:
+        raise _NoMatch(f"has {', '.join(extra)} besides attention / sa_layer_norm / ffn / output_layer_norm")
+    approximate = _gelu_approximate(ffn.activation) if fuse_gelu else None
+    patch = _Patch("block", backend, approximate=approximate, scale=float(getattr(att, "scaling", None) or
+                   (att.q_lin.out_features // att.n_heads) ** -0.5), fused_norms=fused_norms)
+    device, dtype = _param_device_dtype(att.q_lin)
     if device.type != "meta":
         gen = torch.Generator().manual_seed(0)
-        batch, seq, hidden = 2, 3, module.query.in_features
-        h = _randn(gen, (batch, seq, hidden), device, dtype)
-        mask = torch.zeros(batch, 1, seq, seq, device=device, dtype=dtype)
-        mask[1, :, :, seq - 1] = torch.finfo(dtype).min
+        h = _randn(gen, (2, 3, att.q_lin.in_features), device, dtype)
+        mask = torch.ones(2, 3, dtype=torch.bool, device=device)
+        mask[1, 2] = False
+        hf_mask = torch.zeros(2, 1, 3, 3, device=device, dtype=dtype).masked_fill(~mask[:, None, None, :],
+                                                                                 torch.finfo(dtype).min)
         with _probe_mode(module):
-            out = module.forward(h, attention_mask=mask)
+            want = type(module).forward(module, h, hf_mask)
+            want = want[0] if isinstance(want, (tuple, list)) else want
+            got = _block_step(module, h, mask[:, None, None, :], None, dataclasses.replace(patch, backend="torch"))
+        _check_close(got, want, "the DistilBERT block (attention, add & norm, FFN, add & norm)")
+    return patch
 
-            def heads(x):
-                return x.view(batch, seq, -1, head).transpose(1, 2)
 
-            q, k, v = heads(module.query(h)), heads(module.key(h)), heads(module.value(h))
-            probs = torch.softmax(q @ k.transpose(-1, -2) * scale + mask, dim=-1)
-            want = (probs @ v).transpose(1, 2).reshape(batch, seq, -1)
-        # The fused forward returns (output, weights) like transformers 5.x; an attention returning
-        # anything else (4.x returns (output,) without output_attentions) keeps its own forward.
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise _NoMatch("its forward does not return (output, attention weights) as transformers 5.x "
-                           "eager attention does")
-        _check_close(out[0], want, "softmax(q k^T * scaling + mask) v")
-        _check_close(out[1], probs, "the attention weights softmax(q k^T * scaling + mask)")
-    return _Patch("masked_softmax", backend, scale=scale)
+def _is_embeddings_candidate(module: nn.Module) -> bool:
+    return (isinstance(getattr(module, "word_embeddings", None), nn.Embedding)
+            and isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm))
+
+
+def _match_embeddings(module: nn.Module, backend: str | None) -> _Patch:
+    """word + position + token type embeddings -> LayerNorm -> dropout, checked on probe ids (with
+    padding tokens, so RoBERTa's position rule shows) against the module's own forward."""
+    allowed = {"word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm", "dropout"}
+    extra = [n for n, _ in module.named_children() if n not in allowed]
+    if extra:
+        raise _NoMatch(f"has {', '.join(extra)} besides word / position / token type embeddings, LayerNorm, dropout")
+    for n in allowed - {"dropout", "LayerNorm"}:
+        child = getattr(module, n, None)
+        if child is not None and not _plain(child, nn.Embedding):
+            raise _NoMatch(f"{n} is a {type(child).__name__} with its own forward or hooks, not an Embedding")
+    if not _plain(module.LayerNorm, nn.LayerNorm) or not isinstance(getattr(module, "dropout", None), nn.Dropout):
+        raise _NoMatch("its LayerNorm has a custom forward or hooks, or there is no dropout")
+    try:
+        names = tuple(list(inspect.signature(type(module).forward).parameters)[1:])
+    except (TypeError, ValueError):
+        raise _NoMatch("its forward's signature cannot be read") from None
+    if "input_ids" not in names:
+        raise _NoMatch("its forward takes no input_ids")
+    patch = _Patch("embedding_layer_norm", backend, arg_names=names)
+    device, dtype = _param_device_dtype(module.word_embeddings)
+    if device.type != "meta":
+        word = module.word_embeddings
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, word.num_embeddings, (2, 4), generator=gen)
+        if word.padding_idx is not None:
+            ids[1, 2:] = word.padding_idx
+        ids = ids.to(device)
+        with _probe_mode(module):
+            want = type(module).forward(module, input_ids=ids)
+            module.__dict__[_MARK] = dataclasses.replace(patch, backend="torch")
+            try:
+                got = _embeddings_forward(module, input_ids=ids)
+            finally:
+                del module.__dict__[_MARK]
+        _check_close(got, want, "LayerNorm(word + position + token type embeddings)")
+    return patch
+
+
+def _is_encoder_candidate(module: nn.Module) -> bool:
+    """BertModel and family (embeddings + encoder.layer [+ pooler]) or DistilBertModel (embeddings +
+    transformer.layer)."""
+    if not _is_embeddings_candidate(getattr(module, "embeddings", None)):
+        return False
+    return any(isinstance(getattr(getattr(module, n, None), "layer", None), nn.ModuleList)
+               for n in ("encoder", "transformer"))
+
+
+def _match_encoder(module: nn.Module, backend: str | None, padding_free: bool) -> _Patch:
+    """The whole encoder model: every layer a BERT layer (self-attention the fused path covers,
+    attention.output, intermediate, output) or a DistilBERT block; checked on a padded probe batch
+    against the model's own forward (real tokens and pooled output)."""
+    config = getattr(module, "config", None)
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise _NoMatch("decoder / cross-attention model")
+    layers_name = "encoder" if isinstance(getattr(getattr(module, "encoder", None), "layer", None), nn.ModuleList) \
+        else "transformer"
+    allowed = {"embeddings", layers_name, "pooler", "embeddings_project"}
+    extra = [n for n, _ in module.named_children() if n not in allowed]
+    if extra:
+        raise _NoMatch(f"has {', '.join(extra)} besides embeddings / {layers_name} / pooler")
+    layers = list(getattr(module, layers_name).layer)
+    step = "block" if layers and all(_is_block_candidate(l) for l in layers) else "bert"
+    for i, layer in enumerate(layers):
+        if step == "block":
+            continue
+        parts = [getattr(layer, "attention", None), getattr(getattr(layer, "attention", None), "output", None),
+                 getattr(layer, "intermediate", None), getattr(layer, "output", None)]
+        if any(p is None for p in parts) or getattr(layer, "crossattention", None) is not None:
+            raise _NoMatch(f"layer {i} is not attention.self / attention.output / intermediate / output")
+        if getattr(layer, "chunk_size_feed_forward", 0):
+            raise _NoMatch(f"layer {i} chunks its feed-forward")
+        if not _is_attention_candidate(layer.attention.self) or \
+                not isinstance(getattr(layer.attention.self, "num_attention_heads", None), int):
+            raise _NoMatch(f"layer {i}'s attention has no query / key / value / num_attention_heads")
+        try:
+            _attention_layout(layer.attention.self)
+        except _NoMatch as e:
+            raise _NoMatch(f"layer {i}'s attention: {e}") from None
+    patch = _Patch("encoder", backend, padding_free=padding_free, layers=layers_name, step=step)
+    device, dtype = _param_device_dtype(module.embeddings.word_embeddings)
+    if device.type == "meta":
+        raise _NoMatch("meta parameters: the probe that checks the model's structure cannot run")
+    word = module.embeddings.word_embeddings
+    pad = word.padding_idx if word.padding_idx is not None else 0
+    ids = torch.randint(0, word.num_embeddings, (2, 4), generator=torch.Generator().manual_seed(0))
+    ids = torch.where(ids == pad, (pad + 1) % word.num_embeddings, ids)
+    mask = torch.ones(2, 4, dtype=torch.long)
+    mask[1, 2:] = 0
+    ids, mask = torch.where(mask.bool(), ids, pad).to(device), mask.to(device)
+    with _probe_mode(module):
+        want = type(module).forward(module, input_ids=ids, attention_mask=mask)
+        if not hasattr(want, "last_hidden_state") or not dataclasses.is_dataclass(want):
+            raise _NoMatch("its forward does not return a ModelOutput with last_hidden_state")
+        fields = {f.name for f in dataclasses.fields(want)}
+        patch = dataclasses.replace(patch, output_cls=type(want), pooled="pooler_output" in fields)
+        module.__dict__[_MARK] = dataclasses.replace(patch, backend="torch")
+        try:
+            got = _encoder_forward(module, input_ids=ids, attention_mask=mask)
+        except Exception as e:  # a layout this loop does not know: leave the model as it is
+            raise _NoMatch(f"the packed encoder failed on a probe batch ({type(e).__name__}: {e})") from None
+        finally:
+            del module.__dict__[_MARK]
+    real = mask.bool()
+    _check_close(got.last_hidden_state[real], want.last_hidden_state[real], "the model's hidden states at real tokens")
+    if getattr(want, "pooler_output", None) is not None:
+        _check_close(got.pooler_output, want.pooler_output, "the model's pooled output")
+    return patch
 
 
 # ---------------------------------------------------------------- patching
@@ -547,12 +928,14 @@ def _check_args(model: Any, backend: str | None, ops: Any) -> tuple[str, ...]:
 _BERTKERN_FLAGS = {
     "BertIntermediate": ("bias_gelu", "fused_bias_gelu"),
     "BertSelfOutput": ("add_layer_norm", "fused_layer_norm"),  # BertOutput subclasses it
-    "BertSelfAttention": ("masked_softmax", "fused_softmax"),
+    "BertSelfAttention": ("attention", "fused_attention"),  # ("masked_softmax", "fused_softmax") without "attention"
     "BertEmbeddings": ("embedding_layer_norm", "fused_embeddings"),
+    "BertModel": ("padding_free", "padding_free"),  # a container: its children get their own flags
 }
 
 
-def _optimize_bertkern(report: OptimizeReport, name: str, module: nn.Module, available: dict) -> str | None:
+def _optimize_bertkern(report: OptimizeReport, name: str, module: nn.Module, available: dict, padding_free: bool,
+                       cpu_auto: bool) -> str | None:
     """Set the fused flag for a bertkern.models module. Returns None if the module is not one of
     bertkern.models, "self" for a container, "subtree" for a module whose flag covers its children."""
     from bertkern.models import bert as bk
@@ -563,20 +946,26 @@ def _optimize_bertkern(report: OptimizeReport, name: str, module: nn.Module, ava
     else:
         return "self" if type(module).__module__ == bk.__name__ else None
     type_name, config = type(module).__name__, module.config
-    if op not in report.ops:
+    if op == "attention" and "attention" not in report.ops:
+        op, flag = "masked_softmax", "fused_softmax"
+    scope = "self" if op == "padding_free" else "subtree"
+    requested = ("attention" in report.ops and padding_free) if op == "padding_free" else op in report.ops
+    needs = "attention_varlen" if op == "padding_free" else op
+    if not requested:
         report.left_alone.append(LeftAlone(name, op, type_name, "not requested"))
-        return "subtree"
-    if not available[op]:
-        report.left_alone.append(LeftAlone(name, op, type_name, f"skipped: op not available (bertkern.ops.{op})"))
-        return "subtree"
-    saved = config.__dict__.setdefault(_SAVED_FLAGS, {})
-    if flag not in saved:
-        saved[flag] = getattr(config, flag)
-        if not getattr(config, flag):
-            report._undo.append(("flag", config, flag, False))
-        setattr(config, flag, True)
-    report.replaced.append(Replaced(name, op, type_name, f"config.{flag}=True"))
-    return "subtree"
+    elif not available.get(needs, False):
+        report.left_alone.append(LeftAlone(name, op, type_name, f"skipped: op not available (bertkern.ops.{needs})"))
+    elif cpu_auto and op in _SLOWER_ON_CPU:
+        report.left_alone.append(LeftAlone(name, op, type_name, _CPU_REASON))
+    else:
+        saved = config.__dict__.setdefault(_SAVED_FLAGS, {})
+        if flag not in saved:
+            saved[flag] = getattr(config, flag)
+            if not getattr(config, flag):
+                report._undo.append(("flag", config, flag, False))
+            setattr(config, flag, True)
+        report.replaced.append(Replaced(name, op, type_name, f"config.{flag}=True"))
+    return scope
 
 
 def _report_leftovers(report: OptimizeReport, model: nn.Module, covered: set[int]) -> None:
@@ -630,69 +1019,126 @@ def optimize_report(model: nn.Module) -> OptimizeReport | None:
     return _REPORTS.get(_unwrap(model))
 
 
+# Ops whose CPU path (the eager reference) is slower than HF's own modules: with backend auto on a
+# CPU model they are left alone (attention is not: auto runs torch's SDPA there, from one QKV GEMM).
+_SLOWER_ON_CPU = ("bias_gelu", "add_layer_norm", "embedding_layer_norm", "masked_softmax")
+_CPU_REASON = ("CPU model with backend auto: no bertkern CPU path beats HF's own module here (the torch "
+               "reference ops are slower), so it runs as before; optimize again after .to('cuda')")
+
+
+def _cpu_auto(model: nn.Module, backend: str | None) -> bool:
+    device = _model_device(model)
+    chosen = backend or os.environ.get("BERTKERN_BACKEND") or "auto"
+    return chosen == "auto" and device is not None and device.type == "cpu"
+
+
+def _find_kind(module: nn.Module, ops: tuple[str, ...]) -> str | None:
+    if _is_encoder_candidate(module):
+        return "padding_free"
+    if _is_block_candidate(module):
+        return "block"
+    if _is_embeddings_candidate(module):
+        return "embedding_layer_norm"
+    if _is_attention_candidate(module):
+        return "masked_softmax" if "masked_softmax" in ops and "attention" not in ops else "attention"
+    if _is_add_norm_candidate(module):
+        return "add_layer_norm"
+    if _intermediate_activation(module) is not None:
+        return "bias_gelu"
+    return None
+
+
+_OP_OF = {"padding_free": "attention_varlen", "block": "attention"}  # the bertkern op a kind needs
+_DETAIL = {
+    "masked_softmax": "eager attention path",
+    "padding_free": "unpad once after the embeddings, every layer on the packed real tokens (attention_varlen), "
+                    "repad once (zeros at padded positions); without padding: no mask at all",
+    "embedding_layer_norm": "word + position + token type + LayerNorm in one op",
+}
+
+
 def optimize(
     model: nn.Module,
     *,
     backend: str | None = None,
     ops: tuple[str, ...] | list[str] = DEFAULT_OPS,
+    padding_free: bool = True,
     inplace: bool = True,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, OptimizeReport]:
     """Swap bertkern's fused ops into `model` (see the module docstring) and return the model.
 
     backend: passed to every op call (None: the op decides per call from $BERTKERN_BACKEND, else auto).
-        Not applicable to bertkern.models models, whose flags call the ops with the default backend.
-    ops: which ops to swap in, of "bias_gelu", "add_layer_norm", "masked_softmax",
-        "embedding_layer_norm" (bertkern.models only). Ops not yet in bertkern.ops are reported as skipped.
+        With auto on a CPU model, the modules whose fused op has no CPU path faster than HF's own are
+        left alone (reported); attention and the padding-free encoder are swapped (torch's SDPA there).
+    ops: which ops to swap in, of "attention" (self-attention from one QKV GEMM, any attn_implementation),
+        "bias_gelu", "add_layer_norm", "embedding_layer_norm", and "masked_softmax" (the softmax of
+        eager attention only; used when "attention" is not requested). Ops not yet in bertkern.ops are
+        reported as skipped.
+    padding_free: True (default): an encoder model called with a [B, S] attention_mask that has padding
+        runs its layers on the packed real tokens and returns zeros at padded positions (needs
+        "attention"). False: the padded layout, fused attention under the mask.
     inplace: True (default) patches `model` itself and returns it; False patches and returns a deep
         copy, leaving `model` as it is.
     return_report: return (model, OptimizeReport) instead of the model alone.
 
     The report (`str(report)` is a readable summary) is logged at INFO on the "bertkern.optimize"
     logger and stays reachable as `bertkern.optimize_report(model)`. Compile the result as usual:
-    `torch.compile(bertkern.optimize(model), fullgraph=True)`.
+    `torch.compile(bertkern.optimize(model), fullgraph=True)` (compiled, the encoder runs padded).
     """
     ops = _check_args(model, backend, ops)
+    if not isinstance(padding_free, bool):
+        raise TypeError(f"bertkern.optimize: padding_free must be True or False, got {padding_free!r}")
     if not inplace:
         model = copy.deepcopy(model)
     report = OptimizeReport(model_type=type(model).__name__, backend=backend, ops=ops,
                             _model_ref=weakref.ref(model))
-    available = {op: op_available(op) for op in ops}
+    available = {op: op_available(op) for op in (*ops, "attention_varlen")}
+    cpu_auto = _cpu_auto(model, backend)
     covered: set[int] = set()
 
     for name, module in model.named_modules():
         if id(module) in covered:
             continue
-        bertkern_module = _optimize_bertkern(report, name, module, available)
+        bertkern_module = _optimize_bertkern(report, name, module, available, padding_free, cpu_auto)
         if bertkern_module is not None:
             covered.update(id(m) for m in (module.modules() if bertkern_module == "subtree" else (module,)))
             continue
-        if _is_attention_candidate(module):
-            kind = "masked_softmax"
-        elif _is_add_norm_candidate(module):
-            kind = "add_layer_norm"
-        elif _intermediate_activation(module) is not None:
-            kind = "bias_gelu"
-        else:
+        kind = _find_kind(module, ops)
+        if kind is None:
             continue
-        covered.update(id(m) for m in module.modules())
+        # The encoder patch runs the layers itself but calls their (patched) parts: its children stay open.
+        covered.update(id(m) for m in ((module,) if kind == "padding_free" else module.modules()))
         type_name = type(module).__name__
+        op = _OP_OF.get(kind, kind)
+        requested = ("attention" in ops and padding_free) if kind == "padding_free" else \
+            ("attention" in ops if kind == "block" else kind in ops)
         if _MARK in module.__dict__:
             report.left_alone.append(LeftAlone(name, kind, type_name, "already optimized"))
             continue
-        if kind not in ops:
-            report.left_alone.append(LeftAlone(name, kind, type_name, "not requested"))
+        if not requested:
+            why = "padding_free=False" if kind == "padding_free" and "attention" in ops else "not requested"
+            report.left_alone.append(LeftAlone(name, kind, type_name, why))
             continue
-        if not available[kind]:
-            reason = f"skipped: op not available (bertkern.ops.{kind})"
-            report.left_alone.append(LeftAlone(name, kind, type_name, reason))
+        if not available.get(op, False):
+            report.left_alone.append(LeftAlone(name, kind, type_name, f"skipped: op not available (bertkern.ops.{op})"))
             continue
         if "forward" in module.__dict__:
             report.left_alone.append(LeftAlone(name, kind, type_name,
                                                "forward already overridden on the instance (accelerate hook, ...)"))
             continue
         try:
-            if kind == "masked_softmax":
+            if kind == "padding_free":
+                patch = _match_encoder(module, backend, padding_free)
+            elif kind == "block":
+                fused = not cpu_auto and "add_layer_norm" in ops and available.get("add_layer_norm", False)
+                gelu = not cpu_auto and "bias_gelu" in ops and available.get("bias_gelu", False)
+                patch = _match_block(module, backend, fused, gelu)
+            elif kind == "embedding_layer_norm":
+                patch = _match_embeddings(module, backend)
+            elif kind == "attention":
+                patch = _match_attention(module, backend)
+            elif kind == "masked_softmax":
                 patch = _match_self_attention(module, backend)
             elif kind == "add_layer_norm":
                 patch = _match_add_norm(module, backend)
@@ -701,15 +1147,31 @@ def optimize(
         except _NoMatch as e:
             report.left_alone.append(LeftAlone(name, kind, type_name, str(e)))
             continue
+        if cpu_auto and kind in _SLOWER_ON_CPU:
+            report.left_alone.append(LeftAlone(name, kind, type_name, _CPU_REASON))
+            continue
         _patch(module, patch)
         report._undo.append(("module", weakref.ref(module)))
-        detail = {"bias_gelu": f"approximate={patch.approximate!r}", "masked_softmax": "eager attention path"}
-        report.replaced.append(Replaced(name, kind, type_name, detail.get(kind, "")))
+        report.replaced.append(Replaced(name, kind, type_name, _detail(module, patch)))
 
     _report_leftovers(report, model, covered)
     logger.info("%s", report)
     _REPORTS[model] = report
     return (model, report) if return_report else model
+
+
+def _detail(module: nn.Module, patch: _Patch) -> str:
+    if patch.kind == "bias_gelu":
+        return f"approximate={patch.approximate!r}"
+    if patch.kind == "attention":
+        impl = _attn_implementation(module)
+        return (f"one QKV GEMM + bertkern.ops.attention, in place of attn_implementation={impl!r}"
+                if impl else "one QKV GEMM + bertkern.ops.attention")
+    if patch.kind == "block":
+        fused = ["attention (one QKV GEMM)"] + (["add & norm x2"] if patch.fused_norms else []) + \
+            ([f"bias_gelu({patch.approximate!r})"] if patch.approximate else [])
+        return "fused: " + ", ".join(fused)
+    return _DETAIL.get(patch.kind, "")
 
 
 def restore(model: nn.Module) -> list[str]:

@@ -22,7 +22,7 @@ opt = importlib.import_module("bertkern.optimize")  # the module (bertkern.optim
 ATOL = 1e-5
 VOCAB = 101
 LENGTHS = [6, 3, 1]  # a full row, one padded, one with a single real token
-FUSED_OPS = ("bias_gelu", "add_layer_norm", "masked_softmax")
+FUSED_OPS = ("bias_gelu", "add_layer_norm", "attention", "attention_varlen", "embedding_layer_norm", "masked_softmax")
 
 # name -> (model class, config class, config overrides). Each covers a different head and, between
 # them, every GELU form, a LayerNorm eps that matters (1e-3), and RoBERTa-style padding_idx positions.
@@ -88,6 +88,13 @@ def available_ops():
     return [o for o in FUSED_OPS if opt.op_available(o)]
 
 
+@pytest.fixture(autouse=True)
+def _kernel_backend(monkeypatch):
+    """The ops run on the torch backend unless a test says otherwise: with backend auto, a CPU model
+    keeps HF's own modules where bertkern has no faster CPU path (test_cpu_auto_* checks that)."""
+    monkeypatch.setenv("BERTKERN_BACKEND", "torch")
+
+
 @pytest.fixture
 def spy(monkeypatch, record_backends):
     """Records each bertkern op call ((name, backend resolved), and eps / dropout_p / approximate) so
@@ -119,14 +126,17 @@ def test_eval_outputs_match_on_real_tokens(arch, backend, monkeypatch, spy):
     with torch.no_grad():
         ref = outputs(model, ids, mask)
         _, report = bertkern.optimize(model, return_report=True)
+        spy["resolved"].clear()  # the structure probes run the torch backend
+        spy["settings"].clear()
         got = outputs(model, ids, mask)
     assert max_err(got, ref, mask) <= ATOL, str(report)
 
     counts = report.counts()
-    for op, per_layer in (("add_layer_norm", 2), ("bias_gelu", 1), ("masked_softmax", 1)):
-        assert counts.get(op, 0) == (2 * per_layer if opt.op_available(op) else 0), str(report)
+    want = {"add_layer_norm": 4, "bias_gelu": 2, "attention": 2, "embedding_layer_norm": 1, "padding_free": 1}
+    assert counts == {op: n for op, n in want.items() if opt.op_available(opt._OP_OF.get(op, op))}, str(report)
     ran = {op for op, _ in spy["resolved"]}
-    assert ran == set(available_ops())
+    # A padded batch goes padding-free: attention_varlen, never the padded attention.
+    assert ran == set(available_ops()) - {"attention", "masked_softmax"}
     assert {chosen for _, chosen in spy["resolved"]} == {backend}
     # Settings come from the modules: eps of the LayerNorm, the GELU form of the config, p=0 in eval.
     eps = model.config.layer_norm_eps
@@ -172,8 +182,7 @@ def test_train_dropout_goes_through_the_fused_ops(spy):
     p_of = {s["op"]: s.get("dropout_p") for s in spy["settings"]}
     if "add_layer_norm" in report.counts():
         assert p_of["add_layer_norm"] == 0.25
-    if "masked_softmax" in report.counts():
-        assert p_of["masked_softmax"] == 0.125
+    assert p_of["attention_varlen"] == 0.125  # padding-free: attention probabilities dropped in the fused op
     # Dropout is live: two training forwards differ; eval passes p = 0.
     with torch.no_grad():
         a, b = (model(input_ids=ids, attention_mask=mask).logits for _ in range(2))
@@ -258,7 +267,8 @@ def test_report_names_what_was_replaced_and_left_alone(caplog):
     assert all(r.detail == "approximate='tanh'" for r in report.replaced if r.kind == "bias_gelu")
     left = {r.name: r.reason for r in report.left_alone}
     assert "dropout" in left["cls.predictions.transform"]  # dense + act + LayerNorm: no residual add
-    assert left["bert.embeddings.LayerNorm"] == "not requested"
+    assert report.replaced_names("embedding_layer_norm") == ["bert.embeddings"]
+    assert report.replaced_names("padding_free") == ["bert"]
     assert "replaced" in text and "left alone" in text and "cls.predictions.transform" in text
     d = report.to_dict()
     assert d["model"] == "BertForMaskedLM" and len(d["replaced"]) == len(report.replaced)
@@ -278,16 +288,27 @@ def test_unsupported_activation_left_alone_with_a_reason():
     assert max_err(got, ref, mask) <= ATOL
 
 
-def test_sdpa_attention_left_alone_rest_fused():
-    model = tiny("bert", attn_implementation="sdpa")
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_attention_swapped_whatever_implementation(impl, padding_free, spy):
+    """transformers 5 loads BERT with attn_implementation="sdpa" by default: attention is swapped for
+    one QKV GEMM + bertkern.ops.attention under either implementation; padding_free=False keeps the
+    padded layout (ops.attention under HF's own 4-D mask), True packs the tokens (attention_varlen)."""
+    model = tiny("bert", attn_implementation=impl)
     ids, mask = padded_batch(model)
     with torch.no_grad():
         ref = outputs(model, ids, mask)
-        _, report = bertkern.optimize(model, return_report=True)
+        _, report = bertkern.optimize(model, padding_free=padding_free, return_report=True)
+        spy["resolved"].clear()
         got = outputs(model, ids, mask)
-    reasons = [r.reason for r in report.left_alone if r.kind == "masked_softmax"]
-    assert len(reasons) == 2 and all("sdpa" in r for r in reasons)
-    assert "masked_softmax" not in report.counts() and report.counts()["bias_gelu"] == 2
+    assert report.replaced_names("attention") == [f"encoder.layer.{i}.attention.self" for i in range(2)]
+    assert all(f"attn_implementation={impl!r}" in r.detail for r in report.replaced if r.kind == "attention")
+    assert report.replaced_names("padding_free") == ([""] if padding_free else [])
+    if not padding_free:
+        assert any(r.reason == "padding_free=False" for r in report.left_alone)
+    ran = [op for op, _ in spy["resolved"]]
+    assert ran.count("attention_varlen" if padding_free else "attention") == 2
+    assert ran.count("attention" if padding_free else "attention_varlen") == 0
     assert max_err(got, ref, mask) <= ATOL
 
 
@@ -328,7 +349,7 @@ def test_transformers_4_style_attention_is_fused_and_head_mask_falls_back(spy):
     ids, mask = padded_batch(model)
     with torch.no_grad():
         ref = outputs(model, ids, mask)
-        _, report = bertkern.optimize(model, return_report=True)
+        _, report = bertkern.optimize(model, ops=("masked_softmax", "bias_gelu"), return_report=True)
         got = outputs(model, ids, mask)
     assert report.replaced_names("masked_softmax") == [f"encoder.layer.{i}.attention.self" for i in range(2)]
     assert max_err(got, ref, mask) <= ATOL
@@ -352,8 +373,8 @@ def test_attention_with_extra_parts_left_alone():
     attn.distance_embedding = torch.nn.Embedding(39, 8)
     model.encoder.layer[1].attention.self.position_embedding_type = "relative_key_query"
     _, report = bertkern.optimize(model, return_report=True)
-    assert "masked_softmax" not in report.counts()
-    reasons = {r.name: r.reason for r in report.left_alone if r.kind == "masked_softmax"}
+    assert "attention" not in report.counts() and "padding_free" not in report.counts()
+    reasons = {r.name: r.reason for r in report.left_alone if r.kind == "attention"}
     assert "distance_embedding" in reasons["encoder.layer.0.attention.self"]
     assert "relative_key_query" in reasons["encoder.layer.1.attention.self"]
 
@@ -388,21 +409,28 @@ def test_missing_op_is_reported_as_skipped(monkeypatch):
     assert report.counts()["bias_gelu"] == 2
 
 
-def test_distilbert_left_alone_with_reasons():
+def tiny_distilbert(**kw):
     config = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37,
-                                           max_position_embeddings=20, initializer_range=0.2,
-                                           attn_implementation="eager")
-    model = transformers.DistilBertForSequenceClassification(config).eval()
+                                           max_position_embeddings=20, initializer_range=0.2, **kw)
+    return transformers.DistilBertForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_distilbert_blocks_fused(padding_free, spy):
+    model = tiny_distilbert()
     ids, mask = padded_batch(model)
     with torch.no_grad():
         ref = outputs(model, ids, mask)
-        _, report = bertkern.optimize(model, return_report=True)
+        _, report = bertkern.optimize(model, padding_free=padding_free, return_report=True)
+        spy["resolved"].clear()
         got = outputs(model, ids, mask)
-    assert report.replaced == []
-    kinds = {r.kind for r in report.left_alone}
-    assert {"add_layer_norm", "bias_gelu", "masked_softmax"} <= kinds
-    assert any("TransformerBlock.forward" in r.reason for r in report.left_alone)
-    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert report.replaced_names("block") == [f"distilbert.transformer.layer.{i}" for i in range(2)]
+    assert report.replaced_names("embedding_layer_norm") == ["distilbert.embeddings"]
+    assert report.replaced_names("padding_free") == (["distilbert"] if padding_free else [])
+    ran = [op for op, _ in spy["resolved"]]
+    assert ran.count("add_layer_norm") == 4 and ran.count("bias_gelu") == 2
+    assert ran.count("attention_varlen" if padding_free else "attention") == 2
+    assert max_err(got, ref, mask) <= ATOL
 
 
 def test_bertkern_models_use_their_config_flags():
@@ -416,11 +444,13 @@ def test_bertkern_models_use_their_config_flags():
         ref = model(ids, mask).logits
         _, report = bertkern.optimize(model, return_report=True)
         got = model(ids, mask).logits
-    flags = {"bias_gelu": "fused_bias_gelu", "add_layer_norm": "fused_layer_norm", "masked_softmax": "fused_softmax"}
+    flags = {"bias_gelu": "fused_bias_gelu", "add_layer_norm": "fused_layer_norm", "attention": "fused_attention",
+             "embedding_layer_norm": "fused_embeddings", "attention_varlen": "padding_free"}
     for op, flag in flags.items():
         assert getattr(model.config, flag) == opt.op_available(op)
-    assert model.config.fused_embeddings is False  # not requested by default
+    assert model.config.fused_softmax is False  # the attention op replaces it
     assert "bert.encoder.layer.0.intermediate" in report.replaced_names("bias_gelu")
+    assert report.replaced_names("padding_free") == ["bert"]
     assert all("forward" not in m.__dict__ for m in model.modules())  # flags, not forward swaps
     assert (got - ref).abs().max().item() <= ATOL
     bertkern.restore(model)
@@ -523,14 +553,15 @@ def test_compile_reduce_overhead_gpu(backend):
 # ---------------------------------------------------------------- the real checkpoint, verify
 def test_minilm_checkpoint_end_to_end():
     path = ver.minilm_path()
-    model = transformers.BertModel.from_pretrained(path, local_files_only=True, attn_implementation="eager").eval()
+    model = transformers.BertModel.from_pretrained(path, local_files_only=True).eval()  # sdpa: the default
     ids, mask = padded_batch(model, lengths=[12, 7, 1])
     ids = torch.where(mask.bool(), torch.randint(1000, 30000, ids.shape), 0)
     with torch.no_grad():
         ref = outputs(model, ids, mask)
         _, report = bertkern.optimize(model, return_report=True)
         got = outputs(model, ids, mask)
-    assert len(report.replaced) == 6 * sum({"add_layer_norm": 2}.get(o, 1) for o in available_ops())
+    assert report.counts() == {"attention": 6, "add_layer_norm": 12, "bias_gelu": 6, "embedding_layer_norm": 1,
+                               "padding_free": 1}
     assert max_err(got, ref, mask) <= ATOL
 
 

@@ -206,37 +206,9 @@ class BertSelfAttention(nn.Module):
         batch, seq, _ = x.shape
         return x.view(batch, seq, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
-    def _qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight [3 * hidden, hidden], bias [3 * hidden]): query, key, value stacked for one GEMM.
-        Concatenated at each forward (differentiable: the gradients reach the three Linear layers);
-        in inference (no grad, not compiling) cached until a parameter changes (its version counter)."""
-        params = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias,
-                  self.value.bias)
-        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if cacheable:
-            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-            cached = self.__dict__.get("_qkv_cache")
-            if cached is not None and cached[0] == key:
-                return cached[1]
-        fused = torch.cat(params[:3], 0), torch.cat(params[3:], 0)
-        if cacheable:
-            self.__dict__["_qkv_cache"] = (key, fused)  # a plain attribute: never in the state dict
-        return fused
-
     def _fused_forward(self, hidden_states, mask, varlen, dropout_p):
-        weight, bias = self._qkv_params()
-        qkv = F.linear(hidden_states, weight, bias)  # one GEMM: [..., 3 * hidden]
-        heads, size, scale = self.num_attention_heads, self.attention_head_size, 1.0 / math.sqrt(self.attention_head_size)
-        if varlen is not None:
-            cu_seqlens, max_seqlen = varlen
-            total = hidden_states.shape[0]
-            q, k, v = qkv.view(total, 3, heads, size).unbind(1)  # [total, H, D] strided views
-            out = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scale, dropout_p=dropout_p)
-            return out.view(total, self.config.hidden_size)
-        batch, seq, _ = hidden_states.shape
-        q, k, v = qkv.view(batch, seq, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, S, D] views
-        out = ops.attention(q, k, v, mask, scale=scale, dropout_p=dropout_p)  # [B, H, S, D] in [B, S, H, D] memory
-        return out.transpose(1, 2).reshape(batch, seq, self.config.hidden_size)
+        return qkv_attention(self, self.query, self.key, self.value, self.num_attention_heads, hidden_states,
+                             mask, varlen, dropout_p=dropout_p)
 
     def forward(
         self,
@@ -590,3 +562,61 @@ class BertForSequenceClassification(_BertPreTrained):
         model = cls(BertConfig.from_hf(hf_config, **flags)).float()
         model.load_hf_state_dict(state_dict, strict=strict)
         return model.eval()
+
+
+# ---------------------------------------------------------------- fused attention (shared with bertkern.optimize)
+def qkv_params(owner: nn.Module, query: nn.Linear, key: nn.Linear, value: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [3 * out, in], bias [3 * out] or None): query, key, value stacked for one GEMM.
+    Concatenated at each call (differentiable: the gradients reach the three Linear layers); in
+    inference (no grad, not compiling) cached on `owner` until a parameter changes: the key holds each
+    parameter's storage and version counter, which an optimizer step, load_state_dict or any in-place
+    write bumps, so the cache is never stale."""
+    weights = (query.weight, key.weight, value.weight)
+    biases = (query.bias, key.bias, value.bias)
+    params = weights + tuple(b for b in biases if b is not None)
+    cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if cacheable:
+        cache_key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        cached = owner.__dict__.get("_qkv_cache")
+        if cached is not None and cached[0] == cache_key:
+            return cached[1]
+    bias = None
+    if any(b is not None for b in biases):  # a missing bias is a zero one
+        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)], 0)
+    fused = torch.cat(weights, 0), bias
+    if cacheable:
+        owner.__dict__["_qkv_cache"] = (cache_key, fused)  # a plain attribute: never in the state dict
+    return fused
+
+
+def qkv_attention(
+    owner: nn.Module,
+    query: nn.Linear,
+    key: nn.Linear,
+    value: nn.Linear,
+    heads: int,
+    hidden_states: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    varlen: tuple[torch.Tensor, int] | None = None,
+    *,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Self-attention from one QKV GEMM: q, k and v are strided views of its output (no copies), read
+    in place by bertkern.ops.attention ([B, S, hidden] in, with a mask that broadcasts to
+    [B, H, S, S]) or bertkern.ops.attention_varlen (packed [total, hidden] in, varlen=(cu_seqlens,
+    max_seqlen)). Returns the heads merged back: [B, S, H * D] or [total, H * D]."""
+    weight, bias = qkv_params(owner, query, key, value)
+    qkv = F.linear(hidden_states, weight, bias)  # one GEMM: [..., 3 * H * D]
+    size = query.out_features // heads
+    if varlen is not None:
+        cu_seqlens, max_seqlen = varlen
+        total = hidden_states.shape[0]
+        q, k, v = qkv.view(total, 3, heads, size).unbind(1)  # [total, H, D] strided views
+        out = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scale, dropout_p=dropout_p, backend=backend)
+        return out.reshape(total, heads * size)
+    batch, seq, _ = hidden_states.shape
+    q, k, v = qkv.view(batch, seq, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, S, D] views
+    out = ops.attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, backend=backend)
+    return out.transpose(1, 2).reshape(batch, seq, heads * size)

@@ -35,8 +35,8 @@ from torch's generator (torch.manual_seed reproduces it); the backward regenerat
 Backends: "triton" (bertkern/triton/attention.py; fp16 / bf16 / fp32, head dim up to 256); "cuda"
 (csrc/attention.cu: tensor-core mma.sync kernels, fp16 / bf16, head dim up to 128, sm_80+; other
 inputs run the Triton kernel, with a one-time warning); "torch" (the eager reference: S x S scores
-in memory, the backward written out). "auto" picks Triton on CUDA tensors: the CUDA C++ kernels are
-opt-in until benchmarks on a GPU show which is faster. float64 inputs and head dims above 256 fall
+in memory, the backward written out). "auto" follows the table in bertkern.ops.attention_auto (torch's
+own SDPA / varlen_attn until benchmarks on a GPU show which is faster). float64 inputs and head dims above 256 fall
 back to the torch backend with a warning.
 """
 from __future__ import annotations
@@ -49,6 +49,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
+from bertkern.ops import attention_auto as _auto
 
 _NAME = "bertkern.ops.attention"
 _VNAME = "bertkern.ops.attention_varlen"
@@ -378,14 +379,15 @@ _attention_varlen.register_autograd(_varlen_backward, setup_context=_varlen_setu
 
 
 # ---------------------------------------------------------------- public functions
-def _pick_backend(op: str, backend: str | None, q: torch.Tensor) -> str:
-    """backend.resolve, with two attention-specific rules: "auto" means Triton on CUDA tensors (the
-    CUDA C++ kernels are opt-in until timed), and "cuda" runs Triton (warning once) on inputs the
-    CUDA kernels do not cover (fp32, head dim > 128, GPUs before sm_80)."""
+def _pick_backend(op: str, backend: str | None, q: torch.Tensor, dropout_p: float = 0.0, seq: int | None = None) -> str:
+    """backend.resolve, with two attention-specific rules: "auto" reads bertkern.ops.attention_auto's
+    table (which may answer torch's own "sdpa" / "varlen_attn", returned as they are), and "cuda" runs
+    Triton (warning once) on inputs the CUDA kernels do not cover (fp32, head dim > 128, before sm_80)."""
     requested = backend or os.environ.get("BERTKERN_BACKEND") or "auto"
     if requested == "auto":
-        requested = "triton" if q.device.type == "cuda" and _backend.unavailable_reason("triton", q.device) is None \
-            else "torch"
+        requested = _auto.choose(op, q, dropout_p, seq)
+        if requested in ("sdpa", "varlen_attn"):
+            return requested
     elif requested == "cuda" and _backend.unavailable_reason("cuda", q.device) is None:
         why = _cuda_unsupported(q)
         if why is not None and _unsupported(q) is None:
@@ -489,9 +491,11 @@ def attention(
     Returns [B, H, S_q, D] stored as [B, S_q, H, D]: `out.transpose(1, 2).reshape(B, S_q, H * D)` is free.
     """
     _check(q, k, v, mask, scale, dropout_p)
-    chosen = _pick_backend("attention", backend, q)
+    chosen = _pick_backend("attention", backend, q, dropout_p, k.shape[2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     dropout_p = float(dropout_p)
+    if chosen == "sdpa":  # backend="auto" chose torch's own kernel (bertkern.ops.attention_auto)
+        return _auto.sdpa(q, k, v, mask, scale, dropout_p)
     seed = reference.dropout_seed(dropout_p, q.device)
     out, _ = torch.ops.bertkern.attention(q, k, v, mask, scale, dropout_p, seed, chosen)
     return out
@@ -534,9 +538,13 @@ def attention_varlen(
         raise ValueError(f"{_VNAME}: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
     if isinstance(max_seqlen, (bool, torch.Tensor)) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"{_VNAME}: max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
-    chosen = _pick_backend("attention_varlen", backend, q)
+    chosen = _pick_backend("attention_varlen", backend, q, dropout_p, max_seqlen)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     dropout_p = float(dropout_p)
+    if chosen == "sdpa":  # backend="auto" chose torch's own kernels (bertkern.ops.attention_auto)
+        return _auto.sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p)
+    if chosen == "varlen_attn":
+        return _auto.varlen_attn(q, k, v, cu_seqlens, max_seqlen, scale)
     out, _ = torch.ops.bertkern.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p,
                                                  reference.dropout_seed(dropout_p, q.device), chosen)
     return out

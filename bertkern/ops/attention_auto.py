@@ -1,0 +1,147 @@
+"""What backend="auto" runs for attention and attention_varlen: one table, and torch's own kernels.
+
+    choice = choose("attention", q, dropout_p)   # "triton", "cuda", "sdpa", "varlen_attn" or "torch"
+    print(format_table())                         # the table, as `bertkern info` shows it
+
+The table is keyed by (device arch, dtype, head-dim bucket, sequence bucket) and gives one choice per
+op. Candidates: bertkern's Triton and CUDA kernels, torch's `scaled_dot_product_attention` ("sdpa";
+for attention_varlen: the packed tokens gathered into [B, max_seqlen] blocks, SDPA with a key-padding
+mask, scattered back) and `torch.nn.attention.varlen.varlen_attn` ("varlen_attn", FlashAttention on
+packed tokens; fp16 / bf16 on sm_80+, no dropout).
+
+No GPU timing exists yet, so the GPU rows are a documented static choice: torch's own kernels, i.e.
+what the model had before optimize() (HF runs SDPA by default), so that auto never makes attention
+slower; bertkern's kernels run when asked for (backend="triton" / "cuda"). The benchmark suite is
+meant to replace `TABLE` with measured winners. On CPU, torch's SDPA (a fused flash kernel) beats the
+eager reference ops by far, so it is the CPU choice too.
+
+A choice that cannot run an input (dropout for varlen_attn, a dtype or head dim a kernel lacks,
+varlen_attn missing in this torch) moves down the row's fallback order.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Buckets: head dim <= 64 / <= 128 / larger; sequence (S, or max_seqlen) <= 128 / <= 512 / longer.
+HEAD_BUCKETS = (64, 128)
+SEQ_BUCKETS = (128, 512)
+
+# (arch, dtype name, head bucket, seq bucket) -> {op: choice}; "*" matches anything. The first
+# matching row wins. Static until GPU timings exist (see the module docstring).
+TABLE: list[tuple[tuple[str, str, str, str], dict[str, str]]] = [
+    (("cpu", "*", "*", "*"), {"attention": "sdpa", "attention_varlen": "sdpa"}),
+    (("sm_80+", "float16", "*", "*"), {"attention": "sdpa", "attention_varlen": "varlen_attn"}),
+    (("sm_80+", "bfloat16", "*", "*"), {"attention": "sdpa", "attention_varlen": "varlen_attn"}),
+    (("*", "*", "*", "*"), {"attention": "sdpa", "attention_varlen": "sdpa"}),
+]
+_WHY = "static: torch's own kernels (what HF models run) until GPU timings say otherwise"
+
+# What to try after a choice that cannot run an input.
+FALLBACK = {"varlen_attn": "sdpa", "cuda": "triton", "triton": "sdpa", "sdpa": "torch"}
+
+
+def _arch(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm_80+" if major >= 8 else f"sm_{major}x"
+
+
+def _bucket(n: int, edges) -> str:
+    for e in edges:
+        if n <= e:
+            return f"<={e}"
+    return f">{edges[-1]}"
+
+
+def _matches(pattern: str, value: str) -> bool:
+    return pattern == "*" or pattern == value
+
+
+def lookup(op: str, arch: str, dtype: torch.dtype, head_dim: int, seq: int) -> str:
+    key = (arch, str(dtype).removeprefix("torch."), _bucket(head_dim, HEAD_BUCKETS), _bucket(seq, SEQ_BUCKETS))
+    for pattern, choice in TABLE:
+        if all(_matches(p, v) for p, v in zip(pattern, key)):
+            return choice[op]
+    return "torch"
+
+
+def _can_run(choice: str, op: str, q: torch.Tensor, dropout_p: float) -> bool:
+    from bertkern import backend as _backend
+    from bertkern.ops import attention as _attn
+
+    if choice == "torch":
+        return True
+    if choice == "sdpa":
+        return q.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    if choice == "varlen_attn":
+        return (op == "attention_varlen" and dropout_p == 0.0 and q.device.type == "cuda"
+                and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+                and _varlen_attn() is not None and torch.cuda.get_device_capability(q.device)[0] >= 8)
+    if choice == "cuda" and _attn._cuda_unsupported(q) is not None:
+        return False
+    return _backend.unavailable_reason(choice, q.device) is None and _attn._unsupported(q) is None
+
+
+def choose(op: str, q: torch.Tensor, dropout_p: float, seq: int | None = None) -> str:
+    """The auto choice for one call: the table's entry for q (seq = S or max_seqlen), moved down the
+    fallback order until it can run this input."""
+    seq = q.shape[-2] if seq is None else seq
+    choice = lookup(op, _arch(q.device), q.dtype, q.shape[-1], seq)
+    while not _can_run(choice, op, q, dropout_p):
+        choice = FALLBACK.get(choice, "torch")
+    return choice
+
+
+def table() -> list[dict[str, str]]:
+    """The table as rows (for `bertkern info` and the benchmark suite)."""
+    rows = []
+    for (arch, dtype, head, seq), choice in TABLE:
+        rows.append({"arch": arch, "dtype": dtype, "head_dim": head, "seq": seq, **choice, "why": _WHY})
+    return rows
+
+
+def format_table() -> str:
+    lines = ["attention backend='auto' (first matching row wins; " + _WHY + "):",
+             f"  {'arch':<8} {'dtype':<9} {'head_dim':<9} {'seq':<6} {'attention':<10} attention_varlen"]
+    for r in table():
+        lines.append(f"  {r['arch']:<8} {r['dtype']:<9} {r['head_dim']:<9} {r['seq']:<6} {r['attention']:<10} "
+                     f"{r['attention_varlen']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- torch's own kernels
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def sdpa(q, k, v, mask, scale: float, dropout_p: float) -> torch.Tensor:
+    """F.scaled_dot_product_attention with bertkern's mask conventions (bool True = attend, or an
+    additive float mask in any dtype); fully masked queries give zeros as in bertkern's kernels."""
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale: float, dropout_p: float) -> torch.Tensor:
+    """Packed [total, H, D] attention as SDPA over [B, max_seqlen] blocks: gather, attend under a
+    key-padding mask, scatter back. Differentiable through torch's autograd."""
+    from bertkern.ops.attention import _varlen_index
+
+    total = q.shape[0]
+    if total == 0 or cu_seqlens.numel() < 2 or max_seqlen == 0:
+        return torch.zeros_like(q)
+    idx, valid = _varlen_index(cu_seqlens, max_seqlen, total)  # [B, max_seqlen]
+    blocks = [t[idx].transpose(1, 2) for t in (q, k, v)]  # [B, H, max_seqlen, D]
+    out = sdpa(*blocks, valid[:, None, None, :], scale, dropout_p)
+    return out.transpose(1, 2)[valid]  # the real rows, in packed order
+
+
+def varlen_attn(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
+    cu = cu_seqlens.to(torch.int32)
+    return _varlen_attn()(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
