@@ -452,7 +452,7 @@ def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget,
     for p in provs:
         t0, setup_key = time.monotonic(), (p.name, cell.model, SHORT[cell.dtype])
         cost = budget.estimate(setup_key, p.setup_prior_s) + budget.estimate(("timing", cell.label), TIMING_PRIOR_S)
-        model = None
+        model, mem0 = None, torch.cuda.memory_allocated(g.device) if g.device.type == "cuda" else 0
         if p.needs_cuda and g.device.type != "cuda":
             entry = {"status": "skipped", "reason": "needs a CUDA GPU"}
         elif not budget.allows(cost):
@@ -478,8 +478,8 @@ def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget,
                         ms, lo, hi = timer(step)
                         entry.update(ms=ms, ms_p20=lo, ms_p80=hi, seq_per_s=cell.batch / ms * 1e3, tokens_per_s=real / ms * 1e3,
                                      tflops=flops / ms / 1e9)
-                        if g.device.type == "cuda" and g.suite == "train":
-                            entry["peak_mem_gib"] = torch.cuda.max_memory_allocated(g.device) / 2**30
+                        if g.device.type == "cuda" and g.suite == "train":  # the provider's weights, grads, optimizer, activations
+                            entry["peak_mem_gib"] = (torch.cuda.max_memory_allocated(g.device) - mem0) / 2**30
                     budget.learn(("timing", cell.label), time.monotonic() - t1 + 0.5)
             except Skip as s:
                 entry = {"status": "skipped", "reason": str(s)}

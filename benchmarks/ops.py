@@ -109,7 +109,7 @@ def unavailable(backend: str, device: torch.device) -> None:
 
 def providers(spec: OpSpec, gpu: bool) -> dict[str, Callable]:
     """name -> factory(case, device) -> fn. GPU: eager, compile, the backends, the extras; CPU: the
-    bertkern backends (eager is the gate's baseline either way)."""
+    bertkern backends and compile (eager is the gate's baseline either way)."""
     def backend(b):
         return lambda case, device: unavailable(b, device) or spec.kernel(b, case, device)
 
@@ -120,7 +120,7 @@ def providers(spec: OpSpec, gpu: bool) -> dict[str, Callable]:
         return torch.compile(spec.eager, dynamic=False)
 
     if not gpu:
-        return {b: backend(b) for b in ("torch",) + spec.backends}
+        return {"compile": compiled, **{b: backend(b) for b in ("torch",) + spec.backends}}
     return {"eager": lambda case, device: spec.eager, "compile": compiled, **{b: backend(b) for b in spec.backends},
             **spec.extra_providers}
 
@@ -298,8 +298,9 @@ def run_op(spec: OpSpec, cases: list[Case], device: torch.device, *, copy_bw: di
 
 
 def check_cpu(spec: OpSpec, quick: bool, dtypes=None, only=None) -> dict:
-    """Each bertkern backend against float64 and eager on small CPU inputs, untimed: a document like run_op's."""
-    provs = {k: v for k, v in providers(spec, gpu=False).items() if only is None or k in only}
+    """Each bertkern backend (and compile, if `only` names it) against float64 and eager on small CPU inputs,
+    untimed: a document like run_op's."""
+    provs = {k: v for k, v in providers(spec, gpu=False).items() if (k != "compile" if only is None else k in only)}
     cases = [c for c in spec.cpu_cases(quick) if dtypes is None or c.dtype in dtypes]
     doc = new_doc(spec, provs, common.environment(torch.device("cpu")), {"mode": "CPU correctness, untimed"}, cases)
     doc["results"] = [run_case(spec, case, provs, torch.device("cpu")) for case in cases]

@@ -186,7 +186,8 @@ def run_cpu(args, specs, log) -> int:
     bad = [line for d in docs for line in common.failures(d)]
     skipped = sorted({f"{p}: {e['reason']}" for d in docs for r in d["results"] for p, e in r.get("providers", {}).items()
                       if e["status"] == "skipped"})
-    log(f"skipped: " + "; ".join(skipped[:3]) + (f" (+{len(skipped) - 3} more)" if len(skipped) > 3 else "") if skipped else "")
+    if skipped:
+        log("skipped: " + "; ".join(skipped[:3]) + (f" (+{len(skipped) - 3} more)" if len(skipped) > 3 else ""))
     log(f"{'FAIL: ' + str(len(bad)) + ' checks failed' if bad else 'every check passed'} ({time.monotonic() - t0:.0f} s); "
         f"full report: {common.rel_path(report)}")
     latest = args.out / "LATEST.md" if (args.out / "LATEST.md").exists() else common.RESULTS_DIR / "LATEST.md"

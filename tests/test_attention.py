@@ -72,7 +72,7 @@ def fwd_bwd(fn, tensors, grad):
 
 def assert_attention_close(got, want, eager, names=("out", "dq", "dk", "dv")):
     """The 2x-of-eager rule on each output, with the absolute floor scaled by the largest reference
-    value over all of the op's outputs (as benchmarks/harness.py scales it by max(1, |reference|)).
+    value over all of the op's outputs (as the benchmarks' gate scales it by max(1, |reference|)).
     Over all outputs, because the gradients share the dO.V products: a gradient that is exactly 0
     in exact arithmetic (every query that sees a single key) still carries their rounding.
     Implemented by dividing everything by a power of two (exact), then the shared rule."""
