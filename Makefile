@@ -41,7 +41,7 @@ $(VENV)/.built: $(VENV)/.build-settings setup.py pyproject.toml $(wildcard csrc/
 	@echo "building bertkern ($(BUILD_SETTINGS) MAX_JOBS=$(MAX_JOBS)); the CUDA extension takes 8-15 min on 2 cores; log: $(VENV)/build.log"
 	@set -o pipefail; start=$$(date +%s); \
 	$(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee $(VENV)/build.log \
-		| sed -un -e 's|^ *\(\[[0-9]*/[0-9]*\]\) .* -o \([^ ]*\).*|  \1 \2|p' -e '/^bertkern setup/p' \
+		| sed -un -e 's|^ *\(\[[0-9]*/[0-9]*\]\) .* -o \([^ ]*\).*|  \1 \2|p' -e '/bertkern setup/p' \
 		|| { tail -n 40 $(VENV)/build.log; echo "bertkern build failed: $(VENV)/build.log"; exit 1; }; \
 	echo "bertkern installed in $$(( $$(date +%s) - start )) s"
 	touch $@

@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 
 USAGE = """usage: bertkern <command> [args]
-  info [--json]     what is built and usable here (versions, bertkern._C, GPU, backend per op)
+  info [--json]     what is built and usable here (versions, bertkern._C and why not, GPU, backend per op)
   bench [args]      the benchmark suite (benchmarks/run.py of a source checkout; --help for its args)
-  verify MODEL      run MODEL (a directory, or "minilm") eager and optimized; exit 1 past the 2x rule"""
+  verify MODEL      run MODEL (a directory, or "minilm") eager and optimized, say which backend ran each
+                    op; exit 0 passed, 1 past the 2x-of-eager rule, 2 usage error (--help for its args)"""
 
 
 def _bench(argv: list[str]) -> int:
