@@ -248,8 +248,8 @@ def check_name(where: str, backend: str | None) -> str:
     # attention passes $BERTKERN_BACKEND on as `backend`: an equal value is the variable's
     source = "BERTKERN_BACKEND=" if env and (backend is None or backend == env) else "backend="
     hint = f" (did you mean {requested.lower()!r}?)" if requested.lower() in BACKENDS else ""
-    raise ValueError(f"{where}: {source}{requested!r} is not a backend{hint}; "
-                     f"choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    raise ValueError(f"{where}: {source}{requested!r} is not a backend{hint}: backend must be one of "
+                     f"'auto', {', '.join(map(repr, BACKENDS))}")
 
 
 # Callbacks (op, backend) for every resolved call: verify() reports what actually ran through them.
