@@ -1,27 +1,20 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call, for a lent GPU machine without internet (system-wide Python with
-# torch + CUDA, triton, transformers, pytest, pytest-benchmark already installed):
-#   1. versions and nvidia-smi          4. pytest -m gpu tests/, then the full tests/
-#   2. build bertkern._C for sm_90      5. benchmarks: run.py --suite ops, then bert --quick, then train --quick
-#   3. python -m bertkern.info          6. results.tgz + logs into $OUT (when set)
-# Every step runs under a time limit and the script keeps going when one fails; a summary table is
-# printed last. The benchmarks get BENCH_RESERVE_S (default 330 s) of BUDGET_S (default 540 s, ~9 min),
-# more if the earlier steps finish early, split ops 30% / bert 45% / train 25% of what is left when
-# each starts; within a suite the most important cases run first (bert: BERT-base fp16 32x128,
-# 16x512 at 60% fill, 1x128; bertkern's providers before torch.compile), and the rest are listed as
-# not run. Each suite writes its JSON after every case, so a suite killed at its limit keeps its numbers.
+# The whole GPU check in one call, for a lent GPU machine without internet (Python with torch + CUDA,
+# triton, transformers, pytest, pytest-benchmark installed): versions and nvidia-smi; build bertkern._C
+# for sm_90; bertkern info; pytest -m gpu, then all of tests/; the benchmarks (ops, then bert --quick,
+# then train --quick); results.tgz and the logs into $OUT. Every step runs under a time limit, a failed
+# step does not stop the next, and a summary table comes last. The benchmarks get BENCH_RESERVE_S
+# (330 s) of BUDGET_S (540 s), more if the tests finish early, split ops 30% / bert 45% / train 25% of
+# what is left when each starts; each suite runs its most important cases first, lists the rest as not
+# run, and saves its JSON after every case.
 #
 #   bash benchmarks/gpu_check.sh
 #   BERTKERN_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh   # tree copied without .git
 #
-# Env: PYTHON (default python3), BUDGET_S (540), BENCH_RESERVE_S (330), OUT (folder for results.tgz and
-# logs; else a temp dir), SUITES (default "ops bert train"), SKIP_TESTS=1 (a benchmark-only call: build,
-# then the suites get everything that is left), BERT_ARGS / TRAIN_ARGS / OPS_ARGS (extra
-# run.py arguments, e.g. BERT_ARGS="--skip-providers compile"). MiniLM runs with its real weights when
-# the tree carries them in .minilm/ (python benchmarks/run.py --export-minilm .minilm: ~45 MB in
-# fp16), else with random weights of its shape (the results say which).
-# $OUT receives at most 7 files: env.log build.log tests.log bench.log summary.txt LATEST.md results.tgz.
-# Exit status: the number of failed steps (0 = all passed).
+# Env: PYTHON (python3), BUDGET_S, BENCH_RESERVE_S, OUT (else a temp dir), SUITES ("ops bert train"),
+# SKIP_TESTS=1 (benchmarks only), OPS_ARGS / BERT_ARGS / TRAIN_ARGS (extra `bertkern bench` arguments).
+# MiniLM has its real weights when the tree carries .minilm/ (bertkern bench --export-minilm .minilm).
+# Exit status: the number of failed steps.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}

@@ -59,8 +59,7 @@ class Cell:
         return f"{self.model} {SHORT[self.dtype]} {self.batch}x{self.seq} " + ("full" if self.fill >= 1 else f"{round(100 * self.fill)}% fill")
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "dtype": common.dtype_name(self.dtype), "batch": self.batch, "seq": self.seq,
-                "fill": self.fill, "key": self.key}
+        return {"model": self.model, "dtype": common.dtype_name(self.dtype), "batch": self.batch, "seq": self.seq, "fill": self.fill}
 
 
 # ----------------------------------------------------------------------------- cells
@@ -172,8 +171,7 @@ def hf_varlen(model, head: str):
     def encode(ids, mask):
         h = bert.embeddings(input_ids=ids)
         b, s, width = h.shape
-        x, indices, cu, max_len = padding.unpad(h, mask)
-        cu = cu.int()
+        x, indices, cu, max_len = padding.unpad(h, mask)  # cu_seqlens int32, as varlen_attn takes them
         for layer in bert.encoder.layer:
             a = layer.attention.self
             q, k, v = (p(x).view(-1, a.num_attention_heads, a.attention_head_size) for p in (a.query, a.key, a.value))
@@ -341,8 +339,8 @@ class Group:
         self.suite, self.model, self.dtype, self.device = suite, model, dtype, device
         self.head = "base" if suite == "bert" else "cls"
         base, self.weights = build_hf(model, self.head, device)
+        self.ref = copy.deepcopy(base).double().eval() if suite == "bert" else None  # before .to(dtype): in place
         self.base = base.to(dtype).eval() if suite == "bert" else base.train()
-        self.ref = copy.deepcopy(base).double().eval() if suite == "bert" else None
         self.config = base.config
 
 
@@ -387,8 +385,8 @@ def prepare(g: Group, cell: Cell) -> dict:
     ids, mask, lengths = make_batch(cell, g.config, g.device)
     ctx = {"ids": ids, "mask": mask, "lengths": lengths}
     if g.suite == "bert":
-        rows = sorted(dict.fromkeys([min(range(len(lengths)), key=lengths.__getitem__), max(range(len(lengths)),
-                                     key=lengths.__getitem__)] + list(range(len(lengths)))))[:4]
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)  # the shortest, the longest, then the first others
+        rows = sorted(list(dict.fromkeys([order[0], order[-1], *range(len(lengths))]))[:4])
         with torch.no_grad():
             ctx.update(rows=rows, ref=g.ref(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state,
                        eager=g.base(input_ids=ids, attention_mask=mask).last_hidden_state)

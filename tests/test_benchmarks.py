@@ -220,7 +220,7 @@ def test_bert_cell_checks_then_times_only_right_providers(tmp_path):
 def test_bert_budget_lists_what_did_not_run():
     doc = models.run("bert", CPU, [models.Cell("tiny", torch.float32, 2, 8)], models.providers("bert", ["hf-eager"]),
                      budget=common.Budget(0), log=lambda s: None)
-    assert common.not_run(doc) == ["model=tiny dtype=float32 batch=2 seq=8 fill=1.0 key=False: time budget spent"]
+    assert common.not_run(doc) == ["model=tiny dtype=float32 batch=2 seq=8 fill=1.0: time budget spent"]
 
 
 def test_train_cell_checks_gradients():
@@ -248,3 +248,23 @@ def test_gpu_check_script_syntax_and_suites():
     script = ROOT / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     assert all(s in script.read_text() for s in ("bench ops", "bench bert", "bench train", "--suite", "results.tgz"))
+
+
+def test_hf_varlen_provider_matches_the_padded_model(monkeypatch):
+    """The torch-only padding-free baseline's plumbing (unpad, HF layers on real tokens, repad), with
+    varlen_attn (CUDA only) replaced by per-sequence SDPA."""
+    import torch.nn.attention.varlen as varlen
+
+    def per_sequence(q, k, v, cu_q, cu_k, max_q, max_k):
+        cu = cu_q.tolist()
+        return torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+                          for a, b in zip(cu, cu[1:])])
+
+    monkeypatch.setattr(varlen, "varlen_attn", per_sequence)
+    for head in ("base", "cls"):
+        model = models.build_hf("tiny", head, CPU, attn="sdpa")[0].eval()
+        ids, mask, _ = models.make_batch(models.Cell("tiny", torch.float32, 3, 16, 0.6), model.config, CPU)
+        with torch.no_grad():
+            got, want = models.hf_varlen(model, head)(ids, mask), models.output(model(input_ids=ids, attention_mask=mask), head)
+        real = mask.bool() if head == "base" else slice(None)
+        torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
