@@ -20,6 +20,7 @@ from bertkern import reference
 ROWS = (128, 512, 2048, 8192, 16384, 32768, 65536)
 HIDDEN = (768, 1024, 384, 4096)  # BERT-base, -large, MiniLM, a wide row; a time budget cuts from the end
 EPS = 1e-12  # BERT's layer_norm_eps
+NO_DROPOUT, DROPOUT = ({"dropout_p": 0.0},), ({"dropout_p": 0.1},)
 
 
 def make_inputs(case: Case, device):
@@ -27,8 +28,8 @@ def make_inputs(case: Case, device):
     zero = case.options.get("dropout_p", 0.0) > 0.0  # see the module docstring
     x, x_bias = torch.randn(rows, n, device=device).to(dt), (0.5 * torch.randn(n, device=device)).to(dt)
     return {"x": x * (not zero), "residual": torch.randn(rows, n, device=device).to(dt),
-            "weight": (1.0 + 0.1 * torch.randn(n, device=device)).to(dt), "bias": (0.1 * torch.randn(n, device=device)).to(dt),
-            "x_bias": x_bias * (not zero)}
+            "weight": (1.0 + 0.1 * torch.randn(n, device=device)).to(dt),
+            "bias": (0.1 * torch.randn(n, device=device)).to(dt), "x_bias": x_bias * (not zero)}
 
 
 def eager(x, residual, weight, bias, x_bias, dropout_p=0.0):
@@ -59,17 +60,16 @@ def bytes_moved(case: Case) -> int:
 def cases(quick: bool):
     rows, widths = ((2048, 32768), (768,)) if quick else (ROWS, HIDDEN)
     shapes, dtypes = [{"rows": r, "hidden": n} for n in widths for r in rows], (torch.float16, torch.bfloat16)
-    directions = ("fwd", "bwd") if quick else DIRECTIONS
-    return grid(directions, dtypes, shapes, ({"dropout_p": 0.0},)) + grid(("fwd",), dtypes, shapes, ({"dropout_p": 0.1},))
+    directions = ("fwd", "bwd") if quick else ("fwd", "bwd", "fwd+bwd")
+    return grid(directions, dtypes, shapes, NO_DROPOUT) + grid(("fwd",), dtypes, shapes, DROPOUT)
 
 
 def cpu_cases(quick: bool):
     """Odd sizes (masking), a BERT-base row, and the dropout path."""
     shapes = [{"rows": 37, "hidden": 200}] + ([] if quick else [{"rows": 16, "hidden": 768}])
     dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.float16, torch.bfloat16)
-    return grid(("fwd", "bwd"), dtypes, shapes, ({"dropout_p": 0.0},)) + grid(("fwd",), dtypes[:1], shapes[:1], ({"dropout_p": 0.1},))
+    return grid(("fwd", "bwd"), dtypes, shapes, NO_DROPOUT) + grid(("fwd",), dtypes[:1], shapes[:1], DROPOUT)
 
 
-DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 ADD_LAYER_NORM = OpSpec("add_layer_norm", make_inputs, eager, ref, kernel, bytes_moved, cases, cpu_cases,
                         grad_inputs=("x", "residual", "weight", "bias", "x_bias"))

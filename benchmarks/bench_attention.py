@@ -38,7 +38,8 @@ def make_inputs(case: Case, device):
     b, h, s, d = (case.shape[k] for k in ("batch", "heads", "seq", "head_dim"))
     q, k, v = torch.randn(b, s, 3, h, d, device=device).to(case.dtype).permute(2, 0, 3, 1, 4).unbind(0)  # HF's layout
     real = torch.arange(s, device=device)[None, :] < torch.tensor(lengths(case), device=device)[:, None]
-    return {"q": q, "k": k, "v": v, "mask": torch.where(real, 0.0, torch.finfo(case.dtype).min).to(case.dtype)[:, None, None, :]}
+    mask = torch.where(real, 0.0, torch.finfo(case.dtype).min).to(case.dtype)[:, None, None, :]
+    return {"q": q, "k": k, "v": v, "mask": mask}
 
 
 def valid(inputs):
@@ -66,7 +67,10 @@ def sdpa(case, device):
 
 
 def kernel(backend: str, case: Case, device):
-    return lambda q, k, v, mask, fill=1.0: torch.ops.bertkern.attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]), 0.0, None, backend)[0]
+    def fn(q, k, v, mask, fill=1.0):
+        return torch.ops.bertkern.attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]), 0.0, None, backend)[0]
+
+    return fn
 
 
 def varlen(attend):
@@ -127,7 +131,8 @@ def cpu_cases(quick: bool):
     return grid(("fwd", "fwd+bwd"), dtypes, [{"batch": 3, "heads": 2, "seq": 37, "head_dim": 32}], ({"fill": 0.6},))
 
 
-ATTENTION = OpSpec("attention", make_inputs, eager, ref, kernel, bytes_moved, cases, cpu_cases, grad_inputs=("q", "k", "v"),
-                   output_names=("out",), x_key="batch", extra_providers={"sdpa": sdpa}, flops=flops, valid=valid)
+ATTENTION = OpSpec("attention", make_inputs, eager, ref, kernel, bytes_moved, cases, cpu_cases,
+                   grad_inputs=("q", "k", "v"), output_names=("out",), x_key="batch", extra_providers={"sdpa": sdpa},
+                   flops=flops, valid=valid)
 ATTENTION_VARLEN = dataclasses.replace(ATTENTION, name="attention_varlen", kernel=varlen_kernel,
                                        extra_providers={"sdpa": sdpa, "torch-varlen": torch_varlen})

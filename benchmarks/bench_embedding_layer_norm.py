@@ -26,8 +26,9 @@ def make_inputs(case: Case, device):
     batch, vocab = case.shape["tokens"] // seq, case.shape.get("vocab", VOCAB)
     table = lambda rows: (0.05 * torch.randn(rows, n, device=device)).to(case.dtype)  # noqa: E731
     return {"input_ids": torch.randint(0, vocab, (batch, seq), device=device),
-            "token_type_ids": torch.randint(0, 2, (batch, seq), device=device), "word": table(vocab),
-            "position": table(MAX_POS), "token_type": table(2), "weight": (1.0 + 0.1 * torch.randn(n, device=device)).to(case.dtype),
+            "token_type_ids": torch.randint(0, 2, (batch, seq), device=device),
+            "word": table(vocab), "position": table(MAX_POS), "token_type": table(2),
+            "weight": (1.0 + 0.1 * torch.randn(n, device=device)).to(case.dtype),
             "bias": (0.1 * torch.randn(n, device=device)).to(case.dtype)}
 
 
@@ -39,12 +40,16 @@ def eager(input_ids, token_type_ids, word, position, token_type, weight, bias):
 
 
 def ref(input_ids, token_type_ids, word, position, token_type, weight, bias):
-    return reference.embedding_layer_norm(input_ids, None, token_type_ids, word, position, token_type, weight, bias, EPS)
+    return reference.embedding_layer_norm(input_ids, None, token_type_ids, word, position, token_type, weight, bias,
+                                          EPS)
 
 
 def kernel(backend: str, case: Case, device):
-    return lambda input_ids, token_type_ids, word, position, token_type, weight, bias: bertkern.ops.embedding_layer_norm(
-        input_ids, None, token_type_ids, word, position, token_type, weight, bias, EPS, backend=backend)
+    def fn(input_ids, token_type_ids, word, position, token_type, weight, bias):
+        return bertkern.ops.embedding_layer_norm(input_ids, None, token_type_ids, word, position, token_type, weight,
+                                                 bias, EPS, backend=backend)
+
+    return fn
 
 
 def bytes_moved(case: Case) -> int:
@@ -56,7 +61,8 @@ def bytes_moved(case: Case) -> int:
 
 def cases(quick: bool):
     tokens, widths = ((2048, 16384), (768,)) if quick else (TOKENS, HIDDEN)
-    return grid(("fwd", "bwd"), (torch.float16, torch.bfloat16), [{"tokens": t, "hidden": n} for n in widths for t in tokens])
+    shapes = [{"tokens": t, "hidden": n} for n in widths for t in tokens]
+    return grid(("fwd", "bwd"), (torch.float16, torch.bfloat16), shapes)
 
 
 def cpu_cases(quick: bool):

@@ -32,9 +32,11 @@ def make_inputs(case: Case, device):
     real = torch.arange(s, device=device)[None, :] < torch.randint(max(1, s // 2), s + 1, (b, 1), device=device)
     seed = torch.tensor([SEED], dtype=torch.int64, device=device)
     p = case.options.get("dropout_p", 0.0)
-    return {"scores": scores, "mask": torch.where(real, 0.0, torch.finfo(case.dtype).min).to(case.dtype)[:, None, None, :],
-            "keep": reference.dropout_keep_mask(seed, scores.shape, p) if p > 0.0 else torch.ones((), dtype=torch.bool, device=device),
-            "seed": seed}
+    mask = torch.where(real, 0.0, torch.finfo(case.dtype).min).to(case.dtype)[:, None, None, :]
+    keep = torch.ones((), dtype=torch.bool, device=device)
+    if p > 0.0:
+        keep = reference.dropout_keep_mask(seed, scores.shape, p)
+    return {"scores": scores, "mask": mask, "keep": keep, "seed": seed}
 
 
 def eager(scores, mask, keep, seed, dropout_p=0.0):
@@ -51,7 +53,8 @@ def kernel(backend: str, case: Case, device):
     def fn(scores, mask, keep, seed, dropout_p=0.0):
         if dropout_p > 0.0:  # the seed draw of bertkern.ops.masked_softmax, timed; `seed` is used
             torch.randint(0, 2**62, (1,), dtype=torch.int64, device=scores.device)
-        return torch.ops.bertkern.masked_softmax(scores, mask, SCALE, dropout_p, seed if dropout_p > 0.0 else None, backend)[0]
+        seed_or_none = seed if dropout_p > 0.0 else None
+        return torch.ops.bertkern.masked_softmax(scores, mask, SCALE, dropout_p, seed_or_none, backend)[0]
 
     return fn
 

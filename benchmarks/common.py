@@ -170,7 +170,8 @@ def gpu_slug(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA GeForce RTX 4090' -> 'rtx4090' ($BERTKERN_GPU_SLUG wins)."""
     if os.environ.get("BERTKERN_GPU_SLUG"):
         return os.environ["BERTKERN_GPU_SLUG"]
-    tokens = [t for t in re.split(r"[\s\-_/]+", name.lower()) if t and t not in {"nvidia", "geforce", "tesla", "quadro"}]
+    brands = {"nvidia", "geforce", "tesla", "quadro"}
+    tokens = [t for t in re.split(r"[\s\-_/]+", name.lower()) if t and t not in brands]
     if tokens[:1] in (["rtx"], ["gtx"]) and len(tokens) > 1:
         tokens = [tokens[0] + tokens[1]]
     return re.sub(r"[^a-z0-9]", "", tokens[0]) if tokens else "gpu"
@@ -206,7 +207,8 @@ def environment(device: torch.device) -> dict:
         env["bertkern_C"] = f"unknown ({type(e).__name__})"
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        env.update(gpu=p.name, gpu_slug=gpu_slug(p.name), capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+        env.update(gpu=p.name, gpu_slug=gpu_slug(p.name), capability=f"{p.major}.{p.minor}",
+                   sms=p.multi_processor_count,
                    memory_gib=round(p.total_memory / 2**30, 1), l2_bytes=getattr(p, "L2_cache_size", 0) or 50 * 2**20,
                    driver=_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader",
                                 "-i", str(device.index or 0)]))
@@ -219,7 +221,8 @@ def env_line(env: dict) -> str:
     dirty = {True: " (dirty)", False: "", None: " (dirty: unknown)"}[env.get("dirty")]
     where = (f"{env['gpu']}, driver {env.get('driver') or '?'}" if env.get("gpu") else
              f"CPU only: {env.get('cpu')}, {env.get('cores')} cores, {env.get('threads')} torch threads")
-    return (f"{where}; torch {env['torch']}, CUDA {env.get('cuda')}, triton {env.get('triton')}, Python {env['python']}; "
+    return (f"{where}; torch {env['torch']}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
+            f"Python {env['python']}; "
             f"bertkern {env['commit']}{dirty}, bertkern._C {env.get('bertkern_C')}; {env['date']}")
 
 
@@ -286,7 +289,8 @@ def not_run(doc: dict) -> list[str]:
 
 def render_markdown(doc: dict) -> str:
     env, providers, keys = doc["env"], doc["providers"], doc["table_keys"]
-    lines = [f"# {doc['title']}: {env.get('gpu') or 'CPU only (' + str(env.get('cpu')) + ')'}", "", f"{env_line(env)}.", ""]
+    where = env.get("gpu") or f"CPU only ({env.get('cpu')})"
+    lines = [f"# {doc['title']}: {where}", "", f"{env_line(env)}.", ""]
     if doc.get("copy_bandwidth"):
         cb = doc["copy_bandwidth"]
         lines += [f"Copy bandwidth measured in the same run (the 100% line): **{cb['gbs']:.0f} GB/s** "
@@ -306,11 +310,13 @@ def render_markdown(doc: dict) -> str:
     lines += ["", "## Correctness gate (worst error / tolerance over every case checked)", "",
               "| provider | checked | PASS | WRONG/error | worst err/tol |", "|---|---:|---:|---:|---:|"]
     for p in providers:
-        es = [r["providers"][p] for r in doc["results"] if r.get("providers", {}).get(p, {}).get("status", "skipped") != "skipped"]
-        ratios = [o["err"] / o["tol"] for e in es for o in (e.get("errors") or {}).values() if o.get("err") is not None and o.get("tol")]
+        es = [r["providers"][p] for r in doc["results"] if r.get("providers", {}).get(p, {}).get("status") not in
+              (None, "skipped")]
+        ratios = [o["err"] / o["tol"] for e in es for o in (e.get("errors") or {}).values()
+                  if o.get("err") is not None and o.get("tol")]
         if es:
-            lines.append(f"| {p} | {len(es)} | {sum(e['status'] == 'ok' for e in es)} | "
-                         f"{sum(e['status'] in ('WRONG', 'error') for e in es)} | {fmt(max(ratios, default=None), '.2f')} |")
+            passed, bad = sum(e["status"] == "ok" for e in es), sum(e["status"] in ("WRONG", "error") for e in es)
+            lines.append(f"| {p} | {len(es)} | {passed} | {bad} | {fmt(max(ratios, default=None), '.2f')} |")
     skipped: dict[str, set] = {}
     for r in doc["results"]:
         for p, e in r.get("providers", {}).items():
@@ -331,7 +337,8 @@ def csv_rows(doc: dict) -> list[dict]:
         if "not_run" in r:
             rows.append({**base, "provider": "", "status": "not run", "reason": r["not_run"], **env})
         for p, e in r.get("providers", {}).items():
-            worst = max((e.get("errors") or {}).values(), key=lambda o: (o.get("err") or 0) / (o.get("tol") or 1), default={})
+            worst = max((e.get("errors") or {}).values(), default={},
+                        key=lambda o: (o.get("err") or 0) / (o.get("tol") or 1))
             rows.append({**base, "provider": p, **{k: v for k, v in e.items() if isinstance(v, (int, float, str))},
                          **{k: worst.get(k) for k in ("err", "eager_err", "tol")}, **env})
     return rows
@@ -366,8 +373,8 @@ def plot(doc: dict, path: Path) -> bool:
     if not panels:
         return False
     ncols = min(3, len(panels))
-    fig, axes = plt.subplots(math.ceil(len(panels) / ncols), ncols, figsize=(5 * ncols, 3.6 * math.ceil(len(panels) / ncols)),
-                             squeeze=False)
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
     for ax, (key, rows) in zip(axes.flat, panels.items()):
         for p in doc["providers"]:
             pts = sorted((r["case"][x], r["providers"][p][y]) for r in rows if r["providers"].get(p, {}).get(y))
@@ -417,19 +424,22 @@ def _geomean(xs):
 def render_latest(docs: list[dict]) -> str:
     """LATEST.md: per GPU and suite, per table the geometric-mean speed-up of each provider over the
     suite's baseline across the sizes run (WRONG/error counted), and where the full tables are."""
-    lines = ["# Latest GPU benchmark results", "", "Written by `bertkern bench` (benchmarks/run.py). Each cell: geometric-mean "
-             "speed-up over the baseline across the sizes run (the number of sizes); WRONG = failed the correctness gate."]
+    lines = ["# Latest GPU benchmark results", "", "Written by `bertkern bench` (benchmarks/run.py). Each cell: "
+             "geometric-mean speed-up over the baseline across the sizes run (the number of sizes); WRONG = failed "
+             "the correctness gate."]
     for d in sorted(docs, key=lambda d: (d["env"].get("gpu") or "", d["name"])):
         providers = [p for p in d["providers"] if p != d["baseline"]]
         lines += ["", f"## {d['title']}, {d['env'].get('gpu')}", "",
                   f"{env_line(d['env'])}; baseline {d['baseline']}; tables in "
                   f"`benchmarks/results/{d['env'].get('gpu_slug')}/{d['name']}.md`", "",
-                  "| " + " | ".join(d["table_keys"] + providers) + " |", "|" + "---|" * (len(d["table_keys"]) + len(providers))]
+                  "| " + " | ".join(d["table_keys"] + providers) + " |",
+                  "|" + "---|" * (len(d["table_keys"]) + len(providers))]
         for group, rows in _groups(d, ran_only=True).items():
             cells = []
             for p in providers:
                 es = [r["providers"].get(p, {}) for r in rows]
-                bad, g = sum(e.get("status") in ("WRONG", "error") for e in es), _geomean([e.get("speedup") for e in es])
+                bad = sum(e.get("status") in ("WRONG", "error") for e in es)
+                g = _geomean([e.get("speedup") for e in es])
                 cells.append(f"**{bad} WRONG/error**" if bad else "-" if g is None else
                              f"{g:.2f}× ({sum(bool(e.get('speedup')) for e in es)})")
             lines.append("| " + " | ".join([str(v) for v in group] + cells) + " |")
@@ -465,7 +475,8 @@ def update_readme(readme: Path, latest: Path) -> str:
     if text.count(START) != 1 or text.count(END) != 1 or text.index(END) < text.index(START):
         raise ValueError(f"{readme} needs exactly one {START} line followed by one {END} line")
     body = [("#" + s if re.match(r"#{1,5}\s", s) else s) for s in Path(latest).read_text().strip().splitlines()[1:]]
-    block = "<!-- generated by `bertkern bench --update-readme` from benchmarks/results/LATEST.md -->\n" + "\n".join(body).strip()
+    note = "<!-- generated by `bertkern bench --update-readme` from benchmarks/results/LATEST.md -->"
+    block = note + "\n" + "\n".join(body).strip()
     new = text[: text.index(START) + len(START)] + "\n" + block + "\n" + text[text.index(END):]
     if new == text:
         return f"{readme} is up to date with {latest}"

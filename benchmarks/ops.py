@@ -28,9 +28,9 @@ import torch
 from bertkern.testing import check_2x
 
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
-# The API's names; the old bench names still work.
-OPS = {"add_layer_norm": "add_layer_norm", "masked_softmax": "masked_softmax", "embedding_layer_norm": "embedding_layer_norm",
-       "attention": "attention", "attention_varlen": "attention", "bias_gelu": "bias_gelu"}  # name -> bench_<file>
+# The API's names -> benchmarks/bench_<file>.py; the old bench names still work.
+OPS = {"add_layer_norm": "add_layer_norm", "masked_softmax": "masked_softmax", "bias_gelu": "bias_gelu",
+       "embedding_layer_norm": "embedding_layer_norm", "attention": "attention", "attention_varlen": "attention"}
 ALIASES = {"layer_norm": "add_layer_norm", "softmax": "masked_softmax"}
 
 
@@ -45,7 +45,8 @@ class Case:
 
     @property
     def label(self) -> str:
-        return " ".join([self.direction, common.dtype_name(self.dtype)] + [f"{k}={v}" for k, v in {**self.shape, **self.options}.items()])
+        sizes = [f"{k}={v}" for k, v in {**self.shape, **self.options}.items()]
+        return " ".join([self.direction, common.dtype_name(self.dtype), *sizes])
 
     def to_dict(self) -> dict:
         return {"direction": self.direction, "dtype": common.dtype_name(self.dtype), **self.shape, **self.options}
@@ -218,9 +219,9 @@ def check(spec: OpSpec, case: Case, fn: Callable, prep: Prepared, device: torch.
         keep = spec.valid(prep.copies[0].inputs)
         outs, ref64, eager = (tuple(torch.where(keep, t, 0) for t in ts) for ts in (outs, ref64, eager))
     checks = {n: check_2x(o, r, e, n, scale_floor=True) for n, o, r, e in zip(names, outs, ref64, eager)}
-    entry = {"status": "ok" if all(c.ok for c in checks.values()) else "WRONG",
-             "errors": {n: c.to_dict() for n, c in checks.items()}}
-    return entry | ({"reason": "; ".join(c.reason for c in checks.values() if c.reason)} if entry["status"] != "ok" else {})
+    reason = "; ".join(c.reason for c in checks.values() if c.reason)
+    return {"status": "WRONG" if reason else "ok", "errors": {n: c.to_dict() for n, c in checks.items()}} | (
+        {"reason": reason} if reason else {})
 
 
 def run_case(spec: OpSpec, case: Case, provs: dict, device: torch.device, copy_gbs: float = 0.0, l2: int = 0,
@@ -268,26 +269,26 @@ def new_doc(spec: OpSpec, provs, env: dict, settings: dict, cases: list[Case]) -
             "x_key": spec.x_key, "y_key": "gbs", "results": []}
 
 
-def run_op(spec: OpSpec, cases: list[Case], device: torch.device, *, copy_bw: dict, env: dict, deadline: float | None = None,
-           warmup_ms: float = 25, rep_ms: float = 100, settings: dict | None = None, only=None, log=print,
-           timer: Callable | None = None, partial_json=None) -> dict:
+def run_op(spec: OpSpec, cases: list[Case], device: torch.device, *, copy_bw: dict, env: dict,
+           deadline: float | None = None, warmup_ms: float = 25, rep_ms: float = 100, settings: dict | None = None,
+           only=None, log=print, timer: Callable | None = None, partial_json=None) -> dict:
     """Every case of one op on the GPU (those past `deadline` listed as not run); the document is saved
     to `partial_json` after each case, so a killed run keeps what it measured. `timer` replaces do_bench
     in tests."""
     provs = {k: v for k, v in providers(spec, gpu=True).items() if only is None or k in only}
-    doc = new_doc(spec, provs, env, {"warmup_ms": warmup_ms, "rep_ms": rep_ms, "timer": "triton.testing.do_bench median, "
-                                     "L2 flushed per rep", "rotation": "ceil(2 x L2 / bytes) input copies", **(settings or {})}, cases)
+    settings = {"warmup_ms": warmup_ms, "rep_ms": rep_ms, "timer": "triton.testing.do_bench median, L2 flushed per rep",
+                "rotation": "ceil(2 x L2 / bytes) input copies", **(settings or {})}
+    doc = new_doc(spec, provs, env, settings, cases)
     doc["copy_bandwidth"] = copy_bw
     timer = timer or (lambda step: common.time_op(step, warmup_ms, rep_ms))
     l2 = env.get("l2_bytes", 0) if device.type == "cuda" else 0
     for n, case in enumerate(cases):
-        if deadline is not None and time.monotonic() > deadline:
-            r = {"case": case.to_dict(), "bytes": spec.bytes_moved(case), "not_run": "time budget spent"}
-        else:
+        r = {"case": case.to_dict(), "bytes": spec.bytes_moved(case), "not_run": "time budget spent"}
+        if deadline is None or time.monotonic() < deadline:
             try:
                 r = run_case(spec, case, provs, device, copy_bw["gbs"], l2, timer)
             except Exception as e:  # inputs or reference failed (out of memory, say): record it, go on
-                r = {"case": case.to_dict(), "bytes": spec.bytes_moved(case), "not_run": f"{common.HARNESS_ERROR}: {common.short_exc(e)}"}
+                r["not_run"] = f"{common.HARNESS_ERROR}: {common.short_exc(e)}"
             common.free_memory(device)
             log(f"[{n + 1}/{len(cases)}] {spec.name} {case.label} ({r['bytes'] / 1e6:.1f} MB): " + (
                 r.get("not_run") or " | ".join(f"{p} {common.cell_text(e)}" for p, e in r["providers"].items())))

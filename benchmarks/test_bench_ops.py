@@ -17,15 +17,18 @@ pytest.importorskip("pytest_benchmark")
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
-    pytest.skip("benchmarks need a CUDA GPU (without one, `bertkern bench` checks correctness)", allow_module_level=True)
+    pytest.skip("benchmarks need a CUDA GPU (without one, `bertkern bench` checks correctness)",
+                allow_module_level=True)
 
 from benchmarks import common, ops  # noqa: E402
 
-CASES = [(spec, case, name) for spec in ops.discover() for case in spec.cases(os.environ.get("BERTKERN_BENCH_FULL") != "1")
+QUICK = os.environ.get("BERTKERN_BENCH_FULL") != "1"
+CASES = [(spec, case, name) for spec in ops.discover() for case in spec.cases(QUICK)
          for name in ops.providers(spec, gpu=True)]
+IDS = [f"{s.name}-{c.label.replace(' ', '-')}-{p}" for s, c, p in CASES]
 
 
-@pytest.mark.parametrize("spec,case,provider", CASES, ids=[f"{s.name}-{c.label.replace(' ', '-')}-{p}" for s, c, p in CASES])
+@pytest.mark.parametrize("spec,case,provider", CASES, ids=IDS)
 def test_op(benchmark, spec, case, provider):
     device = torch.device("cuda", torch.cuda.current_device())
     try:
