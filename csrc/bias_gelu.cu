@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_fwd_kernel(
 // Backward. Same tiling; block (blockIdx.x, blockIdx.y) owns a column tile and the row chunk
 // [blockIdx.y * rows_per_chunk, ...). Each thread sums dh (fp32, before rounding, as the reference
 // does) over its rows; the block folds its `by` row lanes in shared memory in a fixed order and
-// writes one partial row partial[blockIdx.y, :]. dbias_reduce_kernel then sums the partial rows.
+// writes one partial row partial[blockIdx.y, :]. column_sum (common.cuh) then sums the partial rows.
 template <typename T, int V, bool TANH>
 __global__ void __launch_bounds__(kThreads) bias_gelu_bwd_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ dx,
@@ -177,30 +177,6 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_bwd_kernel(
   for (int j = 0; j < V; ++j) out[j] = db[j];
 }
 
-// dbias[n] = sum_c partial[c, n]. A block owns 32 columns (one coalesced 128-byte row segment per
-// warp) and 16 lanes that stride over the partial rows; lanes are folded in a fixed order.
-constexpr int kReduceCols = 32;
-constexpr int kReduceLanes = 16;
-
-template <typename T, typename A>
-__global__ void __launch_bounds__(kReduceCols * kReduceLanes) dbias_reduce_kernel(
-    const A* __restrict__ partial, T* __restrict__ dbias, int64_t chunks, int64_t N) {
-  __shared__ A lanes[kReduceLanes][kReduceCols];
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kReduceCols + threadIdx.x;
-  A acc = A(0);
-  if (n < N) {
-    for (int64_t c = threadIdx.y; c < chunks; c += kReduceLanes) acc += partial[c * N + n];
-  }
-  lanes[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && n < N) {
-    A total = lanes[0][threadIdx.x];
-#pragma unroll
-    for (int k = 1; k < kReduceLanes; ++k) total += lanes[k][threadIdx.x];
-    dbias[n] = static_cast<T>(total);
-  }
-}
-
 // ------------------------------------------------------------------------------------- host side
 
 struct Tile {
@@ -222,21 +198,6 @@ bool parse_approximate(const char* op, c10::string_view approximate) {
   TORCH_CHECK(approximate == "none" || approximate == "tanh", op,
               ": approximate must be 'none' or 'tanh', got '", approximate, "'");
   return approximate == "tanh";
-}
-
-bool is_kernel_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
-
-void check_rows(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [M, N], got ", t.dim(), "-D shape ", t.sizes());
-  TORCH_CHECK(is_device_tensor(t), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": ", name,
-              " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
-  // A size-1 dim's stride is meaningless (as_rows may hand us one), so only N > 1 is checked.
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
-              " must have unit stride in dim 1 (", name, ".stride(1) == 1), got strides ", t.strides());
 }
 
 // Returns the bias as a contiguous tensor, or an undefined tensor for None.
@@ -365,8 +326,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at:
       launch(kernel, grid_of(tile.col_blocks, chunks), block, smem, scope.stream(), dyp, xp, bp, dxp, pp, M, N, sdy,
              sx, rows_per_chunk);
       if (bp != nullptr) {
-        launch(dbias_reduce_kernel<scalar_t, A>, grid_of(ceil_div<int64_t>(N, kReduceCols), 1),
-               dim3(kReduceCols, kReduceLanes), 0, scope.stream(), pp, dbias.mutable_data_ptr<scalar_t>(), chunks, N);
+        column_sum<scalar_t, A>(pp, dbias.mutable_data_ptr<scalar_t>(), chunks, N, scope.stream());
       }
       // `partial` is freed here while the kernels may still run: safe, the caching allocator only
       // reuses the block for work queued later on this same stream.

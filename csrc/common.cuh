@@ -141,4 +141,54 @@ inline int cc_major(c10::DeviceIndex device) {
   return cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(device);
 }
 
+// ------------------------------------------------------------------ shared by the row ops
+// The dtypes the row kernels are instantiated for.
+inline bool is_kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// A [M, N] row-major input of a row op: defined, 2-D, on the device, a kernel dtype, unit stride
+// along N. Messages name the op and the argument.
+inline void check_rows(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [M, N], got ", t.dim(), "-D shape ", t.sizes());
+  TORCH_CHECK(is_device_tensor(t), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": ", name,
+              " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+  // A size-1 dim's stride is meaningless (as_rows may hand us one), so only N > 1 is checked.
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
+              " must have unit stride in dim 1 (", name, ".stride(1) == 1), got strides ", t.strides());
+}
+
+// out[n] = sum_r partial[r, n] over `parts` rows of per-block partial sums (dbias, dweight, ...).
+// A block owns 32 columns (one coalesced 128-byte segment per warp of fp32) and 16 lanes that
+// stride over the rows; the lanes are folded in a fixed order, so the sum is deterministic.
+constexpr int kColumnSumCols = 32;
+constexpr int kColumnSumLanes = 16;
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kColumnSumCols * kColumnSumLanes)
+    column_sum_kernel(const A* __restrict__ partial, T* __restrict__ out, int64_t parts, int64_t N) {
+  __shared__ A lanes[kColumnSumLanes][kColumnSumCols];
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kColumnSumCols + threadIdx.x;
+  A s = A(0);
+  if (n < N) {
+    for (int64_t r = threadIdx.y; r < parts; r += kColumnSumLanes) s += partial[r * N + n];
+  }
+  lanes[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && n < N) {
+    A total = lanes[0][threadIdx.x];
+#pragma unroll
+    for (int k = 1; k < kColumnSumLanes; ++k) total += lanes[k][threadIdx.x];
+    out[n] = static_cast<T>(total);
+  }
+}
+
+template <typename T, typename A>
+void column_sum(const A* partial, T* out, int64_t parts, int64_t N, cudaStream_t stream) {
+  launch(column_sum_kernel<T, A>, dim3(static_cast<unsigned>(ceil_div<int64_t>(N, kColumnSumCols))),
+         dim3(kColumnSumCols, kColumnSumLanes), 0, stream, partial, out, parts, N);
+}
+
 }  // namespace bertkern

@@ -416,46 +416,7 @@ __global__ void __launch_bounds__(kLoopThreads) add_ln_bwd_loop_kernel(BwdParams
   }
 }
 
-// out[n] = sum_r partial[r, n] over `parts` rows: 32 columns x 8 row lanes per block, lanes folded in
-// a fixed order (deterministic).
-constexpr int kSumCols = 32;
-constexpr int kSumLanes = 8;
-
-template <typename T, typename A>
-__global__ void __launch_bounds__(kSumCols * kSumLanes) column_sum_kernel(const A* __restrict__ partial,
-                                                                          T* __restrict__ out, int64_t parts,
-                                                                          int64_t N) {
-  __shared__ A lanes[kSumLanes][kSumCols];
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
-  A s = A(0);
-  if (n < N) {
-    for (int64_t r = threadIdx.y; r < parts; r += kSumLanes) s += partial[r * N + n];
-  }
-  lanes[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && n < N) {
-    A total = lanes[0][threadIdx.x];
-#pragma unroll
-    for (int k = 1; k < kSumLanes; ++k) total += lanes[k][threadIdx.x];
-    out[n] = static_cast<T>(total);
-  }
-}
-
 // ------------------------------------------------------------------------------------ host side
-bool is_kernel_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
-
-void check_rows(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [M, N], got shape ", t.sizes());
-  TORCH_CHECK(is_device_tensor(t), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": ", name,
-              " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
-              " must have unit stride in dim 1, got strides ", t.strides());
-}
-
 // An optional [M, N] input like `ref` (shape, dtype, device), or an undefined tensor for None.
 at::Tensor like_rows(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Tensor& ref) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
@@ -524,18 +485,22 @@ bool with_team(int v, int iters, F&& f) {
     using I4 = std::integral_constant<int, 4>;
     using I8 = std::integral_constant<int, 8>;
     using IV = std::integral_constant<int, VW>;
+    auto run = [&](auto vec, auto it) {  // f returns void; "found a compiled pair" is the result
+      f(vec, it);
+      return true;
+    };
     if (v == VW) {
-      if (iters == 1) return f(IV{}, I1{}), true;
-      if (iters == 2) return f(IV{}, I2{}), true;
+      if (iters == 1) return run(IV{}, I1{});
+      if (iters == 2) return run(IV{}, I2{});
       if constexpr (VW <= 4) {
-        if (iters == 4) return f(IV{}, I4{}), true;
+        if (iters == 4) return run(IV{}, I4{});
       }
       return false;
     }
     if (v == 1) {
-      if (iters == 1) return f(I1{}, I1{}), true;
-      if (iters == 4) return f(I1{}, I4{}), true;
-      if (iters == 8) return f(I1{}, I8{}), true;
+      if (iters == 1) return run(I1{}, I1{});
+      if (iters == 4) return run(I1{}, I4{});
+      if (iters == 8) return run(I1{}, I8{});
     }
     return false;
   }
@@ -554,13 +519,6 @@ Team plan_team(int64_t N, bool vec) {
 
 bool rows_aligned(const void* p, int64_t stride, int64_t M, int v) {
   return p == nullptr || (is_aligned(p, 16) && (M == 1 || stride % v == 0));
-}
-
-template <typename T, typename A>
-void sum_partials(const at::Tensor& partial, at::Tensor& out, cudaStream_t stream) {
-  const int64_t parts = partial.size(0), N = partial.size(1);
-  launch(column_sum_kernel<T, A>, static_cast<unsigned>(ceil_div<int64_t>(N, kSumCols)), dim3(kSumCols, kSumLanes), 0,
-         stream, partial.const_data_ptr<A>(), out.mutable_data_ptr<T>(), parts, N);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
@@ -724,7 +682,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
       launch(add_ln_bwd_loop_kernel<scalar_t>, static_cast<unsigned>(blocks), kLoopThreads, 0, stream, p);
     }
     for (int k = 0; k < 3; ++k) {
-      if (need[k]) sum_partials<scalar_t, A>(parts[k], sums[k], stream);
+      if (need[k]) {
+        column_sum<scalar_t, A>(parts[k].const_data_ptr<A>(), sums[k].mutable_data_ptr<scalar_t>(), parts[k].size(0),
+                                parts[k].size(1), stream);
+      }
     }
     // `parts` are freed while the kernels may still run: the caching allocator only hands their memory
     // to work queued later on this stream.

@@ -51,6 +51,7 @@ using bertkern::acc_t;
 using bertkern::DeviceScope;
 using bertkern::Dropout;
 using bertkern::is_device_tensor;
+using bertkern::is_kernel_dtype;
 using bertkern::keep_bits;
 using bertkern::launch;
 using bertkern::make_dropout;
@@ -556,10 +557,6 @@ double lowest_of() {
   } else {
     return static_cast<double>(std::numeric_limits<M>::lowest());
   }
-}
-
-bool is_kernel_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
 DropoutArgs dropout_args(const char* fn, double dropout_p, const std::optional<at::Tensor>& seed,

@@ -88,28 +88,18 @@ def test_add_layer_norm_matches_reference(backend_device, shape, dtype):
     check_all(out, ref, eag)
 
 
-@pytest.mark.parametrize("backend_device", kernel_backends())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_add_layer_norm_wide_row(backend_device, dtype):
-    backend, device = backend_device
-    skip_unless_usable(backend, device)
-    inputs = make_inputs((2, 8192), dtype, device)
-    grad = randn(2, 8192, dtype=dtype, device=device)
-    out = run(lambda **a: bertkern.ops.add_layer_norm(a["x"], a["residual"], a["weight"], a["bias"], 1e-5,
-                                                     x_bias=a["x_bias"], backend=backend), inputs, grad)
-    ref = run(lambda **a: eager(**a, eps=1e-5), as64(inputs), grad.double())
-    eag = run(lambda **a: eager(**a, eps=1e-5), inputs, grad)
-    check_all(out, ref, eag)
+# One tile of 8192 columns in every dtype; rows too wide for one tile / the registers (Triton loop
+# path, CUDA loop kernel), of odd width, in fp32 and bf16.
+WIDE_ROWS = [((2, 8192), dt) for dt in DTYPES] + [((3, 20001), dt) for dt in (torch.float32, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("backend_device", kernel_backends())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_add_layer_norm_beyond_register_rows(backend_device, dtype):
-    """Rows too wide for one tile / the registers (Triton loop path, CUDA loop kernel), odd width."""
+@pytest.mark.parametrize("shape,dtype", WIDE_ROWS, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_add_layer_norm_wide_row(backend_device, shape, dtype):
     backend, device = backend_device
     skip_unless_usable(backend, device)
-    inputs = make_inputs((3, 20001), dtype, device)
-    grad = randn(3, 20001, dtype=dtype, device=device)
+    inputs = make_inputs(shape, dtype, device)
+    grad = randn(*shape, dtype=dtype, device=device)
     out = run(lambda **a: bertkern.ops.add_layer_norm(a["x"], a["residual"], a["weight"], a["bias"], 1e-5,
                                                      x_bias=a["x_bias"], backend=backend), inputs, grad)
     ref = run(lambda **a: eager(**a, eps=1e-5), as64(inputs), grad.double())
