@@ -108,7 +108,8 @@ def accuracy(model, batches) -> float:
 def optimized(model, backend: str):
     model = bertkern.optimize(copy.deepcopy(model), backend=backend)
     report = bertkern.optimize_report(model)
-    assert report.counts() == {"bias_gelu": 2, "add_layer_norm": 4, "masked_softmax": 2}, str(report)
+    assert report.counts() == {"bias_gelu": 2, "add_layer_norm": 4, "attention": 2, "embedding_layer_norm": 1,
+                               "padding_free": 1}, str(report)
     return model
 
 
@@ -193,3 +194,60 @@ def test_train_slow_triton_dropout_matches_torch_backend():
     worst = int((got - ref).abs().argmax())
     assert (got - ref).abs().max() < 1e-3, f"step {worst}: triton {got[worst]:.6f} vs torch backend {ref[worst]:.6f}"
     assert_learned(got, below=0.3, name="triton")
+
+
+# ---------------------------------------------------------------- DistributedDataParallel / FSDP2 on CPU (gloo)
+DDP_STEPS, DDP_BATCH = 4, 8
+
+
+def _ddp_worker(rank: int, world: int, port: int, base, batches, out_dir: str) -> None:
+    """One process of a torchrun-style job: the env:// rendezvous torchrun sets up, gloo, rank's half
+    of each global batch; trains the optimized model under DDP, then under FSDP2 (fully_shard), and
+    saves the trained parameters of each."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    try:
+        half = DDP_BATCH // world
+        shards = [tuple(t[rank * half:(rank + 1) * half] for t in b) for b in batches]
+        for mode in ("ddp", "fsdp2"):
+            model = optimized(base, "torch")
+            if mode == "ddp":
+                wrapped = torch.nn.parallel.DistributedDataParallel(model)
+            else:
+                from torch.distributed.fsdp import fully_shard
+
+                wrapped = fully_shard(model)
+            train(wrapped, shards, lr=1e-3)
+            state = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                     for n, p in model.named_parameters()}
+            if rank == 0:
+                torch.save(state, os.path.join(out_dir, f"{mode}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_and_fsdp2_equal_single_process(tmp_path):
+    """2 processes (gloo, CPU) training the optimized model on halves of each global batch, under
+    DistributedDataParallel and under FSDP2, end with the parameters of one process training it on the
+    whole batches (no dropout: the same function, and the averaged gradients of two equal halves are
+    the gradient of the whole batch's mean loss)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    base = make_model(SHORT_SEQ, dropout=0.0)
+    batches = make_batches(DDP_STEPS, DDP_BATCH, SHORT_SEQ)
+    single = optimized(base, "torch")
+    train(single, batches, lr=1e-3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, base, batches, str(tmp_path)), nprocs=2, join=True)
+    for mode in ("ddp", "fsdp2"):
+        got = torch.load(tmp_path / f"{mode}.pt")
+        for name, p in single.named_parameters():
+            torch.testing.assert_close(got[name], p.detach(), rtol=1e-4, atol=1e-6, msg=f"{mode}: {name}")

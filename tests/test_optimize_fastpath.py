@@ -1,0 +1,263 @@
+"""bertkern.optimize's whole fast path on Hugging Face models: fused attention from one QKV GEMM under
+the default attn_implementation, the padding-free encoder, fused embeddings, DistilBERT blocks,
+sentence-transformers; CPU auto never swaps in something slower; the attention auto table.
+
+Every model is a tiny random config (nothing downloaded) except the shipped all-MiniLM-L6-v2."""
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+import bertkern  # noqa: E402
+from bertkern import testing  # noqa: E402
+from bertkern.ops import attention_auto  # noqa: E402
+from harness import skip_unless_usable  # noqa: E402
+from test_optimize import VOCAB, padded_batch, tiny  # noqa: E402
+
+opt = importlib.import_module("bertkern.optimize")
+LENGTHS = [7, 4, 1, 0]  # full, padded, a single real token, fully padded
+
+
+class BertkernOps(TorchDispatchMode):
+    """Records every torch.ops.bertkern.* op that runs (and whether torch's SDPA ran)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ran: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name.startswith("bertkern::") or "scaled_dot_product" in name:
+            self.ran.append(name.split("::")[1].split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def tiny_distilbert(**kw):
+    config = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37,
+                                           max_position_embeddings=20, initializer_range=0.2, **kw)
+    return transformers.DistilBertForSequenceClassification(config).eval()
+
+
+def model_of(arch: str, **kw):
+    if arch == "distilbert":
+        return tiny_distilbert(**kw)
+    return tiny(arch, **{"attn_implementation": "sdpa", **kw})  # transformers 5's default
+
+
+def real_outputs(out, mask) -> list[torch.Tensor]:
+    """Every tensor output; [B, S, ...] ones at real tokens only; rows with no real token dropped
+    (HF's values there are meaningless: uniform attention over padding)."""
+    rows = mask.bool().any(1)
+    got = []
+    for v in out.values():
+        if not isinstance(v, torch.Tensor):
+            continue
+        if v.dim() >= 2 and v.shape[:2] == mask.shape:
+            got.append(v[mask.bool()])
+        elif v.shape[:1] == mask.shape[:1]:
+            got.append(v[rows])
+    return got
+
+
+# ---------------------------------------------------------------- the 2x rule, every architecture
+ARCHS = ["bert-seqcls", "roberta", "electra", "xlm-roberta", "distilbert"]
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_real_tokens_within_2x_of_eager(arch, dtype, padding_free, monkeypatch):
+    """Padded batch with a 1-token row and a fully padded row: optimized outputs at real tokens (and
+    pooled / head outputs of rows with any real token) against a float64 copy, within 2x eager's
+    error in the same dtype; the fused ops ran."""
+    monkeypatch.setenv("BERTKERN_BACKEND", "torch")
+    base = model_of(arch)
+    ids, mask = padded_batch(base, LENGTHS)
+    eager, ref64 = copy.deepcopy(base).to(dtype), copy.deepcopy(base).double()
+    model = bertkern.optimize(copy.deepcopy(base).to(dtype), padding_free=padding_free)
+    with torch.no_grad(), BertkernOps() as seen:
+        got = real_outputs(model(input_ids=ids, attention_mask=mask), mask)
+    with torch.no_grad():
+        want = real_outputs(eager(input_ids=ids, attention_mask=mask), mask)
+        ref = real_outputs(ref64(input_ids=ids, attention_mask=mask), mask)
+    testing.assert_close_2x(got, ref, want, f"{arch} {dtype}", floor="model")
+    attention = "attention_varlen" if padding_free else "attention"
+    assert {attention, "embedding_layer_norm", "add_layer_norm", "bias_gelu"} <= set(seen.ran), seen.ran
+    assert seen.ran.count(attention) == 2
+
+
+def test_padded_positions_are_zeros_and_restore_is_exact():
+    model = model_of("roberta")
+    ids, mask = padded_batch(model, LENGTHS)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        bertkern.optimize(model)
+        base = model.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert torch.equal(base[~mask.bool()], torch.zeros_like(base[~mask.bool()]))  # documented: zeros at pads
+        bertkern.restore(model)
+        after = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert all(m.forward.__func__ is type(m).forward for m in model.modules())
+    assert torch.equal(before.logits, after.logits)
+
+
+# ---------------------------------------------------------------- what goes to the original forward
+def test_hidden_states_and_attentions_requests_get_the_original_answer():
+    model = model_of("bert-seqcls")
+    ids, mask = padded_batch(model, LENGTHS)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        eager = model_of("bert-seqcls", attn_implementation="eager")
+        eager.load_state_dict(model.state_dict())
+        want_att = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        bertkern.optimize(model)
+        bertkern.optimize(eager)
+        got = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        got_att = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(got.hidden_states) == 3
+    for g, w in zip(got.hidden_states, want.hidden_states):
+        assert (g - w)[mask.bool()].abs().max() <= 1e-5
+    assert all(a is not None for a in got_att) and len(got_att) == 2
+    for g, w in zip(got_att, want_att):
+        assert (g - w).abs().max() <= 1e-5
+
+
+def test_return_dict_false_and_no_mask_and_full_batch():
+    model = model_of("bert")
+    ids, _ = padded_batch(model, [5, 5])
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state
+        bertkern.optimize(model)
+        with BertkernOps() as seen:
+            got = model(input_ids=ids, return_dict=False)
+            full = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert isinstance(got, tuple) and (got[0] - want).abs().max() <= 1e-5
+    assert (full - want).abs().max() <= 1e-5
+    assert "attention_varlen" not in seen.ran  # nothing to unpad: the padded path, no mask
+
+
+# ---------------------------------------------------------------- the QKV weight cache
+def test_qkv_cache_never_stale_after_optimizer_step_and_load_state_dict():
+    model = model_of("bert-seqcls", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    plain = copy.deepcopy(model)
+    bertkern.optimize(model)
+    # No fully padded row here: its (meaningless) pooled output differs from HF's, and so would the step.
+    ids, mask = padded_batch(model, [7, 4, 1, 2])
+
+    def agree():
+        with torch.no_grad():  # inference: the cached concatenation is used
+            got = model(input_ids=ids, attention_mask=mask).logits
+            want = plain(input_ids=ids, attention_mask=mask).logits
+        assert (got - want)[mask.bool().any(1)].abs().max() <= 1e-5
+
+    agree()
+    for m in (model, plain):  # one identical SGD step on both
+        m.train()
+        torch.optim.SGD(m.parameters(), lr=0.5).zero_grad()
+        m(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
+        m.eval()
+    agree()
+    fresh = model_of("bert-seqcls")
+    model.load_state_dict(fresh.state_dict())
+    plain.load_state_dict(fresh.state_dict())
+    agree()
+
+
+# ---------------------------------------------------------------- CPU auto: never slower
+def test_cpu_auto_leaves_slower_modules_alone_and_attention_runs_sdpa(monkeypatch):
+    monkeypatch.delenv("BERTKERN_BACKEND", raising=False)
+    model = model_of("bert-seqcls")
+    ids, mask = padded_batch(model, LENGTHS)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        _, report = bertkern.optimize(model, return_report=True)
+        with BertkernOps() as seen:
+            got = model(input_ids=ids, attention_mask=mask).logits
+    assert report.counts() == {"padding_free": 1, "attention": 2}, str(report)
+    cpu = {r.kind for r in report.left_alone if "CPU model with backend auto" in r.reason}
+    assert cpu == {"add_layer_norm", "bias_gelu", "embedding_layer_norm"}
+    assert seen.ran and all("scaled_dot_product" in op for op in seen.ran), seen.ran  # torch's SDPA only
+    assert (got - want)[mask.bool().any(1)].abs().max() <= 1e-5
+
+
+def test_auto_table_and_sdpa_varlen_match_the_reference():
+    q = torch.randn(10, 2, 8, dtype=torch.float64)
+    assert attention_auto.choose("attention_varlen", q, 0.0, 7) == "sdpa"
+    assert attention_auto.lookup("attention_varlen", "sm_80+", torch.bfloat16, 64, 128) == "varlen_attn"
+    rows = attention_auto.table()
+    assert rows and {"arch", "dtype", "head_dim", "seq", "attention", "attention_varlen"} <= set(rows[0])
+    assert "attention_varlen" in attention_auto.format_table()
+    cu = torch.tensor([0, 7, 7, 10], dtype=torch.int32)  # a middle sequence with no tokens
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    got = bertkern.ops.attention_varlen(q, k, v, cu, 7)  # auto: SDPA over padded blocks
+    want = bertkern.ops.attention_varlen(q, k, v, cu, 7, backend="torch")
+    torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------- Triton kernels through the whole path
+def test_triton_padding_free_and_training(monkeypatch, record_backends):
+    skip_unless_usable("triton", "cpu")
+    monkeypatch.setenv("BERTKERN_BACKEND", "triton")
+    model = model_of("bert-seqcls", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_hidden_layers=1)
+    plain = copy.deepcopy(model).train()
+    bertkern.optimize(model)
+    model.train()
+    ids, mask = padded_batch(model, [5, 2, 1])
+    labels = torch.tensor([0, 1, 1])
+    record_backends.clear()
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    ref = plain(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ref.backward()
+    assert {("attention_varlen", "triton"), ("add_layer_norm", "triton")} <= set(record_backends)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=n)
+
+
+# ---------------------------------------------------------------- the real checkpoint, sentence-transformers
+def _minilm_path():
+    try:
+        from bertkern.verify import minilm_path
+
+        return minilm_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def test_minilm_default_load_sdpa_padding_free(monkeypatch):
+    monkeypatch.setenv("BERTKERN_BACKEND", "torch")
+    base = transformers.AutoModel.from_pretrained(_minilm_path()).eval()
+    assert base.config._attn_implementation == "sdpa"
+    ids, mask = padded_batch(base, [12, 5, 1, 0])
+    ids = torch.where(mask.bool(), torch.randint(1000, 30000, ids.shape), 0)
+    ref64 = copy.deepcopy(base).double()
+    with torch.no_grad():
+        want = real_outputs(base(input_ids=ids, attention_mask=mask), mask)
+        ref = real_outputs(ref64(input_ids=ids, attention_mask=mask), mask)
+        _, report = bertkern.optimize(base, return_report=True)
+        got = real_outputs(base(input_ids=ids, attention_mask=mask), mask)
+    assert report.counts()["attention"] == 6 and report.counts()["padding_free"] == 1
+    testing.assert_close_2x(got, ref, want, "MiniLM", floor="model")
+
+
+def test_sentence_transformer_encode(monkeypatch):
+    st = pytest.importorskip("sentence_transformers")
+    monkeypatch.setenv("BERTKERN_BACKEND", "torch")
+    model = st.SentenceTransformer(_minilm_path(), device="cpu")
+    sentences = ["a short one", "a rather longer sentence that needs more tokens than the first", "x"]
+    want = model.encode(sentences, convert_to_tensor=True)
+    ref64 = copy.deepcopy(model).double()
+    ref = ref64.encode(sentences, convert_to_tensor=True)
+    _, report = bertkern.optimize(model, return_report=True)
+    assert len(report.replaced_names("padding_free")) == 1, str(report)  # the transformer inside, found by structure
+    got = model.encode(sentences, convert_to_tensor=True)
+    testing.assert_close_2x(got, ref.float(), want, "SentenceTransformer.encode", floor="model")
