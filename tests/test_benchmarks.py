@@ -272,3 +272,10 @@ def test_hf_varlen_provider_matches_the_padded_model(monkeypatch):
             got, want = models.hf_varlen(model, head)(ids, mask), models.output(model(input_ids=ids, attention_mask=mask), head)
         real = mask.bool() if head == "base" else slice(None)
         torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+def test_compile_is_offered_on_cpu():
+    """torch.compile is a provider wherever it runs, the CPU included (not "needs a CUDA GPU"); running it
+    here takes ~40 s of compiling, so that is left to `bertkern bench --providers compile` by hand."""
+    assert "compile" in ops.providers(BIAS_GELU, gpu=False)
+    assert [p.needs_cuda for p in models.PROVIDERS if p.name == "compile"] == [False]
