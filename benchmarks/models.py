@@ -208,8 +208,8 @@ def bk_model(base, head: str, graph_safe: bool = False):
     flags = {f.name: True for f in dataclasses.fields(models.BertConfig) if isinstance(f.default, bool)
              and (f.name.startswith("fused_") or (f.name == "padding_free" and not graph_safe))}
     cls = models.BertModel if head == "base" else models.BertForSequenceClassification
-    return cls.from_hf(base, **flags).to(device=next(base.parameters()).device, dtype=next(base.parameters()).dtype), \
-        "flags " + ", ".join(flags)
+    model = cls.from_hf(base, **flags).to(device=next(base.parameters()).device, dtype=next(base.parameters()).dtype)
+    return model.train(base.training), "flags " + ", ".join(flags)
 
 
 def output(out, head: str) -> torch.Tensor:
