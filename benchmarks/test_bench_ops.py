@@ -35,7 +35,7 @@ def test_op(benchmark, spec, case, provider):
         fn = ops.providers(spec, gpu=True)[provider](case, device)
     except common.Skip as s:
         pytest.skip(str(s))
-    prep = ops.prepare(spec, case, device, common.environment(device)["l2_bytes"])
+    prep = ops.prepare(spec, case, device, torch.cuda.get_device_properties(device).L2_cache_size)
     entry = ops.check(spec, case, fn, prep, device)
     if entry["status"] != "ok":
         pytest.fail(f"{provider} is {entry['status']} on {case.label}: {entry.get('reason', '')}")
