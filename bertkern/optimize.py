@@ -16,13 +16,40 @@ reachable with `bertkern.optimize_report(model)` (also through a torch.compile w
 a deep copy or a pickle.
 
 Models: transformers' BERT family (BertModel, BertFor*, RoBERTa, ELECTRA, XLM-RoBERTa, CamemBERT and
-anything with the same blocks) and bertkern.models. DistilBERT's blocks do not have this layout (the
-residual add and LayerNorm live in TransformerBlock.forward): it is left alone and reported.
+anything with the same blocks), DistilBERT, sentence-transformers' SentenceTransformer wrapping them
+(the transformer inside is found like any submodule), and bertkern.models.
 
 Blocks are found by structure, not by class name, and each candidate is checked by running its own
 forward once on a small random input (on a private generator: the global RNG is not touched) against
 the computation bertkern will substitute. Only blocks that pass are swapped:
 
+- encoder model (BertModel / RobertaModel / ElectraModel / DistilBertModel ...: `embeddings` and
+  `encoder.layer` or `transformer.layer`), the padding-free path (padding_free=True, the default):
+  called with a [B, S] attention_mask that has padding, it runs the embeddings, packs the real tokens
+  once (bertkern.padding.unpad), runs every layer on [total, hidden] (attention by
+  `ops.attention_varlen`, the layers' add & norm and FFN on the packed rows), scatters back once
+  (padded positions of last_hidden_state are zeros: HF's values there are meaningless), then the
+  pooler. Without padding (or without a mask) the layers run on [B, S, hidden] with no mask at all;
+  under torch.compile or a CUDA graph capture, on the padded batch under a bool mask (CUDA graphs of
+  the packed path with token-count buckets are not done yet). Calls it does not cover go to the
+  original forward: output_hidden_states / output_attentions (HF records them per layer), a KV cache,
+  cross-attention, a head mask, a 4-D mask, gradient checkpointing. A fully padded row (no real
+  token) gets zeros everywhere (HF: uniform attention over its padding); real rows are unaffected.
+- self-attention (BertSelfAttention and family): `query` / `key` / `value` Linears, whatever the
+  attn_implementation ("eager", "sdpa", flash: the config is not consulted). Fused: one QKV GEMM on
+  the concatenated weights (concatenated per call in training; cached in inference, keyed by each
+  parameter's version counter, so an optimizer step or load_state_dict never leaves it stale), then
+  `ops.attention` on strided q / k / v views under HF's mask as given (additive float or SDPA's bool;
+  flash's [B, S] is made [B, 1, 1, S]); dropout on the probabilities in training. A KV cache,
+  cross-attention inputs, a head mask or attention weights asked for go to the original forward.
+  With ops=("masked_softmax", ...) and no "attention", eager attention keeps its matmuls and only the
+  softmax is fused (the older path).
+- embeddings (word / position / token type embeddings + LayerNorm + dropout): `ops.embedding_layer_norm`
+  with the module's own position rule (RoBERTa's from padding_idx via its own
+  create_position_ids_from_input_ids); ELECTRA's embeddings_project runs after it, in the encoder.
+  inputs_embeds goes to the original forward.
+- DistilBERT TransformerBlock: fused attention, out_lin + sa_layer_norm (add_layer_norm), FFN
+  lin1 + GELU (bias_gelu), lin2 + dropout + output_layer_norm (add_layer_norm).
 - add & norm (BertSelfOutput / BertOutput and family): children `dense` (Linear), `dropout`
   (Dropout) and one LayerNorm, forward (hidden_states, input_tensor) ->
   LayerNorm(dropout(dense(hidden_states)) + input_tensor). Fused: `ops.add_layer_norm` with the
@@ -30,11 +57,12 @@ the computation bertkern will substitute. Only blocks that pass are swapped:
 - intermediate (BertIntermediate and family): `dense` + a GELU-type `intermediate_act_fn`, forward
   act(dense(h)). Fused: `ops.bias_gelu` ("gelu" -> exact erf, "gelu_new" / "gelu_pytorch_tanh" /
   nn.GELU("tanh") -> "tanh"). Other activations are left alone and reported.
-- self-attention (BertSelfAttention and family): `query` / `key` / `value` Linears, HF's eager
-  attention path. Fused: the softmax goes through `ops.masked_softmax` with HF's additive mask as
-  given. Only when the model runs attn_implementation="eager" (the config is read on every call; any
-  other implementation, a KV cache or cross-attention inputs go to the original forward). Models on
-  "sdpa" / "flash_attention_2" keep their attention, which is reported.
+
+Never slower on CPU: with backend auto (no backend=, no $BERTKERN_BACKEND) on a CPU model, add & norm,
+bias + GELU and the embeddings are left alone (bertkern's CPU path for them is the eager reference,
+slower than HF's own modules; reported), while attention and the padding-free encoder are swapped:
+attention's auto table picks torch's SDPA on CPU (for packed tokens: SDPA over [B, max_seqlen]
+blocks), so the model saves the padded tokens' GEMMs and two of three QKV GEMM launches.
 
 A swap sets `forward` on the module instance (a bound method of a function in this module) and
 records what it did in `module._bertkern_patch`; the class, the parameters (same objects) and the
@@ -337,6 +365,12 @@ def _encoder_falls_back(self, args, kwargs, attention_mask) -> bool:
     return any(v is not None and v is not False for k, v in kwargs.items() if k not in _ENCODER_INPUTS + ("return_dict",))
 
 
+def _capturing() -> bool:
+    """Inside torch.compile or a CUDA graph capture, where unpad's host sync (token count, max_seqlen)
+    cannot happen: the encoder then runs the padded batch under a bool mask."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def _encoder_forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                      *args, **kwargs):
     """The encoder model (BertModel and family, DistilBertModel): embeddings once, then every layer on
@@ -352,7 +386,7 @@ def _encoder_forward(self, input_ids: torch.Tensor | None = None, attention_mask
         h = self.embeddings_project(h)
     batch, seq = h.shape[:2]
     done = False
-    if attention_mask is not None and patch.padding_free and not torch.compiler.is_compiling():
+    if attention_mask is not None and patch.padding_free and not _capturing():
         # Padding-free: pack once (one host sync), every layer on [total, hidden], scatter back once.
         # Padded positions of the output are zeros (HF's values there are meaningless anyway).
         packed, indices, cu_seqlens, max_seqlen = _padding.unpad(h, attention_mask)
