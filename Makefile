@@ -2,7 +2,7 @@
 #              present), run the test suite (Triton under the interpreter when there is no GPU).
 # make bench : the benchmark suite (on a machine without a CUDA GPU: correctness through every
 #              backend at small sizes, and the latest committed GPU results).
-# make test-compat : the optimize and model tests against transformers 4.57.x (CI runs it too).
+# make test-compat : the optimize, model and dynamic-compile tests against transformers 4.57.x (CI runs it too).
 #
 # bertkern._C is rebuilt only when csrc/, setup.py, pyproject.toml or the build settings below
 # change: $(VENV)/.built is a stamp over those, and $(VENV)/.build-settings holds the settings of
@@ -59,7 +59,7 @@ $(TF457)/.done: | $(VENV)/.deps
 	touch $@
 
 test-compat: install $(TF457)/.done
-	PYTHONPATH=$(TF457) $(PY) -m pytest tests/test_optimize.py tests/test_models.py -q -ra
+	PYTHONPATH=$(TF457) $(PY) -m pytest tests/test_optimize.py tests/test_models.py tests/test_compile_dynamic.py -q -ra
 
 bench: install
 	$(PY) benchmarks/run.py

@@ -51,7 +51,7 @@ _HERE = object()  # "this installation's value" for extension_diagnosis's keywor
 
 
 class Diagnosis(NamedTuple):
-    state: str  # built | load_failed | other_torch | off_by_choice | cpu_torch | no_toolchain | not_built
+    state: str  # built | load_failed | other_torch | missing | off_by_choice | cpu_torch | no_toolchain | not_built
     why: str  # one sentence for a user: what is the case, and what to do
 
 
@@ -105,6 +105,9 @@ def extension_diagnosis(
                              f"against this torch with {REBUILD}, or install the torch it was built for ({error})")
         return Diagnosis("load_failed", f"bertkern._C ({so_file}) is there but does not load ({error}); built for "
                          f"{built_for}, this is {here}; rebuild with {REBUILD}")
+    if record and record.get("cuda_extension") == "built":
+        return Diagnosis("missing", "bertkern._C was being built (build record) but there is no bertkern/_C*.so: the "
+                         f"build failed or was interrupted, or `make clean` removed it; rebuild with {REBUILD}")
     if record and record.get("cuda_extension") == "off":
         return Diagnosis("off_by_choice", "bertkern._C was left out on purpose (BERTKERN_BUILD_CUDA=0 at install); "
                          f"the torch and triton backends work; to build it: BERTKERN_BUILD_CUDA=1 {REBUILD}")

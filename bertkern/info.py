@@ -56,8 +56,11 @@ def collect() -> dict:
         per_backend[name] = "usable" if why is None else f"unavailable: {why}"
     info[f"backends_on_{device.type}"] = per_backend
 
+    auto = _backend.auto_backend(device)
     info["ops"] = {
-        op: (f"auto -> {_backend.auto_backend(device)} on {device.type}" if hasattr(ops, op) else "not implemented yet")
+        op: ("not implemented yet" if not hasattr(ops, op) else
+             f"auto -> per input shape on {device.type} (bertkern.ops.attention_auto's table: a kernel or torch's own)"
+             if op.startswith("attention") else f"auto -> {auto} on {device.type}")
         for op in OPS
     }
     return info

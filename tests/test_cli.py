@@ -37,7 +37,8 @@ def test_info_json(capsys):
     ext = info["cuda_extension"]
     assert ext["built"] == backend.cuda_extension_status()[0]
     if not ext["built"]:
-        assert ext["state"] in ("load_failed", "other_torch", "off_by_choice", "cpu_torch", "no_toolchain", "not_built")
+        assert ext["state"] in ("load_failed", "other_torch", "missing", "off_by_choice", "cpu_torch", "no_toolchain",
+                                "not_built")
 
 
 BUILT_214 = {"cuda_extension": "built", "torch": "2.14.1+cu130", "torch_cuda": "13.0", "archs": "8.0;9.0+PTX"}
@@ -61,10 +62,13 @@ BUILT_214 = {"cuda_extension": "built", "torch": "2.14.1+cu130", "torch_cuda": "
          "cpu_torch", ["CPU-only", "CUDA build of torch", "TRITON_INTERPRET=1"]),
         (dict(record={}, so_file="", torch_version="2.14.1", torch_cuda="13.0", nvcc=False),
          "no_toolchain", ["nvcc", "CUDA toolkit", "13.0"]),
+        (dict(record=BUILT_214, so_file="", torch_version="2.14.1+cu130", torch_cuda="13.0", nvcc=True),
+         "missing", ["no bertkern/_C", "rebuild"]),
         (dict(record={"cuda_extension": "not_built", "why_not": "nvcc was not found"}, so_file="",
               torch_version="2.14.1", torch_cuda="13.0", nvcc=True), "not_built", ["nvcc was not found", "reinstall"]),
     ],
-    ids=["other-torch-cpu", "other-cuda", "load-failed", "off-by-choice", "cpu-torch", "no-toolchain", "toolchain-now"],
+    ids=["other-torch-cpu", "other-cuda", "load-failed", "off-by-choice", "cpu-torch", "no-toolchain", "missing",
+         "toolchain-now"],
 )
 def test_extension_diagnosis(facts, state, advice):
     d = backend.extension_diagnosis(ImportError("boom"), **facts)
