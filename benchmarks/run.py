@@ -116,8 +116,8 @@ def _gpu_ops(specs, args, device, env, deadline, log) -> list[dict]:
     return docs
 
 
-def run_gpu(args, specs, log) -> int:
-    device = torch.device("cuda", torch.cuda.current_device())
+def run_gpu(args, specs, log, device=None) -> int:
+    device = device or torch.device("cuda", torch.cuda.current_device())  # tests drive this path on the CPU
     start, env, status = time.monotonic(), common.environment(device), 0
     log(f"bertkern bench ({', '.join(args.suite)}): {common.env_line(env)}")
     suites = [s for s in SUITES if s in args.suite]

@@ -280,3 +280,22 @@ def test_compile_is_offered_on_cpu():
     here takes ~40 s of compiling, so that is left to `bertkern bench --providers compile` by hand."""
     assert "compile" in ops.providers(BIAS_GELU, gpu=False)
     assert [p.needs_cuda for p in models.PROVIDERS if p.name == "compile"] == [False]
+
+
+def test_gpu_run_end_to_end_with_fake_timers(tmp_path, monkeypatch, capsys):
+    """run.py's GPU path (suites in order, results files, LATEST.md) on the CPU with fake timers."""
+    monkeypatch.setattr(ops, "copy_bandwidth", lambda device: {"bytes": 2, "ms": 1.0, "gbs": 100.0})
+    monkeypatch.setattr(common, "time_op", lambda step, warmup, rep: (step(), 0.5, 0.4, 0.6)[1:])
+    monkeypatch.setattr(common, "time_model", lambda step: (step(), 2.0, 1.5, 2.5)[1:])
+    env = common.environment(CPU)
+    monkeypatch.setattr(common, "environment", lambda device: {**env, "gpu": "Fake GPU", "gpu_slug": "fake"})
+    for argv in (["--ops", "layer_norm", "--quick", "--dtype", "fp16", "--shapes", "2048x768", "--providers", "eager"],
+                 ["--suite", "bert", "--providers", "hf-eager,hf-sdpa", "--models", "tiny", "--shapes", "2x16", "--fills",
+                  "1.0"]):
+        args = run.parse_args([*argv, "--out", str(tmp_path)], "bertkern bench")
+        assert run.run_gpu(args, ops.discover(args.ops) if args.ops else [], print, device=CPU) == 0
+    out = capsys.readouterr().out
+    assert "copy bandwidth (the 100% line): 100 GB/s" in out and "[1/3] add_layer_norm fwd float16 rows=2048" in out
+    assert {p.name for p in (tmp_path / "fake").iterdir()} >= {"add_layer_norm.json", "add_layer_norm.md", "bert.json", "bert.csv"}
+    latest = (tmp_path / "LATEST.md").read_text()
+    assert "## add_layer_norm, Fake GPU" in latest and "## BERT inference, Fake GPU" in latest and "1.00× (1)" in latest
