@@ -52,7 +52,7 @@ class Cell:
     batch: int
     seq: int
     fill: float = 1.0
-    key: bool = False  # run first, shown in LATEST.md
+    key: bool = False  # one of the cells that run first
 
     @property
     def label(self) -> str:
@@ -455,13 +455,21 @@ def step_fn(g: Group, cell: Cell, model, fn, ctx) -> Callable[[], Any]:
 
 
 def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget, timer: Callable | None, log=print,
-             progress: Callable[[dict], None] | None = None) -> dict:
+             progress: Callable[[dict], None] | None = None, rounds: int = 1) -> dict:
     """Check every provider on one cell, then time the right ones with timer(step) -> (median, p20, p80) ms
-    (None: check only; training then takes one AdamW step that must leave the parameters finite)."""
+    (None: check only; training then takes one AdamW step that must leave the parameters finite).
+    rounds > 1 (inference): after all checks, every right provider is timed once per round, in turn, and
+    keeps its median round: side by side on a machine whose load drifts."""
     ctx = prepare(g, cell)
     real = sum(ctx["lengths"])
     flops = forward_flops(g.config, cell.batch, ctx["ids"].shape[1]) * (1 if g.suite == "bert" else 3)
     out = {"case": cell.to_dict(), "real_tokens": real, "flops": flops, "providers": {}, "notes": {}}
+    deferred = []
+
+    def timed(entry, ms, lo, hi):
+        entry.update(ms=ms, ms_p20=lo, ms_p80=hi, seq_per_s=cell.batch / ms * 1e3, tokens_per_s=real / ms * 1e3,
+                     tflops=flops / ms / 1e9)
+
     for p in provs:
         t0, setup_key = time.monotonic(), (p.name, cell.model, SHORT[cell.dtype])
         cost = budget.estimate(setup_key, p.setup_prior_s) + budget.estimate(("timing", cell.label), TIMING_PRIOR_S)
@@ -485,12 +493,12 @@ def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget,
                         step()
                         if not all(torch.isfinite(q).all() for q in model.parameters()):
                             entry.update(status="WRONG", reason="an AdamW step left non-finite parameters")
+                    elif timer is not None and rounds > 1:
+                        deferred.append((entry, step))
                     elif timer is not None:
                         if g.device.type == "cuda":
                             torch.cuda.reset_peak_memory_stats(g.device)
-                        ms, lo, hi = timer(step)
-                        entry.update(ms=ms, ms_p20=lo, ms_p80=hi, seq_per_s=cell.batch / ms * 1e3,
-                                     tokens_per_s=real / ms * 1e3, tflops=flops / ms / 1e9)
+                        timed(entry, *timer(step))
                         if g.device.type == "cuda" and g.suite == "train":  # its weights, grads, optimizer, activations
                             entry["peak_mem_gib"] = (torch.cuda.max_memory_allocated(g.device) - mem0) / 2**30
                     budget.learn(("timing", cell.label), time.monotonic() - t1 + 0.5)
@@ -505,12 +513,19 @@ def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget,
             + f" ({time.monotonic() - t0:.0f} s)")
         if progress is not None:
             progress(out)
+    times = {id(entry): [] for entry, _ in deferred}
+    for _ in range(rounds if deferred else 0):
+        for entry, step in deferred:
+            times[id(entry)].append(timer(step))
+    for entry, _ in deferred:
+        timed(entry, *sorted(times[id(entry)])[len(times[id(entry)]) // 2])
+        entry["rounds"] = rounds
     return out
 
 
 def run(suite: str, device, cell_list: list[Cell], provs: list[Provider], *, budget: common.Budget | None = None,
         timer: Callable | None = None, log=print, env: dict | None = None, settings: dict | None = None,
-        partial_json=None) -> dict:
+        partial_json=None, rounds: int = 1) -> dict:
     """Every cell in order (a group's models built once); cells past the budget listed as not run. The
     document is saved to `partial_json` after each provider, so a run killed at its limit keeps its numbers."""
     budget = budget or common.Budget()
@@ -538,7 +553,7 @@ def run(suite: str, device, cell_list: list[Cell], provs: list[Provider], *, bud
                 if partial_json is not None:
                     common.save_json({**doc, "results": doc["results"] + [partial]}, partial_json)
 
-            r = run_cell(group, cell, provs, budget, timer, log, save)
+            r = run_cell(group, cell, provs, budget, timer, log, save, rounds)
             doc["notes"].update({f"{p} ({cell.model})": v for p, v in r.pop("notes").items()})
         except Exception as e:  # building the models or the reference failed (out of memory, say)
             r, group = {"case": cell.to_dict(), "not_run": f"{common.HARNESS_ERROR}: {common.short_exc(e)}"}, None

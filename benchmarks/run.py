@@ -93,8 +93,11 @@ def _only(args) -> set[str] | None:
 
 
 def _model_cells(suite, args, cpu=False):
-    if cpu and not (args.models or args.shapes):
+    if cpu and not (args.models or args.shapes or args.fills):
         return models.CPU_CELLS[suite]
+    if cpu:  # what was not asked for comes from the CPU cells: MiniLM in float32
+        return models.cells(suite, args.quick, args.models or ["minilm"], args.dtypes or [torch.float32],
+                            args.shapes or [(8, 128)], args.fills)
     return models.cells(suite, args.quick, args.models, args.dtypes, args.shapes, args.fills)
 
 
@@ -196,14 +199,18 @@ def run_cpu(args, specs, log) -> int:
     for suite in [s for s in ("bert", "train") if s in args.suite]:
         provs = models.providers(suite, args.providers, args.skip_providers, cpu=True)
         cells = _model_cells(suite, args, cpu=True)
-        if suite == "bert":  # timed, 3 s per provider: a shared CPU is noisy
+        if suite == "bert":  # a shared CPU is noisy: 3 rounds of 1 s per provider, in turn
             log(f"bert: CPU timings ({env['cpu']}, {env['threads']} threads); median ms (speed-up over hf-sdpa):")
-            timer, mode = (lambda step: common.time_model(step, min_run_time=3.0)), "CPU timings"
+            timer, mode = common.time_model, "CPU timings, 3 rounds, providers in turn"
         else:
             log("train: checked on the CPU, untimed (loss and every gradient vs float64, then one AdamW step):")
             timer, mode = None, "CPU correctness, untimed"
-        docs.append(models.run(suite, cpu, cells, provs, timer=timer, log=lambda s: None, env=env,
-                               settings={"mode": mode}))
+        def progress(line):  # the cell being run, not every provider's line (those are in the report)
+            if line.startswith("["):
+                log("  " + line)
+
+        docs.append(models.run(suite, cpu, cells, provs, timer=timer, log=progress, env=env, settings={"mode": mode},
+                               rounds=3))
         for r in docs[-1]["results"]:
             log(_model_line(r))
     for doc in docs:

@@ -209,14 +209,14 @@ def test_bert_cell_checks_then_times_only_right_providers(tmp_path):
     provs += [_wrong(), _wrong(raises=True)]
     calls, lines = [], []
     doc = models.run("bert", CPU, [models.Cell("tiny", torch.float32, 3, 16, 0.6)], provs, timer=fake_timer(calls),
-                     log=lines.append, partial_json=tmp_path / "bert.json")
+                     log=lines.append, partial_json=tmp_path / "bert.json", rounds=2)
     p = doc["results"][0]["providers"]
     for name in ("hf-eager", "hf-sdpa", "optimize", "bk-model"):
         assert p[name]["status"] == "ok" and p[name]["ms"] == 0.5 and p[name]["speedup"] == 1.0, (name, p[name])
     assert p["hf-varlen"] == {"status": "skipped", "reason": "needs a CUDA GPU"}
     assert p["wrong"]["status"] == "WRONG" and "ms" not in p["wrong"]
     assert p["raises"]["status"] == "error" and "kernel launch failed" in p["raises"]["reason"]
-    assert len(calls) == 4  # only the right ones were timed
+    assert len(calls) == 2 * 4 and calls[:4] == calls[4:]  # only the right ones, in turn, once per round
     assert doc["baseline"] == "hf-sdpa" and "optimize (tiny)" in doc["notes"]
     assert json.loads((tmp_path / "bert.json").read_text())["results"][0]["providers"]["raises"]["status"] == "error"
     assert lines[0].startswith("[1/1") and len(lines) == 1 + len(provs)  # progress
