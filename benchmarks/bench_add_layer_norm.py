@@ -25,11 +25,12 @@ NO_DROPOUT, DROPOUT = ({"dropout_p": 0.0},), ({"dropout_p": 0.1},)
 
 def make_inputs(case: Case, device):
     rows, n, dt = case.shape["rows"], case.shape["hidden"], case.dtype
-    zero = case.options.get("dropout_p", 0.0) > 0.0  # see the module docstring
     x, x_bias = torch.randn(rows, n, device=device).to(dt), (0.5 * torch.randn(n, device=device)).to(dt)
-    return {"x": x * (not zero), "residual": torch.randn(rows, n, device=device).to(dt),
+    if case.options.get("dropout_p", 0.0) > 0.0:  # see the module docstring
+        x, x_bias = torch.zeros_like(x), torch.zeros_like(x_bias)
+    return {"x": x, "residual": torch.randn(rows, n, device=device).to(dt), "x_bias": x_bias,
             "weight": (1.0 + 0.1 * torch.randn(n, device=device)).to(dt),
-            "bias": (0.1 * torch.randn(n, device=device)).to(dt), "x_bias": x_bias * (not zero)}
+            "bias": (0.1 * torch.randn(n, device=device)).to(dt)}
 
 
 def eager(x, residual, weight, bias, x_bias, dropout_p=0.0):

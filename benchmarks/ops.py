@@ -112,7 +112,11 @@ def providers(spec: OpSpec, gpu: bool) -> dict[str, Callable]:
     """name -> factory(case, device) -> fn. GPU: eager, compile, the backends, the extras; CPU: the
     bertkern backends and compile (eager is the gate's baseline either way)."""
     def backend(b):
-        return lambda case, device: unavailable(b, device) or spec.kernel(b, case, device)
+        def factory(case, device):
+            unavailable(b, device)
+            return spec.kernel(b, case, device)
+
+        return factory
 
     def compiled(case, device):
         import torch._dynamo
