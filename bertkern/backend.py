@@ -110,7 +110,7 @@ def extension_diagnosis(
                          f"build failed or was interrupted, or `make clean` removed it; rebuild with {REBUILD}")
     if record and record.get("cuda_extension") == "off":
         return Diagnosis("off_by_choice", "bertkern._C was left out on purpose (BERTKERN_BUILD_CUDA=0 at install); "
-                         f"the torch and triton backends work; to build it: BERTKERN_BUILD_CUDA=1 {REBUILD}")
+                         f"the torch backend works (and Triton's, where triton is installed); to build it: BERTKERN_BUILD_CUDA=1 {REBUILD}")
     if torch_cuda is None:
         return Diagnosis("cpu_torch", f"bertkern._C is not built and cannot be here: {here} is a CPU-only build; "
                          "install a CUDA build of torch (and nvcc) to build it; the torch backend and the Triton "
