@@ -191,3 +191,40 @@ def test_dtypes_and_determinism(ext, dtype):
     dx_ref, db_ref = _ref_bwd(dy, x, b, "none")
     torch.testing.assert_close(dx1, dx_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(db1.double(), db_ref.double(), rtol=tol, atol=tol * M**0.5)
+
+
+def _cuobjdump() -> str | None:
+    import shutil
+
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:  # Triton ships one
+        import triton
+
+        return triton.knobs.nvidia.cuobjdump.path
+    except Exception:
+        return None
+
+
+def test_binary_has_the_archs_it_claims(ext):
+    """Every arch of build_info() has a cubin in the .so, and "+PTX" ones their PTX too (what newer
+    GPUs JIT-compile: without it a Blackwell GPU has no kernel image; backend.has_kernel_image)."""
+    import subprocess
+
+    tool = _cuobjdump()
+    if not tool or not os.path.exists(tool):
+        pytest.skip("no cuobjdump")
+    m = re.search(r"archs=(\S+)", torch.ops.bertkern_cuda.build_info())
+    archs = _arch_list(m.group(1))
+
+    def listed(flag: str, ext_name: str) -> set[str]:
+        out = subprocess.run([tool, flag, ext.__file__], capture_output=True, text=True, timeout=120).stdout
+        return set(re.findall(rf"\.(sm_\d+[a-z]?)\.{ext_name}", out))
+
+    cubins, ptx = listed("-lelf", "cubin"), listed("-lptx", "ptx")
+    for arch in archs:
+        sm = "sm_" + arch.split("+")[0].replace(".", "")
+        assert sm in cubins, f"{arch}: no {sm} cubin in {ext.__file__} (has {sorted(cubins)})"
+        if arch.endswith("+PTX"):
+            assert sm in ptx, f"{arch}: no {sm} PTX in {ext.__file__} (has {sorted(ptx)})"
