@@ -30,6 +30,7 @@ _ := $(shell mkdir -p $(VENV) && echo '$(BUILD_SETTINGS)' | cmp -s - $(VENV)/.bu
 .PHONY: test test-compat bench install gpu-check clean
 
 $(VENV)/.deps: requirements-dev.txt
+	@echo "installing requirements-dev.txt into $(VENV) (first time: ~6 GB, torch with its CUDA libraries)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
