@@ -259,7 +259,7 @@ def cell_text(e: dict | None) -> str:
     parts = [f"{e['ms']:.4g} ms"]
     parts += [f"{e['gbs']:.0f} GB/s · {e['pct_copy']:.0f}%"] if e.get("gbs") else []
     parts += [f"{e['tokens_per_s'] / 1e3:.1f}k tok/s"] if e.get("tokens_per_s") and not e.get("gbs") else []
-    parts += [f"{e['tflops']:.1f} TFLOP/s"] if e.get("tflops") else []
+    parts += [f"{e['tflops']:.3g} TFLOP/s"] if e.get("tflops") else []
     parts += [f"{e['peak_mem_gib']:.2f} GiB"] if e.get("peak_mem_gib") is not None else []
     return " · ".join(parts) + (f" · {e['speedup']:.2f}×" if e.get("speedup") else "")
 
