@@ -1,6 +1,7 @@
-"""The op suite: every op is one `OpSpec` in benchmarks/bench_<op>.py (inputs, the eager composition users
-write, the float64 reference, the bertkern call, the bytes it must move, its cases); this file derives
-the rest:
+"""The op suite: every op is one `OpSpec` (inputs, the eager composition users write, the float64
+reference, the bertkern call, the bytes it must move, its cases) in benchmarks/bench_<module>.py, named
+like its bertkern/ops/<module>.py (bench_layer_norm.py: add_layer_norm and embedding_layer_norm); this
+file derives the rest:
 
 - providers: `eager`, `compile` (torch.compile of eager), one per bertkern backend, and the spec's extras;
   one that cannot run here is recorded as skipped, with the reason;
@@ -29,8 +30,8 @@ from bertkern.testing import check_2x
 
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 # The API's names -> benchmarks/bench_<file>.py; the old bench names still work.
-OPS = {"add_layer_norm": "add_layer_norm", "masked_softmax": "masked_softmax", "bias_gelu": "bias_gelu",
-       "embedding_layer_norm": "embedding_layer_norm", "attention": "attention", "attention_varlen": "attention"}
+OPS = {"add_layer_norm": "layer_norm", "masked_softmax": "masked_softmax", "bias_gelu": "bias_gelu",
+       "embedding_layer_norm": "layer_norm", "attention": "attention", "attention_varlen": "attention"}
 ALIASES = {"layer_norm": "add_layer_norm", "softmax": "masked_softmax"}
 
 
