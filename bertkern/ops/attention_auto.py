@@ -138,8 +138,12 @@ def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale: float, dropout_p: f
         return torch.zeros_like(q)
     idx, valid = _varlen_index(cu_seqlens, max_seqlen, total)  # [B, max_seqlen]
     blocks = [t[idx].transpose(1, 2) for t in (q, k, v)]  # [B, H, max_seqlen, D]
-    out = sdpa(*blocks, valid[:, None, None, :], scale, dropout_p)
-    return out.transpose(1, 2)[valid]  # the real rows, in packed order
+    out = sdpa(*blocks, valid[:, None, None, :], scale, dropout_p).transpose(1, 2)  # [B, max_seqlen, H, D]
+    # Each packed token's (sequence, position), so the gather back has a static shape (no bool mask).
+    cu = cu_seqlens.to(torch.int64)
+    token = torch.arange(total, device=q.device)
+    seq = torch.searchsorted(cu[1:], token, right=True)
+    return out[seq, token - cu[seq]]
 
 
 def varlen_attn(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
