@@ -46,7 +46,8 @@ the computation bertkern will substitute. Only blocks that pass are swapped:
   softmax is fused (the older path).
 - embeddings (word / position / token type embeddings + LayerNorm + dropout): `ops.embedding_layer_norm`
   with the module's own position rule (RoBERTa's from padding_idx via its own
-  create_position_ids_from_input_ids); ELECTRA's embeddings_project runs after it, in the encoder.
+  create_position_ids_from_input_ids: a staticmethod in transformers 5.x, a function of its modeling
+  file in 4.x); ELECTRA's embeddings_project runs after it, in the encoder.
   inputs_embeds goes to the original forward.
 - DistilBERT TransformerBlock: fused attention, out_lin + sa_layer_norm (add_layer_norm), FFN
   lin1 + GELU (bias_gelu), lin2 + dropout + output_layer_norm (add_layer_norm).
@@ -210,7 +211,9 @@ class _Patch:
     step: str = "bert"  # encoder: how one layer runs ("bert" / "block")
     output_cls: Any = None  # encoder: the ModelOutput class the original forward returns
     pooled: bool = False  # encoder: output_cls has a pooler_output
-    arg_names: tuple = ()  # embedding_layer_norm: the original forward's parameter names
+    arg_names: tuple = ()  # embedding_layer_norm: the original forward's parameter names; block: those after the mask
+    position_rule: Any = None  # embedding_layer_norm: RoBERTa's create_position_ids_from_input_ids (None: arange)
+    tuple_output: bool = False  # block: the original returns (hidden_states,) (transformers 4.x)
 
 
 def _linear_add_norm(x, dense: nn.Linear, dropout: nn.Module | None, residual, norm: nn.LayerNorm, fused: bool,
@@ -318,9 +321,15 @@ def _block_step(self, h, mask, varlen, patch: _Patch) -> torch.Tensor:
 
 def _block_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
     """DistilBERT's TransformerBlock: fused attention, add & norm, FFN, add & norm."""
+    patch = self._bertkern_patch
+    if args and len(args) <= len(patch.arg_names):
+        # transformers 4.x's Transformer passes head_mask and output_attentions positionally
+        kwargs = {**dict(zip(patch.arg_names, args)), **kwargs}
+        args = ()
     if _attention_falls_back(args, kwargs, attention_mask):
         return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
-    return _block_step(self, hidden_states, _as_mask(attention_mask), None, self._bertkern_patch)
+    out = _block_step(self, hidden_states, _as_mask(attention_mask), None, patch)
+    return (out,) if patch.tuple_output else out
 
 
 def _bert_layer_step(layer, h, mask, varlen, backend) -> torch.Tensor:
@@ -419,8 +428,8 @@ def _embeddings_forward(self, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
     position_ids = bound.get("position_ids")
     position = getattr(self, "position_embeddings", None)
-    if position_ids is None and position is not None and hasattr(self, "create_position_ids_from_input_ids"):
-        position_ids = self.create_position_ids_from_input_ids(input_ids, self.padding_idx)  # RoBERTa family
+    if position_ids is None and position is not None and patch.position_rule is not None:
+        position_ids = patch.position_rule(input_ids, self.padding_idx)  # RoBERTa family
     token_type = getattr(self, "token_type_embeddings", None)
     word = self.word_embeddings
     x = _ops.embedding_layer_norm(
@@ -775,9 +784,16 @@ def _match_block(module: nn.Module, backend: str | None, fused_norms: bool, fuse
     extra = [n for n, _ in module.named_children() if n not in ("attention", "sa_layer_norm", "ffn", "output_layer_norm")]
     if extra:
         raise _NoMatch(f"has {', '.join(extra)} besides attention / sa_layer_norm / ffn / output_layer_norm")
+    try:
+        # after (hidden_states, mask): 4.x's (head_mask, output_attentions), which its Transformer passes
+        # positionally; 5.x has only **kwargs
+        params = list(inspect.signature(type(module).forward).parameters.values())[3:]
+    except (TypeError, ValueError):
+        raise _NoMatch("its forward's signature cannot be read") from None
+    arg_names = tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
     approximate = _gelu_approximate(ffn.activation) if fuse_gelu else None
     patch = _Patch("block", backend, approximate=approximate, scale=float(getattr(att, "scaling", None) or
-                   (att.q_lin.out_features // att.n_heads) ** -0.5), fused_norms=fused_norms)
+                   (att.q_lin.out_features // att.n_heads) ** -0.5), fused_norms=fused_norms, arg_names=arg_names)
     device, dtype = _param_device_dtype(att.q_lin)
     if device.type != "meta":
         gen = torch.Generator().manual_seed(0)
@@ -787,8 +803,14 @@ def _match_block(module: nn.Module, backend: str | None, fused_norms: bool, fuse
         hf_mask = torch.zeros(2, 1, 3, 3, device=device, dtype=dtype).masked_fill(~mask[:, None, None, :],
                                                                                  torch.finfo(dtype).min)
         with _probe_mode(module):
-            want = type(module).forward(module, h, hf_mask)
-            want = want[0] if isinstance(want, (tuple, list)) else want
+            try:
+                want = type(module).forward(module, h, hf_mask)
+            except RuntimeError:
+                # transformers 4.x's eager attention takes the [B, S] mask (1 = real) and cannot view a 4-D one
+                want = type(module).forward(module, h, mask.to(dtype))
+            if isinstance(want, (tuple, list)):  # 4.x: (hidden_states,)
+                patch = dataclasses.replace(patch, tuple_output=True)
+                want = want[0]
             got = _block_step(module, h, mask[:, None, None, :], None, dataclasses.replace(patch, backend="torch"))
         _check_close(got, want, "the DistilBERT block (attention, add & norm, FFN, add & norm)")
     return patch
@@ -818,7 +840,12 @@ def _match_embeddings(module: nn.Module, backend: str | None) -> _Patch:
         raise _NoMatch("its forward's signature cannot be read") from None
     if "input_ids" not in names:
         raise _NoMatch("its forward takes no input_ids")
-    patch = _Patch("embedding_layer_norm", backend, arg_names=names)
+    # RoBERTa family's position ids from padding_idx: a staticmethod in transformers 5.x, a function of
+    # the class's file in 4.x. The probe below checks that the module really uses it.
+    rule = getattr(module, "create_position_ids_from_input_ids", None)
+    if rule is None and getattr(module, "padding_idx", None) is not None:
+        rule = getattr(sys.modules.get(type(module).__module__), "create_position_ids_from_input_ids", None)
+    patch = _Patch("embedding_layer_norm", backend, arg_names=names, position_rule=rule)
     device, dtype = _param_device_dtype(module.word_embeddings)
     if device.type != "meta":
         word = module.word_embeddings

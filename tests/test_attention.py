@@ -516,7 +516,8 @@ def _triton_ok():
 @pytest.mark.gpu
 def test_cuda_backend_coverage(record_backends, monkeypatch):
     """backend="cuda" runs the CUDA kernels on fp16 / bf16 with D <= 128, silently; fp32 and larger
-    head dims run Triton with a warning naming why; "auto" picks Triton."""
+    head dims run Triton with a warning naming why; "auto" follows bertkern.ops.attention_auto's table:
+    torch's SDPA on GPUs until timings say otherwise."""
     import warnings
 
     monkeypatch.delenv("BERTKERN_BACKEND", raising=False)
@@ -531,8 +532,21 @@ def test_cuda_backend_coverage(record_backends, monkeypatch):
         with pytest.warns(UserWarning, match=f"CUDA kernel does not cover.*{why}"):
             bertkern.ops.attention(t, t, t, backend="cuda")
         assert record_backends[-1] == ("attention", "triton")
-    bertkern.ops.attention(q, q, q)
-    assert record_backends[-1] == ("attention", "triton")
+    # auto's "sdpa" runs attention_auto.sdpa without going through backend.resolve, so record_backends
+    # sees no call: spy on the SDPA wrapper instead.
+    auto = importlib.import_module("bertkern.ops.attention_auto")
+    assert auto.choose("attention", q, 0.0) == "sdpa"
+    ran, real_sdpa = [], auto.sdpa
+
+    def spy(*args):
+        ran.append("sdpa")
+        return real_sdpa(*args)
+
+    monkeypatch.setattr(auto, "sdpa", spy)
+    calls = len(record_backends)
+    out = bertkern.ops.attention(q, q, q)
+    assert ran == ["sdpa"] and len(record_backends) == calls
+    torch.testing.assert_close(out, ref_attention(q, q, q), rtol=2e-3, atol=2e-3)
 
 
 def test_cuda_ops_are_registered():
