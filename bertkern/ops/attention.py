@@ -501,6 +501,21 @@ def attention(
     return out
 
 
+def _check_max_seqlen(cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
+    """Raise ValueError if a sequence is longer than max_seqlen (the launch grid and the dropout rows
+    are sized by it). Checked where it costs no device sync: cu_seqlens on the CPU, or any device with
+    BERTKERN_DEBUG=1. Unchecked (CUDA tensors, torch.compile tracing), the Triton kernels write NaN
+    over every output and gradient row of a longer sequence rather than leave them uninitialised."""
+    if cu_seqlens.numel() < 2 or torch.compiler.is_compiling():
+        return
+    if cu_seqlens.device.type != "cpu" and os.environ.get("BERTKERN_DEBUG", "0") in ("", "0"):
+        return
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if longest > max_seqlen:
+        raise ValueError(f"{_VNAME}: max_seqlen={max_seqlen} is smaller than the longest sequence in cu_seqlens "
+                         f"({longest} tokens); pass the longest length (bertkern.padding.unpad returns it)")
+
+
 def attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -519,7 +534,9 @@ def attention_varlen(
         attends only to itself.
     cu_seqlens: int32 (or int64) [B + 1] cumulative lengths, starting at 0 and ending at total (see
         bertkern.padding.unpad), on q's device. Not checked against the data (that would sync the host).
-    max_seqlen: the longest length (a Python int); it sizes the launch grid and the dropout rows.
+    max_seqlen: the longest length (a Python int); it sizes the launch grid and the dropout rows. A
+        smaller one raises ValueError where that costs no device sync (cu_seqlens on the CPU, or
+        BERTKERN_DEBUG=1); otherwise the Triton kernels give NaN for the longer sequences.
     Dropout row of query i in (b, h) is (b * H + h) * max_seqlen + i: with max_seqlen equal to a padded
     batch's S, the same mask as `attention` on that padded batch.
 
@@ -538,6 +555,7 @@ def attention_varlen(
         raise ValueError(f"{_VNAME}: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
     if isinstance(max_seqlen, (bool, torch.Tensor)) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"{_VNAME}: max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
+    _check_max_seqlen(cu_seqlens, max_seqlen)
     chosen = _pick_backend("attention_varlen", backend, q, dropout_p, max_seqlen)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     dropout_p = float(dropout_p)

@@ -3,17 +3,29 @@ backward, on padded [B, H, S, D] tensors or on packed variable-length tokens [to
 
 Forward (one program per BLOCK_M queries of one (batch, head)): the keys are streamed in BLOCK_N
 tiles with an online softmax (running max m, running sum l, fp32 accumulator rescaled by
-exp(m_old - m_new)); the S x S scores never reach memory. It writes out and the row statistics
-(m, 1 / l) in fp32 that the backward uses to recompute the probabilities P = exp(s - m) / l. (Not
-FlashAttention's single lse = m + log(l): exp(s - lse) loses the bits of lse's rounding at the
+2^(m_old - m_new)); the S x S scores never reach memory. It writes out and the row statistics
+(m, 1 / l) in fp32 that the backward uses to recompute the probabilities P = 2^(s - m) / l. (Not
+FlashAttention's single lse = m + log(l): 2^(s - lse) loses the bits of lse's rounding at the
 magnitude of the logits, e.g. 1e-3 relative for rows under an additive -10000 mask, where s - m is
 computed exactly as in the forward.)
 
+Units: for fp16 / bf16 inputs the logits are kept in log2 units, s = (q k^T) * (scale * log2 e)
+(+ mask * log2 e), so each probability is one FFMA and one MUFU.EX2 (ex2.approx.ftz); the row max m
+in the statistics is in the same units. fp32 inputs keep natural units (see _exp_logit).
+
+Loops: every key (query) loop runs its full tiles without bounds masks and peels the last, partial
+tile (BOUNDS=True); D masks only when D is not a power of two (EVEN_D); no -inf guards without a
+mask. The grid is one axis (tile x batch x head, _program), so B * H is not limited to 65535.
+
 Backward (three launches, no atomics, deterministic):
   1. delta = rowsum(dO * O) per query row (= rowsum(dP * P), also under dropout);
-  2. dK, dV: one program per BLOCK_N keys loops over every query tile, recomputing P;
+  2. dK, dV: one program per BLOCK_N keys loops over every query tile, recomputing P^T = 2^(k q^T - m)
+     in the transposed frame, so P^T and dS^T feed dV += P^T dO and dK += dS^T Q as they are;
   3. dQ: one program per BLOCK_M queries loops over every key tile.
 dS = P * (dP - delta); dQ = scale * dS K, dK = scale * dS^T Q, dV = P_dropped^T dO.
+
+Configs: fixed tables per (head dim, sequence bucket, dtype, dropout, GPU arch) in fwd_config /
+bwd_config, chosen with the static SASS model (benchmarks/sass_report.py), no runtime autotune.
 
 Layout. q, k, v (and dO, and every output) are read and written through their own strides with unit
 stride along D, so views of a packed QKV projection are used in place. D is padded to a power of two
@@ -26,7 +38,9 @@ padding mask) loads one key vector per tile instead of a [BLOCK_M, BLOCK_N] tile
 keys are all masked gets out = 0, m = -inf, 1 / l = 0, and zero gradients.
 
 Varlen mode: sequence b holds tokens cu_seqlens[b] .. cu_seqlens[b+1] of the packed tensors and
-attends only to itself; the statistics are [2, H, total] and delta [H, total].
+attends only to itself; the statistics are [2, H, total] and delta [H, total]. A sequence longer than
+max_seqlen (the grid's size) gets NaN in every row of its output and gradients, never uninitialised
+memory (bertkern.ops.attention_varlen raises before that where the check costs no device sync).
 
 Dropout: the Philox scheme of masked_softmax (bertkern.reference.dropout_keep_mask): element (query
 row i, key j) of (b, h) uses row index (b * H + h) * ROW_STRIDE + i and column j, where ROW_STRIDE is
@@ -49,8 +63,23 @@ from bertkern import reference
 from bertkern.triton.masked_softmax import _dropout_keep
 
 MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634  # the kernels compute in log2 units: 2^(x log2 e) = e^x
 # Block sizes under the interpreter (tests lower them to exercise the tile loops and tails).
 INTERPRET_BLOCKS = (64, 64)
+# Compute capability the config tables pick for when set (bertkern.triton.compile_check sets it while
+# it records the launches it compiles for a given GPU); None: the tensor's device.
+TARGET_CAPABILITY: int | None = None
+
+
+@triton.jit
+def _program(H, L, BLOCK: tl.constexpr):
+    """(tile, batch, head) of this program. The grid is one axis of tiles x B x H, tile fastest (the
+    programs of one head run together and share its K / V in L2); axis 0 takes up to 2^31 - 1
+    programs, where grid axes 1 and 2 stop at 65535 (B * H > 65535 must launch too)."""
+    n_tiles = tl.cdiv(L, BLOCK)
+    pid = tl.program_id(0)
+    bh = pid // n_tiles
+    return pid - bh * n_tiles, bh // H, bh % H
 
 
 @triton.jit
@@ -65,27 +94,128 @@ def _seq_bounds(CU, b, S_q, S_k, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _logits(
-    q, k, offs_m, offs_n, Lq, Lk, MASK, m_base, sm_q, sm_k, scale,
-    MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, MASK_ROWS: tl.constexpr, PREC: tl.constexpr,
+def _fill_nan(PTR, s_s, first, step, L, offs_r, offs_d, D):
+    """NaN into rows first, first + step, ... < L of a [rows, D] tensor (row stride s_s): what a
+    varlen sequence longer than max_seqlen gets instead of uninitialised memory (the grid, sized by
+    max_seqlen, would leave its tail unwritten)."""
+    for r0 in range(first, L, step):
+        r = r0 + offs_r
+        nan = tl.full([offs_r.shape[0], offs_d.shape[0]], float("nan"), tl.float32)
+        tl.store(PTR + r[:, None].to(tl.int64) * s_s + offs_d[None, :], nan.to(PTR.dtype.element_ty),
+                 mask=(r < L)[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    """2^x in fp32. FAST (compiled): one MUFU.EX2 with denormals flushed (ex2.approx.ftz), where
+    tl.math.exp2 adds a range check and two predicated multiplies per element. A flushed 2^-126 is
+    0 next to the row max's 1."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.math.exp2(x)
+
+
+@triton.jit
+def _exp_logit(x, FOLD: tl.constexpr, FAST: tl.constexpr):
+    """e^x of logits x (minus the row max) kept in log2 units (FOLD: scale * log2(e) folded into the
+    one multiply of q k^T) or, for fp32 inputs, in natural units: folding rounds each logit at its
+    own magnitude (~1e-5 absolute at |logit| ~ 100), finer than fp16 / bf16 inputs are, but coarser
+    than an fp32 eager softmax, which rounds only s - max."""
+    if FOLD:
+        return _exp2(x, FAST)
+    elif FAST:
+        return _exp2(x * 1.4426950408889634, FAST)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _load_rows(ptrs, r_ok, d_ok, BOUNDS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A [rows, BLOCK_D] tile: bounds masks only where needed (the last tile; D < BLOCK_D)."""
+    if BOUNDS:
+        return tl.load(ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _mask_tile(mptrs, n_ok, MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, BOUNDS: tl.constexpr,
+               FOLD: tl.constexpr):
+    """(valid, additive term in the logits' units) of a mask tile (or key vector) at mptrs; n_ok broadcast
+    like it. Rows past the end were clamped to the last row by the caller, so only keys are bounded."""
+    if BOUNDS:
+        mv = tl.load(mptrs, mask=n_ok, other=0)
+    else:
+        mv = tl.load(mptrs)
+    if MASK_KIND == 1:
+        return mv != 0, 0.0
+    elif FOLD:
+        # -inf / finfo.min mask the key; NaN compares false too. The term is dropped by where() there.
+        return mv > MASK_MIN, mv.to(tl.float32) * 1.4426950408889634
+    else:
+        return mv > MASK_MIN, mv.to(tl.float32)
+
+
+@triton.jit
+def _fwd_step(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s, sm_k,
+    qk_scale, SEED, rows, thresh,
+    BOUNDS: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr,
+    MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    FAST_EXP: tl.constexpr, FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """[BLOCK_M, BLOCK_N] logits q k^T * scale + mask in fp32, -inf where masked or out of range.
-    q [BLOCK_M, BLOCK_D], k [BLOCK_N, BLOCK_D]. (Natural units, as eager rounds them: folding log2(e)
-    into the scale would add a rounding at the magnitude of an additive -10000 mask.)"""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-    valid = (offs_n < Lk)[None, :]
+    """One key tile of the online softmax, in log2 units: s = (q k^T) * scale * log2(e) (+ mask *
+    log2(e)), p = 2^(s - m)."""
+    n64 = tl.cast(start_n, tl.int64)
+    n_ok = (start_n + offs_n0) < Lk
+    k = _load_rows(k_ptrs + n64 * sk_s, n_ok, d_ok, BOUNDS, EVEN_D)
+    v = _load_rows(v_ptrs + n64 * sv_s, n_ok, d_ok, BOUNDS, EVEN_D)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    # FOLD without an additive mask: the max of the raw q k^T times qk_scale (> 0) is the max of the
+    # logits, so each logit's scale and shift are one FFMA inside the exponent.
+    RAW: tl.constexpr = FOLD and MASK_KIND != 2
+    if not RAW:
+        s = s * qk_scale
     if MASK_KIND != 0:
         if MASK_ROWS:
-            mv = tl.load(MASK + m_base + offs_m[:, None].to(tl.int64) * sm_q + offs_n[None, :].to(tl.int64) * sm_k,
-                         mask=(offs_m < Lq)[:, None] & (offs_n < Lk)[None, :], other=0)
+            valid, add = _mask_tile(mptrs + n64 * sm_k, n_ok[None, :], MASK_KIND, MASK_MIN, BOUNDS, FOLD)
         else:
-            mv = tl.load(MASK + m_base + offs_n.to(tl.int64) * sm_k, mask=offs_n < Lk, other=0)[None, :]
-        if MASK_KIND == 1:
-            valid = valid & (mv != 0)
-        else:
-            valid = valid & (mv > MASK_MIN)
-            s = s + tl.where(valid, mv, 0.0).to(tl.float32)
-    return tl.where(valid, s, -float("inf"))
+            valid, add = _mask_tile(mptrs + n64 * sm_k, n_ok, MASK_KIND, MASK_MIN, BOUNDS, FOLD)
+            valid = valid[None, :]
+            if MASK_KIND == 2:
+                add = add[None, :]
+        if BOUNDS:
+            valid = valid & n_ok[None, :]
+        s = tl.where(valid, s + add, -float("inf"))
+    elif BOUNDS:
+        s = tl.where(n_ok[None, :], s, -float("inf"))
+    if RAW:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASK_KIND != 0:  # a row with no key yet has m = -inf: shift by 0 (2^-inf = 0, never NaN)
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+    else:  # without a mask every row has a finite key in every tile it sees
+        shift = m_new
+    if RAW:
+        p = _exp2(s * qk_scale - shift[:, None], FAST_EXP)
+    else:
+        p = _exp_logit(s - shift[:, None], FOLD, FAST_EXP)
+    alpha = _exp_logit(m_i - shift, FOLD, FAST_EXP)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DROPOUT:
+        keep = _dropout_keep(SEED, rows, start_n, thresh, BLOCK_M, BLOCK_N)
+        p = tl.where(keep, p, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -93,73 +223,72 @@ def _fwd_kernel(
     Q, K, V, O, STATS, MASK, SEED, CU,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
     sm_b, sm_h, sm_q, sm_k, st_b, st_h, plane,
-    H, S_q, S_k, D, ROW_STRIDE, scale, keep_scale, thresh,
+    H, S_q, S_k, D, ROW_STRIDE, qk_scale, keep_scale, thresh,
     MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, FAST_EXP: tl.constexpr, FOLD: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_m, b, h = _program(H, S_q, BLOCK_M)
     tok0, Lq, Lk = _seq_bounds(CU, b, S_q, S_k, VARLEN)
-    if pid_m * BLOCK_M >= Lq:
-        return
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    o_ptr = O + b64 * so_b + h64 * so_h + tok0 * so_s
+    stat = STATS + b64 * st_b + h64 * st_h + tok0
+    if VARLEN:
+        if Lq > ROW_STRIDE:  # max_seqlen too small for this sequence: all of it NaN
+            _fill_nan(o_ptr, so_s, pid_m * BLOCK_M, tl.cdiv(S_q, BLOCK_M) * BLOCK_M, Lq, tl.arange(0, BLOCK_M),
+                      offs_d, D)
+            for r0 in range(pid_m * BLOCK_M, Lq, tl.cdiv(S_q, BLOCK_M) * BLOCK_M):
+                r = r0 + tl.arange(0, BLOCK_M)
+                tl.store(stat + r, tl.full([BLOCK_M], float("nan"), tl.float32), mask=r < Lq)
+                tl.store(stat + plane + r, tl.full([BLOCK_M], float("nan"), tl.float32), mask=r < Lq)
+            return
+    if pid_m * BLOCK_M >= Lq:
+        return
     m_ok = offs_m < Lq
     q_ptr = Q + b64 * sq_b + h64 * sq_h + tok0 * sq_s
-    k_ptr = K + b64 * sk_b + h64 * sk_h + tok0 * sk_s
-    v_ptr = V + b64 * sv_b + h64 * sv_h + tok0 * sv_s
-    m_base = b64 * sm_b + h64 * sm_h
-    q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * sq_s + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * sq_s + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
+    k_ptrs = K + b64 * sk_b + h64 * sk_h + tok0 * sk_s + offs_n0[:, None].to(tl.int64) * sk_s + offs_d[None, :]
+    v_ptrs = V + b64 * sv_b + h64 * sv_h + tok0 * sv_s + offs_n0[:, None].to(tl.int64) * sv_s + offs_d[None, :]
+    # mask pointers at key 0; rows past the end read the last row (their results are not stored)
+    m_base = MASK + b64 * sm_b + h64 * sm_h
+    if MASK_ROWS:
+        mptrs = m_base + tl.minimum(offs_m, Lq - 1)[:, None].to(tl.int64) * sm_q + offs_n0[None, :] * sm_k
+    else:
+        mptrs = m_base + offs_n0 * sm_k
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     rows = (b64 * H + h64) * ROW_STRIDE + offs_m
-    for start_n in range(0, Lk, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < Lk
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + offs_n[:, None].to(tl.int64) * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = _logits(q, k, offs_m, offs_n, Lq, Lk, MASK, m_base, sm_q, sm_k, scale,
-                     MASK_KIND, MASK_MIN, MASK_ROWS, PREC)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with no key yet: exp(-inf) = 0
-        p = tl.exp(s - shift[:, None])
-        alpha = tl.exp(m_i - shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if DROPOUT:
-            keep = _dropout_keep(SEED, rows, start_n, thresh, BLOCK_M, BLOCK_N)
-            p = tl.where(keep, p, 0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-        m_i = m_new
+    n_full = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):  # full tiles: no bounds masks
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s,
+                                  sm_k, qk_scale, SEED, rows, thresh, False, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS,
+                                  DROPOUT, DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
+    if n_full < Lk:  # the last, partial tile
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, mptrs, n_full, offs_n0, d_ok, Lk, sk_s, sv_s,
+                                  sm_k, qk_scale, SEED, rows, thresh, True, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS,
+                                  DROPOUT, DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
     live = l_i > 0.0
-    inv = tl.where(live, keep_scale / tl.where(live, l_i, 1.0), 0.0)
-    out = acc * inv[:, None]
-    o_ptr = O + b64 * so_b + h64 * so_h + tok0 * so_s
+    inv = tl.where(live, 1.0 / tl.where(live, l_i, 1.0), 0.0)
+    out = acc * (inv * keep_scale)[:, None]
     tl.store(o_ptr + offs_m[:, None].to(tl.int64) * so_s + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
-    stat = STATS + b64 * st_b + h64 * st_h + tok0 + offs_m
-    tl.store(stat, m_i, mask=m_ok)  # -inf for a fully masked row
-    tl.store(stat + plane, tl.where(live, 1.0 / tl.where(live, l_i, 1.0), 0.0), mask=m_ok)
+    tl.store(stat + offs_m, m_i, mask=m_ok)  # log2 units; -inf for a fully masked row
+    tl.store(stat + plane + offs_m, inv, mask=m_ok)
 
 
 @triton.jit
 def _load_stats(STATS, offs, plane, ok):
-    """(row max, 1 / row sum) of the forward; +inf and 0 for rows out of range or fully masked, so
-    that exp(s - max) / sum is 0 there (and never inf * 0)."""
+    """(row max in log2 units, 1 / row sum) of the forward; +inf and 0 for rows out of range or
+    fully masked, so that 2^(s - max) / sum is 0 there (and never inf * 0)."""
     row_max = tl.load(STATS + offs, mask=ok, other=float("inf"))
     row_max = tl.where(row_max == -float("inf"), float("inf"), row_max)
     inv_l = tl.load(STATS + plane + offs, mask=ok, other=0.0)
@@ -172,10 +301,7 @@ def _bwd_delta_kernel(
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(dO * O) in fp32, laid out like one plane of the statistics."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_m, b, h = _program(H, S_q, BLOCK_M)
     tok0, Lq, _ = _seq_bounds(CU, b, S_q, S_q, VARLEN)
     if pid_m * BLOCK_M >= Lq:
         return
@@ -191,29 +317,86 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
+def _dkdv_step(
+    dk, dv, k, v, kmask_valid, kmask_add, q_ptrs, do_ptrs, mptrs, start_m, offs_m0, d_ok, Lq, sq_s, sdo_s, sm_q,
+    STATS, DELTA, stat, plane, qk_scale, keep_scale, SEED, row0, col0, thresh,
+    BOUNDS: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr,
+    MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    FAST_EXP: tl.constexpr, FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One query tile of dK / dV, in the transposed frame ([keys, queries]): s^T = k q^T, so that
+    P^T and dS^T feed their dots as they are (no transpose through shared memory)."""
+    m64 = tl.cast(start_m, tl.int64)
+    offs_m = start_m + offs_m0
+    m_ok = offs_m < Lq
+    q = _load_rows(q_ptrs + m64 * sq_s, m_ok, d_ok, BOUNDS, EVEN_D)
+    do = _load_rows(do_ptrs + m64 * sdo_s, m_ok, d_ok, BOUNDS, EVEN_D)
+    if DOT_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    # rows past the end: max +inf, so their P is 0 (their q and dO are 0 too)
+    row_max, inv_l = _load_stats(STATS, stat + offs_m, plane, m_ok)
+    delta = tl.load(DELTA + stat + offs_m, mask=m_ok, other=0.0)
+    RAW: tl.constexpr = FOLD and MASK_KIND != 2  # scale inside the exponent: one FFMA (see _fwd_step)
+    if FOLD:  # half inputs: s^T = k q^T directly (its rounding may differ from the forward's q k^T by an
+        # ulp of the logit, far below what fp16 / bf16 inputs resolve)
+        st = tl.dot(k, tl.trans(q), input_precision=PREC)
+    else:  # fp32: the forward's q k^T, transposed, so that P is the forward's to the bit
+        st = tl.trans(tl.dot(q, tl.trans(k), input_precision=PREC))
+    if not RAW:
+        st = st * qk_scale
+    if MASK_KIND != 0:
+        if MASK_ROWS:
+            valid, add = _mask_tile(mptrs + m64 * sm_q, m_ok[None, :], MASK_KIND, MASK_MIN, BOUNDS, FOLD)
+            st = tl.where(valid, st + add, -float("inf"))
+        else:  # a key vector: loaded once by the caller
+            st = tl.where(kmask_valid[:, None], st + kmask_add, -float("inf"))
+    if RAW:
+        pt = _exp2(st * qk_scale - row_max[None, :], FAST_EXP) * inv_l[None, :]
+    else:
+        pt = _exp_logit(st - row_max[None, :], FOLD, FAST_EXP) * inv_l[None, :]
+    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+    if DROPOUT:
+        keep = tl.trans(_dropout_keep(SEED, row0 + offs_m, col0, thresh, BLOCK_M, BLOCK_N))
+        pdt = tl.where(keep, pt * keep_scale, 0.0)
+        dpt = tl.where(keep, dpt * keep_scale, 0.0)
+    else:
+        pdt = pt
+    dv = tl.dot(pdt.to(do.dtype), do, dv, input_precision=PREC)
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, STATS, DELTA, DK, DV, MASK, SEED, CU,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
     sdk_b, sdk_h, sdk_s, sdv_b, sdv_h, sdv_s,
     sm_b, sm_h, sm_q, sm_k, st_b, st_h, plane,
-    H, S_q, S_k, D, ROW_STRIDE, scale, keep_scale, thresh,
+    H, S_q, S_k, D, ROW_STRIDE, qk_scale, scale, keep_scale, thresh,
     MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, FAST_EXP: tl.constexpr, FOLD: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_n, b, h = _program(H, S_k, BLOCK_N)
     tok0, Lq, Lk = _seq_bounds(CU, b, S_q, S_k, VARLEN)
-    if pid_n * BLOCK_N >= Lk:
-        return
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    dk_ptr = DK + b64 * sdk_b + h64 * sdk_h + tok0 * sdk_s
+    dv_ptr = DV + b64 * sdv_b + h64 * sdv_h + tok0 * sdv_s
+    if VARLEN:
+        if Lk > ROW_STRIDE:  # max_seqlen too small for this sequence: all of it NaN
+            step = tl.cdiv(S_k, BLOCK_N) * BLOCK_N
+            _fill_nan(dk_ptr, sdk_s, pid_n * BLOCK_N, step, Lk, tl.arange(0, BLOCK_N), offs_d, D)
+            _fill_nan(dv_ptr, sdv_s, pid_n * BLOCK_N, step, Lk, tl.arange(0, BLOCK_N), offs_d, D)
+            return
+    if pid_n * BLOCK_N >= Lk:
+        return
     n_ok = offs_n < Lk
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(K + b64 * sk_b + h64 * sk_h + (tok0 + offs_n[:, None]) * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -221,41 +404,84 @@ def _bwd_dkdv_kernel(
     if DOT_F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    q_ptr = Q + b64 * sq_b + h64 * sq_h + tok0 * sq_s
-    do_ptr = DO + b64 * sdo_b + h64 * sdo_h + tok0 * sdo_s
+    q_ptrs = Q + b64 * sq_b + h64 * sq_h + tok0 * sq_s + offs_m0[:, None].to(tl.int64) * sq_s + offs_d[None, :]
+    do_ptrs = DO + b64 * sdo_b + h64 * sdo_h + tok0 * sdo_s + offs_m0[:, None].to(tl.int64) * sdo_s + offs_d[None, :]
     stat = b64 * st_b + h64 * st_h + tok0
-    m_base = b64 * sm_b + h64 * sm_h
+    m_base = MASK + b64 * sm_b + h64 * sm_h
+    # keys past the end read the last key's mask (their dK / dV rows are not stored)
+    key = tl.minimum(offs_n, Lk - 1).to(tl.int64)
+    kmask_valid = n_ok
+    kmask_add = 0.0
+    mptrs = m_base
+    if MASK_KIND != 0:
+        if MASK_ROWS:  # [keys, queries] tile at query 0
+            mptrs = m_base + key[:, None] * sm_k + offs_m0[None, :].to(tl.int64) * sm_q
+        else:  # a padding mask depends on the key only: once per program
+            kmask_valid, kmask_add = _mask_tile(m_base + key * sm_k, n_ok, MASK_KIND, MASK_MIN, False, FOLD)
+            if MASK_KIND == 2:
+                kmask_add = kmask_add[:, None]
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(0, Lq, BLOCK_M):
-        offs_m = start_m + offs_m0
-        m_ok = offs_m < Lq
-        qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * sq_s + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(do_ptr + offs_m[:, None].to(tl.int64) * sdo_s + offs_d[None, :], mask=qd_mask, other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        row_max, inv_l = _load_stats(STATS, stat + offs_m, plane, m_ok)
-        delta = tl.load(DELTA + stat + offs_m, mask=m_ok, other=0.0)
-        s = _logits(q, k, offs_m, offs_n, Lq, Lk, MASK, m_base, sm_q, sm_k, scale,
-                     MASK_KIND, MASK_MIN, MASK_ROWS, PREC)
-        p = tl.exp(s - row_max[:, None]) * inv_l[:, None]
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        if DROPOUT:
-            keep = _dropout_keep(SEED, (b64 * H + h64) * ROW_STRIDE + offs_m, pid_n * BLOCK_N, thresh, BLOCK_M, BLOCK_N)
-            pd = tl.where(keep, p * keep_scale, 0.0)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
-        else:
-            pd = p
-        dv = tl.dot(tl.trans(pd.to(do.dtype)), do, dv, input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC)
+    row0 = (b64 * H + h64) * ROW_STRIDE
+    m_full = (Lq // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _dkdv_step(dk, dv, k, v, kmask_valid, kmask_add, q_ptrs, do_ptrs, mptrs, start_m, offs_m0, d_ok, Lq,
+                            sq_s, sdo_s, sm_q, STATS, DELTA, stat, plane, qk_scale, keep_scale, SEED, row0,
+                            pid_n * BLOCK_N, thresh, False, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DROPOUT, DOT_F32,
+                            PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
+    if m_full < Lq:
+        dk, dv = _dkdv_step(dk, dv, k, v, kmask_valid, kmask_add, q_ptrs, do_ptrs, mptrs, m_full, offs_m0, d_ok, Lq,
+                            sq_s, sdo_s, sm_q, STATS, DELTA, stat, plane, qk_scale, keep_scale, SEED, row0,
+                            pid_n * BLOCK_N, thresh, True, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DROPOUT, DOT_F32,
+                            PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
     dk = dk * scale
-    tl.store(DK + b64 * sdk_b + h64 * sdk_h + (tok0 + offs_n[:, None]) * sdk_s + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b64 * sdv_b + h64 * sdv_h + (tok0 + offs_n[:, None]) * sdv_s + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(dk_ptr + offs_n[:, None].to(tl.int64) * sdk_s + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + offs_n[:, None].to(tl.int64) * sdv_s + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_step(
+    dq, q, do, row_max, inv_l, delta, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s, sm_k,
+    qk_scale, keep_scale, SEED, rows, thresh,
+    BOUNDS: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr,
+    MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    FAST_EXP: tl.constexpr, FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One key tile of dQ."""
+    n64 = tl.cast(start_n, tl.int64)
+    n_ok = (start_n + offs_n0) < Lk
+    k = _load_rows(k_ptrs + n64 * sk_s, n_ok, d_ok, BOUNDS, EVEN_D)
+    v = _load_rows(v_ptrs + n64 * sv_s, n_ok, d_ok, BOUNDS, EVEN_D)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    RAW: tl.constexpr = FOLD and MASK_KIND != 2  # scale inside the exponent: one FFMA (see _fwd_step)
+    if not RAW:
+        s = s * qk_scale
+    if MASK_KIND != 0:
+        if MASK_ROWS:
+            valid, add = _mask_tile(mptrs + n64 * sm_k, n_ok[None, :], MASK_KIND, MASK_MIN, BOUNDS, FOLD)
+        else:
+            valid, add = _mask_tile(mptrs + n64 * sm_k, n_ok, MASK_KIND, MASK_MIN, BOUNDS, FOLD)
+            valid = valid[None, :]
+            if MASK_KIND == 2:
+                add = add[None, :]
+        if BOUNDS:
+            valid = valid & n_ok[None, :]
+        s = tl.where(valid, s + add, -float("inf"))
+    elif BOUNDS:  # k = 0 past the end gives s = 0, and 2^(0 - max) can overflow: inf * 0 = NaN in dQ
+        s = tl.where(n_ok[None, :], s, -float("inf"))
+    if RAW:
+        p = _exp2(s * qk_scale - row_max[:, None], FAST_EXP) * inv_l[:, None]
+    else:
+        p = _exp_logit(s - row_max[:, None], FOLD, FAST_EXP) * inv_l[:, None]
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    if DROPOUT:
+        keep = _dropout_keep(SEED, rows, start_n, thresh, BLOCK_M, BLOCK_N)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
 
 
 @triton.jit
@@ -263,24 +489,27 @@ def _bwd_dq_kernel(
     Q, K, V, DO, STATS, DELTA, DQ, MASK, SEED, CU,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s, sdq_b, sdq_h, sdq_s,
     sm_b, sm_h, sm_q, sm_k, st_b, st_h, plane,
-    H, S_q, S_k, D, ROW_STRIDE, scale, keep_scale, thresh,
+    H, S_q, S_k, D, ROW_STRIDE, qk_scale, scale, keep_scale, thresh,
     MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, FAST_EXP: tl.constexpr, FOLD: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_m, b, h = _program(H, S_q, BLOCK_M)
     tok0, Lq, Lk = _seq_bounds(CU, b, S_q, S_k, VARLEN)
-    if pid_m * BLOCK_M >= Lq:
-        return
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    dq_ptr = DQ + b64 * sdq_b + h64 * sdq_h + tok0 * sdq_s
+    if VARLEN:
+        if Lq > ROW_STRIDE:  # max_seqlen too small for this sequence: all of it NaN
+            _fill_nan(dq_ptr, sdq_s, pid_m * BLOCK_M, tl.cdiv(S_q, BLOCK_M) * BLOCK_M, Lq, tl.arange(0, BLOCK_M),
+                      offs_d, D)
+            return
+    if pid_m * BLOCK_M >= Lq:
+        return
     m_ok = offs_m < Lq
     qd_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b64 * sq_b + h64 * sq_h + (tok0 + offs_m[:, None]) * sq_s + offs_d[None, :], mask=qd_mask, other=0.0)
@@ -291,31 +520,26 @@ def _bwd_dq_kernel(
     stat = b64 * st_b + h64 * st_h + tok0
     row_max, inv_l = _load_stats(STATS, stat + offs_m, plane, m_ok)
     delta = tl.load(DELTA + stat + offs_m, mask=m_ok, other=0.0)
-    k_ptr = K + b64 * sk_b + h64 * sk_h + tok0 * sk_s
-    v_ptr = V + b64 * sv_b + h64 * sv_h + tok0 * sv_s
-    m_base = b64 * sm_b + h64 * sm_h
+    k_ptrs = K + b64 * sk_b + h64 * sk_h + tok0 * sk_s + offs_n0[:, None].to(tl.int64) * sk_s + offs_d[None, :]
+    v_ptrs = V + b64 * sv_b + h64 * sv_h + tok0 * sv_s + offs_n0[:, None].to(tl.int64) * sv_s + offs_d[None, :]
+    m_base = MASK + b64 * sm_b + h64 * sm_h
+    if MASK_ROWS:
+        mptrs = m_base + tl.minimum(offs_m, Lq - 1)[:, None].to(tl.int64) * sm_q + offs_n0[None, :] * sm_k
+    else:
+        mptrs = m_base + offs_n0 * sm_k
     rows = (b64 * H + h64) * ROW_STRIDE + offs_m
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, Lk, BLOCK_N):
-        offs_n = start_n + offs_n0
-        kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + offs_n[:, None].to(tl.int64) * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = _logits(q, k, offs_m, offs_n, Lq, Lk, MASK, m_base, sm_q, sm_k, scale,
-                     MASK_KIND, MASK_MIN, MASK_ROWS, PREC)
-        p = tl.exp(s - row_max[:, None]) * inv_l[:, None]
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        if DROPOUT:
-            keep = _dropout_keep(SEED, rows, start_n, thresh, BLOCK_M, BLOCK_N)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    n_full = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_step(dq, q, do, row_max, inv_l, delta, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s,
+                      sm_k, qk_scale, keep_scale, SEED, rows, thresh, False, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS,
+                      DROPOUT, DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
+    if n_full < Lk:
+        dq = _dq_step(dq, q, do, row_max, inv_l, delta, k_ptrs, v_ptrs, mptrs, n_full, offs_n0, d_ok, Lk, sk_s, sv_s,
+                      sm_k, qk_scale, keep_scale, SEED, rows, thresh, True, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS,
+                      DROPOUT, DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
     dq = dq * scale
-    tl.store(DQ + b64 * sdq_b + h64 * sdq_h + (tok0 + offs_m[:, None]) * sdq_s + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=qd_mask)
+    tl.store(dq_ptr + offs_m[:, None].to(tl.int64) * sdq_s + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
 # ---------------------------------------------------------------- launch helpers
@@ -323,28 +547,53 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def fwd_config(D: int, max_seq: int, itemsize: int = 2) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward.
+def _capability(device: torch.device) -> int:
+    """The target GPU's compute capability (major * 10 + minor) for the config tables;
+    TARGET_CAPABILITY when set (compile checks on a host without a GPU pick configs per target)."""
+    if TARGET_CAPABILITY is not None:
+        return TARGET_CAPABILITY
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    return 90
 
-    Chosen without a GPU, by compiling for sm_90 on the CPU (`python -m bertkern.triton.attention`
-    prints shared memory, registers and spills) and keeping, per head-dim block, the largest tiles
-    that fit the H100's shared memory without register spills for every mask kind and dropout.
-    Not yet timed on hardware."""
+
+def fwd_config(D: int, max_seq: int, itemsize: int = 2, mask_kind: int = 0, mask_rows: bool = False,
+               dropout: bool = False, capability: int = 90) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward: a fixed table, no runtime autotune.
+
+    Chosen without a GPU from the static model (benchmarks/sass_report.py: per loop iteration, issue
+    cycles against tensor-core and MUFU cycles; registers, spills, CTAs/SM), keeping per (head-dim
+    block, sequence bucket, dtype, dropout, arch) the tiles with the lowest issue ratio that compile
+    without spills for every mask form on sm_80 and sm_90. A table, not triton.autotune: there is no
+    GPU to tune on, autotune's first-call timings get in the way of CUDA graph capture and
+    torch.compile, and the compile test enumerates every entry. Not yet timed on hardware.
+    sm_90, D = 64, S = 512 (static model, issue / max(tensor, MUFU)): 128 x 128 tiles, 8 warps, give
+    0.88 without a mask, 1.15 with a padding mask, 1.51 with a [B,H,S,S] mask (128 x 64: 1.11 / 1.37
+    / 1.74; 4 warps at 128 x 128 spill). Dropout's Philox needs the registers of the wider tile."""
     if _backend.triton_interpreted():
         return INTERPRET_BLOCKS[0], INTERPRET_BLOCKS[1], 4, 1
     bd = _block_d(D)
     if itemsize >= 4:  # fp32 (IEEE dots, no tensor cores): small tiles
         return 32, 64 if bd <= 64 else 32, 4, 2
     if bd <= 64:
-        return (64, 64, 4, 3) if max_seq <= 64 else (128, 64, 8, 3)
+        if max_seq <= 64:  # short sequences: more, smaller programs
+            return 64, 64, 4, 3
+        if capability >= 90 and not dropout:
+            return 128, 128, 8, 3
+        return 128, 64, 8, 3
     if bd <= 128:
         return 128, 32, 8, 3
     return 64, 32, 8, 2  # 4 warps spill with dropout at D = 256
 
 
-def bwd_config(D: int, max_seq: int, itemsize: int = 2) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+def bwd_config(D: int, max_seq: int, itemsize: int = 2, mask_kind: int = 0, mask_rows: bool = False,
+               dropout: bool = False, capability: int = 90) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """((BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, the same of the dQ kernel),
-    chosen like fwd_config."""
+    chosen like fwd_config. sm_90, D = 64: dK/dV over 128 keys x 64-query steps (0.82 no mask, 0.88
+    padding mask, 1.38 [B,H,S,S]; 64 x 64 with dropout, which spills at 128 keys), dQ over 128 queries
+    x 64-key steps (0.74 / 0.91 / 1.17). sm_80 takes 64 x 32 tiles, 4 warps, for both: its mma.sync
+    lowering needs more registers (64 x 64 spills there with a [B,H,S,S] mask or dropout)."""
     if _backend.triton_interpreted():
         cfg = (INTERPRET_BLOCKS[0], INTERPRET_BLOCKS[1], 4, 1)
         return cfg, cfg
@@ -352,12 +601,12 @@ def bwd_config(D: int, max_seq: int, itemsize: int = 2) -> tuple[tuple[int, int,
     if itemsize >= 4:
         return (32, 64, 8, 1), ((32, 64, 8, 2) if bd <= 64 else (32, 32, 8, 2))
     if bd <= 64:
-        dkdv, dq = (64, 64, 8, 2), (64, 64, 8, 2)
-    elif bd <= 128:
-        dkdv, dq = (32, 64, 8, 2), (64, 32, 8, 2)
-    else:
-        dkdv, dq = (32, 64, 8, 2), (64, 32, 8, 2)
-    return dkdv, dq
+        if capability >= 90:
+            return ((64, 64, 8, 2) if dropout else (64, 128, 8, 2)), (128, 64, 8, 2)
+        return (64, 32, 4, 2), (64, 32, 4, 2)
+    if bd <= 128:  # sm_80: 32 x 32 (larger tiles spill there; dK/dV with dropout still spills 40 B)
+        return ((32, 64, 8, 2), (64, 32, 8, 2)) if capability >= 90 else ((32, 32, 8, 2), (32, 32, 8, 2))
+    return (32, 64, 8, 2), (64, 32, 8, 2)
 
 
 def _dot_args(dtype: torch.dtype) -> tuple[bool, str]:
@@ -391,22 +640,35 @@ def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _kernel_flags(q: torch.Tensor, D: int, scale: float) -> dict:
+    """Constexprs shared by the kernels: exp via ex2.approx.ftz when compiled, log2 units for half
+    inputs, no D masks when D is a power of two (>= 16)."""
+    dot_f32, prec = _dot_args(q.dtype)
+    return dict(DOT_F32=dot_f32, PREC=prec, FAST_EXP=not _backend.triton_interpreted(), FOLD=_fold(q.dtype, scale),
+                EVEN_D=D == _block_d(D), BLOCK_D=_block_d(D))
+
+
+def _fold(dtype: torch.dtype, scale: float) -> bool:
+    """Logits in log2 units (scale * log2(e) in one multiply) for fp16 / bf16; natural units for fp32
+    (see _exp_logit), and for a scale <= 0 (the kernels take the max of q k^T before scaling)."""
+    return dtype != torch.float32 and scale > 0
+
+
 def _launch_forward(q, k, v, out, stats, st_strides, mask, seed, cu, B, H, S_q, S_k, row_stride, scale, dropout_p,
                     varlen):
     D = q.shape[-1]
     kind, mask_min, m_arg, m_strides, m_rows = _mask_args(mask, q)
     seed_t, keep_scale, thresh = _dropout_args(dropout_p, seed, q)
-    dot_f32, prec = _dot_args(q.dtype)
-    block_m, block_n, warps, stages = fwd_config(D, S_q, q.element_size())
-    grid = (triton.cdiv(S_q, block_m), B * H)
+    block_m, block_n, warps, stages = fwd_config(D, S_q, q.element_size(), kind, m_rows, dropout_p > 0.0,
+                                                 _capability(q.device))
+    grid = (triton.cdiv(S_q, block_m) * B * H,)  # one axis: see _program
     _fwd_kernel[grid](
         q, k, v, out, stats, m_arg, seed_t, cu if cu is not None else q,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *m_strides, *st_strides, stats.stride(0),
-        H, S_q, S_k, D, row_stride, scale, keep_scale, thresh,
+        H, S_q, S_k, D, row_stride, scale * LOG2E if _fold(q.dtype, scale) else scale, keep_scale, thresh,
         MASK_KIND=kind, MASK_MIN=mask_min, MASK_ROWS=m_rows, DROPOUT=dropout_p > 0.0, VARLEN=varlen,
-        DOT_F32=dot_f32, PREC=prec, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
-        num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **_kernel_flags(q, D, scale),
     )
 
 
@@ -415,27 +677,24 @@ def _launch_backward(grad, q, k, v, out, stats, st_strides, dq, dk, dv, mask, se
     D = q.shape[-1]
     kind, mask_min, m_arg, m_strides, m_rows = _mask_args(mask, q)
     seed_t, keep_scale, thresh = _dropout_args(dropout_p, seed, q)
-    dot_f32, prec = _dot_args(q.dtype)
-    (m1, n1, w1, st1), (m2, n2, w2, st2) = bwd_config(D, S_q, q.element_size())
-    bd = _block_d(D)
+    cap = _capability(q.device)
+    (m1, n1, w1, st1), (m2, n2, w2, st2) = bwd_config(D, S_q, q.element_size(), kind, m_rows, dropout_p > 0.0, cap)
+    flags = _kernel_flags(q, D, scale)
     delta = torch.empty(stats.shape[1:], dtype=torch.float32, device=q.device)
     cu_arg = cu if cu is not None else q
-    _bwd_delta_kernel[(triton.cdiv(S_q, 64), B * H)](
+    _bwd_delta_kernel[(triton.cdiv(S_q, 64) * B * H,)](
         out, grad, delta, cu_arg, *_strides3(out, varlen), *_strides3(grad, varlen), *st_strides, H, S_q, D,
-        VARLEN=varlen, BLOCK_M=64, BLOCK_D=bd, num_warps=4,
+        VARLEN=varlen, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"], num_warps=4,
     )
-    common = dict(
-        MASK_KIND=kind, MASK_MIN=mask_min, MASK_ROWS=m_rows, DROPOUT=dropout_p > 0.0, VARLEN=varlen,
-        DOT_F32=dot_f32, PREC=prec, BLOCK_D=bd,
-    )
-    tail = (H, S_q, S_k, D, row_stride, scale, keep_scale, thresh)
+    common = dict(MASK_KIND=kind, MASK_MIN=mask_min, MASK_ROWS=m_rows, DROPOUT=dropout_p > 0.0, VARLEN=varlen, **flags)
+    tail = (H, S_q, S_k, D, row_stride, scale * LOG2E if _fold(q.dtype, scale) else scale, scale, keep_scale, thresh)
     qkv_strides = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(grad, varlen))
-    _bwd_dkdv_kernel[(triton.cdiv(S_k, n1), B * H)](
+    _bwd_dkdv_kernel[(triton.cdiv(S_k, n1) * B * H,)](
         q, k, v, grad, stats, delta, dk, dv, m_arg, seed_t, cu_arg,
         *qkv_strides, *_strides3(dk, varlen), *_strides3(dv, varlen), *m_strides, *st_strides, stats.stride(0),
         *tail, BLOCK_M=m1, BLOCK_N=n1, num_warps=w1, num_stages=st1, **common,
     )
-    _bwd_dq_kernel[(triton.cdiv(S_q, m2), B * H)](
+    _bwd_dq_kernel[(triton.cdiv(S_q, m2) * B * H,)](
         q, k, v, grad, stats, delta, dq, m_arg, seed_t, cu_arg,
         *qkv_strides, *_strides3(dq, varlen), *m_strides, *st_strides, stats.stride(0), *tail,
         BLOCK_M=m2, BLOCK_N=n2, num_warps=w2, num_stages=st2, **common,
@@ -495,51 +754,3 @@ def varlen_backward(grad, q, k, v, cu_seqlens, max_seqlen: int, out, stats, scal
         _launch_backward(grad, q, k, v, out, stats, (0, total), dq, dk, dv, None, seed, cu_seqlens, B, H, max_seqlen,
                          max_seqlen, max_seqlen, scale, dropout_p, True)
     return dq, dk, dv
-
-
-# ---------------------------------------------------------------- compile check without a GPU
-def compile_report(capability: int = 90, dtypes=("fp16", "bf16", "fp32"), head_dims=(32, 64, 80, 128, 256),
-                   variants=None) -> list[dict]:
-    """Compile the forward and both backward kernels with the launch configs above for
-    sm_<capability> on the host (no GPU needed; Triton's bundled ptxas) and report shared memory,
-    registers and spill (stack) bytes per (dtype, D, mask kind / dropout / varlen variant). Run with
-    TRITON_INTERPRET unset: `python -m bertkern.triton.attention`."""
-    from bertkern.triton.compile_check import compile_kernel
-
-    ptr = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
-    rows = []
-    for dt in dtypes:
-        itemsize = 4 if dt == "fp32" else 2
-        for D in head_dims:
-            bd = _block_d(D)
-            fwd = fwd_config(D, 512, itemsize)
-            dkdv, dq = bwd_config(D, 512, itemsize)
-            for variant, (kind, mask_rows, dropout, varlen) in {
-                "padding mask": (1, False, False, False), "padding mask + dropout": (1, False, True, False),
-                "[B,H,S,S] float mask": (2, True, False, False), "varlen": (0, False, False, True),
-            }.items():
-                if variants is not None and variant not in variants:
-                    continue
-                for fn, (bm, bn, warps, stages) in ((_fwd_kernel, fwd), (_bwd_dkdv_kernel, dkdv), (_bwd_dq_kernel, dq)):
-                    consts = dict(MASK_KIND=kind, MASK_MIN=-3.0e38 if kind == 2 else 0.0, MASK_ROWS=mask_rows,
-                                  DROPOUT=dropout, VARLEN=varlen, DOT_F32=False,
-                                  PREC="ieee" if dt == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-                    # every other argument (sizes, strides, thresh) is an i32
-                    sig = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), ptr[dt]),
-                           "STATS": "*fp32", "DELTA": "*fp32", "MASK": "*fp32" if kind == 2 else "*u8",
-                           "SEED": "*i64", "CU": "*i32", "scale": "fp32", "keep_scale": "fp32"}
-                    res = compile_kernel(fn, sig, consts, warps, stages, capability)
-                    if "error" in res:  # one line in the table
-                        res["error"] = res["error"].splitlines()[0][:300]
-                    rows.append({"dtype": dt, "D": D, "variant": variant, "kernel": fn.fn.__name__.strip("_"),
-                                 "config": (bm, bn, warps, stages), **res})
-    return rows
-
-
-if __name__ == "__main__":
-    if _backend.triton_interpreted():
-        raise SystemExit("unset TRITON_INTERPRET: the compile check compiles real GPU kernels")
-    for r in compile_report():
-        res = r.get("error") or (f"shared {r['shared']:>6}  regs {r.get('registers', '?'):>3}  "
-                                 f"stack {r.get('stack', '?')}")
-        print(f"{r['dtype']} D={r['D']:<3} {r['variant']:<24} {r['kernel']:<15} {str(r['config']):<18} {res}")

@@ -5,15 +5,20 @@ compile hits: lowering/type errors, shared memory over the per-block limit, regi
 `triton.compile` builds the cubin for sm_<capability> with Triton's bundled ptxas (no driver, no
 GPU), and the bundled cuobjdump reads its registers and stack (spill) bytes.
 
+The launches themselves come from the modules' own launch functions (bias_gelu.forward,
+attention.backward, ...) called on meta tensors with each @triton.jit kernel swapped for a recorder
+(op_launch, record_launches, launch_job), so what is compiled is exactly what the code launches.
+
 Needs TRITON_INTERPRET unset when triton is imported (under the interpreter @triton.jit gives
-interpreted functions that cannot be compiled). Used by tests/test_triton_compile.py and by
-bertkern.triton.attention.compile_report.
+interpreted functions that cannot be compiled). Used by tests/test_triton_compile.py and
+benchmarks/sass_report.py.
 """
 from __future__ import annotations
 
 import re
 import subprocess
 import tempfile
+from functools import partial
 
 import triton
 
@@ -41,7 +46,7 @@ def toolchain_missing() -> str | None:
 
 
 def compile_kernel(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
-                   capability: int = 90, divisible_by_16=()) -> dict:
+                   capability: int = 90, divisible_by_16=(), sass: bool = False) -> dict:
     """Compile the @triton.jit `fn` for sm_<capability>.
 
     signature: Triton type of runtime arguments by name ("*fp16", "*u8", "fp32", "i64", ...); an
@@ -51,8 +56,8 @@ def compile_kernel(fn, signature: dict, constexprs: dict, num_warps: int = 4, nu
     16-byte-aligned pointers and ints (it then vectorises loads and needs fewer address registers).
     Without them this is the specialisation for unaligned inputs: the most registers.
 
-    Returns {"shared": bytes, "registers": per thread, "stack": bytes per thread (> 0 means spills)},
-    or {"error": "..."} if the compile fails.
+    Returns {"shared": bytes, "registers": per thread, "stack": bytes per thread (> 0 means spills)}
+    (with sass=True also "sass": the cuobjdump -sass text), or {"error": "..."} if the compile fails.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -65,7 +70,10 @@ def compile_kernel(fn, signature: dict, constexprs: dict, num_warps: int = 4, nu
         src = ASTSource(fn, sig, constexprs, attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32),
                                 options=dict(num_warps=num_warps, num_stages=num_stages))
-        return {"shared": kernel.metadata.shared, **_resource_usage(kernel.asm["cubin"])}
+        out = {"shared": kernel.metadata.shared, **_resource_usage(kernel.asm["cubin"])}
+        if sass:
+            out["sass"] = _cuobjdump(kernel.asm["cubin"], "-sass")
+        return out
     except Exception as e:  # noqa: BLE001  (a compile error is a result here)
         return {"error": _describe(e)}
 
@@ -80,14 +88,163 @@ def _describe(e: BaseException, limit: int = 3000) -> str:
     return "\ncaused by ".join(parts)[:limit]
 
 
-def _resource_usage(cubin: bytes) -> dict:
-    """{"registers", "stack"} of the one kernel in `cubin` (cuobjdump -res-usage)."""
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
-                             text=True, check=True).stdout
+        return subprocess.run([triton.knobs.nvidia.cuobjdump.path, flag, f.name], capture_output=True,
+                              text=True, check=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """{"registers", "stack"} of the one kernel in `cubin` (cuobjdump -res-usage)."""
+    out = _cuobjdump(cubin, "-res-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+)", out)
     if m is None:
         raise RuntimeError(f"unexpected cuobjdump output: {out[:300]!r}")
     return {"registers": int(m.group(1)), "stack": int(m.group(2))}
+
+
+# ---------------------------------------------------------------- the launches the code makes
+def meta(shape, dtype):
+    import torch
+
+    return torch.empty(shape, dtype=getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+                                           .get(dtype, dtype)), device="meta")
+
+
+def op_launch(op, direction, dt, params):
+    """(module, call) that makes the launches of one op on meta tensors."""
+    from bertkern.triton import attention, bias_gelu, layer_norm, masked_softmax
+
+    seed = meta((1,), "int64")
+    if op == "bias_gelu":
+        M, N = 4096, params["N"]
+        x, b = meta((M, N), dt), (meta((N,), dt) if params.get("bias", True) else None)
+        if direction == "fwd":
+            return bias_gelu, partial(bias_gelu.forward, x, b, params["approximate"])
+        return bias_gelu, partial(bias_gelu.backward, meta((M, N), dt), x, b, params["approximate"])
+
+    if op == "add_layer_norm":
+        M, N, train = 4096, params["N"], params["variant"] == "train"
+        x, w = meta((M, N), dt), meta((N,), dt)
+        if direction == "fwd":  # BERT: y = LN(dropout(dense + bias) + residual)
+            # x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm
+            return layer_norm, partial(layer_norm.forward, x, meta((M, N), dt), w, w, w, seed if train else None,
+                                       1e-12, 0.1 if train else 0.0, train)
+        acc = meta((M,), "float32")
+        # dy, dprenorm, h, mean, rstd, weight, seed, dropout_p, need dweight / dbias / dx_bias
+        return layer_norm, partial(layer_norm.backward, x, x if train else None, x, acc, acc, w,
+                                   seed if train else None, 0.1 if train else 0.0, True, True, train)
+
+    if op == "embedding_layer_norm":
+        B, S, N = 8, 512, params["N"]
+        ids = meta((B, S), "int64")
+        return layer_norm, partial(layer_norm.embedding_forward, ids, None, ids, meta((30522, N), dt),
+                                   meta((512, N), dt), meta((2, N), dt), meta((N,), dt), meta((N,), dt),
+                                   1e-12, True)
+
+    if op == "masked_softmax":
+        B, H, N, p = 8, 12, params["N"], params["dropout_p"]
+        Q = min(N, 512)  # queries: only the row count depends on it
+        if direction == "bwd":
+            g = meta((B * H * Q, N), dt)
+            return masked_softmax, partial(masked_softmax.backward, g, g, 0.125, p, seed if p else None)
+        mask = meta((B, 1, 1, N), "bool" if params["mask"] == "bool" else dt).expand(B, H, Q, N)
+        return masked_softmax, partial(masked_softmax.forward, meta((B, H, Q, N), dt), mask, 0.125, p,
+                                       seed if p else None)
+
+    if op == "attention":
+        B, H, S, D, v = 8, 12, params["S"], params["D"], params["variant"]
+        p = 0.1 if "dropout" in v else 0.0
+        s = seed if p else None
+        if v.startswith("varlen"):
+            t, cu = meta((B * S, H, D), dt), meta((B + 1,), "int32")
+            if direction == "fwd":
+                return attention, partial(attention.varlen_forward, t, t, t, cu, S, 0.125, p, s)
+            stats = meta((2, H, B * S), "float32")
+            return attention, partial(attention.varlen_backward, t, t, t, t, cu, S, t, stats, 0.125, p, s)
+        mask = {
+            "none": None,
+            "bool_padding": meta((B, 1, 1, S), "bool").expand(B, H, S, S),
+            "additive_padding_dropout": meta((B, 1, 1, S), dt).expand(B, H, S, S),
+            "float_BHSS": meta((B, H, S, S), dt),
+        }[v]
+        t = meta((B, H, S, D), dt)
+        if direction == "fwd":
+            return attention, partial(attention.forward, t, t, t, mask, 0.125, p, s)
+        stats = meta((2, B, H, S), "float32")
+        return attention, partial(attention.backward, t, t, t, t, mask, t, stats, 0.125, p, s)
+    raise ValueError(op)
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` records the launch."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.name, args, kwargs))
+
+
+def record_launches(module, call, capability: int | None = None) -> list[tuple]:
+    """The (kernel name, args, kwargs) of every launch `call` makes. A module whose configs depend
+    on the GPU (attention: TARGET_CAPABILITY) picks them for sm_<capability> meanwhile."""
+    import triton
+
+    kernels = {n: f for n, f in vars(module).items() if isinstance(f, triton.runtime.JITFunction)}
+    log = []
+    target = getattr(module, "TARGET_CAPABILITY", None)
+    try:
+        for n in kernels:
+            setattr(module, n, _Recorder(n, log))
+        if capability is not None and hasattr(module, "TARGET_CAPABILITY"):
+            module.TARGET_CAPABILITY = capability
+        call()
+    finally:  # the kernels' globals must be the real helpers again before compiling
+        for n, f in kernels.items():
+            setattr(module, n, f)
+        if hasattr(module, "TARGET_CAPABILITY"):
+            module.TARGET_CAPABILITY = target
+    return log
+
+
+def launch_job(module, name, args, kwargs, cap) -> tuple:
+    """(module, kernel, signature, constexprs, divisible_by_16, num_warps, num_stages, capability) of
+    one launch, specialised on its arguments by Triton's own launch-time function: argument types,
+    ints equal to 1 made constexpr, 16-byte-aligned pointers and multiples of 16 marked divisible."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    fn = getattr(module, name)
+    bound = {**dict(zip(fn.arg_names, args)), **{k: v for k, v in kwargs.items() if k in fn.arg_names}}
+    options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
+    assert set(options) <= {"num_warps", "num_stages"}, options  # others would need passing to the compile
+    sig, consts, aligned = {}, {}, []
+    for p in fn.params:
+        v = bound[p.name]
+        if p.is_constexpr:
+            consts[p.name] = v
+            continue
+        ty, key = native_specialize_impl(BaseBackend, v, p.is_const, not p.do_not_specialize,
+                                         not p.do_not_specialize_on_alignment)
+        if ty == "constexpr":
+            consts[p.name] = key
+        else:
+            sig[p.name] = ty
+            if key == "D":
+                aligned.append(p.name)
+    # unset num_warps / num_stages: Triton's defaults (CUDAOptions)
+    return (module.__name__, name, sig, consts, aligned, options.get("num_warps", 4), options.get("num_stages", 3),
+            cap)
+
+
+def compile_job(job, sass: bool = False) -> dict:
+    """compile_kernel on a launch_job tuple."""
+    import importlib
+
+    mod, name, sig, consts, aligned, warps, stages, cap = job
+    return compile_kernel(getattr(importlib.import_module(mod), name), sig, consts, warps, stages, cap, aligned, sass)
+
+

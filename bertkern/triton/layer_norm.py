@@ -405,10 +405,12 @@ def backward(
                 for need in (need_dweight, need_dbias, need_dx_bias)]
         return (dh, dx, *sums)
     block_m, block_n, num_warps, loop = _tiles(N)
-    if not loop and block_m * block_n >= 4096:
-        # The column sums add up to 3 fp32 values per element held: twice the forward's warps, or
-        # 4096-wide bf16 rows spill on sm_90 (tests/test_triton_compile.py).
-        num_warps = min(16, 2 * num_warps)
+    if not loop:
+        # One row per iteration: the column-sum accumulators (up to 3 fp32 per column held) and the
+        # row tiles stay small, so 4 warps hold a 768- or 1024-wide row in ~16 values per thread and
+        # several programs share an SM (4 rows x 8 warps took 166 registers: 1 CTA/SM). Wider rows
+        # get a warp per 512 columns, or 4096-wide bf16 rows spill (tests/test_triton_compile.py).
+        block_m, num_warps = 1, min(16, max(4, block_n // 512))
     # Enough programs to fill the GPU a few times over; each keeps one fp32 partial row per column sum.
     programs = min(triton.cdiv(M, block_m), 4 * _num_sms(h.device))
     rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m

@@ -81,11 +81,18 @@ def _logits(X, MASK, x_row, m_row, cols, ok, scale, sm_k, MASK_KIND: tl.constexp
 
 
 @triton.jit
-def _row_offsets(rows, H, Q, sx_b, sx_h, sx_q, sm_b, sm_h, sm_q):
+def _row_offsets(rows, H, Q, sx_b, sx_h, sx_q, sm_b, sm_h, sm_q, ROWS64: tl.constexpr):
+    """(scores offset, mask offset) of rows = (b * H + h) * Q + q, in int64. The division is int32
+    unless there are 2^31 rows or more (ROWS64): an int64 / or % is a software routine of ~80
+    instructions on NVIDIA GPUs, an int32 one a few."""
+    if not ROWS64:
+        rows = rows.to(tl.int32)
     q = rows % Q
     bh = rows // Q
     h = bh % H
-    b = bh // H
+    b = (bh // H).to(tl.int64)
+    h = h.to(tl.int64)
+    q = q.to(tl.int64)
     return b * sx_b + h * sx_h + q * sx_q, b * sm_b + h * sm_h + q * sm_q
 
 
@@ -94,13 +101,13 @@ def _fwd_kernel(
     X, MASK, SEED, Y, P,
     R, N, H, Q, sx_b, sx_h, sx_q, sm_b, sm_h, sm_q, sm_k,
     scale, keep_scale, thresh,
-    MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, DROPOUT: tl.constexpr, ROWS64: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     ok = (rows < R)[:, None] & (cols < N)[None, :]
-    x_row, m_row = _row_offsets(rows, H, Q, sx_b, sx_h, sx_q, sm_b, sm_h, sm_q)
+    x_row, m_row = _row_offsets(rows, H, Q, sx_b, sx_h, sx_q, sm_b, sm_h, sm_q, ROWS64)
     z = _logits(X, MASK, x_row, m_row, cols, ok, scale, sm_k, MASK_KIND, MASK_MIN)
     mx = tl.max(z, 1)
     dead = mx == -float("inf")  # every key masked: the row is 0
@@ -120,12 +127,12 @@ def _fwd_looped_kernel(
     X, MASK, SEED, Y, P,
     R, N, H, Q, sx_b, sx_h, sx_q, sm_b, sm_h, sm_q, sm_k,
     scale, keep_scale, thresh,
-    MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, DROPOUT: tl.constexpr, ROWS64: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < R
-    x_row, m_row = _row_offsets(rows, H, Q, sx_b, sx_h, sx_q, sm_b, sm_h, sm_q)
+    x_row, m_row = _row_offsets(rows, H, Q, sx_b, sx_h, sx_q, sm_b, sm_h, sm_q, ROWS64)
     acc = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
     mx = tl.full([ROWS], -float("inf"), acc)
     den = tl.zeros([ROWS], acc)
@@ -251,7 +258,8 @@ def forward(
         scores, m_arg, seed_t, y, probs if dropout else y,
         R, N, H, Q, *scores.stride()[:3], *m_strides,
         scale, keep_scale, thresh,
-        MASK_KIND=kind, MASK_MIN=mask_min, DROPOUT=dropout, ROWS=rows_pp, BLOCK_N=block_n, num_warps=num_warps,
+        MASK_KIND=kind, MASK_MIN=mask_min, DROPOUT=dropout, ROWS64=R + rows_pp >= 2**31, ROWS=rows_pp,
+        BLOCK_N=block_n, num_warps=num_warps,
     )
     return y, probs
 
