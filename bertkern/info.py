@@ -63,6 +63,14 @@ def collect() -> dict:
              if op.startswith("attention") else f"auto -> {auto} on {device.type}")
         for op in OPS
     }
+    from bertkern.ops import attention_auto
+
+    # Rows of the table attention's auto follows ("arch dtype head_dim seq -> attention / attention_varlen").
+    info["attention_auto_table"] = {
+        f"{r['arch']} {r['dtype']} head_dim {r['head_dim']} seq {r['seq']}":
+            f"attention -> {r['attention']}, attention_varlen -> {r['attention_varlen']}"
+        for r in attention_auto.table()
+    }
     return info
 
 

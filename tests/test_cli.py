@@ -39,6 +39,12 @@ def test_info_json(capsys):
     if not ext["built"]:
         assert ext["state"] in ("load_failed", "other_torch", "missing", "off_by_choice", "cpu_torch", "no_toolchain",
                                 "not_built")
+    # attention's auto table, one entry per row of bertkern.ops.attention_auto.TABLE
+    from bertkern.ops import attention_auto
+
+    rows = info["attention_auto_table"]
+    assert len(rows) == len(attention_auto.TABLE)
+    assert all(v.startswith("attention -> ") and "attention_varlen -> " in v for v in rows.values())
 
 
 BUILT_214 = {"cuda_extension": "built", "torch": "2.14.1+cu130", "torch_cuda": "13.0", "archs": "8.0;9.0+PTX"}
