@@ -23,11 +23,20 @@ For `torch.compile` users, `torch.compile(model, mode="reduce-overhead")` does t
 for code that does not compile. Works with the fused ops: in eval mode no dropout runs; in any case
 bertkern's dropout seeds are device tensors drawn from torch's generator (graph-safe), not host values.
 
+Padding-free models (`bertkern.optimize`'s encoder with padding_free=True, the default) keep running
+padding-free in a graph: the runner reads the real-token count and the longest row from the
+attention mask on the host (outside the graph), picks a token capacity T (the next power of two,
+at least 16, at most batch x seq) and a max_seqlen m (the smallest of the buckets' seq lengths that
+holds the longest row) with `choose_packed_shapes`, and runs the forward under
+`bertkern.padding.static_shapes(T, m)`: the encoder packs into [T, hidden] by a stable sort (no host
+sync; filler rows form dummy sequences of at most m tokens), and (T, m) is part of the graph key, so
+a batch that outgrows them gets another graph, never a stale max_seqlen (and a batch that does not
+fit a graph's shapes would give NaN, not wrong numbers). padding_free=False captures the padded path.
+
 Limits: eval mode only (a model in training mode is refused); the inputs are [batch, seq, ...]
 tensors (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, ...); other keyword
 arguments are constants that are part of the graph key; a forward that synchronises with the host
-or has data-dependent shapes (e.g. a padding-free / unpadded path) cannot be captured, which is
-reported when the capture fails. Outputs are copied out of the graph's static buffers by default
+or has data-dependent shapes cannot be captured, which is reported when the capture fails. Outputs are copied out of the graph's static buffers by default
 (copy_outputs=False returns views that the next replay of that bucket overwrites).
 """
 from __future__ import annotations
@@ -41,10 +50,12 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from bertkern import padding as _padding
+
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_SEQ_LENS = (16, 32, 64, 128, 256, 512)
 
-__all__ = ["CUDAGraphRunner", "capture_graphs", "choose_bucket", "default_buckets"]
+__all__ = ["CUDAGraphRunner", "capture_graphs", "choose_bucket", "choose_packed_shapes", "default_buckets"]
 
 
 # ---------------------------------------------------------------- buckets (pure Python)
@@ -79,6 +90,29 @@ def choose_bucket(buckets: Iterable[tuple[int, int]], batch: int, seq: int) -> t
     grows with seq^2), then the smaller batch. None if no bucket holds it."""
     fits = [(b, s) for b, s in buckets if b >= batch and s >= seq]
     return min(fits, key=lambda bs: (bs[0] * bs[1], bs[1], bs[0])) if fits else None
+
+
+MIN_TOKEN_CAPACITY = 16
+
+
+def choose_packed_shapes(lengths: Iterable[int], batch: int, seq: int, seq_lens: Iterable[int]) -> tuple[int, int]:
+    """(token capacity T, max_seqlen m) of a padding-free graph for real lengths `lengths` in a
+    [batch, seq] bucket: T the next power of two >= the real tokens (at least MIN_TOKEN_CAPACITY,
+    at most batch x seq), m the smallest of seq_lens >= the longest row (at most seq; seq itself when
+    none fits). So T >= every token count and m >= every length of this batch."""
+    lengths = [int(n) for n in lengths]
+    if len(lengths) > batch or any(n < 0 or n > seq for n in lengths):
+        raise ValueError(f"choose_packed_shapes: lengths {lengths} do not fit a [{batch}, {seq}] bucket")
+    total, longest = sum(lengths), max(lengths, default=0)
+    capacity = min(max(MIN_TOKEN_CAPACITY, 1 << max(total - 1, 0).bit_length()), batch * seq)
+    max_seqlen = min([s for s in seq_lens if max(longest, 1) <= s <= seq], default=seq)
+    return capacity, max_seqlen
+
+
+def _padding_free(model: nn.Module) -> bool:
+    """Whether bertkern.optimize made an encoder of `model` padding-free."""
+    return any(getattr(getattr(m, "_bertkern_patch", None), "kind", None) == "encoder"
+               and getattr(m, "_bertkern_patch").padding_free for m in model.modules())
 
 
 # ---------------------------------------------------------------- the runner
@@ -123,10 +157,13 @@ class CUDAGraphRunner:
         static outputs (no copy; overwritten by the next replay of that bucket).
     warmup: eager forwards on a side stream before each capture (Triton compiles there).
     pad_token_id: the id for padding tokens (default: model.config.pad_token_id, else 0).
+    padding_free: None (default): padding-free graphs (token-count buckets) when bertkern.optimize made
+        the model's encoder padding-free; False: graphs of the padded path.
     """
 
     def __init__(self, model: nn.Module, *, buckets: Iterable[tuple[int, int]] | None = None, strict: bool = False,
-                 copy_outputs: bool = True, warmup: int = 2, pad_token_id: int | None = None):
+                 copy_outputs: bool = True, warmup: int = 2, pad_token_id: int | None = None,
+                 padding_free: bool | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"CUDAGraphRunner: model must be a torch.nn.Module, got {type(model).__name__}")
         device = self._graph_device(model)
@@ -138,6 +175,8 @@ class CUDAGraphRunner:
         self.copy_outputs = copy_outputs
         self.warmup = int(warmup)
         self.pad_token_id = int(pad_token_id if pad_token_id is not None else _config_value(model, "pad_token_id", 0))
+        self.padding_free = _padding_free(model) if padding_free is None else bool(padding_free)
+        self._seq_lens = sorted({s for _, s in self.buckets})
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = None
         self._warned: set = set()
@@ -151,18 +190,22 @@ class CUDAGraphRunner:
 
     @property
     def captured(self) -> list[tuple]:
-        """The keys of the captured graphs: (batch, seq, input names and dtypes, constant kwargs)."""
+        """The keys of the captured graphs: (batch, seq, input names and dtypes, constant kwargs,
+        (token capacity, max_seqlen) or None)."""
         return list(self._graphs)
 
     def capture(self, batch: int, seq: int, input_names=("input_ids", "attention_mask"), **constants) -> None:
         """Capture the graph of bucket (batch, seq) now, for integer [batch, seq] inputs named
-        `input_names` (and constant keyword arguments), instead of on first use."""
+        `input_names` (and constant keyword arguments), instead of on first use. Padding-free: the
+        graph of a full batch (capacity batch x seq, max_seqlen seq); other token counts get theirs on
+        first use."""
         if (batch, seq) not in self.buckets:
             raise ValueError(f"({batch}, {seq}) is not one of the buckets {self.buckets}")
         templates = {name: torch.empty(0, 0, dtype=torch.long) for name in input_names}
-        key = self._key((batch, seq), templates, constants)
+        packed = (batch * seq, seq) if self.padding_free and "attention_mask" in templates else None
+        key = self._key((batch, seq), templates, constants, packed)
         if key not in self._graphs:
-            self._graphs[key] = self._capture((batch, seq), templates, constants)
+            self._graphs[key] = self._capture((batch, seq), templates, constants, packed)
 
     def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  **kwargs: Any) -> Any:
@@ -185,15 +228,16 @@ class CUDAGraphRunner:
         bucket = choose_bucket(self.buckets, batch, seq)
         if bucket is None:
             return self._eager(batch, seq, tensors, constants)
-        key = self._key(bucket, tensors, constants)
+        packed = None
+        if self.padding_free:  # one host sync, outside the graph: the real lengths
+            lengths = tensors["attention_mask"].ne(0).sum(1).tolist()
+            packed = choose_packed_shapes(lengths, *bucket, self._seq_lens)
+        key = self._key(bucket, tensors, constants, packed)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(bucket, tensors, constants)
+            entry = self._graphs[key] = self._capture(bucket, tensors, constants, packed)
         with self._on_device():
-            for name, buf in entry.inputs.items():
-                buf[:batch, :seq].copy_(tensors[name])
-                buf[batch:].fill_(self._pad_value(name))
-                buf[:batch, seq:].fill_(self._pad_value(name))
+            self._fill(entry.inputs, tensors)
             entry.graph.replay()
         self.replays += 1
         leaves = [_slice_back(out, how, batch, seq, self.copy_outputs) for out, how in zip(entry.outputs, entry.slices)]
@@ -239,7 +283,7 @@ class CUDAGraphRunner:
         return graph, out
 
     # -------------------------------------------------------- internals
-    def _key(self, bucket, tensors: dict, constants: dict) -> tuple:
+    def _key(self, bucket, tensors: dict, constants: dict, packed) -> tuple:
         inputs = tuple(sorted((name, t.dtype, tuple(t.shape[2:])) for name, t in tensors.items()))
         try:
             consts = tuple(sorted(constants.items()))
@@ -247,10 +291,18 @@ class CUDAGraphRunner:
         except TypeError:
             raise TypeError(f"CUDAGraphRunner: non-tensor keyword arguments must be hashable constants, got "
                             f"{sorted(constants)}") from None
-        return (*bucket, inputs, consts)
+        return (*bucket, inputs, consts, packed)
 
     def _pad_value(self, name: str) -> int:
         return self.pad_token_id if name == "input_ids" else 0
+
+    def _fill(self, bufs: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+        """Copy [batch, seq, ...] inputs into a bucket's buffers, padding the rest."""
+        for name, buf in bufs.items():
+            batch, seq = tensors[name].shape[:2]
+            buf[:batch, :seq].copy_(tensors[name])
+            buf[batch:].fill_(self._pad_value(name))
+            buf[:batch, seq:].fill_(self._pad_value(name))
 
     def _static_inputs(self, batch: int, seq: int, templates: dict) -> dict[str, torch.Tensor]:
         """Buffers of the bucket's shape; warm-up and probe values: pad ids, all tokens real."""
@@ -272,15 +324,27 @@ class CUDAGraphRunner:
         with torch.no_grad():
             return self.model(**{k: v.to(self.device) for k, v in tensors.items()}, **constants)
 
-    def _capture(self, bucket: tuple[int, int], templates: dict, constants: dict) -> _Graph:
+    def _forward(self, inputs: dict, constants: dict, packed):
+        """The model on `inputs`; under static_shapes(*packed) when packed is not None."""
+        if packed is None:
+            return self.model(**inputs, **constants)
+        with _padding.static_shapes(*packed):
+            return self.model(**inputs, **constants)
+
+    def _capture(self, bucket: tuple[int, int], templates: dict, constants: dict, packed=None) -> _Graph:
         batch, seq = bucket
         static = self._static_inputs(batch, seq, templates)
+        if packed is not None and templates["attention_mask"].numel():
+            # Warm up on this call's batch, which fits (capacity, max_seqlen) (the all-real default
+            # fills only the full-batch graph's); replays copy each call's inputs in anyway.
+            with self._on_device():
+                self._fill(static, templates)
         # A neighbouring shape (one more row, one token fewer) tells which output dims follow the
         # batch and which follow the sequence.
         probe_shape = (batch + 1, seq - 1 if seq > 1 else seq)
         probe = self._static_inputs(*probe_shape, templates)
         with self._on_device(), torch.no_grad():
-            out, probe_out = self._warm_up(lambda: self.model(**static, **constants),
+            out, probe_out = self._warm_up(lambda: self._forward(static, constants, packed),
                                            lambda: self.model(**probe, **constants))
             leaves, _ = pytree.tree_flatten(out)
             probe_leaves, _ = pytree.tree_flatten(probe_out)
@@ -289,7 +353,7 @@ class CUDAGraphRunner:
             slices = [_follow_dims(a, b, bucket, probe_shape) for a, b in zip(leaves, probe_leaves)]
             del out, probe_out, leaves, probe_leaves, probe
             try:
-                graph, out = self._record(lambda: self.model(**static, **constants))
+                graph, out = self._record(lambda: self._forward(static, constants, packed))
             except Exception as e:
                 raise RuntimeError(
                     f"CUDAGraphRunner: capturing bucket {bucket} failed ({type(e).__name__}: {e}). The forward must "

@@ -30,8 +30,10 @@ the computation bertkern will substitute. Only blocks that pass are swapped:
   `ops.attention_varlen`, the layers' add & norm and FFN on the packed rows), scatters back once
   (padded positions of last_hidden_state are zeros: HF's values there are meaningless), then the
   pooler. Without padding (or without a mask) the layers run on [B, S, hidden] with no mask at all;
-  under torch.compile or a CUDA graph capture, on the padded batch under a bool mask (CUDA graphs of
-  the packed path with token-count buckets are not done yet). Calls it does not cover go to the
+  under torch.compile or a CUDA graph capture, on the padded batch under a bool mask, except inside
+  `bertkern.padding.static_shapes(capacity, max_seqlen)` (which bertkern.cuda_graphs.CUDAGraphRunner
+  sets from its token-count buckets): there the packing has fixed shapes and no host sync
+  (bertkern.padding.unpad_static; not under torch.compile, which keeps the padded path). Calls it does not cover go to the
   original forward: output_hidden_states / output_attentions (HF records them per layer), a KV cache,
   cross-attention, a head mask, a 4-D mask, gradient checkpointing. A fully padded row (no real
   token) gets zeros everywhere (HF: uniform attention over its padding); real rows are unaffected.
@@ -395,7 +397,17 @@ def _encoder_forward(self, input_ids: torch.Tensor | None = None, attention_mask
         h = self.embeddings_project(h)
     batch, seq = h.shape[:2]
     done = False
-    if attention_mask is not None and patch.padding_free and not _capturing():
+    static = _padding.current_static_shapes()
+    if attention_mask is not None and patch.padding_free and static is not None \
+            and not torch.compiler.is_compiling() and static[0] <= batch * seq:
+        # Padding-free with fixed shapes (a CUDA graph: bertkern.cuda_graphs picked the token capacity
+        # and max_seqlen on the host): no host sync; a batch that does not fit them gives NaN.
+        capacity, max_seqlen = static
+        packed, indices, cu_seqlens, ok = _padding.unpad_static(h, attention_mask, capacity, max_seqlen)
+        packed = _run_layers(self, patch, packed, None, (cu_seqlens, max_seqlen))
+        h = _padding.repad_static(packed, indices, cu_seqlens, ok, batch, seq)
+        done = True
+    elif attention_mask is not None and patch.padding_free and not _capturing():
         # Padding-free: pack once (one host sync), every layer on [total, hidden], scatter back once.
         # Padded positions of the output are zeros (HF's values there are meaningless anyway).
         packed, indices, cu_seqlens, max_seqlen = _padding.unpad(h, attention_mask)

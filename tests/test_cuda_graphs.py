@@ -148,13 +148,17 @@ def setup(request):
     return runner_cls, device, make
 
 
-def test_graph_outputs_equal_eager_and_replay_without_recapture(setup):
+@pytest.mark.parametrize("padding_free", [False, None])
+def test_graph_outputs_equal_eager_and_replay_without_recapture(setup, padding_free):
     runner_cls, device, make = setup
     model = make()
-    runner = runner_cls(model, buckets=[(2, 8), (4, 16)])
+    runner = runner_cls(model, buckets=[(2, 8), (4, 16)], padding_free=padding_free)
+    assert runner.padding_free is (padding_free is None)
+    shapes = set()  # padding-free: one graph per (token capacity, max_seqlen) in bucket (4, 16)
     with torch.no_grad():
         for b, s in ((4, 16), (3, 10), (4, 11), (1, 16)):  # all in bucket (4, 16)
             ids, mask = batch(b, s, device=device, seed=b * s)
+            shapes.add(cg.choose_packed_shapes(mask.sum(1).tolist(), 4, 16, [8, 16]) if runner.padding_free else None)
             want = model(input_ids=ids, attention_mask=mask)
             got = runner(input_ids=ids, attention_mask=mask)
             assert type(got) is type(want)
@@ -162,13 +166,14 @@ def test_graph_outputs_equal_eager_and_replay_without_recapture(setup):
             real = mask.bool()
             torch.testing.assert_close(got.last_hidden_state[real], want.last_hidden_state[real], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(got.pooler_output, want.pooler_output, rtol=1e-4, atol=1e-5)
-    assert runner.captures == 1 and runner.replays == 4  # one capture, then replays
-    assert [k[:2] for k in runner.captured] == [(4, 16)]
+    assert runner.captures == len(shapes) and runner.replays == 4  # a capture per key, then replays
+    assert {k[:2] for k in runner.captured} == {(4, 16)} and {k[-1] for k in runner.captured} == shapes
     with torch.no_grad():
         ids, mask = batch(2, 5, device=device)
         runner(input_ids=ids, attention_mask=mask)
         runner(input_ids=ids)  # no mask: all tokens real (a mask buffer is still used for the padding)
-    assert runner.captures == 2 and sorted(k[:2] for k in runner.captured) == [(2, 8), (4, 16)]
+    assert runner.captures == len(shapes) + 1  # (2, 8): both calls have 10 real tokens of at most 5
+    assert sorted({k[:2] for k in runner.captured}) == [(2, 8), (4, 16)]
 
 
 def test_graph_head_and_attention_maps_sliced(setup):
@@ -189,6 +194,31 @@ def test_graph_head_and_attention_maps_sliced(setup):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(with_types.logits, want_types.logits, rtol=1e-4, atol=1e-5)
     assert runner.captures == 2  # (output_attentions=True) and (token_type_ids) are two graphs
+
+
+def test_padding_free_graphs_follow_the_token_count_and_never_go_stale(setup):
+    """Each call's (token capacity, max_seqlen) is picked from its own mask: a batch that outgrows a
+    graph's gets another graph (never the stale one), a batch that fits an earlier one replays it."""
+    runner_cls, device, make = setup
+    model = make()
+    runner = runner_cls(model, buckets=[(4, 16)])
+    assert runner.padding_free and runner._seq_lens == [16]
+    runner._seq_lens = [4, 8, 16]
+    calls = [([3, 2], (16, 4)), ([16, 16, 1], (64, 16)), ([3, 1, 2], (16, 4)), ([8, 8, 8], (32, 8)),
+             ([5, 4], (16, 8)), ([2, 2, 2, 2], (16, 4))]
+    seen = []
+    with torch.no_grad():
+        for i, (lengths, shapes) in enumerate(calls):
+            ids, mask = batch(len(lengths), max(lengths), lengths, device=device, seed=i)
+            want = model(input_ids=ids, attention_mask=mask)
+            got = runner(input_ids=ids, attention_mask=mask)
+            real = mask.bool()
+            torch.testing.assert_close(got.last_hidden_state[real], want.last_hidden_state[real], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got.pooler_output, want.pooler_output, rtol=1e-4, atol=1e-5)
+            assert not got.last_hidden_state[~real].any()  # zeros at padding, like the eager padding-free path
+            seen.append(shapes)
+            assert sorted(k[-1] for k in runner.captured) == sorted(set(seen)), (lengths, runner.captured)
+    assert runner.captures == 4 and runner.replays == len(calls)
 
 
 def test_graph_outputs_are_copies_and_misses_run_eagerly(setup):
