@@ -196,11 +196,16 @@ def test_graph_head_and_attention_maps_sliced(setup):
     assert runner.captures == 2  # (output_attentions=True) and (token_type_ids) are two graphs
 
 
-def test_padding_free_graphs_follow_the_token_count_and_never_go_stale(setup):
+def test_padding_free_graphs_follow_the_token_count_and_never_go_stale(setup, monkeypatch):
     """Each call's (token capacity, max_seqlen) is picked from its own mask: a batch that outgrows a
-    graph's gets another graph (never the stale one), a batch that fits an earlier one replays it."""
+    graph's gets another graph (never the stale one), a batch that fits an earlier one replays it.
+    The graphs run the static packed path (unpad_static), not the padded fallback."""
     runner_cls, device, make = setup
     model = make()
+    packed_calls = []
+    unpad_static = bertkern.padding.unpad_static
+    monkeypatch.setattr(bertkern.padding, "unpad_static",
+                        lambda *a: packed_calls.append(a[2:]) or unpad_static(*a))
     runner = runner_cls(model, buckets=[(4, 16)])
     assert runner.padding_free and runner._seq_lens == [16]
     runner._seq_lens = [4, 8, 16]
@@ -219,6 +224,7 @@ def test_padding_free_graphs_follow_the_token_count_and_never_go_stale(setup):
             seen.append(shapes)
             assert sorted(k[-1] for k in runner.captured) == sorted(set(seen)), (lengths, runner.captured)
     assert runner.captures == 4 and runner.replays == len(calls)
+    assert set(packed_calls) == set(seen)  # every graph was warmed up / captured packed
 
 
 def test_graph_outputs_are_copies_and_misses_run_eagerly(setup):
