@@ -207,11 +207,11 @@ def auto_backend(device: torch.device) -> str:
         why = unavailable_reason("cuda", device)
         if why is None:
             return "cuda"
-        _warn_once(f"bertkern: auto backend falls back to Triton: {why}")  # e.g. a GPU newer than _C's archs
+        warn_once(f"bertkern: auto backend falls back to Triton: {why}")  # e.g. a GPU newer than _C's archs
     return "triton" if unavailable_reason("triton", device) is None else "torch"
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         warnings.warn(message, stacklevel=4)
@@ -234,7 +234,7 @@ def resolve(op: str, backend: str | None, device: torch.device, unsupported: str
             raise RuntimeError(f"bertkern.ops.{op}: backend={requested!r} is unavailable: {why}")
         chosen = requested
     if chosen != "torch" and unsupported is not None:
-        _warn_once(f"bertkern.ops.{op}: falling back to the torch backend: {unsupported}")
+        warn_once(f"bertkern.ops.{op}: falling back to the torch backend: {unsupported}")
         chosen = "torch"
     for observer in _OBSERVERS:
         observer(op, chosen)

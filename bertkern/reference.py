@@ -10,17 +10,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from bertkern._utils import acc_dtype
+
 GELU_APPROXIMATIONS = ("none", "tanh")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------- bias_gelu
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, approximate: str = "none") -> torch.Tensor:
     """gelu(x + bias): "none" is the exact erf form (HF "gelu"), "tanh" is HF "gelu_new"."""
-    h = x.to(_acc_dtype(x.dtype))
+    h = x.to(acc_dtype(x.dtype))
     if bias is not None:
         h = h + bias.to(h.dtype)
     return F.gelu(h, approximate=approximate).to(x.dtype)
@@ -43,7 +41,7 @@ def bias_gelu_backward(
     grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None, approximate: str = "none"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dx, dbias) of bias_gelu; dbias is reduced over every leading dim in float32."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     h = x.to(acc)
     if bias is not None:
         h = h + bias.to(acc)
@@ -150,7 +148,7 @@ def add_layer_norm_prenorm(
     keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """dropout(x + x_bias) + residual in float32 (float64 for float64 input): what the norm sees."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     h = x.to(acc)
     if x_bias is not None:
         h = h + x_bias.to(acc)
@@ -166,7 +164,7 @@ def add_layer_norm_prenorm(
 
 def layer_norm_stats(h: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, rstd) over the last dim, in float32 (float64 for float64 input), two-pass."""
-    h = h.to(_acc_dtype(h.dtype))
+    h = h.to(acc_dtype(h.dtype))
     mean = h.mean(-1)
     var = (h - mean[..., None]).square().mean(-1)
     return mean, torch.rsqrt(var + eps)
@@ -188,7 +186,7 @@ def add_layer_norm_backward(
     dh is the gradient of the sum (= d residual), dx = dh * keep / (1 - p) (= dh without dropout),
     and the column sums dweight = sum(grad * xhat), dbias = sum(grad), dx_bias = sum(dx) over rows.
     """
-    acc = _acc_dtype(h.dtype)
+    acc = acc_dtype(h.dtype)
     n = h.shape[-1]
     xhat = (h.to(acc) - mean.to(acc)[..., None]) * rstd.to(acc)[..., None]
     dy = grad.to(acc)
@@ -219,7 +217,7 @@ def embedding_sum(
     """word[ids] + type[token_type_ids] + pos[position_ids] (HF BertEmbeddings' order) in float32
     (float64 for float64 tables); position_ids None means arange(S) along the last dim, token_type_ids
     None means zeros; a None table is left out."""
-    acc = _acc_dtype(word_embeddings.dtype)
+    acc = acc_dtype(word_embeddings.dtype)
     e = F.embedding(input_ids, word_embeddings).to(acc)
     if token_type_embeddings is not None:
         if token_type_ids is None:
@@ -276,7 +274,7 @@ def masked_softmax(
     -inf / finfo(mask.dtype).min meaning masked). With a `seed` (one-element int64 tensor), dropout
     applies the kernels' Philox mask (dropout_keep_mask over the [rows, S_k] view); without, F.dropout.
     """
-    s = scores.to(_acc_dtype(scores.dtype)) * scale
+    s = scores.to(acc_dtype(scores.dtype)) * scale
     if mask is not None:
         keep = keep_mask(mask)
         if mask.dtype != torch.bool:
@@ -302,7 +300,7 @@ def masked_softmax_backward(
     """d scores of masked_softmax, written out: scale * p * (dp - sum(dp * p)), dp = dropout's
     backward of grad. `probs` is the softmax before dropout; with dropout_p > 0, `seed` is the
     forward's. Fully masked rows have p == 0 everywhere and so get 0."""
-    acc = _acc_dtype(probs.dtype)
+    acc = acc_dtype(probs.dtype)
     dp, p = grad.to(acc), probs.to(acc)
     if dropout_p > 0.0:
         if seed is None:
@@ -324,7 +322,7 @@ def attention(
     """softmax(q k^T * scale + mask) v for q, k, v of shape [B, H, S, D]."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     scores = q.to(acc) @ k.to(acc).transpose(-1, -2)
     p = masked_softmax(scores, mask, scale=scale, dropout_p=dropout_p, training=training)
     return (p @ v.to(acc)).to(q.dtype)

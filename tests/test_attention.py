@@ -41,7 +41,7 @@ def kdtype(backend: str) -> torch.dtype:
 def skip_unless_covered(backend: str, q: torch.Tensor) -> None:
     """The CUDA kernels' test params skip inputs that backend="cuda" sends to Triton instead
     (test_cuda_backend_coverage checks that routing)."""
-    why = attn_mod._cuda_unsupported(q) if backend == "cuda" else None
+    why = attn_mod.cuda_unsupported(q) if backend == "cuda" else None
     if why is not None:
         pytest.skip(f"not a CUDA-kernel input: {why}")
 

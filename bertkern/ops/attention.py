@@ -49,6 +49,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
+from bertkern._utils import acc_dtype, varlen_index
 from bertkern.ops import attention_auto as _auto
 
 _NAME = "bertkern.ops.attention"
@@ -59,13 +60,9 @@ CUDA_MAX_HEAD_DIM = 128
 
 
 # ---------------------------------------------------------------- torch backend (the written-out reference)
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _logits(q, k, mask, scale):
     """(q k^T * scale + mask) in fp32 (fp64), -inf where masked: what masked_softmax normalises."""
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     z = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
     if mask is not None:
         keep = reference.keep_mask(mask)
@@ -77,13 +74,9 @@ def _logits(q, k, mask, scale):
 
 def _probs(q, k, mask, scale):
     """softmax of the logits before dropout, fp32 (fp64); fully masked rows are 0."""
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     s = q.to(acc) @ k.to(acc).transpose(-1, -2)
     return reference.masked_softmax(s, mask, scale)
-
-
-def _keep(seed, shape, dropout_p):
-    return reference.dropout_keep_mask(seed, shape, dropout_p)
 
 
 def _stats(q, k, mask, scale):
@@ -110,14 +103,15 @@ def _no_autocast(fn):
 @_no_autocast
 def torch_forward(q, k, v, mask, scale, dropout_p, seed):
     """(out, stats) in fp32 (fp64) of 4-D q, k, v: the reference the kernels are tested against."""
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     if k.shape[2] == 0:  # no keys: every row is fully masked
         stats = torch.stack((q.new_full(q.shape[:3], float("-inf"), dtype=acc), q.new_zeros(q.shape[:3], dtype=acc)))
         return q.new_zeros(q.shape, dtype=acc), stats
     p = _probs(q, k, mask, scale)
     stats = _stats(q, k, mask, scale)
     if dropout_p > 0.0:
-        p = torch.where(_keep(seed, p.shape, dropout_p), p * reference.dropout_scale(dropout_p), 0.0)
+        keep = reference.dropout_keep_mask(seed, p.shape, dropout_p)
+        p = torch.where(keep, p * reference.dropout_scale(dropout_p), 0.0)
     return p @ v.to(p.dtype), stats
 
 
@@ -130,7 +124,8 @@ def torch_dlogits(grad, q, k, v, mask, scale, dropout_p, seed):
     dz = reference.masked_softmax_backward(dpd, p, 1.0, dropout_p, seed)
     pd = p
     if dropout_p > 0.0:
-        pd = torch.where(_keep(seed, p.shape, dropout_p), p * reference.dropout_scale(dropout_p), 0.0)
+        keep = reference.dropout_keep_mask(seed, p.shape, dropout_p)
+        pd = torch.where(keep, p * reference.dropout_scale(dropout_p), 0.0)
     return dz, p, pd
 
 
@@ -138,7 +133,7 @@ def torch_dlogits(grad, q, k, v, mask, scale, dropout_p, seed):
 def torch_backward(grad, q, k, v, mask, scale, dropout_p, seed):
     """(dq, dk, dv) in fp32 (fp64), written out (no autograd) so that gradcheck tests the formula."""
     if k.shape[2] == 0:
-        acc = _acc(q.dtype)
+        acc = acc_dtype(q.dtype)
         return q.new_zeros(q.shape, dtype=acc), k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)
     dz, _, pd = torch_dlogits(grad, q, k, v, mask, scale, dropout_p, seed)
     acc = dz.dtype
@@ -160,15 +155,6 @@ def _bshd_empty(B, H, S, D, dtype, device) -> torch.Tensor:
     return torch.empty((B, S, H, D), dtype=dtype, device=device).transpose(1, 2)
 
 
-def _varlen_index(cu_seqlens: torch.Tensor, max_seqlen: int, total: int):
-    """(idx [B, max_seqlen] packed token of (b, i), clamped; valid [B, max_seqlen] i < length_b)."""
-    cu = cu_seqlens.to(torch.int64)
-    pos = torch.arange(max_seqlen, device=cu.device)
-    valid = pos[None, :] < (cu[1:] - cu[:-1])[:, None]
-    idx = (cu[:-1, None] + pos[None, :]).clamp(0, max(total - 1, 0))
-    return idx, valid
-
-
 def _pad(t: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[total, H, D] -> [B, H, max_seqlen, D], zeros past each sequence's end."""
     return torch.where(valid[:, :, None, None], t[idx], 0).transpose(1, 2)
@@ -176,13 +162,13 @@ def _pad(t: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
 
 def torch_varlen_forward(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed):
     total, H, D = q.shape
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     out = torch.zeros((total, H, D), dtype=acc, device=q.device)
     stats = torch.stack((torch.full((H, total), float("-inf"), dtype=acc, device=q.device),
                        torch.zeros((H, total), dtype=acc, device=q.device)))
     if total == 0 or cu_seqlens.numel() < 2 or max_seqlen == 0:
         return out, stats
-    idx, valid = _varlen_index(cu_seqlens, max_seqlen, total)
+    idx, valid = varlen_index(cu_seqlens, max_seqlen, total)
     mask = valid[:, None, None, :]
     o, l = torch_forward(_pad(q, idx, valid), _pad(k, idx, valid), _pad(v, idx, valid), mask, scale, dropout_p, seed)
     rows = idx[valid]
@@ -193,11 +179,11 @@ def torch_varlen_forward(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed
 
 def torch_varlen_backward(grad, q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed):
     total, H, D = q.shape
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     grads = [torch.zeros((total, H, D), dtype=acc, device=q.device) for _ in range(3)]
     if total == 0 or cu_seqlens.numel() < 2 or max_seqlen == 0:
         return tuple(grads)
-    idx, valid = _varlen_index(cu_seqlens, max_seqlen, total)
+    idx, valid = varlen_index(cu_seqlens, max_seqlen, total)
     mask = valid[:, None, None, :]
     padded = torch_backward(_pad(grad, idx, valid), _pad(q, idx, valid), _pad(k, idx, valid), _pad(v, idx, valid),
                             mask, scale, dropout_p, seed)
@@ -258,7 +244,7 @@ def _attention(
 @_attention.register_fake
 def _(q, k, v, mask, scale, dropout_p, seed, backend):
     B, H, S_q, D = q.shape
-    return _bshd_empty(B, H, S_q, D, q.dtype, q.device), q.new_empty((2, B, H, S_q), dtype=_acc(q.dtype))
+    return _bshd_empty(B, H, S_q, D, q.dtype, q.device), q.new_empty((2, B, H, S_q), dtype=acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("bertkern::attention_backward", mutates_args=())
@@ -333,7 +319,7 @@ def _attention_varlen(
 @_attention_varlen.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, backend):
     total, H, D = q.shape
-    return q.new_empty((total, H, D)), q.new_empty((2, H, total), dtype=_acc(q.dtype))
+    return q.new_empty((total, H, D)), q.new_empty((2, H, total), dtype=acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("bertkern::attention_varlen_backward", mutates_args=())
@@ -389,15 +375,15 @@ def _pick_backend(op: str, backend: str | None, q: torch.Tensor, dropout_p: floa
         if requested in ("sdpa", "varlen_attn"):
             return requested
     elif requested == "cuda" and _backend.unavailable_reason("cuda", q.device) is None:
-        why = _cuda_unsupported(q)
-        if why is not None and _unsupported(q) is None:
-            _backend._warn_once(f"bertkern.ops.{op}: the CUDA kernel does not cover this input ({why}); "
+        why = cuda_unsupported(q)
+        if why is not None and kernel_unsupported(q) is None:
+            _backend.warn_once(f"bertkern.ops.{op}: the CUDA kernel does not cover this input ({why}); "
                                 "running the Triton kernel")
             requested = "triton"
-    return _backend.resolve(op, requested, q.device, _unsupported(q))
+    return _backend.resolve(op, requested, q.device, kernel_unsupported(q))
 
 
-def _cuda_unsupported(q: torch.Tensor) -> str | None:
+def cuda_unsupported(q: torch.Tensor) -> str | None:
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype}: the CUDA kernels are fp16 / bf16"
     if q.shape[-1] > CUDA_MAX_HEAD_DIM:
@@ -407,7 +393,7 @@ def _cuda_unsupported(q: torch.Tensor) -> str | None:
     return None
 
 
-def _unsupported(q: torch.Tensor) -> str | None:
+def kernel_unsupported(q: torch.Tensor) -> str | None:
     if q.dtype not in _TRITON_DTYPES:
         return f"dtype {q.dtype} has no attention kernel"
     if q.shape[-1] > MAX_HEAD_DIM:

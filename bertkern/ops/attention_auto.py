@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bertkern._utils import varlen_index
+
 # Buckets: head dim <= 64 / <= 128 / larger; sequence (S, or max_seqlen) <= 128 / <= 512 / longer.
 HEAD_BUCKETS = (64, 128)
 SEQ_BUCKETS = (128, 512)
@@ -79,9 +81,9 @@ def _can_run(choice: str, op: str, q: torch.Tensor, dropout_p: float) -> bool:
         return (op == "attention_varlen" and dropout_p == 0.0 and q.device.type == "cuda"
                 and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
                 and _varlen_attn() is not None and torch.cuda.get_device_capability(q.device)[0] >= 8)
-    if choice == "cuda" and _attn._cuda_unsupported(q) is not None:
+    if choice == "cuda" and _attn.cuda_unsupported(q) is not None:
         return False
-    return _backend.unavailable_reason(choice, q.device) is None and _attn._unsupported(q) is None
+    return _backend.unavailable_reason(choice, q.device) is None and _attn.kernel_unsupported(q) is None
 
 
 def choose(op: str, q: torch.Tensor, dropout_p: float, seq: int | None = None) -> str:
@@ -131,12 +133,10 @@ def sdpa(q, k, v, mask, scale: float, dropout_p: float) -> torch.Tensor:
 def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale: float, dropout_p: float) -> torch.Tensor:
     """Packed [total, H, D] attention as SDPA over [B, max_seqlen] blocks: gather, attend under a
     key-padding mask, scatter back. Differentiable through torch's autograd."""
-    from bertkern.ops.attention import _varlen_index
-
     total = q.shape[0]
     if total == 0 or cu_seqlens.numel() < 2 or max_seqlen == 0:
         return torch.zeros_like(q)
-    idx, valid = _varlen_index(cu_seqlens, max_seqlen, total)  # [B, max_seqlen]
+    idx, valid = varlen_index(cu_seqlens, max_seqlen, total)  # [B, max_seqlen]
     blocks = [t[idx].transpose(1, 2) for t in (q, k, v)]  # [B, H, max_seqlen, D]
     out = sdpa(*blocks, valid[:, None, None, :], scale, dropout_p).transpose(1, 2)  # [B, max_seqlen, H, D]
     # Each packed token's (sequence, position), so the gather back has a static shape (no bool mask).

@@ -9,6 +9,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
+from bertkern._utils import contiguous_or_none
 
 
 def _kernels(backend: str):
@@ -28,16 +29,12 @@ def _kernels(backend: str):
     return reference.bias_gelu, reference.bias_gelu_backward
 
 
-def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
-
-
 @torch.library.custom_op("bertkern::bias_gelu", mutates_args=())
 def _bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str, backend: str) -> torch.Tensor:
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     forward, _ = _kernels(backend)
-    return forward(_backend.as_rows(x), _contiguous(bias), approximate).view(x.shape)
+    return forward(_backend.as_rows(x), contiguous_or_none(bias), approximate).view(x.shape)
 
 
 @_bias_gelu.register_fake
@@ -56,7 +53,7 @@ def _bias_gelu_backward(
             no_dbias if bias is None else torch.zeros_like(bias)
         )
     _, backward = _kernels(backend)
-    dx, dbias = backward(_backend.as_rows(grad), _backend.as_rows(x), _contiguous(bias), approximate)
+    dx, dbias = backward(_backend.as_rows(grad), _backend.as_rows(x), contiguous_or_none(bias), approximate)
     return dx.view(x.shape), (no_dbias if bias is None else dbias)
 
 

@@ -38,39 +38,30 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
+from bertkern._utils import acc_dtype, contiguous_or_none, empty, keep_mask
 
 
 # ---------------------------------------------------------------- torch backend (2-D rows)
-def _empty(like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(0)
-
-
-def _keep(seed: torch.Tensor | None, shape, dropout_p: float) -> torch.Tensor | None:
-    if seed is None or dropout_p <= 0.0:
-        return None
-    return reference.dropout_keep_mask(seed, shape, dropout_p)
-
-
 def _torch_forward(x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm):
-    keep = _keep(seed, x.shape, dropout_p)
+    keep = keep_mask(seed, x.shape, dropout_p)
     h = reference.add_layer_norm_prenorm(x, residual, x_bias, dropout_p if keep is not None else 0.0, keep=keep)
     mean, rstd = reference.layer_norm_stats(h, eps)
     w = None if weight is None else weight.to(h.dtype)
     b = None if bias is None else bias.to(h.dtype)
     y = torch.nn.functional.layer_norm(h, h.shape[-1:], w, b, eps).to(x.dtype)
     # copy=True: with nothing added, h is x itself, and a custom op's output must not alias an input.
-    return y, (h.to(x.dtype, copy=True) if store_prenorm else _empty(x)), mean, rstd
+    return y, (h.to(x.dtype, copy=True) if store_prenorm else empty(x)), mean, rstd
 
 
 def _torch_backward(grad, grad_prenorm, h, mean, rstd, weight, seed, dropout_p, need_dw, need_db, need_dxb):
-    keep = _keep(seed, h.shape, dropout_p)
+    keep = keep_mask(seed, h.shape, dropout_p)
     dh, dx, dw, db, dxb = reference.add_layer_norm_backward(grad, h, mean, rstd, weight, keep, dropout_p, grad_prenorm)
     return (
         dh,
-        dx if keep is not None else _empty(h),
-        dw.to(h.dtype) if need_dw else _empty(h),
-        db.to(h.dtype) if need_db else _empty(h),
-        dxb.to(h.dtype) if need_dxb else _empty(h),
+        dx if keep is not None else empty(h),
+        dw.to(h.dtype) if need_dw else empty(h),
+        db.to(h.dtype) if need_db else empty(h),
+        dxb.to(h.dtype) if need_dxb else empty(h),
     )
 
 
@@ -90,11 +81,6 @@ def _rows_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else _backend.as_rows(t)
 
 
-def _vec(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A [N] parameter with unit stride (the kernels index it directly)."""
-    return None if t is None else t.contiguous()
-
-
 # ---------------------------------------------------------------- add_layer_norm custom ops
 @torch.library.custom_op("bertkern::add_layer_norm", mutates_args=())
 def _add_layer_norm(
@@ -111,8 +97,8 @@ def _add_layer_norm(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     forward, _ = _kernels(backend)
     y, prenorm, mean, rstd = forward(
-        _backend.as_rows(x), _rows_or_none(residual), _vec(weight), _vec(bias), _vec(x_bias), seed, eps, dropout_p,
-        store_prenorm,
+        _backend.as_rows(x), _rows_or_none(residual), contiguous_or_none(weight), contiguous_or_none(bias),
+        contiguous_or_none(x_bias), seed, eps, dropout_p, store_prenorm,
     )
     stats = x.shape[:-1]
     return y.view(x.shape), (prenorm.view(x.shape) if store_prenorm else prenorm), mean.view(stats), rstd.view(stats)
@@ -120,7 +106,7 @@ def _add_layer_norm(
 
 @_add_layer_norm.register_fake
 def _(x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm, backend):
-    acc = reference._acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     prenorm = x.new_empty(x.shape) if store_prenorm else x.new_empty(0)
     stats = x.shape[:-1]
     return x.new_empty(x.shape), prenorm, x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
@@ -145,7 +131,8 @@ def _add_layer_norm_backward(
     n = h.shape[-1]
     dh, dx, dw, db, dxb = backward(
         _backend.as_rows(grad), _rows_or_none(grad_prenorm), _backend.as_rows(h),
-        mean.reshape(-1), rstd.reshape(-1), _vec(weight), seed, dropout_p, need_dweight, need_dbias, need_dx_bias,
+        mean.reshape(-1), rstd.reshape(-1), contiguous_or_none(weight), seed, dropout_p,
+        need_dweight, need_dbias, need_dx_bias,
     )
     assert dw.numel() in (0, n) and db.numel() in (0, n) and dxb.numel() in (0, n)
     return dh.view(h.shape), (dx.view(h.shape) if dx.dim() == 2 else dx), dw, db, dxb  # 1-D [0]: no dx
@@ -302,7 +289,7 @@ def _emb_torch_forward(ids, pids, tids, word, pos, typ, weight, bias, eps, store
     b = None if bias is None else bias.to(e.dtype)
     y = torch.nn.functional.layer_norm(e, e.shape[-1:], w, b, eps).to(word.dtype)
     n = word.shape[1]
-    prenorm = e.to(word.dtype).reshape(-1, n) if store_prenorm else _empty(word)
+    prenorm = e.to(word.dtype).reshape(-1, n) if store_prenorm else empty(word)
     return y.reshape(-1, n), prenorm, mean.reshape(-1), rstd.reshape(-1)
 
 
@@ -324,7 +311,7 @@ def _embedding_layer_norm(
     shape = input_ids.shape
     ids, pids, tids = (_ids_2d(t, shape) for t in (input_ids, position_ids, token_type_ids))
     tables = (_rows_or_none(t) for t in (word_embeddings, position_embeddings, token_type_embeddings))
-    args = (ids, pids, tids, *tables, _vec(weight), _vec(bias), eps, store_prenorm)
+    args = (ids, pids, tids, *tables, contiguous_or_none(weight), contiguous_or_none(bias), eps, store_prenorm)
     if backend == "torch":
         y, prenorm, mean, rstd = _emb_torch_forward(*args)
     else:  # triton, and cuda (which uses the Triton kernel for the gather; see embedding_layer_norm)
@@ -340,7 +327,7 @@ def _(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddi
       weight, bias, eps, padding_idx, store_prenorm, backend):
     w = word_embeddings
     out = (*input_ids.shape, w.shape[1])
-    acc = reference._acc_dtype(w.dtype)
+    acc = acc_dtype(w.dtype)
     prenorm = w.new_empty(out) if store_prenorm else w.new_empty(0)
     return w.new_empty(out), prenorm, w.new_empty(input_ids.shape, dtype=acc), w.new_empty(input_ids.shape, dtype=acc)
 
@@ -380,7 +367,7 @@ def _emb_backward(ctx, grad, _grad_prenorm, _grad_mean, _grad_rstd):
         weight is not None and need[6], ctx.has_bias and need[7], False, ln_backend,
     )
     n = prenorm.shape[-1]
-    acc = reference._acc_dtype(ctx.dtype)
+    acc = acc_dtype(ctx.dtype)
     d = dh.reshape(-1, n).to(acc)
     n_word, n_pos, n_type = ctx.rows
     dword = dpos = dtype_ = None
@@ -525,7 +512,7 @@ def embedding_layer_norm(
         unsupported = _triton_embedding_unsupported(word.shape[1])
     chosen = _backend.resolve("embedding_layer_norm", backend, word.device, unsupported)
     if chosen == "cuda" and _backend.triton_status()[0] is False:
-        _backend._warn_once("bertkern.ops.embedding_layer_norm: the cuda backend needs triton for the "
+        _backend.warn_once("bertkern.ops.embedding_layer_norm: the cuda backend needs triton for the "
                             "embedding gather; falling back to the torch backend")
         chosen = "torch"
     if position_embeddings is None:

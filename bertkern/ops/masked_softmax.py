@@ -24,6 +24,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
+from bertkern._utils import acc_dtype
 
 _NAME = "bertkern.ops.masked_softmax"
 
@@ -74,7 +75,7 @@ def _masked_softmax(
         out = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
         return out, torch.empty(scores.shape if dropout else (0,), dtype=scores.dtype, device=scores.device)
     if backend == "torch":
-        acc = reference._acc_dtype(scores.dtype)
+        acc = acc_dtype(scores.dtype)
         p = reference.masked_softmax(scores.to(acc), mask, scale)  # fp32 (fp64) softmax, rounded once below
         if not dropout:
             return p.to(scores.dtype).contiguous(), scores.new_empty(0)

@@ -59,8 +59,8 @@ import triton
 import triton.language as tl
 
 from bertkern import backend as _backend
-from bertkern import reference
-from bertkern.triton.masked_softmax import _dropout_keep
+from bertkern._utils import dropout_args
+from bertkern.triton.masked_softmax import dropout_keep
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634  # the kernels compute in log2 units: 2^(x log2 e) = e^x
@@ -212,7 +212,7 @@ def _fwd_step(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if DROPOUT:
-        keep = _dropout_keep(SEED, rows, start_n, thresh, BLOCK_M, BLOCK_N)
+        keep = dropout_keep(SEED, rows, start_n, thresh, BLOCK_M, BLOCK_N)
         p = tl.where(keep, p, 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, l_i, m_new
@@ -357,7 +357,7 @@ def _dkdv_step(
         pt = _exp_logit(st - row_max[None, :], FOLD, FAST_EXP) * inv_l[None, :]
     dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
     if DROPOUT:
-        keep = tl.trans(_dropout_keep(SEED, row0 + offs_m, col0, thresh, BLOCK_M, BLOCK_N))
+        keep = tl.trans(dropout_keep(SEED, row0 + offs_m, col0, thresh, BLOCK_M, BLOCK_N))
         pdt = tl.where(keep, pt * keep_scale, 0.0)
         dpt = tl.where(keep, dpt * keep_scale, 0.0)
     else:
@@ -478,7 +478,7 @@ def _dq_step(
         p = _exp_logit(s - row_max[:, None], FOLD, FAST_EXP) * inv_l[:, None]
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     if DROPOUT:
-        keep = _dropout_keep(SEED, rows, start_n, thresh, BLOCK_M, BLOCK_N)
+        keep = dropout_keep(SEED, rows, start_n, thresh, BLOCK_M, BLOCK_N)
         dp = tl.where(keep, dp * keep_scale, 0.0)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
@@ -625,15 +625,6 @@ def _mask_args(mask: torch.Tensor | None, like: torch.Tensor):
     return 2, float(torch.finfo(mask.dtype).min), mask, mask.stride(), rows
 
 
-def _dropout_args(dropout_p: float, seed: torch.Tensor | None, like: torch.Tensor):
-    if dropout_p <= 0.0:
-        return like, 1.0, 0
-    if seed is None:
-        raise ValueError("bertkern.ops.attention: dropout_p > 0 needs a seed tensor")
-    # p == 1: threshold 2**31 does not fit the int32 compare, but keep_scale is 0 so everything is 0.
-    return seed, reference.dropout_scale(dropout_p), min(reference.dropout_threshold(dropout_p), 2**31 - 1)
-
-
 def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     """(batch, head, token) strides: [B, H, S, D] padded, [total, H, D] packed (batch stride unused)."""
     if varlen:
@@ -659,7 +650,7 @@ def _launch_forward(q, k, v, out, stats, st_strides, mask, seed, cu, B, H, S_q, 
                     varlen):
     D = q.shape[-1]
     kind, mask_min, m_arg, m_strides, m_rows = _mask_args(mask, q)
-    seed_t, keep_scale, thresh = _dropout_args(dropout_p, seed, q)
+    seed_t, keep_scale, thresh = dropout_args("attention", dropout_p, seed, q)
     block_m, block_n, warps, stages = fwd_config(D, S_q, q.element_size(), kind, m_rows, dropout_p > 0.0,
                                                  _capability(q.device))
     grid = (triton.cdiv(S_q, block_m) * B * H,)  # one axis: see _program
@@ -677,7 +668,7 @@ def _launch_backward(grad, q, k, v, out, stats, st_strides, dq, dk, dv, mask, se
                      scale, dropout_p, varlen):
     D = q.shape[-1]
     kind, mask_min, m_arg, m_strides, m_rows = _mask_args(mask, q)
-    seed_t, keep_scale, thresh = _dropout_args(dropout_p, seed, q)
+    seed_t, keep_scale, thresh = dropout_args("attention", dropout_p, seed, q)
     cap = _capability(q.device)
     (m1, n1, w1, st1), (m2, n2, w2, st2) = bwd_config(D, S_q, q.element_size(), kind, m_rows, dropout_p > 0.0, cap)
     flags = _kernel_flags(q, D, scale)

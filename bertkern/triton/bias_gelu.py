@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bertkern._utils import num_sms
+
 # The GELU constants are written as literals inside the jit functions: a compiled kernel cannot read
 # module-level Python floats (Triton raises NameError; its interpreter alone accepts them).
 #   0.7071067811865476 = 1 / sqrt(2), 0.3989422804014327 = 1 / sqrt(2 pi),
@@ -90,12 +92,6 @@ def _tiles(N: int) -> tuple[int, int]:
     return max(1, 4096 // block_n), block_n
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: few programs keep CPU tests fast
-
-
 def forward(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
     M, N = x.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -116,7 +112,7 @@ def backward(
     block_m, block_n = _tiles(N)
     col_tiles = triton.cdiv(N, block_n)
     # Enough row-programs to fill the GPU a few times over; each keeps one fp32 partial row of dbias.
-    row_programs = max(1, min(triton.cdiv(M, block_m), 4 * _num_sms(x.device) // col_tiles))
+    row_programs = max(1, min(triton.cdiv(M, block_m), 4 * num_sms(x.device, interpreted=4) // col_tiles))
     rows_per_program = triton.cdiv(triton.cdiv(M, row_programs), block_m) * block_m
     row_programs = triton.cdiv(M, rows_per_program)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32

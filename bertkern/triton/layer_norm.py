@@ -25,6 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from bertkern import reference
+from bertkern._utils import acc_dtype, empty, num_sms
+
 # Widest row kept in registers as one tile (16 warps x 32 lanes x 32 fp32 values); wider rows loop
 # over LOOP_BLOCK_N-wide chunks. Module attributes so tests can shrink them to reach the loop path.
 MAX_BLOCK_N = 16384
@@ -309,10 +312,6 @@ def _emb_ln_fwd_kernel(
 
 
 # ---------------------------------------------------------------- launch helpers
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _tiles(N: int) -> tuple[int, int, int, bool]:
     """(BLOCK_M, BLOCK_N, num_warps, loop) for rows N wide."""
     block_n = max(4, triton.next_power_of_2(N))  # >= 4: one Philox call covers 4 columns
@@ -325,20 +324,10 @@ def _tiles(N: int) -> tuple[int, int, int, bool]:
     return block_m, block_n, num_warps, False
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # interpreter: few programs keep CPU tests fast
-
-
 def _dropout_args(dropout_p: float) -> tuple[int, float]:
-    from bertkern.reference import dropout_scale, dropout_threshold
-
-    return dropout_threshold(dropout_p), dropout_scale(dropout_p)
-
-
-def _empty(like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(0)
+    """(threshold, keep scale), passed even without dropout. Unclamped, unlike _utils.dropout_args:
+    2**31 at p == 1 goes in as int64 and keeps nothing."""
+    return reference.dropout_threshold(dropout_p), reference.dropout_scale(dropout_p)
 
 
 def forward(
@@ -355,9 +344,9 @@ def forward(
     """(y, prenorm or empty, mean, rstd) of add_layer_norm on [M, N] row views; seed is an int64
     device tensor (one element) when dropout_p > 0, else None."""
     M, N = x.shape
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    prenorm = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_prenorm else _empty(x)
+    prenorm = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_prenorm else empty(x)
     mean = torch.empty((M,), dtype=acc, device=x.device)
     rstd = torch.empty((M,), dtype=acc, device=x.device)
     if M == 0:
@@ -396,12 +385,12 @@ def backward(
     with dropout (seed given). The column sums come back in h's dtype, empty unless asked for.
     """
     M, N = h.shape
-    acc = _acc_dtype(h.dtype)
+    acc = acc_dtype(h.dtype)
     has_dropout = seed is not None and dropout_p > 0.0
     dh = torch.empty((M, N), dtype=h.dtype, device=h.device)
-    dx = torch.empty((M, N), dtype=h.dtype, device=h.device) if has_dropout else _empty(h)
+    dx = torch.empty((M, N), dtype=h.dtype, device=h.device) if has_dropout else empty(h)
     if M == 0:
-        sums = [torch.zeros(N, dtype=h.dtype, device=h.device) if need else _empty(h)
+        sums = [torch.zeros(N, dtype=h.dtype, device=h.device) if need else empty(h)
                 for need in (need_dweight, need_dbias, need_dx_bias)]
         return (dh, dx, *sums)
     block_m, block_n, num_warps, loop = _tiles(N)
@@ -412,7 +401,7 @@ def backward(
         # get a warp per 512 columns, or 4096-wide bf16 rows spill (tests/test_triton_compile.py).
         block_m, num_warps = 1, min(16, max(4, block_n // 512))
     # Enough programs to fill the GPU a few times over; each keeps one fp32 partial row per column sum.
-    programs = min(triton.cdiv(M, block_m), 4 * _num_sms(h.device))
+    programs = min(triton.cdiv(M, block_m), 4 * num_sms(h.device, interpreted=2))
     rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
     programs = triton.cdiv(M, rows_per_program)
     alloc = torch.zeros if loop else torch.empty  # the loop path accumulates into its partial rows
@@ -430,7 +419,7 @@ def backward(
         NEED_DW=need_dweight, NEED_DB=need_dbias, NEED_DXB=need_dx_bias, LOOP=loop,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
-    sums = [p.sum(0).to(h.dtype) if p is not None else _empty(h) for p in parts]
+    sums = [p.sum(0).to(h.dtype) if p is not None else empty(h) for p in parts]
     return (dh, dx, *sums)
 
 
@@ -462,9 +451,9 @@ def embedding_forward(
     [B, S] views (any strides, e.g. expanded), M = B * S; position_ids None means arange(S)."""
     Bt, S = input_ids.shape
     M, N = Bt * S, word.shape[1]
-    acc = _acc_dtype(word.dtype)
+    acc = acc_dtype(word.dtype)
     y = torch.empty((M, N), dtype=word.dtype, device=word.device)
-    prenorm = torch.empty((M, N), dtype=word.dtype, device=word.device) if store_prenorm else _empty(word)
+    prenorm = torch.empty((M, N), dtype=word.dtype, device=word.device) if store_prenorm else empty(word)
     mean = torch.empty((M,), dtype=acc, device=word.device)
     rstd = torch.empty((M,), dtype=acc, device=word.device)
     if M == 0:

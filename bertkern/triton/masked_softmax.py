@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from bertkern import backend as _backend
-from bertkern import reference
+from bertkern._utils import dropout_args
 
 # Rows longer than this loop over CHUNK-wide tiles (tests lower both to exercise the loop on CPU).
 MAX_BLOCK_N = 8192
@@ -49,7 +49,7 @@ def _philox(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def _dropout_keep(SEED, rows, col_start, thresh, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def dropout_keep(SEED, rows, col_start, thresh, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """[ROWS, BLOCK_N] keep flags of columns col_start + [0, BLOCK_N) (col_start % 4 == 0)."""
     seed = tl.load(SEED).to(tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
@@ -117,7 +117,7 @@ def _fwd_kernel(
     out = rows[:, None] * N + cols[None, :]
     if DROPOUT:
         tl.store(P + out, p.to(P.dtype.element_ty), mask=ok)
-        keep = _dropout_keep(SEED, rows, 0, thresh, ROWS, BLOCK_N)
+        keep = dropout_keep(SEED, rows, 0, thresh, ROWS, BLOCK_N)
         p = tl.where(keep, p * keep_scale, 0.0)
     tl.store(Y + out, p.to(Y.dtype.element_ty), mask=ok)
 
@@ -156,7 +156,7 @@ def _fwd_looped_kernel(
         out = rows[:, None] * N + cols[None, :]
         if DROPOUT:
             tl.store(P + out, p.to(P.dtype.element_ty), mask=ok)
-            keep = _dropout_keep(SEED, rows, start, thresh, ROWS, BLOCK_N)
+            keep = dropout_keep(SEED, rows, start, thresh, ROWS, BLOCK_N)
             p = tl.where(keep, p * keep_scale, 0.0)
         tl.store(Y + out, p.to(Y.dtype.element_ty), mask=ok)
 
@@ -174,7 +174,7 @@ def _bwd_kernel(
     p = p.to(acc)
     dp = tl.load(G + rows[:, None] * s_g + cols[None, :], mask=ok, other=0.0).to(acc)
     if DROPOUT:
-        keep = _dropout_keep(SEED, rows, 0, thresh, ROWS, BLOCK_N)
+        keep = dropout_keep(SEED, rows, 0, thresh, ROWS, BLOCK_N)
         dp = tl.where(keep, dp * keep_scale, 0.0)
     dot = tl.sum(dp * p, 1)
     dx = scale * p * (dp - dot[:, None])
@@ -196,7 +196,7 @@ def _bwd_looped_kernel(
         p = tl.load(P + rows[:, None] * s_p + cols[None, :], mask=ok, other=0.0).to(acc)
         dp = tl.load(G + rows[:, None] * s_g + cols[None, :], mask=ok, other=0.0).to(acc)
         if DROPOUT:
-            keep = _dropout_keep(SEED, rows, start, thresh, ROWS, BLOCK_N)
+            keep = dropout_keep(SEED, rows, start, thresh, ROWS, BLOCK_N)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         dot += tl.sum(dp * p, 1)
     for start in range(0, N, BLOCK_N):
@@ -205,7 +205,7 @@ def _bwd_looped_kernel(
         p = tl.load(P + rows[:, None] * s_p + cols[None, :], mask=ok, other=0.0).to(acc)
         dp = tl.load(G + rows[:, None] * s_g + cols[None, :], mask=ok, other=0.0).to(acc)
         if DROPOUT:
-            keep = _dropout_keep(SEED, rows, start, thresh, ROWS, BLOCK_N)
+            keep = dropout_keep(SEED, rows, start, thresh, ROWS, BLOCK_N)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         dx = scale * p * (dp - dot[:, None])
         tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
@@ -224,16 +224,6 @@ def _config(N: int, rows: int) -> tuple[bool, int, int, int]:
     return looped, rows_per_program, block_n, num_warps
 
 
-def _dropout_args(dropout_p: float, seed: torch.Tensor | None, like: torch.Tensor):
-    if dropout_p <= 0.0:
-        return like, 1.0, 0
-    if seed is None:
-        raise ValueError("bertkern.ops.masked_softmax: dropout_p > 0 needs a seed tensor")
-    thresh = reference.dropout_threshold(dropout_p)
-    # 2**31 (p == 1) would not fit an int32 compare; keep_scale is 0 there, so every output is 0 anyway.
-    return seed, reference.dropout_scale(dropout_p), min(thresh, 2**31 - 1)
-
-
 def forward(
     scores: torch.Tensor, mask: torch.Tensor | None, scale: float, dropout_p: float, seed: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +235,7 @@ def forward(
     dropout = dropout_p > 0.0
     y = torch.empty((R, N), dtype=scores.dtype, device=scores.device)
     probs = torch.empty((R, N) if dropout else (0,), dtype=scores.dtype, device=scores.device)
-    seed_t, keep_scale, thresh = _dropout_args(dropout_p, seed, y)
+    seed_t, keep_scale, thresh = dropout_args("masked_softmax", dropout_p, seed, y)
     if mask is None:
         kind, mask_min, m_arg, m_strides = 0, 0.0, scores, (0, 0, 0, 0)
     elif mask.dtype == torch.bool:
@@ -271,7 +261,7 @@ def backward(
     R, N = probs.shape
     dx = torch.empty((R, N), dtype=probs.dtype, device=probs.device)
     dropout = dropout_p > 0.0
-    seed_t, keep_scale, thresh = _dropout_args(dropout_p, seed, dx)
+    seed_t, keep_scale, thresh = dropout_args("masked_softmax", dropout_p, seed, dx)
     looped, rows_pp, block_n, num_warps = _config(N, R)
     kernel = _bwd_looped_kernel if looped else _bwd_kernel
     kernel[(triton.cdiv(R, rows_pp),)](

@@ -1,0 +1,62 @@
+"""Small helpers shared by the ops, their Triton launchers and the reference (one copy each).
+
+Imports only torch at module level: bertkern.reference imports this module, so the helpers that
+need the reference import it where they run.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: fp64 stays fp64, everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_sms(device: torch.device, interpreted: int) -> int:
+    """SMs of a CUDA device; `interpreted` elsewhere (the Triton interpreter: few programs keep CPU
+    tests fast)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return interpreted
+
+
+def empty(like: torch.Tensor) -> torch.Tensor:
+    """The 0-element placeholder the ops return for an output that was not asked for."""
+    return like.new_empty(0)
+
+
+def contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A [N] parameter with unit stride (the kernels index it directly), or None."""
+    return None if t is None else t.contiguous()
+
+
+def keep_mask(seed: torch.Tensor | None, shape, dropout_p: float) -> torch.Tensor | None:
+    """The eager dropout keep mask of `shape`, or None without dropout (no seed or p <= 0)."""
+    from bertkern import reference
+
+    if seed is None or dropout_p <= 0.0:
+        return None
+    return reference.dropout_keep_mask(seed, shape, dropout_p)
+
+
+def dropout_args(op: str, dropout_p: float, seed: torch.Tensor | None, like: torch.Tensor):
+    """(seed pointer, keep scale, int32 threshold) for a kernel that takes dropout; without dropout
+    `like` stands in for the unused seed pointer."""
+    from bertkern import reference
+
+    if dropout_p <= 0.0:
+        return like, 1.0, 0
+    if seed is None:
+        raise ValueError(f"bertkern.ops.{op}: dropout_p > 0 needs a seed tensor")
+    # p == 1: threshold 2**31 does not fit the int32 compare, but keep_scale is 0 so everything is 0.
+    return seed, reference.dropout_scale(dropout_p), min(reference.dropout_threshold(dropout_p), 2**31 - 1)
+
+
+def varlen_index(cu_seqlens: torch.Tensor, max_seqlen: int, total: int):
+    """(idx [B, max_seqlen] packed token of (b, i), clamped; valid [B, max_seqlen] i < length_b)."""
+    cu = cu_seqlens.to(torch.int64)
+    pos = torch.arange(max_seqlen, device=cu.device)
+    valid = pos[None, :] < (cu[1:] - cu[:-1])[:, None]
+    idx = (cu[:-1, None] + pos[None, :]).clamp(0, max(total - 1, 0))
+    return idx, valid
