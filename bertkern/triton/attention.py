@@ -54,6 +54,8 @@ are upcast to fp32 (the interpreter's bf16 dot is wrong).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -746,3 +748,29 @@ def varlen_backward(grad, q, k, v, cu_seqlens, max_seqlen: int, out, stats, scal
         _launch_backward(grad, q, k, v, out, stats, (0, total), dq, dk, dv, None, seed, cu_seqlens, B, H, max_seqlen,
                          max_seqlen, max_seqlen, scale, dropout_p, True)
     return dq, dk, dv
+
+
+# ---------------------------------------------------------------- compile cases (bertkern.triton.compile_check)
+def compile_launch(op, direction, dt, params, meta):
+    """The call that makes this op's launches on meta tensors (`meta(shape, dtype)`), for the compile
+    test and the SASS report."""
+    B, H, S, D, v = 8, 12, params["S"], params["D"], params["variant"]
+    p = 0.1 if "dropout" in v else 0.0
+    s = meta((1,), "int64") if p else None
+    if v.startswith("varlen"):
+        t, cu = meta((B * S, H, D), dt), meta((B + 1,), "int32")
+        if direction == "fwd":
+            return functools.partial(varlen_forward, t, t, t, cu, S, 0.125, p, s)
+        stats = meta((2, H, B * S), "float32")
+        return functools.partial(varlen_backward, t, t, t, t, cu, S, t, stats, 0.125, p, s)
+    mask = {
+        "none": None,
+        "bool_padding": meta((B, 1, 1, S), "bool").expand(B, H, S, S),
+        "additive_padding_dropout": meta((B, 1, 1, S), dt).expand(B, H, S, S),
+        "float_BHSS": meta((B, H, S, S), dt),
+    }[v]
+    t = meta((B, H, S, D), dt)
+    if direction == "fwd":
+        return functools.partial(forward, t, t, t, mask, 0.125, p, s)
+    stats = meta((2, B, H, S), "float32")
+    return functools.partial(backward, t, t, t, t, mask, t, stats, 0.125, p, s)

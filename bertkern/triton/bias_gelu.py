@@ -6,6 +6,8 @@ one partial row, and the few partial rows are summed afterwards (deterministic, 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -124,3 +126,14 @@ def backward(
     )
     dbias = partial.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dbias
+
+
+# ---------------------------------------------------------------- compile cases (bertkern.triton.compile_check)
+def compile_launch(op, direction, dt, params, meta):
+    """The call that makes this op's launches on meta tensors (`meta(shape, dtype)`), for the compile
+    test and the SASS report."""
+    M, N = 4096, params["N"]
+    x, b = meta((M, N), dt), (meta((N,), dt) if params.get("bias", True) else None)
+    if direction == "fwd":
+        return functools.partial(forward, x, b, params["approximate"])
+    return functools.partial(backward, meta((M, N), dt), x, b, params["approximate"])

@@ -7,7 +7,8 @@ GPU), and the bundled cuobjdump reads its registers and stack (spill) bytes.
 
 The launches themselves come from the modules' own launch functions (bias_gelu.forward,
 attention.backward, ...) called on meta tensors with each @triton.jit kernel swapped for a recorder
-(op_launch, record_launches, launch_job), so what is compiled is exactly what the code launches.
+(op_launch, record_launches, launch_job), so what is compiled is exactly what the code launches. Each
+Triton module declares its ops' calls in its own compile_launch; op_launch only looks the module up.
 
 Needs TRITON_INTERPRET unset when triton is imported (under the interpreter @triton.jit gives
 interpreted functions that cannot be compiled). Used by tests/test_triton_compile.py and
@@ -18,7 +19,6 @@ from __future__ import annotations
 import re
 import subprocess
 import tempfile
-from functools import partial
 
 import triton
 
@@ -113,69 +113,19 @@ def meta(shape, dtype):
                                            .get(dtype, dtype)), device="meta")
 
 
+# The Triton module that declares each op's compile launches (its compile_launch).
+OP_MODULES = {"bias_gelu": "bias_gelu", "add_layer_norm": "layer_norm", "embedding_layer_norm": "layer_norm",
+              "masked_softmax": "masked_softmax", "attention": "attention"}
+
+
 def op_launch(op, direction, dt, params):
     """(module, call) that makes the launches of one op on meta tensors."""
-    from bertkern.triton import attention, bias_gelu, layer_norm, masked_softmax
+    import importlib
 
-    seed = meta((1,), "int64")
-    if op == "bias_gelu":
-        M, N = 4096, params["N"]
-        x, b = meta((M, N), dt), (meta((N,), dt) if params.get("bias", True) else None)
-        if direction == "fwd":
-            return bias_gelu, partial(bias_gelu.forward, x, b, params["approximate"])
-        return bias_gelu, partial(bias_gelu.backward, meta((M, N), dt), x, b, params["approximate"])
-
-    if op == "add_layer_norm":
-        M, N, train = 4096, params["N"], params["variant"] == "train"
-        x, w = meta((M, N), dt), meta((N,), dt)
-        if direction == "fwd":  # BERT: y = LN(dropout(dense + bias) + residual)
-            # x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm
-            return layer_norm, partial(layer_norm.forward, x, meta((M, N), dt), w, w, w, seed if train else None,
-                                       1e-12, 0.1 if train else 0.0, train)
-        acc = meta((M,), "float32")
-        # dy, dprenorm, h, mean, rstd, weight, seed, dropout_p, need dweight / dbias / dx_bias
-        return layer_norm, partial(layer_norm.backward, x, x if train else None, x, acc, acc, w,
-                                   seed if train else None, 0.1 if train else 0.0, True, True, train)
-
-    if op == "embedding_layer_norm":
-        B, S, N = 8, 512, params["N"]
-        ids = meta((B, S), "int64")
-        return layer_norm, partial(layer_norm.embedding_forward, ids, None, ids, meta((30522, N), dt),
-                                   meta((512, N), dt), meta((2, N), dt), meta((N,), dt), meta((N,), dt),
-                                   1e-12, True)
-
-    if op == "masked_softmax":
-        B, H, N, p = 8, 12, params["N"], params["dropout_p"]
-        Q = min(N, 512)  # queries: only the row count depends on it
-        if direction == "bwd":
-            g = meta((B * H * Q, N), dt)
-            return masked_softmax, partial(masked_softmax.backward, g, g, 0.125, p, seed if p else None)
-        mask = meta((B, 1, 1, N), "bool" if params["mask"] == "bool" else dt).expand(B, H, Q, N)
-        return masked_softmax, partial(masked_softmax.forward, meta((B, H, Q, N), dt), mask, 0.125, p,
-                                       seed if p else None)
-
-    if op == "attention":
-        B, H, S, D, v = 8, 12, params["S"], params["D"], params["variant"]
-        p = 0.1 if "dropout" in v else 0.0
-        s = seed if p else None
-        if v.startswith("varlen"):
-            t, cu = meta((B * S, H, D), dt), meta((B + 1,), "int32")
-            if direction == "fwd":
-                return attention, partial(attention.varlen_forward, t, t, t, cu, S, 0.125, p, s)
-            stats = meta((2, H, B * S), "float32")
-            return attention, partial(attention.varlen_backward, t, t, t, t, cu, S, t, stats, 0.125, p, s)
-        mask = {
-            "none": None,
-            "bool_padding": meta((B, 1, 1, S), "bool").expand(B, H, S, S),
-            "additive_padding_dropout": meta((B, 1, 1, S), dt).expand(B, H, S, S),
-            "float_BHSS": meta((B, H, S, S), dt),
-        }[v]
-        t = meta((B, H, S, D), dt)
-        if direction == "fwd":
-            return attention, partial(attention.forward, t, t, t, mask, 0.125, p, s)
-        stats = meta((2, B, H, S), "float32")
-        return attention, partial(attention.backward, t, t, t, t, mask, t, stats, 0.125, p, s)
-    raise ValueError(op)
+    if op not in OP_MODULES:
+        raise ValueError(op)
+    module = importlib.import_module(f"bertkern.triton.{OP_MODULES[op]}")
+    return module, module.compile_launch(op, direction, dt, params, meta)
 
 
 class _Recorder:

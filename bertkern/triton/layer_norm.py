@@ -21,6 +21,8 @@ computed are returned as empty tensors.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -476,3 +478,25 @@ def embedding_forward(
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     return y, prenorm, mean, rstd
+
+
+# ---------------------------------------------------------------- compile cases (bertkern.triton.compile_check)
+def compile_launch(op, direction, dt, params, meta):
+    """The call that makes this op's launches on meta tensors (`meta(shape, dtype)`), for the compile
+    test and the SASS report."""
+    if op == "embedding_layer_norm":
+        B, S, N = 8, 512, params["N"]
+        ids = meta((B, S), "int64")
+        return functools.partial(embedding_forward, ids, None, ids, meta((30522, N), dt), meta((512, N), dt),
+                                 meta((2, N), dt), meta((N,), dt), meta((N,), dt), 1e-12, True)
+    # add_layer_norm
+    M, N, train = 4096, params["N"], params["variant"] == "train"
+    x, w, seed = meta((M, N), dt), meta((N,), dt), meta((1,), "int64")
+    if direction == "fwd":  # BERT: y = LN(dropout(dense + bias) + residual)
+        # x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm
+        return functools.partial(forward, x, meta((M, N), dt), w, w, w, seed if train else None,
+                                 1e-12, 0.1 if train else 0.0, train)
+    acc = meta((M,), "float32")
+    # dy, dprenorm, h, mean, rstd, weight, seed, dropout_p, need dweight / dbias / dx_bias
+    return functools.partial(backward, x, x if train else None, x, acc, acc, w,
+                             seed if train else None, 0.1 if train else 0.0, True, True, train)

@@ -22,6 +22,8 @@ online max/sum pass, then a normalising pass (the backward: a sum(dp * p) pass, 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -269,3 +271,17 @@ def backward(
         DROPOUT=dropout, ROWS=rows_pp, BLOCK_N=block_n, num_warps=num_warps,
     )
     return dx
+
+
+# ---------------------------------------------------------------- compile cases (bertkern.triton.compile_check)
+def compile_launch(op, direction, dt, params, meta):
+    """The call that makes this op's launches on meta tensors (`meta(shape, dtype)`), for the compile
+    test and the SASS report."""
+    B, H, N, p = 8, 12, params["N"], params["dropout_p"]
+    Q = min(N, 512)  # queries: only the row count depends on it
+    seed = meta((1,), "int64") if p else None
+    if direction == "bwd":
+        g = meta((B * H * Q, N), dt)
+        return functools.partial(backward, g, g, 0.125, p, seed)
+    mask = meta((B, 1, 1, N), "bool" if params["mask"] == "bool" else dt).expand(B, H, Q, N)
+    return functools.partial(forward, meta((B, H, Q, N), dt), mask, 0.125, p, seed)
