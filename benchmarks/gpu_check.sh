@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a lent GPU machine without internet (Python with torch + CUDA,
 # triton, transformers, pytest, pytest-benchmark installed): versions and nvidia-smi; build bertkern._C
-# for sm_90; bertkern info; pytest -m gpu, then all of tests/; the benchmarks (ops, then bert --quick,
+# for sm_90; bertkern info; pytest -m gpu, then (FULL_TESTS=1) all of tests/; the benchmarks (ops, then bert --quick,
 # then train --quick); results.tgz and the logs into $OUT. Every step runs under a time limit, a failed
 # step does not stop the next, and a summary table comes last. The benchmarks get BENCH_RESERVE_S
 # (330 s) of BUDGET_S (540 s), more if the tests finish early, split ops 30% / bert 45% / train 25% of
@@ -12,7 +12,8 @@
 #   BERTKERN_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh   # tree copied without .git
 #
 # Env: PYTHON (python3), BUDGET_S, BENCH_RESERVE_S, OUT (else a temp dir), SUITES ("ops bert train"),
-# SKIP_TESTS=1 (benchmarks only), OPS_ARGS / BERT_ARGS / TRAIN_ARGS (extra `bertkern bench` arguments).
+# SKIP_TESTS=1 (benchmarks only), FULL_TESTS=1 (all of tests/ after the gpu ones), GPU_TESTS_S (240),
+# BUILD_S (300), TEST_WORKERS (8, with pytest-xdist), OPS_ARGS / BERT_ARGS / TRAIN_ARGS (extra `bertkern bench` arguments).
 # MiniLM has its real weights when the tree carries .minilm/ (bertkern bench --export-minilm .minilm).
 # Exit status: the number of failed steps.
 set -u
@@ -79,14 +80,19 @@ build() {
 export PY
 export -f versions build
 step "versions + nvidia-smi" env.log 60 bash -c versions
-step "build bertkern._C (sm_90)" build.log 300 bash -c build
+step "build bertkern._C (sm_90)" build.log "${BUILD_S:-300}" bash -c build
 step "python -m bertkern.info" env.log 60 "$PY" -m bertkern.info
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  step "pytest -m gpu tests/" tests.log 240 "$PY" -m pytest -m gpu tests/ -q -ra -p no:cacheprovider
-  # The full suite gets what is left once BENCH_RESERVE_S are kept for the benchmarks. The CPU
-  # stand-ins for a GPU (the CUDA emulation, the host-side Triton compile) are CI's: skipped here.
-  step "pytest tests/ (all)" tests.log $(($(left) - BENCH_RESERVE_S)) "$PY" -m pytest tests/ -q -ra \
-    -p no:cacheprovider --ignore-glob='tests/test_*_emulated.py' --ignore=tests/test_triton_compile.py
+  # Several workers when pytest-xdist is there: the time goes to compiling Triton kernels, one per process.
+  XDIST=()
+  "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-8}")
+  step "pytest -m gpu tests/" tests.log "${GPU_TESTS_S:-240}" "$PY" -m pytest -m gpu tests/ -q -ra -p no:cacheprovider "${XDIST[@]}"
+  # FULL_TESTS=1: the rest of the suite too, in what is left once BENCH_RESERVE_S are kept for the
+  # benchmarks. The CPU stand-ins for a GPU (the CUDA emulation, the host-side Triton compile) are CI's.
+  if [ "${FULL_TESTS:-0}" = 1 ]; then
+    step "pytest tests/ (all)" tests.log $(($(left) - BENCH_RESERVE_S)) "$PY" -m pytest tests/ -q -ra \
+      -p no:cacheprovider "${XDIST[@]}" --ignore-glob='tests/test_*_emulated.py' --ignore=tests/test_triton_compile.py
+  fi
 fi
 
 # bench SUITE SHARE_PERCENT_OF_WHAT_IS_LEFT ARGS...: run.py --suite SUITE with a budget of that share
