@@ -28,14 +28,24 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Plain dicts rather than functools.lru_cache: torch.compile traces these calls and warns on lru_cache.
 _STATUS: dict[str, tuple[bool, str]] = {}
 _WARNED: set[str] = set()
+_ARCHS: dict[str, str | None] = {}  # "cuda": the arch list read from _C when it loaded
+
+# The status functions below read facts fixed for the process (the extension, the GPU's arch).
+# torch.compile calls them eagerly at trace time instead of tracing into them: a first call inside a
+# compiled region would otherwise trace build_info() or get_device_capability() (non-Tensor results:
+# a graph break, an error under fullgraph=True).
+_process_constant = torch.compiler.assume_constant_result
 
 
+@_process_constant
 def cuda_extension_status() -> tuple[bool, str]:
     """(built, why-not). Importing bertkern._C registers the torch.ops.bertkern_cuda ops."""
     if "cuda" not in _STATUS:
         try:
             from bertkern import _C  # noqa: F401
 
+            m = re.search(r"archs=(\S+)", str(torch.ops.bertkern_cuda.build_info()))
+            _ARCHS["cuda"] = m.group(1) if m and m.group(1) != "unknown" else None
             _STATUS["cuda"] = (True, "")
         except ImportError as e:
             _STATUS["cuda"] = (False, extension_diagnosis(e).why)
@@ -144,12 +154,10 @@ def has_kernel_image(capability: tuple[int, int], archs: list[tuple[int, int, bo
 
 def extension_archs() -> str | None:
     """The arch list bertkern._C was built for ("8.0;9.0+PTX"), or None if unknown."""
-    if not cuda_extension_status()[0]:
-        return None
-    m = re.search(r"archs=(\S+)", str(torch.ops.bertkern_cuda.build_info()))
-    return m.group(1) if m and m.group(1) != "unknown" else None
+    return _ARCHS.get("cuda") if cuda_extension_status()[0] else None
 
 
+@_process_constant
 def cuda_arch_problem(device: torch.device) -> str | None:
     """Why bertkern._C has no kernel for the GPU of `device`, or None if it has (or cannot tell)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -164,6 +172,7 @@ def cuda_arch_problem(device: torch.device) -> str | None:
     return None if _STATUS[key][0] else _STATUS[key][1]
 
 
+@_process_constant
 def triton_status() -> tuple[bool, str]:
     if "triton" not in _STATUS:
         try:

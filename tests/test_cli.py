@@ -129,6 +129,22 @@ def test_arch_problem_falls_back_to_triton(monkeypatch):
         backend._STATUS.pop("arch0", None)
 
 
+def test_backend_checks_trace_under_fullgraph_with_cold_caches(monkeypatch):
+    """The first backend check of a process inside torch.compile(fullgraph=True) (a fresh worker on a
+    GPU): loading _C, its arch list and the GPU's capability are read eagerly, never traced."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    for key in ("cuda", "arch0", "triton"):
+        monkeypatch.delitem(backend._STATUS, key, raising=False)
+    gpu = torch.device("cuda", 0)
+
+    def f(x):
+        return x + len(backend.unavailable_reason("cuda", gpu) or "") + len(backend.unavailable_reason("triton", gpu) or "")
+
+    torch._dynamo.reset()
+    assert torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2)).equal(f(torch.zeros(2)))
+
+
 # ---------------------------------------------------------------- backend names
 @pytest.mark.parametrize("op", ["bias_gelu", "add_layer_norm", "masked_softmax", "attention"])
 def test_bad_backend_names_say_where_and_which_op(op, monkeypatch):
