@@ -39,8 +39,11 @@ def kdtype(backend: str) -> torch.dtype:
 
 
 def skip_unless_covered(backend: str, q: torch.Tensor) -> None:
-    """The CUDA kernels' test params skip inputs that backend="cuda" sends to Triton instead
+    """Skip unless `backend` can run q (which also loads bertkern._C, as bertkern.ops does: the tests
+    call torch.ops.bertkern.attention directly, and a fresh xdist worker may not have loaded it yet);
+    the CUDA kernels' test params also skip inputs that backend="cuda" sends to Triton instead
     (test_cuda_backend_coverage checks that routing)."""
+    skip_unless_usable(backend, q.device)
     why = attn_mod.cuda_unsupported(q) if backend == "cuda" else None
     if why is not None:
         pytest.skip(f"not a CUDA-kernel input: {why}")
@@ -569,6 +572,7 @@ def test_cuda_ops_are_registered():
 @pytest.mark.gpu
 def test_cuda_ops_check_their_arguments():
     """Called directly, the CUDA ops refuse what they do not cover, naming the argument."""
+    skip_unless_usable("cuda", "cuda")  # loads bertkern._C, which registers torch.ops.bertkern_cuda
     ops = torch.ops.bertkern_cuda
     q = torch.randn(1, 2, 5, 16, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="q must be float16 or bfloat16"):
