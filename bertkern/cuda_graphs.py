@@ -35,9 +35,15 @@ fit a graph's shapes would give NaN, not wrong numbers). padding_free=False capt
 
 Limits: eval mode only (a model in training mode is refused); the inputs are [batch, seq, ...]
 tensors (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, ...); other keyword
-arguments are constants that are part of the graph key; a forward that synchronises with the host
-or has data-dependent shapes cannot be captured, which is reported when the capture fails. Outputs are copied out of the graph's static buffers by default
-(copy_outputs=False returns views that the next replay of that bucket overwrites).
+arguments are constants that are part of the graph key. Outputs are copied out of the graph's static
+buffers by default (copy_outputs=False returns views that the next replay of that bucket overwrites).
+
+A forward that cannot be captured (it synchronises with the host, copies from CPU memory or has
+data-dependent shapes: e.g. Hugging Face's own forward, which bertkern.optimize keeps for
+output_attentions=True) does not make a call fail: that input set (input names, dtypes and constant
+keyword arguments) runs eagerly from then on, counted in `eager_calls`, with one warning naming why,
+and `uncapturable` says which and why (strict=True raises instead). The failed graph and its memory
+pool are dropped; later captures use a new pool.
 """
 from __future__ import annotations
 
@@ -151,8 +157,8 @@ class CUDAGraphRunner:
 
     buckets: (batch, seq) pairs; None: batch 1..64 (powers of 2) x seq 16..512 (powers of 2, capped
         at the model's max_position_embeddings). Only buckets that get used are captured.
-    strict: an input larger than every bucket raises ValueError; False (default) runs the model
-        eagerly, with a warning the first time.
+    strict: an input larger than every bucket raises ValueError, and a forward that cannot be captured
+        raises RuntimeError; False (default) runs those eagerly, with a warning the first time.
     copy_outputs: True (default) returns outputs of their own; False returns views of the graph's
         static outputs (no copy; overwritten by the next replay of that bucket).
     warmup: eager forwards on a side stream before each capture (Triton compiles there).
@@ -182,7 +188,8 @@ class CUDAGraphRunner:
         self._warned: set = set()
         self.captures = 0  # graphs captured so far
         self.replays = 0  # calls served by a graph
-        self.eager_calls = 0  # calls larger than every bucket, run eagerly
+        self.eager_calls = 0  # calls run eagerly: larger than every bucket, or an uncapturable input set
+        self.uncapturable: dict[tuple, str] = {}  # (inputs, constants) of _signature -> why its capture failed
 
     # -------------------------------------------------------- public
     def bucket_for(self, batch: int, seq: int) -> tuple[int, int] | None:
@@ -203,7 +210,7 @@ class CUDAGraphRunner:
             raise ValueError(f"({batch}, {seq}) is not one of the buckets {self.buckets}")
         templates = {name: torch.empty(0, 0, dtype=torch.long) for name in input_names}
         packed = (batch * seq, seq) if self.padding_free and "attention_mask" in templates else None
-        key = self._key((batch, seq), templates, constants, packed)
+        key = (batch, seq, *self._signature(templates, constants), packed)
         if key not in self._graphs:
             self._graphs[key] = self._capture((batch, seq), templates, constants, packed)
 
@@ -232,10 +239,20 @@ class CUDAGraphRunner:
         if self.padding_free:  # one host sync, outside the graph: the real lengths
             lengths = tensors["attention_mask"].ne(0).sum(1).tolist()
             packed = choose_packed_shapes(lengths, *bucket, self._seq_lens)
-        key = self._key(bucket, tensors, constants, packed)
+        signature = self._signature(tensors, constants)
+        key = (*bucket, *signature, packed)
         entry = self._graphs.get(key)
+        if entry is None and signature not in self.uncapturable:
+            try:
+                entry = self._graphs[key] = self._capture(bucket, tensors, constants, packed)
+            except _CaptureFailed as e:
+                if self.strict:
+                    raise
+                self.uncapturable[signature] = str(e)
+                warnings.warn(f"{e}; inputs {[name for name, *_ in signature[0]]} with {dict(signature[1])} run "
+                              "eagerly from now on", stacklevel=2)
         if entry is None:
-            entry = self._graphs[key] = self._capture(bucket, tensors, constants, packed)
+            return self._run_eagerly(tensors, constants)
         with self._on_device():
             self._fill(entry.inputs, tensors)
             entry.graph.replay()
@@ -278,12 +295,36 @@ class CUDAGraphRunner:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = forward()
+        # The outer stream context puts the current stream back even when capture_end raises (a forward
+        # that invalidated the capture), where torch.cuda.graph's exit skips that.
+        with torch.cuda.stream(torch.cuda.current_stream()):
+            try:
+                with torch.cuda.graph(graph, pool=self._pool):
+                    out = forward()
+            except BaseException:
+                self._drop_pool()
+                raise
         return graph, out
 
+    def _drop_pool(self):
+        """After a failed capture, later captures get a new pool. On an invalidated capture torch's
+        capture_end raises before it stops routing allocations to the pool, which could then never be
+        captured into again ("already recording to mempool_id"): stop that here, and give back the
+        pool's use count that the failed graph, never ended, will not."""
+        pool, self._pool = self._pool, None
+        end, release = (getattr(torch._C, name, None) for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"))
+        if pool is None or end is None or release is None:
+            return
+        device = torch.cuda.current_device()
+        try:
+            end(device, pool)
+        except RuntimeError:  # "not currently recording": capture_end got that far and cleans up itself
+            return
+        release(device, pool)
+
     # -------------------------------------------------------- internals
-    def _key(self, bucket, tensors: dict, constants: dict, packed) -> tuple:
+    def _signature(self, tensors: dict, constants: dict) -> tuple:
+        """(inputs, constants): the part of a graph key that does not depend on the sizes."""
         inputs = tuple(sorted((name, t.dtype, tuple(t.shape[2:])) for name, t in tensors.items()))
         try:
             consts = tuple(sorted(constants.items()))
@@ -291,7 +332,7 @@ class CUDAGraphRunner:
         except TypeError:
             raise TypeError(f"CUDAGraphRunner: non-tensor keyword arguments must be hashable constants, got "
                             f"{sorted(constants)}") from None
-        return (*bucket, inputs, consts, packed)
+        return inputs, consts
 
     def _pad_value(self, name: str) -> int:
         return self.pad_token_id if name == "input_ids" else 0
@@ -320,6 +361,9 @@ class CUDAGraphRunner:
             self._warned.add((batch, seq))
             warnings.warn(f"CUDAGraphRunner: no bucket holds an input of [{batch}, {seq}]; running it eagerly",
                           stacklevel=3)
+        return self._run_eagerly(tensors, constants)
+
+    def _run_eagerly(self, tensors, constants):
         self.eager_calls += 1
         with torch.no_grad():
             return self.model(**{k: v.to(self.device) for k, v in tensors.items()}, **constants)
@@ -355,13 +399,21 @@ class CUDAGraphRunner:
             try:
                 graph, out = self._record(lambda: self._forward(static, constants, packed))
             except Exception as e:
-                raise RuntimeError(
-                    f"CUDAGraphRunner: capturing bucket {bucket} failed ({type(e).__name__}: {e}). The forward must "
-                    "not synchronise with the host (.item(), .cpu(), printing a tensor, data-dependent shapes "
-                    "such as a padding-free path) while it is being captured") from e
+                first = e  # an invalidated capture raises again at its end: name the error that began it
+                while first.__context__ is not None:
+                    first = first.__context__
+                why = (str(first).splitlines() or [""])[0]  # CUDA errors go on with generic advice
+                raise _CaptureFailed(
+                    f"CUDAGraphRunner: the forward cannot be captured in a CUDA graph (bucket {bucket}: "
+                    f"{type(first).__name__}: {why}); a captured forward must not synchronise with the host "
+                    "(.item(), .cpu(), data-dependent shapes) nor copy from CPU memory") from e
         outputs, spec = pytree.tree_flatten(out)
         self.captures += 1
         return _Graph(graph, static, outputs, spec, slices)
+
+
+class _CaptureFailed(RuntimeError):
+    pass
 
 
 def _check_eval(model: nn.Module) -> None:
