@@ -17,12 +17,11 @@ normalized rows and writes a row of table gradient per token, dweight and dbias.
 import torch
 import torch.nn.functional as F
 
-from benchmarks.ops import Case, OpSpec, grid
+from benchmarks.ops import BERT_TOKENS, ROWS, Case, OpSpec, budget_order, grid
 
 import bertkern
 from bertkern import reference
 
-ROWS = (128, 512, 2048, 8192, 16384, 32768, 65536)
 HIDDEN = (768, 1024, 384, 4096)  # BERT-base, -large, MiniLM, a wide row; a time budget cuts from the end
 EPS = 1e-12  # BERT's layer_norm_eps
 NO_DROPOUT, DROPOUT = ({"dropout_p": 0.0},), ({"dropout_p": 0.1},)
@@ -64,10 +63,11 @@ def bytes_moved(case: Case) -> int:
 
 
 def cases(quick: bool):
-    rows, widths = ((2048, 32768), (768,)) if quick else (ROWS, HIDDEN)
-    shapes, dtypes = [{"rows": r, "hidden": n} for n in widths for r in rows], (torch.float16, torch.bfloat16)
+    rows, widths = (BERT_TOKENS, HIDDEN[:1]) if quick else (ROWS, HIDDEN)
+    shapes = budget_order([{"rows": r, "hidden": n} for n in widths for r in rows], "rows", "hidden")
+    dtypes = (torch.float16, torch.bfloat16)
     directions = ("fwd", "bwd") if quick else ("fwd", "bwd", "fwd+bwd")
-    return grid(directions, dtypes, shapes, NO_DROPOUT) + grid(("fwd",), dtypes, shapes, DROPOUT)
+    return [c for s in shapes for c in grid(directions, dtypes, [s], NO_DROPOUT) + grid(("fwd",), dtypes, [s], DROPOUT)]
 
 
 def cpu_cases(quick: bool):
@@ -83,7 +83,7 @@ ADD_LAYER_NORM = OpSpec("add_layer_norm", make_inputs, eager, ref, kernel, bytes
 
 # ----------------------------------------------------------------------------- embedding_layer_norm
 VOCAB, MAX_POS = 30522, 512
-TOKENS = (128, 2048, 16384, 65536)
+TOKENS = (128, 2048, 4096, 16384, 65536)
 
 
 def emb_make_inputs(case: Case, device):
@@ -125,8 +125,8 @@ def emb_bytes_moved(case: Case) -> int:
 
 
 def emb_cases(quick: bool):
-    tokens, widths = ((2048, 16384), (768,)) if quick else (TOKENS, HIDDEN[:3])
-    shapes = [{"tokens": t, "hidden": n} for n in widths for t in tokens]
+    tokens, widths = (BERT_TOKENS, HIDDEN[:1]) if quick else (TOKENS, HIDDEN[:3])
+    shapes = budget_order([{"tokens": t, "hidden": n} for n in widths for t in tokens], "tokens", "hidden")
     return grid(("fwd", "bwd"), (torch.float16, torch.bfloat16), shapes)
 
 

@@ -268,6 +268,10 @@ def _label(case: dict, keys) -> str:
     return " ".join(f"{k}={case[k]}" for k in keys if case.get(k) is not None)
 
 
+def case_label(case: dict) -> str:
+    return _label(case, case)
+
+
 def _groups(doc: dict, ran_only: bool = False) -> dict[tuple, list]:
     groups: dict[tuple, list] = {}
     for r in doc["results"]:
@@ -277,14 +281,14 @@ def _groups(doc: dict, ran_only: bool = False) -> dict[tuple, list]:
 
 
 def failures(doc: dict) -> list[str]:
-    out = [f"{p} {e['status']} on {_label(r['case'], r['case'])}: {e.get('reason', '')}"
+    out = [f"{p} {e['status']} on {case_label(r['case'])}: {e.get('reason', '')}"
            for r in doc["results"] for p, e in r.get("providers", {}).items() if e["status"] in ("WRONG", "error")]
-    return out + [f"{_label(r['case'], r['case'])}: {r['not_run']}" for r in doc["results"]
+    return out + [f"{case_label(r['case'])}: {r['not_run']}" for r in doc["results"]
                   if r.get("not_run", "").startswith(HARNESS_ERROR)]
 
 
 def not_run(doc: dict) -> list[str]:
-    return [f"{_label(r['case'], r['case'])}: {r['not_run']}" for r in doc["results"] if "not_run" in r]
+    return [f"{case_label(r['case'])}: {r['not_run']}" for r in doc["results"] if "not_run" in r]
 
 
 def render_markdown(doc: dict) -> str:

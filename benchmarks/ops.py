@@ -58,6 +58,25 @@ def grid(directions, dtypes, shapes, options=({},)) -> list[Case]:
     return [Case(d, dt, dict(s), dict(o)) for s in shapes for o in options for dt in dtypes for d in directions]
 
 
+BERT_TOKENS = (4096, 16384)  # the tokens of a BERT batch: 32 x 128 and 32 x 512
+ROWS = (128, 512, 2048, 4096, 8192, 16384, 32768, 65536)  # token counts of the row-wise ops
+
+
+def budget_order(shapes: list[dict], tokens: str, width: str) -> list[dict]:
+    """`shapes` (widths listed most important first) in the order a time budget should measure them:
+    BERT_TOKENS at the first two widths (BERT-base, -large), then the rest from the largest (tokens x
+    width) to the smallest, which are launch-bound (host overhead, not bandwidth)."""
+    widths = list(dict.fromkeys(s[width] for s in shapes))
+
+    def rank(s):
+        w = widths.index(s[width])
+        if s[tokens] in BERT_TOKENS and w < 2:
+            return 0, w, BERT_TOKENS.index(s[tokens])
+        return 1, -s[tokens] * s[width], w
+
+    return sorted(shapes, key=rank)
+
+
 @dataclasses.dataclass
 class OpSpec:
     name: str
@@ -188,9 +207,9 @@ def prepare(spec: OpSpec, case: Case, device: torch.device, l2: int = 0) -> Prep
     """Seeded inputs (enough copies to rotate past the L2), the float64 truth and eager's outputs."""
     torch.manual_seed(zlib.crc32(f"{spec.name} {case.label}".encode()))
 
-    def copies(n):
+    def copies(n):  # n may be 0: the first copy already rotates past the L2
         cs = [Copy(spec.make_inputs(case, device)) for _ in range(n)]
-        if case.direction != "fwd":
+        if case.direction != "fwd" and cs:
             with torch.no_grad():
                 outs = _tuple(spec.eager(**cs[0].inputs, **case.options))
             for c in cs:
@@ -300,7 +319,24 @@ def run_op(spec: OpSpec, cases: list[Case], device: torch.device, *, copy_bw: di
         doc["results"].append(r)
         if partial_json is not None:
             common.save_json(common.finish(doc), partial_json)
+    note = smallest_case_note(doc)
+    if note:
+        doc["notes"] = {"smallest size (host overhead)": note}
     return common.finish(doc)
+
+
+def smallest_case_note(doc: dict) -> str | None:
+    """Each provider's time per call at the smallest size timed, next to what its bytes take at the copy
+    bandwidth: many times that, the call is launch-bound (host overhead per call, not bandwidth)."""
+    timed = [r for r in doc["results"] if any(e.get("ms") for e in r.get("providers", {}).values())]
+    if not timed:
+        return None
+    r = min(timed, key=lambda r: r["bytes"])
+    copy_us = r["bytes"] / doc["copy_bandwidth"]["gbs"] / 1e3
+    per_call = " · ".join(f"{p} {e['ms'] * 1e3:.3g} µs" for p, e in r["providers"].items() if e.get("ms"))
+    return (f"{common.case_label(r['case'])} ({r['bytes'] / 1e6:.2g} MB; {copy_us:.2g} µs at the copy bandwidth): "
+            f"{per_call} per call. A call taking many times the copy's time is launch-bound: it measures the "
+            "host's cost per call, not bandwidth")
 
 
 def check_cpu(spec: OpSpec, quick: bool, dtypes=None, only=None) -> dict:
