@@ -220,13 +220,14 @@ def output(out, head: str) -> torch.Tensor:
     return out[0] if value is None else value
 
 
-def cuda_graph(model, ids, mask):
-    """model replayed from a CUDA graph captured at this shape by bertkern.cuda_graphs.CUDAGraphRunner."""
+def cuda_graph(model, ids, mask, head: str = "base"):
+    """model replayed from a CUDA graph captured at this shape by bertkern.cuda_graphs.CUDAGraphRunner
+    (strict: a forward that cannot be captured is an error here, not a silent eager run)."""
     from bertkern.cuda_graphs import CUDAGraphRunner
 
-    graphed = CUDAGraphRunner(model, buckets=[tuple(ids.shape)])
+    graphed = CUDAGraphRunner(model, buckets=[tuple(ids.shape)], strict=True)
     graphed(input_ids=ids, attention_mask=mask)  # the capture
-    return lambda i, m: output(graphed(input_ids=i, attention_mask=m), "base")
+    return lambda i, m: output(graphed(input_ids=i, attention_mask=m), head)
 
 
 def raise_recompile_limit(limit: int = 256) -> None:
@@ -269,7 +270,7 @@ def _varlen(g, ids, mask):
     return model, hf_varlen(model, g.head), None
 
 
-def _optimize(backend, attn="eager"):
+def _optimize(backend, attn="eager", graphs=False):
     def build(g, ids, mask):
         if backend is not None:
             from benchmarks.ops import unavailable
@@ -277,9 +278,16 @@ def _optimize(backend, attn="eager"):
             unavailable(backend, g.device)
         src = copy.deepcopy(g.base) if attn == "eager" else with_attention(g.base, attn)
         model, note = optimize_model(src, backend)
+        if graphs:
+            return model, cuda_graph(model.eval(), ids, mask, g.head), note + "; CUDAGraphRunner, one bucket per cell"
         return model, _call(model, g.head), note
 
     return build
+
+
+def _hf_graphs(g, ids, mask):
+    model = with_attention(g.base, "sdpa")
+    return model, cuda_graph(model.eval(), ids, mask, g.head), "CUDAGraphRunner, one bucket per cell"
 
 
 def _bk(backend, graphs=False):
@@ -317,6 +325,11 @@ PROVIDERS = [
     Provider("hf-varlen", "HF + torch varlen_attn padding-free: the HF layers on the real tokens only, "
              "torch.nn.attention.varlen.varlen_attn (CUDA only)", _varlen, needs_cuda=True),
     Provider("optimize", "bertkern.optimize(hf-sdpa): optimize() default", _optimize(None, "sdpa")),
+    Provider("optimize+graphs", "optimize, replayed from a CUDA graph per shape (bertkern.cuda_graphs."
+             "CUDAGraphRunner; padding-free inside the graph)", _optimize(None, "sdpa", graphs=True), True, 10.0,
+             ("bert",)),
+    Provider("hf-sdpa+graphs", "hf-sdpa replayed from a CUDA graph per shape (CUDAGraphRunner): the fair "
+             "baseline for +graphs", _hf_graphs, True, 10.0, ("bert",)),
     Provider("optimize-triton", "bertkern.optimize(hf-eager, backend=\"triton\")", _optimize("triton")),
     Provider("optimize-cuda", "bertkern.optimize(hf-eager, backend=\"cuda\")", _optimize("cuda")),
     Provider("optimize-torch", "bertkern.optimize(hf-eager, backend=\"torch\") (reference ops)", _optimize("torch")),

@@ -60,3 +60,18 @@ def varlen_index(cu_seqlens: torch.Tensor, max_seqlen: int, total: int):
     valid = pos[None, :] < (cu[1:] - cu[:-1])[:, None]
     idx = (cu[:-1, None] + pos[None, :]).clamp(0, max(total - 1, 0))
     return idx, valid
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record an op on these inputs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def direct_call_ok(x: torch.Tensor, needs_grad: bool) -> bool:
+    """Whether an op may run its implementation as a plain call instead of through its custom op
+    (torch.ops.bertkern.*), whose Python dispatch costs 30-100 us of host time per call: more than a
+    BERT-size kernel takes on a GPU. Not when autograd must record the op, not while torch.compile or
+    export traces (they need the op and its fake), and not for meta tensors or tensor subclasses
+    (FakeTensor, DTensor, functorch's wrappers)."""
+    return (not needs_grad and type(x) is torch.Tensor and not x.is_meta
+            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())

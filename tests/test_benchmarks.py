@@ -289,13 +289,13 @@ def test_gpu_run_end_to_end_with_fake_timers(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "time_model", lambda step: (step(), 2.0, 1.5, 2.5)[1:])
     env = common.environment(CPU)
     monkeypatch.setattr(common, "environment", lambda device: {**env, "gpu": "Fake GPU", "gpu_slug": "fake"})
-    for argv in (["--ops", "layer_norm", "--quick", "--dtype", "fp16", "--shapes", "2048x768", "--providers", "eager"],
+    for argv in (["--ops", "layer_norm", "--quick", "--dtype", "fp16", "--shapes", "4096x768", "--providers", "eager"],
                  ["--suite", "bert", "--providers", "hf-eager,hf-sdpa", "--models", "tiny", "--shapes", "2x16", "--fills",
                   "1.0"]):
         args = run.parse_args([*argv, "--out", str(tmp_path)], "bertkern bench")
         assert run.run_gpu(args, ops.discover(args.ops) if args.ops else [], print, device=CPU) == 0
     out = capsys.readouterr().out
-    assert "copy bandwidth (the 100% line): 100 GB/s" in out and "[1/3] add_layer_norm fwd float16 rows=2048" in out
+    assert "copy bandwidth (the 100% line): 100 GB/s" in out and "[1/3] add_layer_norm fwd float16 rows=4096" in out
     assert {p.name for p in (tmp_path / "fake").iterdir()} >= {"add_layer_norm.json", "add_layer_norm.md", "bert.json", "bert.csv"}
     latest = (tmp_path / "LATEST.md").read_text()
     assert "## add_layer_norm, Fake GPU" in latest and "## BERT inference, Fake GPU" in latest and "1.00× (1)" in latest

@@ -49,7 +49,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import acc_dtype, varlen_index
+from bertkern._utils import acc_dtype, direct_call_ok, needs_grad, varlen_index
 from bertkern.ops import attention_auto as _auto
 
 _NAME = "bertkern.ops.attention"
@@ -171,10 +171,21 @@ def torch_varlen_forward(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed
     idx, valid = varlen_index(cu_seqlens, max_seqlen, total)
     mask = valid[:, None, None, :]
     o, l = torch_forward(_pad(q, idx, valid), _pad(k, idx, valid), _pad(v, idx, valid), mask, scale, dropout_p, seed)
-    rows = idx[valid]
-    out[rows] = o.transpose(1, 2)[valid]
-    stats[:, :, rows] = l.transpose(1, 2)[:, :, valid]
+    _unpad_into(out, o.transpose(1, 2), idx, valid)
+    covered = _unpad_into(torch.zeros(total, dtype=acc, device=q.device), valid.to(acc), idx, valid) > 0
+    packed = _unpad_into(stats.new_zeros((total, 2, H)), l.permute(1, 3, 0, 2), idx, valid)  # l: [2, B, H, S]
+    stats = torch.where(covered, packed.permute(1, 2, 0), stats)
     return out, stats
+
+
+def _unpad_into(dest: torch.Tensor, padded: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """dest[idx[b, i]] = padded[b, i] for the valid (b, i), in place. An accumulating scatter of
+    zeros at the invalid positions (each token is one valid position) instead of boolean indexing,
+    whose data-dependent shape syncs the host and cannot be captured in a CUDA graph."""
+    zero = torch.zeros((), dtype=padded.dtype, device=padded.device)
+    keep = valid.view(*valid.shape, *([1] * (padded.dim() - 2)))
+    return dest.index_put_((idx.reshape(-1),), torch.where(keep, padded, zero).reshape(-1, *padded.shape[2:]),
+                           accumulate=True)
 
 
 def torch_varlen_backward(grad, q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed):
@@ -187,9 +198,8 @@ def torch_varlen_backward(grad, q, k, v, cu_seqlens, max_seqlen, scale, dropout_
     mask = valid[:, None, None, :]
     padded = torch_backward(_pad(grad, idx, valid), _pad(q, idx, valid), _pad(k, idx, valid), _pad(v, idx, valid),
                             mask, scale, dropout_p, seed)
-    rows = idx[valid]
     for g, p in zip(grads, padded):
-        g[rows] = p.transpose(1, 2)[valid]
+        _unpad_into(g, p.transpose(1, 2), idx, valid)
     return tuple(grads)
 
 
@@ -225,8 +235,7 @@ def _cuda_mask(mask: torch.Tensor | None, q: torch.Tensor, shape) -> torch.Tenso
 
 
 # ---------------------------------------------------------------- padded custom ops
-@torch.library.custom_op("bertkern::attention", mutates_args=())
-def _attention(
+def _attention_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, dropout_p: float,
     seed: torch.Tensor | None, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,6 +248,9 @@ def _attention(
         return torch.ops.bertkern_cuda.attention_fwd(_unit_d(q), _unit_d(k), _unit_d(v), _cuda_mask(mask, q, shape),
                                                      None, 0, scale, dropout_p, seed)
     return _triton().forward(_unit_d(q), _unit_d(k), _unit_d(v), _mask4(mask, shape), scale, dropout_p, seed)
+
+
+_attention = torch.library.custom_op("bertkern::attention", _attention_impl, mutates_args=())
 
 
 @_attention.register_fake
@@ -302,8 +314,7 @@ _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------- varlen custom ops
-@torch.library.custom_op("bertkern::attention_varlen", mutates_args=())
-def _attention_varlen(
+def _attention_varlen_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
     dropout_p: float, seed: torch.Tensor | None, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,6 +325,9 @@ def _attention_varlen(
         return torch.ops.bertkern_cuda.attention_fwd(_unit_d(q), _unit_d(k), _unit_d(v), None, cu_seqlens, max_seqlen,
                                                      scale, dropout_p, seed)
     return _triton().varlen_forward(_unit_d(q), _unit_d(k), _unit_d(v), cu_seqlens, max_seqlen, scale, dropout_p, seed)
+
+
+_attention_varlen = torch.library.custom_op("bertkern::attention_varlen", _attention_varlen_impl, mutates_args=())
 
 
 @_attention_varlen.register_fake
@@ -483,7 +497,8 @@ def attention(
     if chosen == "sdpa":  # backend="auto" chose torch's own kernel (bertkern.ops.attention_auto)
         return _auto.sdpa(q, k, v, mask, scale, dropout_p)
     seed = reference.dropout_seed(dropout_p, q.device)
-    out, _ = torch.ops.bertkern.attention(q, k, v, mask, scale, dropout_p, seed, chosen)
+    op = _attention_impl if direct_call_ok(q, needs_grad(q, k, v, mask)) else torch.ops.bertkern.attention
+    out, _ = op(q, k, v, mask, scale, dropout_p, seed, chosen)
     return out
 
 
@@ -549,6 +564,6 @@ def attention_varlen(
         return _auto.sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p)
     if chosen == "varlen_attn":
         return _auto.varlen_attn(q, k, v, cu_seqlens, max_seqlen, scale)
-    out, _ = torch.ops.bertkern.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p,
-                                                 reference.dropout_seed(dropout_p, q.device), chosen)
+    op = _attention_varlen_impl if direct_call_ok(q, needs_grad(q, k, v)) else torch.ops.bertkern.attention_varlen
+    out, _ = op(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, reference.dropout_seed(dropout_p, q.device), chosen)
     return out

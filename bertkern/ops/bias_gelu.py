@@ -9,7 +9,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import contiguous_or_none
+from bertkern._utils import contiguous_or_none, direct_call_ok, needs_grad
 
 
 def _kernels(backend: str):
@@ -29,12 +29,14 @@ def _kernels(backend: str):
     return reference.bias_gelu, reference.bias_gelu_backward
 
 
-@torch.library.custom_op("bertkern::bias_gelu", mutates_args=())
-def _bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str, backend: str) -> torch.Tensor:
+def _bias_gelu_impl(x: torch.Tensor, bias: torch.Tensor | None, approximate: str, backend: str) -> torch.Tensor:
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     forward, _ = _kernels(backend)
     return forward(_backend.as_rows(x), contiguous_or_none(bias), approximate).view(x.shape)
+
+
+_bias_gelu = torch.library.custom_op("bertkern::bias_gelu", _bias_gelu_impl, mutates_args=())
 
 
 @_bias_gelu.register_fake
@@ -114,4 +116,5 @@ def bias_gelu(
     _check(x, bias, approximate)
     unsupported = None if x.dtype in _backend.KERNEL_DTYPES else f"dtype {x.dtype} has no kernel"
     chosen = _backend.resolve("bias_gelu", backend, x.device, unsupported)
-    return torch.ops.bertkern.bias_gelu(x, bias, approximate, chosen)
+    op = _bias_gelu_impl if direct_call_ok(x, needs_grad(x, bias)) else torch.ops.bertkern.bias_gelu
+    return op(x, bias, approximate, chosen)

@@ -38,7 +38,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import acc_dtype, contiguous_or_none, empty, keep_mask
+from bertkern._utils import acc_dtype, contiguous_or_none, direct_call_ok, empty, keep_mask, needs_grad
 
 
 # ---------------------------------------------------------------- torch backend (2-D rows)
@@ -82,8 +82,7 @@ def _rows_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------- add_layer_norm custom ops
-@torch.library.custom_op("bertkern::add_layer_norm", mutates_args=())
-def _add_layer_norm(
+def _add_layer_norm_impl(
     x: torch.Tensor,
     residual: torch.Tensor | None,
     weight: torch.Tensor | None,
@@ -102,6 +101,9 @@ def _add_layer_norm(
     )
     stats = x.shape[:-1]
     return y.view(x.shape), (prenorm.view(x.shape) if store_prenorm else prenorm), mean.view(stats), rstd.view(stats)
+
+
+_add_layer_norm = torch.library.custom_op("bertkern::add_layer_norm", _add_layer_norm_impl, mutates_args=())
 
 
 @_add_layer_norm.register_fake
@@ -233,10 +235,6 @@ def _autocast(*tensors):
     return tuple(t.float() if t is not None and t.dtype in low else t for t in tensors)
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def add_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -266,8 +264,10 @@ def add_layer_norm(
     chosen = _backend.resolve("add_layer_norm", backend, x.device, unsupported)
     seed = reference.dropout_seed(dropout_p, x.device)
     trivial = residual is None and x_bias is None and seed is None  # the norm's input is x itself
-    store = return_prenorm or (not trivial and _needs_grad(x, residual, weight, bias, x_bias))
-    y, prenorm, _, _ = torch.ops.bertkern.add_layer_norm(
+    grad = needs_grad(x, residual, weight, bias, x_bias)
+    store = return_prenorm or (not trivial and grad)
+    op = _add_layer_norm_impl if direct_call_ok(x, grad) else torch.ops.bertkern.add_layer_norm
+    y, prenorm, _, _ = op(
         x, residual, weight, bias, x_bias, seed, float(eps), float(dropout_p), store, chosen
     )
     return (y, prenorm) if return_prenorm else y
@@ -293,8 +293,7 @@ def _emb_torch_forward(ids, pids, tids, word, pos, typ, weight, bias, eps, store
     return y.reshape(-1, n), prenorm, mean.reshape(-1), rstd.reshape(-1)
 
 
-@torch.library.custom_op("bertkern::embedding_layer_norm", mutates_args=())
-def _embedding_layer_norm(
+def _embedding_layer_norm_impl(
     input_ids: torch.Tensor,
     position_ids: torch.Tensor | None,
     token_type_ids: torch.Tensor | None,
@@ -320,6 +319,10 @@ def _embedding_layer_norm(
         y, prenorm, mean, rstd = k.embedding_forward(*args)
     out = (*shape, word_embeddings.shape[1])
     return y.view(out), (prenorm.view(out) if store_prenorm else prenorm), mean.view(shape), rstd.view(shape)
+
+
+_embedding_layer_norm = torch.library.custom_op("bertkern::embedding_layer_norm", _embedding_layer_norm_impl,
+                                                mutates_args=())
 
 
 @_embedding_layer_norm.register_fake
@@ -519,9 +522,10 @@ def embedding_layer_norm(
         position_ids = None
     if token_type_embeddings is None:
         token_type_ids = None
-    store = _needs_grad(word, position_embeddings, token_type_embeddings, weight, bias)
+    store = needs_grad(word, position_embeddings, token_type_embeddings, weight, bias)
     pad = -1 if padding_idx is None else padding_idx % word.shape[0]
-    y, _, _, _ = torch.ops.bertkern.embedding_layer_norm(
+    op = _embedding_layer_norm_impl if direct_call_ok(word, store) else torch.ops.bertkern.embedding_layer_norm
+    y, _, _, _ = op(
         input_ids, position_ids, token_type_ids, word, position_embeddings, token_type_embeddings,
         weight, bias, float(eps), pad, store, chosen,
     )

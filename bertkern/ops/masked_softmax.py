@@ -24,7 +24,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import acc_dtype
+from bertkern._utils import acc_dtype, direct_call_ok, needs_grad
 
 _NAME = "bertkern.ops.masked_softmax"
 
@@ -65,8 +65,7 @@ def _kernels(backend: str):
     return ops.masked_softmax_fwd, ops.masked_softmax_bwd
 
 
-@torch.library.custom_op("bertkern::masked_softmax", mutates_args=())
-def _masked_softmax(
+def _masked_softmax_impl(
     scores: torch.Tensor, mask: torch.Tensor | None, scale: float, dropout_p: float, seed: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +85,9 @@ def _masked_softmax(
     forward, _ = _kernels(backend)
     y, probs = forward(s4, m4, scale, dropout_p, seed)
     return y.view(scores.shape), (probs.view(scores.shape) if dropout else probs)
+
+
+_masked_softmax = torch.library.custom_op("bertkern::masked_softmax", _masked_softmax_impl, mutates_args=())
 
 
 @_masked_softmax.register_fake
@@ -205,5 +207,6 @@ def masked_softmax(
     chosen = _backend.resolve("masked_softmax", backend, scores.device, unsupported)
     dropout_p = float(dropout_p)
     seed = reference.dropout_seed(dropout_p, scores.device)
-    out, _ = torch.ops.bertkern.masked_softmax(scores, mask, float(scale), dropout_p, seed, chosen)
+    op = _masked_softmax_impl if direct_call_ok(scores, needs_grad(scores, mask)) else torch.ops.bertkern.masked_softmax
+    out, _ = op(scores, mask, float(scale), dropout_p, seed, chosen)
     return out
