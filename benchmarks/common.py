@@ -125,6 +125,14 @@ def time_op(step: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100)
     return tuple(do_bench(step, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8], return_mode="median"))
 
 
+def time_graph(step: Callable[[], Any], rep_ms: float = 100) -> tuple[float, float, float]:
+    """(median, p20, p80) ms of one op call replayed from a CUDA graph (triton.testing.do_bench_cudagraph):
+    the GPU's time without the host's cost per call, which sets the time of a small op called eagerly."""
+    from triton.testing import do_bench_cudagraph
+
+    return tuple(do_bench_cudagraph(step, rep=rep_ms, quantiles=[0.5, 0.2, 0.8], return_mode="median"))
+
+
 def time_model(step: Callable[[], Any], min_run_time: float = 1.0) -> tuple[float, float, float]:
     """(median, p20, p80) ms of one call of a whole model: torch.utils.benchmark (it synchronizes CUDA,
     warms up, and picks the block size); calls back to back, L2 not flushed (weights are the working set)."""
@@ -242,9 +250,12 @@ def finish(doc: dict) -> dict:
     """Speed-ups over the baseline provider, per case (where both were timed)."""
     for r in doc["results"]:
         base = r.get("providers", {}).get(doc["baseline"], {}).get("ms")
+        base_graph = r.get("providers", {}).get(doc["baseline"], {}).get("ms_graph")
         for e in r.get("providers", {}).values():
             if base and e.get("ms"):
                 e["speedup"] = base / e["ms"]
+            if base_graph and e.get("ms_graph"):
+                e["speedup_graph"] = base_graph / e["ms_graph"]
     return doc
 
 
@@ -261,7 +272,13 @@ def cell_text(e: dict | None) -> str:
     parts += [f"{e['tokens_per_s'] / 1e3:.1f}k tok/s"] if e.get("tokens_per_s") and not e.get("gbs") else []
     parts += [f"{e['tflops']:.3g} TFLOP/s"] if e.get("tflops") else []
     parts += [f"{e['peak_mem_gib']:.2f} GiB"] if e.get("peak_mem_gib") is not None else []
-    return " · ".join(parts) + (f" · {e['speedup']:.2f}×" if e.get("speedup") else "")
+    text = " · ".join(parts) + (f" · {e['speedup']:.2f}×" if e.get("speedup") else "")
+    if e.get("ms_graph"):  # the same call replayed from a CUDA graph: the kernels' time alone
+        text += (f" (graph: {e['ms_graph']:.4g} ms · {e['pct_copy_graph']:.0f}%"
+                 + (f" · {e['speedup_graph']:.2f}×" if e.get("speedup_graph") else "") + ")")
+    elif e.get("graph_error"):
+        text += " (graph: error)"
+    return text
 
 
 def _label(case: dict, keys) -> str:
@@ -429,8 +446,9 @@ def render_latest(docs: list[dict]) -> str:
     """LATEST.md: per GPU and suite, per table the geometric-mean speed-up of each provider over the
     suite's baseline across the sizes run (WRONG/error counted), and where the full tables are."""
     lines = ["# Latest GPU benchmark results", "", "Written by `bertkern bench` (benchmarks/run.py). Each cell: "
-             "geometric-mean speed-up over the baseline across the sizes run (the number of sizes); WRONG = failed "
-             "the correctness gate."]
+             "geometric-mean speed-up over the baseline across the sizes run (the number of sizes), called eagerly "
+             "(the host's cost per call included) and, for ops, replayed from a CUDA graph (the kernels alone); "
+             "WRONG = failed the correctness gate."]
     for d in sorted(docs, key=lambda d: (d["env"].get("gpu") or "", d["name"])):
         providers = [p for p in d["providers"] if p != d["baseline"]]
         lines += ["", f"## {d['title']}, {d['env'].get('gpu')}", "",
@@ -444,8 +462,10 @@ def render_latest(docs: list[dict]) -> str:
                 es = [r["providers"].get(p, {}) for r in rows]
                 bad = sum(e.get("status") in ("WRONG", "error") for e in es)
                 g = _geomean([e.get("speedup") for e in es])
+                gg = _geomean([e.get("speedup_graph") for e in es])
                 cells.append(f"**{bad} WRONG/error**" if bad else "-" if g is None else
-                             f"{g:.2f}× ({sum(bool(e.get('speedup')) for e in es)})")
+                             f"{g:.2f}× ({sum(bool(e.get('speedup')) for e in es)})"
+                             + (f", graph {gg:.2f}×" if gg else ""))
             lines.append("| " + " | ".join([str(v) for v in group] + cells) + " |")
     return "\n".join(lines) + "\n"
 

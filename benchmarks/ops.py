@@ -249,8 +249,9 @@ def check(spec: OpSpec, case: Case, fn: Callable, prep: Prepared, device: torch.
 
 
 def run_case(spec: OpSpec, case: Case, provs: dict, device: torch.device, copy_gbs: float = 0.0, l2: int = 0,
-             timer: Callable | None = None) -> dict:
-    """Check every provider, then time the right ones with timer(step) -> (median, p20, p80) ms."""
+             timer: Callable | None = None, graph_timer: Callable | None = None) -> dict:
+    """Check every provider, then time the right ones with timer(step) -> (median, p20, p80) ms, and with
+    graph_timer (the same steps replayed from a CUDA graph) where given."""
     prep = prepare(spec, case, device, l2 if timer else 0)
     out = {"case": case.to_dict(), "bytes": prep.nbytes, "rotations": len(prep.copies), "providers": {}}
     for name, factory in provs.items():
@@ -270,6 +271,13 @@ def run_case(spec: OpSpec, case: Case, provs: dict, device: torch.device, copy_g
                     entry["tflops"] = spec.flops(case) / ms / 1e9
             except Exception as e:
                 entry = {"status": "error", "reason": "timing: " + common.short_exc(e), "errors": entry["errors"]}
+        if entry["status"] == "ok" and graph_timer is not None:
+            try:
+                steps = itertools.cycle([make_step(spec, case, fn, c) for c in prep.copies])
+                ms = graph_timer(lambda: next(steps)())[0]
+                entry.update(ms_graph=ms, pct_copy_graph=100 * prep.nbytes / ms / 1e6 / copy_gbs)
+            except Exception as e:  # not capturable: the eager time stands
+                entry["graph_error"] = common.short_exc(e)
         out["providers"][name] = entry
     return out
 
@@ -295,22 +303,26 @@ def new_doc(spec: OpSpec, provs, env: dict, settings: dict, cases: list[Case]) -
 
 def run_op(spec: OpSpec, cases: list[Case], device: torch.device, *, copy_bw: dict, env: dict,
            deadline: float | None = None, warmup_ms: float = 25, rep_ms: float = 100, settings: dict | None = None,
-           only=None, log=print, timer: Callable | None = None, partial_json=None) -> dict:
+           only=None, log=print, timer: Callable | None = None, graph_timer: Callable | None = None,
+           partial_json=None) -> dict:
     """Every case of one op on the GPU (those past `deadline` listed as not run); the document is saved
     to `partial_json` after each case, so a killed run keeps what it measured. `timer` replaces do_bench
     in tests."""
     provs = {k: v for k, v in providers(spec, gpu=True).items() if only is None or k in only}
-    settings = {"warmup_ms": warmup_ms, "rep_ms": rep_ms, "timer": "triton.testing.do_bench median, L2 flushed per rep",
+    settings = {"warmup_ms": warmup_ms, "rep_ms": rep_ms, "timer": "triton.testing.do_bench median, L2 flushed per rep; "
+                "graph: triton.testing.do_bench_cudagraph median (the same calls replayed from a CUDA graph)",
                 "rotation": "ceil(2 x L2 / bytes) input copies", **(settings or {})}
     doc = new_doc(spec, provs, env, settings, cases)
     doc["copy_bandwidth"] = copy_bw
-    timer = timer or (lambda step: common.time_op(step, warmup_ms, rep_ms))
+    if timer is None:
+        timer = lambda step: common.time_op(step, warmup_ms, rep_ms)  # noqa: E731
+        graph_timer = graph_timer or (lambda step: common.time_graph(step, rep_ms))
     l2 = env.get("l2_bytes", 0) if device.type == "cuda" else 0
     for n, case in enumerate(cases):
         r = {"case": case.to_dict(), "bytes": spec.bytes_moved(case), "not_run": "time budget spent"}
         if deadline is None or time.monotonic() < deadline:
             try:
-                r = run_case(spec, case, provs, device, copy_bw["gbs"], l2, timer)
+                r = run_case(spec, case, provs, device, copy_bw["gbs"], l2, timer, graph_timer)
             except Exception as e:  # inputs or reference failed (out of memory, say): record it, go on
                 r["not_run"] = f"{common.HARNESS_ERROR}: {common.short_exc(e)}"
             common.free_memory(device)

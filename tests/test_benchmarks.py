@@ -100,6 +100,28 @@ def test_gate_flags_wrong_provider_and_never_times_it(direction):
     assert r["rotations"] > 1  # 1 MiB "L2": inputs are rotated
 
 
+def test_graph_timing_is_reported_beside_the_eager_one():
+    """With a graph timer each timed provider also gets the replayed time (the kernels alone); a step
+    that cannot be captured keeps its eager time and says so."""
+    provs = {"eager": lambda c, d: BIAS_GELU.eager, "other": lambda c, d: BIAS_GELU.eager}
+    replays = iter([0.25, RuntimeError("operation not permitted when stream is capturing")])
+
+    def graph_timer(step):
+        step()
+        t = next(replays)
+        if isinstance(t, Exception):
+            raise t
+        return t, t, t
+
+    r = ops.run_case(BIAS_GELU, case(rows=64, n=256), provs, CPU, 100.0, 1 << 20, fake_timer([]), graph_timer)
+    p = common.finish({"baseline": "eager", "results": [r]})["results"][0]["providers"]
+    assert p["eager"]["ms_graph"] == 0.25 and p["eager"]["speedup_graph"] == 1.0
+    assert p["eager"]["pct_copy_graph"] == pytest.approx(100 * r["bytes"] / 0.25 / 1e6 / 100.0)
+    assert "(graph: 0.25 ms" in common.cell_text(p["eager"])
+    assert p["other"]["ms"] == 0.5 and "ms_graph" not in p["other"] and "capturing" in p["other"]["graph_error"]
+    assert common.cell_text(p["other"]).endswith("(graph: error)")
+
+
 def test_gate_passes_bertkern_backends_on_cpu():
     doc = ops.check_cpu(BIAS_GELU, quick=True, dtypes=[torch.bfloat16])
     status = {p: {r["providers"][p]["status"] for r in doc["results"]} for p in doc["providers"]}
