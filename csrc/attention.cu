@@ -664,24 +664,26 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   const int dims = varlen ? 3 : 4;
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
     TORCH_CHECK(t.dim() == dims, op, ": ", name, " must be ", dims, "-D (", varlen ? "[total, H, D]" : "[B, H, S, D]",
-                "), got shape ", t.sizes());
+                "), got shape ", shape_str(t.sizes()));
     TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but q has ",
                 q.scalar_type());
     TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ", q.device());
     TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name, " must have unit stride along D, got strides ",
-                t.strides());
+                shape_str(t.strides()));
   }
   const int64_t D = q.size(-1);
   TORCH_CHECK(D >= 1 && D <= kMaxHeadDim, op, ": head dim ", D, " is outside the CUDA kernels' range [1, ",
               kMaxHeadDim, "]; use backend='triton'");
   if (varlen) {
     TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": q, k, v must have the same shape, got ",
-                q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+                shape_str(q.sizes()), ", ", shape_str(k.sizes()), ", ", shape_str(v.sizes()));
     TORCH_CHECK(q.size(0) <= std::numeric_limits<int>::max(), op, ": total tokens must fit in int32");
   } else {
     TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == D, op,
-                ": k must be [B, H, S_k, D] with q's B, H, D, got ", k.sizes(), " for q ", q.sizes());
-    TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ", v.sizes());
+                ": k must be [B, H, S_k, D] with q's B, H, D, got ", shape_str(k.sizes()), " for q ",
+                shape_str(q.sizes()));
+    TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", shape_str(k.sizes()), ", got ",
+                shape_str(v.sizes()));
     TORCH_CHECK(q.size(2) <= std::numeric_limits<int>::max() && k.size(2) <= std::numeric_limits<int>::max(), op,
                 ": sequence lengths must fit in int32");
   }
@@ -708,7 +710,7 @@ Params common_params(const char* op, const at::Tensor& q, const at::Tensor& k, c
     TORCH_CHECK(!(mask.has_value() && mask->defined()), op, ": varlen attention takes no mask");
     TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1 && (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
                 op, ": cu_seqlens must be a 1-D int32 or int64 tensor [B + 1], got ", cu.scalar_type(), " of shape ",
-                cu.sizes());
+                shape_str(cu.sizes()));
     TORCH_CHECK(cu.device() == q.device(), op, ": cu_seqlens is on ", cu.device(), " but q is on ", q.device());
     TORCH_CHECK(cu.is_contiguous(), op, ": cu_seqlens must be contiguous");
     TORCH_CHECK(max_seqlen >= 0 && max_seqlen <= std::numeric_limits<int>::max(), op,
@@ -731,7 +733,8 @@ Params common_params(const char* op, const at::Tensor& q, const at::Tensor& k, c
     const at::Tensor& m = *mask;
     TORCH_CHECK(m.device() == q.device(), op, ": mask is on ", m.device(), " but q is on ", q.device());
     TORCH_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == p.H && m.size(2) == p.S_q && m.size(3) == p.S_k, op,
-                ": mask must be a [B, H, S_q, S_k] view (expand a broadcast mask first), got ", m.sizes());
+                ": mask must be a [B, H, S_q, S_k] view (expand a broadcast mask first), got ",
+                shape_str(m.sizes()));
     const auto mt = m.scalar_type();
     TORCH_CHECK(mt == at::kBool || mt == at::kFloat || mt == q.scalar_type(), op,
                 ": mask must be bool, float32 or q's dtype, got ", mt);
@@ -821,7 +824,8 @@ BwdPlan plan_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& 
   const bool varlen = cu_seqlens.has_value() && cu_seqlens->defined();
   check_qkv(kBwd, q, k, v, varlen);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad", grad}, {"out", out}}) {
-    TORCH_CHECK(t.sizes() == q.sizes(), kBwd, ": ", name, " must have q's shape ", q.sizes(), ", got ", t.sizes());
+    TORCH_CHECK(t.sizes() == q.sizes(), kBwd, ": ", name, " must have q's shape ", shape_str(q.sizes()), ", got ",
+                shape_str(t.sizes()));
     TORCH_CHECK(t.scalar_type() == q.scalar_type(), kBwd, ": ", name, " has dtype ", t.scalar_type(),
                 " but q has ", q.scalar_type());
     TORCH_CHECK(t.device() == q.device(), kBwd, ": ", name, " is on ", t.device(), " but q is on ", q.device());
@@ -835,8 +839,8 @@ BwdPlan plan_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& 
   const std::vector<int64_t> stats_shape =
       varlen ? std::vector<int64_t>{2, H, total} : std::vector<int64_t>{2, plan.B, H, p.S_q};
   TORCH_CHECK(stats_in.scalar_type() == at::kFloat && stats_in.sizes() == at::IntArrayRef(stats_shape), kBwd,
-              ": stats must be the forward's float32 ", at::IntArrayRef(stats_shape), ", got ", stats_in.scalar_type(),
-              " ", stats_in.sizes());
+              ": stats must be the forward's float32 ", shape_str(stats_shape), ", got ", stats_in.scalar_type(),
+              " ", shape_str(stats_in.sizes()));
   TORCH_CHECK(stats_in.device() == q.device(), kBwd, ": stats is on ", stats_in.device(), " but q is on ", q.device());
   plan.stats = stats_in.contiguous();
   set_stats(p, plan.stats, varlen);

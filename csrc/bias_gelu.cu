@@ -205,7 +205,7 @@ at::Tensor checked_bias(const char* op, const std::optional<at::Tensor>& bias, c
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
   const at::Tensor& b = *bias;
   TORCH_CHECK(b.dim() == 1 && b.size(0) == x.size(1), op, ": bias must have shape [", x.size(1),
-              "] (x.size(1)), got ", b.sizes());
+              "] (x.size(1)), got ", shape_str(b.sizes()));
   TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, ": bias dtype ", b.scalar_type(),
               " does not match x dtype ", x.scalar_type());
   TORCH_CHECK(b.device() == x.device(), op, ": bias is on ", b.device(), " but x is on ", x.device());
@@ -271,7 +271,8 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at:
   const bool tanh = parse_approximate(op, approximate);
   check_rows(op, "x", x);
   check_rows(op, "dy", dy);
-  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": dy shape ", dy.sizes(), " does not match x shape ", x.sizes());
+  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": dy shape ", shape_str(dy.sizes()), " does not match x shape ",
+              shape_str(x.sizes()));
   TORCH_CHECK(dy.scalar_type() == x.scalar_type(), op, ": dy dtype ", dy.scalar_type(),
               " does not match x dtype ", x.scalar_type());
   TORCH_CHECK(dy.device() == x.device(), op, ": dy is on ", dy.device(), " but x is on ", x.device());

@@ -18,6 +18,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -70,6 +71,14 @@ constexpr I ceil_div(I a, I b) {
 template <typename I>
 constexpr I round_up(I a, I b) {
   return ceil_div(a, b) * b;
+}
+
+// A shape or strides as "[8, 16]", for TORCH_CHECK messages. Built here with std::to_string:
+// streaming an IntArrayRef into TORCH_CHECK crashed the extension built by nvcc (segfault on an H200).
+inline std::string shape_str(c10::IntArrayRef dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
 }
 
 // ------------------------------------------------------------------ how host code reaches the GPU
@@ -151,13 +160,14 @@ inline bool is_kernel_dtype(at::ScalarType t) {
 // along N. Messages name the op and the argument.
 inline void check_rows(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [M, N], got ", t.dim(), "-D shape ", t.sizes());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [M, N], got ", t.dim(), "-D shape ",
+              shape_str(t.sizes()));
   TORCH_CHECK(is_device_tensor(t), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": ", name,
               " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
   // A size-1 dim's stride is meaningless (as_rows may hand us one), so only N > 1 is checked.
   TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
-              " must have unit stride in dim 1 (", name, ".stride(1) == 1), got strides ", t.strides());
+              " must have unit stride in dim 1 (", name, ".stride(1) == 1), got strides ", shape_str(t.strides()));
 }
 
 // out[n] = sum_r partial[r, n] over `parts` rows of per-block partial sums (dbias, dweight, ...).

@@ -56,6 +56,7 @@ using bertkern::keep_bits;
 using bertkern::launch;
 using bertkern::make_dropout;
 using bertkern::load_vec;
+using bertkern::shape_str;
 using bertkern::store_vec;
 using bertkern::Vec;
 
@@ -583,7 +584,8 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd(const at::Tensor& scores, 
     TORCH_CHECK(mask->device() == scores.device(), fn, ": mask is on ", mask->device(), " but scores is on ",
                 scores.device());
     TORCH_CHECK(mask->sizes() == scores.sizes(), fn, ": mask must be a [B, H, S_q, S_k] view of scores' shape ",
-                scores.sizes(), " (expand it: broadcast dims with stride 0), got ", mask->sizes());
+                shape_str(scores.sizes()), " (expand it: broadcast dims with stride 0), got ",
+                shape_str(mask->sizes()));
     const auto mt = mask->scalar_type();
     TORCH_CHECK(mt == at::kBool || mt == at::kFloat || mt == scores.scalar_type(), fn,
                 ": mask must be bool, float32 or the scores' dtype (", scores.scalar_type(), "), got ", mt);
@@ -649,8 +651,8 @@ at::Tensor masked_softmax_bwd(const at::Tensor& grad, const at::Tensor& probs, d
   TORCH_CHECK(grad.device() == probs.device(), fn, ": grad is on ", grad.device(), " but probs is on ",
               probs.device());
   TORCH_CHECK(probs.dim() == 2, fn, ": probs must be 2-D [rows, S_k], got ", probs.dim(), " dims");
-  TORCH_CHECK(grad.sizes() == probs.sizes(), fn, ": grad must have probs' shape ", probs.sizes(), ", got ",
-              grad.sizes());
+  TORCH_CHECK(grad.sizes() == probs.sizes(), fn, ": grad must have probs' shape ", shape_str(probs.sizes()), ", got ",
+              shape_str(grad.sizes()));
   TORCH_CHECK(is_kernel_dtype(probs.scalar_type()), fn,
               ": probs must be float32, float16, bfloat16 or float64, got ", probs.scalar_type());
   TORCH_CHECK(grad.scalar_type() == probs.scalar_type(), fn, ": grad dtype ", grad.scalar_type(),

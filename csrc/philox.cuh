@@ -104,7 +104,8 @@ inline at::Tensor checked_seed(const char* op, const std::optional<at::Tensor>& 
   if (dropout_p == 0.0) return at::Tensor();
   TORCH_CHECK(seed.has_value() && seed->defined(), op, ": dropout_p > 0 needs a seed tensor");
   TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, op,
-              ": seed must be a one-element int64 tensor, got ", seed->scalar_type(), " of shape ", seed->sizes());
+              ": seed must be a one-element int64 tensor, got ", seed->scalar_type(), " of shape ",
+              shape_str(seed->sizes()));
   TORCH_CHECK(seed->device() == ref.device(), op, ": seed is on ", seed->device(), " but the input is on ",
               ref.device());
   return *seed;

@@ -128,6 +128,13 @@ def test_argument_checks(cuda):
         ops.attention_fwd(big, big, big, None, None, 0, 1.0, 0.0, None)
     with pytest.raises(RuntimeError, match="dropout_p > 0 needs a seed"):
         ops.attention_fwd(q, q, q, None, None, 0, 1.0, 0.1, None)
+    with pytest.raises(RuntimeError, match=r"k must be \[B, H, S_k, D\] .*, got \[1, 1, 5, 16\] for q \[1, 2, 5, 16\]"):
+        ops.attention_fwd(q, q[:, :1], q[:, :1], None, None, 0, 1.0, 0.0, None)
+    with pytest.raises(RuntimeError, match=r"q must have unit stride along D, got strides \[160, 80, 1, 16\]"):
+        t = q.transpose(-1, -2)
+        ops.attention_fwd(t, t, t, None, None, 0, 1.0, 0.0, None)
+    with pytest.raises(RuntimeError, match=r"mask must be a \[B, H, S_q, S_k\] view .*, got \[1, 1, 1, 5\]"):
+        ops.attention_fwd(q, q, q, torch.ones(1, 1, 1, 5, dtype=torch.bool), None, 0, 1.0, 0.0, None)
     with pytest.raises(RuntimeError, match="varlen attention takes no mask"):
         p = q[0].transpose(0, 1)
         ops.attention_fwd(p, p, p, torch.ones(1, 2, 5, 5, dtype=torch.bool), torch.tensor([0, 5]), 5, 1.0, 0.0, None)

@@ -281,7 +281,8 @@ def test_argument_checks(cuda):
         ((x[0], None, 1.0, 0.0, None), "scores must be 4-D"),
         ((x.int(), None, 1.0, 0.0, None), "scores must be float32, float16, bfloat16 or float64"),
         ((x.transpose(-1, -2), None, 1.0, 0.0, None), "unit stride along the keys"),
-        ((x, torch.ones(1, 1, 1, 8, dtype=torch.bool), 1.0, 0.0, None), r"mask must be a \[B, H, S_q, S_k\] view"),
+        ((x, torch.ones(1, 1, 1, 8, dtype=torch.bool), 1.0, 0.0, None),
+         r"mask must be a \[B, H, S_q, S_k\] view of scores' shape \[1, 2, 3, 8\] .*, got \[1, 1, 1, 8\]"),
         ((x, torch.zeros(1, 2, 3, 8, dtype=torch.bfloat16), 1.0, 0.0, None),
          "mask must be bool, float32 or the scores' dtype"),
         ((x, None, 1.0, 0.1, None), "dropout_p > 0 needs a seed tensor"),
@@ -295,7 +296,7 @@ def test_argument_checks(cuda):
     g = torch.randn(6, 8)
     bwd_cases = [
         ((g, g[None], 1.0, 0.0, None), "probs must be 2-D"),
-        ((g[:5], g, 1.0, 0.0, None), "grad must have probs' shape"),
+        ((g[:5], g, 1.0, 0.0, None), r"grad must have probs' shape \[6, 8\], got \[5, 8\]"),
         ((g.int(), g.int(), 1.0, 0.0, None), "probs must be float32, float16, bfloat16 or float64"),
         ((g.half(), g, 1.0, 0.0, None), "does not match probs dtype"),
         ((torch.randn(8, 6).t(), g, 1.0, 0.0, None), "unit stride along the keys"),
