@@ -3,7 +3,8 @@
 //
 // Inputs are 2-D [M, N] row views with unit column stride and any row stride; outputs are fresh
 // contiguous tensors; outputs not computed come back as empty tensors (the Python op's convention).
-// Math and statistics are fp32 (fp64 for fp64), two-pass over the row held in registers.
+// Math and statistics are fp32 (fp64 for fp64), two-pass over the row held in registers. The pre-norm
+// sum is rounded to the input dtype before its statistics (as_stored).
 //
 // Layout. A "team" of W warps owns one row at a time; each thread holds ITERS vectors of V elements
 // (16-byte loads when every row start is 16-byte aligned, else V = 1), so the row lives in registers
@@ -65,6 +66,13 @@ __device__ __forceinline__ A team_sum(A v, int wpr, A* smem) {
 template <typename A>
 __device__ __forceinline__ A rsqrt_(A v) {
   return A(1) / sqrt(v);  // IEEE sqrt and division (no fast math in this build)
+}
+
+// The pre-norm sum rounded to T, as stored for the backward and as eager normalizes it. Statistics of
+// the unrounded sum leave the rounding error in the backward's xhat, times rstd (1 / sqrt(eps) at N = 1).
+template <typename T>
+__device__ __forceinline__ acc_t<T> as_stored(acc_t<T> h) {
+  return static_cast<acc_t<T>>(static_cast<T>(h));
 }
 
 // ------------------------------------------------------------------------------ parameters
@@ -144,6 +152,8 @@ __global__ void __launch_bounds__(kTeamThreads) add_ln_fwd_team_kernel(FwdParams
 #pragma unroll
         for (int j = 0; j < V; ++j) h[it][j] += static_cast<A>(rv.v[j]);
       }
+#pragma unroll
+      for (int j = 0; j < V; ++j) h[it][j] = as_stored<T>(h[it][j]);
       if (p.prenorm != nullptr) {
         Vec<T, V> out;
 #pragma unroll
@@ -339,7 +349,7 @@ __device__ __forceinline__ acc_t<T> prenorm_at(const FwdParams<T>& p, const Drop
   if (p.x_bias != nullptr) h += static_cast<A>(p.x_bias[c]);
   if (drop.on) h = (keep_bits<1>(drop, row, c) & 1u) ? h * p.scale : A(0);
   if (p.residual != nullptr) h += static_cast<A>(p.residual[row * p.stride_r + c]);
-  return h;
+  return as_stored<T>(h);
 }
 
 template <typename T>
@@ -421,7 +431,8 @@ __global__ void __launch_bounds__(kLoopThreads) add_ln_bwd_loop_kernel(BwdParams
 at::Tensor like_rows(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Tensor& ref) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
   check_rows(op, name, *t);
-  TORCH_CHECK(t->sizes() == ref.sizes(), op, ": ", name, " shape ", t->sizes(), " does not match ", ref.sizes());
+  TORCH_CHECK(t->sizes() == ref.sizes(), op, ": ", name, " shape ", shape_str(t->sizes()), " does not match ",
+              shape_str(ref.sizes()));
   TORCH_CHECK(t->scalar_type() == ref.scalar_type(), op, ": ", name, " dtype ", t->scalar_type(),
               " does not match ", ref.scalar_type());
   TORCH_CHECK(t->device() == ref.device(), op, ": ", name, " is on ", t->device(), " but the input is on ",
@@ -433,7 +444,7 @@ at::Tensor like_rows(const char* op, const char* name, const std::optional<at::T
 at::Tensor like_col(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Tensor& ref) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
   TORCH_CHECK(t->dim() == 1 && t->size(0) == ref.size(1), op, ": ", name, " must have shape [", ref.size(1),
-              "], got ", t->sizes());
+              "], got ", shape_str(t->sizes()));
   TORCH_CHECK(t->scalar_type() == ref.scalar_type(), op, ": ", name, " dtype ", t->scalar_type(),
               " does not match ", ref.scalar_type());
   TORCH_CHECK(t->device() == ref.device(), op, ": ", name, " is on ", t->device(), " but the input is on ",
@@ -604,7 +615,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
   const auto acc_type = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto check_stats = [&](const char* name, const at::Tensor& t) {
     TORCH_CHECK(t.dim() == 1 && t.size(0) == M && t.is_contiguous(), op, ": ", name,
-                " must be a contiguous [", M, "] tensor, got shape ", t.sizes());
+                " must be a contiguous [", M, "] tensor, got shape ", shape_str(t.sizes()));
     TORCH_CHECK(t.scalar_type() == acc_type, op, ": ", name, " must be ", acc_type, ", got ", t.scalar_type());
     TORCH_CHECK(t.device() == h.device(), op, ": ", name, " is on ", t.device(), " but h is on ", h.device());
   };

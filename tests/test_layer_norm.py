@@ -9,12 +9,23 @@ from bertkern import reference
 from harness import DTYPES, assert_close_2x, kernel_backends, poison_allocator, randn, skip_unless_usable
 
 OPTIONAL = ("residual", "weight", "bias", "x_bias")
-SHAPES = [(1, 1), (7, 7), (33, 384), (7, 768), (5, 1023), (2, 3, 384)]
+# (64, 1): with one column the input gradients are 0 only when the statistics come from the sum as
+# rounded to the dtype (see xfail_torch_rounding); 64 rows, as one row's sum may happen to be exact
+# (a (1, 1) case passed on CPU and failed on a GPU).
+SHAPES = [(64, 1), (7, 7), (33, 384), (7, 768), (5, 1023), (2, 3, 384)]
 
 
 def all_backends():
     """The torch backend plus every kernel backend (as in harness.kernel_backends)."""
     return [pytest.param(("torch", "cpu"), id="torch")] + kernel_backends()
+
+
+def xfail_torch_rounding(request, backend, dtype, n):
+    """The torch backend takes its statistics from the fp32 pre-norm sum, but normalizes it and hands
+    the backward that sum rounded to fp16 / bf16; at N = 1 xhat is then the rounding error times
+    rstd = 1 / sqrt(eps) and dx is far off (the kernels round first, as eager does)."""
+    if backend == "torch" and n == 1 and dtype in (torch.float16, torch.bfloat16):
+        request.applymarker(pytest.mark.xfail(strict=True, reason="torch backend: statistics of the unrounded sum"))
 
 
 def make_inputs(shape, dtype, device, present=OPTIONAL, noncontig=False, scale=1.0):
@@ -74,9 +85,10 @@ def check_all(out, ref, eag):
 @pytest.mark.parametrize("backend_device", all_backends())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_add_layer_norm_matches_reference(backend_device, shape, dtype):
+def test_add_layer_norm_matches_reference(backend_device, shape, dtype, request):
     backend, device = backend_device
     skip_unless_usable(backend, device)
+    xfail_torch_rounding(request, backend, dtype, shape[-1])
     inputs = make_inputs(shape, dtype, device)
     grad = randn(*shape, dtype=dtype, device=device)
     eps = 1e-5
@@ -186,7 +198,8 @@ def test_add_layer_norm_fp16_large_magnitude(backend_device, offset):
 
 def test_triton_loop_path(monkeypatch):
     """Rows wider than one tile (shrunk here so the interpreter stays fast): chunked statistics,
-    a second sweep to normalize, partial column sums in memory; with dropout and prenorm."""
+    a second sweep to normalize, partial column sums in memory; with dropout and prenorm. Against
+    the one-tile path (the same rounding; checked against float64 above)."""
     if torch.cuda.is_available():
         device = "cuda"
     else:
@@ -194,24 +207,27 @@ def test_triton_loop_path(monkeypatch):
     skip_unless_usable("triton", device)
     from bertkern.triton import layer_norm as tk
 
-    monkeypatch.setattr(tk, "MAX_BLOCK_N", 128)
-    monkeypatch.setattr(tk, "LOOP_BLOCK_N", 64)
-    assert tk._tiles(300)[3]
+    def tile_and_loop(fn):
+        tile = fn()
+        with monkeypatch.context() as m:
+            m.setattr(tk, "MAX_BLOCK_N", 128)
+            m.setattr(tk, "LOOP_BLOCK_N", 64)
+            assert tk._tiles(300)[3]
+            return tile, fn()
+
     for dtype in (torch.float32, torch.bfloat16):
         inputs = make_inputs((3, 300), dtype, device)
         args = [inputs[k] for k in ("x", "residual", "weight", "bias", "x_bias")]
         seed = torch.tensor([77], dtype=torch.int64, device=device)
-        raw = torch.ops.bertkern.add_layer_norm
-        got = raw(*args, seed, 1e-5, 0.25, True, "triton")
-        want = raw(*args, seed, 1e-5, 0.25, True, "torch")
+        want, got = tile_and_loop(lambda: torch.ops.bertkern.add_layer_norm(*args, seed, 1e-5, 0.25, True, "triton"))
         for name, g, w in zip(["y", "prenorm", "mean", "rstd"], got, want):
             torch.testing.assert_close(g, w, msg=name)
         dy = randn(3, 300, dtype=dtype, device=device)
         dp = randn(3, 300, dtype=dtype, device=device)
-        back = torch.ops.bertkern.add_layer_norm_backward
-        got = back(dy, dp, want[1], want[2], want[3], inputs["weight"], seed, 0.25, True, True, True, "triton")
-        want_b = back(dy, dp, want[1], want[2], want[3], inputs["weight"], seed, 0.25, True, True, True, "torch")
-        for name, g, w in zip(["dh", "dx", "dweight", "dbias", "dx_bias"], got, want_b):
+        pre, mean, rstd = want[1:]
+        want, got = tile_and_loop(lambda: torch.ops.bertkern.add_layer_norm_backward(
+            dy, dp, pre, mean, rstd, inputs["weight"], seed, 0.25, True, True, True, "triton"))
+        for name, g, w in zip(["dh", "dx", "dweight", "dbias", "dx_bias"], got, want):
             torch.testing.assert_close(g, w, msg=name, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-3)
 
 
@@ -462,10 +478,11 @@ EMB_CASES = {
 @pytest.mark.parametrize("backend_device", all_backends())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(EMB_CASES))
-@pytest.mark.parametrize("n", [7, 384])
-def test_embedding_layer_norm(backend_device, dtype, case, n):
+@pytest.mark.parametrize("n", [1, 7, 384])
+def test_embedding_layer_norm(backend_device, dtype, case, n, request):
     backend, device = backend_device
     skip_unless_usable(backend, device)
+    xfail_torch_rounding(request, backend, dtype, n)
     c = EMB_CASES[case]
     B, S, V = 3, 9, 5  # few ids: many repeats, so table gradients must accumulate
     ids = torch.randint(0, V, (B, S), device=device)
@@ -479,13 +496,14 @@ def test_embedding_layer_norm(backend_device, dtype, case, n):
               "bias": (0.5 * torch.randn(n, device=device)).to(dtype)}
     grad = randn(B, S, n, dtype=dtype, device=device)
     pad = 1 if case == "all" else None
+    eps = 1e-5  # not BERT's 1e-12: fp16 eager rounds that to 0, and a one-column row has variance 0
 
     def fused(word, pos, typ, weight, bias):
-        return bertkern.ops.embedding_layer_norm(ids, pids, tids, word, pos, typ, weight, bias, padding_idx=pad,
-                                                 backend=backend)
+        return bertkern.ops.embedding_layer_norm(ids, pids, tids, word, pos, typ, weight, bias, eps,
+                                                 padding_idx=pad, backend=backend)
 
     def eag_fn(word, pos, typ, weight, bias):
-        return emb_eager(ids, pids, tids, word, pos, typ, weight, bias, padding_idx=pad)
+        return emb_eager(ids, pids, tids, word, pos, typ, weight, bias, eps, padding_idx=pad)
 
     poison_allocator(device)
     out = run(fused, tables, grad)

@@ -84,9 +84,11 @@ TEAM_CASES = [
     (torch.float16, (9, 100)),    # V1 IT4 w1 t8
     (torch.float16, (9, 250)),    # V1 IT8 w1 t8
     (torch.float16, (3, 300)),    # V1 IT1 w10 t1 (320 threads)
+    (torch.float16, (64, 1)),     # V1 IT1 w1 t8; one column: dx == 0 needs the rounded sum's statistics
     (torch.bfloat16, (33, 128)),  # V8 IT1 w1 t8
     (torch.bfloat16, (7, 768)),   # V8 IT1 w3 t2
     (torch.bfloat16, (5, 1023)),  # V1 IT8 w4 t2
+    (torch.bfloat16, (64, 1)),    # V1 IT1 w1 t8
     (torch.float32, (33, 64)),    # V4 IT1 w1 t8
     (torch.float32, (9, 256)),    # V4 IT2 w1 t8
     (torch.float32, (5, 512)),    # V4 IT4 w1 t8
@@ -264,16 +266,16 @@ def test_argument_checks(cuda):
         return ops.add_layer_norm_fwd(x, residual, weight, bias, x_bias, seed, eps, p, False)
 
     bad_fwd = [
-        (dict(x=torch.randn(2, 4, 8)), "x must be 2-D"),
+        (dict(x=torch.randn(2, 4, 8)), r"x must be 2-D \[M, N\], got 3-D shape \[2, 4, 8\]"),
         (dict(x=torch.ones(4, 8, dtype=torch.int32)), "x must be float32, float16, bfloat16 or float64"),
         (dict(x=torch.randn(8, 4).t()), "x must have unit stride in dim 1"),
-        (dict(residual=torch.randn(4, 9)), "residual shape"),
+        (dict(residual=torch.randn(4, 9)), r"residual shape \[4, 9\] does not match \[4, 8\]"),
         (dict(residual=torch.randn(4, 8).double()), "residual dtype"),
         (dict(weight=torch.randn(7)), r"weight must have shape \[8\]"),
         (dict(bias=w.half()), "bias dtype"),
-        (dict(x_bias=torch.randn(8, 1)), r"x_bias must have shape \[8\]"),
+        (dict(x_bias=torch.randn(8, 1)), r"x_bias must have shape \[8\], got \[8, 1\]"),
         (dict(p=0.1), "dropout_p > 0 needs a seed"),
-        (dict(p=0.1, seed=torch.tensor([1, 2])), "seed must be a one-element int64 tensor"),
+        (dict(p=0.1, seed=torch.tensor([1, 2])), r"seed must be a one-element int64 tensor, got Long of shape \[2\]"),
         (dict(p=1.5, seed=torch.tensor([1])), "dropout_p must be in"),
         (dict(eps=-1.0), "eps must be non-negative"),
         (dict(x=torch.randn(4, 0)), "x must have a non-empty last dim"),
@@ -292,7 +294,7 @@ def test_argument_checks(cuda):
         (dict(grad=torch.randn(4, 9)), "grad shape"),
         (dict(grad_prenorm=x.half()), "grad_prenorm dtype"),
         (dict(weight=torch.randn(9)), r"weight must have shape \[8\]"),
-        (dict(mean=mean[:3]), r"mean must be a contiguous \[4\] tensor"),
+        (dict(mean=mean[:3]), r"mean must be a contiguous \[4\] tensor, got shape \[3\]"),
         (dict(rstd=rstd.double()), "rstd must be Float"),
         (dict(p=0.5), "dropout_p > 0 needs a seed"),
     ]

@@ -2,7 +2,8 @@
 
 add_layer_norm: y = layer_norm(h), h = dropout(x + x_bias) + residual over the last dim of 2-D
 [M, N] views with unit stride along N (bertkern.backend.as_rows). Math is fp32 (fp64 for fp64
-inputs), cast on store; statistics are two-pass over the row held in registers. Rows up to
+inputs), cast on store; statistics are two-pass over the row held in registers, of the pre-norm sum
+rounded to the input dtype (what the backward reads back and eager normalizes). Rows up to
 MAX_BLOCK_N wide are one tile (several rows per program when they are narrow); wider rows loop over
 column chunks, merging per-chunk (mean, M2) pairs (Chan et al.) and re-reading the inputs to normalize.
 
@@ -55,7 +56,8 @@ def _keep_mask(seed, rows, col0, thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 def _prenorm_tile(X, R, XB, seed, rows, cols, col0, m, N, stride_x, stride_r, thresh, scale,
                   HAS_RES: tl.constexpr, HAS_XBIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """h = dropout(x + x_bias) + residual for one tile, in the accumulation dtype; 0 outside m."""
+    """h = dropout(x + x_bias) + residual for one tile, rounded to x's dtype (_norm_store) and held in
+    the accumulation dtype; 0 outside m."""
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
     acc = tl.float64 if x.dtype == tl.float64 else tl.float32
     h = x.to(acc)
@@ -66,7 +68,7 @@ def _prenorm_tile(X, R, XB, seed, rows, cols, col0, m, N, stride_x, stride_r, th
         h = tl.where(keep, h * scale, 0.0)
     if HAS_RES:
         h += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=m, other=0.0).to(acc)
-    return h
+    return h.to(x.dtype).to(acc)
 
 
 @triton.jit
@@ -91,7 +93,11 @@ def _affine(xhat, W, B, cols, N, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
 @triton.jit
 def _norm_store(h, m, rows, row_ok, cols, N, eps, W, B, Y, P, MEAN, RSTD, stride_y, stride_p,
                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_PRENORM: tl.constexpr):
-    """Normalize whole rows held in h (zeros outside m), store y, the pre-norm sum and the stats."""
+    """Normalize whole rows held in h (zeros outside m), store y, the pre-norm sum and the stats.
+
+    h must already be rounded to the stored dtype: the backward reads the stored sum back with these
+    statistics, and statistics of the unrounded sum leave the rounding error in its xhat, times rstd
+    (1 / sqrt(eps) at N = 1)."""
     if STORE_PRENORM:
         tl.store(P + rows[:, None] * stride_p + cols[None, :], h.to(P.dtype.element_ty), mask=m)
     mean = tl.sum(h, axis=1) / N
@@ -147,7 +153,7 @@ def _add_ln_fwd_kernel(
             mean += delta * (n_chunk / n_tot)
             m2 += tl.sum(d * d, axis=1) + delta * delta * (n_prev * n_chunk / n_tot)
         rstd = _rsqrt(m2 / N + eps)
-        # Pass 2: rebuild h from the inputs (exact, unlike the rounded pre-norm copy) and normalize.
+        # Pass 2: rebuild h from the inputs (the pre-norm copy is stored only when asked for) and normalize.
         for col0 in range(0, N, BLOCK_N):
             cols = col0 + tl.arange(0, BLOCK_N)
             m = row_ok[:, None] & (cols < N)[None, :]
@@ -309,6 +315,7 @@ def _emb_ln_fwd_kernel(
         else:
             pids = s
         h += tl.load(POS + pids[:, None] * stride_pos + cols[None, :], mask=m, other=0.0).to(acc)
+    h = h.to(WORD.dtype.element_ty).to(acc)  # rounded as stored (_norm_store)
     _norm_store(h, m, rows, row_ok, cols, N, eps, W, B, Y, P, MEAN, RSTD, stride_y, stride_p,
                 HAS_W, HAS_B, STORE_PRENORM)
 
