@@ -15,7 +15,7 @@ PY := $(VENV)/bin/python
 MAX_JOBS ?= 2
 # Users get both archs; .ci/run sets TORCH_CUDA_ARCH_LIST=9.0+PTX (no GPU there: _C must compile,
 # link and load). nvcc runs its device passes (cicc, ptxas) once per arch: sm_80's were 28% of
-# bias_gelu.cu's compile and ~45% of attention.cu's, the longest file (2 cores).
+# bias_gelu.cu's compile and 50% of attention.cu's, the longest file (595 of 1191 s, 2 busy cores).
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 # pytest-xdist workers (auto: one per core); PYTEST_WORKERS=0 runs the suite in one process.
 # loadfile: each test file on one worker, so a module-scoped fixture (the CUDA emulation's g++ build,
