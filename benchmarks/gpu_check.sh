@@ -13,7 +13,8 @@
 #
 # Env: PYTHON (python3), BUDGET_S, BENCH_RESERVE_S, OUT (else a temp dir), SUITES ("ops bert train"),
 # SKIP_TESTS=1 (benchmarks only), FULL_TESTS=1 (all of tests/ after the gpu ones), GPU_TESTS_S (240),
-# BUILD_S (300), TEST_WORKERS (8, with pytest-xdist), OPS_ARGS / BERT_ARGS / TRAIN_ARGS (extra `bertkern bench` arguments).
+# BUILD_S (300), TEST_WORKERS (8, with pytest-xdist), OPS_BUDGET_S / BERT_BUDGET_S / TRAIN_BUDGET_S (a suite's
+# timed budget, instead of its share), OPS_ARGS / BERT_ARGS / TRAIN_ARGS (extra `bertkern bench` arguments).
 # MiniLM has its real weights when the tree carries .minilm/ (bertkern bench --export-minilm .minilm).
 # Exit status: the number of failed steps.
 set -u
@@ -104,6 +105,8 @@ bench() {
   shift 2
   avail=$(($(left) - 20))
   budget=$((avail * share / 100 - GRACE_S))
+  local fixed="${suite^^}_BUDGET_S"  # OPS_BUDGET_S / BERT_BUDGET_S / TRAIN_BUDGET_S: a set budget instead
+  [ -n "${!fixed:-}" ] && budget=${!fixed}
   ((budget < 30)) && budget=30
   step "bench $suite" bench.log $((budget + GRACE_S)) "$PY" benchmarks/run.py --suite "$suite" --budget-s "$budget" "$@"
 }

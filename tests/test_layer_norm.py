@@ -10,7 +10,7 @@ from harness import DTYPES, assert_close_2x, kernel_backends, poison_allocator, 
 
 OPTIONAL = ("residual", "weight", "bias", "x_bias")
 # (64, 1): with one column the input gradients are 0 only when the statistics come from the sum as
-# rounded to the dtype (see xfail_torch_rounding); 64 rows, as one row's sum may happen to be exact
+# rounded to the dtype; 64 rows, as one row's sum may happen to be exact
 # (a (1, 1) case passed on CPU and failed on a GPU).
 SHAPES = [(64, 1), (7, 7), (33, 384), (7, 768), (5, 1023), (2, 3, 384)]
 
@@ -18,14 +18,6 @@ SHAPES = [(64, 1), (7, 7), (33, 384), (7, 768), (5, 1023), (2, 3, 384)]
 def all_backends():
     """The torch backend plus every kernel backend (as in harness.kernel_backends)."""
     return [pytest.param(("torch", "cpu"), id="torch")] + kernel_backends()
-
-
-def xfail_torch_rounding(request, backend, dtype, n):
-    """The torch backend takes its statistics from the fp32 pre-norm sum, but normalizes it and hands
-    the backward that sum rounded to fp16 / bf16; at N = 1 xhat is then the rounding error times
-    rstd = 1 / sqrt(eps) and dx is far off (the kernels round first, as eager does)."""
-    if backend == "torch" and n == 1 and dtype in (torch.float16, torch.bfloat16):
-        request.applymarker(pytest.mark.xfail(strict=True, reason="torch backend: statistics of the unrounded sum"))
 
 
 def make_inputs(shape, dtype, device, present=OPTIONAL, noncontig=False, scale=1.0):
@@ -85,10 +77,9 @@ def check_all(out, ref, eag):
 @pytest.mark.parametrize("backend_device", all_backends())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_add_layer_norm_matches_reference(backend_device, shape, dtype, request):
+def test_add_layer_norm_matches_reference(backend_device, shape, dtype):
     backend, device = backend_device
     skip_unless_usable(backend, device)
-    xfail_torch_rounding(request, backend, dtype, shape[-1])
     inputs = make_inputs(shape, dtype, device)
     grad = randn(*shape, dtype=dtype, device=device)
     eps = 1e-5
@@ -479,10 +470,9 @@ EMB_CASES = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(EMB_CASES))
 @pytest.mark.parametrize("n", [1, 7, 384])
-def test_embedding_layer_norm(backend_device, dtype, case, n, request):
+def test_embedding_layer_norm(backend_device, dtype, case, n):
     backend, device = backend_device
     skip_unless_usable(backend, device)
-    xfail_torch_rounding(request, backend, dtype, n)
     c = EMB_CASES[case]
     B, S, V = 3, 9, 5  # few ids: many repeats, so table gradients must accumulate
     ids = torch.randint(0, V, (B, S), device=device)

@@ -49,7 +49,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import acc_dtype, direct_call_ok, needs_grad, varlen_index
+from bertkern._utils import OpCall, acc_dtype, needs_grad, varlen_index
 from bertkern.ops import attention_auto as _auto
 
 _NAME = "bertkern.ops.attention"
@@ -259,8 +259,7 @@ def _(q, k, v, mask, scale, dropout_p, seed, backend):
     return _bshd_empty(B, H, S_q, D, q.dtype, q.device), q.new_empty((2, B, H, S_q), dtype=acc_dtype(q.dtype))
 
 
-@torch.library.custom_op("bertkern::attention_backward", mutates_args=())
-def _attention_backward(
+def _attention_backward_impl(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
     out: torch.Tensor, stats: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor | None, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -275,6 +274,11 @@ def _attention_backward(
             0, _unit_d(out), stats, scale, dropout_p, seed)
     return _triton().backward(_unit_d(grad.to(q.dtype)), _unit_d(q), _unit_d(k), _unit_d(v),
                               _mask4(mask, (B, H, S_q, S_k)), _unit_d(out), stats, scale, dropout_p, seed)
+
+
+_attention_backward = torch.library.custom_op("bertkern::attention_backward", _attention_backward_impl,
+                                              mutates_args=())
+_ATTENTION_BACKWARD = OpCall("attention_backward", _attention_backward_impl)
 
 
 @_attention_backward.register_fake
@@ -299,7 +303,7 @@ def _backward(ctx, grad, _grad_stats):
     need = ctx.needs_input_grad
     dq = dk = dv = dmask = None
     if any(need[:3]):
-        dq, dk, dv = torch.ops.bertkern.attention_backward(
+        dq, dk, dv = _ATTENTION_BACKWARD.pick(grad)(
             grad, q, k, v, mask, out, stats, ctx.scale, ctx.dropout_p, seed, ctx.backend)
     if need[3]:
         # A float mask that requires grad (a learned bias): d mask = d logits summed over its broadcast
@@ -311,6 +315,7 @@ def _backward(ctx, grad, _grad_stats):
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
+_ATTENTION = OpCall("attention", _attention_impl, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------- varlen custom ops
@@ -336,8 +341,7 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, backend):
     return q.new_empty((total, H, D)), q.new_empty((2, H, total), dtype=acc_dtype(q.dtype))
 
 
-@torch.library.custom_op("bertkern::attention_varlen_backward", mutates_args=())
-def _attention_varlen_backward(
+def _attention_varlen_backward_impl(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
     max_seqlen: int, out: torch.Tensor, stats: torch.Tensor, scale: float, dropout_p: float,
     seed: torch.Tensor | None, backend: str,
@@ -351,6 +355,11 @@ def _attention_varlen_backward(
             stats, scale, dropout_p, seed)
     return _triton().varlen_backward(_unit_d(grad.to(q.dtype)), _unit_d(q), _unit_d(k), _unit_d(v), cu_seqlens,
                                      max_seqlen, _unit_d(out), stats, scale, dropout_p, seed)
+
+
+_attention_varlen_backward = torch.library.custom_op("bertkern::attention_varlen_backward",
+                                                     _attention_varlen_backward_impl, mutates_args=())
+_ATTENTION_VARLEN_BACKWARD = OpCall("attention_varlen_backward", _attention_varlen_backward_impl)
 
 
 @_attention_varlen_backward.register_fake
@@ -370,12 +379,13 @@ def _varlen_backward(ctx, grad, _grad_stats):
     q, k, v, cu_seqlens, out, stats, seed = ctx.saved_tensors
     dq = dk = dv = None
     if any(ctx.needs_input_grad[:3]):
-        dq, dk, dv = torch.ops.bertkern.attention_varlen_backward(
+        dq, dk, dv = _ATTENTION_VARLEN_BACKWARD.pick(grad)(
             grad, q, k, v, cu_seqlens, ctx.max_seqlen, out, stats, ctx.scale, ctx.dropout_p, seed, ctx.backend)
     return dq, dk, dv, None, None, None, None, None, None
 
 
 _attention_varlen.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+_ATTENTION_VARLEN = OpCall("attention_varlen", _attention_varlen_impl, _varlen_setup_context, _varlen_backward)
 
 
 # ---------------------------------------------------------------- public functions
@@ -387,6 +397,7 @@ def _pick_backend(op: str, backend: str | None, q: torch.Tensor, dropout_p: floa
     if requested == "auto":
         requested = _auto.choose(op, q, dropout_p, seq)
         if requested in ("sdpa", "varlen_attn"):
+            _backend.record(op, requested)
             return requested
     elif requested == "cuda" and _backend.unavailable_reason("cuda", q.device) is None:
         why = cuda_unsupported(q)
@@ -497,8 +508,7 @@ def attention(
     if chosen == "sdpa":  # backend="auto" chose torch's own kernel (bertkern.ops.attention_auto)
         return _auto.sdpa(q, k, v, mask, scale, dropout_p)
     seed = reference.dropout_seed(dropout_p, q.device)
-    op = _attention_impl if direct_call_ok(q, needs_grad(q, k, v, mask)) else torch.ops.bertkern.attention
-    out, _ = op(q, k, v, mask, scale, dropout_p, seed, chosen)
+    out, _ = _ATTENTION.pick(q, needs_grad(q, k, v, mask))(q, k, v, mask, scale, dropout_p, seed, chosen)
     return out
 
 
@@ -564,6 +574,5 @@ def attention_varlen(
         return _auto.sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p)
     if chosen == "varlen_attn":
         return _auto.varlen_attn(q, k, v, cu_seqlens, max_seqlen, scale)
-    op = _attention_varlen_impl if direct_call_ok(q, needs_grad(q, k, v)) else torch.ops.bertkern.attention_varlen
-    out, _ = op(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, reference.dropout_seed(dropout_p, q.device), chosen)
+    out, _ = _ATTENTION_VARLEN.pick(q, needs_grad(q, k, v))(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, reference.dropout_seed(dropout_p, q.device), chosen)
     return out

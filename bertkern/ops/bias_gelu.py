@@ -9,7 +9,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import contiguous_or_none, direct_call_ok, needs_grad
+from bertkern._utils import OpCall, contiguous_or_none, needs_grad
 
 
 def _kernels(backend: str):
@@ -44,8 +44,7 @@ def _(x, bias, approximate, backend):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("bertkern::bias_gelu_backward", mutates_args=())
-def _bias_gelu_backward(
+def _bias_gelu_backward_impl(
     grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, approximate: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dbias); dbias is an empty tensor when there is no bias."""
@@ -57,6 +56,11 @@ def _bias_gelu_backward(
     _, backward = _kernels(backend)
     dx, dbias = backward(_backend.as_rows(grad), _backend.as_rows(x), contiguous_or_none(bias), approximate)
     return dx.view(x.shape), (no_dbias if bias is None else dbias)
+
+
+_bias_gelu_backward = torch.library.custom_op("bertkern::bias_gelu_backward", _bias_gelu_backward_impl,
+                                              mutates_args=())
+_BIAS_GELU_BACKWARD = OpCall("bias_gelu_backward", _bias_gelu_backward_impl)
 
 
 @_bias_gelu_backward.register_fake
@@ -72,11 +76,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, bias = ctx.saved_tensors
-    dx, dbias = torch.ops.bertkern.bias_gelu_backward(grad, x, bias, ctx.approximate, ctx.backend)
+    dx, dbias = _BIAS_GELU_BACKWARD.pick(grad)(grad, x, bias, ctx.approximate, ctx.backend)
     return dx, (dbias if bias is not None else None), None, None
 
 
 _bias_gelu.register_autograd(_backward, setup_context=_setup_context)
+_BIAS_GELU = OpCall("bias_gelu", _bias_gelu_impl, _setup_context, _backward)
 
 
 def _check(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> None:
@@ -116,5 +121,4 @@ def bias_gelu(
     _check(x, bias, approximate)
     unsupported = None if x.dtype in _backend.KERNEL_DTYPES else f"dtype {x.dtype} has no kernel"
     chosen = _backend.resolve("bias_gelu", backend, x.device, unsupported)
-    op = _bias_gelu_impl if direct_call_ok(x, needs_grad(x, bias)) else torch.ops.bertkern.bias_gelu
-    return op(x, bias, approximate, chosen)
+    return _BIAS_GELU.pick(x, needs_grad(x, bias))(x, bias, approximate, chosen)

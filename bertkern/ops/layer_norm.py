@@ -38,13 +38,14 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import acc_dtype, contiguous_or_none, direct_call_ok, empty, keep_mask, needs_grad
+from bertkern._utils import OpCall, acc_dtype, contiguous_or_none, empty, keep_mask, needs_grad
 
 
 # ---------------------------------------------------------------- torch backend (2-D rows)
 def _torch_forward(x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm):
     keep = keep_mask(seed, x.shape, dropout_p)
     h = reference.add_layer_norm_prenorm(x, residual, x_bias, dropout_p if keep is not None else 0.0, keep=keep)
+    h = h.to(x.dtype).to(h.dtype)  # normalize the sum as stored for backward (and as eager adds): in x's dtype
     mean, rstd = reference.layer_norm_stats(h, eps)
     w = None if weight is None else weight.to(h.dtype)
     b = None if bias is None else bias.to(h.dtype)
@@ -114,8 +115,7 @@ def _(x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm, ba
     return x.new_empty(x.shape), prenorm, x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
 
 
-@torch.library.custom_op("bertkern::add_layer_norm_backward", mutates_args=())
-def _add_layer_norm_backward(
+def _add_layer_norm_backward_impl(
     grad: torch.Tensor,
     grad_prenorm: torch.Tensor | None,
     h: torch.Tensor,
@@ -138,6 +138,11 @@ def _add_layer_norm_backward(
     )
     assert dw.numel() in (0, n) and db.numel() in (0, n) and dxb.numel() in (0, n)
     return dh.view(h.shape), (dx.view(h.shape) if dx.dim() == 2 else dx), dw, db, dxb  # 1-D [0]: no dx
+
+
+_add_layer_norm_backward = torch.library.custom_op("bertkern::add_layer_norm_backward", _add_layer_norm_backward_impl,
+                                                   mutates_args=())
+_ADD_LAYER_NORM_BACKWARD = OpCall("add_layer_norm_backward", _add_layer_norm_backward_impl)
 
 
 @_add_layer_norm_backward.register_fake
@@ -173,7 +178,7 @@ def _backward(ctx, grad, grad_prenorm, _grad_mean, _grad_rstd):
         grad = torch.zeros_like(h)
     if grad_prenorm is not None and grad_prenorm.numel() == 0:
         grad_prenorm = None
-    dh, dx, dw, db, dxb = torch.ops.bertkern.add_layer_norm_backward(
+    dh, dx, dw, db, dxb = _ADD_LAYER_NORM_BACKWARD.pick(grad)(
         grad, grad_prenorm, h, mean, rstd, weight, seed, ctx.dropout_p,
         has_w and need[2], has_b and need[3], has_xb and need[4], ctx.backend,
     )
@@ -190,6 +195,7 @@ def _backward(ctx, grad, grad_prenorm, _grad_mean, _grad_rstd):
 
 
 _add_layer_norm.register_autograd(_backward, setup_context=_setup_context)
+_ADD_LAYER_NORM = OpCall("add_layer_norm", _add_layer_norm_impl, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------- input checks
@@ -266,8 +272,7 @@ def add_layer_norm(
     trivial = residual is None and x_bias is None and seed is None  # the norm's input is x itself
     grad = needs_grad(x, residual, weight, bias, x_bias)
     store = return_prenorm or (not trivial and grad)
-    op = _add_layer_norm_impl if direct_call_ok(x, grad) else torch.ops.bertkern.add_layer_norm
-    y, prenorm, _, _ = op(
+    y, prenorm, _, _ = _ADD_LAYER_NORM.pick(x, grad)(
         x, residual, weight, bias, x_bias, seed, float(eps), float(dropout_p), store, chosen
     )
     return (y, prenorm) if return_prenorm else y
@@ -284,6 +289,7 @@ def _ids_2d(ids: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
 
 def _emb_torch_forward(ids, pids, tids, word, pos, typ, weight, bias, eps, store_prenorm):
     e = reference.embedding_sum(ids, pids, tids, word, pos, typ)
+    e = e.to(word.dtype).to(e.dtype)  # the sum as stored for backward, in the tables' dtype
     mean, rstd = reference.layer_norm_stats(e, eps)
     w = None if weight is None else weight.to(e.dtype)
     b = None if bias is None else bias.to(e.dtype)
@@ -365,7 +371,7 @@ def _emb_backward(ctx, grad, _grad_prenorm, _grad_mean, _grad_rstd):
     if grad is None:
         grad = torch.zeros_like(prenorm)
     ln_backend = "triton" if ctx.backend == "cuda" and not _cuda_ops_ready() else ctx.backend
-    dh, _, dw, db, _ = torch.ops.bertkern.add_layer_norm_backward(
+    dh, _, dw, db, _ = _ADD_LAYER_NORM_BACKWARD.pick(grad)(
         grad, None, prenorm, mean, rstd, weight, None, 0.0,
         weight is not None and need[6], ctx.has_bias and need[7], False, ln_backend,
     )
@@ -403,6 +409,7 @@ def _emb_backward(ctx, grad, _grad_prenorm, _grad_mean, _grad_rstd):
 
 
 _embedding_layer_norm.register_autograd(_emb_backward, setup_context=_emb_setup_context)
+_EMBEDDING_LAYER_NORM = OpCall("embedding_layer_norm", _embedding_layer_norm_impl, _emb_setup_context, _emb_backward)
 
 
 def _cuda_ops_ready() -> bool:
@@ -524,8 +531,7 @@ def embedding_layer_norm(
         token_type_ids = None
     store = needs_grad(word, position_embeddings, token_type_embeddings, weight, bias)
     pad = -1 if padding_idx is None else padding_idx % word.shape[0]
-    op = _embedding_layer_norm_impl if direct_call_ok(word, store) else torch.ops.bertkern.embedding_layer_norm
-    y, _, _, _ = op(
+    y, _, _, _ = _EMBEDDING_LAYER_NORM.pick(word, store)(
         input_ids, position_ids, token_type_ids, word, position_embeddings, token_type_embeddings,
         weight, bias, float(eps), pad, store, chosen,
     )

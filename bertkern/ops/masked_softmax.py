@@ -24,7 +24,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import acc_dtype, direct_call_ok, needs_grad
+from bertkern._utils import OpCall, acc_dtype, needs_grad
 
 _NAME = "bertkern.ops.masked_softmax"
 
@@ -95,8 +95,7 @@ def _(scores, mask, scale, dropout_p, seed, backend):
     return scores.new_empty(scores.shape), scores.new_empty(scores.shape if dropout_p > 0.0 else (0,))
 
 
-@torch.library.custom_op("bertkern::masked_softmax_backward", mutates_args=())
-def _masked_softmax_backward(
+def _masked_softmax_backward_impl(
     grad: torch.Tensor, probs: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor | None,
     backend: str,
 ) -> torch.Tensor:
@@ -110,6 +109,11 @@ def _masked_softmax_backward(
     g2 = _backend.as_rows(grad.expand(probs.shape))
     p2 = _backend.as_rows(probs)
     return backward(g2, p2, scale, dropout_p, seed).view(probs.shape)
+
+
+_masked_softmax_backward = torch.library.custom_op("bertkern::masked_softmax_backward", _masked_softmax_backward_impl,
+                                                   mutates_args=())
+_MASKED_SOFTMAX_BACKWARD = OpCall("masked_softmax_backward", _masked_softmax_backward_impl)
 
 
 @_masked_softmax_backward.register_fake
@@ -131,7 +135,7 @@ def _backward(ctx, grad, _grad_probs):
     want_scores, want_mask = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (want_scores or want_mask):
         return None, None, None, None, None, None
-    bwd = torch.ops.bertkern.masked_softmax_backward
+    bwd = _MASKED_SOFTMAX_BACKWARD.pick(probs)
     dscores = dmask = None
     if want_mask:
         # d(mask) = d(logits), summed over the dims the mask was broadcast along; d(scores) = scale * that.
@@ -146,6 +150,7 @@ def _backward(ctx, grad, _grad_probs):
 
 
 _masked_softmax.register_autograd(_backward, setup_context=_setup_context)
+_MASKED_SOFTMAX = OpCall("masked_softmax", _masked_softmax_impl, _setup_context, _backward)
 
 
 def _check(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, dropout_p: float) -> None:
@@ -207,6 +212,5 @@ def masked_softmax(
     chosen = _backend.resolve("masked_softmax", backend, scores.device, unsupported)
     dropout_p = float(dropout_p)
     seed = reference.dropout_seed(dropout_p, scores.device)
-    op = _masked_softmax_impl if direct_call_ok(scores, needs_grad(scores, mask)) else torch.ops.bertkern.masked_softmax
-    out, _ = op(scores, mask, float(scale), dropout_p, seed, chosen)
+    out, _ = _MASKED_SOFTMAX.pick(scores, needs_grad(scores, mask))(scores, mask, float(scale), dropout_p, seed, chosen)
     return out
