@@ -163,15 +163,15 @@ def _mask_tile(mptrs, n_ok, MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, BOU
 
 
 @triton.jit
-def _fwd_step(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s, sm_k,
-    qk_scale, SEED, rows, thresh,
+def _logits_tile(
+    q, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s, sm_k, qk_scale,
     BOUNDS: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr,
-    MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
-    FAST_EXP: tl.constexpr, FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_ROWS: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr,
 ):
-    """One key tile of the online softmax, in log2 units: s = (q k^T) * scale * log2(e) (+ mask *
-    log2(e)), p = 2^(s - m)."""
+    """(k, v, s) of the key tile at start_n: s = q k^T * qk_scale (+ mask), -inf where masked or past
+    Lk (k = 0 there gives s = 0, and 2^(0 - max) can overflow: inf * 0 = NaN in dQ). FOLD without an
+    additive mask leaves s raw: the max of q k^T times qk_scale (> 0) is the max of the logits, so each
+    logit's scale and shift are one FFMA inside the exponent."""
     n64 = tl.cast(start_n, tl.int64)
     n_ok = (start_n + offs_n0) < Lk
     k = _load_rows(k_ptrs + n64 * sk_s, n_ok, d_ok, BOUNDS, EVEN_D)
@@ -180,8 +180,6 @@ def _fwd_step(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
-    # FOLD without an additive mask: the max of the raw q k^T times qk_scale (> 0) is the max of the
-    # logits, so each logit's scale and shift are one FFMA inside the exponent.
     RAW: tl.constexpr = FOLD and MASK_KIND != 2
     if not RAW:
         s = s * qk_scale
@@ -198,6 +196,22 @@ def _fwd_step(
         s = tl.where(valid, s + add, -float("inf"))
     elif BOUNDS:
         s = tl.where(n_ok[None, :], s, -float("inf"))
+    return k, v, s
+
+
+@triton.jit
+def _fwd_step(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s, sm_k,
+    qk_scale, SEED, rows, thresh,
+    BOUNDS: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr,
+    MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    FAST_EXP: tl.constexpr, FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One key tile of the online softmax, in log2 units: s = (q k^T) * scale * log2(e) (+ mask *
+    log2(e)), p = 2^(s - m)."""
+    k, v, s = _logits_tile(q, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s, sm_k, qk_scale,
+                           BOUNDS, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DOT_F32, PREC, FOLD)
+    RAW: tl.constexpr = FOLD and MASK_KIND != 2  # s is the raw q k^T (see _logits_tile)
     if RAW:
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     else:
@@ -450,30 +464,9 @@ def _dq_step(
     FAST_EXP: tl.constexpr, FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key tile of dQ."""
-    n64 = tl.cast(start_n, tl.int64)
-    n_ok = (start_n + offs_n0) < Lk
-    k = _load_rows(k_ptrs + n64 * sk_s, n_ok, d_ok, BOUNDS, EVEN_D)
-    v = _load_rows(v_ptrs + n64 * sv_s, n_ok, d_ok, BOUNDS, EVEN_D)
-    if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC)
-    RAW: tl.constexpr = FOLD and MASK_KIND != 2  # scale inside the exponent: one FFMA (see _fwd_step)
-    if not RAW:
-        s = s * qk_scale
-    if MASK_KIND != 0:
-        if MASK_ROWS:
-            valid, add = _mask_tile(mptrs + n64 * sm_k, n_ok[None, :], MASK_KIND, MASK_MIN, BOUNDS, FOLD)
-        else:
-            valid, add = _mask_tile(mptrs + n64 * sm_k, n_ok, MASK_KIND, MASK_MIN, BOUNDS, FOLD)
-            valid = valid[None, :]
-            if MASK_KIND == 2:
-                add = add[None, :]
-        if BOUNDS:
-            valid = valid & n_ok[None, :]
-        s = tl.where(valid, s + add, -float("inf"))
-    elif BOUNDS:  # k = 0 past the end gives s = 0, and 2^(0 - max) can overflow: inf * 0 = NaN in dQ
-        s = tl.where(n_ok[None, :], s, -float("inf"))
+    k, v, s = _logits_tile(q, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s, sm_k, qk_scale,
+                           BOUNDS, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DOT_F32, PREC, FOLD)
+    RAW: tl.constexpr = FOLD and MASK_KIND != 2  # s is the raw q k^T (see _logits_tile)
     if RAW:
         p = _exp2(s * qk_scale - row_max[:, None], FAST_EXP) * inv_l[:, None]
     else:
