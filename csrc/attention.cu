@@ -658,33 +658,33 @@ Strides strides_of(const at::Tensor& t, bool varlen) {
 }
 
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool varlen) {
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+  BK_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
               ": q must be float16 or bfloat16 (the CUDA attention kernels use fp16/bf16 tensor cores), got ",
               q.scalar_type(), "; use backend='triton' for float32");
   const int dims = varlen ? 3 : 4;
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
-    TORCH_CHECK(t.dim() == dims, op, ": ", name, " must be ", dims, "-D (", varlen ? "[total, H, D]" : "[B, H, S, D]",
+    BK_CHECK(t.dim() == dims, op, ": ", name, " must be ", dims, "-D (", varlen ? "[total, H, D]" : "[B, H, S, D]",
                 "), got shape ", shape_str(t.sizes()));
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but q has ",
+    BK_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but q has ",
                 q.scalar_type());
-    TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ", q.device());
-    TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name, " must have unit stride along D, got strides ",
+    BK_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ", q.device());
+    BK_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name, " must have unit stride along D, got strides ",
                 shape_str(t.strides()));
   }
   const int64_t D = q.size(-1);
-  TORCH_CHECK(D >= 1 && D <= kMaxHeadDim, op, ": head dim ", D, " is outside the CUDA kernels' range [1, ",
+  BK_CHECK(D >= 1 && D <= kMaxHeadDim, op, ": head dim ", D, " is outside the CUDA kernels' range [1, ",
               kMaxHeadDim, "]; use backend='triton'");
   if (varlen) {
-    TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": q, k, v must have the same shape, got ",
+    BK_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": q, k, v must have the same shape, got ",
                 shape_str(q.sizes()), ", ", shape_str(k.sizes()), ", ", shape_str(v.sizes()));
-    TORCH_CHECK(q.size(0) <= std::numeric_limits<int>::max(), op, ": total tokens must fit in int32");
+    BK_CHECK(q.size(0) <= std::numeric_limits<int>::max(), op, ": total tokens must fit in int32");
   } else {
-    TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == D, op,
+    BK_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == D, op,
                 ": k must be [B, H, S_k, D] with q's B, H, D, got ", shape_str(k.sizes()), " for q ",
                 shape_str(q.sizes()));
-    TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", shape_str(k.sizes()), ", got ",
+    BK_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", shape_str(k.sizes()), ", got ",
                 shape_str(v.sizes()));
-    TORCH_CHECK(q.size(2) <= std::numeric_limits<int>::max() && k.size(2) <= std::numeric_limits<int>::max(), op,
+    BK_CHECK(q.size(2) <= std::numeric_limits<int>::max() && k.size(2) <= std::numeric_limits<int>::max(), op,
                 ": sequence lengths must fit in int32");
   }
 }
@@ -707,13 +707,13 @@ Params common_params(const char* op, const at::Tensor& q, const at::Tensor& k, c
   p.vv = vec_ok(v, p.sv, p.D);
   if (varlen) {
     const at::Tensor& cu = *cu_seqlens;
-    TORCH_CHECK(!(mask.has_value() && mask->defined()), op, ": varlen attention takes no mask");
-    TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1 && (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
+    BK_CHECK(!(mask.has_value() && mask->defined()), op, ": varlen attention takes no mask");
+    BK_CHECK(cu.dim() == 1 && cu.numel() >= 1 && (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
                 op, ": cu_seqlens must be a 1-D int32 or int64 tensor [B + 1], got ", cu.scalar_type(), " of shape ",
                 shape_str(cu.sizes()));
-    TORCH_CHECK(cu.device() == q.device(), op, ": cu_seqlens is on ", cu.device(), " but q is on ", q.device());
-    TORCH_CHECK(cu.is_contiguous(), op, ": cu_seqlens must be contiguous");
-    TORCH_CHECK(max_seqlen >= 0 && max_seqlen <= std::numeric_limits<int>::max(), op,
+    BK_CHECK(cu.device() == q.device(), op, ": cu_seqlens is on ", cu.device(), " but q is on ", q.device());
+    BK_CHECK(cu.is_contiguous(), op, ": cu_seqlens must be contiguous");
+    BK_CHECK(max_seqlen >= 0 && max_seqlen <= std::numeric_limits<int>::max(), op,
                 ": max_seqlen must be in [0, 2^31), got ", max_seqlen);
     B = cu.numel() - 1;
     p.cu = cu.const_data_ptr();
@@ -726,17 +726,17 @@ Params common_params(const char* op, const at::Tensor& q, const at::Tensor& k, c
     p.S_q = static_cast<int>(q.size(2));
     p.S_k = static_cast<int>(k.size(2));
   }
-  TORCH_CHECK(B <= 65535 && p.H <= 65535, op, ": the batch and head counts must be at most 65535 (grid limits), got ",
+  BK_CHECK(B <= 65535 && p.H <= 65535, op, ": the batch and head counts must be at most 65535 (grid limits), got ",
               B, " and ", p.H);
   p.row_stride = p.S_q;
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;
-    TORCH_CHECK(m.device() == q.device(), op, ": mask is on ", m.device(), " but q is on ", q.device());
-    TORCH_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == p.H && m.size(2) == p.S_q && m.size(3) == p.S_k, op,
+    BK_CHECK(m.device() == q.device(), op, ": mask is on ", m.device(), " but q is on ", q.device());
+    BK_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == p.H && m.size(2) == p.S_q && m.size(3) == p.S_k, op,
                 ": mask must be a [B, H, S_q, S_k] view (expand a broadcast mask first), got ",
                 shape_str(m.sizes()));
     const auto mt = m.scalar_type();
-    TORCH_CHECK(mt == at::kBool || mt == at::kFloat || mt == q.scalar_type(), op,
+    BK_CHECK(mt == at::kBool || mt == at::kFloat || mt == q.scalar_type(), op,
                 ": mask must be bool, float32 or q's dtype, got ", mt);
     p.mask = m.const_data_ptr();
     p.mask_kind = mt == at::kBool ? 1 : mt == at::kFloat ? 2 : 3;
@@ -824,12 +824,12 @@ BwdPlan plan_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& 
   const bool varlen = cu_seqlens.has_value() && cu_seqlens->defined();
   check_qkv(kBwd, q, k, v, varlen);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad", grad}, {"out", out}}) {
-    TORCH_CHECK(t.sizes() == q.sizes(), kBwd, ": ", name, " must have q's shape ", shape_str(q.sizes()), ", got ",
+    BK_CHECK(t.sizes() == q.sizes(), kBwd, ": ", name, " must have q's shape ", shape_str(q.sizes()), ", got ",
                 shape_str(t.sizes()));
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), kBwd, ": ", name, " has dtype ", t.scalar_type(),
+    BK_CHECK(t.scalar_type() == q.scalar_type(), kBwd, ": ", name, " has dtype ", t.scalar_type(),
                 " but q has ", q.scalar_type());
-    TORCH_CHECK(t.device() == q.device(), kBwd, ": ", name, " is on ", t.device(), " but q is on ", q.device());
-    TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, kBwd, ": ", name, " must have unit stride along D");
+    BK_CHECK(t.device() == q.device(), kBwd, ": ", name, " is on ", t.device(), " but q is on ", q.device());
+    BK_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, kBwd, ": ", name, " must have unit stride along D");
   }
   const at::Tensor seed = checked_seed(kBwd, seed_opt, dropout_p, q);
   BwdPlan plan;
@@ -838,10 +838,10 @@ BwdPlan plan_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& 
   const int64_t H = p.H, D = p.D, total = varlen ? q.size(0) : 0;
   const std::vector<int64_t> stats_shape =
       varlen ? std::vector<int64_t>{2, H, total} : std::vector<int64_t>{2, plan.B, H, p.S_q};
-  TORCH_CHECK(stats_in.scalar_type() == at::kFloat && stats_in.sizes() == at::IntArrayRef(stats_shape), kBwd,
+  BK_CHECK(stats_in.scalar_type() == at::kFloat && stats_in.sizes() == at::IntArrayRef(stats_shape), kBwd,
               ": stats must be the forward's float32 ", shape_str(stats_shape), ", got ", stats_in.scalar_type(),
               " ", shape_str(stats_in.sizes()));
-  TORCH_CHECK(stats_in.device() == q.device(), kBwd, ": stats is on ", stats_in.device(), " but q is on ", q.device());
+  BK_CHECK(stats_in.device() == q.device(), kBwd, ": stats is on ", stats_in.device(), " but q is on ", q.device());
   plan.stats = stats_in.contiguous();
   set_stats(p, plan.stats, varlen);
   if (varlen) {
@@ -895,9 +895,9 @@ void dispatch_bwd(const BwdPlan& plan, Launch&& launch) {
 
 // ------------------------------------------------------------------ ops
 void check_device(const char* op, const at::Tensor& q) {
-  TORCH_CHECK(is_device_tensor(q), op, ": q must be a CUDA tensor, got ", q.device());
+  BK_CHECK(is_device_tensor(q), op, ": q must be a CUDA tensor, got ", q.device());
   const int major = cc_major(q.device().index());
-  TORCH_CHECK(major >= 8, op, ": the CUDA attention kernels need sm_80 or newer (tensor-core mma.sync), ",
+  BK_CHECK(major >= 8, op, ": the CUDA attention kernels need sm_80 or newer (tensor-core mma.sync), ",
               "got compute capability ", major, ".x; use backend='triton'");
 }
 

@@ -195,7 +195,7 @@ Tile pick_tile(int64_t nv) {
 }
 
 bool parse_approximate(const char* op, c10::string_view approximate) {
-  TORCH_CHECK(approximate == "none" || approximate == "tanh", op,
+  BK_CHECK(approximate == "none" || approximate == "tanh", op,
               ": approximate must be 'none' or 'tanh', got '", approximate, "'");
   return approximate == "tanh";
 }
@@ -204,16 +204,16 @@ bool parse_approximate(const char* op, c10::string_view approximate) {
 at::Tensor checked_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x) {
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
   const at::Tensor& b = *bias;
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == x.size(1), op, ": bias must have shape [", x.size(1),
+  BK_CHECK(b.dim() == 1 && b.size(0) == x.size(1), op, ": bias must have shape [", x.size(1),
               "] (x.size(1)), got ", shape_str(b.sizes()));
-  TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, ": bias dtype ", b.scalar_type(),
+  BK_CHECK(b.scalar_type() == x.scalar_type(), op, ": bias dtype ", b.scalar_type(),
               " does not match x dtype ", x.scalar_type());
-  TORCH_CHECK(b.device() == x.device(), op, ": bias is on ", b.device(), " but x is on ", x.device());
+  BK_CHECK(b.device() == x.device(), op, ": bias is on ", b.device(), " but x is on ", x.device());
   return b.contiguous();  // [N]: copying a strided one is cheaper than a strided kernel path
 }
 
 dim3 grid_of(int64_t col_blocks, int64_t grid_y) {
-  TORCH_CHECK(col_blocks <= std::numeric_limits<int32_t>::max(), "bertkern: too many columns");
+  BK_CHECK(col_blocks <= std::numeric_limits<int32_t>::max(), "bertkern: too many columns");
   return dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(grid_y));
 }
 
@@ -271,11 +271,11 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at:
   const bool tanh = parse_approximate(op, approximate);
   check_rows(op, "x", x);
   check_rows(op, "dy", dy);
-  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": dy shape ", shape_str(dy.sizes()), " does not match x shape ",
+  BK_CHECK(dy.sizes() == x.sizes(), op, ": dy shape ", shape_str(dy.sizes()), " does not match x shape ",
               shape_str(x.sizes()));
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), op, ": dy dtype ", dy.scalar_type(),
+  BK_CHECK(dy.scalar_type() == x.scalar_type(), op, ": dy dtype ", dy.scalar_type(),
               " does not match x dtype ", x.scalar_type());
-  TORCH_CHECK(dy.device() == x.device(), op, ": dy is on ", dy.device(), " but x is on ", x.device());
+  BK_CHECK(dy.device() == x.device(), op, ": dy is on ", dy.device(), " but x is on ", x.device());
   const at::Tensor bias = checked_bias(op, bias_opt, x);
   const DeviceScope scope(x);
 

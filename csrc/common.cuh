@@ -73,8 +73,26 @@ constexpr I round_up(I a, I b) {
   return ceil_div(a, b) * b;
 }
 
-// A shape or strides as "[8, 16]", for TORCH_CHECK messages. Built here with std::to_string:
-// streaming an IntArrayRef into TORCH_CHECK crashed the extension built by nvcc (segfault on an H200).
+// Check messages. TORCH_CHECK formats its message with std::ostringstream, and formatting a number
+// that way inside bertkern._C crashed the process (segfault) on an H200 machine (nvcc build against
+// torch 2.11); strings, dtypes and devices were fine. BK_CHECK turns numbers into strings with
+// std::to_string first, and shape_str writes a shape or strides as "[8, 16]" the same way.
+template <typename T>
+decltype(auto) check_arg(const T& v) {
+  if constexpr (std::is_arithmetic_v<T> && !std::is_same_v<T, bool> && !std::is_same_v<T, char>) {
+    return std::to_string(v);
+  } else {
+    return (v);
+  }
+}
+
+template <typename... Args>
+std::string check_msg(const Args&... args) {
+  return c10::str(check_arg(args)...);
+}
+
+#define BK_CHECK(cond, ...) TORCH_CHECK(cond, ::bertkern::check_msg(__VA_ARGS__))
+
 inline std::string shape_str(c10::IntArrayRef dims) {
   std::string s = "[";
   for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
@@ -159,14 +177,14 @@ inline bool is_kernel_dtype(at::ScalarType t) {
 // A [M, N] row-major input of a row op: defined, 2-D, on the device, a kernel dtype, unit stride
 // along N. Messages name the op and the argument.
 inline void check_rows(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [M, N], got ", t.dim(), "-D shape ",
+  BK_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  BK_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [M, N], got ", t.dim(), "-D shape ",
               shape_str(t.sizes()));
-  TORCH_CHECK(is_device_tensor(t), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": ", name,
+  BK_CHECK(is_device_tensor(t), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  BK_CHECK(is_kernel_dtype(t.scalar_type()), op, ": ", name,
               " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
   // A size-1 dim's stride is meaningless (as_rows may hand us one), so only N > 1 is checked.
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
+  BK_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
               " must have unit stride in dim 1 (", name, ".stride(1) == 1), got strides ", shape_str(t.strides()));
 }
 

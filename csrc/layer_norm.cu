@@ -431,11 +431,11 @@ __global__ void __launch_bounds__(kLoopThreads) add_ln_bwd_loop_kernel(BwdParams
 at::Tensor like_rows(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Tensor& ref) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
   check_rows(op, name, *t);
-  TORCH_CHECK(t->sizes() == ref.sizes(), op, ": ", name, " shape ", shape_str(t->sizes()), " does not match ",
+  BK_CHECK(t->sizes() == ref.sizes(), op, ": ", name, " shape ", shape_str(t->sizes()), " does not match ",
               shape_str(ref.sizes()));
-  TORCH_CHECK(t->scalar_type() == ref.scalar_type(), op, ": ", name, " dtype ", t->scalar_type(),
+  BK_CHECK(t->scalar_type() == ref.scalar_type(), op, ": ", name, " dtype ", t->scalar_type(),
               " does not match ", ref.scalar_type());
-  TORCH_CHECK(t->device() == ref.device(), op, ": ", name, " is on ", t->device(), " but the input is on ",
+  BK_CHECK(t->device() == ref.device(), op, ": ", name, " is on ", t->device(), " but the input is on ",
               ref.device());
   return *t;
 }
@@ -443,11 +443,11 @@ at::Tensor like_rows(const char* op, const char* name, const std::optional<at::T
 // An optional [N] vector like `ref`'s rows, made contiguous, or an undefined tensor for None.
 at::Tensor like_col(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Tensor& ref) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == ref.size(1), op, ": ", name, " must have shape [", ref.size(1),
+  BK_CHECK(t->dim() == 1 && t->size(0) == ref.size(1), op, ": ", name, " must have shape [", ref.size(1),
               "], got ", shape_str(t->sizes()));
-  TORCH_CHECK(t->scalar_type() == ref.scalar_type(), op, ": ", name, " dtype ", t->scalar_type(),
+  BK_CHECK(t->scalar_type() == ref.scalar_type(), op, ": ", name, " dtype ", t->scalar_type(),
               " does not match ", ref.scalar_type());
-  TORCH_CHECK(t->device() == ref.device(), op, ": ", name, " is on ", t->device(), " but the input is on ",
+  BK_CHECK(t->device() == ref.device(), op, ": ", name, " is on ", t->device(), " but the input is on ",
               ref.device());
   return t->contiguous();
 }
@@ -543,11 +543,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
   const at::Tensor bias = like_col(op, "bias", bias_opt, x);
   const at::Tensor x_bias = like_col(op, "x_bias", x_bias_opt, x);
   const at::Tensor seed = checked_seed(op, seed_opt, dropout_p, x);
-  TORCH_CHECK(eps >= 0.0, op, ": eps must be non-negative, got ", eps);
+  BK_CHECK(eps >= 0.0, op, ": eps must be non-negative, got ", eps);
   const DeviceScope scope(x);
 
   const int64_t M = x.size(0), N = x.size(1);
-  TORCH_CHECK(N > 0, op, ": x must have a non-empty last dim");
+  BK_CHECK(N > 0, op, ": x must have a non-empty last dim");
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor prenorm = store_prenorm ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
@@ -586,7 +586,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
     const bool launched = team.iters > 0 && with_team<scalar_t>(vec ? VW : 1, team.iters, [&](auto v, auto iters) {
       const int teams = teams_per_block(team.wpr);
       const int64_t blocks = ceil_div<int64_t>(M, teams);
-      TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many rows (", M, ")");
+      BK_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many rows (", M, ")");
       launch(add_ln_fwd_team_kernel<scalar_t, decltype(v)::value, decltype(iters)::value>,
              static_cast<unsigned>(blocks), 32 * team.wpr * teams, 0, stream, p, team.wpr);
     });
@@ -606,18 +606,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
   constexpr const char* op = "bertkern_cuda::add_layer_norm_bwd";
   check_rows(op, "h", h);
   const at::Tensor dy = like_rows(op, "grad", grad, h);
-  TORCH_CHECK(dy.defined(), op, ": grad must be a tensor");
+  BK_CHECK(dy.defined(), op, ": grad must be a tensor");
   const at::Tensor dprenorm = like_rows(op, "grad_prenorm", grad_prenorm_opt, h);
   const at::Tensor weight = like_col(op, "weight", weight_opt, h);
   const at::Tensor seed = checked_seed(op, seed_opt, dropout_p, h);
   const int64_t M = h.size(0), N = h.size(1);
-  TORCH_CHECK(N > 0, op, ": h must have a non-empty last dim");
+  BK_CHECK(N > 0, op, ": h must have a non-empty last dim");
   const auto acc_type = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto check_stats = [&](const char* name, const at::Tensor& t) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == M && t.is_contiguous(), op, ": ", name,
+    BK_CHECK(t.dim() == 1 && t.size(0) == M && t.is_contiguous(), op, ": ", name,
                 " must be a contiguous [", M, "] tensor, got shape ", shape_str(t.sizes()));
-    TORCH_CHECK(t.scalar_type() == acc_type, op, ": ", name, " must be ", acc_type, ", got ", t.scalar_type());
-    TORCH_CHECK(t.device() == h.device(), op, ": ", name, " is on ", t.device(), " but h is on ", h.device());
+    BK_CHECK(t.scalar_type() == acc_type, op, ": ", name, " must be ", acc_type, ", got ", t.scalar_type());
+    BK_CHECK(t.device() == h.device(), op, ": ", name, " is on ", t.device(), " but h is on ", h.device());
   };
   check_stats("mean", mean);
   check_stats("rstd", rstd);

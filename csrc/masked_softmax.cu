@@ -520,7 +520,7 @@ void launch_fwd(const FwdArgs& a, bool aligned, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, double>) {
     if (a.N <= kWarpMaxN) {
       const WarpShape s = warp_shape(a.N, aligned ? WarpVec<T, true>::value : WarpVec<T, false>::value, a.rows);
-      TORCH_CHECK(s.blocks <= std::numeric_limits<int32_t>::max(), "masked_softmax_fwd: too many rows (", a.rows, ")");
+      BK_CHECK(s.blocks <= std::numeric_limits<int32_t>::max(), "masked_softmax_fwd: too many rows (", a.rows, ")");
       if (aligned) {
         launch_fwd_warp<T, M, true>(a, s, stream);
       } else {
@@ -529,7 +529,7 @@ void launch_fwd(const FwdArgs& a, bool aligned, cudaStream_t stream) {
       return;
     }
   }
-  TORCH_CHECK(a.rows <= std::numeric_limits<int32_t>::max(), "masked_softmax_fwd: too many rows (", a.rows, ")");
+  BK_CHECK(a.rows <= std::numeric_limits<int32_t>::max(), "masked_softmax_fwd: too many rows (", a.rows, ")");
   launch(masked_softmax_fwd_block<T, M>, static_cast<unsigned>(a.rows), block_threads(a.N), 0, stream, a);
 }
 
@@ -538,7 +538,7 @@ void launch_bwd(const BwdArgs& a, bool aligned, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, double>) {
     if (a.N <= kWarpMaxN) {
       const WarpShape s = warp_shape(a.N, aligned ? WarpVec<T, true>::value : WarpVec<T, false>::value, a.rows);
-      TORCH_CHECK(s.blocks <= std::numeric_limits<int32_t>::max(), "masked_softmax_bwd: too many rows (", a.rows, ")");
+      BK_CHECK(s.blocks <= std::numeric_limits<int32_t>::max(), "masked_softmax_bwd: too many rows (", a.rows, ")");
       if (aligned) {
         launch_bwd_warp<T, true>(a, s, stream);
       } else {
@@ -547,7 +547,7 @@ void launch_bwd(const BwdArgs& a, bool aligned, cudaStream_t stream) {
       return;
     }
   }
-  TORCH_CHECK(a.rows <= std::numeric_limits<int32_t>::max(), "masked_softmax_bwd: too many rows (", a.rows, ")");
+  BK_CHECK(a.rows <= std::numeric_limits<int32_t>::max(), "masked_softmax_bwd: too many rows (", a.rows, ")");
   launch(masked_softmax_bwd_block<T>, static_cast<unsigned>(a.rows), block_threads(a.N), 0, stream, a);
 }
 
@@ -572,22 +572,22 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd(const at::Tensor& scores, 
                                                       double scale, double dropout_p,
                                                       const std::optional<at::Tensor>& seed) {
   constexpr const char* fn = "masked_softmax_fwd";
-  TORCH_CHECK(is_device_tensor(scores), fn, ": scores must be a CUDA tensor, got ", scores.device());
-  TORCH_CHECK(scores.dim() == 4, fn, ": scores must be 4-D [B, H, S_q, S_k], got ", scores.dim(), " dims");
-  TORCH_CHECK(is_kernel_dtype(scores.scalar_type()), fn,
+  BK_CHECK(is_device_tensor(scores), fn, ": scores must be a CUDA tensor, got ", scores.device());
+  BK_CHECK(scores.dim() == 4, fn, ": scores must be 4-D [B, H, S_q, S_k], got ", scores.dim(), " dims");
+  BK_CHECK(is_kernel_dtype(scores.scalar_type()), fn,
               ": scores must be float32, float16, bfloat16 or float64, got ", scores.scalar_type());
-  TORCH_CHECK(scores.size(3) <= 1 || scores.stride(3) == 1, fn,
+  BK_CHECK(scores.size(3) <= 1 || scores.stride(3) == 1, fn,
               ": scores must have unit stride along the keys (dim 3), got stride ", scores.stride(3));
-  TORCH_CHECK(scores.size(3) <= std::numeric_limits<int32_t>::max() / 2, fn, ": too many keys (", scores.size(3), ")");
+  BK_CHECK(scores.size(3) <= std::numeric_limits<int32_t>::max() / 2, fn, ": too many keys (", scores.size(3), ")");
   const bool has_mask = mask.has_value() && mask->defined();
   if (has_mask) {
-    TORCH_CHECK(mask->device() == scores.device(), fn, ": mask is on ", mask->device(), " but scores is on ",
+    BK_CHECK(mask->device() == scores.device(), fn, ": mask is on ", mask->device(), " but scores is on ",
                 scores.device());
-    TORCH_CHECK(mask->sizes() == scores.sizes(), fn, ": mask must be a [B, H, S_q, S_k] view of scores' shape ",
+    BK_CHECK(mask->sizes() == scores.sizes(), fn, ": mask must be a [B, H, S_q, S_k] view of scores' shape ",
                 shape_str(scores.sizes()), " (expand it: broadcast dims with stride 0), got ",
                 shape_str(mask->sizes()));
     const auto mt = mask->scalar_type();
-    TORCH_CHECK(mt == at::kBool || mt == at::kFloat || mt == scores.scalar_type(), fn,
+    BK_CHECK(mt == at::kBool || mt == at::kFloat || mt == scores.scalar_type(), fn,
                 ": mask must be bool, float32 or the scores' dtype (", scores.scalar_type(), "), got ", mt);
   }
   const DeviceScope scope(scores);
@@ -647,19 +647,19 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd(const at::Tensor& scores, 
 at::Tensor masked_softmax_bwd(const at::Tensor& grad, const at::Tensor& probs, double scale, double dropout_p,
                               const std::optional<at::Tensor>& seed) {
   constexpr const char* fn = "masked_softmax_bwd";
-  TORCH_CHECK(is_device_tensor(probs), fn, ": probs must be a CUDA tensor, got ", probs.device());
-  TORCH_CHECK(grad.device() == probs.device(), fn, ": grad is on ", grad.device(), " but probs is on ",
+  BK_CHECK(is_device_tensor(probs), fn, ": probs must be a CUDA tensor, got ", probs.device());
+  BK_CHECK(grad.device() == probs.device(), fn, ": grad is on ", grad.device(), " but probs is on ",
               probs.device());
-  TORCH_CHECK(probs.dim() == 2, fn, ": probs must be 2-D [rows, S_k], got ", probs.dim(), " dims");
-  TORCH_CHECK(grad.sizes() == probs.sizes(), fn, ": grad must have probs' shape ", shape_str(probs.sizes()), ", got ",
+  BK_CHECK(probs.dim() == 2, fn, ": probs must be 2-D [rows, S_k], got ", probs.dim(), " dims");
+  BK_CHECK(grad.sizes() == probs.sizes(), fn, ": grad must have probs' shape ", shape_str(probs.sizes()), ", got ",
               shape_str(grad.sizes()));
-  TORCH_CHECK(is_kernel_dtype(probs.scalar_type()), fn,
+  BK_CHECK(is_kernel_dtype(probs.scalar_type()), fn,
               ": probs must be float32, float16, bfloat16 or float64, got ", probs.scalar_type());
-  TORCH_CHECK(grad.scalar_type() == probs.scalar_type(), fn, ": grad dtype ", grad.scalar_type(),
+  BK_CHECK(grad.scalar_type() == probs.scalar_type(), fn, ": grad dtype ", grad.scalar_type(),
               " does not match probs dtype ", probs.scalar_type());
-  TORCH_CHECK(probs.size(1) <= 1 || (probs.stride(1) == 1 && grad.stride(1) == 1), fn,
+  BK_CHECK(probs.size(1) <= 1 || (probs.stride(1) == 1 && grad.stride(1) == 1), fn,
               ": grad and probs must have unit stride along the keys, got ", grad.stride(1), " and ", probs.stride(1));
-  TORCH_CHECK(probs.size(1) <= std::numeric_limits<int32_t>::max() / 2, fn, ": too many keys (", probs.size(1), ")");
+  BK_CHECK(probs.size(1) <= std::numeric_limits<int32_t>::max() / 2, fn, ": too many keys (", probs.size(1), ")");
   const DeviceScope scope(probs);
   const DropoutArgs drop = dropout_args(fn, dropout_p, seed, probs);
 

@@ -100,13 +100,13 @@ inline double dropout_scale(double p) { return p >= 1.0 ? 0.0 : 1.0 / (1.0 - p);
 // or malformed seed with dropout on is an error naming `op`, never a silently skipped dropout.
 inline at::Tensor checked_seed(const char* op, const std::optional<at::Tensor>& seed, double dropout_p,
                                const at::Tensor& ref) {
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, op, ": dropout_p must be in [0, 1], got ", dropout_p);
+  BK_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, op, ": dropout_p must be in [0, 1], got ", dropout_p);
   if (dropout_p == 0.0) return at::Tensor();
-  TORCH_CHECK(seed.has_value() && seed->defined(), op, ": dropout_p > 0 needs a seed tensor");
-  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, op,
+  BK_CHECK(seed.has_value() && seed->defined(), op, ": dropout_p > 0 needs a seed tensor");
+  BK_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, op,
               ": seed must be a one-element int64 tensor, got ", seed->scalar_type(), " of shape ",
               shape_str(seed->sizes()));
-  TORCH_CHECK(seed->device() == ref.device(), op, ": seed is on ", seed->device(), " but the input is on ",
+  BK_CHECK(seed->device() == ref.device(), op, ": seed is on ", seed->device(), " but the input is on ",
               ref.device());
   return *seed;
 }
