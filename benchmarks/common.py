@@ -130,7 +130,13 @@ def time_graph(step: Callable[[], Any], rep_ms: float = 100) -> tuple[float, flo
     the GPU's time without the host's cost per call, which sets the time of a small op called eagerly."""
     from triton.testing import do_bench_cudagraph
 
-    return tuple(do_bench_cudagraph(step, rep=rep_ms, quantiles=[0.5, 0.2, 0.8], return_mode="median"))
+    try:
+        return tuple(do_bench_cudagraph(step, rep=rep_ms, quantiles=[0.5, 0.2, 0.8], return_mode="median"))
+    except Exception:
+        from bertkern.cuda_graphs import end_rng_capture
+
+        end_rng_capture()  # else every later torch.randn on the GPU fails
+        raise
 
 
 def time_model(step: Callable[[], Any], min_run_time: float = 1.0) -> tuple[float, float, float]:

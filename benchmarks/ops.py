@@ -271,7 +271,8 @@ def run_case(spec: OpSpec, case: Case, provs: dict, device: torch.device, copy_g
                     entry["tflops"] = spec.flops(case) / ms / 1e9
             except Exception as e:
                 entry = {"status": "error", "reason": "timing: " + common.short_exc(e), "errors": entry["errors"]}
-        if entry["status"] == "ok" and graph_timer is not None:
+        # Forward only: autograd runs a backward on the forward's stream, outside the capture stream.
+        if entry["status"] == "ok" and graph_timer is not None and case.direction == "fwd":
             try:
                 steps = itertools.cycle([make_step(spec, case, fn, c) for c in prep.copies])
                 ms = graph_timer(lambda: next(steps)())[0]

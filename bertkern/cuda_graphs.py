@@ -151,6 +151,20 @@ def _max_seq(model: nn.Module) -> int | None:
     return int(n)
 
 
+def end_rng_capture() -> None:
+    """After a capture that failed: take torch's CUDA generator out of capture mode. On an invalidated
+    capture, capture_end raises before its epilogue resets the generator, and every later random op on
+    the device then fails ("Offset increment outside graph capture encountered unexpectedly", seen on an
+    H200): one trivial capture runs the generator's prologue / epilogue pair again."""
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            torch.ones(1, device="cuda").add_(1)
+        del graph
+    except Exception as e:  # leave the first error as the one reported
+        warnings.warn(f"bertkern.cuda_graphs: could not reset the CUDA generator after a failed capture ({e})")
+
+
 class CUDAGraphRunner:
     """Run `model` (a CUDA model in eval mode; HF or bertkern.models) through CUDA graphs, one per
     (batch, seq) bucket, captured on first use. See the module docstring.
@@ -303,6 +317,7 @@ class CUDAGraphRunner:
                     out = forward()
             except BaseException:
                 self._drop_pool()
+                end_rng_capture()
                 raise
         return graph, out
 
