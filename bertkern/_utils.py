@@ -72,8 +72,9 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not FakeTensor, DTensor, ...: the
 
 class OpCall:
     """What a public op calls to run its custom op torch.ops.bertkern.<name>. The custom op itself while
-    torch.compile / export traces (they need it and its fake) and for meta tensors or tensor subclasses
-    (FakeTensor, DTensor, functorch's wrappers); otherwise its implementation directly, inside a
+    torch.compile / export traces (they need it and its fake), for meta tensors or tensor subclasses
+    (FakeTensor, DTensor, functorch's wrappers) and under a TorchDispatchMode (FlopCounterMode, a
+    profiler: they see the op as one call); otherwise its implementation directly, inside a
     torch.autograd.Function running the op's own autograd formula (setup_context, backward) when a
     gradient is needed. The custom op's Python dispatch costs 30-100 us of host time per call: more
     than a BERT-size kernel takes on a GPU."""
@@ -96,7 +97,8 @@ class OpCall:
 
     def pick(self, x: torch.Tensor, grad: bool = False):
         if (type(x) not in _PLAIN or x.is_meta or torch.compiler.is_compiling()
-                or torch._C._are_functorch_transforms_active() or (grad and self.with_grad is None)):
+                or torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack()
+                or (grad and self.with_grad is None)):
             return getattr(torch.ops.bertkern, self.name)
         return self.with_grad if grad else self.impl
 

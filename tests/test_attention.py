@@ -519,8 +519,7 @@ def _triton_ok():
 @pytest.mark.gpu
 def test_cuda_backend_coverage(record_backends, monkeypatch):
     """backend="cuda" runs the CUDA kernels on fp16 / bf16 with D <= 128, silently; fp32 and larger
-    head dims run Triton with a warning naming why; "auto" follows bertkern.ops.attention_auto's table:
-    torch's SDPA on GPUs until timings say otherwise."""
+    head dims run Triton with a warning naming why; "auto" follows bertkern.ops.attention_auto's table."""
     import warnings
 
     monkeypatch.delenv("BERTKERN_BACKEND", raising=False)
@@ -535,10 +534,14 @@ def test_cuda_backend_coverage(record_backends, monkeypatch):
         with pytest.warns(UserWarning, match=f"CUDA kernel does not cover.*{why}"):
             bertkern.ops.attention(t, t, t, backend="cuda")
         assert record_backends[-1] == ("attention", "triton")
-    # auto's "sdpa" runs attention_auto.sdpa without going through backend.resolve, so record_backends
-    # sees no call: spy on the SDPA wrapper instead.
+    # auto follows attention_auto's table: the CUDA kernels for inference on fp16 / bf16, torch's SDPA
+    # with dropout (auto's "sdpa" runs attention_auto.sdpa without going through backend.resolve, so
+    # record_backends sees no call: spy on the SDPA wrapper instead).
     auto = importlib.import_module("bertkern.ops.attention_auto")
-    assert auto.choose("attention", q, 0.0) == "sdpa"
+    assert auto.choose("attention", q, 0.0) == "cuda" and auto.choose("attention", q, 0.1) == "sdpa"
+    out = bertkern.ops.attention(q, q, q)
+    assert record_backends[-1] == ("attention", "cuda")
+    torch.testing.assert_close(out, ref_attention(q, q, q), rtol=2e-3, atol=2e-3)
     ran, real_sdpa = [], auto.sdpa
 
     def spy(*args):
@@ -547,9 +550,8 @@ def test_cuda_backend_coverage(record_backends, monkeypatch):
 
     monkeypatch.setattr(auto, "sdpa", spy)
     calls = len(record_backends)
-    out = bertkern.ops.attention(q, q, q)
+    bertkern.ops.attention(q, q, q, dropout_p=0.1)
     assert ran == ["sdpa"] and len(record_backends) == calls
-    torch.testing.assert_close(out, ref_attention(q, q, q), rtol=2e-3, atol=2e-3)
 
 
 def test_cuda_ops_are_registered():

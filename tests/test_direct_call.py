@@ -72,3 +72,7 @@ def test_meta_and_subclasses_take_the_custom_op():
 
     with FakeTensorMode() as mode:
         assert call.pick(mode.from_tensor(x)) is torch.ops.bertkern.bias_gelu  # a subclass
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False):
+        assert call.pick(x) is torch.ops.bertkern.bias_gelu  # dispatch modes see the op as one call
