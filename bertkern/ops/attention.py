@@ -174,7 +174,7 @@ def torch_varlen_forward(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed
     _unpad_into(out, o.transpose(1, 2), idx, valid)
     covered = _unpad_into(torch.zeros(total, dtype=acc, device=q.device), valid.to(acc), idx, valid) > 0
     packed = _unpad_into(stats.new_zeros((total, 2, H)), l.permute(1, 3, 0, 2), idx, valid)  # l: [2, B, H, S]
-    stats = torch.where(covered, packed.permute(1, 2, 0), stats)
+    stats = torch.where(covered, packed.permute(1, 2, 0), stats).contiguous()  # the fake's layout
     return out, stats
 
 
