@@ -101,4 +101,3 @@ class OpCall:
                 or (grad and self.with_grad is None)):
             return getattr(torch.ops.bertkern, self.name)
         return self.with_grad if grad else self.impl
-
