@@ -84,6 +84,21 @@ def max_err(a: dict, b: dict, mask) -> float:
     return max(errs)
 
 
+def optimize_and_compare(model, spy=None, **kw):
+    """optimize(model, **kw) between two no-grad runs on a padded batch: (report, max_err after vs
+    before). The spy's records are cleared after optimize, whose structure probes run the torch
+    backend."""
+    ids, mask = padded_batch(model)
+    with torch.no_grad():
+        ref = outputs(model, ids, mask)
+        _, report = bertkern.optimize(model, return_report=True, **kw)
+        if spy is not None:
+            spy["resolved"].clear()
+            spy["settings"].clear()
+        got = outputs(model, ids, mask)
+    return report, max_err(got, ref, mask)
+
+
 def available_ops():
     return [o for o in FUSED_OPS if opt.op_available(o)]
 
@@ -122,14 +137,8 @@ def test_eval_outputs_match_on_real_tokens(arch, backend, monkeypatch, spy):
         skip_unless_usable("triton", "cpu")
     monkeypatch.setenv("BERTKERN_BACKEND", backend)
     model = tiny(arch)
-    ids, mask = padded_batch(model)
-    with torch.no_grad():
-        ref = outputs(model, ids, mask)
-        _, report = bertkern.optimize(model, return_report=True)
-        spy["resolved"].clear()  # the structure probes run the torch backend
-        spy["settings"].clear()
-        got = outputs(model, ids, mask)
-    assert max_err(got, ref, mask) <= ATOL, str(report)
+    report, err = optimize_and_compare(model, spy)
+    assert err <= ATOL, str(report)
 
     counts = report.counts()
     want = {"add_layer_norm": 4, "bias_gelu": 2, "attention": 2, "embedding_layer_norm": 1, "padding_free": 1}
@@ -275,17 +284,12 @@ def test_report_names_what_was_replaced_and_left_alone(caplog):
 
 
 def test_unsupported_activation_left_alone_with_a_reason():
-    model = tiny("bert", hidden_act="relu")
-    ids, mask = padded_batch(model)
-    with torch.no_grad():
-        ref = outputs(model, ids, mask)
-        _, report = bertkern.optimize(model, return_report=True)
-        got = outputs(model, ids, mask)
+    report, err = optimize_and_compare(tiny("bert", hidden_act="relu"))
     assert "bias_gelu" not in report.counts()
     reasons = {r.name: r.reason for r in report.left_alone if r.kind == "bias_gelu"}
     assert set(reasons) == {"encoder.layer.0.intermediate", "encoder.layer.1.intermediate"}
     assert all("ReLU" in r and "not a GELU" in r for r in reasons.values())
-    assert max_err(got, ref, mask) <= ATOL
+    assert err <= ATOL
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
@@ -294,13 +298,7 @@ def test_attention_swapped_whatever_implementation(impl, padding_free, spy):
     """transformers 5 loads BERT with attn_implementation="sdpa" by default: attention is swapped for
     one QKV GEMM + bertkern.ops.attention under either implementation; padding_free=False keeps the
     padded layout (ops.attention under HF's own 4-D mask), True packs the tokens (attention_varlen)."""
-    model = tiny("bert", attn_implementation=impl)
-    ids, mask = padded_batch(model)
-    with torch.no_grad():
-        ref = outputs(model, ids, mask)
-        _, report = bertkern.optimize(model, padding_free=padding_free, return_report=True)
-        spy["resolved"].clear()
-        got = outputs(model, ids, mask)
+    report, err = optimize_and_compare(tiny("bert", attn_implementation=impl), spy, padding_free=padding_free)
     assert report.replaced_names("attention") == [f"encoder.layer.{i}.attention.self" for i in range(2)]
     assert all(f"attn_implementation={impl!r}" in r.detail for r in report.replaced if r.kind == "attention")
     assert report.replaced_names("padding_free") == ([""] if padding_free else [])
@@ -309,7 +307,7 @@ def test_attention_swapped_whatever_implementation(impl, padding_free, spy):
     ran = [op for op, _ in spy["resolved"]]
     assert ran.count("attention_varlen" if padding_free else "attention") == 2
     assert ran.count("attention" if padding_free else "attention_varlen") == 0
-    assert max_err(got, ref, mask) <= ATOL
+    assert err <= ATOL
 
 
 class LegacySelfAttention(torch.nn.Module):
@@ -417,20 +415,14 @@ def tiny_distilbert(**kw):
 
 @pytest.mark.parametrize("padding_free", [True, False])
 def test_distilbert_blocks_fused(padding_free, spy):
-    model = tiny_distilbert()
-    ids, mask = padded_batch(model)
-    with torch.no_grad():
-        ref = outputs(model, ids, mask)
-        _, report = bertkern.optimize(model, padding_free=padding_free, return_report=True)
-        spy["resolved"].clear()
-        got = outputs(model, ids, mask)
+    report, err = optimize_and_compare(tiny_distilbert(), spy, padding_free=padding_free)
     assert report.replaced_names("block") == [f"distilbert.transformer.layer.{i}" for i in range(2)]
     assert report.replaced_names("embedding_layer_norm") == ["distilbert.embeddings"]
     assert report.replaced_names("padding_free") == (["distilbert"] if padding_free else [])
     ran = [op for op, _ in spy["resolved"]]
     assert ran.count("add_layer_norm") == 4 and ran.count("bias_gelu") == 2
     assert ran.count("attention_varlen" if padding_free else "attention") == 2
-    assert max_err(got, ref, mask) <= ATOL
+    assert err <= ATOL
 
 
 def test_bertkern_models_use_their_config_flags():
