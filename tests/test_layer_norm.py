@@ -73,6 +73,17 @@ def check_all(out, ref, eag):
         assert_close_2x(o_grads[k], r_grads[k], e_grads[k], f"d{k}")
 
 
+def check_against_eager(backend, inputs, grad, eps):
+    """add_layer_norm on `backend` vs eager in float64 (the truth) and in the inputs' dtype (the
+    error allowed); returns bertkern's (outputs, grads)."""
+    out = run(lambda **a: bertkern.ops.add_layer_norm(a["x"], a["residual"], a["weight"], a["bias"], eps,
+                                                     x_bias=a["x_bias"], backend=backend), inputs, grad)
+    ref = run(lambda **a: eager(**a, eps=eps), as64(inputs), grad.double())
+    eag = run(lambda **a: eager(**a, eps=eps), inputs, grad)
+    check_all(out, ref, eag)
+    return out
+
+
 # ---------------------------------------------------------------- forward + backward vs reference
 @pytest.mark.parametrize("backend_device", all_backends())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -82,13 +93,8 @@ def test_add_layer_norm_matches_reference(backend_device, shape, dtype):
     skip_unless_usable(backend, device)
     inputs = make_inputs(shape, dtype, device)
     grad = randn(*shape, dtype=dtype, device=device)
-    eps = 1e-5
     poison_allocator(device)
-    out = run(lambda **a: bertkern.ops.add_layer_norm(a["x"], a["residual"], a["weight"], a["bias"], eps,
-                                                     x_bias=a["x_bias"], backend=backend), inputs, grad)
-    ref = run(lambda **a: eager(**a, eps=eps), as64(inputs), grad.double())
-    eag = run(lambda **a: eager(**a, eps=eps), inputs, grad)
-    check_all(out, ref, eag)
+    check_against_eager(backend, inputs, grad, 1e-5)
 
 
 # One tile of 8192 columns in every dtype; rows too wide for one tile / the registers (Triton loop
@@ -103,11 +109,7 @@ def test_add_layer_norm_wide_row(backend_device, shape, dtype):
     skip_unless_usable(backend, device)
     inputs = make_inputs(shape, dtype, device)
     grad = randn(*shape, dtype=dtype, device=device)
-    out = run(lambda **a: bertkern.ops.add_layer_norm(a["x"], a["residual"], a["weight"], a["bias"], 1e-5,
-                                                     x_bias=a["x_bias"], backend=backend), inputs, grad)
-    ref = run(lambda **a: eager(**a, eps=1e-5), as64(inputs), grad.double())
-    eag = run(lambda **a: eager(**a, eps=1e-5), inputs, grad)
-    check_all(out, ref, eag)
+    check_against_eager(backend, inputs, grad, 1e-5)
 
 
 @pytest.mark.parametrize("backend_device", all_backends())
@@ -160,11 +162,7 @@ def test_add_layer_norm_noncontiguous(backend_device, dtype):
     inputs["weight"] = randn(768, dtype=dtype, device=device)[::2] + 1  # strided parameters
     inputs["x_bias"] = randn(384, 2, dtype=dtype, device=device)[:, 0]
     grad = randn(5, 3, 384, dtype=dtype, device=device).transpose(0, 1)  # non-contiguous upstream grad
-    out = run(lambda **a: bertkern.ops.add_layer_norm(a["x"], a["residual"], a["weight"], a["bias"], 1e-5,
-                                                     x_bias=a["x_bias"], backend=backend), inputs, grad)
-    ref = run(lambda **a: eager(**a, eps=1e-5), as64(inputs), grad.double())
-    eag = run(lambda **a: eager(**a, eps=1e-5), inputs, grad)
-    check_all(out, ref, eag)
+    check_against_eager(backend, inputs, grad, 1e-5)
 
 
 @pytest.mark.parametrize("backend_device", all_backends())
@@ -179,12 +177,8 @@ def test_add_layer_norm_fp16_large_magnitude(backend_device, offset):
     inputs = {"x": x, "residual": randn(7, 768, dtype=dtype, device=device), "weight": None, "bias": None,
               "x_bias": None}
     grad = randn(7, 768, dtype=dtype, device=device)
-    out = run(lambda **a: bertkern.ops.add_layer_norm(a["x"], a["residual"], None, None, 1e-5, backend=backend),
-              inputs, grad)
+    out = check_against_eager(backend, inputs, grad, 1e-5)  # weight, bias, x_bias None
     assert torch.isfinite(out[0][0]).all() and all(torch.isfinite(g).all() for g in out[1].values())
-    ref = run(lambda **a: eager(**a, eps=1e-5), as64(inputs), grad.double())
-    eag = run(lambda **a: eager(**a, eps=1e-5), inputs, grad)
-    check_all(out, ref, eag)
 
 
 def test_triton_loop_path(monkeypatch):
