@@ -41,3 +41,14 @@ def poison_allocator(device: str) -> None:
     """Leave NaNs in memory the CUDA caching allocator will hand out next, so unwritten outputs show."""
     if torch.device(device).type == "cuda":
         torch.empty(64 << 20, dtype=torch.float32, device=device).fill_(float("nan"))
+
+
+def assert_float8_falls_back_visibly(op) -> None:
+    """op(x, backend="triton") on a float8 x warns that it falls back to the torch backend. Eager
+    PyTorch itself may not compute in float8: the warning is what is checked."""
+    x = torch.randn(3, 8).to(torch.float8_e4m3fn)
+    with pytest.warns(UserWarning, match="falling back to the torch backend"):
+        try:
+            op(x, backend="triton")
+        except (RuntimeError, NotImplementedError):
+            pass
