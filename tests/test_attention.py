@@ -110,13 +110,17 @@ def check_attention(backend, q, k, v, mask, grad, scale=None, dropout_p=0.0, see
 @pytest.mark.parametrize("S", [1, 7, 77, 129])
 @pytest.mark.parametrize("D", [32, 64, 80])
 def test_attention_matches_reference(backend, dtype, S, D):
-    """[B, 1, 1, S] padding mask (the fast path): a fully padded sequence, a randomly padded one, and
-    one with a single real token."""
     skip_unless_usable(backend, DEVICE)
+    check_padding_mask(backend, dtype, S, D)
+
+
+def check_padding_mask(backend, dtype, S, D, device=DEVICE):
+    """[B, 1, 1, S] padding mask (the fast path): a fully padded sequence, a randomly padded one, and
+    one with a single real token (also run by test_attention_emulated.py)."""
     B, H = 3, 2
-    q, k, v = (rand(B, H, S, D, dtype=dtype, scale=1.5) for _ in range(3))
-    mask = make_mask("b11s", B, H, S, S, dtype, DEVICE)
-    out, dq, dk, dv = check_attention(backend, q, k, v, mask, rand(B, H, S, D, dtype=dtype))
+    q, k, v = (rand(B, H, S, D, dtype=dtype, device=device, scale=1.5) for _ in range(3))
+    mask = make_mask("b11s", B, H, S, S, dtype, device)
+    out, dq, dk, dv = check_attention(backend, q, k, v, mask, rand(B, H, S, D, dtype=dtype, device=device))
     # batch 0 is fully padded: zeros and zero gradients, not NaN or uniform attention
     for t in (out, dq, dk, dv):
         assert (t[0] == 0).all()
@@ -637,19 +641,14 @@ transformers = pytest.importorskip("transformers")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bert_matches_hf(flags, backend, monkeypatch, record_backends):
     """fp32 parity with HF BertModel (eager attention) within 1e-5 on real tokens; the pooler too."""
-    from test_models import ATOL, hf_bert, max_err_real_tokens, padded_batch
+    from test_models import assert_matches_hf, hf_bert
 
     skip_unless_usable(backend, "cpu")
     monkeypatch.setenv("BERTKERN_BACKEND", backend)
     hf = hf_bert()
     ours = BertModel.from_hf(hf, **flags)
     assert list(ours.state_dict()) == list(hf.state_dict())
-    ids, mask, token_types = padded_batch()
-    with torch.no_grad():
-        want = hf(ids, attention_mask=mask, token_type_ids=token_types)
-        got = ours(ids, attention_mask=mask, token_type_ids=token_types)
-    assert max_err_real_tokens(got.last_hidden_state, want.last_hidden_state, mask) < ATOL
-    assert (got.pooler_output - want.pooler_output).abs().max().item() < ATOL
+    got, mask = assert_matches_hf(ours, hf)
     op = "attention_varlen" if flags.get("padding_free") else "attention"
     calls = [name for name, _ in record_backends]
     assert calls.count(op) == hf.config.num_hidden_layers and "masked_softmax" not in calls

@@ -62,6 +62,18 @@ def max_err_real_tokens(a, b, mask):
 
 
 # ---------------------------------------------------------------- config
+def assert_matches_hf(ours, hf):
+    """ours and HF BertModel agree on a padded batch (fp32, real tokens, the pooler too); returns
+    (ours' output, the mask) for further checks."""
+    ids, mask, token_types = padded_batch()
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, token_type_ids=token_types)
+        got = ours(ids, attention_mask=mask, token_type_ids=token_types)
+    assert max_err_real_tokens(got.last_hidden_state, want.last_hidden_state, mask) < ATOL
+    assert (got.pooler_output - want.pooler_output).abs().max().item() < ATOL
+    return got, mask
+
+
 def test_config_from_hf_and_activation_names():
     cfg = BertConfig.from_hf(hf_config("gelu_new", num_labels=3, classifier_dropout=0.2))
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_labels, cfg.classifier_dropout) == (32, 37, 3, 0.2)
@@ -107,14 +119,7 @@ def test_bert_model_matches_hf(hidden_act, fused, monkeypatch, record_backends):
     hf = hf_bert(hidden_act)
     ours = BertModel.from_hf(hf, **flags)
     assert not ours.training and next(ours.parameters()).dtype == torch.float32
-
-    ids, mask, token_types = padded_batch()
-    with torch.no_grad():
-        want = hf(ids, attention_mask=mask, token_type_ids=token_types)
-        got = ours(ids, attention_mask=mask, token_type_ids=token_types)
-
-    assert max_err_real_tokens(got.last_hidden_state, want.last_hidden_state, mask) < ATOL
-    assert (got.pooler_output - want.pooler_output).abs().max().item() < ATOL
+    assert_matches_hf(ours, hf)
     # The fused op ran once per layer, on the backend asked for; the unfused path never called it.
     expected = [] if fused == "unfused" else [("bias_gelu", fused)] * hf.config.num_hidden_layers
     assert [c for c in record_backends if c[0] == "bias_gelu"] == expected
