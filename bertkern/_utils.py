@@ -13,6 +13,26 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_floating(name: str, arg: str, t) -> None:
+    """The ops' first argument check: `arg` is a floating-point tensor (messages name op and argument)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name}: {arg} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_mask_kind(name: str, mask, arg: str, ref: torch.Tensor) -> None:
+    """An attention / softmax mask (not None) is a bool keep-mask or a float additive mask, on the
+    device of `ref` (the argument named `arg`); its shape is the caller's check."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(f"{name}: mask must be bool (True = attend) or a floating-point additive mask, "
+                         f"got dtype {mask.dtype}")
+    if mask.device != ref.device:
+        raise ValueError(f"{name}: mask is on {mask.device} but {arg} is on {ref.device}")
+
+
 def num_sms(device: torch.device, interpreted: int) -> int:
     """SMs of a CUDA device; `interpreted` elsewhere (the Triton interpreter: few programs keep CPU
     tests fast)."""

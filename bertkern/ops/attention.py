@@ -49,7 +49,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import OpCall, acc_dtype, needs_grad, varlen_index
+from bertkern._utils import OpCall, acc_dtype, check_mask_kind, needs_grad, varlen_index
 from bertkern.ops import attention_auto as _auto
 
 _NAME = "bertkern.ops.attention"
@@ -455,13 +455,7 @@ def _check(q, k, v, mask, scale, dropout_p) -> None:
         raise ValueError(f"{_NAME}: v must have k's shape {list(k.shape)}, got {list(v.shape)}")
     if mask is None:
         return
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{_NAME}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise ValueError(f"{_NAME}: mask must be bool (True = attend) or a floating-point additive mask, "
-                         f"got dtype {mask.dtype}")
-    if mask.device != q.device:
-        raise ValueError(f"{_NAME}: mask is on {mask.device} but q is on {q.device}")
+    check_mask_kind(_NAME, mask, "q", q)
     scores = (B, H, S_q, k.shape[2])
     try:
         ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, scores) == scores

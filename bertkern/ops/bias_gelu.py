@@ -9,7 +9,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import OpCall, contiguous_or_none, needs_grad
+from bertkern._utils import OpCall, check_floating, contiguous_or_none, needs_grad
 
 
 def _kernels(backend: str):
@@ -86,10 +86,7 @@ _BIAS_GELU = OpCall("bias_gelu", _bias_gelu_impl, _setup_context, _backward)
 
 def _check(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> None:
     name = "bertkern.ops.bias_gelu"
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: x must be a floating-point tensor, got dtype {x.dtype}")
+    check_floating(name, "x", x)
     if x.dim() == 0:
         raise ValueError(f"{name}: x must have at least one dimension, got a scalar")
     if approximate not in reference.GELU_APPROXIMATIONS:

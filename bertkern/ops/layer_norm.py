@@ -38,7 +38,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import OpCall, acc_dtype, contiguous_or_none, empty, keep_mask, needs_grad
+from bertkern._utils import OpCall, acc_dtype, check_floating, contiguous_or_none, empty, keep_mask, needs_grad
 
 
 # ---------------------------------------------------------------- torch backend (2-D rows)
@@ -221,10 +221,7 @@ def _check_eps_p(name: str, eps, dropout_p) -> None:
 
 def _check(x, residual, weight, bias, x_bias, eps, dropout_p) -> None:
     name = "bertkern.ops.add_layer_norm"
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: x must be a floating-point tensor, got dtype {x.dtype}")
+    check_floating(name, "x", x)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"{name}: x must have a non-empty last dim, got shape {list(x.shape)}")
     n = x.shape[-1]

@@ -24,7 +24,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import OpCall, acc_dtype, needs_grad
+from bertkern._utils import OpCall, acc_dtype, check_floating, check_mask_kind, needs_grad
 
 _NAME = "bertkern.ops.masked_softmax"
 
@@ -154,10 +154,7 @@ _MASKED_SOFTMAX = OpCall("masked_softmax", _masked_softmax_impl, _setup_context,
 
 
 def _check(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, dropout_p: float) -> None:
-    if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"{_NAME}: scores must be a torch.Tensor, got {type(scores).__name__}")
-    if not scores.is_floating_point():
-        raise ValueError(f"{_NAME}: scores must be a floating-point tensor, got dtype {scores.dtype}")
+    check_floating(_NAME, "scores", scores)
     if scores.dim() == 0:
         raise ValueError(f"{_NAME}: scores must have at least one dimension (the keys), got a scalar")
     if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
@@ -166,14 +163,7 @@ def _check(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, dropou
         raise ValueError(f"{_NAME}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
     if mask is None:
         return
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{_NAME}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise ValueError(
-            f"{_NAME}: mask must be bool (True = attend) or a floating-point additive mask, got dtype {mask.dtype}"
-        )
-    if mask.device != scores.device:
-        raise ValueError(f"{_NAME}: mask is on {mask.device} but scores is on {scores.device}")
+    check_mask_kind(_NAME, mask, "scores", scores)
     try:
         ok = torch.broadcast_shapes(mask.shape, scores.shape) == scores.shape
     except RuntimeError:
