@@ -261,10 +261,12 @@ def run_case(spec: OpSpec, case: Case, provs: dict, device: torch.device, copy_g
             out["providers"][name] = {"status": "skipped", "reason": str(s)}
             continue
         entry = check(spec, case, fn, prep, device)
+        steps = None  # one step per input copy, cycled by each timer
         if entry["status"] == "ok" and timer is not None:
             try:
-                steps = itertools.cycle([make_step(spec, case, fn, c) for c in prep.copies])
-                ms, lo, hi = timer(lambda: next(steps)())
+                steps = [make_step(spec, case, fn, c) for c in prep.copies]
+                eager = itertools.cycle(steps)
+                ms, lo, hi = timer(lambda: next(eager)())
                 gbs = prep.nbytes / ms / 1e6
                 entry.update(ms=ms, ms_p20=lo, ms_p80=hi, gbs=gbs, pct_copy=100 * gbs / copy_gbs)
                 if spec.flops is not None:
@@ -272,10 +274,10 @@ def run_case(spec: OpSpec, case: Case, provs: dict, device: torch.device, copy_g
             except Exception as e:
                 entry = {"status": "error", "reason": "timing: " + common.short_exc(e), "errors": entry["errors"]}
         # Forward only: autograd runs a backward on the forward's stream, outside the capture stream.
-        if entry["status"] == "ok" and graph_timer is not None and case.direction == "fwd":
+        if entry["status"] == "ok" and steps and graph_timer is not None and case.direction == "fwd":
             try:
-                steps = itertools.cycle([make_step(spec, case, fn, c) for c in prep.copies])
-                ms = graph_timer(lambda: next(steps)())[0]
+                replayed = itertools.cycle(steps)
+                ms = graph_timer(lambda: next(replayed)())[0]
                 entry.update(ms_graph=ms, pct_copy_graph=100 * prep.nbytes / ms / 1e6 / copy_gbs)
             except Exception as e:  # not capturable: the eager time stands
                 entry["graph_error"] = common.short_exc(e)

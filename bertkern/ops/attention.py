@@ -182,9 +182,8 @@ def _unpad_into(dest: torch.Tensor, padded: torch.Tensor, idx: torch.Tensor, val
     """dest[idx[b, i]] = padded[b, i] for the valid (b, i), in place. An accumulating scatter of
     zeros at the invalid positions (each token is one valid position) instead of boolean indexing,
     whose data-dependent shape syncs the host and cannot be captured in a CUDA graph."""
-    zero = torch.zeros((), dtype=padded.dtype, device=padded.device)
     keep = valid.view(*valid.shape, *([1] * (padded.dim() - 2)))
-    return dest.index_put_((idx.reshape(-1),), torch.where(keep, padded, zero).reshape(-1, *padded.shape[2:]),
+    return dest.index_put_((idx.reshape(-1),), torch.where(keep, padded, 0).reshape(-1, *padded.shape[2:]),
                            accumulate=True)
 
 
