@@ -155,7 +155,10 @@ def end_rng_capture() -> None:
     """After a capture that failed: take torch's CUDA generator out of capture mode. On an invalidated
     capture, capture_end raises before its epilogue resets the generator, and every later random op on
     the device then fails ("Offset increment outside graph capture encountered unexpectedly", seen on an
-    H200): one trivial capture runs the generator's prologue / epilogue pair again."""
+    H200): one trivial capture runs the generator's prologue / epilogue pair again. Nothing to do where
+    CUDA never started (no capture touched a generator)."""
+    if not torch.cuda.is_initialized():
+        return
     try:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
