@@ -538,14 +538,11 @@ def test_cuda_backend_coverage(record_backends, monkeypatch):
         with pytest.warns(UserWarning, match=f"CUDA kernel does not cover.*{why}"):
             bertkern.ops.attention(t, t, t, backend="cuda")
         assert record_backends[-1] == ("attention", "triton")
-    # auto follows attention_auto's table: the CUDA kernels for inference on fp16 / bf16, torch's SDPA
-    # with dropout (auto's "sdpa" runs attention_auto.sdpa without going through backend.resolve, so
-    # record_backends sees no call: spy on the SDPA wrapper instead).
+    # auto follows attention_auto's table: torch's SDPA on fp16 / bf16 GPUs (auto's "sdpa" runs
+    # attention_auto.sdpa without going through backend.resolve, so record_backends sees no call: spy
+    # on the SDPA wrapper instead).
     auto = importlib.import_module("bertkern.ops.attention_auto")
-    assert auto.choose("attention", q, 0.0) == "cuda" and auto.choose("attention", q, 0.1) == "sdpa"
-    out = bertkern.ops.attention(q, q, q)
-    assert record_backends[-1] == ("attention", "cuda")
-    torch.testing.assert_close(out, ref_attention(q, q, q), rtol=2e-3, atol=2e-3)
+    assert auto.choose("attention", q, 0.0) == "sdpa" and auto.choose("attention", q, 0.1) == "sdpa"
     ran, real_sdpa = [], auto.sdpa
 
     def spy(*args):
@@ -554,8 +551,30 @@ def test_cuda_backend_coverage(record_backends, monkeypatch):
 
     monkeypatch.setattr(auto, "sdpa", spy)
     calls = len(record_backends)
+    out = bertkern.ops.attention(q, q, q)
+    torch.testing.assert_close(out, ref_attention(q, q, q), rtol=2e-3, atol=2e-3)
     bertkern.ops.attention(q, q, q, dropout_p=0.1)
-    assert ran == ["sdpa"] and len(record_backends) == calls
+    assert ran == ["sdpa", "sdpa"] and len(record_backends) == calls
+
+
+@pytest.mark.gpu
+def test_auto_varlen_attn_inference_and_training_match():
+    """auto's varlen_attn: the direct ATen call (inference) and torch's varlen_attn (with a gradient)
+    give the reference's answer on packed sequences."""
+    auto = importlib.import_module("bertkern.ops.attention_auto")
+    cu = torch.tensor([0, 1, 70, 70, 200], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(200, 3, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    assert auto.choose("attention_varlen", q, 0.0, 130) == "varlen_attn"
+    want = bertkern.ops.attention_varlen(q.double(), k.double(), v.double(), cu, 130, backend="torch")
+    eager = bertkern.ops.attention_varlen(q, k, v, cu, 130, backend="torch")
+    with torch.no_grad():
+        got = bertkern.ops.attention_varlen(q, k, v, cu, 130)
+    assert_close_2x(got, want, eager)
+    qg = q.clone().requires_grad_()
+    got = bertkern.ops.attention_varlen(qg, k, v, cu, 130)
+    assert_close_2x(got, want, eager)
+    got.float().sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
 
 
 def test_cuda_ops_are_registered():

@@ -188,11 +188,36 @@ def test_cpu_auto_leaves_slower_modules_alone_and_attention_runs_sdpa(monkeypatc
     assert (got - want)[mask.bool().any(1)].abs().max() <= 1e-5
 
 
+def test_auto_varlen_attn_calls_the_aten_kernel_in_inference(monkeypatch):
+    """auto's "varlen_attn": without a gradient, the ATen flash kernel directly (no Python custom-op
+    dispatch); with one, torch's public varlen_attn (its autograd). Both stand-ins here (CUDA only)."""
+    calls = []
+
+    def aten_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, debug, *, scale):
+        calls.append(("aten", cu_q.dtype, max_q, dropout_p, causal, scale))
+        return (q * 2, None, None, None, None)
+
+    def public(q, k, v, cu_q, cu_k, max_q, max_k, *, scale):
+        calls.append(("public", cu_q.dtype, max_q, scale))
+        return q * 3
+
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", aten_flash)
+    monkeypatch.setattr(attention_auto, "_varlen_attn", lambda: public)
+    q = torch.randn(5, 2, 8)
+    cu = torch.tensor([0, 2, 5])
+    assert torch.equal(attention_auto.varlen_attn(q, q, q, cu, 3, 0.5), q * 2)
+    with torch.no_grad():
+        attention_auto.varlen_attn(q.requires_grad_(), q, q, cu, 3, 0.5)
+    assert torch.equal(attention_auto.varlen_attn(q, q, q, cu, 3, 0.5), q * 3)
+    assert calls == [("aten", torch.int32, 3, 0.0, False, 0.5)] * 2 + [("public", torch.int32, 3, 0.5)]
+
+
 def test_auto_table_and_sdpa_varlen_match_the_reference():
     q = torch.randn(10, 2, 8, dtype=torch.float64)
     assert attention_auto.choose("attention_varlen", q, 0.0, 7) == "sdpa"
-    assert attention_auto.lookup("attention_varlen", "sm_80+", torch.bfloat16, 64, 128) == "cuda"
-    assert attention_auto.FALLBACK["cuda"] == "varlen_attn"  # then SDPA: Triton is never automatic
+    assert attention_auto.lookup("attention_varlen", "sm_80+", torch.bfloat16, 64, 128) == "varlen_attn"
+    assert attention_auto.lookup("attention", "sm_80+", torch.float16, 64, 512) == "sdpa"
+    assert attention_auto.FALLBACK["varlen_attn"] == "sdpa"  # Triton is never automatic
     rows = attention_auto.table()
     assert rows and {"arch", "dtype", "head_dim", "seq", "attention", "attention_varlen"} <= set(rows[0])
     assert "attention_varlen" in attention_auto.format_table()

@@ -9,23 +9,29 @@ for attention_varlen: the packed tokens gathered into [B, max_seqlen] blocks, SD
 mask, scattered back) and `torch.nn.attention.varlen.varlen_attn` ("varlen_attn", FlashAttention on
 packed tokens; fp16 / bf16 on sm_80+, no dropout).
 
-GPU rows, from the first timings (H200, torch 2.11, fp16 BERT-base inference, 2026-11-26; README):
-bertkern's CUDA kernels, called without the custom op's dispatch, made `optimize(model, backend="cuda")`
-1.09-1.29x faster than HF's SDPA model, where torch's varlen_attn / SDPA under optimize() gave
-0.62-0.91x: on that machine the host's cost per call, not the kernels, sets BERT's time. So inference
-(dropout_p == 0) on fp16 / bf16 with head dim <= 128 runs the CUDA kernels; training (dropout) keeps
-torch's kernels until its timings are re-measured. On CPU, torch's SDPA (a fused flash kernel) beats
-the eager reference ops by far.
+GPU rows, from the first timings (H200, torch 2.11, fp16, 2026-11-26; README): torch's kernels are
+the fastest there. Forward, 32 x 12 heads x 512, D = 64, 60% fill: SDPA 0.112 ms, bertkern Triton
+0.131 ms, bertkern CUDA 0.572 ms. End to end, BERT-base inference under optimize() was host-bound on
+that machine, and torch's public `varlen_attn` lost to bertkern's CUDA kernels there (0.62-0.91x
+against 1.09-1.29x over HF's SDPA model) for a host reason: it is a Python custom op (tens of
+microseconds of dispatch per call). So for inference (no gradient, not tracing) auto calls the ATen
+FlashAttention kernel that `varlen_attn` ends in directly, one C++ op like bertkern's own; with a
+gradient it calls `varlen_attn` (its autograd). Padded attention goes to SDPA (a C++ op). Dropout
+runs SDPA (varlen_attn has none). Not yet timed end to end with this change: the next GPU run's
+bert suite says whether the table holds. On CPU, torch's SDPA (a fused flash kernel) beats the eager
+reference ops by far.
 
 A choice that cannot run an input (dropout for varlen_attn, a dtype or head dim a kernel lacks,
 varlen_attn missing in this torch) moves down the row's fallback order.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from bertkern._utils import varlen_index
+from bertkern._utils import needs_grad, varlen_index
 
 # Buckets: head dim <= 64 / <= 128 / larger; sequence (S, or max_seqlen) <= 128 / <= 512 / longer.
 HEAD_BUCKETS = (64, 128)
@@ -35,21 +41,25 @@ SEQ_BUCKETS = (128, 512)
 # matching row wins. Static until GPU timings exist (see the module docstring).
 TABLE: list[tuple[tuple[str, str, str, str], dict[str, str]]] = [
     (("cpu", "*", "*", "*"), {"attention": "sdpa", "attention_varlen": "sdpa"}),
-    (("sm_80+", "float16", "*", "*"), {"attention": "cuda", "attention_varlen": "cuda"}),
-    (("sm_80+", "bfloat16", "*", "*"), {"attention": "cuda", "attention_varlen": "cuda"}),
+    (("sm_80+", "float16", "*", "*"), {"attention": "sdpa", "attention_varlen": "varlen_attn"}),
+    (("sm_80+", "bfloat16", "*", "*"), {"attention": "sdpa", "attention_varlen": "varlen_attn"}),
     (("*", "*", "*", "*"), {"attention": "sdpa", "attention_varlen": "sdpa"}),
 ]
-_WHY = "GPU rows from H200 timings of BERT inference (see the module docstring); with dropout: torch's kernels"
+_WHY = "GPU rows from H200 kernel timings: torch's flash / SDPA kernels 1.2-5x faster (module docstring)"
 
 # What to try after a choice that cannot run an input (Triton's launches cost more host time than
 # torch's kernels: it is never an automatic fallback).
-FALLBACK = {"cuda": "varlen_attn", "varlen_attn": "sdpa", "triton": "sdpa", "sdpa": "torch"}
+FALLBACK = {"varlen_attn": "sdpa", "cuda": "varlen_attn", "triton": "sdpa", "sdpa": "torch"}
 
 
 def _arch(device: torch.device) -> str:
-    if device.type != "cuda":
-        return device.type
-    major, _ = torch.cuda.get_device_capability(device)
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else device.type
+
+
+@functools.cache  # once per GPU: every attention call asks
+def _cuda_arch(index: int) -> str:
+    major, _ = torch.cuda.get_device_capability(index)
     return "sm_80+" if major >= 8 else f"sm_{major}x"
 
 
@@ -82,8 +92,8 @@ def _can_run(choice: str, op: str, q: torch.Tensor, dropout_p: float) -> bool:
         return q.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     if choice == "varlen_attn":
         return (op == "attention_varlen" and dropout_p == 0.0 and q.device.type == "cuda"
-                and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
-                and _varlen_attn() is not None and torch.cuda.get_device_capability(q.device)[0] >= 8)
+                and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+                and _varlen_attn() is not None and _arch(q.device) == "sm_80+")
     if choice == "cuda" and (_attn.cuda_unsupported(q) is not None or dropout_p > 0.0):
         return False  # dropout: training, not measured yet with the CUDA kernels (module docstring)
     return _backend.unavailable_reason(choice, q.device) is None and _attn.kernel_unsupported(q) is None
@@ -117,6 +127,7 @@ def format_table() -> str:
 
 
 # ---------------------------------------------------------------- torch's own kernels
+@functools.cache
 def _varlen_attn():
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -151,4 +162,8 @@ def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale: float, dropout_p: f
 
 def varlen_attn(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
     cu = cu_seqlens.to(torch.int32)
-    return _varlen_attn()(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
+    if needs_grad(q, k, v) or torch.compiler.is_compiling():
+        return _varlen_attn()(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)
+    # Inference: the ATen kernel varlen_attn runs, without its Python custom-op dispatch (module docstring).
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, False, False, scale=scale)[0]
