@@ -10,7 +10,7 @@
 // (16-byte loads when every row start is 16-byte aligned, else V = 1), so the row lives in registers
 // and the statistics are exact two-pass sums. Narrow rows get a single warp (shuffles only) and
 // several teams per block; W and ITERS are picked per N to leave few lanes idle (BERT-base fp16:
-// 768 = 3 warps x 32 lanes x 8). Rows wider than the register budget (16 warps x 32 lanes x 16
+// 768 = 1 warp x 32 lanes x 3 x 8 forward, 3 warps x 32 lanes x 8 backward). Rows wider than the register budget (16 warps x 32 lanes x 16
 // values: N > 8192 on the vector path, N > 4096 on the scalar one), and float64, use a
 // block-per-row loop kernel that re-reads the row.
 //
@@ -485,7 +485,10 @@ int teams_per_block(int wpr) { return std::max(1, kBlockTarget / (32 * wpr)); }
 // Calls f(std::integral_constant<int, V>{}, std::integral_constant<int, ITERS>{}) for the compiled
 // (V, ITERS) pairs: 16-byte vectors with <= 16 elements per thread, and the scalar path with <= 8
 // (16 scalar columns per thread spilled in the backward kernel). Returns false for anything else.
-template <typename T, typename F>
+// The forward also has 24 values per thread (3 x 8 fp16 / bf16, 6 x 4 fp32), so a 768-wide row
+// (BERT-base) is one warp: shuffles only, no block barriers. The backward stays at <= 16: its three
+// column partials per value would spill at 24.
+template <typename T, bool kFwd, typename F>
 bool with_team(int v, int iters, F&& f) {
   if constexpr (std::is_same_v<T, double>) {
     return false;  // float64 uses the loop kernels: fewer instantiations to build
@@ -493,7 +496,9 @@ bool with_team(int v, int iters, F&& f) {
     constexpr int VW = vec_width<T>();
     using I1 = std::integral_constant<int, 1>;
     using I2 = std::integral_constant<int, 2>;
+    using I3 = std::integral_constant<int, 3>;
     using I4 = std::integral_constant<int, 4>;
+    using I6 = std::integral_constant<int, 6>;
     using I8 = std::integral_constant<int, 8>;
     using IV = std::integral_constant<int, VW>;
     auto run = [&](auto vec, auto it) {  // f returns void; "found a compiled pair" is the result
@@ -506,6 +511,12 @@ bool with_team(int v, int iters, F&& f) {
       if constexpr (VW <= 4) {
         if (iters == 4) return run(IV{}, I4{});
       }
+      if constexpr (kFwd && VW == 8) {
+        if (iters == 3) return run(IV{}, I3{});
+      }
+      if constexpr (kFwd && VW == 4) {
+        if (iters == 6) return run(IV{}, I6{});
+      }
       return false;
     }
     if (v == 1) {
@@ -517,14 +528,16 @@ bool with_team(int v, int iters, F&& f) {
   }
 }
 
+// The layout among with_team's compiled pairs for rows of N (fwd: the forward kernel's pairs).
 template <typename T>
-Team plan_team(int64_t N, bool vec) {
+Team plan_team(int64_t N, bool vec, bool fwd) {
   if constexpr (std::is_same_v<T, double>) {
     return {};
   } else {
     constexpr int VW = vec_width<T>();
-    if (vec) return VW == 8 ? pick_team(N, VW, {1, 2}) : pick_team(N, VW, {1, 2, 4});
-    return pick_team(N, 1, {1, 4, 8});
+    if (!vec) return pick_team(N, 1, {1, 4, 8});
+    if (VW == 8) return fwd ? pick_team(N, VW, {1, 2, 3}) : pick_team(N, VW, {1, 2});
+    return fwd ? pick_team(N, VW, {1, 2, 4, 6}) : pick_team(N, VW, {1, 2, 4});
   }
 }
 
@@ -582,8 +595,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
                      rows_aligned(p.prenorm, N, M, VW) && rows_aligned(p.x_bias, 0, 1, VW) &&
                      rows_aligned(p.weight, 0, 1, VW) && rows_aligned(p.bias, 0, 1, VW);
     const cudaStream_t stream = scope.stream();
-    const Team team = plan_team<scalar_t>(N, vec);
-    const bool launched = team.iters > 0 && with_team<scalar_t>(vec ? VW : 1, team.iters, [&](auto v, auto iters) {
+    const Team team = plan_team<scalar_t>(N, vec, /*fwd=*/true);
+    const bool launched = team.iters > 0 && with_team<scalar_t, true>(vec ? VW : 1, team.iters, [&](auto v, auto iters) {
       const int teams = teams_per_block(team.wpr);
       const int64_t blocks = ceil_div<int64_t>(M, teams);
       BK_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many rows (", M, ")");
@@ -673,9 +686,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
       p.dxb_part = need[2] ? parts[2].mutable_data_ptr<A>() : nullptr;
     };
 
-    const Team team = plan_team<scalar_t>(N, vec);
+    const Team team = plan_team<scalar_t>(N, vec, /*fwd=*/false);
     int64_t blocks = 0;
-    const bool launched = team.iters > 0 && with_team<scalar_t>(vec ? VW : 1, team.iters, [&](auto v, auto iters) {
+    const bool launched = team.iters > 0 && with_team<scalar_t, false>(vec ? VW : 1, team.iters, [&](auto v, auto iters) {
       auto kernel = add_ln_bwd_team_kernel<scalar_t, decltype(v)::value, decltype(iters)::value>;
       const int teams = teams_per_block(team.wpr);
       const int threads = 32 * team.wpr * teams;
