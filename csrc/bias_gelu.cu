@@ -312,9 +312,8 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dy, const at:
       auto kernel = bias_gelu_bwd_kernel<scalar_t, decltype(v)::value, decltype(t)::value>;
       // Row chunks: one full wave of blocks (no tail wave), but never more chunks than row steps.
       // Fewer chunks also keep the fp32 partial buffer small (chunks x N).
-      int per_sm = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, tile.bx * tile.by, smem));
-      const int64_t wave = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
+      const int per_sm = blocks_per_sm(kernel, tile.bx * tile.by, smem, x.device().index());
+      const int64_t wave = static_cast<int64_t>(per_sm) * sms;
       int64_t chunks = std::max<int64_t>(1, wave / tile.col_blocks);
       chunks = std::min({chunks, ceil_div<int64_t>(M, step), static_cast<int64_t>(kMaxGridY)});
       const int64_t rows_per_chunk = round_up<int64_t>(ceil_div<int64_t>(M, chunks), step);

@@ -16,9 +16,13 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -166,6 +170,21 @@ inline int num_sms(c10::DeviceIndex device) {
 // Compute capability major of a device (8 = Ampere, 9 = Hopper).
 inline int cc_major(c10::DeviceIndex device) {
   return cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(device);
+}
+
+// Resident blocks per SM of a kernel at a launch shape (at least 1), cached per (kernel, shape,
+// device): launches that size a grid by it would otherwise query the runtime on every call.
+template <typename... KArgs>
+int blocks_per_sm(void (*kernel)(KArgs...), int threads, size_t smem, c10::DeviceIndex device) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int, size_t>, int> cache;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), static_cast<int>(device), threads, smem);
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
+  return cache[key] = std::max(n, 1);
 }
 
 // ------------------------------------------------------------------ shared by the row ops

@@ -693,10 +693,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
       const int teams = teams_per_block(team.wpr);
       const int threads = 32 * team.wpr * teams;
       const size_t smem = teams > 1 ? static_cast<size_t>(N) * sizeof(A) : 0;  // <= 2048 * 4 bytes
-      int per_sm = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
       // One full wave of blocks (each keeps one partial row per column sum), never more than the rows.
-      blocks = std::min<int64_t>(static_cast<int64_t>(std::max(per_sm, 1)) * sms, ceil_div<int64_t>(M, teams));
+      const int per_sm = blocks_per_sm(kernel, threads, smem, h.device().index());
+      blocks = std::min<int64_t>(static_cast<int64_t>(per_sm) * sms, ceil_div<int64_t>(M, teams));
       alloc_parts(blocks, false);
       launch(kernel, static_cast<unsigned>(blocks), threads, smem, stream, p, team.wpr);
     });
