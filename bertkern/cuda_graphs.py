@@ -20,7 +20,9 @@ inputs in and replay. All buckets share one memory pool. Replays are serialised 
 stream, and each graph's static inputs and outputs stay alive, so sharing is safe.
 
 For `torch.compile` users, `torch.compile(model, mode="reduce-overhead")` does the same job; this is
-for code that does not compile. Works with the fused ops: in eval mode no dropout runs; in any case
+for code that does not compile. A compiled bertkern.optimize model stays padding-free too: its encoder
+picks (token capacity, max_seqlen) with the same `choose_packed_shapes` (over DEFAULT_SEQ_LENS) in an
+eager prologue, one graph break before the compiled region (see bertkern.optimize). Works with the fused ops: in eval mode no dropout runs; in any case
 bertkern's dropout seeds are device tensors drawn from torch's generator (graph-safe), not host values.
 
 Padding-free models (`bertkern.optimize`'s encoder with padding_free=True, the default) keep running

@@ -1,7 +1,7 @@
 """Swap bertkern's fused ops into an existing model, in place, and back.
 
     model = bertkern.optimize(model)              # HF BERT / RoBERTa / ELECTRA / XLM-R / CamemBERT ...
-    compiled = torch.compile(model, fullgraph=True)  # optional: the fused ops trace without breaks
+    compiled = torch.compile(model)               # optional; padding-free inside (see the encoder below)
     print(bertkern.optimize_report(model))        # what was replaced, what was left alone and why
     bertkern.restore(model)                       # the original forwards again, exactly
 
@@ -29,11 +29,26 @@ the computation bertkern will substitute. Only blocks that pass are swapped:
   once (bertkern.padding.unpad), runs every layer on [total, hidden] (attention by
   `ops.attention_varlen`, the layers' add & norm and FFN on the packed rows), scatters back once
   (padded positions of last_hidden_state are zeros: HF's values there are meaningless), then the
-  pooler. Without padding (or without a mask) the layers run on [B, S, hidden] with no mask at all;
-  under torch.compile or a CUDA graph capture, on the padded batch under a bool mask, except inside
-  `bertkern.padding.static_shapes(capacity, max_seqlen)` (which bertkern.cuda_graphs.CUDAGraphRunner
-  sets from its token-count buckets): there the packing has fixed shapes and no host sync
-  (bertkern.padding.unpad_static; not under torch.compile, which keeps the padded path). Calls it does not cover go to the
+  pooler. Without padding (or without a mask) the layers run on [B, S, hidden] with no mask at all.
+  Packing with fixed shapes and no host sync (bertkern.padding.unpad_static into a token capacity T,
+  dummy sequences of at most max_seqlen m for the filler rows) serves the two places where unpad's
+  host sync cannot happen:
+  - a CUDA graph: inside `bertkern.padding.static_shapes(T, m)`, which
+    bertkern.cuda_graphs.CUDAGraphRunner sets from its token-count buckets;
+  - torch.compile (any mode; "reduce-overhead" = CUDA graphs through cudagraph trees): the encoder
+    starts with one deliberate graph break, an eager prologue (`_compiled_packing`) that reads the
+    real lengths on the host and picks (T, m) with cuda_graphs.choose_packed_shapes (T the next power
+    of two >= the real tokens, at least 16, at most B x S; m the smallest of
+    cuda_graphs.DEFAULT_SEQ_LENS >= the longest row, at most S), or "no padding". The graph after it
+    (embeddings, every layer, pooler) depends only on that bucket: Dynamo guards on T and m, so a
+    batch of a bucket already seen reuses its graph, a new bucket compiles at most once (and once
+    Dynamo's automatic dynamic shapes, or dynamic=True, make T and m symbolic, not even that), and
+    max_seqlen is never stale. One host sync per call, as eager's unpad. Where a graph break is not
+    allowed (fullgraph=True, torch.export, error_on_graph_break) and under other tracers (make_fx),
+    the padded batch runs under a bool mask instead: one graph for every padding pattern, HF's
+    values at padded positions. Any other capture (torch.cuda.graph without the runner) also runs
+    the padded path.
+  Calls it does not cover go to the
   original forward: output_hidden_states / output_attentions (HF records them per layer), a KV cache,
   cross-attention, a head mask, a 4-D mask, gradient checkpointing. A fully padded row (no real
   token) gets zeros everywhere (HF: uniform attention over its padding); real rows are unaffected.
@@ -98,6 +113,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bertkern import backend as _backend
+from bertkern import cuda_graphs as _cuda_graphs
 from bertkern import ops as _ops
 from bertkern import padding as _padding
 
@@ -378,8 +394,40 @@ def _encoder_falls_back(self, args, kwargs, attention_mask) -> bool:
 
 def _capturing() -> bool:
     """Inside torch.compile or a CUDA graph capture, where unpad's host sync (token count, max_seqlen)
-    cannot happen: the encoder then runs the padded batch under a bool mask."""
+    cannot happen: the encoder then packs with fixed shapes (unpad_static) or runs the padded batch."""
     return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+# ---- the padding-free encoder under torch.compile: an eager prologue, then fixed shapes per bucket
+@torch.compiler.assume_constant_result
+def _graph_breaks_allowed() -> bool:
+    """While Dynamo traces: whether this compile may graph break (False under fullgraph=True, export or
+    torch._dynamo.error_on_graph_break(True)). Dynamo runs it once at trace time and bakes the answer in
+    (fullgraph does not change within one compiled frame); False when it cannot tell (a private API)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        return not (tx.one_graph or tx.error_on_graph_break or torch.compiler.is_exporting())
+    except Exception:
+        return False
+
+
+@torch.compiler.disable(reason="bertkern padding-free encoder: the real-token count and the longest row are "
+                               "read on the host to pick the (token capacity, max_seqlen) bucket")
+def _compiled_packing(attention_mask: torch.Tensor) -> tuple[int, int] | None:
+    """The eager prologue of the encoder under torch.compile, and its one deliberate graph break:
+    (capacity, max_seqlen) for this batch from bertkern.cuda_graphs' bucket rule (capacity the next
+    power of two >= the real tokens, at least 16, at most B x S; max_seqlen the smallest of
+    DEFAULT_SEQ_LENS >= the longest row, at most S), or None when the batch has no padding. The compiled
+    region after it sees these as Python ints, so it is guarded on (or, once Dynamo's automatic dynamic
+    shapes kick in, symbolic in) the bucket: never a stale max_seqlen. One host sync per call, as
+    unpad's outside compile."""
+    batch, seq = attention_mask.shape
+    lengths = attention_mask.ne(0).sum(1).tolist()
+    if sum(lengths) == batch * seq:
+        return None
+    return _cuda_graphs.choose_packed_shapes(lengths, batch, seq, _cuda_graphs.DEFAULT_SEQ_LENS)
 
 
 def _encoder_forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -392,17 +440,26 @@ def _encoder_forward(self, input_ids: torch.Tensor | None = None, attention_mask
     return_dict = kwargs.get("return_dict")
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
+    packing = None  # (token capacity, max_seqlen): pack with fixed shapes and no host sync
+    if attention_mask is not None and patch.padding_free and torch.compiler.is_dynamo_compiling() \
+            and _graph_breaks_allowed():
+        # torch.compile: graph break here, read the lengths eagerly, resume with the bucket's shapes (the
+        # embeddings, every layer and the pooler in the graph after the break). fullgraph: padded path.
+        packing = _compiled_packing(attention_mask)
+        if packing is None:
+            attention_mask = None  # no padding: no mask at all
     h = self.embeddings(input_ids=input_ids, **{k: kwargs[k] for k in _ENCODER_INPUTS if kwargs.get(k) is not None})
     if getattr(self, "embeddings_project", None) is not None:  # ELECTRA: embedding_size -> hidden_size
         h = self.embeddings_project(h)
     batch, seq = h.shape[:2]
-    done = False
     static = _padding.current_static_shapes()
-    if attention_mask is not None and patch.padding_free and static is not None \
+    if packing is None and attention_mask is not None and patch.padding_free and static is not None \
             and not torch.compiler.is_compiling() and static[0] <= batch * seq:
-        # Padding-free with fixed shapes (a CUDA graph: bertkern.cuda_graphs picked the token capacity
-        # and max_seqlen on the host): no host sync; a batch that does not fit them gives NaN.
-        capacity, max_seqlen = static
+        packing = static  # a CUDA graph: bertkern.cuda_graphs picked them on the host
+    done = False
+    if packing is not None:
+        # Padding-free with fixed shapes: no host sync; a batch that does not fit them gives NaN.
+        capacity, max_seqlen = packing
         packed, indices, cu_seqlens, ok = _padding.unpad_static(h, attention_mask, capacity, max_seqlen)
         packed = _run_layers(self, patch, packed, None, (cu_seqlens, max_seqlen))
         h = _padding.repad_static(packed, indices, cu_seqlens, ok, batch, seq)
@@ -1125,7 +1182,9 @@ _OP_OF = {"padding_free": "attention_varlen", "block": "attention"}  # the bertk
 _DETAIL = {
     "masked_softmax": "eager attention path",
     "padding_free": "unpad once after the embeddings, every layer on the packed real tokens (attention_varlen), "
-                    "repad once (zeros at padded positions); without padding: no mask at all",
+                    "repad once (zeros at padded positions); without padding: no mask at all; under "
+                    "torch.compile: one graph break reads the lengths, fixed shapes per (token capacity, "
+                    "max_seqlen) bucket (fullgraph=True: the padded path)",
     "embedding_layer_norm": "word + position + token type + LayerNorm in one op",
 }
 
@@ -1157,7 +1216,8 @@ def optimize(
 
     The report (`str(report)` is a readable summary) is logged at INFO on the "bertkern.optimize"
     logger and stays reachable as `bertkern.optimize_report(model)`. Compile the result as usual:
-    `torch.compile(bertkern.optimize(model), fullgraph=True)` (compiled, the encoder runs padded).
+    `torch.compile(bertkern.optimize(model))` (any mode) stays padding-free, with one graph break before
+    the encoder that picks the packed shapes on the host; with fullgraph=True the encoder runs padded.
     """
     ops = _check_args(model, backend, ops)
     if not isinstance(padding_free, bool):
@@ -1244,7 +1304,7 @@ def _detail(module: nn.Module, patch: _Patch) -> str:
         fused = ["attention (one QKV GEMM)"] + (["add & norm x2"] if patch.fused_norms else []) + \
             ([f"bias_gelu({patch.approximate!r})"] if patch.approximate else [])
         return "fused: " + ", ".join(fused)
-    return _DETAIL.get(patch.kind, "")
+    return _DETAIL.get("padding_free" if patch.kind == "encoder" else patch.kind, "")
 
 
 def restore(model: nn.Module) -> list[str]:

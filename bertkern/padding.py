@@ -10,7 +10,8 @@ sequence is its real tokens in order. `repad` puts them back and fills padding w
 
 Both are differentiable (index_select / index_copy: one gather forward and one scatter backward,
 and vice versa). unpad waits for the device (to size the packed tensor and learn max_seqlen); a
-model calls it once per forward, not per layer.
+model calls it once per forward, not per layer. Inside a CUDA graph or torch.compile, where no host
+sync can happen, unpad_static / repad_static do the same with shapes fixed on the host (below).
 """
 from __future__ import annotations
 
@@ -50,11 +51,13 @@ def repad(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) 
     return out.index_copy(0, indices, packed).view(batch, seqlen, *packed.shape[1:])
 
 
-# ---------------------------------------------------------------- static shapes (CUDA graphs)
+# ---------------------------------------------------------------- static shapes (CUDA graphs, torch.compile)
 # A CUDA graph replays fixed shapes and cannot wait for the device, so the packed path there has a
 # fixed token capacity T and a fixed max_seqlen m, both picked on the host by whoever captures (see
 # bertkern.cuda_graphs) and declared with `static_shapes(T, m)`; the padding-free encoder then packs
-# with `unpad_static` instead of `unpad`.
+# with `unpad_static` instead of `unpad`. Under torch.compile the encoder picks T and m itself, in an
+# eager prologue before the compiled region (bertkern.optimize), and packs with `unpad_static` too
+# (static_shapes is not read there: a thread-local read while tracing would be baked into the graph).
 _STATIC = threading.local()
 
 

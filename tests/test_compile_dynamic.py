@@ -12,7 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 import bertkern  # noqa: E402
-from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
 
 def _tiny_bert():
@@ -29,12 +28,17 @@ def _batch(seq: int, batch: int = 3):
 
 
 def test_dynamic_compile_does_not_recompile_per_length():
+    """Padded batches run padding-free under compile too (bertkern.optimize's encoder picks the packed
+    shapes in an eager prologue, then one graph): with dynamic=True the token capacity and max_seqlen
+    are symbolic like the lengths, so new lengths and new buckets reuse the graphs."""
+    from test_compile_padding_free import GraphRecorder
+
     model = _tiny_bert()
     optimized = bertkern.optimize(model, backend="torch", inplace=False)
     torch._dynamo.reset()
     # aot_eager: the same Dynamo guards (which decide recompiles) and fake-tensor tracing of every
     # bertkern op with symbolic shapes as Inductor, without minutes of C++ codegen on a CPU runner.
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = GraphRecorder("aot_eager")
     compiled = torch.compile(optimized, dynamic=True, backend=counter)
     try:
         with torch.no_grad():
@@ -44,9 +48,15 @@ def test_dynamic_compile_does_not_recompile_per_length():
             assert frames >= 1
             for seq in (5, 12, 16, 31):
                 ids, mask = _batch(seq)
+                counter.clear_calls()
                 got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+                assert counter.ran() == ["attention_varlen"] * 2  # the packed path, compiled
                 want = model(input_ids=ids, attention_mask=mask).last_hidden_state
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+                real = mask.bool()
+                torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+                assert not got[~real].any()  # zeros at padding, as the eager padding-free path
+                torch.testing.assert_close(got, optimized(input_ids=ids, attention_mask=mask).last_hidden_state,
+                                           rtol=1e-5, atol=1e-5)
         assert counter.frame_count == frames, f"recompiled: {counter.frame_count} compilations for 5 lengths"
     finally:
         torch._dynamo.reset()
