@@ -97,7 +97,18 @@ class OpCall:
     profiler: they see the op as one call); otherwise its implementation directly, inside a
     torch.autograd.Function running the op's own autograd formula (setup_context, backward) when a
     gradient is needed. The custom op's Python dispatch costs 30-100 us of host time per call: more
-    than a BERT-size kernel takes on a GPU."""
+    than a BERT-size kernel takes on a GPU. Each op module makes its OpCalls with OpCall.define."""
+
+    @classmethod
+    def define(cls, name: str, impl, *, fake, setup_context=None, backward=None, mutates_args=()) -> "OpCall":
+        """Create the custom op bertkern::<name> from `impl` (its schema read from impl's annotations),
+        register its fake and, when `backward` is given, its autograd formula (setup_context,
+        backward), and return the OpCall that runs it: each op states its name, impl and formula once."""
+        op = torch.library.custom_op(f"bertkern::{name}", impl, mutates_args=mutates_args)
+        op.register_fake(fake)
+        if backward is not None:
+            op.register_autograd(backward, setup_context=setup_context)
+        return cls(name, impl, setup_context, backward)
 
     def __init__(self, name: str, impl, setup_context=None, backward=None):
         self.name, self.impl, self.with_grad = name, impl, None

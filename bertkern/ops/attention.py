@@ -249,11 +249,7 @@ def _attention_impl(
     return _triton().forward(_unit_d(q), _unit_d(k), _unit_d(v), _mask4(mask, shape), scale, dropout_p, seed)
 
 
-_attention = torch.library.custom_op("bertkern::attention", _attention_impl, mutates_args=())
-
-
-@_attention.register_fake
-def _(q, k, v, mask, scale, dropout_p, seed, backend):
+def _attention_fake(q, k, v, mask, scale, dropout_p, seed, backend):
     B, H, S_q, D = q.shape
     return _bshd_empty(B, H, S_q, D, q.dtype, q.device), q.new_empty((2, B, H, S_q), dtype=acc_dtype(q.dtype))
 
@@ -275,17 +271,14 @@ def _attention_backward_impl(
                               _mask4(mask, (B, H, S_q, S_k)), _unit_d(out), stats, scale, dropout_p, seed)
 
 
-_attention_backward = torch.library.custom_op("bertkern::attention_backward", _attention_backward_impl,
-                                              mutates_args=())
-_ATTENTION_BACKWARD = OpCall("attention_backward", _attention_backward_impl)
-
-
-@_attention_backward.register_fake
-def _(grad, q, k, v, mask, out, stats, scale, dropout_p, seed, backend):
+def _attention_backward_fake(grad, q, k, v, mask, out, stats, scale, dropout_p, seed, backend):
     B, H, S_q, D = q.shape
     S_k = k.shape[2]
     return (_bshd_empty(B, H, S_q, D, q.dtype, q.device), _bshd_empty(B, H, S_k, D, q.dtype, q.device),
             _bshd_empty(B, H, S_k, D, q.dtype, q.device))
+
+
+_ATTENTION_BACKWARD = OpCall.define("attention_backward", _attention_backward_impl, fake=_attention_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -313,8 +306,8 @@ def _backward(ctx, grad, _grad_stats):
     return dq, dk, dv, dmask, None, None, None, None
 
 
-_attention.register_autograd(_backward, setup_context=_setup_context)
-_ATTENTION = OpCall("attention", _attention_impl, _setup_context, _backward)
+_ATTENTION = OpCall.define("attention", _attention_impl, fake=_attention_fake, setup_context=_setup_context,
+                           backward=_backward)
 
 
 # ---------------------------------------------------------------- varlen custom ops
@@ -331,11 +324,7 @@ def _attention_varlen_impl(
     return _triton().varlen_forward(_unit_d(q), _unit_d(k), _unit_d(v), cu_seqlens, max_seqlen, scale, dropout_p, seed)
 
 
-_attention_varlen = torch.library.custom_op("bertkern::attention_varlen", _attention_varlen_impl, mutates_args=())
-
-
-@_attention_varlen.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, backend):
+def _attention_varlen_fake(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, backend):
     total, H, D = q.shape
     return q.new_empty((total, H, D)), q.new_empty((2, H, total), dtype=acc_dtype(q.dtype))
 
@@ -356,14 +345,12 @@ def _attention_varlen_backward_impl(
                                      max_seqlen, _unit_d(out), stats, scale, dropout_p, seed)
 
 
-_attention_varlen_backward = torch.library.custom_op("bertkern::attention_varlen_backward",
-                                                     _attention_varlen_backward_impl, mutates_args=())
-_ATTENTION_VARLEN_BACKWARD = OpCall("attention_varlen_backward", _attention_varlen_backward_impl)
-
-
-@_attention_varlen_backward.register_fake
-def _(grad, q, k, v, cu_seqlens, max_seqlen, out, stats, scale, dropout_p, seed, backend):
+def _attention_varlen_backward_fake(grad, q, k, v, cu_seqlens, max_seqlen, out, stats, scale, dropout_p, seed, backend):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+_ATTENTION_VARLEN_BACKWARD = OpCall.define("attention_varlen_backward", _attention_varlen_backward_impl,
+                                           fake=_attention_varlen_backward_fake)
 
 
 def _varlen_setup_context(ctx, inputs, output):
@@ -383,8 +370,8 @@ def _varlen_backward(ctx, grad, _grad_stats):
     return dq, dk, dv, None, None, None, None, None, None
 
 
-_attention_varlen.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
-_ATTENTION_VARLEN = OpCall("attention_varlen", _attention_varlen_impl, _varlen_setup_context, _varlen_backward)
+_ATTENTION_VARLEN = OpCall.define("attention_varlen", _attention_varlen_impl, fake=_attention_varlen_fake,
+                                  setup_context=_varlen_setup_context, backward=_varlen_backward)
 
 
 # ---------------------------------------------------------------- public functions

@@ -36,11 +36,7 @@ def _bias_gelu_impl(x: torch.Tensor, bias: torch.Tensor | None, approximate: str
     return forward(_backend.as_rows(x), contiguous_or_none(bias), approximate).view(x.shape)
 
 
-_bias_gelu = torch.library.custom_op("bertkern::bias_gelu", _bias_gelu_impl, mutates_args=())
-
-
-@_bias_gelu.register_fake
-def _(x, bias, approximate, backend):
+def _bias_gelu_fake(x, bias, approximate, backend):
     return x.new_empty(x.shape)
 
 
@@ -58,14 +54,11 @@ def _bias_gelu_backward_impl(
     return dx.view(x.shape), (no_dbias if bias is None else dbias)
 
 
-_bias_gelu_backward = torch.library.custom_op("bertkern::bias_gelu_backward", _bias_gelu_backward_impl,
-                                              mutates_args=())
-_BIAS_GELU_BACKWARD = OpCall("bias_gelu_backward", _bias_gelu_backward_impl)
-
-
-@_bias_gelu_backward.register_fake
-def _(grad, x, bias, approximate, backend):
+def _bias_gelu_backward_fake(grad, x, bias, approximate, backend):
     return x.new_empty(x.shape), (x.new_empty(0) if bias is None else bias.new_empty(bias.shape))
+
+
+_BIAS_GELU_BACKWARD = OpCall.define("bias_gelu_backward", _bias_gelu_backward_impl, fake=_bias_gelu_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -80,8 +73,8 @@ def _backward(ctx, grad):
     return dx, (dbias if bias is not None else None), None, None
 
 
-_bias_gelu.register_autograd(_backward, setup_context=_setup_context)
-_BIAS_GELU = OpCall("bias_gelu", _bias_gelu_impl, _setup_context, _backward)
+_BIAS_GELU = OpCall.define("bias_gelu", _bias_gelu_impl, fake=_bias_gelu_fake, setup_context=_setup_context,
+                           backward=_backward)
 
 
 def _check(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> None:

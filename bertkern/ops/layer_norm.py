@@ -104,11 +104,7 @@ def _add_layer_norm_impl(
     return y.view(x.shape), (prenorm.view(x.shape) if store_prenorm else prenorm), mean.view(stats), rstd.view(stats)
 
 
-_add_layer_norm = torch.library.custom_op("bertkern::add_layer_norm", _add_layer_norm_impl, mutates_args=())
-
-
-@_add_layer_norm.register_fake
-def _(x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm, backend):
+def _add_layer_norm_fake(x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm, backend):
     acc = acc_dtype(x.dtype)
     prenorm = x.new_empty(x.shape) if store_prenorm else x.new_empty(0)
     stats = x.shape[:-1]
@@ -140,16 +136,15 @@ def _add_layer_norm_backward_impl(
     return dh.view(h.shape), (dx.view(h.shape) if dx.dim() == 2 else dx), dw, db, dxb  # 1-D [0]: no dx
 
 
-_add_layer_norm_backward = torch.library.custom_op("bertkern::add_layer_norm_backward", _add_layer_norm_backward_impl,
-                                                   mutates_args=())
-_ADD_LAYER_NORM_BACKWARD = OpCall("add_layer_norm_backward", _add_layer_norm_backward_impl)
-
-
-@_add_layer_norm_backward.register_fake
-def _(grad, grad_prenorm, h, mean, rstd, weight, seed, dropout_p, need_dweight, need_dbias, need_dx_bias, backend):
+def _add_layer_norm_backward_fake(grad, grad_prenorm, h, mean, rstd, weight, seed, dropout_p, need_dweight,
+                                  need_dbias, need_dx_bias, backend):
     n = h.shape[-1]
     dx = h.new_empty(h.shape) if (seed is not None and dropout_p > 0.0) else h.new_empty(0)
     return (h.new_empty(h.shape), dx, *(h.new_empty(n if need else 0) for need in (need_dweight, need_dbias, need_dx_bias)))
+
+
+_ADD_LAYER_NORM_BACKWARD = OpCall.define("add_layer_norm_backward", _add_layer_norm_backward_impl,
+                                         fake=_add_layer_norm_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -194,8 +189,8 @@ def _backward(ctx, grad, grad_prenorm, _grad_mean, _grad_rstd):
     )
 
 
-_add_layer_norm.register_autograd(_backward, setup_context=_setup_context)
-_ADD_LAYER_NORM = OpCall("add_layer_norm", _add_layer_norm_impl, _setup_context, _backward)
+_ADD_LAYER_NORM = OpCall.define("add_layer_norm", _add_layer_norm_impl, fake=_add_layer_norm_fake,
+                                setup_context=_setup_context, backward=_backward)
 
 
 # ---------------------------------------------------------------- input checks
@@ -324,13 +319,8 @@ def _embedding_layer_norm_impl(
     return y.view(out), (prenorm.view(out) if store_prenorm else prenorm), mean.view(shape), rstd.view(shape)
 
 
-_embedding_layer_norm = torch.library.custom_op("bertkern::embedding_layer_norm", _embedding_layer_norm_impl,
-                                                mutates_args=())
-
-
-@_embedding_layer_norm.register_fake
-def _(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings, token_type_embeddings,
-      weight, bias, eps, padding_idx, store_prenorm, backend):
+def _embedding_layer_norm_fake(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
+                               token_type_embeddings, weight, bias, eps, padding_idx, store_prenorm, backend):
     w = word_embeddings
     out = (*input_ids.shape, w.shape[1])
     acc = acc_dtype(w.dtype)
@@ -405,8 +395,9 @@ def _emb_backward(ctx, grad, _grad_prenorm, _grad_mean, _grad_rstd):
     )
 
 
-_embedding_layer_norm.register_autograd(_emb_backward, setup_context=_emb_setup_context)
-_EMBEDDING_LAYER_NORM = OpCall("embedding_layer_norm", _embedding_layer_norm_impl, _emb_setup_context, _emb_backward)
+_EMBEDDING_LAYER_NORM = OpCall.define("embedding_layer_norm", _embedding_layer_norm_impl,
+                                      fake=_embedding_layer_norm_fake, setup_context=_emb_setup_context,
+                                      backward=_emb_backward)
 
 
 def _cuda_ops_ready() -> bool:

@@ -87,11 +87,7 @@ def _masked_softmax_impl(
     return y.view(scores.shape), (probs.view(scores.shape) if dropout else probs)
 
 
-_masked_softmax = torch.library.custom_op("bertkern::masked_softmax", _masked_softmax_impl, mutates_args=())
-
-
-@_masked_softmax.register_fake
-def _(scores, mask, scale, dropout_p, seed, backend):
+def _masked_softmax_fake(scores, mask, scale, dropout_p, seed, backend):
     return scores.new_empty(scores.shape), scores.new_empty(scores.shape if dropout_p > 0.0 else (0,))
 
 
@@ -111,14 +107,12 @@ def _masked_softmax_backward_impl(
     return backward(g2, p2, scale, dropout_p, seed).view(probs.shape)
 
 
-_masked_softmax_backward = torch.library.custom_op("bertkern::masked_softmax_backward", _masked_softmax_backward_impl,
-                                                   mutates_args=())
-_MASKED_SOFTMAX_BACKWARD = OpCall("masked_softmax_backward", _masked_softmax_backward_impl)
-
-
-@_masked_softmax_backward.register_fake
-def _(grad, probs, scale, dropout_p, seed, backend):
+def _masked_softmax_backward_fake(grad, probs, scale, dropout_p, seed, backend):
     return probs.new_empty(probs.shape)
+
+
+_MASKED_SOFTMAX_BACKWARD = OpCall.define("masked_softmax_backward", _masked_softmax_backward_impl,
+                                         fake=_masked_softmax_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -149,8 +143,8 @@ def _backward(ctx, grad, _grad_probs):
     return dscores, dmask, None, None, None, None
 
 
-_masked_softmax.register_autograd(_backward, setup_context=_setup_context)
-_MASKED_SOFTMAX = OpCall("masked_softmax", _masked_softmax_impl, _setup_context, _backward)
+_MASKED_SOFTMAX = OpCall.define("masked_softmax", _masked_softmax_impl, fake=_masked_softmax_fake,
+                                setup_context=_setup_context, backward=_backward)
 
 
 def _check(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, dropout_p: float) -> None:
