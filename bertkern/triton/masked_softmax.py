@@ -104,113 +104,100 @@ def _fwd_kernel(
     R, N, H, Q, sx_b, sx_h, sx_q, sm_b, sm_h, sm_q, sm_k,
     scale, keep_scale, thresh,
     MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, DROPOUT: tl.constexpr, ROWS64: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOOP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_N)
-    ok = (rows < R)[:, None] & (cols < N)[None, :]
-    x_row, m_row = _row_offsets(rows, H, Q, sx_b, sx_h, sx_q, sm_b, sm_h, sm_q, ROWS64)
-    z = _logits(X, MASK, x_row, m_row, cols, ok, scale, sm_k, MASK_KIND, MASK_MIN)
-    mx = tl.max(z, 1)
-    dead = mx == -float("inf")  # every key masked: the row is 0
-    e = tl.exp(z - tl.where(dead, 0.0, mx)[:, None])
-    den = tl.sum(e, 1)
-    p = e * tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, den))[:, None]
+    if not LOOP:  # the whole row in one tile
+        cols = tl.arange(0, BLOCK_N)
+        ok = (rows < R)[:, None] & (cols < N)[None, :]
+        x_row, m_row = _row_offsets(rows, H, Q, sx_b, sx_h, sx_q, sm_b, sm_h, sm_q, ROWS64)
+        z = _logits(X, MASK, x_row, m_row, cols, ok, scale, sm_k, MASK_KIND, MASK_MIN)
+        mx = tl.max(z, 1)
+        dead = mx == -float("inf")  # every key masked: the row is 0
+        e = tl.exp(z - tl.where(dead, 0.0, mx)[:, None])
+        den = tl.sum(e, 1)
+        p = e * tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, den))[:, None]
+        _store_probs(Y, P, SEED, p, rows, cols, 0, ok, N, keep_scale, thresh, DROPOUT, ROWS, BLOCK_N)
+    else:
+        row_ok = rows < R
+        x_row, m_row = _row_offsets(rows, H, Q, sx_b, sx_h, sx_q, sm_b, sm_h, sm_q, ROWS64)
+        acc = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+        mx = tl.full([ROWS], -float("inf"), acc)
+        den = tl.zeros([ROWS], acc)
+        for start in range(0, N, BLOCK_N):  # online max and sum
+            cols = start + tl.arange(0, BLOCK_N)
+            ok = row_ok[:, None] & (cols < N)[None, :]
+            z = _logits(X, MASK, x_row, m_row, cols, ok, scale, sm_k, MASK_KIND, MASK_MIN)
+            new_mx = tl.maximum(mx, tl.max(z, 1))
+            new_dead = new_mx == -float("inf")
+            shift = tl.where(new_dead, 0.0, new_mx)
+            den = den * tl.where(new_dead, 1.0, tl.exp(mx - shift)) + tl.sum(tl.exp(z - shift[:, None]), 1)
+            mx = new_mx
+        dead = mx == -float("inf")
+        shift = tl.where(dead, 0.0, mx)
+        inv = tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, den))
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            ok = row_ok[:, None] & (cols < N)[None, :]
+            z = _logits(X, MASK, x_row, m_row, cols, ok, scale, sm_k, MASK_KIND, MASK_MIN)
+            p = tl.exp(z - shift[:, None]) * inv[:, None]
+            _store_probs(Y, P, SEED, p, rows, cols, start, ok, N, keep_scale, thresh, DROPOUT, ROWS, BLOCK_N)
+
+
+@triton.jit
+def _store_probs(Y, P, SEED, p, rows, cols, start, ok, N, keep_scale, thresh, DROPOUT: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store a tile of y = dropout(p), and p itself (what the backward needs) with dropout."""
     out = rows[:, None] * N + cols[None, :]
     if DROPOUT:
         tl.store(P + out, p.to(P.dtype.element_ty), mask=ok)
-        keep = dropout_keep(SEED, rows, 0, thresh, ROWS, BLOCK_N)
+        keep = dropout_keep(SEED, rows, start, thresh, ROWS, BLOCK_N)
         p = tl.where(keep, p * keep_scale, 0.0)
     tl.store(Y + out, p.to(Y.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _fwd_looped_kernel(
-    X, MASK, SEED, Y, P,
-    R, N, H, Q, sx_b, sx_h, sx_q, sm_b, sm_h, sm_q, sm_k,
-    scale, keep_scale, thresh,
-    MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, DROPOUT: tl.constexpr, ROWS64: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < R
-    x_row, m_row = _row_offsets(rows, H, Q, sx_b, sx_h, sx_q, sm_b, sm_h, sm_q, ROWS64)
-    acc = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
-    mx = tl.full([ROWS], -float("inf"), acc)
-    den = tl.zeros([ROWS], acc)
-    for start in range(0, N, BLOCK_N):  # online max and sum
-        cols = start + tl.arange(0, BLOCK_N)
-        ok = row_ok[:, None] & (cols < N)[None, :]
-        z = _logits(X, MASK, x_row, m_row, cols, ok, scale, sm_k, MASK_KIND, MASK_MIN)
-        new_mx = tl.maximum(mx, tl.max(z, 1))
-        new_dead = new_mx == -float("inf")
-        shift = tl.where(new_dead, 0.0, new_mx)
-        den = den * tl.where(new_dead, 1.0, tl.exp(mx - shift)) + tl.sum(tl.exp(z - shift[:, None]), 1)
-        mx = new_mx
-    dead = mx == -float("inf")
-    shift = tl.where(dead, 0.0, mx)
-    inv = tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, den))
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        ok = row_ok[:, None] & (cols < N)[None, :]
-        z = _logits(X, MASK, x_row, m_row, cols, ok, scale, sm_k, MASK_KIND, MASK_MIN)
-        p = tl.exp(z - shift[:, None]) * inv[:, None]
-        out = rows[:, None] * N + cols[None, :]
-        if DROPOUT:
-            tl.store(P + out, p.to(P.dtype.element_ty), mask=ok)
-            keep = dropout_keep(SEED, rows, start, thresh, ROWS, BLOCK_N)
-            p = tl.where(keep, p * keep_scale, 0.0)
-        tl.store(Y + out, p.to(Y.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _bwd_kernel(
-    G, P, SEED, DX, R, N, s_g, s_p, scale, keep_scale, thresh,
-    DROPOUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_N)
-    ok = (rows < R)[:, None] & (cols < N)[None, :]
+def _p_dp(G, P, SEED, rows, cols, start, ok, s_g, s_p, keep_scale, thresh, DROPOUT: tl.constexpr,
+          ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(p, dp) of a tile in fp32 (fp64): the probabilities and dropout's backward of the gradient."""
     p = tl.load(P + rows[:, None] * s_p + cols[None, :], mask=ok, other=0.0)
     acc = tl.float64 if p.dtype == tl.float64 else tl.float32
     p = p.to(acc)
     dp = tl.load(G + rows[:, None] * s_g + cols[None, :], mask=ok, other=0.0).to(acc)
     if DROPOUT:
-        keep = dropout_keep(SEED, rows, 0, thresh, ROWS, BLOCK_N)
+        keep = dropout_keep(SEED, rows, start, thresh, ROWS, BLOCK_N)
         dp = tl.where(keep, dp * keep_scale, 0.0)
-    dot = tl.sum(dp * p, 1)
-    dx = scale * p * (dp - dot[:, None])
-    tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+    return p, dp
 
 
 @triton.jit
-def _bwd_looped_kernel(
+def _bwd_kernel(
     G, P, SEED, DX, R, N, s_g, s_p, scale, keep_scale, thresh,
-    DROPOUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, LOOP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < R
-    acc = tl.float64 if P.dtype.element_ty == tl.float64 else tl.float32
-    dot = tl.zeros([ROWS], acc)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        ok = row_ok[:, None] & (cols < N)[None, :]
-        p = tl.load(P + rows[:, None] * s_p + cols[None, :], mask=ok, other=0.0).to(acc)
-        dp = tl.load(G + rows[:, None] * s_g + cols[None, :], mask=ok, other=0.0).to(acc)
-        if DROPOUT:
-            keep = dropout_keep(SEED, rows, start, thresh, ROWS, BLOCK_N)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
-        dot += tl.sum(dp * p, 1)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        ok = row_ok[:, None] & (cols < N)[None, :]
-        p = tl.load(P + rows[:, None] * s_p + cols[None, :], mask=ok, other=0.0).to(acc)
-        dp = tl.load(G + rows[:, None] * s_g + cols[None, :], mask=ok, other=0.0).to(acc)
-        if DROPOUT:
-            keep = dropout_keep(SEED, rows, start, thresh, ROWS, BLOCK_N)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
+    if not LOOP:  # the whole row in one tile
+        cols = tl.arange(0, BLOCK_N)
+        ok = (rows < R)[:, None] & (cols < N)[None, :]
+        p, dp = _p_dp(G, P, SEED, rows, cols, 0, ok, s_g, s_p, keep_scale, thresh, DROPOUT, ROWS, BLOCK_N)
+        dot = tl.sum(dp * p, 1)
         dx = scale * p * (dp - dot[:, None])
         tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+    else:
+        row_ok = rows < R
+        acc = tl.float64 if P.dtype.element_ty == tl.float64 else tl.float32
+        dot = tl.zeros([ROWS], acc)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            ok = row_ok[:, None] & (cols < N)[None, :]
+            p, dp = _p_dp(G, P, SEED, rows, cols, start, ok, s_g, s_p, keep_scale, thresh, DROPOUT, ROWS, BLOCK_N)
+            dot += tl.sum(dp * p, 1)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            ok = row_ok[:, None] & (cols < N)[None, :]
+            p, dp = _p_dp(G, P, SEED, rows, cols, start, ok, s_g, s_p, keep_scale, thresh, DROPOUT, ROWS, BLOCK_N)
+            dx = scale * p * (dp - dot[:, None])
+            tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
 
 
 def _config(N: int, rows: int) -> tuple[bool, int, int, int]:
@@ -245,13 +232,12 @@ def forward(
     else:
         kind, mask_min, m_arg, m_strides = 2, float(torch.finfo(mask.dtype).min), mask, mask.stride()
     looped, rows_pp, block_n, num_warps = _config(N, R)
-    kernel = _fwd_looped_kernel if looped else _fwd_kernel
-    kernel[(triton.cdiv(R, rows_pp),)](
+    _fwd_kernel[(triton.cdiv(R, rows_pp),)](
         scores, m_arg, seed_t, y, probs if dropout else y,
         R, N, H, Q, *scores.stride()[:3], *m_strides,
         scale, keep_scale, thresh,
-        MASK_KIND=kind, MASK_MIN=mask_min, DROPOUT=dropout, ROWS64=R + rows_pp >= 2**31, ROWS=rows_pp,
-        BLOCK_N=block_n, num_warps=num_warps,
+        MASK_KIND=kind, MASK_MIN=mask_min, DROPOUT=dropout, ROWS64=R + rows_pp >= 2**31, LOOP=looped,
+        ROWS=rows_pp, BLOCK_N=block_n, num_warps=num_warps,
     )
     return y, probs
 
@@ -265,10 +251,9 @@ def backward(
     dropout = dropout_p > 0.0
     seed_t, keep_scale, thresh = dropout_args("masked_softmax", dropout_p, seed, dx)
     looped, rows_pp, block_n, num_warps = _config(N, R)
-    kernel = _bwd_looped_kernel if looped else _bwd_kernel
-    kernel[(triton.cdiv(R, rows_pp),)](
+    _bwd_kernel[(triton.cdiv(R, rows_pp),)](
         grad, probs, seed_t, dx, R, N, grad.stride(0), probs.stride(0), scale, keep_scale, thresh,
-        DROPOUT=dropout, ROWS=rows_pp, BLOCK_N=block_n, num_warps=num_warps,
+        DROPOUT=dropout, LOOP=looped, ROWS=rows_pp, BLOCK_N=block_n, num_warps=num_warps,
     )
     return dx
 
