@@ -50,9 +50,13 @@ template <bool TANH, typename A>
 __device__ __forceinline__ A gelu_grad(A h) {
   if constexpr (TANH) {
     const A u = A(kTanhK) * (h + A(kTanhC) * h * h * h);
-    // sigmoid(-2u), not 1 - s: the complement keeps its precision where s rounds to 1.
-    const A s = sigmoid2_(u), s_neg = sigmoid2_(-u);
-    return s + A(2) * h * s * s_neg * A(kTanhK) * (A(1) + A(3 * kTanhC) * h * h);
+    // s = sigmoid(2u) and its complement sigmoid(-2u) (not 1 - s: that loses precision where s
+    // rounds to 1) from one exp and one division: with e = exp(-2|u|) in (0, 1] and r = 1 / (1 + e),
+    // they are r and e * r, and nothing overflows.
+    const A e = exp_(A(-2) * fabs(u));
+    const A r = A(1) / (A(1) + e);
+    const A s = u >= A(0) ? r : e * r;
+    return s + A(2) * h * (e * r * r) * A(kTanhK) * (A(1) + A(3 * kTanhC) * h * h);
   } else {
     return A(0.5) * (A(1) + erf_(h * A(kSqrt1_2))) + h * exp_(A(-0.5) * h * h) * A(kInvSqrt2Pi);
   }

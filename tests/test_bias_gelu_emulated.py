@@ -161,3 +161,11 @@ def test_argument_checks(cuda, call, message):
     x, b, dy = torch.randn(8, 16), torch.randn(16), torch.randn(8, 16)
     with pytest.raises(RuntimeError, match=message):
         call(torch.ops.bertkern_cuda, x, b, dy)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tanh_grad_over_the_whole_range(cuda, dtype):
+    """The tanh backward's one-exp sigmoid pair (e = exp(-2|u|)) at both signs, near 0 and where
+    exp(2|u|) would overflow (|h| of 10 to 60): no NaN, and the 2x rule against float64."""
+    x = torch.cat([torch.linspace(-60, 60, 121), torch.linspace(-3, 3, 119)]).to(dtype).reshape(8, 30)
+    check(cuda, x, None, randn(8, 30, dtype=dtype), "tanh")
