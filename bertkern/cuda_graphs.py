@@ -22,8 +22,9 @@ stream, and each graph's static inputs and outputs stay alive, so sharing is saf
 For `torch.compile` users, `torch.compile(model, mode="reduce-overhead")` does the same job; this is
 for code that does not compile. A compiled bertkern.optimize model stays padding-free too: its encoder
 picks (token capacity, max_seqlen) with the same `choose_packed_shapes` (over DEFAULT_SEQ_LENS) in an
-eager prologue, one graph break before the compiled region (see bertkern.optimize). Works with the fused ops: in eval mode no dropout runs; in any case
-bertkern's dropout seeds are device tensors drawn from torch's generator (graph-safe), not host values.
+eager prologue, one graph break before the compiled region (see bertkern.optimize). Works with the
+fused ops: in eval mode no dropout runs; in any case bertkern's dropout seeds are device tensors
+drawn from torch's generator (graph-safe), not host values.
 
 Padding-free models (`bertkern.optimize`'s encoder with padding_free=True, the default) keep running
 padding-free in a graph: the runner reads the real-token count and the longest row from the
@@ -103,16 +104,26 @@ def choose_bucket(buckets: Iterable[tuple[int, int]], batch: int, seq: int) -> t
 MIN_TOKEN_CAPACITY = 16
 
 
-def choose_packed_shapes(lengths: Iterable[int], batch: int, seq: int, seq_lens: Iterable[int]) -> tuple[int, int]:
+def choose_packed_shapes(lengths: Iterable[int], batch: int, seq: int, seq_lens: Iterable[int],
+                         steps_per_octave: int = 1) -> tuple[int, int]:
     """(token capacity T, max_seqlen m) of a padding-free graph for real lengths `lengths` in a
     [batch, seq] bucket: T the next power of two >= the real tokens (at least MIN_TOKEN_CAPACITY,
     at most batch x seq), m the smallest of seq_lens >= the longest row (at most seq; seq itself when
-    none fits). So T >= every token count and m >= every length of this batch."""
+    none fits). So T >= every token count and m >= every length of this batch.
+    steps_per_octave k > 1: T the smallest of k evenly spaced steps between the power of two below
+    and the one above (k = 4: 512 < 640, 768, 896, 1024; steps of at least 8 tokens), so T wastes at
+    most about 1/k of the real tokens instead of up to all of them, for k times as many capacities (bertkern.optimize's torch.compile
+    prologue uses 4; CUDAGraphRunner 1, one graph per power of two)."""
     lengths = [int(n) for n in lengths]
     if len(lengths) > batch or any(n < 0 or n > seq for n in lengths):
         raise ValueError(f"choose_packed_shapes: lengths {lengths} do not fit a [{batch}, {seq}] bucket")
+    if isinstance(steps_per_octave, bool) or not isinstance(steps_per_octave, int) or steps_per_octave < 1:
+        raise ValueError(f"choose_packed_shapes: steps_per_octave must be a positive int, got {steps_per_octave!r}")
     total, longest = sum(lengths), max(lengths, default=0)
-    capacity = min(max(MIN_TOKEN_CAPACITY, 1 << max(total - 1, 0).bit_length()), batch * seq)
+    need = max(MIN_TOKEN_CAPACITY, total)
+    # the octave (p/2, p] in k steps, at least 8 tokens each (GEMM rows in multiples of 8)
+    step = max(MIN_TOKEN_CAPACITY // 2, (1 << (need - 1).bit_length()) // (2 * steps_per_octave))
+    capacity = min(-(-need // step) * step, batch * seq)
     max_seqlen = min([s for s in seq_lens if max(longest, 1) <= s <= seq], default=seq)
     return capacity, max_seqlen
 

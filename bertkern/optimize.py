@@ -37,8 +37,8 @@ the computation bertkern will substitute. Only blocks that pass are swapped:
     bertkern.cuda_graphs.CUDAGraphRunner sets from its token-count buckets;
   - torch.compile (any mode; "reduce-overhead" = CUDA graphs through cudagraph trees): the encoder
     starts with one deliberate graph break, an eager prologue (`_compiled_packing`) that reads the
-    real lengths on the host and picks (T, m) with cuda_graphs.choose_packed_shapes (T the next power
-    of two >= the real tokens, at least 16, at most B x S; m the smallest of
+    real lengths on the host and picks (T, m) with cuda_graphs.choose_packed_shapes (T the smallest
+    of 4 steps per power of two >= the real tokens, at least 16, at most B x S; m the smallest of
     cuda_graphs.DEFAULT_SEQ_LENS >= the longest row, at most S), or "no padding". The graph after it
     (embeddings, every layer, pooler) depends only on that bucket: Dynamo guards on T and m, so a
     batch of a bucket already seen reuses its graph, a new bucket compiles at most once (and once
@@ -413,21 +413,29 @@ def _graph_breaks_allowed() -> bool:
         return False
 
 
+# Token capacities per power of two under torch.compile: at ~60% fill a power-of-two capacity can be the
+# whole batch (8 x 128 = 1024 slots for ~614 real tokens: no rows saved); 4 steps waste at most ~25%.
+# More capacities cost no compiles once Dynamo's automatic dynamic shapes make the capacity symbolic
+# (the second bucket), and under mode="reduce-overhead" one CUDA graph recording each.
+COMPILE_CAPACITY_STEPS = 4
+
+
 @torch.compiler.disable(reason="bertkern padding-free encoder: the real-token count and the longest row are "
                                "read on the host to pick the (token capacity, max_seqlen) bucket")
 def _compiled_packing(attention_mask: torch.Tensor) -> tuple[int, int] | None:
     """The eager prologue of the encoder under torch.compile, and its one deliberate graph break:
-    (capacity, max_seqlen) for this batch from bertkern.cuda_graphs' bucket rule (capacity the next
-    power of two >= the real tokens, at least 16, at most B x S; max_seqlen the smallest of
-    DEFAULT_SEQ_LENS >= the longest row, at most S), or None when the batch has no padding. The compiled
-    region after it sees these as Python ints, so it is guarded on (or, once Dynamo's automatic dynamic
-    shapes kick in, symbolic in) the bucket: never a stale max_seqlen. One host sync per call, as
-    unpad's outside compile."""
+    (capacity, max_seqlen) for this batch from bertkern.cuda_graphs' bucket rule (capacity the smallest
+    of COMPILE_CAPACITY_STEPS steps per power of two >= the real tokens, at least 16, at most B x S;
+    max_seqlen the smallest of DEFAULT_SEQ_LENS >= the longest row, at most S), or None when the batch
+    has no padding. The compiled region after it sees these as Python ints, so it is guarded on (or,
+    once Dynamo's automatic dynamic shapes kick in, symbolic in) the bucket: never a stale max_seqlen.
+    One host sync per call, as unpad's outside compile."""
     batch, seq = attention_mask.shape
     lengths = attention_mask.ne(0).sum(1).tolist()
     if sum(lengths) == batch * seq:
         return None
-    return _cuda_graphs.choose_packed_shapes(lengths, batch, seq, _cuda_graphs.DEFAULT_SEQ_LENS)
+    return _cuda_graphs.choose_packed_shapes(lengths, batch, seq, _cuda_graphs.DEFAULT_SEQ_LENS,
+                                             COMPILE_CAPACITY_STEPS)
 
 
 def _encoder_forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

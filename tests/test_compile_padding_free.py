@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from bertkern.cuda_graphs import DEFAULT_SEQ_LENS, choose_packed_shapes  # noqa:
 from test_optimize import padded_batch, tiny  # noqa: E402
 
 cuda_graphs = importlib.import_module("bertkern.cuda_graphs")
+STEPS = importlib.import_module("bertkern.optimize").COMPILE_CAPACITY_STEPS
 LENGTHS = [7, 4, 1, 0]  # full, padded, a single real token, fully padded
 
 
@@ -118,6 +120,24 @@ def assert_same(got, want, tol=1e-5):
             torch.testing.assert_close(got[k], want[k], rtol=tol, atol=tol, msg=lambda m: f"{k}: {m}")
 
 
+# ---------------------------------------------------------------- the compile prologue's buckets
+def test_capacity_steps_per_octave():
+    """The compile prologue's capacities: k steps per power of two (at least 8 tokens each), so a ~60%
+    full 8 x 128 batch packs 640 rows, not the 1024 of the next power of two (= the padded batch);
+    k = 1 is CUDAGraphRunner's rule."""
+    assert STEPS == 4
+    lengths = [77] * 8  # 616 of 1024
+    assert choose_packed_shapes(lengths, 8, 128, DEFAULT_SEQ_LENS) == (1024, 128)
+    assert choose_packed_shapes(lengths, 8, 128, DEFAULT_SEQ_LENS, 4) == (640, 128)
+    for total, want in ((1, 16), (16, 16), (17, 24), (25, 32), (33, 40), (100, 112), (129, 160), (500, 512)):
+        assert choose_packed_shapes([total], 1, 512, [512], 4) == (want, 512), total
+    for total in range(0, 2049):  # every capacity holds its tokens and wastes at most ~1/k
+        capacity = choose_packed_shapes([total], 1, 2048, [2048], 4)[0]
+        assert total <= capacity <= max(16, total + max(8, total // 4)), (total, capacity)
+    with pytest.raises(ValueError, match="steps_per_octave"):
+        choose_packed_shapes([1], 1, 8, [8], 0)
+
+
 # ---------------------------------------------------------------- the packed path, compiled
 def test_compiled_model_runs_padding_free_one_graph_per_bucket(buckets):
     """BertModel, torch backend, aot_eager (Dynamo's guards and fake-tensor tracing, without C++
@@ -140,9 +160,9 @@ def test_compiled_model_runs_padding_free_one_graph_per_bucket(buckets):
         ([0, 0, 0, 0], 7),  # every row padded: still (16, 7)
         ([7, 7, 7, 7], None),  # no padding: no packing (its own graph)
         ([7, 7, 7, 7], None),
-        ([7, 7, 7, 1], None),  # 22 tokens: capacity 28 (= B x S)
+        ([7, 7, 7, 1], None),  # 22 tokens: capacity 24
         ([7, 7, 6, 1], None),
-        ([20, 3, 0, 0], None),  # a longer batch: (32, 20)
+        ([20, 3, 0, 0], None),  # a longer batch: (24, 20)
         ([12, 11, 2, 1], 20),  # (32, 16)
         (LENGTHS, None),  # the first bucket again
     ]
@@ -151,7 +171,7 @@ def test_compiled_model_runs_padding_free_one_graph_per_bucket(buckets):
             ids, mask = batch_of(base, lengths, seq)
             B, S = mask.shape
             padded = bool((mask == 0).any())
-            key = (B, S, choose_packed_shapes(lengths, B, S, DEFAULT_SEQ_LENS) if padded else None)
+            key = (B, S, choose_packed_shapes(lengths, B, S, DEFAULT_SEQ_LENS, STEPS) if padded else None)
             frames, n_buckets = recorder.frame_count, len(buckets)
             recorder.clear_calls()
             got = compiled(input_ids=ids, attention_mask=mask)
@@ -178,14 +198,17 @@ def test_compiled_model_runs_padding_free_one_graph_per_bucket(buckets):
     assert recorder.frame_count <= len(seen)
 
 
-def test_fullgraph_runs_the_padded_path():
-    """fullgraph=True allows no graph break, so the prologue cannot run: the padded path (bool mask,
-    one graph, no recompile per padding pattern), documented; outputs equal at real tokens."""
+@pytest.mark.parametrize("no_breaks", ["fullgraph", "error_on_graph_break"])
+def test_fullgraph_runs_the_padded_path(no_breaks):
+    """fullgraph=True (or torch._dynamo.error_on_graph_break(True)) allows no graph break, so the
+    prologue cannot run: the padded path (bool mask, one graph, no recompile per padding pattern),
+    documented, never an error; outputs equal at real tokens."""
     base = tiny("bert-seqcls")
     optimized = bertkern.optimize(copy.deepcopy(base), backend="torch")
     recorder = GraphRecorder()
-    compiled = torch.compile(optimized, backend=recorder, fullgraph=True)
-    with torch.no_grad():
+    compiled = torch.compile(optimized, backend=recorder, fullgraph=no_breaks == "fullgraph")
+    strict = torch._dynamo.error_on_graph_break(True) if no_breaks == "error_on_graph_break" else nullcontext()
+    with torch.no_grad(), strict:
         for lengths in (LENGTHS, [3, 7, 2, 5]):
             ids, mask = batch_of(base, lengths)
             got, want = compiled(input_ids=ids, attention_mask=mask), base(input_ids=ids, attention_mask=mask)
@@ -261,7 +284,7 @@ def test_reduce_overhead_cuda_graphs_padding_free(buckets):
     optimized = bertkern.optimize(copy.deepcopy(base).half())
     compiled = torch.compile(optimized, mode="reduce-overhead")
     counters.clear()
-    batches = [batch_of(base, LENGTHS), batch_of(base, [7, 7, 7, 1])]  # (16, 7) and (28, 7)
+    batches = [batch_of(base, LENGTHS), batch_of(base, [7, 7, 7, 1])]  # (16, 7) and (24, 7)
     graphs = []
     with torch.no_grad():
         for ids, mask in batches:
@@ -276,6 +299,6 @@ def test_reduce_overhead_cuda_graphs_padding_free(buckets):
             assert not got["last_hidden_state"][~mask.bool()].any()
             testing.assert_close_2x(real(got, mask), real(ref64(input_ids=ids, attention_mask=mask), mask),
                                     real(eager(input_ids=ids, attention_mask=mask), mask), "fp16", floor="model")
-    assert buckets[0] == (16, 7) and buckets[-1] == (28, 7) and len(buckets) == 6
+    assert buckets[0] == (16, 7) and buckets[-1] == (24, 7) and len(buckets) == 6
     assert graphs[1] - graphs[0] <= 1
     assert counters["inductor"]["cudagraph_skips"] == 0, "a graph ran without CUDA graphs"
