@@ -133,9 +133,7 @@ def add_layer_norm(
     else F.dropout. return_prenorm=True returns (y, prenorm), prenorm being the sum fed to the norm.
     """
     h = add_layer_norm_prenorm(x, residual, x_bias, dropout_p, training, keep)
-    w = None if weight is None else weight.to(h.dtype)
-    b = None if bias is None else bias.to(h.dtype)
-    y = F.layer_norm(h, h.shape[-1:], w, b, eps).to(x.dtype)
+    y = layer_norm(h, weight, bias, eps).to(x.dtype)
     return (y, h.to(x.dtype)) if return_prenorm else y
 
 
@@ -160,6 +158,13 @@ def add_layer_norm_prenorm(
     if residual is not None:
         h = h + residual.to(acc)
     return h
+
+
+def layer_norm(h: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """F.layer_norm over the last dim in h's dtype (weight and bias cast to it)."""
+    w = None if weight is None else weight.to(h.dtype)
+    b = None if bias is None else bias.to(h.dtype)
+    return F.layer_norm(h, h.shape[-1:], w, b, eps)
 
 
 def layer_norm_stats(h: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,17 +211,14 @@ def add_layer_norm_backward(
 
 
 # ---------------------------------------------------------------- embedding_layer_norm
-def embedding_sum(
-    input_ids: torch.Tensor,
-    position_ids: torch.Tensor | None,
-    token_type_ids: torch.Tensor | None,
-    word_embeddings: torch.Tensor,
-    position_embeddings: torch.Tensor | None,
-    token_type_embeddings: torch.Tensor | None,
-) -> torch.Tensor:
-    """word[ids] + type[token_type_ids] + pos[position_ids] (HF BertEmbeddings' order) in float32
-    (float64 for float64 tables); position_ids None means arange(S) along the last dim, token_type_ids
-    None means zeros; a None table is left out."""
+def embedding_sum(ids: tuple, tables: tuple) -> torch.Tensor:
+    """word[input_ids] + type[token_type_ids] + pos[position_ids] (HF BertEmbeddings' order) in float32
+    (float64 for float64 tables). ids = (input_ids, position_ids, token_type_ids) and tables = (word,
+    position, token_type) embeddings travel as these two triples through the op and its kernels.
+    position_ids None means arange(S) along the last dim, token_type_ids None means zeros; a None
+    table is left out."""
+    input_ids, position_ids, token_type_ids = ids
+    word_embeddings, position_embeddings, token_type_embeddings = tables
     acc = acc_dtype(word_embeddings.dtype)
     e = F.embedding(input_ids, word_embeddings).to(acc)
     if token_type_embeddings is not None:
@@ -243,11 +245,9 @@ def embedding_layer_norm(
     eps: float = 1e-12,
 ) -> torch.Tensor:
     """LayerNorm(word[ids] + type[token_type_ids] + pos[position_ids]) over the hidden dim."""
-    e = embedding_sum(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
-                      token_type_embeddings)
-    w = None if weight is None else weight.to(e.dtype)
-    b = None if bias is None else bias.to(e.dtype)
-    return F.layer_norm(e, e.shape[-1:], w, b, eps).to(word_embeddings.dtype)
+    e = embedding_sum((input_ids, position_ids, token_type_ids),
+                      (word_embeddings, position_embeddings, token_type_embeddings))
+    return layer_norm(e, weight, bias, eps).to(word_embeddings.dtype)
 
 
 # ---------------------------------------------------------------- masked_softmax

@@ -47,9 +47,7 @@ def _torch_forward(x, residual, weight, bias, x_bias, seed, eps, dropout_p, stor
     h = reference.add_layer_norm_prenorm(x, residual, x_bias, dropout_p if keep is not None else 0.0, keep=keep)
     h = h.to(x.dtype).to(h.dtype)  # normalize the sum as stored for backward (and as eager adds): in x's dtype
     mean, rstd = reference.layer_norm_stats(h, eps)
-    w = None if weight is None else weight.to(h.dtype)
-    b = None if bias is None else bias.to(h.dtype)
-    y = torch.nn.functional.layer_norm(h, h.shape[-1:], w, b, eps).to(x.dtype)
+    y = reference.layer_norm(h, weight, bias, eps).to(x.dtype)
     # copy=True: with nothing added, h is x itself, and a custom op's output must not alias an input.
     return y, (h.to(x.dtype, copy=True) if store_prenorm else empty(x)), mean, rstd
 
@@ -279,13 +277,12 @@ def _ids_2d(ids: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
     return ids.reshape(-1, shape[-1]) if ids.dim() != 2 else ids
 
 
-def _emb_torch_forward(ids, pids, tids, word, pos, typ, weight, bias, eps, store_prenorm):
-    e = reference.embedding_sum(ids, pids, tids, word, pos, typ)
+def _emb_torch_forward(ids, tables, weight, bias, eps, store_prenorm):
+    word = tables[0]
+    e = reference.embedding_sum(ids, tables)
     e = e.to(word.dtype).to(e.dtype)  # the sum as stored for backward, in the tables' dtype
     mean, rstd = reference.layer_norm_stats(e, eps)
-    w = None if weight is None else weight.to(e.dtype)
-    b = None if bias is None else bias.to(e.dtype)
-    y = torch.nn.functional.layer_norm(e, e.shape[-1:], w, b, eps).to(word.dtype)
+    y = reference.layer_norm(e, weight, bias, eps).to(word.dtype)
     n = word.shape[1]
     prenorm = e.to(word.dtype).reshape(-1, n) if store_prenorm else empty(word)
     return y.reshape(-1, n), prenorm, mean.reshape(-1), rstd.reshape(-1)
@@ -306,15 +303,16 @@ def _embedding_layer_norm_impl(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     shape = input_ids.shape
-    ids, pids, tids = (_ids_2d(t, shape) for t in (input_ids, position_ids, token_type_ids))
-    tables = (_rows_or_none(t) for t in (word_embeddings, position_embeddings, token_type_embeddings))
-    args = (ids, pids, tids, *tables, contiguous_or_none(weight), contiguous_or_none(bias), eps, store_prenorm)
+    ids = tuple(_ids_2d(t, shape) for t in (input_ids, position_ids, token_type_ids))
+    tables = tuple(_rows_or_none(t) for t in (word_embeddings, position_embeddings, token_type_embeddings))
     if backend == "torch":
-        y, prenorm, mean, rstd = _emb_torch_forward(*args)
+        forward = _emb_torch_forward
     else:  # triton, and cuda (which uses the Triton kernel for the gather; see embedding_layer_norm)
         from bertkern.triton import layer_norm as k
 
-        y, prenorm, mean, rstd = k.embedding_forward(*args)
+        forward = k.embedding_forward
+    y, prenorm, mean, rstd = forward(ids, tables, contiguous_or_none(weight), contiguous_or_none(bias), eps,
+                                     store_prenorm)
     out = (*shape, word_embeddings.shape[1])
     return y.view(out), (prenorm.view(out) if store_prenorm else prenorm), mean.view(shape), rstd.view(shape)
 

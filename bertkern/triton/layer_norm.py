@@ -167,6 +167,46 @@ def _add_ln_fwd_kernel(
 
 # ---------------------------------------------------------------- add_layer_norm backward
 @triton.jit
+def _xhat_dy(H, DY, rows, cols, m, mean, rstd, stride_h, stride_dy):
+    """(xhat, dy) of one tile in the statistics' dtype; xhat = (h - mean) * rstd, 0 outside m."""
+    h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(mean.dtype)
+    xhat = tl.where(m, (h - mean[:, None]) * rstd[:, None], 0.0)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(mean.dtype)
+    return xhat, dy
+
+
+@triton.jit
+def _chunk(H, DY, W, rows, col0, M, N, mean, rstd, stride_h, stride_dy, HAS_W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One column chunk of a looped row: (cols, col_ok, m, xhat, dy, g = dy * weight)."""
+    cols = col0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    m = (rows < M)[:, None] & col_ok[None, :]
+    xhat, dy = _xhat_dy(H, DY, rows, cols, m, mean, rstd, stride_h, stride_dy)
+    g = dy
+    if HAS_W:
+        g = dy * tl.load(W + cols, mask=col_ok, other=0.0).to(dy.dtype)[None, :]
+    return cols, col_ok, m, xhat, dy, g
+
+
+@triton.jit
+def _dh_dx(g, xhat, c1, c2, rstd, DP, DH, DX, seed, rows, cols, col0, m, stride_dp, stride_dh, stride_dx, thresh,
+           scale, HAS_DP: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store dh = (g - xhat * c1 - c2) * rstd (+ the pre-norm sum's own gradient) and, with dropout,
+    dx = dh * keep * scale; return dx (dh itself without dropout). c1, c2: the row means of g * xhat, g."""
+    dh = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    if HAS_DP:
+        dh += tl.load(DP + rows[:, None] * stride_dp + cols[None, :], mask=m, other=0.0).to(dh.dtype)
+    tl.store(DH + rows[:, None] * stride_dh + cols[None, :], dh.to(DH.dtype.element_ty), mask=m)
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, rows, col0, thresh, BLOCK_M, BLOCK_N)
+        dx = tl.where(keep & m, dh * scale, 0.0)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
+    else:
+        dx = dh
+    return dx
+
+
+@triton.jit
 def _add_ln_bwd_kernel(
     DY, DP, H, MEAN, RSTD, W, SEED, DH, DX, DW_PART, DB_PART, DXB_PART,
     M, N, stride_dy, stride_dp, stride_h, stride_dh, stride_dx, rows_per_program, thresh, scale,
@@ -197,25 +237,15 @@ def _add_ln_bwd_kernel(
             m = row_ok[:, None] & col_ok[None, :]
             mean = tl.load(MEAN + rows, mask=row_ok, other=0.0).to(acc)
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0).to(acc)
-            h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(acc)
-            xhat = tl.where(m, (h - mean[:, None]) * rstd[:, None], 0.0)
-            dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(acc)
+            xhat, dy = _xhat_dy(H, DY, rows, cols, m, mean, rstd, stride_h, stride_dy)
             if HAS_W:
                 g = dy * w[None, :]
             else:
                 g = dy
             c1 = tl.sum(g * xhat, axis=1) / N
             c2 = tl.sum(g, axis=1) / N
-            dh = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-            if HAS_DP:
-                dh += tl.load(DP + rows[:, None] * stride_dp + cols[None, :], mask=m, other=0.0).to(acc)
-            tl.store(DH + rows[:, None] * stride_dh + cols[None, :], dh.to(DH.dtype.element_ty), mask=m)
-            if HAS_DROPOUT:
-                keep = _keep_mask(seed, rows, 0, thresh, BLOCK_M, BLOCK_N)
-                dx = tl.where(keep & m, dh * scale, 0.0)
-                tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
-            else:
-                dx = dh
+            dx = _dh_dx(g, xhat, c1, c2, rstd, DP, DH, DX, seed, rows, cols, 0, m, stride_dp, stride_dh, stride_dx,
+                        thresh, scale, HAS_DP, HAS_DROPOUT, BLOCK_M, BLOCK_N)
             if NEED_DW:
                 dw += tl.sum(dy * xhat, axis=0)
             if NEED_DB:
@@ -238,39 +268,17 @@ def _add_ln_bwd_kernel(
             c1 = tl.zeros([BLOCK_M], dtype=acc)
             c2 = tl.zeros([BLOCK_M], dtype=acc)
             for col0 in range(0, N, BLOCK_N):
-                cols = col0 + tl.arange(0, BLOCK_N)
-                col_ok = cols < N
-                m = (rows < M)[:, None] & col_ok[None, :]
-                h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(acc)
-                xhat = tl.where(m, (h - mean[:, None]) * rstd[:, None], 0.0)
-                g = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(acc)
-                if HAS_W:
-                    g = g * tl.load(W + cols, mask=col_ok, other=0.0).to(acc)[None, :]
+                cols, col_ok, m, xhat, dy, g = _chunk(H, DY, W, rows, col0, M, N, mean, rstd, stride_h, stride_dy,
+                                                      HAS_W, BLOCK_N)
                 c1 += tl.sum(g * xhat, axis=1)
                 c2 += tl.sum(g, axis=1)
             c1 = c1 / N
             c2 = c2 / N
             for col0 in range(0, N, BLOCK_N):
-                cols = col0 + tl.arange(0, BLOCK_N)
-                col_ok = cols < N
-                m = (rows < M)[:, None] & col_ok[None, :]
-                h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(acc)
-                xhat = tl.where(m, (h - mean[:, None]) * rstd[:, None], 0.0)
-                dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(acc)
-                if HAS_W:
-                    g = dy * tl.load(W + cols, mask=col_ok, other=0.0).to(acc)[None, :]
-                else:
-                    g = dy
-                dh = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-                if HAS_DP:
-                    dh += tl.load(DP + rows[:, None] * stride_dp + cols[None, :], mask=m, other=0.0).to(acc)
-                tl.store(DH + rows[:, None] * stride_dh + cols[None, :], dh.to(DH.dtype.element_ty), mask=m)
-                if HAS_DROPOUT:
-                    keep = _keep_mask(seed, rows, col0, thresh, BLOCK_M, BLOCK_N)
-                    dx = tl.where(keep & m, dh * scale, 0.0)
-                    tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
-                else:
-                    dx = dh
+                cols, col_ok, m, xhat, dy, g = _chunk(H, DY, W, rows, col0, M, N, mean, rstd, stride_h, stride_dy,
+                                                      HAS_W, BLOCK_N)
+                dx = _dh_dx(g, xhat, c1, c2, rstd, DP, DH, DX, seed, rows, cols, col0, m, stride_dp, stride_dh,
+                            stride_dx, thresh, scale, HAS_DP, HAS_DROPOUT, BLOCK_M, BLOCK_N)
                 if NEED_DW:
                     p = DW_PART + part + cols
                     tl.store(p, tl.load(p, mask=col_ok, other=0.0) + tl.sum(dy * xhat, axis=0), mask=col_ok)
@@ -339,6 +347,16 @@ def _dropout_args(dropout_p: float) -> tuple[int, float]:
     return reference.dropout_threshold(dropout_p), reference.dropout_scale(dropout_p)
 
 
+def _forward_outputs(like: torch.Tensor, M: int, N: int, store_prenorm: bool):
+    """The forwards' outputs, uninitialised: (y [M, N], prenorm [M, N] or empty) in like's dtype, (mean,
+    rstd) [M] in the accumulation dtype."""
+    acc = acc_dtype(like.dtype)
+    y = torch.empty((M, N), dtype=like.dtype, device=like.device)
+    prenorm = torch.empty((M, N), dtype=like.dtype, device=like.device) if store_prenorm else empty(like)
+    mean, rstd = (torch.empty((M,), dtype=acc, device=like.device) for _ in range(2))
+    return y, prenorm, mean, rstd
+
+
 def forward(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -353,11 +371,7 @@ def forward(
     """(y, prenorm or empty, mean, rstd) of add_layer_norm on [M, N] row views; seed is an int64
     device tensor (one element) when dropout_p > 0, else None."""
     M, N = x.shape
-    acc = acc_dtype(x.dtype)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    prenorm = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_prenorm else empty(x)
-    mean = torch.empty((M,), dtype=acc, device=x.device)
-    rstd = torch.empty((M,), dtype=acc, device=x.device)
+    y, prenorm, mean, rstd = _forward_outputs(x, M, N, store_prenorm)
     if M == 0:
         return y, prenorm, mean, rstd
     has_dropout = seed is not None and dropout_p > 0.0
@@ -444,27 +458,15 @@ def _index_view(ids: torch.Tensor | None, S: int) -> tuple[int, int]:
     return (0, 0) if ids is None else (ids.stride(0), ids.stride(1))
 
 
-def embedding_forward(
-    input_ids: torch.Tensor,
-    position_ids: torch.Tensor | None,
-    token_type_ids: torch.Tensor | None,
-    word: torch.Tensor,
-    pos: torch.Tensor | None,
-    typ: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    store_prenorm: bool,
-):
-    """(y [M, N], prenorm or empty, mean, rstd) of embedding_layer_norm; the id tensors are 2-D
-    [B, S] views (any strides, e.g. expanded), M = B * S; position_ids None means arange(S)."""
+def embedding_forward(ids: tuple, tables: tuple, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                      store_prenorm: bool):
+    """(y [M, N], prenorm or empty, mean, rstd) of embedding_layer_norm. ids = (input_ids, position_ids,
+    token_type_ids): 2-D [B, S] views (any strides, e.g. expanded), M = B * S, position_ids None means
+    arange(S); tables = (word, position, token_type) embeddings as in reference.embedding_sum."""
+    (input_ids, position_ids, token_type_ids), (word, pos, typ) = ids, tables
     Bt, S = input_ids.shape
     M, N = Bt * S, word.shape[1]
-    acc = acc_dtype(word.dtype)
-    y = torch.empty((M, N), dtype=word.dtype, device=word.device)
-    prenorm = torch.empty((M, N), dtype=word.dtype, device=word.device) if store_prenorm else empty(word)
-    mean = torch.empty((M,), dtype=acc, device=word.device)
-    rstd = torch.empty((M,), dtype=acc, device=word.device)
+    y, prenorm, mean, rstd = _forward_outputs(word, M, N, store_prenorm)
     if M == 0:
         return y, prenorm, mean, rstd
     block_m, block_n, num_warps, loop = _tiles(N)
@@ -494,8 +496,8 @@ def compile_launch(op, direction, dt, params, meta):
     if op == "embedding_layer_norm":
         B, S, N = 8, 512, params["N"]
         ids = meta((B, S), "int64")
-        return functools.partial(embedding_forward, ids, None, ids, meta((30522, N), dt), meta((512, N), dt),
-                                 meta((2, N), dt), meta((N,), dt), meta((N,), dt), 1e-12, True)
+        return functools.partial(embedding_forward, (ids, None, ids), (meta((30522, N), dt), meta((512, N), dt),
+                                 meta((2, N), dt)), meta((N,), dt), meta((N,), dt), 1e-12, True)
     # add_layer_norm
     M, N, train = 4096, params["N"], params["variant"] == "train"
     x, w, seed = meta((M, N), dt), meta((N,), dt), meta((1,), "int64")
