@@ -479,6 +479,8 @@ def _dq_step(
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
 
 
+# Opens like _bwd_dkdv_kernel (same parameters, program ids, bounds, NaN fill): each Triton kernel spells
+# out its own parameters, and dQ is a kernel of its own so that neither pass needs atomics.
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, STATS, DELTA, DQ, MASK, SEED, CU,
