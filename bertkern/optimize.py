@@ -47,11 +47,14 @@ the computation bertkern will substitute. Only blocks that pass are swapped:
     allowed (fullgraph=True, torch.export, error_on_graph_break) and under other tracers (make_fx),
     the padded batch runs under a bool mask instead: one graph for every padding pattern, HF's
     values at padded positions. Any other capture (torch.cuda.graph without the runner) also runs
-    the padded path.
-  Calls it does not cover go to the
-  original forward: output_hidden_states / output_attentions (HF records them per layer), a KV cache,
-  cross-attention, a head mask, a 4-D mask, gradient checkpointing. A fully padded row (no real
-  token) gets zeros everywhere (HF: uniform attention over its padding); real rows are unaffected.
+    the padded path. Dynamo shares compiled code between models of the same structure compiled with
+    the same backend and mode, and fullgraph is not part of its guards: in one process, a copy
+    compiled with fullgraph=True after one without reuses the packed code (no error), and the other
+    way round the padded code; both are right at real tokens.
+  Calls it does not cover go to the original forward: output_hidden_states / output_attentions (HF
+  records them per layer), a KV cache, cross-attention, a head mask, a 4-D mask, gradient
+  checkpointing. A fully padded row (no real token) gets zeros everywhere (HF: uniform attention
+  over its padding); real rows are unaffected.
 - self-attention (BertSelfAttention and family): `query` / `key` / `value` Linears, whatever the
   attn_implementation ("eager", "sdpa", flash: the config is not consulted). Fused: one QKV GEMM on
   the concatenated weights (concatenated per call in training; cached in inference, keyed by each
@@ -399,6 +402,9 @@ def _capturing() -> bool:
 
 
 # ---- the padding-free encoder under torch.compile: an eager prologue, then fixed shapes per bucket
+_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)  # torch < 2.5
+
+
 @torch.compiler.assume_constant_result
 def _graph_breaks_allowed() -> bool:
     """While Dynamo traces: whether this compile may graph break (False under fullgraph=True, export or
@@ -408,7 +414,8 @@ def _graph_breaks_allowed() -> bool:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         tx = InstructionTranslator.current_tx()
-        return not (tx.one_graph or tx.error_on_graph_break or torch.compiler.is_exporting())
+        exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+        return not (tx.one_graph or getattr(tx, "error_on_graph_break", False) or exporting)
     except Exception:
         return False
 
@@ -420,8 +427,17 @@ def _graph_breaks_allowed() -> bool:
 COMPILE_CAPACITY_STEPS = 4
 
 
-@torch.compiler.disable(reason="bertkern padding-free encoder: the real-token count and the longest row are "
-                               "read on the host to pick the (token capacity, max_seqlen) bucket")
+def _eager_only(fn):
+    """torch.compiler.disable(fn), with a reason that graph-break reports show (torch >= 2.7 takes one)."""
+    reason = ("bertkern padding-free encoder: the real-token count and the longest row are read on the host "
+              "to pick the (token capacity, max_seqlen) bucket")
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:
+        return torch.compiler.disable(fn)
+
+
+@_eager_only
 def _compiled_packing(attention_mask: torch.Tensor) -> tuple[int, int] | None:
     """The eager prologue of the encoder under torch.compile, and its one deliberate graph break:
     (capacity, max_seqlen) for this batch from bertkern.cuda_graphs' bucket rule (capacity the smallest
@@ -449,8 +465,7 @@ def _encoder_forward(self, input_ids: torch.Tensor | None = None, attention_mask
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     packing = None  # (token capacity, max_seqlen): pack with fixed shapes and no host sync
-    if attention_mask is not None and patch.padding_free and torch.compiler.is_dynamo_compiling() \
-            and _graph_breaks_allowed():
+    if attention_mask is not None and patch.padding_free and _dynamo_compiling() and _graph_breaks_allowed():
         # torch.compile: graph break here, read the lengths eagerly, resume with the bucket's shapes (the
         # embeddings, every layer and the pooler in the graph after the break). fullgraph: padded path.
         packing = _compiled_packing(attention_mask)
