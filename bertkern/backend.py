@@ -285,11 +285,22 @@ def observe():
         _OBSERVERS.pop()
 
 
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)  # one C call; Dynamo folds it
+
+
 def autocast_enabled(t: torch.Tensor) -> bool:
     """torch.is_autocast_enabled for t's device; False on devices autocast does not know (meta)."""
+    if _ANY_AUTOCAST is not None and not _ANY_AUTOCAST():
+        return False  # the usual case, without the per-device query (microseconds on every op call)
     if t.device.type == "meta":
         return False
     return torch.is_autocast_enabled(t.device.type)
+
+
+def shaped(t: torch.Tensor, shape) -> torch.Tensor:
+    """t viewed as `shape`, or t itself when it has that shape already: a view costs several
+    microseconds of host time, and the ops' outputs usually come back in the caller's shape."""
+    return t if t.shape == shape else t.view(shape)
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ def _bias_gelu_impl(x: torch.Tensor, bias: torch.Tensor | None, approximate: str
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     forward, _ = _kernels(backend)
-    return forward(_backend.as_rows(x), contiguous_or_none(bias), approximate).view(x.shape)
+    return _backend.shaped(forward(_backend.as_rows(x), contiguous_or_none(bias), approximate), x.shape)
 
 
 def _bias_gelu_fake(x, bias, approximate, backend):
@@ -51,7 +51,7 @@ def _bias_gelu_backward_impl(
         )
     _, backward = _kernels(backend)
     dx, dbias = backward(_backend.as_rows(grad), _backend.as_rows(x), contiguous_or_none(bias), approximate)
-    return dx.view(x.shape), (no_dbias if bias is None else dbias)
+    return _backend.shaped(dx, x.shape), (no_dbias if bias is None else dbias)
 
 
 def _bias_gelu_backward_fake(grad, x, bias, approximate, backend):

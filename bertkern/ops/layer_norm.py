@@ -99,7 +99,8 @@ def _add_layer_norm_impl(
         contiguous_or_none(x_bias), seed, eps, dropout_p, store_prenorm,
     )
     stats = x.shape[:-1]
-    return y.view(x.shape), (prenorm.view(x.shape) if store_prenorm else prenorm), mean.view(stats), rstd.view(stats)
+    shaped = _backend.shaped
+    return shaped(y, x.shape), (shaped(prenorm, x.shape) if store_prenorm else prenorm), shaped(mean, stats), shaped(rstd, stats)
 
 
 def _add_layer_norm_fake(x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm, backend):
@@ -131,7 +132,7 @@ def _add_layer_norm_backward_impl(
         need_dweight, need_dbias, need_dx_bias,
     )
     assert dw.numel() in (0, n) and db.numel() in (0, n) and dxb.numel() in (0, n)
-    return dh.view(h.shape), (dx.view(h.shape) if dx.dim() == 2 else dx), dw, db, dxb  # 1-D [0]: no dx
+    return _backend.shaped(dh, h.shape), (_backend.shaped(dx, h.shape) if dx.dim() == 2 else dx), dw, db, dxb  # 1-D [0]: no dx
 
 
 def _add_layer_norm_backward_fake(grad, grad_prenorm, h, mean, rstd, weight, seed, dropout_p, need_dweight,
@@ -197,7 +198,7 @@ def _check_tensor(name: str, arg: str, t, ref: torch.Tensor, shape: tuple, what:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != shape:
         raise ValueError(f"{name}: {arg} must have shape {list(shape)} ({what}), got {list(t.shape)}")
     if t.dtype != ref.dtype:
         raise ValueError(f"{name}: {arg} dtype {t.dtype} does not match x dtype {ref.dtype}")
@@ -218,7 +219,7 @@ def _check(x, residual, weight, bias, x_bias, eps, dropout_p) -> None:
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"{name}: x must have a non-empty last dim, got shape {list(x.shape)}")
     n = x.shape[-1]
-    _check_tensor(name, "residual", residual, x, tuple(x.shape), "x's shape")
+    _check_tensor(name, "residual", residual, x, x.shape, "x's shape")
     for arg, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
         _check_tensor(name, arg, t, x, (n,), "x's last dim")
     _check_eps_p(name, eps, dropout_p)
