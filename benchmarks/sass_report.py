@@ -222,16 +222,21 @@ def ctas_per_sm(cap: int, registers: int, warps: int, shared: int) -> int:
 _GEMMS = {"fwd_kernel": 2, "bwd_dkdv_kernel": 4, "bwd_dq_kernel": 3}
 
 
+def attention_model(cap: int, kernel: str, blocks: dict, sass_hot: dict) -> dict:
+    """Issue / tensor-core / MUFU cycles of one CTA iteration of an attention kernel's key (or query) loop."""
+    bm, bn, bd, warps = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_D"], blocks["warps"]
+    issue = sass_hot["instructions"] * warps / ISSUE_PER_CYCLE
+    tc = 2 * _GEMMS[kernel] * bm * bn * bd / TC_FLOPS[cap]
+    mufu = sass_hot["mufu"] * 32 * warps / MUFU_LANES
+    return {"kind": "attention", "gemms": _GEMMS[kernel], "issue_cycles": issue, "tensor_cycles": tc,
+            "mufu_cycles": mufu, "ratio": round(issue / max(tc, mufu), 3),
+            "bound": max((("issue", issue), ("tensor", tc), ("mufu", mufu)), key=lambda x: x[1])[0]}
+
+
 def model(case, kernel: str, blocks: dict, warps: int, sass_hot: dict) -> dict:
     cap, op, direction, dt, params = case
     if op == "attention" and kernel in _GEMMS:
-        bm, bn, bd = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_D"]
-        issue = sass_hot["instructions"] * warps / ISSUE_PER_CYCLE
-        tc = 2 * _GEMMS[kernel] * bm * bn * bd / TC_FLOPS[cap]
-        mufu = sass_hot["mufu"] * 32 * warps / MUFU_LANES
-        return {"kind": "attention", "gemms": _GEMMS[kernel], "issue_cycles": issue, "tensor_cycles": tc,
-                "mufu_cycles": mufu, "ratio": round(issue / max(tc, mufu), 3),
-                "bound": max((("issue", issue), ("tensor", tc), ("mufu", mufu)), key=lambda x: x[1])[0]}
+        return attention_model(cap, kernel, {**blocks, "warps": warps}, sass_hot)
     rows = blocks.get("BLOCK_M", blocks.get("ROWS", 1))
     width = blocks.get("BLOCK_N", blocks.get("BLOCK_D"))
     real = params.get("N", params.get("D"))
@@ -324,11 +329,30 @@ def cuda_rows() -> list[dict]:
         for m in re.finditer(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res.stdout):
             name = m.group(1)
             instrs = funcs.get(name, [])
-            rows.append({"id": f"sm{cap}-cuda-{_demangle(name)}", "backend": "cuda", "arch": f"sm_{cap}",
-                         "kernel": _demangle(name), "registers": int(m.group(2)), "stack": int(m.group(3)),
-                         "shared": int(m.group(4)), "local": int(m.group(5)), "hot": hot(instrs) if instrs else None,
-                         "checks": {"spill": {"value": int(m.group(3)), "target": 0, "met": int(m.group(3)) == 0}}})
+            row = {"id": f"sm{cap}-cuda-{_demangle(name)}", "backend": "cuda", "arch": f"sm_{cap}",
+                   "kernel": _demangle(name), "registers": int(m.group(2)), "stack": int(m.group(3)),
+                   "shared": int(m.group(4)), "local": int(m.group(5)), "hot": hot(instrs) if instrs else None,
+                   "checks": {"spill": {"value": int(m.group(3)), "target": 0, "met": int(m.group(3)) == 0}}}
+            if (tiles := cuda_attention_tiles(row["kernel"])) and row["hot"]:
+                row["config"] = tiles
+                row["model"] = attention_model(cap, "fwd_kernel", tiles, row["hot"])
+            rows.append(row)
     return rows
+
+
+# csrc/attention.cu's forward: attention_fwd_kernel<T, kD, mask kind, dropout>, 4 warps, 128 queries,
+# key tiles of 64 (32 at kD = 80 and 128; fwd::key_tile). Its tile sizes are fixed at compile time, so the
+# cycle model applies as to the Triton kernels (the key loop has no runtime mask / dropout branches).
+_CUDA_FWD = re.compile(r"attention_fwd_kernel<[^,]+, (\d+), (\d), (true|false)>")
+
+
+def cuda_attention_tiles(kernel: str) -> dict | None:
+    m = _CUDA_FWD.search(kernel)
+    if not m:
+        return None
+    d = int(m.group(1))
+    return {"BLOCK_M": 128, "BLOCK_N": 32 if d > 64 else 64, "BLOCK_D": d, "warps": 4,
+            "mask": ("none", "key", "any")[int(m.group(2))], "dropout": m.group(3) == "true"}
 
 
 def _demangle(name: str) -> str:
@@ -365,8 +389,7 @@ def _fmt_row(r: dict) -> str:
         return f"| {r['id']} | {r.get('kernel', '')} | {c} | error: {r['error'][:80]} |||||"
     m, h = r.get("model") or {}, r.get("hot") or {}
     if m.get("kind") == "attention":
-        model_s = (f"{h['instructions']} instr/iter: issue {m['issue_cycles']:.0f} / tensor {m['tensor_cycles']:.0f}"
-                   f" / MUFU {m['mufu_cycles']:.0f} cyc = **{m['ratio']:.2f}x** ({m['bound']})")
+        model_s = f"{h['instructions']} instr/iter: {_cycles(m)}"
     elif m.get("kind") == "elementwise":
         model_s = f"**{m['instr_per_element']:.1f}** instr/elem (budget {m['budget']:.0f} at {m['bytes_per_element']:g} B/elem)"
     else:
@@ -378,6 +401,11 @@ def _fmt_row(r: dict) -> str:
                           else f"over target: {chk['value']} CTAs/SM < {chk['target']}")
     return (f"| {r['id']} | {r['kernel']} | {c} | {r['registers']} | {r['stack']} | {r['shared']} | "
             f"{r.get('ctas_per_sm', '')} | {model_s} | {'; '.join(status) or 'ok'} |")
+
+
+def _cycles(m: dict) -> str:
+    return (f"issue {m['issue_cycles']:.0f} / tensor {m['tensor_cycles']:.0f} / MUFU {m['mufu_cycles']:.0f} cyc"
+            f" = **{m['ratio']:.2f}x** ({m['bound']})")
 
 
 def write(rows: list[dict], out_dir: Path, meta: dict) -> None:
@@ -406,13 +434,15 @@ def write(rows: list[dict], out_dir: Path, meta: dict) -> None:
         "## CUDA kernels (bertkern/_C, from the cubins)",
         "",
         "Launch shapes are chosen at run time, so only resources and hot-loop instruction counts are shown "
-        "(for comparing versions); the cycle and per-element models above are Triton-only for now.",
+        "(for comparing versions), plus the attention model above for the attention forward, whose tiles "
+        "are fixed at compile time (128 x 64, 128 x 32 at D = 80 and 128; 4 warps; no target checked yet).",
         "",
-        "| arch | kernel | regs | spill B | shared B (static) | hot loop: instr / MUFU / MMA |",
-        "|---|---|---|---|---|---|",
+        "| arch | kernel | regs | spill B | shared B (static) | hot loop: instr / MUFU / MMA | model |",
+        "|---|---|---|---|---|---|---|",
         *[f"| {r.get('arch', '')} | `{r.get('kernel', r.get('error', ''))[:110]}` | {r.get('registers', '')} | "
           f"{r.get('stack', '')} | {r.get('shared', '')} | "
           + (f"{r['hot']['instructions']} / {r['hot']['mufu']} / {r['hot']['mma']}" if r.get("hot") else "")
+          + " | " + (_cycles(r["model"]) if r.get("model") else "")
           + " |" for r in rows if r["backend"] == "cuda"],
         "",
     ]

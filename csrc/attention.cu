@@ -23,20 +23,25 @@
 //   bertkern.reference.dropout_keep_mask, the Triton kernels and masked_softmax.
 //
 // Kernels (fp16 / bf16, head dim up to 128, sm_80+): tensor-core mma.sync.m16n8k16 with fp32
-// accumulation, 4 warps per block, each warp owning 16 rows of a 64-row tile; the operand tiles go
-// through shared memory (rows padded by 16 bytes: conflict-free fragment reads) and the fragments'
-// register layouts are the PTX ISA's, so scores computed by one mma feed the next as its A operand
-// with no shared-memory round trip (as in FlashAttention-2). The head dim is padded to 32, 64, 80 or
-// 128 in shared memory (zeros), so one compiled kernel serves every D up to it.
-// - forward: one block per 64 queries of one (b, h) streams 64-key tiles with an online softmax
-//   (running max and sum; the accumulator rescaled by exp(m_old - m_new)).
+// accumulation, 4 warps per block; the operand tiles go through shared memory (rows padded by 16
+// bytes: conflict-free fragment reads) and the fragments' register layouts are the PTX ISA's, so
+// scores computed by one mma feed the next as its A operand with no shared-memory round trip (as in
+// FlashAttention-2). The head dim is padded to 32, 64, 80 or 128 in shared memory (zeros), so one
+// compiled kernel serves every D up to it.
+// - forward (FlashAttention-2 shape): one block per 128 queries of one (b, h), each warp 32 rows,
+//   streaming 64-key tiles: cp.async copies (V while Q K^T runs, the next K while P V runs),
+//   ldmatrix.x4 fragments (.trans for V), an online softmax in base 2 (scale * log2 e folded into
+//   one multiply, ex2.approx.ftz), the output staged through shared memory for 16-byte stores. The
+//   mask kind (none / per-key / any 4-D) and dropout are template parameters: no runtime branch on
+//   them in the key loop. Wrappers of the PTX it uses: ptx.cuh.
 // - backward (no atomics, deterministic): delta = rowsum(dO * O); a dK/dV kernel (one block per 64
-//   keys, looping over query tiles, recomputing P^T from the stats) and a dQ kernel (one block per
-//   64 queries, looping over key tiles). dS = P * (dP - delta).
-// Not yet here (a first version, written without a GPU to time it): cp.async double buffering,
-// ldmatrix, wgmma on sm_90, and sharing Philox words across lanes in the dK/dV kernel.
+//   keys, each warp 16, looping over query tiles, recomputing P^T from the stats) and a dQ kernel
+//   (one block per 64 queries, looping over key tiles). dS = P * (dP - delta).
+// Not yet here: cp.async / ldmatrix in the backward, wgmma on sm_90, and sharing Philox words
+// across lanes in the dK/dV kernel.
 #include "common.cuh"
 #include "philox.cuh"
+#include "ptx.cuh"
 
 #include <c10/util/BFloat16.h>
 #include <cuda_bf16.h>
@@ -75,7 +80,7 @@ struct Params {
   void* dk;
   void* dv;
   Strides sq, sk, sv, so, sdo, sdq, sdk, sdv;
-  bool vq, vk, vv, vdo;  // 16-byte vector loads allowed (D % 8 == 0, strides % 8 == 0, aligned)
+  bool vq, vk, vv, vdo, vo;  // 16-byte vector loads / stores allowed (D % 8 == 0, strides % 8 == 0, aligned)
 
   const void* mask;  // nullptr: none
   int mask_kind;     // 0 none, 1 bool (one byte), 2 fp32 additive, 3 q's dtype additive
@@ -322,108 +327,360 @@ __device__ __forceinline__ void store_rows(void* base, int64_t stride, int row0,
   }
 }
 
-// ------------------------------------------------------------------ forward
-template <typename T, int kD>
+// ------------------------------------------------------------------ forward (FlashAttention-2 shape)
+// One block of 4 warps per 128 queries of one (b, h); each warp owns 32 rows (two m16 tiles), so
+// every K / V fragment read from shared memory feeds two mma instead of one (half the ldmatrix
+// traffic of 8 warps x 16 rows). The cost is registers: O (2 x kD / 8 x 4 fp32) + S (2 x 8 x 4) is
+// 128 + 64 at kD = 128, which still fits 255 without spills; 8 x 16 would need fewer registers but
+// twice the shared-memory reads per mma, and shared-memory bandwidth is what mma.sync kernels run
+// out of first. Keys stream in tiles of 64 (32 at kD = 80 and 128, where O takes 80 / 128
+// registers: 64 keys spilled on sm_80 with dropout) with FA2's overlap, one K and one V buffer:
+//   V[j] is copied (cp.async) while S = Q K[j]^T and the softmax run;
+//   K[j+1] is copied while O += P V[j] runs.
+// Fragments come from ldmatrix.x4 (Q, K) and ldmatrix.x4.trans (V, so no transposed copy); rows are
+// padded by 16 bytes, which makes the 8 row addresses of every 8x8 matrix hit distinct banks.
+namespace fwd {
+constexpr int kM = 128;  // queries per block
+constexpr int kMT = 2;   // m16 tiles per warp
+constexpr int key_tile(int kD) { return kD > 64 ? 32 : 64; }
+enum Mask { kNoMask = 0, kKeyMask = 1, kAnyMask = 2 };  // none, [B,1,1,S_k] broadcast, strided 4-D
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+
+constexpr int smem_bytes(int kD) { return (kM + 2 * key_tile(kD)) * (kD + kPad) * 2 + key_tile(kD) * 4; }
+}  // namespace fwd
+
+// TileCopy's element-by-element path (D % 8 != 0 or unaligned views), out of line so that
+// the key loop's code is the 16-byte path's.
+#if defined(__CUDACC__)
+#define BERTKERN_NOINLINE __noinline__
+#else
+#define BERTKERN_NOINLINE  // the CPU emulation's g++ (no __noinline__ there; inlining is harmless)
+#endif
+template <int kRows, int kD, int LD>
+__device__ BERTKERN_NOINLINE void load_tile_slow(uint16_t* s, const uint16_t* g, int64_t stride, int valid, int D) {
+  for (int e = threadIdx.x; e < kRows * kD; e += kThreads) {
+    const int r = e / kD, col = e % kD;
+    s[r * LD + col] = r < valid && col < D ? g[r * stride + col] : uint16_t(0);
+  }
+}
+
+// Copies of consecutive kRows x kD tiles of a global [*, D] row block (row stride `stride`) into
+// smem [kRows][LD]: 16-byte cp.async, zero-filled past `valid` rows and past D, when `vec`; else
+// element copies (visible after the next barrier, as the asynchronous ones after their wait).
+// When kD / 8 divides the block, a thread's chunks share one column and step down by kStep rows,
+// so the walk keeps one pointer per thread and a tile costs a few adds, not 64-bit multiplies.
+template <int kRows, int kD, int LD>
+struct TileCopy {
+  static constexpr int kChunks = kD / 8, kPer = ceil_div(kRows * kChunks, kThreads);
+  static constexpr bool kFixed = kThreads % kChunks == 0;
+  static constexpr int kStep = kFixed ? kThreads / kChunks : 0;
+  static_assert(!kFixed || kRows * kChunks % kThreads == 0, "whole chunks per thread");
+
+  const uint16_t* tile;  // the current tile's first row
+  int64_t stride;
+  int r0, col;  // kFixed: the thread's first row and its column
+
+  __device__ __forceinline__ TileCopy(const uint16_t* g, int64_t stride_)
+      : tile(g), stride(stride_), r0(threadIdx.x / kChunks), col(threadIdx.x % kChunks * 8) {}
+
+  __device__ __forceinline__ void copy(uint16_t* s, int valid, int D, bool vec) const {
+    if (!vec) {
+      load_tile_slow<kRows, kD, LD>(s, tile, stride, valid, D);
+    } else if constexpr (kFixed) {
+      const uint16_t* src = tile + (r0 * stride + col);
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const bool in = r0 + i * kStep < valid && col < D;
+        ptx::cp_async<16>(s + (r0 + i * kStep) * LD + col, in ? src + i * kStep * stride : tile, in ? 16 : 0);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int c = threadIdx.x + i * kThreads, r = c / kChunks, cl = (c % kChunks) * 8;
+        if (kRows * kChunks % kThreads != 0 && c >= kRows * kChunks) break;  // 32 x 80: 2.5 per thread
+        const bool in = r < valid && cl < D;
+        ptx::cp_async<16>(s + r * LD + cl, in ? tile + r * stride + cl : tile, in ? 16 : 0);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void next() { tile += kRows * stride; }
+};
+
+// The additive bias of key j in base 2 for the no-mask and key-mask kernels: -inf where masked or
+// j >= Lk (so the last, partial tile needs no other check), else 0 or the mask value * log2 e.
+template <typename T, int kMask>
+__device__ __forceinline__ float key_bias(const Params& p, int64_t mbase, int j, int Lk) {
+  if (j >= Lk) return -INFINITY;
+  if constexpr (kMask == fwd::kNoMask) return 0.f;
+  const int64_t off = mbase + j * p.mk;
+  if (p.mask_kind == 1) return static_cast<const uint8_t*>(p.mask)[off] ? 0.f : -INFINITY;
+  const float m = p.mask_kind == 2 ? static_cast<const float*>(p.mask)[off]
+                                   : Half16<T>::to_float(static_cast<const uint16_t*>(p.mask)[off]);
+  return m > p.mask_lowest ? m * fwd::kLog2e : -INFINITY;  // NaN masks too
+}
+
+// Keep bits of dropout row `row`, columns 4 c4 .. 4 c4 + 3 (bit x for column 4 c4 + x).
+__device__ __forceinline__ uint32_t keep4(const Dropout& d, int64_t row, int c4) {
+  const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(c4), static_cast<uint32_t>(row), 0u, 0u), d.key);
+  return static_cast<uint32_t>((r.x >> 1) >= d.thresh) | (static_cast<uint32_t>((r.y >> 1) >= d.thresh) << 1) |
+         (static_cast<uint32_t>((r.z >> 1) >= d.thresh) << 2) | (static_cast<uint32_t>((r.w >> 1) >= d.thresh) << 3);
+}
+
+// s[mt][j][e] (raw q.k of query qi[mt][e / 2], key n0 + 8j + 2t + (e & 1)) -> the logit in base 2,
+// (q.k * scale + mask) * log2(e), -inf where masked or past Lk: one FFMA with the tile's key bias
+// (no mask, key mask), or a per-element mask read (any mask).
+template <typename T, int kMask, int kN>
+__device__ __forceinline__ void logits2(float (&s)[fwd::kMT][kN / 8][4], const Params& p, const float* bias,
+                                        int64_t mbase, const int (&qi)[fwd::kMT][2], int n0, int Lq, int Lk, int t) {
+  const float sl2 = p.scale * fwd::kLog2e;
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j) {
+    if constexpr (kMask != fwd::kAnyMask) {
+      const float2 bj = *reinterpret_cast<const float2*>(bias + 8 * j + 2 * t);
+#pragma unroll
+      for (int mt = 0; mt < fwd::kMT; ++mt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][j][e] = fmaf(s[mt][j][e], sl2, (e & 1) ? bj.y : bj.x);
+      }
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < fwd::kMT; ++mt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = qi[mt][e / 2], col = n0 + 8 * j + 2 * t + (e & 1);
+          float z = -INFINITY;  // never read the mask out of range
+          if (i < Lq && col < Lk) {
+            const int64_t off = mbase + i * p.mq + col * p.mk;
+            z = s[mt][j][e] * sl2;
+            if (p.mask_kind == 1) {
+              if (static_cast<const uint8_t*>(p.mask)[off] == 0) z = -INFINITY;
+            } else {
+              const float m = p.mask_kind == 2 ? static_cast<const float*>(p.mask)[off]
+                                               : Half16<T>::to_float(static_cast<const uint16_t*>(p.mask)[off]);
+              z = m > p.mask_lowest ? fmaf(m, fwd::kLog2e, z) : -INFINITY;  // NaN masks too
+            }
+          }
+          s[mt][j][e] = z;
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int kD, int kMask, bool kDropout>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p) {
-  constexpr int kM = kRowsPerBlock, kN = 64, LD = kD + kPad;
+  using namespace fwd;
+  constexpr int kN = key_tile(kD), LD = kD + kPad, kNT = kN / 8, kDT = kD / 8;
+  // Q fragments are re-read from shared memory for every key tile (as FA2 does): keeping them in
+  // registers (32 more at kD = 64) pushed the dropout and key-mask variants into spills.
   BERTKERN_DYNAMIC_SMEM(smem);
-  uint16_t* sK = reinterpret_cast<uint16_t*>(smem);  // [kN][LD]; holds the Q tile first
+  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);  // [kM][LD]; the output tile at the end
+  uint16_t* sK = sQ + kM * LD;                       // [kN][LD]
   uint16_t* sV = sK + kN * LD;                       // [kN][LD]
+  float* sBias = reinterpret_cast<float*>(sV + kN * LD);  // [kN] key bias in base 2 (see key_bias)
 
   const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kM;
   const Seq seq = seq_of(p, b);
   if (m0 >= seq.Lq) return;
-  const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-  const int row0 = warp * 16;                  // the warp's rows in the tile
-  const int qi[2] = {m0 + row0 + g, m0 + row0 + g + 8};  // the thread's two queries
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int row0 = warp * (16 * kMT);  // the warp's first row in the tile
+  int qi[kMT][2];                      // the thread's queries: rows g and g + 8 of each m16 tile
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) qi[mt][0] = m0 + row0 + 16 * mt + g, qi[mt][1] = qi[mt][0] + 8;
 
-  const uint16_t* q = at_token(p.q, p.sq, b, h, seq.tok0 + m0);
   const uint16_t* k = at_token(p.k, p.sk, b, h, seq.tok0);
   const uint16_t* v = at_token(p.v, p.sv, b, h, seq.tok0);
   const int64_t mbase = b * p.mb + h * p.mh;
-  const Dropout drop = make_dropout(p.seed, p.thresh);
+  Dropout drop{};
+  if constexpr (kDropout) drop = make_dropout(p.seed, p.thresh);
   const int64_t drow = (static_cast<int64_t>(b) * p.H + h) * p.row_stride;
 
-  // Q fragments stay in registers for the whole key loop.
-  load_tile<kM, kD, LD>(sK, q, p.sq.s, seq.Lq - m0, p.D, p.vq);
+  // ldmatrix row addresses of this lane (element offsets): A (Q) rows lane % 16, column block
+  // lane / 16; B (K) rows 8 (lane / 16) + lane % 8, column block (lane / 8) % 2; B^T (V) key rows
+  // 8 ((lane / 8) % 2) + lane % 8, column block lane / 16.
+  const int a_off = (row0 + lane % 16) * LD + 8 * (lane / 16);
+  const int k_off = (8 * (lane / 16) + lane % 8) * LD + 8 * ((lane / 8) % 2);
+  const int v_off = (8 * ((lane / 8) % 2) + lane % 8) * LD + 8 * (lane / 16);
+
+  // Prologue: Q and K[0] in one group; the first tile's key mask.
+  TileCopy<kN, kD, LD> k_copy(k, p.sk.s), v_copy(v, p.sv.s);
+  TileCopy<kM, kD, LD>(at_token(p.q, p.sq, b, h, seq.tok0 + m0), p.sq.s).copy(sQ, seq.Lq - m0, p.D, p.vq);
+  k_copy.copy(sK, seq.Lk, p.D, p.vk);
+  ptx::cp_async_commit();
+  if constexpr (kMask != kAnyMask) {
+    if (tid < kN) sBias[tid] = key_bias<T, kMask>(p, mbase, tid, seq.Lk);
+  }
+  ptx::cp_async_wait<0>();
   __syncthreads();
-  uint32_t qa[kD / 16][4];
+
+  float o[kMT][kDT][4] = {};
+  float m_run[kMT][2], l_run[kMT][2] = {};  // base-2 running max; l_run: this thread's columns only
 #pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk) load_a<LD>(qa[kk], sK, row0, kk, g, t);
+  for (int mt = 0; mt < kMT; ++mt) m_run[mt][0] = m_run[mt][1] = -INFINITY;
 
-  float o[kD / 8][4] = {};
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // l_run: this thread's columns only
   for (int n0 = 0; n0 < seq.Lk; n0 += kN) {
-    __syncthreads();  // the previous tile (or the Q tile) is no longer read
-    load_tile<kN, kD, LD>(sK, k + n0 * p.sk.s, p.sk.s, seq.Lk - n0, p.D, p.vk);
-    load_tile<kN, kD, LD>(sV, v + n0 * p.sv.s, p.sv.s, seq.Lk - n0, p.D, p.vv);
-    __syncthreads();
+    v_copy.copy(sV, seq.Lk - n0, p.D, p.vv);
+    v_copy.next();
+    ptx::cp_async_commit();
 
-    float s[kN / 8][4] = {};
+    // S = Q K^T: per 16-wide k step, one ldmatrix.x4 gives the B fragments of two n8 tiles.
+    float s[kMT][kNT][4] = {};
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
+      uint32_t a[kMT][4];
 #pragma unroll
-      for (int j = 0; j < kN / 8; ++j) {
-        const uint16_t* bp = sK + (8 * j + g) * LD + 16 * kk + 2 * t;
-        Half16<T>::mma(s[j], qa[kk], ld_pair(bp), ld_pair(bp + 8));
-      }
-    }
-    float tile_max[2] = {-INFINITY, -INFINITY};
+      for (int mt = 0; mt < kMT; ++mt) ptx::ldmatrix<4>(a[mt], sQ + a_off + 16 * mt * LD + 16 * kk);
 #pragma unroll
-    for (int j = 0; j < kN / 8; ++j) {
+      for (int jp = 0; jp < kNT / 2; ++jp) {
+        uint32_t bk[4];
+        ptx::ldmatrix<4>(bk, sK + k_off + 16 * jp * LD + 16 * kk);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] = logit<T>(p, mbase, qi[e / 2], n0 + 8 * j + 2 * t + (e & 1), seq.Lq, seq.Lk, s[j][e]);
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
-      }
-    }
-    float shift[2], alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float m_new = fmaxf(m_run[r], quad_max(tile_max[r]));
-      shift[r] = m_new == -INFINITY ? 0.f : m_new;  // no key yet: exp(-inf - 0) = 0
-      alpha[r] = __expf(m_run[r] - shift[r]);
-      m_run[r] = m_new;
-      l_run[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int j = 0; j < kN / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] = __expf(s[j][e] - shift[e / 2]);
-        l_run[e / 2] += s[j][e];  // the sum is over probabilities before dropout
-      }
-      if (drop.on) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const uint32_t keep = keep_pair(drop, drow + qi[r], n0 + 8 * j + 2 * t);
-          if (!(keep & 1u)) s[j][2 * r] = 0.f;
-          if (!(keep & 2u)) s[j][2 * r + 1] = 0.f;
+        for (int mt = 0; mt < kMT; ++mt) {
+          Half16<T>::mma(s[mt][2 * jp], a[mt], bk[0], bk[1]);
+          Half16<T>::mma(s[mt][2 * jp + 1], a[mt], bk[2], bk[3]);
         }
       }
     }
+
+    logits2<T, kMask, kN>(s, p, sBias, mbase, qi, n0, seq.Lq, seq.Lk, t);
+
+    // Online softmax in base 2: m = running max, O and l rescaled by 2^(m_old - m_new).
 #pragma unroll
-    for (int jd = 0; jd < kD / 8; ++jd) {
+    for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) o[jd][e] *= alpha[e / 2];
+      for (int r = 0; r < 2; ++r) {
+        float mx = m_run[mt][r];
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+        mx = quad_max(mx);
+        const float shift = mx == -INFINITY ? 0.f : mx;  // no key yet: 2^(-inf - 0) = 0
+        const float alpha = ptx::ex2(m_run[mt][r] - shift);
+        m_run[mt][r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+          for (int x = 0; x < 2; ++x) {
+            s[mt][j][2 * r + x] = ptx::ex2(s[mt][j][2 * r + x] - shift);
+            sum += s[mt][j][2 * r + x];  // the sum is over probabilities before dropout
+          }
+        }
+        l_run[mt][r] = l_run[mt][r] * alpha + sum;
+#pragma unroll
+        for (int jd = 0; jd < kDT; ++jd) o[mt][jd][2 * r] *= alpha, o[mt][jd][2 * r + 1] *= alpha;
+      }
     }
-    mma_pb<T, kD, kN, LD>(o, s, sV, g, t);
+    if constexpr (kDropout) {
+      // One Philox call gives 4 columns of a row; lanes t and t ^ 1 share the 4 columns
+      // (n0 + 8j + 4 (t / 2) ..) of their two rows, so each computes one row and they swap.
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          // (qi[mt][0] + 8 (t & 1), not qi[mt][t & 1]: a register array indexed at run time lives in memory)
+          const uint32_t mine = keep4(drop, drow + qi[mt][0] + 8 * (t & 1), (n0 + 8 * j) / 4 + t / 2);
+          const uint32_t other = __shfl_xor_sync(kFull, mine, 1);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const uint32_t bits = ((r == (t & 1)) ? mine : other) >> (2 * (t & 1));
+            if (!(bits & 1u)) s[mt][j][2 * r] = 0.f;
+            if (!(bits & 2u)) s[mt][j][2 * r + 1] = 0.f;
+          }
+        }
+      }
+    }
+
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // V[j] is in; every warp is done with K[j] (and the key bias of tile j)
+    const bool more = n0 + kN < seq.Lk;
+    if (more) {
+      k_copy.next();
+      k_copy.copy(sK, seq.Lk - n0 - kN, p.D, p.vk);
+    }
+    ptx::cp_async_commit();
+    float next_bias = 0.f;
+    if constexpr (kMask != kAnyMask) {
+      if (more && tid < kN) next_bias = key_bias<T, kMask>(p, mbase, n0 + kN + tid, seq.Lk);
+    }
+
+    // O += P V: P's C fragments, packed to 16 bits, are the A operand (no shared-memory trip);
+    // ldmatrix.x4.trans gives the V fragments of two n8 (head-dim) tiles per 16 keys.
+#pragma unroll
+    for (int kk = 0; kk < kNT / 2; ++kk) {
+      uint32_t pa[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        pa[mt][0] = Half16<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][1] = Half16<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][2] = Half16<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][3] = Half16<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < kDT / 2; ++dp) {
+        uint32_t bv[4];
+        ptx::ldmatrix<4, true>(bv, sV + v_off + 16 * kk * LD + 16 * dp);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Half16<T>::mma(o[mt][2 * dp], pa[mt], bv[0], bv[1]);
+          Half16<T>::mma(o[mt][2 * dp + 1], pa[mt], bv[2], bv[3]);
+        }
+      }
+    }
+    if constexpr (kMask != kAnyMask) {
+      if (more && tid < kN) sBias[tid] = next_bias;
+    }
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // K[j+1] and its key bias are in; every warp is done with V[j]
   }
 
-  float inv[2];
+  // Epilogue: 1 / rowsum, stats (the max back in natural units), O through shared memory (the
+  // warp's own Q rows: no other warp reads them any more) for 16-byte coalesced stores.
+  float row_scale[kMT][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(l_run[r]);
-    inv[r] = l > 0.f ? 1.f / l : 0.f;
-    if (t == 0 && qi[r] < seq.Lq) {
-      float* st = p.stats + b * p.st_b + h * p.st_h + seq.tok0 + qi[r];
-      st[0] = m_run[r];  // -inf for a fully masked row
-      st[p.plane] = inv[r];
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(l_run[mt][r]);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      row_scale[mt][r] = inv * p.keep_scale;
+      if (t == 0 && qi[mt][r] < seq.Lq) {
+        float* st = p.stats + b * p.st_b + h * p.st_h + seq.tok0 + qi[mt][r];
+        st[0] = m_run[mt][r] * kLn2;  // -inf for a fully masked row
+        st[p.plane] = inv;
+      }
     }
   }
-  const float row_scale[2] = {inv[0] * p.keep_scale, inv[1] * p.keep_scale};
-  store_rows<T, kD>(static_cast<uint16_t*>(p.o) + b * p.so.b + h * p.so.h + (seq.tok0 + m0) * p.so.s, p.so.s,
-                    row0, seq.Lq - m0, p.D, o, row_scale, g, t);
+  uint16_t* sO = sQ + row0 * LD;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int jd = 0; jd < kDT; ++jd) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float sc = row_scale[mt][r];
+        *reinterpret_cast<uint32_t*>(sO + (16 * mt + 8 * r + g) * LD + 8 * jd + 2 * t) =
+            Half16<T>::pack(o[mt][jd][2 * r] * sc, o[mt][jd][2 * r + 1] * sc);
+      }
+    }
+  }
+  __syncwarp();
+  uint16_t* out = static_cast<uint16_t*>(p.o) + b * p.so.b + h * p.so.h + (seq.tok0 + m0 + row0) * p.so.s;
+  const int rows = seq.Lq - m0 - row0 < 16 * kMT ? seq.Lq - m0 - row0 : 16 * kMT;
+  if (p.vo) {
+#pragma unroll
+    for (int c = lane; c < 16 * kMT * kDT; c += 32) {
+      const int r = c / kDT, col = (c % kDT) * 8;
+      if (r < rows && col < p.D) {
+        *reinterpret_cast<uint4*>(out + r * p.so.s + col) = *reinterpret_cast<const uint4*>(sO + r * LD + col);
+      }
+    }
+  } else {
+    for (int e = lane; e < 16 * kMT * kD; e += 32) {
+      const int r = e / kD, col = e % kD;
+      if (r < rows && col < p.D) out[r * p.so.s + col] = sO[r * LD + col];
+    }
+  }
 }
 
 // ------------------------------------------------------------------ backward
@@ -610,7 +867,6 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params
 // ------------------------------------------------------------------ host: plans
 // From the argument checks to each kernel's grid: FwdPlan / BwdPlan hold the parameters and the
 // outputs, dispatch_* name each kernel with its grid and shared memory.
-constexpr int fwd_smem(int kD) { return 2 * kRowsPerBlock * (kD + kPad) * 2; }
 constexpr int bwd_smem(int kD) {  // both backward kernels: two 64-row tiles, two kOther-row tiles, stats
   return (2 * kRowsPerBlock + 2 * (kD <= 64 ? 64 : 32)) * (kD + kPad) * 2 + 3 * kRowsPerBlock * 4;
 }
@@ -626,6 +882,27 @@ void with_head_dim(int D, F&& f) {
     f(std::integral_constant<int, 80>{});
   } else {
     f(std::integral_constant<int, 128>{});
+  }
+}
+
+// The forward's compile-time mask kind (fwd::Mask) and dropout flag.
+template <typename F>
+void with_mask_kind(int kind, F&& f) {
+  if (kind == fwd::kNoMask) {
+    f(std::integral_constant<int, fwd::kNoMask>{});
+  } else if (kind == fwd::kKeyMask) {
+    f(std::integral_constant<int, fwd::kKeyMask>{});
+  } else {
+    f(std::integral_constant<int, fwd::kAnyMask>{});
+  }
+}
+
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
   }
 }
 
@@ -770,6 +1047,7 @@ at::Tensor bshd_empty(int64_t B, int64_t S, int64_t H, int64_t D, const at::Tens
 struct FwdPlan {
   Params p;
   int64_t B;
+  int mask;  // fwd::Mask
   at::Tensor out, stats;
 };
 
@@ -793,6 +1071,15 @@ FwdPlan plan_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   set_stats(p, plan.stats, varlen);
   p.o = plan.out.data_ptr();
   p.so = strides_of(plan.out, varlen);
+  p.vo = vec_ok(plan.out, p.so, p.D);
+  // A mask that varies only along keys (the [B, 1, 1, S_k] padding mask, expanded) is read once per
+  // key tile into shared memory by the key-mask kernel; any other mask element by element.
+  if (p.mask_kind == 0) {
+    plan.mask = fwd::kNoMask;
+  } else {
+    const bool per_key = (p.mh == 0 || p.H == 1) && (p.mq == 0 || p.S_q == 1);
+    plan.mask = per_key ? fwd::kKeyMask : fwd::kAnyMask;
+  }
   return plan;
 }
 
@@ -801,12 +1088,17 @@ template <typename Launch>
 void dispatch_fwd(const FwdPlan& plan, Launch&& launch) {
   const Params& p = plan.p;
   if (plan.out.numel() == 0 || plan.B == 0 || p.S_q == 0) return;
-  const dim3 grid(ceil_div(p.S_q, kRowsPerBlock), p.H, static_cast<unsigned>(plan.B));
+  const dim3 grid(ceil_div(p.S_q, fwd::kM), p.H, static_cast<unsigned>(plan.B));
   with_type(plan.out.scalar_type(), [&](auto type) {
     using T = decltype(type);
     with_head_dim(p.D, [&](auto hd) {
-      constexpr int kD = decltype(hd)::value;
-      launch(attention_fwd_kernel<T, kD>, grid, fwd_smem(kD));
+      with_mask_kind(plan.mask, [&](auto mk) {
+        with_bool(p.seed != nullptr, [&](auto dropout) {
+          constexpr int kD = decltype(hd)::value;
+          launch(attention_fwd_kernel<T, kD, decltype(mk)::value, decltype(dropout)::value>, grid,
+                 fwd::smem_bytes(kD));
+        });
+      });
     });
   });
 }

@@ -112,6 +112,80 @@ def test_varlen(cuda, dropout_p):
                                fwd_bwd(ref, (qp, kp, vp), gp))
 
 
+# ---------------------------------------------------------------- the forward kernel's compiled variants
+# attention_fwd_kernel<T, kD, mask kind, dropout>: mask kinds none, key (a mask varying along keys
+# only: [B,1,1,S_k], its expanded view, [S_k]; read once per key tile) and any (a strided 4-D mask
+# read per element). A covering set rather than the full product: every mask kind meets every S
+# (1: one row; 17: one partial tile; 130: two query tiles, a 2-key tail; 257: three query tiles,
+# five key tiles), every head-dim bucket, dropout on and off, and both dtypes.
+def _fwd_cases():
+    forms = {"none": ["none", "none"], "key": ["b11s", "expanded:soft", "s:inf"], "any": ["bhss:min", "b1ss"]}
+    cases = []
+    for mi, kind in enumerate(forms):
+        for si, S in enumerate([1, 17, 130, 257]):
+            D = [32, 64, 80, 128][(si + mi) % 4]
+            dropout = (si + mi) % 2 == 1
+            dtype = [torch.float16, torch.bfloat16][(si // 2 + mi) % 2]
+            form = forms[kind][si % len(forms[kind])]
+            cases.append(pytest.param(form, S, D, dropout, dtype,
+                                      id=f"{kind}-{form}-S{S}-D{D}-{'drop' if dropout else 'nodrop'}-{str(dtype)[6:]}"))
+    return cases
+
+
+@pytest.mark.parametrize("form, S, D, dropout, dtype", _fwd_cases())
+def test_forward_variants(cuda, form, S, D, dropout, dtype):
+    B, H = 2, 1
+    q, k, v = (rand(B, H, S, D, dtype=dtype, scale=1.5) for _ in range(3))
+    mask = make_mask(form, B, H, S, S, dtype, CPU)
+    seed = seed_tensor(0x5EED + S, CPU) if dropout else None
+    check_attention(cuda, q, k, v, mask, rand(B, H, S, D, dtype=dtype), dropout_p=0.3 if dropout else 0.0, seed=seed)
+
+
+@pytest.mark.parametrize("D, dtype", [(80, torch.bfloat16), (128, torch.float16)], ids=str)
+def test_varlen_long_sequences(cuda, D, dtype):
+    """Varlen over several query and key tiles (257 tokens: three 128-query tiles, five 64-key tiles),
+    with dropout: equal to the padded op at the real tokens (which runs the key-mask kernel)."""
+    lengths, H = [257, 1, 130, 17], 1
+    (q, k, v), mask, (qp, kp, vp), cu, max_len = _packed_batch(lengths, H, D, dtype=dtype)
+    seed = seed_tensor(77, CPU)
+    got = torch.ops.bertkern.attention_varlen(qp, kp, vp, cu, max_len, 0.2, 0.25, seed, cuda)[0]
+    want = torch.ops.bertkern.attention(q, k, v, mask[:, None, None, :], 0.2, 0.25, seed, cuda)[0]
+    torch.testing.assert_close(got, bertkern.padding.unpad(want.transpose(1, 2), mask)[0], rtol=0, atol=0)
+    ref = ref_attention(q.double(), k.double(), v.double(), mask[:, None, None, :], 0.2, 0.25, seed)
+    eager = ref_attention(q, k, v, mask[:, None, None, :], 0.2, 0.25, seed)
+    assert_attention_close((want,), (ref,), (eager,), names=("out",))
+
+
+def test_ptx_primitives_follow_the_isa(emulated):
+    """csrc/ptx.cuh on the emulation against the PTX ISA: ldmatrix .x1/.x2/.x4 (.trans) fragment
+    layouts, and cp.async's zero-fill and deferred completion (nothing lands before its wait_group)."""
+    out = torch.full((6, 32, 4), -7, dtype=torch.int64)
+    emulated.ldmatrix_probe(out)
+    for variant, (n, trans) in enumerate([(1, False), (1, True), (2, False), (2, True), (4, False), (4, True)]):
+        for lane in range(32):
+            g, t = divmod(lane, 4)
+            for m in range(4):  # the probe's tile holds 16 * row + col at (row, col); matrix m = rows 8m..
+                if m >= n:
+                    want = -1
+                elif trans:
+                    want = (16 * (8 * m + 2 * t) + g) | (16 * (8 * m + 2 * t + 1) + g) << 16
+                else:
+                    want = (16 * (8 * m + g) + 2 * t) | (16 * (8 * m + g) + 2 * t + 1) << 16
+                assert out[variant, lane, m].item() == want, (variant, lane, m)
+
+    src = torch.arange(256, dtype=torch.int32) + 1000
+    out = torch.full((4, 32, 8), 7, dtype=torch.int32)
+    emulated.cp_async_probe(src, out)
+    for lane in range(32):
+        n = lane % 5  # int32 words copied of group 0; the rest zero-filled
+        g0 = [1000 + 4 * lane + x if x < n else 0 for x in range(4)]
+        g1 = [1128 + 4 * lane, 1129 + 4 * lane, 1130 + 4 * lane, 0]
+        assert out[0, lane, :4].tolist() == [-1] * 4  # before any wait: the NaN-filled shared memory
+        assert out[1, lane, :4].tolist() == g0  # wait_group 1: group 0 landed
+        assert out[2, lane, 4:].tolist() == [-1] * 4  # ... group 1 not yet
+        assert out[3, lane].tolist() == g0 + g1  # wait_all
+
+
 def test_argument_checks(cuda):
     """The host-side checks the real ops share (they run before any launch)."""
     ops = torch.ops.bertkern_cuda

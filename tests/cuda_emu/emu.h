@@ -18,6 +18,16 @@
 //   A a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..), a[2] = (g, 2t+8..), a[3] = (g+8, 2t+8..);
 //   B b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g); C c[0..1] = (g, 2t..2t+1), c[2..3] = (g+8, ..)),
 //   multiplies in fp32 and adds to the lane's accumulators.
+// - ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16 (emu::ldmatrix): lane i gives the row
+//   address of row i % 8 of matrix i / 8 (16-byte aligned); each lane gets, per matrix, the two b16
+//   of row lane / 4, columns 2 (lane % 4) and +1 (.trans: of the transposed matrix).
+// - cp.async (emu::cp_async, 4 / 8 / 16 bytes, src-size zero-fill) is DEFERRED: each thread queues
+//   its copies; commit_group closes a group; wait_group N performs every committed group but the
+//   newest N (wait_all: all). A read of the destination before the wait sees the NaN-filled shared
+//   memory (or the previous tile), so a missing wait or barrier fails a test instead of passing by
+//   luck. Copies never waited for are dropped at the end of the block.
+// - Errors a GPU would fault on (misaligned ldmatrix / cp.async addresses) are recorded by the
+//   thread and raised by the launch after the block.
 // - The device has 4 SMs (so grid-stride loops and partial sums run several rounds) and sm_90.
 #pragma once
 
@@ -28,12 +38,15 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -51,6 +64,7 @@ struct Warp {
   double v[kWarpSize];  // shuffle slots (wide enough for every shuffled type)
   uint32_t a[kWarpSize][4];
   uint32_t b[kWarpSize][2];
+  const unsigned char* rows[kWarpSize];  // ldmatrix row addresses
 };
 
 struct Block {
@@ -67,6 +81,13 @@ inline thread_local int linear_tid = 0;
 inline thread_local Block* block = nullptr;
 inline dim3 block_dim, grid_dim;
 alignas(16) inline unsigned char smem[kSmemBytes];
+
+inline std::atomic<const char*> fault{nullptr};  // set by a thread, raised by run_grid
+
+inline void set_fault(const char* what) {
+  const char* none = nullptr;
+  fault.compare_exchange_strong(none, what);
+}
 
 inline Warp& warp() { return *block->warps[linear_tid / kWarpSize]; }
 inline int lane() { return linear_tid % kWarpSize; }
@@ -107,6 +128,7 @@ void run_grid(dim3 grid, dim3 blk, size_t dynamic_bytes, Body&& body) {
           });
         }
         for (auto& th : team) th.join();
+        if (const char* f = fault.exchange(nullptr)) throw std::runtime_error(std::string("emulated kernel: ") + f);
       }
     }
   }
@@ -224,3 +246,73 @@ void emulate_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1
     c[e] += acc;
   }
 }
+
+// ------------------------------------------------------------------ ldmatrix and cp.async
+namespace emu {
+
+// ldmatrix.sync.aligned.m8n8.x<kMats>[.trans].shared.b16: r[m] holds matrix m's two b16 at row
+// lane / 4, columns 2 (lane % 4), 2 (lane % 4) + 1 (the lower column in the low half); the rows of
+// matrix m come from lanes 8m .. 8m + 7 (row_addr of the other lanes is ignored, as in PTX).
+template <int kMats, bool kTrans>
+void ldmatrix(uint32_t* r, const void* row_addr) {
+  static_assert(kMats == 1 || kMats == 2 || kMats == 4, "ldmatrix: .x1, .x2 or .x4");
+  Warp& w = warp();
+  const int l = lane();
+  w.rows[l] = static_cast<const unsigned char*>(row_addr);
+  if (l < 8 * kMats && reinterpret_cast<uintptr_t>(row_addr) % 16 != 0) set_fault("ldmatrix row address not 16-byte aligned");
+  w.bar.arrive_and_wait();
+  for (int m = 0; m < kMats; ++m) {
+    uint16_t e[2];
+    for (int x = 0; x < 2; ++x) {
+      const int row = kTrans ? 2 * (l % 4) + x : l / 4, col = kTrans ? l / 4 : 2 * (l % 4) + x;
+      std::memcpy(&e[x], w.rows[8 * m + row] + 2 * col, 2);
+    }
+    r[m] = static_cast<uint32_t>(e[0]) | (static_cast<uint32_t>(e[1]) << 16);
+  }
+  w.bar.arrive_and_wait();  // every lane has read the addresses before any lane reuses the slots
+}
+
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes, src_bytes;
+};
+
+inline thread_local std::vector<AsyncCopy> cp_open;                // issued since the last commit
+inline thread_local std::deque<std::vector<AsyncCopy>> cp_groups;  // committed, oldest first
+
+// cp.async.{ca,cg}.shared.global [dst], [src], bytes, src_bytes: queued, performed at a wait.
+inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+  if (bytes != 4 && bytes != 8 && bytes != 16) set_fault("cp.async size must be 4, 8 or 16");
+  if (src_bytes < 0 || src_bytes > bytes) set_fault("cp.async src-size outside [0, size]");
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % bytes != 0)) {
+    set_fault("cp.async address not aligned to its size");
+  }
+  cp_open.push_back({dst, src, bytes, src_bytes});
+}
+
+inline void cp_async_commit() {
+  cp_groups.push_back(std::move(cp_open));
+  cp_open.clear();
+}
+
+// cp.async.wait_group n: every committed group but the newest n has landed.
+inline void cp_async_wait(int n) {
+  while (static_cast<int>(cp_groups.size()) > n) {
+    for (const AsyncCopy& c : cp_groups.front()) {
+      unsigned char* d = static_cast<unsigned char*>(c.dst);
+      std::memcpy(d, c.src, c.src_bytes);
+      std::memset(d + c.src_bytes, 0, c.bytes - c.src_bytes);
+    }
+    cp_groups.pop_front();
+  }
+}
+
+inline void cp_async_wait_all() {  // = commit_group; wait_group 0
+  cp_async_commit();
+  cp_async_wait(0);
+}
+
+}  // namespace emu
+
+inline void __syncwarp(unsigned /*mask: every lane takes part here*/ = 0xffffffffu) { emu::warp().bar.arrive_and_wait(); }

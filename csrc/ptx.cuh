@@ -1,0 +1,107 @@
+// Inline-PTX wrappers for the tensor-core kernels (sm_80+): ldmatrix, cp.async, ex2.approx.ftz.
+// Written once so that the kernels read the same on the GPU and in tests/cuda_emu (BERTKERN_EMULATE:
+// the emulation's emu::ldmatrix / emu::cp_async, which follow the PTX ISA's fragment layouts and
+// defer cp.async copies to the wait, so a missing wait shows up as NaN in the tests).
+//
+// ldmatrix.m8n8.x<N>[.trans].shared.b16: lane i gives the address of row i % 8 of matrix i / 8 (16
+// bytes, 16-byte aligned); r[m] gets matrix m's b16 pair at row lane / 4, columns 2 (lane % 4), +1
+// (.trans: of the transposed matrix), i.e. exactly an mma.m16n8k16 A / B fragment register.
+// cp.async: global -> shared without registers; src_bytes < bytes zero-fills the rest (0: no read).
+#pragma once
+
+#include <cstdint>
+
+namespace bertkern {
+namespace ptx {
+
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+#endif
+
+template <int kMats, bool kTrans = false>
+__device__ __forceinline__ void ldmatrix(uint32_t (&r)[kMats], const void* row_addr) {
+  static_assert(kMats == 1 || kMats == 2 || kMats == 4, "ldmatrix: .x1, .x2 or .x4");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t a = smem_u32(row_addr);
+  if constexpr (kMats == 4 && kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+  } else if constexpr (kMats == 4) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+  } else if constexpr (kMats == 2 && kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+  } else if constexpr (kMats == 2) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+  } else if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+  }
+#elif defined(BERTKERN_EMULATE)
+  emu::ldmatrix<kMats, kTrans>(r, row_addr);
+#else
+  __trap();  // the hosts refuse devices below sm_80
+#endif
+}
+
+// cp.async of kBytes (4, 8 or 16): .cg (L2 only) for 16 bytes, .ca otherwise (.cg takes 16 only).
+template <int kBytes>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int src_bytes) {
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async: 4, 8 or 16 bytes");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (kBytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_u32(dst)), "l"(src), "n"(kBytes),
+                 "r"(src_bytes));
+  }
+#elif defined(BERTKERN_EMULATE)
+  emu::cp_async(dst, src, kBytes, src_bytes);
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#elif defined(BERTKERN_EMULATE)
+  emu::cp_async_commit();
+#endif
+}
+
+// Every committed group but the newest kPending has landed (in this thread's view: a barrier makes
+// the other threads' copies visible).
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#elif defined(BERTKERN_EMULATE)
+  emu::cp_async_wait(kPending);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#elif defined(BERTKERN_EMULATE)
+  emu::cp_async_wait_all();
+#endif
+}
+
+// 2^x, one MUFU.EX2 (flush-to-zero: subnormal results become 0; ex2(-inf) = 0).
+__device__ __forceinline__ float ex2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
+}  // namespace ptx
+}  // namespace bertkern
