@@ -117,6 +117,7 @@ from torch import nn
 
 from bertkern import backend as _backend
 from bertkern import cuda_graphs as _cuda_graphs
+from bertkern import nn as _nn
 from bertkern import ops as _ops
 from bertkern import padding as _padding
 
@@ -245,19 +246,14 @@ def _linear_add_norm(x, dense: nn.Linear, dropout: nn.Module | None, residual, n
         y = dense(x)
         return norm((dropout(y) if dropout is not None else y) + residual)
     p = dropout.p if dropout is not None and dropout.training else 0.0
-    return _ops.add_layer_norm(F.linear(x, dense.weight), residual, norm.weight, norm.bias, norm.eps,
-                               x_bias=dense.bias, dropout_p=p, backend=backend)
+    return _nn.linear_add_layer_norm(x, dense, residual, norm, p, backend)
 
 
 def _linear_gelu(x, dense: nn.Linear, act: Any, approximate: str | None, backend: str | None) -> torch.Tensor:
     """act(dense(x)); with a GELU form, the matmul without its bias, then bias + GELU in one op."""
     if approximate is None:
         return act(dense(x))
-    y = F.linear(x, dense.weight)
-    bias = dense.bias
-    if bias is not None and bias.dtype != y.dtype:  # autocast: the matmul ran in lower precision
-        bias = bias.to(y.dtype)
-    return _ops.bias_gelu(y, bias, approximate=approximate, backend=backend)
+    return _nn.linear_bias_gelu(x, dense, approximate, backend)
 
 
 def _intermediate_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bertkern import nn as bk_nn
 from bertkern import ops, padding, reference
 
 # HF activation name -> the `approximate` argument of F.gelu / bertkern.ops.bias_gelu.
@@ -247,11 +248,8 @@ class BertSelfOutput(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if self.config.fused_layer_norm:
-            # The dense bias joins the fused add: one pass does bias + dropout + residual + LayerNorm.
-            x = F.linear(hidden_states, self.dense.weight)
             p = self.dropout.p if self.training else 0.0
-            ln = self.LayerNorm
-            return ops.add_layer_norm(x, residual, ln.weight, ln.bias, ln.eps, x_bias=self.dense.bias, dropout_p=p)
+            return bk_nn.linear_add_layer_norm(hidden_states, self.dense, residual, self.LayerNorm, p)
         return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
 
 
@@ -276,9 +274,7 @@ class BertIntermediate(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         approximate = self.config.gelu_approximate
         if self.config.fused_bias_gelu:
-            # Matmul without the bias; the bias add rides along with the GELU in one pass.
-            x = F.linear(hidden_states, self.dense.weight)
-            return ops.bias_gelu(x, self.dense.bias, approximate=approximate)
+            return bk_nn.linear_bias_gelu(hidden_states, self.dense, approximate)
         return F.gelu(self.dense(hidden_states), approximate=approximate)
 
 

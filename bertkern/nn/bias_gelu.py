@@ -1,9 +1,17 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bertkern import ops
+
+
+def linear_bias_gelu(x: torch.Tensor, dense: nn.Linear, approximate: str = "none",
+                     backend: str | None = None) -> torch.Tensor:
+    """gelu(dense(x)), BERT's intermediate block: the matmul without its bias, then bias + GELU in one
+    op (under autocast the op adds the fp32 bias in the matmul's dtype, as addmm would)."""
+    return ops.bias_gelu(F.linear(x, dense.weight), dense.bias, approximate=approximate, backend=backend)
 
 
 class BiasGELU(nn.Module):

@@ -1,9 +1,20 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bertkern import ops
+
+
+def linear_add_layer_norm(x: torch.Tensor, dense: nn.Linear, residual: torch.Tensor | None, norm: nn.LayerNorm,
+                          dropout_p: float = 0.0, backend: str | None = None) -> torch.Tensor:
+    """LayerNorm(dropout(dense(x)) + residual), BERT's "output" block after attention and after the
+    FFN: the matmul without its bias, then bias + dropout + residual + LayerNorm in one op. The
+    modules' parameters and eps are read at every call (nothing is copied). Pass dropout_p = 0.0 in
+    eval mode."""
+    return ops.add_layer_norm(F.linear(x, dense.weight), residual, norm.weight, norm.bias, norm.eps,
+                              x_bias=dense.bias, dropout_p=dropout_p, backend=backend)
 
 
 class FusedLayerNorm(nn.LayerNorm):
