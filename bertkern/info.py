@@ -68,7 +68,8 @@ def collect() -> dict:
     # Rows of the table attention's auto follows ("arch dtype head_dim seq -> attention / attention_varlen").
     info["attention_auto_table"] = {
         f"{r['arch']} {r['dtype']} head_dim {r['head_dim']} seq {r['seq']}":
-            f"attention -> {r['attention']}, attention_varlen -> {r['attention_varlen']}"
+            f"attention -> {r.get('attention', '(next row)')}, attention_varlen -> "
+            f"{r.get('attention_varlen', '(next row)')} ({r.get('why', '')})"
         for r in attention_auto.table()
     }
     return info

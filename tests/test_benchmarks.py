@@ -321,3 +321,40 @@ def test_gpu_run_end_to_end_with_fake_timers(tmp_path, monkeypatch, capsys):
     assert {p.name for p in (tmp_path / "fake").iterdir()} >= {"add_layer_norm.json", "add_layer_norm.md", "bert.json", "bert.csv"}
     latest = (tmp_path / "LATEST.md").read_text()
     assert "## add_layer_norm, Fake GPU" in latest and "## BERT inference, Fake GPU" in latest and "1.00× (1)" in latest
+
+
+def _attention_doc(name, cases):
+    """A results document of the attention suite: cases = [(seq, {provider: ms or None (failed)})]."""
+    results = []
+    for seq, times in cases:
+        provs = {p: ({"status": "ok", "ms": ms + 1.0, "ms_graph": ms} if ms is not None else {"status": "WRONG"})
+                 for p, ms in times.items()}
+        results.append({"case": {"direction": "fwd", "dtype": "float16", "batch": 8, "heads": 12, "seq": seq,
+                                 "head_dim": 64, "fill": 0.6}, "providers": provs})
+    results.append({"case": {"direction": "fwd+bwd", "dtype": "float16", "batch": 8, "heads": 12, "seq": 128,
+                             "head_dim": 64, "fill": 0.6}, "providers": {"cuda": {"status": "ok", "ms": 0.001}}})
+    return {"name": name, "env": {"capability": [9, 0]}, "results": results}
+
+
+def test_auto_table_picks_the_fastest_correct_candidate_per_bucket(tmp_path, monkeypatch):
+    docs = [_attention_doc("attention", [(128, {"sdpa": 0.2, "triton": 0.1, "cuda": None, "eager": 0.01}),
+                                         (96, {"sdpa": 0.2, "triton": 0.15, "cuda": 0.05}),
+                                         (512, {"sdpa": 0.3, "triton": 0.5, "cuda": 0.6})]),
+            _attention_doc("attention_varlen", [(512, {"torch-varlen": 0.4, "triton": 0.3, "cuda": 0.9})]),
+            _attention_doc("bias_gelu", [(128, {"cuda": 0.01, "triton": 0.02})])]
+    rows = ops.auto_table(docs)
+    by_seq = {r["seq"]: r for r in rows}
+    assert set(by_seq) == {"<=128", "<=512"} and all(r["arch"] == "sm_90" and r["head_dim"] == "<=64" for r in rows)
+    # <=128: cuda failed one case, so it is out; of sdpa and triton (graph times), triton; eager is no candidate.
+    assert by_seq["<=128"]["attention"] == "triton" and "attention_varlen" not in by_seq["<=128"]
+    assert by_seq["<=512"]["attention"] == "sdpa" and by_seq["<=512"]["attention_varlen"] == "triton"
+    assert "triton 0.25" in by_seq["<=128"]["why"]
+    # run.py writes them to the results folder, and into the package with --update-auto-table.
+    from bertkern.ops import attention_auto
+
+    monkeypatch.setattr(attention_auto, "MEASURED_FILE", tmp_path / "pkg" / "attention_auto.json")
+    args = run.parse_args(["--suite", "ops", "--update-auto-table", "--out", str(tmp_path)], "bertkern bench")
+    env = {"gpu": "Fake GPU", "gpu_slug": "fake", "date": "today", "commit": "abc"}
+    run._write_auto_table(docs, args, env, print)
+    for path in (tmp_path / "fake" / "attention_auto.json", tmp_path / "pkg" / "attention_auto.json"):
+        assert attention_auto.load_measured(path) == rows

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import os
 
 import pytest
@@ -212,11 +213,32 @@ def test_auto_varlen_attn_calls_the_aten_kernel_in_inference(monkeypatch):
     assert calls == [("aten", torch.int32, 3, 0.0, False, 0.5)] * 2 + [("public", torch.int32, 3, 0.5)]
 
 
+def test_auto_table_reads_measured_rows_first(tmp_path, monkeypatch):
+    """Rows the benchmark suite measured (attention_auto.json) win over the static ones for their
+    bucket and arch; other inputs still follow the static rows; a bad file is an error naming it."""
+    measured = {"rows": [{"arch": "sm_90", "dtype": "float16", "head_dim": "<=64", "seq": "<=128",
+                          "attention": "cuda", "why": "measured"}]}
+    path = tmp_path / "attention_auto.json"
+    path.write_text(json.dumps(measured))
+    monkeypatch.setattr(attention_auto, "TABLE", attention_auto.load_measured(path) + attention_auto.STATIC)
+    assert attention_auto.lookup("attention", "sm_90", torch.float16, 64, 100) == "cuda"
+    assert attention_auto.lookup("attention", "sm_90", torch.float16, 64, 300) == "sdpa"  # another bucket
+    assert attention_auto.lookup("attention", "sm_80", torch.float16, 64, 100) == "sdpa"  # another arch
+    assert attention_auto.lookup("attention_varlen", "sm_90", torch.float16, 64, 100) == "varlen_attn"  # no such op
+    assert "measured" in attention_auto.format_table()
+    assert attention_auto.load_measured(tmp_path / "none.json") == []
+    measured["rows"][0]["attention"] = "fastest"
+    path.write_text(json.dumps(measured))
+    with pytest.raises(ValueError, match="attention_auto.json.*'fastest'"):
+        attention_auto.load_measured(path)
+
+
 def test_auto_table_and_sdpa_varlen_match_the_reference():
     q = torch.randn(10, 2, 8, dtype=torch.float64)
     assert attention_auto.choose("attention_varlen", q, 0.0, 7) == "sdpa"
-    assert attention_auto.lookup("attention_varlen", "sm_80+", torch.bfloat16, 64, 128) == "varlen_attn"
-    assert attention_auto.lookup("attention", "sm_80+", torch.float16, 64, 512) == "sdpa"
+    assert attention_auto.lookup("attention_varlen", "sm_90", torch.bfloat16, 64, 128) == "varlen_attn"
+    assert attention_auto.lookup("attention", "sm_80", torch.float16, 64, 512) == "sdpa"
+    assert attention_auto.lookup("attention", "sm_75", torch.float16, 64, 512) == "sdpa"  # the last row
     assert attention_auto.FALLBACK["varlen_attn"] == "sdpa"  # Triton is never automatic
     rows = attention_auto.table()
     assert rows and {"arch", "dtype", "head_dim", "seq", "attention", "attention_varlen"} <= set(rows[0])

@@ -4,7 +4,9 @@
     print(format_table())                         # the table, as `bertkern info` shows it
 
 The table is keyed by (device arch, dtype, head-dim bucket, sequence bucket) and gives one choice per
-op. Candidates: bertkern's Triton and CUDA kernels, torch's `scaled_dot_product_attention` ("sdpa";
+op: rows measured on a GPU first (attention_auto.json next to this file, written by `bertkern bench
+--suite ops --update-auto-table` from the forward kernels' timings: the fastest correct candidate per
+bucket), then the static rows below. Candidates: bertkern's Triton and CUDA kernels, torch's `scaled_dot_product_attention` ("sdpa";
 for attention_varlen: the packed tokens gathered into [B, max_seqlen] blocks, SDPA with a key-padding
 mask, scattered back) and `torch.nn.attention.varlen.varlen_attn` ("varlen_attn", FlashAttention on
 packed tokens; fp16 / bf16 on sm_80+, no dropout).
@@ -27,6 +29,8 @@ varlen_attn missing in this torch) moves down the row's fallback order.
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +41,40 @@ from bertkern._utils import needs_grad, varlen_index
 HEAD_BUCKETS = (64, 128)
 SEQ_BUCKETS = (128, 512)
 
-# (arch, dtype name, head bucket, seq bucket) -> {op: choice}; "*" matches anything. The first
-# matching row wins. Static until GPU timings exist (see the module docstring).
-TABLE: list[tuple[tuple[str, str, str, str], dict[str, str]]] = [
-    (("cpu", "*", "*", "*"), {"attention": "sdpa", "attention_varlen": "sdpa"}),
-    (("sm_80+", "float16", "*", "*"), {"attention": "sdpa", "attention_varlen": "varlen_attn"}),
-    (("sm_80+", "bfloat16", "*", "*"), {"attention": "sdpa", "attention_varlen": "varlen_attn"}),
-    (("*", "*", "*", "*"), {"attention": "sdpa", "attention_varlen": "sdpa"}),
+CHOICES = ("sdpa", "varlen_attn", "cuda", "triton", "torch")
+# Rows measured on a GPU by the benchmark suite (`bertkern bench --suite ops --update-auto-table`
+# writes this file from the attention timings; see benchmarks/ops.py auto_table). They come first.
+MEASURED_FILE = Path(__file__).with_name("attention_auto.json")
+
+# The static rows: {"arch", "dtype", "head_dim", "seq"} patterns ("*" matches anything, "sm_80+" any
+# GPU of that arch or newer) and a choice per op. The first matching row that has the op wins.
+_WHY = "H200 kernel timings: torch's flash / SDPA kernels 1.2-5x faster (module docstring)"
+STATIC: list[dict[str, str]] = [
+    {"arch": "cpu", "dtype": "*", "head_dim": "*", "seq": "*", "attention": "sdpa", "attention_varlen": "sdpa",
+     "why": "torch's fused SDPA beats the eager reference on CPU"},
+    {"arch": "sm_80+", "dtype": "float16", "head_dim": "*", "seq": "*", "attention": "sdpa",
+     "attention_varlen": "varlen_attn", "why": _WHY},
+    {"arch": "sm_80+", "dtype": "bfloat16", "head_dim": "*", "seq": "*", "attention": "sdpa",
+     "attention_varlen": "varlen_attn", "why": _WHY},
+    {"arch": "*", "dtype": "*", "head_dim": "*", "seq": "*", "attention": "sdpa", "attention_varlen": "sdpa",
+     "why": "torch's SDPA runs every input"},
 ]
-_WHY = "GPU rows from H200 kernel timings: torch's flash / SDPA kernels 1.2-5x faster (module docstring)"
+
+
+def load_measured(path: Path = MEASURED_FILE) -> list[dict[str, str]]:
+    """The measured rows in `path` ([] when there is none), checked so that a bad file fails at import
+    with its name rather than as a wrong choice later."""
+    if not path.is_file():
+        return []
+    rows = json.loads(path.read_text())["rows"]
+    for r in rows:
+        bad = [f"{op}={r[op]!r}" for op in ("attention", "attention_varlen") if op in r and r[op] not in CHOICES]
+        if bad or not {"arch", "dtype", "head_dim", "seq"} <= set(r):
+            raise ValueError(f"{path}: bad row {r} ({', '.join(bad) or 'a key is missing'}); choices are {CHOICES}")
+    return rows
+
+
+TABLE: list[dict[str, str]] = load_measured() + STATIC
 
 # What to try after a choice that cannot run an input (Triton's launches cost more host time than
 # torch's kernels: it is never an automatic fallback).
@@ -59,8 +88,8 @@ def _arch(device: torch.device) -> str:
 
 @functools.cache  # once per GPU: every attention call asks
 def _cuda_arch(index: int) -> str:
-    major, _ = torch.cuda.get_device_capability(index)
-    return "sm_80+" if major >= 8 else f"sm_{major}x"
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
 
 
 def _bucket(n: int, edges) -> str:
@@ -71,14 +100,16 @@ def _bucket(n: int, edges) -> str:
 
 
 def _matches(pattern: str, value: str) -> bool:
+    if pattern.startswith("sm_") and pattern.endswith("+"):  # this arch or newer
+        return value.startswith("sm_") and value[3:].isdigit() and int(value[3:]) >= int(pattern[3:-1])
     return pattern == "*" or pattern == value
 
 
 def lookup(op: str, arch: str, dtype: torch.dtype, head_dim: int, seq: int) -> str:
     key = (arch, str(dtype).removeprefix("torch."), _bucket(head_dim, HEAD_BUCKETS), _bucket(seq, SEQ_BUCKETS))
-    for pattern, choice in TABLE:
-        if all(_matches(p, v) for p, v in zip(pattern, key)):
-            return choice[op]
+    for row in TABLE:
+        if op in row and all(_matches(row[k], v) for k, v in zip(("arch", "dtype", "head_dim", "seq"), key)):
+            return row[op]
     return "torch"
 
 
@@ -93,7 +124,7 @@ def _can_run(choice: str, op: str, q: torch.Tensor, dropout_p: float) -> bool:
     if choice == "varlen_attn":
         return (op == "attention_varlen" and dropout_p == 0.0 and q.device.type == "cuda"
                 and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
-                and _varlen_attn() is not None and _arch(q.device) == "sm_80+")
+                and _varlen_attn() is not None and _matches("sm_80+", _arch(q.device)))
     if choice == "cuda" and (_attn.cuda_unsupported(q) is not None or dropout_p > 0.0):
         return False  # dropout: training, not measured yet with the CUDA kernels (module docstring)
     return _backend.unavailable_reason(choice, q.device) is None and _attn.kernel_unsupported(q) is None
@@ -110,19 +141,16 @@ def choose(op: str, q: torch.Tensor, dropout_p: float, seq: int | None = None) -
 
 
 def table() -> list[dict[str, str]]:
-    """The table as rows (for `bertkern info` and the benchmark suite)."""
-    rows = []
-    for (arch, dtype, head, seq), choice in TABLE:
-        rows.append({"arch": arch, "dtype": dtype, "head_dim": head, "seq": seq, **choice, "why": _WHY})
-    return rows
+    """The table's rows, measured ones first (for `bertkern info` and the benchmark suite)."""
+    return [dict(r) for r in TABLE]
 
 
 def format_table() -> str:
-    lines = ["attention backend='auto' (first matching row wins; " + _WHY + "):",
-             f"  {'arch':<8} {'dtype':<9} {'head_dim':<9} {'seq':<6} {'attention':<10} attention_varlen"]
+    lines = ["attention backend='auto' (first matching row with the op wins; measured rows first):",
+             f"  {'arch':<8} {'dtype':<9} {'head_dim':<9} {'seq':<6} {'attention':<12} {'attention_varlen':<17} why"]
     for r in table():
-        lines.append(f"  {r['arch']:<8} {r['dtype']:<9} {r['head_dim']:<9} {r['seq']:<6} {r['attention']:<10} "
-                     f"{r['attention_varlen']}")
+        lines.append(f"  {r['arch']:<8} {r['dtype']:<9} {r['head_dim']:<9} {r['seq']:<6} {r.get('attention', '-'):<12} "
+                     f"{r.get('attention_varlen', '-'):<17} {r.get('why', '')}")
     return "\n".join(lines)
 
 
