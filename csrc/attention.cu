@@ -37,8 +37,9 @@
 // - backward (no atomics, deterministic): delta = rowsum(dO * O); a dK/dV kernel (one block per 64
 //   keys, each warp 16, looping over query tiles, recomputing P^T from the stats) and a dQ kernel
 //   (one block per 64 queries, looping over key tiles). dS = P * (dP - delta).
-// Not yet here: cp.async / ldmatrix in the backward, wgmma on sm_90, and sharing Philox words
-// across lanes in the dK/dV kernel.
+// Not yet here: cp.async, 32-row warps and compile-time mask / dropout in the backward (its
+// fragments do come from ldmatrix), wgmma on sm_90, and sharing Philox words across lanes in the
+// dK/dV kernel.
 #include "common.cuh"
 #include "philox.cuh"
 #include "ptx.cuh"
@@ -166,37 +167,43 @@ struct Half16<__nv_bfloat16> {
 // So the C tiles of columns 16kk .. 16kk+7 and 16kk+8 .. 16kk+15 are, packed to 16 bits, the A
 // operand of a product over k = those 16 columns.
 
-// Two consecutive 16-bit elements (p must be 4-byte aligned: every caller's column is even).
-__device__ __forceinline__ uint32_t ld_pair(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
-// Elements p[0] and p[ld] (two rows, one column) as one register, p[0] in the low half.
-__device__ __forceinline__ uint32_t ld_col_pair(const uint16_t* p, int ld) {
-  return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[ld]) << 16);
-}
-
-// A fragment of rows row0 .. row0+15, k columns 16kk .. 16kk+15 of a row-major smem tile.
+// ldmatrix row addresses (element offsets) of lane `lane` for the fragments of a row-major smem
+// tile with row stride LD: lane gives row lane % 8 of 8x8 matrix lane / 8 (ptx.cuh).
+//   A (16 x 16 at row0): matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (0-7, 8-15), (8-15, 8-15)
+//   B of two n8 tiles, from rows n (K in Q K^T): (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7),
+//     (n 8-15, k 8-15) -> b0, b1 of tile 0, b0, b1 of tile 1
+//   B of two n8 tiles, from rows k (V in P V; .trans): (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15),
+//     (k 8-15, n 8-15) -> the same registers
 template <int LD>
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const uint16_t* s, int row0, int kk, int g, int t) {
-  const uint16_t* p = s + (row0 + g) * LD + 16 * kk + 2 * t;
-  a[0] = ld_pair(p);
-  a[1] = ld_pair(p + 8 * LD);
-  a[2] = ld_pair(p + 8);
-  a[3] = ld_pair(p + 8 * LD + 8);
+__device__ __forceinline__ int a_frag_offset(int row0, int lane) {
+  return (row0 + lane % 16) * LD + 8 * (lane / 16);
+}
+template <int LD>
+__device__ __forceinline__ int b_frag_offset(int lane) {
+  return (8 * (lane / 16) + lane % 8) * LD + 8 * ((lane / 8) % 2);
+}
+template <int LD>
+__device__ __forceinline__ int bt_frag_offset(int lane) {
+  return (8 * ((lane / 8) % 2) + lane % 8) * LD + 8 * (lane / 16);
 }
 
 // acc[j] (+)= A (16 x kD, rows row0.. of sa) times B^T, B = rows 8j .. 8j+7 of sb (kD wide): the
 // "row-major times transposed row-major" product (Q K^T, dO V^T, K Q^T, V dO^T).
 template <typename T, int kD, int kN, int LD>
 __device__ __forceinline__ void mma_abt(float (&acc)[kN / 8][4], const uint16_t* sa, int row0, const uint16_t* sb,
-                                        int g, int t) {
+                                        int lane) {
+  const uint16_t* pa = sa + a_frag_offset<LD>(row0, lane);
+  const uint16_t* pb = sb + b_frag_offset<LD>(lane);
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) {
     uint32_t a[4];
-    load_a<LD>(a, sa, row0, kk, g, t);
+    ptx::ldmatrix<4>(a, pa + 16 * kk);
 #pragma unroll
-    for (int j = 0; j < kN / 8; ++j) {
-      const uint16_t* p = sb + (8 * j + g) * LD + 16 * kk + 2 * t;
-      Half16<T>::mma(acc[j], a, ld_pair(p), ld_pair(p + 8));
+    for (int jp = 0; jp < kN / 16; ++jp) {
+      uint32_t bk[4];
+      ptx::ldmatrix<4>(bk, pb + 16 * jp * LD + 16 * kk);
+      Half16<T>::mma(acc[2 * jp], a, bk[0], bk[1]);
+      Half16<T>::mma(acc[2 * jp + 1], a, bk[2], bk[3]);
     }
   }
 }
@@ -205,16 +212,19 @@ __device__ __forceinline__ void mma_abt(float (&acc)[kN / 8][4], const uint16_t*
 // "scores times values" product (P V, P^T dO, dS^T Q, dS K).
 template <typename T, int kD, int kK, int LD>
 __device__ __forceinline__ void mma_pb(float (&acc)[kD / 8][4], const float (&p)[kK / 8][4], const uint16_t* sb,
-                                       int g, int t) {
+                                       int lane) {
+  const uint16_t* pv = sb + bt_frag_offset<LD>(lane);
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
     const uint32_t a[4] = {Half16<T>::pack(p[2 * kk][0], p[2 * kk][1]), Half16<T>::pack(p[2 * kk][2], p[2 * kk][3]),
                            Half16<T>::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]),
                            Half16<T>::pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
 #pragma unroll
-    for (int jd = 0; jd < kD / 8; ++jd) {
-      const uint16_t* q = sb + (16 * kk + 2 * t) * LD + 8 * jd + g;
-      Half16<T>::mma(acc[jd], a, ld_col_pair(q, LD), ld_col_pair(q + 8 * LD, LD));
+    for (int dp = 0; dp < kD / 16; ++dp) {
+      uint32_t bv[4];
+      ptx::ldmatrix<4, true>(bv, pv + 16 * kk * LD + 16 * dp);
+      Half16<T>::mma(acc[2 * dp], a, bv[0], bv[1]);
+      Half16<T>::mma(acc[2 * dp + 1], a, bv[2], bv[3]);
     }
   }
 }
@@ -496,12 +506,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
   if constexpr (kDropout) drop = make_dropout(p.seed, p.thresh);
   const int64_t drow = (static_cast<int64_t>(b) * p.H + h) * p.row_stride;
 
-  // ldmatrix row addresses of this lane (element offsets): A (Q) rows lane % 16, column block
-  // lane / 16; B (K) rows 8 (lane / 16) + lane % 8, column block (lane / 8) % 2; B^T (V) key rows
-  // 8 ((lane / 8) % 2) + lane % 8, column block lane / 16.
-  const int a_off = (row0 + lane % 16) * LD + 8 * (lane / 16);
-  const int k_off = (8 * (lane / 16) + lane % 8) * LD + 8 * ((lane / 8) % 2);
-  const int v_off = (8 * ((lane / 8) % 2) + lane % 8) * LD + 8 * (lane / 16);
+  // ldmatrix row addresses of this lane (element offsets) in sQ, sK, sV.
+  const int a_off = a_frag_offset<LD>(row0, lane), k_off = b_frag_offset<LD>(lane), v_off = bt_frag_offset<LD>(lane);
 
   // Prologue: Q and K[0] in one group; the first tile's key mask.
   TileCopy<kN, kD, LD> k_copy(k, p.sk.s), v_copy(v, p.sv.s);
@@ -723,8 +729,10 @@ __device__ __forceinline__ void load_row_stats(const Params& p, float* s_max, fl
 
 // dK, dV: one block per 64 keys (each warp 16 keys), looping over tiles of kM queries. Computed
 // transposed (keys as rows): S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q.
+// (launch bounds with min 1 block: without it ptxas capped this kernel at 168 registers on sm_80 and
+// spilled at D = 32 and 80.)
 template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const Params p) {
   constexpr int kN = kRowsPerBlock, kM = kD <= 64 ? 64 : 32, LD = kD + kPad;
   BERTKERN_DYNAMIC_SMEM(smem);
   uint16_t* sK = reinterpret_cast<uint16_t*>(smem);  // [kN][LD]
@@ -738,7 +746,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Para
   const int b = blockIdx.z, h = blockIdx.y, n0 = blockIdx.x * kN;
   const Seq seq = seq_of(p, b);
   if (n0 >= seq.Lk) return;
-  const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int row0 = warp * 16;
   const int kj[2] = {n0 + row0 + g, n0 + row0 + g + 8};  // the thread's two keys
 
@@ -760,8 +768,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Para
     __syncthreads();
 
     float st[kM / 8][4] = {}, dpt[kM / 8][4] = {};
-    mma_abt<T, kD, kM, LD>(st, sK, row0, sQ, g, t);
-    mma_abt<T, kD, kM, LD>(dpt, sV, row0, sDO, g, t);
+    mma_abt<T, kD, kM, LD>(st, sK, row0, sQ, lane);
+    mma_abt<T, kD, kM, LD>(dpt, sV, row0, sDO, lane);
 #pragma unroll
     for (int j = 0; j < kM / 8; ++j) {
 #pragma unroll
@@ -779,8 +787,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Para
         dpt[j][e] = prob * (dp - s_delta[c]);   // dS^T: dK's operand
       }
     }
-    mma_pb<T, kD, kM, LD>(dv, st, sDO, g, t);
-    mma_pb<T, kD, kM, LD>(dk, dpt, sQ, g, t);
+    mma_pb<T, kD, kM, LD>(dv, st, sDO, lane);
+    mma_pb<T, kD, kM, LD>(dk, dpt, sQ, lane);
   }
 
   const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};
@@ -807,7 +815,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params
   const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kM;
   const Seq seq = seq_of(p, b);
   if (m0 >= seq.Lq) return;
-  const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int row0 = warp * 16;
   const int qi[2] = {m0 + row0 + g, m0 + row0 + g + 8};
 
@@ -838,8 +846,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params
     __syncthreads();
 
     float s[kN / 8][4] = {}, dp[kN / 8][4] = {};
-    mma_abt<T, kD, kN, LD>(s, sQ, row0, sK, g, t);
-    mma_abt<T, kD, kN, LD>(dp, sDO, row0, sV, g, t);
+    mma_abt<T, kD, kN, LD>(s, sQ, row0, sK, lane);
+    mma_abt<T, kD, kN, LD>(dp, sDO, row0, sV, lane);
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j) {
       uint32_t keep[2] = {3u, 3u};
@@ -857,7 +865,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params
         s[j][e] = prob * (d - dl[r]);  // dS
       }
     }
-    mma_pb<T, kD, kN, LD>(dq, s, sK, g, t);
+    mma_pb<T, kD, kN, LD>(dq, s, sK, lane);
   }
   const float scale[2] = {p.scale, p.scale};
   store_rows<T, kD>(static_cast<uint16_t*>(p.dq) + b * p.sdq.b + h * p.sdq.h + (seq.tok0 + m0) * p.sdq.s, p.sdq.s,

@@ -259,7 +259,9 @@ void ldmatrix(uint32_t* r, const void* row_addr) {
   Warp& w = warp();
   const int l = lane();
   w.rows[l] = static_cast<const unsigned char*>(row_addr);
-  if (l < 8 * kMats && reinterpret_cast<uintptr_t>(row_addr) % 16 != 0) set_fault("ldmatrix row address not 16-byte aligned");
+  if (l < 8 * kMats && reinterpret_cast<uintptr_t>(row_addr) % 16 != 0) {
+    set_fault("ldmatrix row address not 16-byte aligned");
+  }
   w.bar.arrive_and_wait();
   for (int m = 0; m < kMats; ++m) {
     uint16_t e[2];
@@ -285,7 +287,8 @@ inline thread_local std::deque<std::vector<AsyncCopy>> cp_groups;  // committed,
 inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
   if (bytes != 4 && bytes != 8 && bytes != 16) set_fault("cp.async size must be 4, 8 or 16");
   if (src_bytes < 0 || src_bytes > bytes) set_fault("cp.async src-size outside [0, size]");
-  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % bytes != 0)) {
+  const auto misaligned = [bytes](const void* q) { return reinterpret_cast<uintptr_t>(q) % bytes != 0; };
+  if (misaligned(dst) || (src_bytes > 0 && misaligned(src))) {
     set_fault("cp.async address not aligned to its size");
   }
   cp_open.push_back({dst, src, bytes, src_bytes});
@@ -315,4 +318,6 @@ inline void cp_async_wait_all() {  // = commit_group; wait_group 0
 
 }  // namespace emu
 
-inline void __syncwarp(unsigned /*mask: every lane takes part here*/ = 0xffffffffu) { emu::warp().bar.arrive_and_wait(); }
+inline void __syncwarp(unsigned /*mask: every lane takes part here*/ = 0xffffffffu) {
+  emu::warp().bar.arrive_and_wait();
+}
