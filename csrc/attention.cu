@@ -37,6 +37,10 @@
 // - backward (no atomics, deterministic): delta = rowsum(dO * O); a dK/dV kernel (one block per 64
 //   keys, each warp 16, looping over query tiles, recomputing P^T from the stats) and a dQ kernel
 //   (one block per 64 queries, looping over key tiles). dS = P * (dP - delta).
+// Registers, spills and SASS without a GPU or a full build (T = torch's include folder; sm_80 alike):
+//   nvcc -cubin -O3 -std=c++20 -gencode arch=compute_90,code=sm_90 -Xptxas -v --expt-relaxed-constexpr
+//        -IT -IT/torch/csrc/api/include csrc/attention.cu -o attention.cubin
+//   $(python -c "import triton; print(triton.knobs.nvidia.cuobjdump.path)") -sass attention.cubin
 // Not yet here: cp.async, 32-row warps and compile-time mask / dropout in the backward (its
 // fragments do come from ldmatrix), wgmma on sm_90, and sharing Philox words across lanes in the
 // dK/dV kernel.
