@@ -67,6 +67,7 @@ def use_emulation(monkeypatch, ops) -> None:
     with backend="cuda" on CPU tensors."""
     from bertkern import backend as _backend
 
+    _backend.cuda_extension_status()  # cached from the real _C's build_info (the emulation has none)
     monkeypatch.setattr(torch.ops, "bertkern_cuda", ops)
     real = _backend.unavailable_reason
     monkeypatch.setattr(_backend, "unavailable_reason",
