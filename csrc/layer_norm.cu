@@ -10,9 +10,9 @@
 // (16-byte loads when every row start is 16-byte aligned, else V = 1), so the row lives in registers
 // and the statistics are exact two-pass sums. Narrow rows get a single warp (shuffles only) and
 // several teams per block; W and ITERS are picked per N to leave few lanes idle (BERT-base fp16:
-// 768 = 1 warp x 32 lanes x 3 x 8 forward, 3 warps x 32 lanes x 8 backward). Rows wider than the register budget (16 warps x 32 lanes x 16
-// values: N > 8192 on the vector path, N > 4096 on the scalar one), and float64, use a
-// block-per-row loop kernel that re-reads the row.
+// 768 = 1 warp x 32 lanes x 3 x 8 forward, 3 warps x 32 lanes x 8 backward). Rows wider than the
+// register budget (16 warps x 32 lanes x 16 values: N > 8192 on the vector path, N > 4096 on the
+// scalar one), and float64, use a block-per-row loop kernel that re-reads the row.
 //
 // Dropout: the Philox scheme of philox.cuh (the same mask on every backend); the backward kernel
 // regenerates the forward's mask from the seed.
@@ -457,28 +457,11 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-// Team layout for rows of N elements in vectors of v: the (iters, warps per row) pair among the
-// compiled ITERS that leaves the fewest idle lanes (ties: fewer warps, so fewer block barriers).
+// Team layout: ITERS vectors per thread and warps per row.
 struct Team {
   int iters = 0;  // 0: the row does not fit in registers
   int wpr = 0;
 };
-
-Team pick_team(int64_t N, int v, std::initializer_list<int> iters_options) {
-  Team best;
-  double best_util = -1.0;
-  for (int iters : iters_options) {
-    const int64_t per_warp = 32LL * v * iters;
-    const int64_t wpr = ceil_div<int64_t>(N, per_warp);
-    if (wpr > kMaxWarpsPerRow) continue;
-    const double util = static_cast<double>(N) / static_cast<double>(per_warp * wpr);
-    if (util > best_util + 1e-9 || (std::abs(util - best_util) <= 1e-9 && wpr < best.wpr)) {
-      best = {iters, static_cast<int>(wpr)};
-      best_util = util;
-    }
-  }
-  return best;
-}
 
 int teams_per_block(int wpr) { return std::max(1, kBlockTarget / (32 * wpr)); }
 
@@ -528,17 +511,25 @@ bool with_team(int v, int iters, F&& f) {
   }
 }
 
-// The layout among with_team's compiled pairs for rows of N (fwd: the forward kernel's pairs).
-template <typename T>
-Team plan_team(int64_t N, bool vec, bool fwd) {
-  if constexpr (std::is_same_v<T, double>) {
-    return {};
-  } else {
-    constexpr int VW = vec_width<T>();
-    if (!vec) return pick_team(N, 1, {1, 4, 8});
-    if (VW == 8) return fwd ? pick_team(N, VW, {1, 2, 3}) : pick_team(N, VW, {1, 2});
-    return fwd ? pick_team(N, VW, {1, 2, 4, 6}) : pick_team(N, VW, {1, 2, 4});
+// The layout for rows of N among with_team<T, kFwd>'s compiled pairs (asked, not listed again here)
+// that leaves the fewest idle lanes (ties: fewer warps, so fewer block barriers); iters 0 if none fits.
+template <typename T, bool kFwd>
+Team plan_team(int64_t N, bool vec) {
+  const int v = vec ? vec_width<T>() : 1;
+  Team best;
+  double best_util = -1.0;
+  for (int iters = 1; iters <= 8; ++iters) {
+    if (!with_team<T, kFwd>(v, iters, [](auto, auto) {})) continue;  // not a compiled pair
+    const int64_t per_warp = 32LL * v * iters;
+    const int64_t wpr = ceil_div<int64_t>(N, per_warp);
+    if (wpr > kMaxWarpsPerRow) continue;
+    const double util = static_cast<double>(N) / static_cast<double>(per_warp * wpr);
+    if (util > best_util + 1e-9 || (std::abs(util - best_util) <= 1e-9 && wpr < best.wpr)) {
+      best = {iters, static_cast<int>(wpr)};
+      best_util = util;
+    }
   }
+  return best;
 }
 
 bool rows_aligned(const void* p, int64_t stride, int64_t M, int v) {
@@ -595,7 +586,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
                      rows_aligned(p.prenorm, N, M, VW) && rows_aligned(p.x_bias, 0, 1, VW) &&
                      rows_aligned(p.weight, 0, 1, VW) && rows_aligned(p.bias, 0, 1, VW);
     const cudaStream_t stream = scope.stream();
-    const Team team = plan_team<scalar_t>(N, vec, /*fwd=*/true);
+    const Team team = plan_team<scalar_t, true>(N, vec);
     const bool launched = team.iters > 0 && with_team<scalar_t, true>(vec ? VW : 1, team.iters, [&](auto v, auto iters) {
       const int teams = teams_per_block(team.wpr);
       const int64_t blocks = ceil_div<int64_t>(M, teams);
@@ -686,7 +677,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
       p.dxb_part = need[2] ? parts[2].mutable_data_ptr<A>() : nullptr;
     };
 
-    const Team team = plan_team<scalar_t>(N, vec, /*fwd=*/false);
+    const Team team = plan_team<scalar_t, false>(N, vec);
     int64_t blocks = 0;
     const bool launched = team.iters > 0 && with_team<scalar_t, false>(vec ? VW : 1, team.iters, [&](auto v, auto iters) {
       auto kernel = add_ln_bwd_team_kernel<scalar_t, decltype(v)::value, decltype(iters)::value>;
