@@ -383,11 +383,12 @@ def auto_table(docs: list[dict]) -> list[dict]:
         cap = doc["env"].get("capability")
         if not candidates or not cap:
             continue
+        arch = "sm_" + cap.replace(".", "")  # env's "9.0" -> attention_auto's key "sm_90"
         for r in doc["results"]:
             case, provs = r["case"], r.get("providers", {})
             if case["direction"] != "fwd" or not provs:
                 continue
-            key = (f"sm_{cap[0]}{cap[1]}", case["dtype"], auto._bucket(case["head_dim"], auto.HEAD_BUCKETS),
+            key = (arch, case["dtype"], auto._bucket(case["head_dim"], auto.HEAD_BUCKETS),
                    auto._bucket(case["seq"], auto.SEQ_BUCKETS))
             ran = {c: provs[p] for p, c in candidates.items() if provs.get(p, {}).get("status") == "ok"}
             timer = "ms_graph" if ran and all(e.get("ms_graph") for e in ran.values()) else "ms"

@@ -231,6 +231,10 @@ def test_auto_table_reads_measured_rows_first(tmp_path, monkeypatch):
     path.write_text(json.dumps(measured))
     with pytest.raises(ValueError, match="attention_auto.json.*'fastest'"):
         attention_auto.load_measured(path)
+    measured["rows"][0].update(attention="cuda", arch="sm_9.")  # a key no GPU gives would never match
+    path.write_text(json.dumps(measured))
+    with pytest.raises(ValueError, match="attention_auto.json.*arch='sm_9.'"):
+        attention_auto.load_measured(path)
 
 
 def test_auto_table_and_sdpa_varlen_match_the_reference():

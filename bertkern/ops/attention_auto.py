@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -69,8 +70,12 @@ def load_measured(path: Path = MEASURED_FILE) -> list[dict[str, str]]:
     rows = json.loads(path.read_text())["rows"]
     for r in rows:
         bad = [f"{op}={r[op]!r}" for op in ("attention", "attention_varlen") if op in r and r[op] not in CHOICES]
-        if bad or not {"arch", "dtype", "head_dim", "seq"} <= set(r):
-            raise ValueError(f"{path}: bad row {r} ({', '.join(bad) or 'a key is missing'}); choices are {CHOICES}")
+        if not {"arch", "dtype", "head_dim", "seq"} <= set(r):
+            bad.append("a key is missing")
+        elif not re.fullmatch(r"\*|cpu|sm_\d+\+?", r["arch"]):
+            bad.append(f"arch={r['arch']!r} (want sm_<major><minor>, as _cuda_arch gives)")
+        if bad:
+            raise ValueError(f"{path}: bad row {r} ({', '.join(bad)}); choices are {CHOICES}")
     return rows
 
 
