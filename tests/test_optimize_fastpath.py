@@ -237,13 +237,24 @@ def test_auto_table_reads_measured_rows_first(tmp_path, monkeypatch):
         attention_auto.load_measured(path)
 
 
+@pytest.mark.parametrize("runnable, want", [({"varlen_attn", "cuda", "sdpa"}, "varlen_attn"),
+                                             ({"cuda", "sdpa"}, "cuda"),  # dropout: packed CUDA kernels
+                                             ({"sdpa"}, "sdpa"), (set(), "torch")])
+def test_auto_falls_back_in_order(monkeypatch, runnable, want):
+    """A choice that cannot run an input moves down its row's order, never to Triton, and ends at torch."""
+    monkeypatch.setattr(attention_auto, "_arch", lambda device: "sm_90")
+    monkeypatch.setattr(attention_auto, "_can_run", lambda c, op, q, p: c in runnable or c == "torch")
+    q = torch.empty(4, 2, 64, dtype=torch.float16)
+    assert attention_auto.choose("attention_varlen", q, 0.1, 128) == want
+
+
 def test_auto_table_and_sdpa_varlen_match_the_reference():
     q = torch.randn(10, 2, 8, dtype=torch.float64)
     assert attention_auto.choose("attention_varlen", q, 0.0, 7) == "sdpa"
     assert attention_auto.lookup("attention_varlen", "sm_90", torch.bfloat16, 64, 128) == "varlen_attn"
     assert attention_auto.lookup("attention", "sm_80", torch.float16, 64, 512) == "sdpa"
     assert attention_auto.lookup("attention", "sm_75", torch.float16, 64, 512) == "sdpa"  # the last row
-    assert attention_auto.FALLBACK["varlen_attn"] == "sdpa"  # Triton is never automatic
+    assert all("triton" not in order for order in attention_auto.FALLBACK.values())  # never automatic
     rows = attention_auto.table()
     assert rows and {"arch", "dtype", "head_dim", "seq", "attention", "attention_varlen"} <= set(rows[0])
     assert "attention_varlen" in attention_auto.format_table()

@@ -11,17 +11,15 @@ for attention_varlen: the packed tokens gathered into [B, max_seqlen] blocks, SD
 mask, scattered back) and `torch.nn.attention.varlen.varlen_attn` ("varlen_attn", FlashAttention on
 packed tokens; fp16 / bf16 on sm_80+, no dropout).
 
-GPU rows, from the first timings (H200, torch 2.11, fp16, 2026-11-26; README): torch's kernels are
-the fastest there. Forward, 32 x 12 heads x 512, D = 64, 60% fill: SDPA 0.112 ms, bertkern Triton
-0.131 ms, bertkern CUDA 0.572 ms. End to end, BERT-base inference under optimize() was host-bound on
-that machine, and torch's public `varlen_attn` lost to bertkern's CUDA kernels there (0.62-0.91x
-against 1.09-1.29x over HF's SDPA model) for a host reason: it is a Python custom op (tens of
-microseconds of dispatch per call). So for inference (no gradient, not tracing) auto calls the ATen
-FlashAttention kernel that `varlen_attn` ends in directly, one C++ op like bertkern's own; with a
-gradient it calls `varlen_attn` (its autograd). Padded attention goes to SDPA (a C++ op). Dropout
-runs SDPA (varlen_attn has none). Not yet timed end to end with this change: the next GPU run's
-bert suite says whether the table holds. On CPU, torch's SDPA (a fused flash kernel) beats the eager
-reference ops by far.
+GPU rows. Kernel time (H100, torch 2.11, fp16, 32 x 12 heads x 512, D = 64, 60% fill, 2026-11-26):
+padded forward SDPA 0.108 ms, bertkern Triton 0.126, bertkern CUDA 0.129; packed forward (with the
+gather and scatter around it) torch's FlashAttention varlen 0.157, CUDA 0.157, Triton 0.158. So
+padded attention goes to SDPA and packed inference to FlashAttention, called as the ATen op that
+`varlen_attn` ends in (no gradient, not tracing): the public `varlen_attn` is a Python custom op, tens
+of microseconds of dispatch per call, which lost end to end on a host-bound H200. With a gradient it
+is `varlen_attn` (its autograd). Packed training with dropout (varlen_attn has none) runs bertkern's
+CUDA kernels when built, else SDPA over gathered blocks (FALLBACK). On CPU, torch's SDPA (a fused
+flash kernel) beats the eager reference ops by far.
 
 A choice that cannot run an input (dropout for varlen_attn, a dtype or head dim a kernel lacks,
 varlen_attn missing in this torch) moves down the row's fallback order.
@@ -81,9 +79,12 @@ def load_measured(path: Path = MEASURED_FILE) -> list[dict[str, str]]:
 
 TABLE: list[dict[str, str]] = load_measured() + STATIC
 
-# What to try after a choice that cannot run an input (Triton's launches cost more host time than
-# torch's kernels: it is never an automatic fallback).
-FALLBACK = {"varlen_attn": "sdpa", "cuda": "varlen_attn", "triton": "sdpa", "sdpa": "torch"}
+# What to try, in order, after a choice that cannot run an input (Triton's launches cost more host
+# time than torch's kernels: it is never an automatic fallback). varlen_attn has no dropout: in training
+# the CUDA kernels run packed tokens natively, where SDPA needs a gather to padded blocks and back
+# (H100, BERT-base fine-tuning step 32 x 512 at 60% fill: 45.6 ms through them, 70.6 ms through SDPA).
+FALLBACK = {"varlen_attn": ("cuda", "sdpa"), "cuda": ("varlen_attn", "sdpa"), "triton": ("sdpa",),
+            "sdpa": ()}
 
 
 def _arch(device: torch.device) -> str:
@@ -130,8 +131,8 @@ def _can_run(choice: str, op: str, q: torch.Tensor, dropout_p: float) -> bool:
         return (op == "attention_varlen" and dropout_p == 0.0 and q.device.type == "cuda"
                 and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
                 and _varlen_attn() is not None and _matches("sm_80+", _arch(q.device)))
-    if choice == "cuda" and (_attn.cuda_unsupported(q) is not None or dropout_p > 0.0):
-        return False  # dropout: training, not measured yet with the CUDA kernels (module docstring)
+    if choice == "cuda" and _attn.cuda_unsupported(q) is not None:
+        return False
     return _backend.unavailable_reason(choice, q.device) is None and _attn.kernel_unsupported(q) is None
 
 
@@ -140,9 +141,7 @@ def choose(op: str, q: torch.Tensor, dropout_p: float, seq: int | None = None) -
     fallback order until it can run this input."""
     seq = q.shape[-2] if seq is None else seq
     choice = lookup(op, _arch(q.device), q.dtype, q.shape[-1], seq)
-    while not _can_run(choice, op, q, dropout_p):
-        choice = FALLBACK.get(choice, "torch")
-    return choice
+    return next(c for c in (choice, *FALLBACK.get(choice, ()), "torch") if _can_run(c, op, q, dropout_p))
 
 
 def table() -> list[dict[str, str]]:
