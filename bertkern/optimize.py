@@ -416,11 +416,6 @@ def _graph_breaks_allowed() -> bool:
         return False
 
 
-# Token capacities per power of two under torch.compile: at ~60% fill a power-of-two capacity can be the
-# whole batch (8 x 128 = 1024 slots for ~614 real tokens: no rows saved); 4 steps waste at most ~25%.
-# More capacities cost no compiles once Dynamo's automatic dynamic shapes make the capacity symbolic
-# (the second bucket), and under mode="reduce-overhead" one CUDA graph recording each.
-COMPILE_CAPACITY_STEPS = 4
 
 
 def _eager_only(fn):
@@ -437,7 +432,7 @@ def _eager_only(fn):
 def _compiled_packing(attention_mask: torch.Tensor) -> tuple[int, int] | None:
     """The eager prologue of the encoder under torch.compile, and its one deliberate graph break:
     (capacity, max_seqlen) for this batch from bertkern.cuda_graphs' bucket rule (capacity the smallest
-    of COMPILE_CAPACITY_STEPS steps per power of two >= the real tokens, at least 16, at most B x S;
+    of cuda_graphs.CAPACITY_STEPS steps per power of two >= the real tokens, at least 16, at most B x S;
     max_seqlen the smallest of DEFAULT_SEQ_LENS >= the longest row, at most S), or None when the batch
     has no padding. The compiled region after it sees these as Python ints, so it is guarded on (or,
     once Dynamo's automatic dynamic shapes kick in, symbolic in) the bucket: never a stale max_seqlen.
@@ -446,8 +441,7 @@ def _compiled_packing(attention_mask: torch.Tensor) -> tuple[int, int] | None:
     lengths = attention_mask.ne(0).sum(1).tolist()
     if sum(lengths) == batch * seq:
         return None
-    return _cuda_graphs.choose_packed_shapes(lengths, batch, seq, _cuda_graphs.DEFAULT_SEQ_LENS,
-                                             COMPILE_CAPACITY_STEPS)
+    return _cuda_graphs.choose_packed_shapes(lengths, batch, seq, _cuda_graphs.DEFAULT_SEQ_LENS)
 
 
 def _encoder_forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -476,14 +470,15 @@ def _encoder_forward(self, input_ids: torch.Tensor | None = None, attention_mask
             and not torch.compiler.is_compiling() and static[0] <= batch * seq:
         packing = static  # a CUDA graph: bertkern.cuda_graphs picked them on the host
     done = False
-    if packing is not None:
-        # Padding-free with fixed shapes: no host sync; a batch that does not fit them gives NaN.
+    if packing is not None and packing[0] < batch * seq:
+        # Padding-free with fixed shapes: no host sync; a batch that does not fit them gives NaN. (A
+        # capacity of the whole batch saves no rows: the padded path below, without gather and scatter.)
         capacity, max_seqlen = packing
         packed, indices, cu_seqlens, ok = _padding.unpad_static(h, attention_mask, capacity, max_seqlen)
         packed = _run_layers(self, patch, packed, None, (cu_seqlens, max_seqlen))
         h = _padding.repad_static(packed, indices, cu_seqlens, ok, batch, seq)
         done = True
-    elif attention_mask is not None and patch.padding_free and not _capturing():
+    elif packing is None and attention_mask is not None and patch.padding_free and not _capturing():
         # Padding-free: pack once (one host sync), every layer on [total, hidden], scatter back once.
         # Padded positions of the output are zeros (HF's values there are meaningless anyway).
         packed, indices, cu_seqlens, max_seqlen = _padding.unpad(h, attention_mask)
@@ -495,6 +490,8 @@ def _encoder_forward(self, input_ids: torch.Tensor | None = None, attention_mask
     if not done:
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         h = _run_layers(self, patch, h, mask, None)
+        if mask is not None and patch.padding_free:  # zeros at padding, whichever path a batch took
+            h = h.masked_fill(~mask[:, 0, 0, :, None], 0)
     out = {"last_hidden_state": h}
     if patch.pooled:
         pooler = getattr(self, "pooler", None)

@@ -26,7 +26,7 @@ from bertkern.cuda_graphs import DEFAULT_SEQ_LENS, choose_packed_shapes  # noqa:
 from test_optimize import padded_batch, tiny  # noqa: E402
 
 cuda_graphs = importlib.import_module("bertkern.cuda_graphs")
-STEPS = importlib.import_module("bertkern.optimize").COMPILE_CAPACITY_STEPS
+STEPS = cuda_graphs.CAPACITY_STEPS
 LENGTHS = [7, 4, 1, 0]  # full, padded, a single real token, fully padded
 
 
@@ -122,13 +122,13 @@ def assert_same(got, want, tol=1e-5):
 
 # ---------------------------------------------------------------- the compile prologue's buckets
 def test_capacity_steps_per_octave():
-    """The compile prologue's capacities: k steps per power of two (at least 8 tokens each), so a ~60%
-    full 8 x 128 batch packs 640 rows, not the 1024 of the next power of two (= the padded batch);
-    k = 1 is CUDAGraphRunner's rule."""
+    """Token capacities (CUDAGraphRunner's and the compile prologue's): k steps per power of two (at
+    least 8 tokens each), so a ~60% full 8 x 128 batch packs 640 rows, not the 1024 of the next power
+    of two (= the padded batch)."""
     assert STEPS == 4
     lengths = [77] * 8  # 616 of 1024
-    assert choose_packed_shapes(lengths, 8, 128, DEFAULT_SEQ_LENS) == (1024, 128)
-    assert choose_packed_shapes(lengths, 8, 128, DEFAULT_SEQ_LENS, 4) == (640, 128)
+    assert choose_packed_shapes(lengths, 8, 128, DEFAULT_SEQ_LENS, 1) == (1024, 128)
+    assert choose_packed_shapes(lengths, 8, 128, DEFAULT_SEQ_LENS) == (640, 128)
     for total, want in ((1, 16), (16, 16), (17, 24), (25, 32), (33, 40), (100, 112), (129, 160), (500, 512)):
         assert choose_packed_shapes([total], 1, 512, [512], 4) == (want, 512), total
     for total in range(0, 2049):  # every capacity holds its tokens and wastes at most ~1/k

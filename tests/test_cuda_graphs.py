@@ -165,7 +165,8 @@ def test_graph_outputs_equal_eager_and_replay_without_recapture(setup, padding_f
     with torch.no_grad():
         for b, s in ((4, 16), (3, 10), (4, 11), (1, 16)):  # all in bucket (4, 16)
             ids, mask = batch(b, s, device=device, seed=b * s)
-            shapes.add(cg.choose_packed_shapes(mask.sum(1).tolist(), 4, 16, [8, 16]) if runner.padding_free else None)
+            packed = cg.choose_packed_shapes(mask.sum(1).tolist(), 4, 16, [8, 16])
+            shapes.add(packed if runner.padding_free and packed[0] < 4 * 16 else None)  # else the padded graph
             want = model(input_ids=ids, attention_mask=mask)
             got = runner(input_ids=ids, attention_mask=mask)
             assert type(got) is type(want)
@@ -213,7 +214,7 @@ def test_graph_head_and_attention_maps_sliced(setup):
 def test_padding_free_graphs_follow_the_token_count_and_never_go_stale(setup, monkeypatch):
     """Each call's (token capacity, max_seqlen) is picked from its own mask: a batch that outgrows a
     graph's gets another graph (never the stale one), a batch that fits an earlier one replays it.
-    The graphs run the static packed path (unpad_static), not the padded fallback."""
+    The graphs run the static packed path (unpad_static), except where it would pack the whole bucket."""
     runner_cls, device, make = setup
     model = make()
     packed_calls = []
@@ -223,8 +224,10 @@ def test_padding_free_graphs_follow_the_token_count_and_never_go_stale(setup, mo
     runner = runner_cls(model, buckets=[(4, 16)])
     assert runner.padding_free and runner._seq_lens == [16]
     runner._seq_lens = [4, 8, 16]
-    calls = [([3, 2], (16, 4)), ([16, 16, 1], (64, 16)), ([3, 1, 2], (16, 4)), ([8, 8, 8], (32, 8)),
-             ([5, 4], (16, 8)), ([2, 2, 2, 2], (16, 4))]
+    # (capacity, max_seqlen), capacities in CAPACITY_STEPS steps per power of two; None: a capacity of the
+    # whole bucket, so the padded path's graph (packing would save no rows)
+    calls = [([3, 2], (16, 4)), ([16, 16, 1], (40, 16)), ([3, 1, 2], (16, 4)), ([8, 8, 8], (24, 8)),
+             ([5, 4], (16, 8)), ([2, 2, 2, 2], (16, 4)), ([16, 16, 16, 15], None)]
     seen = []
     with torch.no_grad():
         for i, (lengths, shapes) in enumerate(calls):
@@ -237,9 +240,9 @@ def test_padding_free_graphs_follow_the_token_count_and_never_go_stale(setup, mo
             assert not got.last_hidden_state[~real].any()  # zeros at padding, like the eager padding-free path
             seen.append(shapes)
             assert not runner.uncapturable
-            assert sorted(k[-1] for k in runner.captured) == sorted(set(seen)), (lengths, runner.captured)
-    assert runner.captures == 4 and runner.replays == len(calls)
-    assert set(packed_calls) == set(seen)  # every graph was warmed up / captured packed
+            assert {k[-1] for k in runner.captured} == set(seen), (lengths, runner.captured)
+    assert runner.captures == 5 and runner.replays == len(calls)
+    assert set(packed_calls) == set(seen) - {None}  # every packed graph was warmed up / captured packed
 
 
 def test_graph_outputs_are_copies_and_misses_run_eagerly(setup):
