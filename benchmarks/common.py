@@ -139,16 +139,53 @@ def time_graph(step: Callable[[], Any], rep_ms: float = 100) -> tuple[float, flo
         raise
 
 
-def time_model(step: Callable[[], Any], min_run_time: float = 1.0) -> tuple[float, float, float]:
-    """(median, p20, p80) ms of one call of a whole model: torch.utils.benchmark (it synchronizes CUDA,
-    warms up, and picks the block size); calls back to back, L2 not flushed (weights are the working set)."""
-    from torch.utils import benchmark
+def time_interleaved(steps: dict[str, Callable[[], Any]], rounds: int = 10, block_s: float = 0.1, min_rounds: int = 5,
+                     sync: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Time the providers of one cell side by side, for a host whose speed drifts (a shared machine,
+    a busy driver): in each round every provider runs one block of back-to-back calls, the order
+    reversed every other round, and keeps the median of its rounds. A slow period then lands on every
+    provider alike, not on whichever was being timed (one after another, the same cell on the same
+    H100 read 8.5 ms in one run and 5.3 ms in the next). Each provider gets rounds x block_s seconds;
+    calls longer than block_s get fewer, longer rounds (at least min_rounds) in the same time.
 
-    m = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time)
-    times = sorted(t * 1e3 for t in m.times)
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
-    return m.median * 1e3, q[1], q[7]
+    Returns name -> {"ms": median ms per call over the rounds, "ms_p20", "ms_p80", "rounds",
+    "calls_per_block"}, or the exception the provider's step raised (it leaves the rounds)."""
+    out: dict[str, Any] = {}
+    per_call = {}
+    for name, step in steps.items():  # ~block_s / 2 of calls (a warm-up too) to size the blocks
+        try:
+            n, t0 = 0, clock()
+            while n < 1 or clock() - t0 < block_s / 2:
+                step()
+                sync()
+                n += 1
+            per_call[name] = (clock() - t0) / n
+        except Exception as e:
+            out[name] = e
+    if not per_call:
+        return out
+    total_s = rounds * block_s
+    n_rounds = max(min_rounds, min(rounds, int(total_s / max(per_call.values()))))
+    number = {name: max(1, round(total_s / n_rounds / t)) for name, t in per_call.items()}
+    times: dict[str, list[float]] = {name: [] for name in number}
+    for r in range(n_rounds):
+        order = [name for name in number if name not in out]
+        for name in order if r % 2 == 0 else order[::-1]:
+            try:
+                sync()
+                t0 = clock()
+                for _ in range(number[name]):
+                    steps[name]()
+                sync()
+                times[name].append((clock() - t0) / number[name] * 1e3)
+            except Exception as e:
+                out[name] = e
+    for name, ts in times.items():
+        if name not in out:
+            q = statistics.quantiles(ts, n=10, method="inclusive")
+            out[name] = {"ms": statistics.median(ts), "ms_p20": q[1], "ms_p80": q[7], "rounds": n_rounds,
+                         "calls_per_block": number[name]}
+    return out
 
 
 def free_memory(device: torch.device) -> None:

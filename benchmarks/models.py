@@ -10,8 +10,9 @@ Every provider is built from the same Hugging Face model (PROVIDERS below) and c
 timed, by bertkern.testing's rule against the float64 model, eager being hf-eager in the same dtype:
 inference on the real tokens of up to 4 sequences (sequences are independent, so that reference is
 exact); training on the loss and every parameter gradient of the first 8 sequences with dropout off.
-A WRONG provider is not timed. Timing: torch.utils.benchmark (blocked_autorange, median). Speed-ups are
-over hf-sdpa, the model transformers gives by default.
+A WRONG provider is not timed. Timing: the right providers of a cell side by side, in alternating
+rounds (common.time_interleaved), so that a host's slow period hits them alike. Speed-ups are over
+hf-sdpa, the model transformers gives by default.
 """
 from __future__ import annotations
 
@@ -467,27 +468,26 @@ def step_fn(g: Group, cell: Cell, model, fn, ctx) -> Callable[[], Any]:
     return step
 
 
-def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget, timer: Callable | None, log=print,
-             progress: Callable[[dict], None] | None = None, rounds: int = 1) -> dict:
-    """Check every provider on one cell, then time the right ones with timer(step) -> (median, p20, p80) ms
-    (None: check only; training then takes one AdamW step that must leave the parameters finite).
-    rounds > 1 (inference): after all checks, every right provider is timed once per round, in turn, and
-    keeps its median round: side by side on a machine whose load drifts."""
+def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget, timing: dict | None,
+             timer: Callable | None = None, log=print, progress: Callable[[dict], None] | None = None) -> dict:
+    """Check every provider on one cell (building it and the first call, a compile or a capture, are
+    its first_call_s), then time the right ones side by side: timer(steps, sync=..., **timing) ->
+    name -> {"ms", "ms_p20", "ms_p80", ...} or the exception (common.time_interleaved); timing None:
+    check only. A training provider also takes one untimed AdamW step, which must leave its parameters
+    finite and gives its peak memory."""
     ctx = prepare(g, cell)
     real = sum(ctx["lengths"])
     flops = forward_flops(g.config, cell.batch, ctx["ids"].shape[1]) * (1 if g.suite == "bert" else 3)
     out = {"case": cell.to_dict(), "real_tokens": real, "flops": flops, "providers": {}, "notes": {}}
-    deferred = []
-
-    def timed(entry, ms, lo, hi):
-        entry.update(ms=ms, ms_p20=lo, ms_p80=hi, seq_per_s=cell.batch / ms * 1e3, tokens_per_s=real / ms * 1e3,
-                     tflops=flops / ms / 1e9)
-
+    cuda = g.device.type == "cuda"
+    steps = {}  # the right providers' steps; their models live until the rounds are done
     for p in provs:
         t0, setup_key = time.monotonic(), (p.name, cell.model, SHORT[cell.dtype])
-        cost = budget.estimate(setup_key, p.setup_prior_s) + budget.estimate(("timing", cell.label), TIMING_PRIOR_S)
-        model, mem0 = None, torch.cuda.memory_allocated(g.device) if g.device.type == "cuda" else 0
-        if p.needs_cuda and g.device.type != "cuda":
+        # this provider's setup and timing, and the timing still owed to the ones already checked
+        cost = (budget.estimate(setup_key, p.setup_prior_s)
+                + budget.estimate(("timing", cell.label), TIMING_PRIOR_S) * (len(steps) + 1) * (timing is not None))
+        model, mem0 = None, torch.cuda.memory_allocated(g.device) if cuda else 0
+        if p.needs_cuda and not cuda:
             entry = {"status": "skipped", "reason": "needs a CUDA GPU"}
         elif not budget.allows(cost):
             entry = {"status": "skipped", "reason": budget.why_not(cost), "budget": True}
@@ -500,52 +500,75 @@ def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget,
                 entry = check(g, cell, model, fn, ctx)
                 entry["first_call_s"] = round(time.monotonic() - t0, 3)
                 budget.learn(setup_key, entry["first_call_s"])
-                if entry["status"] == "ok":
-                    t1, step = time.monotonic(), step_fn(g, cell, model, fn, ctx)
-                    if timer is None and g.suite == "train":
-                        step()
-                        if not all(torch.isfinite(q).all() for q in model.parameters()):
-                            entry.update(status="WRONG", reason="an AdamW step left non-finite parameters")
-                    elif timer is not None and rounds > 1:
-                        deferred.append((entry, step))
-                    elif timer is not None:
-                        if g.device.type == "cuda":
-                            torch.cuda.reset_peak_memory_stats(g.device)
-                        timed(entry, *timer(step))
-                        if g.device.type == "cuda" and g.suite == "train":  # its weights, grads, optimizer, activations
-                            entry["peak_mem_gib"] = (torch.cuda.max_memory_allocated(g.device) - mem0) / 2**30
-                    budget.learn(("timing", cell.label), time.monotonic() - t1 + 0.5)
+                step = step_fn(g, cell, model, fn, ctx) if entry["status"] == "ok" else None
+                if step is not None and g.suite == "train":
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats(g.device)
+                    step()
+                    if cuda:  # its weights, grads, optimizer state, activations
+                        entry["peak_mem_gib"] = (torch.cuda.max_memory_allocated(g.device) - mem0) / 2**30
+                    if not all(torch.isfinite(q).all() for q in model.parameters()):
+                        entry.update(status="WRONG", reason="an AdamW step left non-finite parameters")
+                if entry["status"] == "ok" and timing is not None:
+                    steps[p.name] = step
             except Skip as s:
                 entry = {"status": "skipped", "reason": str(s)}
             except Exception as e:
                 entry = {"status": "error", "reason": common.short_exc(e)}
-        del model
-        common.free_memory(g.device)
+        model = fn = step = None  # only `steps` keeps a timed provider's model
+        if p.name not in steps:
+            common.free_memory(g.device)
         out["providers"][p.name] = entry
         log(f"  {p.name:<21} {common.cell_text(entry)}" + (f": {entry['reason']}" if entry.get("reason") else "")
             + f" ({time.monotonic() - t0:.0f} s)")
         if progress is not None:
             progress(out)
-    times = {id(entry): [] for entry, _ in deferred}
-    for _ in range(rounds if deferred else 0):
-        for entry, step in deferred:
-            times[id(entry)].append(timer(step))
-    for entry, _ in deferred:
-        timed(entry, *sorted(times[id(entry)])[len(times[id(entry)]) // 2])
-        entry["rounds"] = rounds
+    if steps:
+        t0 = time.monotonic()
+        sync = torch.cuda.synchronize if cuda else lambda: None
+        results = (timer or common.time_interleaved)(steps, sync=sync, **timing)
+        steps.clear()
+        common.free_memory(g.device)
+        budget.learn(("timing", cell.label), (time.monotonic() - t0) / len(results) + 0.5)
+        log(f"  timed side by side ({time.monotonic() - t0:.0f} s):")
+        for name, t in results.items():
+            entry = out["providers"][name]
+            if isinstance(t, Exception):
+                entry.update(status="error", reason="timing: " + common.short_exc(t))
+            else:
+                entry.update(t, seq_per_s=cell.batch / t["ms"] * 1e3, tokens_per_s=real / t["ms"] * 1e3,
+                             tflops=flops / t["ms"] / 1e9)
+            log(f"  {name:<21} {common.cell_text(entry)}" + (f": {entry['reason']}" if entry.get("reason") else ""))
+        if progress is not None:
+            progress(out)
     return out
 
 
+def spread(doc: dict) -> str | None:
+    """How far the rounds of one provider on one cell spread: (p80 - p20) / median, the median and the
+    worst over every timed entry."""
+    rel = sorted(((e["ms_p80"] - e["ms_p20"]) / e["ms"], f"{p}, {common.case_label(r['case'])}")
+                 for r in doc["results"] for p, e in r.get("providers", {}).items() if e.get("ms") and "ms_p80" in e)
+    if not rel:
+        return None
+    return f"median {100 * rel[len(rel) // 2][0]:.1f}%, worst {100 * rel[-1][0]:.1f}% ({rel[-1][1]})"
+
+
 def run(suite: str, device, cell_list: list[Cell], provs: list[Provider], *, budget: common.Budget | None = None,
-        timer: Callable | None = None, log=print, env: dict | None = None, settings: dict | None = None,
-        partial_json=None, rounds: int = 1) -> dict:
+        timing: dict | None = None, timer: Callable | None = None, log=print, env: dict | None = None,
+        settings: dict | None = None, partial_json=None) -> dict:
     """Every cell in order (a group's models built once); cells past the budget listed as not run. The
-    document is saved to `partial_json` after each provider, so a run killed at its limit keeps its numbers."""
+    document is saved to `partial_json` after each provider, so a run killed at its limit keeps its numbers.
+    timing: the rounds and block_s of common.time_interleaved (None: check only)."""
     budget = budget or common.Budget()
+    how = "untimed" if timing is None else (
+        f"interleaved: {timing.get('rounds', 10)} rounds (at least {timing.get('min_rounds', 5)} when a call is "
+        f"longer than a block), each running every provider for a ~{timing.get('block_s', 0.1):g} s block of "
+        "back-to-back calls, order reversed every other round; per provider the median over rounds, p20/p80 "
+        "over rounds; L2 not flushed")
     doc = {"schema": common.SCHEMA, "suite": suite, "name": suite, "env": env or common.environment(device),
            "title": "BERT inference" if suite == "bert" else "BERT fine-tuning step (AdamW, autocast)",
-           "settings": {"timer": "torch.utils.benchmark blocked_autorange median, calls back to back",
-                        **(settings or {})},
+           "settings": {"timer": how, **(timing or {}), **(settings or {})},
            "providers": [p.name for p in provs], "describe": {p.name: p.describe for p in provs}, "baseline": "hf-sdpa",
            "table_keys": ["model", "dtype"], "x_key": "batch", "y_key": "tflops", "models": {}, "notes": {},
            "results": []}
@@ -562,16 +585,19 @@ def run(suite: str, device, cell_list: list[Cell], provs: list[Provider], *, bud
                 common.free_memory(device)
                 group = Group(suite, cell.model, cell.dtype, device)
                 doc["models"][cell.model] = group.weights
+
             def save(partial):  # the document so far, in case the run is killed mid-cell
                 if partial_json is not None:
                     common.save_json({**doc, "results": doc["results"] + [partial]}, partial_json)
 
-            r = run_cell(group, cell, provs, budget, timer, log, save, rounds)
+            r = run_cell(group, cell, provs, budget, timing, timer, log, save)
             doc["notes"].update({f"{p} ({cell.model})": v for p, v in r.pop("notes").items()})
         except Exception as e:  # building the models or the reference failed (out of memory, say)
             r, group = {"case": cell.to_dict(), "not_run": f"{common.HARNESS_ERROR}: {common.short_exc(e)}"}, None
             log(f"  {r['not_run']}")
         doc["results"].append(r)
+        if spread(doc):
+            doc["settings"]["spread over rounds, (p80 - p20) / median"] = spread(doc)
         if partial_json is not None:
             common.save_json(common.finish(doc), partial_json)
     doc["notes"].update({f"weights ({m})": w for m, w in doc["models"].items()})

@@ -37,6 +37,10 @@ import torch  # noqa: E402
 
 SUITES = ("ops", "bert", "train")
 BUDGET_SHARE = {"ops": 0.35, "bert": 0.45, "train": 0.20}
+# The model suites' interleaved rounds (common.time_interleaved): ~1 s per provider and cell on a GPU, as
+# blocked_autorange(min_run_time=1) took; ~3 s on a CPU, whose calls are long and whose cores are shared.
+GPU_TIMING = {"rounds": 10, "block_s": 0.1}
+CPU_TIMING = {"rounds": 10, "block_s": 0.3}
 OP_PROVIDERS = ("eager", "compile", "sdpa", "torch-varlen", "torch", "triton", "cuda")
 
 
@@ -156,7 +160,7 @@ def run_gpu(args, specs, log, device=None) -> int:
                 provs, cells = models.providers(suite, args.providers, args.skip_providers), _model_cells(suite, args)
                 log(f"\n== {suite}: {len(cells)} cells x {len(provs)} providers ({', '.join(p.name for p in provs)})")
                 budget = common.Budget(None if deadline is None else max(0.0, deadline - time.monotonic()))
-                docs = [models.run(suite, device, cells, provs, budget=budget, timer=common.time_model, log=log,
+                docs = [models.run(suite, device, cells, provs, budget=budget, timing=GPU_TIMING, log=log,
                                    env=env, settings={"quick": args.quick},
                                    partial_json=args.out / env["gpu_slug"] / f"{suite}.json")]
             for doc in docs:
@@ -219,18 +223,19 @@ def run_cpu(args, specs, log) -> int:
     for suite in [s for s in ("bert", "train") if s in args.suite]:
         provs = models.providers(suite, args.providers, args.skip_providers, cpu=True)
         cells = _model_cells(suite, args, cpu=True)
-        if suite == "bert":  # a shared CPU is noisy: 3 rounds of 1 s per provider, in turn
+        if suite == "bert":
             log(f"bert: CPU timings ({env['cpu']}, {env['threads']} threads); median ms (speed-up over hf-sdpa):")
-            timer, mode = common.time_model, "CPU timings, 3 rounds, providers in turn"
+            timing, mode = CPU_TIMING, "CPU timings"
         else:
             log("train: checked on the CPU, untimed (loss and every gradient vs float64, then one AdamW step):")
-            timer, mode = None, "CPU correctness, untimed"
+            timing, mode = None, "CPU correctness, untimed"
+
         def progress(line):  # the cell being run, not every provider's line (those are in the report)
             if line.startswith("["):
                 log("  " + line)
 
-        docs.append(models.run(suite, cpu, cells, provs, timer=timer, log=progress, env=env, settings={"mode": mode},
-                               rounds=3))
+        docs.append(models.run(suite, cpu, cells, provs, timing=timing, log=progress, env=env,
+                               settings={"mode": mode}))
         for r in docs[-1]["results"]:
             log(_model_line(r))
     for doc in docs:

@@ -226,22 +226,87 @@ def _wrong(scale=1.05, raises=False):
     return models.Provider("wrong" if not raises else "raises", "", build)
 
 
+def fake_rounds(calls: list):
+    """A stand-in for common.time_interleaved: runs each step once and returns made-up times."""
+    def timer(steps, sync, rounds, block_s):
+        calls.append(list(steps))
+        for step in steps.values():
+            step()
+        return {n: {"ms": 0.5, "ms_p20": 0.4, "ms_p80": 0.6, "rounds": rounds, "calls_per_block": 3} for n in steps}
+
+    return timer
+
+
 def test_bert_cell_checks_then_times_only_right_providers(tmp_path):
     provs = models.providers("bert", ["hf-eager", "hf-sdpa", "optimize", "bk-model", "hf-varlen"])
     provs += [_wrong(), _wrong(raises=True)]
     calls, lines = [], []
-    doc = models.run("bert", CPU, [models.Cell("tiny", torch.float32, 3, 16, 0.6)], provs, timer=fake_timer(calls),
-                     log=lines.append, partial_json=tmp_path / "bert.json", rounds=2)
+    doc = models.run("bert", CPU, [models.Cell("tiny", torch.float32, 3, 16, 0.6)], provs, timer=fake_rounds(calls),
+                     timing={"rounds": 4, "block_s": 0.1}, log=lines.append, partial_json=tmp_path / "bert.json")
     p = doc["results"][0]["providers"]
     for name in ("hf-eager", "hf-sdpa", "optimize", "bk-model"):
         assert p[name]["status"] == "ok" and p[name]["ms"] == 0.5 and p[name]["speedup"] == 1.0, (name, p[name])
+        assert p[name]["rounds"] == 4 and p[name]["ms_p80"] == 0.6 and p[name]["first_call_s"] >= 0
     assert p["hf-varlen"] == {"status": "skipped", "reason": "needs a CUDA GPU"}
     assert p["wrong"]["status"] == "WRONG" and "ms" not in p["wrong"]
     assert p["raises"]["status"] == "error" and "kernel launch failed" in p["raises"]["reason"]
-    assert len(calls) == 2 * 4 and calls[:4] == calls[4:]  # only the right ones, in turn, once per round
+    assert calls == [["hf-eager", "hf-sdpa", "optimize", "bk-model"]]  # the right ones, together, after the checks
     assert doc["baseline"] == "hf-sdpa" and "optimize (tiny)" in doc["notes"]
+    assert "4 rounds" in doc["settings"]["timer"] and doc["settings"]["block_s"] == 0.1
+    assert doc["settings"]["spread over rounds, (p80 - p20) / median"].startswith("median 40.0%, worst 40.0%")
     assert json.loads((tmp_path / "bert.json").read_text())["results"][0]["providers"]["raises"]["status"] == "error"
-    assert lines[0].startswith("[1/1") and len(lines) == 1 + len(provs)  # progress
+    assert lines[0].startswith("[1/1") and len(lines) == 1 + len(provs) + 1 + 4  # progress: checks, then timings
+    md = common.render_markdown(doc)
+    assert "interleaved: 4 rounds" in md and "spread over rounds" in md
+
+
+def _fake_host(slow_from: float, slow_to: float):
+    """A clock, and steps that advance it by their cost (3x while the host is slow), logging each call."""
+    now, log = [0.0], []
+
+    def step(name, ms, fail_after=None):
+        def call():
+            if fail_after is not None and log.count(name) >= fail_after:
+                raise RuntimeError("illegal memory access")
+            now[0] += ms / 1e3 * (3.0 if slow_from <= now[0] < slow_to else 1.0)
+            log.append(name)
+
+        return call
+
+    return (lambda: now[0]), step, log
+
+
+def test_interleaved_rounds_spread_host_drift_over_every_provider():
+    """Three providers, the host 3x slower for a while: timed one after another, the one timed then would
+    read 3x; in alternating rounds the slow period costs every provider the same few rounds, and the
+    median over rounds is each one's true time."""
+    clock, step, log = _fake_host(1.5, 2.2)
+    got = common.time_interleaved({"a": step("a", 10), "b": step("b", 10), "c": step("c", 20)}, rounds=10,
+                                  block_s=0.1, clock=clock)
+    assert {n: r["ms"] for n, r in got.items()} == pytest.approx({"a": 10, "b": 10, "c": 20})
+    assert {n: r["calls_per_block"] for n, r in got.items()} == {"a": 10, "b": 10, "c": 5}
+    assert all(r["rounds"] == 10 and r["ms_p20"] <= r["ms"] <= r["ms_p80"] for r in got.values())
+    assert got["a"]["ms_p80"] > 10  # the slow rounds are in the spread, not the median
+    runs = "".join(n for i, n in enumerate(log) if i == 0 or log[i - 1] != n)  # "cc" of "abc" + "cba" is one run
+    assert runs == "abc" + "a" + "bcba" * 5  # warm-up and sizing, then 10 rounds, every other one reversed
+
+
+def test_interleaved_rounds_keep_the_time_per_provider():
+    """Calls longer than a block: fewer rounds (at least min_rounds), the same ~rounds x block_s each."""
+    clock, step, log = _fake_host(0, 0)
+    got = common.time_interleaved({"fast": step("fast", 1), "slow": step("slow", 250)}, rounds=10, block_s=0.1,
+                                  clock=clock)
+    assert got["slow"]["rounds"] == got["fast"]["rounds"] == 5 and got["slow"]["calls_per_block"] == 1
+    assert got["fast"]["calls_per_block"] == 200 and got["slow"]["ms"] == pytest.approx(250)
+
+
+def test_interleaved_rounds_drop_a_provider_that_raises():
+    clock, step, log = _fake_host(0, 0)
+    got = common.time_interleaved({"ok": step("ok", 10), "bad": step("bad", 10, fail_after=12),
+                                   "dead": step("dead", 10, fail_after=0)}, rounds=4, block_s=0.1, clock=clock)
+    assert got["ok"]["ms"] == pytest.approx(10) and got["ok"]["rounds"] == 5
+    assert isinstance(got["bad"], RuntimeError) and isinstance(got["dead"], RuntimeError)
+    assert log.count("bad") == 12 and "dead" not in log
 
 
 def test_bert_budget_lists_what_did_not_run():
@@ -308,7 +373,8 @@ def test_gpu_run_end_to_end_with_fake_timers(tmp_path, monkeypatch, capsys):
     """run.py's GPU path (suites in order, results files, LATEST.md) on the CPU with fake timers."""
     monkeypatch.setattr(ops, "copy_bandwidth", lambda device: {"bytes": 2, "ms": 1.0, "gbs": 100.0})
     monkeypatch.setattr(common, "time_op", lambda step, warmup, rep: (step(), 0.5, 0.4, 0.6)[1:])
-    monkeypatch.setattr(common, "time_model", lambda step: (step(), 2.0, 1.5, 2.5)[1:])
+    monkeypatch.setattr(common, "time_interleaved", lambda steps, sync, rounds, block_s: {
+        n: {"ms": 2.0, "ms_p20": 1.5, "ms_p80": 2.5, "rounds": rounds} for n in steps})
     env = common.environment(CPU)
     monkeypatch.setattr(common, "environment", lambda device: {**env, "gpu": "Fake GPU", "gpu_slug": "fake"})
     for argv in (["--ops", "layer_norm", "--quick", "--dtype", "fp16", "--shapes", "4096x768", "--providers", "eager"],
