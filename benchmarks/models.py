@@ -23,7 +23,6 @@ import os
 import time
 import zlib
 from typing import Any, Callable
-from unittest import mock
 
 from benchmarks import common
 from benchmarks.common import Skip
@@ -159,9 +158,10 @@ def build_hf(name: str, head: str, device, attn: str = "eager", seed: int = 0):
 
 
 def with_attention(model, impl: str):
-    """A deep copy of an HF model running attention implementation `impl`."""
+    """A deep copy of an HF model (built with eager attention) running attention implementation `impl`."""
     twin = copy.deepcopy(model)
-    twin.set_attn_implementation(impl)
+    if impl != "eager":
+        twin.set_attn_implementation(impl)
     return twin
 
 
@@ -245,11 +245,15 @@ def raise_recompile_limit(limit: int = 256) -> None:
 class Provider:
     name: str
     describe: str
-    # (group, ids, mask) -> (module whose parameters train, fn(ids, mask) -> hidden or logits, note)
-    build: Callable[..., tuple]
+    build: Callable[..., tuple]  # group -> (module whose parameters train, fn(ids, mask) -> hidden or logits, note)
     needs_cuda: bool = False
     setup_prior_s: float = 5.0  # building + the first call (a compile, a capture), before anything is measured
     suites: tuple[str, ...] = ("bert", "train")
+    graphs: bool = False  # the built model replayed from a CUDA graph captured per cell (CUDA inference only)
+
+    def __post_init__(self):
+        if self.graphs:
+            self.needs_cuda, self.suites, self.setup_prior_s = True, ("bert",), 10.0
 
 
 def _call(model, head):
@@ -257,61 +261,40 @@ def _call(model, head):
 
 
 def _hf(attn):
-    def build(g, ids, mask):
-        model = copy.deepcopy(g.base) if attn == "eager" else with_attention(g.base, attn)
+    def build(g):
+        model = with_attention(g.base, attn)
         return model, _call(model, g.head), None
 
     return build
 
 
-def _varlen(g, ids, mask):
-    if g.device.type != "cuda":
-        raise Skip("torch.nn.attention.varlen.varlen_attn runs on CUDA only")
+def _varlen(g):
     model = with_attention(g.base, "sdpa")
     return model, hf_varlen(model, g.head), None
 
 
-def _optimize(backend, attn="eager", graphs=False):
-    def build(g, ids, mask):
+def _optimize(backend, attn="eager"):
+    def build(g):
         if backend is not None:
             from benchmarks.ops import unavailable
 
             unavailable(backend, g.device)
-        src = copy.deepcopy(g.base) if attn == "eager" else with_attention(g.base, attn)
-        model, note = optimize_model(src, backend)
-        if graphs:
-            return model, cuda_graph(model.eval(), ids, mask, g.head), note + "; CUDAGraphRunner, one bucket per cell"
+        model, note = optimize_model(with_attention(g.base, attn), backend)
         return model, _call(model, g.head), note
 
     return build
 
 
-def _hf_graphs(g, ids, mask):
-    model = with_attention(g.base, "sdpa")
-    return model, cuda_graph(model.eval(), ids, mask, g.head), "CUDAGraphRunner, one bucket per cell"
-
-
-def _bk(backend, graphs=False):
-    def build(g, ids, mask):
-        if backend is not None:
-            from benchmarks.ops import unavailable
-
-            unavailable(backend, g.device)
-        model, note = bk_model(g.base, g.head, graph_safe=graphs)
-        if graphs:
-            return model, cuda_graph(model.eval(), ids, mask), note + "; CUDAGraphRunner, one bucket per cell"
-
-        def fn(i, m):  # bertkern.models' ops take their backend from the environment
-            with mock.patch.dict(os.environ, {"BERTKERN_BACKEND": backend} if backend else {}):
-                return output(model(i, attention_mask=m), g.head)
-
-        return model, fn, note
+def _bk(graph_safe=False):
+    def build(g):
+        model, note = bk_model(g.base, g.head, graph_safe)
+        return model, _call(model, g.head), note
 
     return build
 
 
 def _compile(mode=None):
-    def build(g, ids, mask):
+    def build(g):
         raise_recompile_limit()
         model = with_attention(g.base, "sdpa")
         return model, _call(torch.compile(model, mode=mode, dynamic=False), g.head), None
@@ -327,16 +310,15 @@ PROVIDERS = [
              "torch.nn.attention.varlen.varlen_attn (CUDA only)", _varlen, needs_cuda=True),
     Provider("optimize", "bertkern.optimize(hf-sdpa): optimize() default", _optimize(None, "sdpa")),
     Provider("optimize+graphs", "optimize, replayed from a CUDA graph per shape (bertkern.cuda_graphs."
-             "CUDAGraphRunner; padding-free inside the graph)", _optimize(None, "sdpa", graphs=True), True, 10.0,
-             ("bert",)),
+             "CUDAGraphRunner; padding-free inside the graph)", _optimize(None, "sdpa"), graphs=True),
     Provider("hf-sdpa+graphs", "hf-sdpa replayed from a CUDA graph per shape (CUDAGraphRunner): the fair "
-             "baseline for +graphs", _hf_graphs, True, 10.0, ("bert",)),
+             "baseline for +graphs", _hf("sdpa"), graphs=True),
     Provider("optimize-triton", "bertkern.optimize(hf-eager, backend=\"triton\")", _optimize("triton")),
     Provider("optimize-cuda", "bertkern.optimize(hf-eager, backend=\"cuda\")", _optimize("cuda")),
     Provider("optimize-torch", "bertkern.optimize(hf-eager, backend=\"torch\") (reference ops)", _optimize("torch")),
-    Provider("bk-model", "bertkern.models' BERT, every fused-path flag on, auto backend", _bk(None)),
+    Provider("bk-model", "bertkern.models' BERT, every fused-path flag on, auto backend", _bk()),
     Provider("bk-model+graphs", "bk-model less padding_free, replayed from a CUDA graph per shape "
-             "(bertkern.cuda_graphs.CUDAGraphRunner)", _bk(None, graphs=True), True, 10.0, ("bert",)),
+             "(bertkern.cuda_graphs.CUDAGraphRunner)", _bk(graph_safe=True), graphs=True),
     Provider("compile", "torch.compile(hf-sdpa, dynamic=False), one compile per shape (first_call_s)", _compile(),
              setup_prior_s=90.0),
     Provider("compile-max-autotune", "torch.compile(hf-sdpa, mode=\"max-autotune\", dynamic=False)",
@@ -494,7 +476,10 @@ def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget,
         else:
             try:
                 with torch.no_grad() if g.suite == "bert" else torch.enable_grad():  # no autograd inside a capture
-                    model, fn, note = p.build(g, ctx["ids"], ctx["mask"])
+                    model, fn, note = p.build(g)
+                    if p.graphs:
+                        fn = cuda_graph(model.eval(), ctx["ids"], ctx["mask"], g.head)
+                        note = (f"{note}; " if note else "") + "CUDAGraphRunner, one bucket per cell"
                 if note:
                     out["notes"][p.name] = note
                 entry = check(g, cell, model, fn, ctx)

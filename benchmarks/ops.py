@@ -28,7 +28,6 @@ import torch
 
 from bertkern.testing import check_2x
 
-DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 # The API's names -> benchmarks/bench_<file>.py; the old bench names still work.
 OPS = {"add_layer_norm": "layer_norm", "masked_softmax": "masked_softmax", "bias_gelu": "bias_gelu",
        "embedding_layer_norm": "layer_norm", "attention": "attention", "attention_varlen": "attention"}

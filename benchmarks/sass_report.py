@@ -7,22 +7,9 @@ No GPU is needed. Triton kernels are compiled exactly as the ops launch them at 
 launch functions run on meta tensors with their kernels swapped for recorders:
 bertkern.triton.compile_check) for sm_90 and sm_80 with Triton's bundled ptxas; CUDA kernels are read
 from the cubins in the built extension (bertkern/_C*.so). For each kernel: registers, spill (stack)
-bytes, shared memory, CTAs per SM, and a model of its hot loop from the SASS:
-
-- attention (forward, dK/dV, dQ): per CTA loop iteration, issue cycles = SASS instructions x warps / 4
-  (four schedulers per SM, one warp-instruction per cycle each), tensor-core cycles = the tile's
-  GEMM FLOPs / (4096 per SM-cycle on H100, 2048 on A100, fp16/bf16 dense), MUFU cycles = MUFU
-  instructions x 32 lanes x warps / 16 per SM-cycle. The largest is the bound; the ratio
-  issue / max(tensor, MUFU) says how far the loop is from being limited by its math (<= 1 means the
-  instruction stream hides behind the tensor cores or the exponentials).
-- elementwise / row kernels: SASS instructions executed per element (one thread-instruction = one
-  instruction of one lane) against the budget at the copy bandwidth: H100 issues ~3.0e13
-  thread-instructions/s (132 SMs x 4 x 32 lanes x ~1.8 GHz) and moves 3.0 TB/s, so a kernel moving b
-  bytes per element is issue-bound above ~10 b instructions per element (A100: 1.95e13 / 2.0 TB/s).
-
-It is a static model, not a measurement: no latency, no memory-system effects, no dual issue, loop
-trip counts from the tile sizes. Its use is to compare versions of a kernel and to catch a loop that
-cannot reach its floor; the GPU timings (benchmarks/run.py) are the truth. See report.md for limits.
+bytes, shared memory, CTAs per SM, and a model of its hot loop from the SASS (MODEL_TEXT below says
+how, and its limits: a static model for comparing versions of a kernel, not a measurement; the GPU
+timings of benchmarks/run.py are the truth).
 
 Targets (issue 12; sm_90, fp16, head dim 64): attention forward issue <= 1.2 x max(tensor, MUFU) with
 no mask or a padding mask, <= 1.5 x with a [B,H,S,S] float mask; backward <= 1.3 x per kernel;
@@ -90,10 +77,10 @@ def _short(kernel: str) -> str:
     return re.sub(r"^void (bertkern::)?", "", kernel).split("(")[0]
 
 
-def _known(row: dict, check: str) -> bool:
-    if row["backend"] == "cuda":
-        return check == "spill" and (row["arch"], _short(row["kernel"])) in KNOWN_CUDA_SPILLS
-    return (row["id"], row["kernel"], check) in KNOWN_GAPS
+def _gap_key(row: dict, check: str) -> tuple:
+    """A check's key in KNOWN_GAPS (Triton) or KNOWN_CUDA_SPILLS (CUDA, whose only check is the spill)."""
+    return (row["id"], row["kernel"], check) if row["backend"] == "triton" else (row["arch"], _short(row["kernel"]))
+
 
 # bytes per element that must cross DRAM (fp16), by (op, direction, variant)
 def _bytes_per_element(op: str, direction: str, params: dict, kernel: str) -> float:
@@ -363,15 +350,12 @@ def gaps(rows: list[dict]) -> tuple[list[tuple], list[tuple]]:
     unexpected, seen = [], set()
     for r in rows:
         for name, c in r.get("checks", {}).items():
-            key = (r["id"], r["kernel"], name) if r["backend"] == "triton" else (r["arch"], _short(r["kernel"]))
             if not c["met"]:
-                seen.add(key)
-                if not _known(r, name):
-                    unexpected.append(key)
-    ran = {(r["id"], r["kernel"]) for r in rows} | {(r["arch"], _short(r["kernel"])) for r in rows
-                                                    if r["backend"] == "cuda" and "kernel" in r}
-    stale = [k for k in KNOWN_GAPS if k[:2] in ran and k not in seen]
-    stale += [k for k in KNOWN_CUDA_SPILLS if k in ran and k not in seen]
+                seen.add(_gap_key(r, name))
+                if _gap_key(r, name) not in KNOWN_GAPS | KNOWN_CUDA_SPILLS:
+                    unexpected.append(_gap_key(r, name))
+    ran = {_gap_key(r, "")[:2] for r in rows if "kernel" in r}  # (case, kernel) / (arch, kernel)
+    stale = sorted(k for k in KNOWN_GAPS | KNOWN_CUDA_SPILLS if k[:2] in ran and k not in seen)
     return unexpected, stale
 
 

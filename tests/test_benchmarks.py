@@ -1,7 +1,9 @@
-"""The benchmarks (benchmarks/) on the CPU: byte counts, the correctness gate, the CLI (API op names,
---help, bad arguments), the CPU mode's one screen, the results files (JSON, CSV, Markdown, LATEST.md,
-the README block), the model suites' cells, budget and gate on a tiny config, and their GPU code path
-driven with a fake timer. The GPU timing itself runs on a GPU machine (benchmarks/gpu_check.sh)."""
+"""The benchmarks (benchmarks/) on the CPU: byte counts, the op case lists (a budget measures BERT's
+sizes first) and input copies, the correctness gate, the CLI (API op names, --help, bad arguments),
+the CPU mode's one screen, the results files (JSON, CSV, Markdown, LATEST.md, the README block), the
+model suites' cells, budget and gate on a tiny config, the interleaved timing rounds on a fake clock,
+and their GPU code path driven with fake timers. The GPU timing itself runs on a GPU machine
+(benchmarks/gpu_check.sh)."""
 from __future__ import annotations
 
 import csv
@@ -54,6 +56,43 @@ def test_ops_take_the_api_names_and_the_old_ones():
     assert set(ops.OPS) == set(bertkern.ops.__all__)  # one name per op, the API's
     with pytest.raises(ValueError, match="no_such_op"):
         ops.discover(["no_such_op"])
+
+
+def _tokens(case: ops.Case) -> int:
+    shape = case.shape
+    return shape.get("rows") or shape.get("tokens") or shape["batch"] * shape["seq"]
+
+
+@pytest.mark.parametrize("spec", ops.discover(), ids=lambda s: s.name)
+def test_a_budget_measures_bert_sizes_first_and_the_smallest_later(spec):
+    """A time budget cuts the tail of the case list: it must start at BERT's sizes (batch 32 x seq
+    128 / 512), not at a launch-bound tiny one; --quick runs BERT's sizes only."""
+    full, quick = spec.cases(False), spec.cases(True)
+    assert _tokens(full[0]) in ops.BERT_TOKENS and all(_tokens(c) in ops.BERT_TOKENS for c in quick)
+    smallest = min(range(len(full)), key=lambda i: spec.bytes_moved(full[i]))
+    assert all(i < smallest for i, c in enumerate(full) if _tokens(c) in ops.BERT_TOKENS)
+
+
+def test_budget_order():
+    shapes = [{"rows": r, "hidden": n} for n in (768, 1024, 384) for r in (128, 4096, 16384, 65536)]
+    assert [(s["rows"], s["hidden"]) for s in ops.budget_order(shapes, "rows", "hidden")] == [
+        (4096, 768), (16384, 768), (4096, 1024), (16384, 1024),  # BERT-base, -large
+        (65536, 1024), (65536, 768), (65536, 384), (16384, 384), (4096, 384), (128, 1024), (128, 768), (128, 384)]
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("l2_copies", [0.1, 2.5])
+def test_prepare_makes_the_rotation_count_of_copies(direction, l2_copies):
+    """ops.rotations copies, each with its output gradients; one copy (a case larger than twice the L2,
+    which failed with an IndexError) included."""
+    spec = ops.discover(["attention"])[0]
+    case = next(c for c in spec.cpu_cases(True) if c.direction == direction)
+    one = ops.prepare(spec, case, torch.device("cpu"))
+    l2 = max(1, int(l2_copies * one.copies[0].nbytes()))
+    prep = ops.prepare(spec, case, torch.device("cpu"), l2)
+    assert len(prep.copies) == ops.rotations(prep.nbytes, l2, one.copies[0].nbytes(), 1 << 34)
+    assert (len(prep.copies) > 1) == (l2_copies > 1)
+    assert all(len(c.grad_outs) == (direction != "fwd") for c in prep.copies)
 
 
 def test_rotations_exceed_l2():
@@ -213,7 +252,7 @@ def test_budget():
 
 
 def _wrong(scale=1.05, raises=False):
-    def build(g, ids, mask):
+    def build(g):
         model = g.base
 
         def fn(i, m):
