@@ -92,6 +92,12 @@ def shape_matches(values, shapes) -> bool:
     return shapes is None or any(tuple(values)[: len(s)] == tuple(s) for s in shapes)
 
 
+def verdict(errors: dict, reasons: list[str | None], **extra) -> dict:
+    """A provider's entry from the correctness gate: ok, or WRONG with its reasons."""
+    reason = "; ".join(r for r in reasons if r)
+    return {"status": "WRONG" if reason else "ok", "errors": errors, **extra} | ({"reason": reason} if reason else {})
+
+
 # ----------------------------------------------------------------------------- time budget
 class Budget:
     """A wall-clock deadline plus learned cost estimates (seconds) for what is left to run."""

@@ -380,12 +380,10 @@ def judge_grads(loss, grads, eager_loss, eager_grads, ref_loss, ref_grads, amp) 
                        floor=floor * max(1.0, abs(ref_loss))),
               check_2x([grads[n] for n in got], rs, [eager_grads[n] for n in got], "grads",
                        floor=floor * max(r.abs().max().item() for r in rs))]
-    reasons = [c.reason for c in checks if c.reason]
-    if missing:
-        reasons.insert(0, f"{len(missing)} parameters lack a gradient of their shape ({', '.join(missing[:3])})")
-    errors = {"loss": checks[0].to_dict(), "grads": checks[1].to_dict()}
-    entry = {"status": "WRONG" if reasons else "ok", "errors": errors}
-    return entry | ({"reason": "; ".join(reasons)} if reasons else {})
+    lacking = (f"{len(missing)} parameters lack a gradient of their shape ({', '.join(missing[:3])})"
+               if missing else None)
+    return common.verdict({"loss": checks[0].to_dict(), "grads": checks[1].to_dict()},
+                          [lacking] + [c.reason for c in checks])
 
 
 def prepare(g: Group, cell: Cell) -> dict:
@@ -421,8 +419,7 @@ def check(g: Group, cell: Cell, model, fn, ctx) -> dict:
                      floor=floor_of(cell.dtype, "model"), scale_floor=True)
         reason = "NaN in the output" if torch.isnan(got[real]).any() else c.reason  # every row, not only the checked
         vs_eager = (got[real].double() - ctx["eager"][real].double()).abs().max().item()
-        entry = {"status": "WRONG" if reason else "ok", "errors": {"hidden": c.to_dict()}, "vs_eager": vs_eager}
-        return entry | ({"reason": reason} if reason else {})
+        return common.verdict({"hidden": c.to_dict()}, [reason], vs_eager=vs_eager)
     saved = set_dropout(model, 0.0)
     loss, grads = loss_and_grads(model, fn, *ctx["check"], cell.dtype)
     set_dropout(model, None, saved)

@@ -242,9 +242,7 @@ def check(spec: OpSpec, case: Case, fn: Callable, prep: Prepared, device: torch.
         keep = spec.valid(prep.copies[0].inputs)
         outs, ref64, eager = (tuple(torch.where(keep, t, 0) for t in ts) for ts in (outs, ref64, eager))
     checks = {n: check_2x(o, r, e, n, scale_floor=True) for n, o, r, e in zip(names, outs, ref64, eager)}
-    reason = "; ".join(c.reason for c in checks.values() if c.reason)
-    return {"status": "WRONG" if reason else "ok", "errors": {n: c.to_dict() for n, c in checks.items()}} | (
-        {"reason": reason} if reason else {})
+    return common.verdict({n: c.to_dict() for n, c in checks.items()}, [c.reason for c in checks.values()])
 
 
 def run_case(spec: OpSpec, case: Case, provs: dict, device: torch.device, copy_gbs: float = 0.0, l2: int = 0,
