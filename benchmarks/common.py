@@ -165,13 +165,13 @@ def time_interleaved(steps: dict[str, Callable[[], Any]], rounds: int = 10, bloc
                 step()
                 sync()
                 n += 1
-            per_call[name] = (clock() - t0) / n
+            per_call[name] = max((clock() - t0) / n, 1e-9)
         except Exception as e:
             out[name] = e
     if not per_call:
         return out
     total_s = rounds * block_s
-    n_rounds = max(min_rounds, min(rounds, int(total_s / max(per_call.values()))))
+    n_rounds = min(rounds, max(min_rounds, int(total_s / max(per_call.values()))))
     number = {name: max(1, round(total_s / n_rounds / t)) for name, t in per_call.items()}
     times: dict[str, list[float]] = {name: [] for name in number}
     for r in range(n_rounds):
@@ -188,7 +188,7 @@ def time_interleaved(steps: dict[str, Callable[[], Any]], rounds: int = 10, bloc
                 out[name] = e
     for name, ts in times.items():
         if name not in out:
-            q = statistics.quantiles(ts, n=10, method="inclusive")
+            q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else ts * 9
             out[name] = {"ms": statistics.median(ts), "ms_p20": q[1], "ms_p80": q[7], "rounds": n_rounds,
                          "calls_per_block": number[name]}
     return out
