@@ -9,8 +9,9 @@ bertkern.ops.attention_varlen takes. Any mask pattern works (right or left paddi
 sequence is its real tokens in order. `repad` puts them back and fills padding with zeros.
 
 Both are differentiable (index_select / index_copy: one gather forward and one scatter backward,
-and vice versa). unpad waits for the device (to size the packed tensor and learn max_seqlen); a
-model calls it once per forward, not per layer. Inside a CUDA graph or torch.compile, where no host
+and vice versa). unpad waits for the device once (to size the packed tensor and learn max_seqlen),
+and on a batch without padding returns a view (no gather); a model calls it once per forward, not
+per layer. Inside a CUDA graph or torch.compile, where no host
 sync can happen, unpad_static / repad_static do the same with shapes fixed on the host (below).
 """
 from __future__ import annotations
@@ -35,12 +36,15 @@ def unpad(hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Ten
         raise ValueError(f"bertkern.padding.unpad: attention_mask is on {attention_mask.device} but hidden is on {hidden.device}")
     B, S = attention_mask.shape
     real = attention_mask.reshape(-1) != 0
-    indices = torch.nonzero(real).flatten()  # waits for the device (as does max_seqlen below)
     lengths = real.view(B, S).sum(1, dtype=torch.int32)
+    host_lengths = lengths.tolist()  # waits for the device: sizes the packed tensor, gives max_seqlen
+    total, max_seqlen = sum(host_lengths), max(host_lengths, default=0)
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    max_seqlen = int(lengths.max().item()) if B else 0
-    packed = hidden.reshape(B * S, *hidden.shape[2:]).index_select(0, indices)
-    return packed, indices, cu_seqlens, max_seqlen
+    flat = hidden.reshape(B * S, *hidden.shape[2:])
+    if total == B * S:  # no padding: every token is where it is (no nonzero, no gather)
+        return flat, torch.arange(total, device=hidden.device), cu_seqlens, max_seqlen
+    indices = torch.nonzero(real).flatten()
+    return flat.index_select(0, indices), indices, cu_seqlens, max_seqlen
 
 
 def repad(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:

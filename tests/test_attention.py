@@ -357,6 +357,10 @@ def test_unpad_repad_round_trip_and_grads():
     back = padding.repad(packed, idx, B, S)
     torch.testing.assert_close(back, hidden * mask[:, :, None, None])
     assert torch.autograd.gradcheck(lambda h: padding.repad(padding.unpad(h, mask)[0] * 2, idx, B, S), (hidden,))
+    full = torch.ones(B, S, dtype=torch.bool)  # no padding: a view in place, indices in order
+    packed, idx, cu, max_len = padding.unpad(hidden, full)
+    assert packed._base is hidden and idx.tolist() == list(range(B * S)) and cu.tolist() == [0, 6, 12, 18]
+    torch.testing.assert_close(padding.repad(packed, idx, B, S), hidden)
     with pytest.raises(ValueError, match="attention_mask must be"):
         padding.unpad(hidden, mask[:, :5])
     with pytest.raises(ValueError, match="indices"):

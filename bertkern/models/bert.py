@@ -494,7 +494,8 @@ class BertModel(_BertPreTrained):
             batch, seq = attention_mask.shape
             packed, indices, cu_seqlens, max_seqlen = padding.unpad(hidden, attention_mask)
             packed = self.encoder(packed, None, varlen=(cu_seqlens, max_seqlen))
-            hidden = padding.repad(packed, indices, batch, seq)
+            full = packed.shape[0] == batch * seq  # no padding: unpad left every token in place
+            hidden = packed.view(batch, seq, -1) if full else padding.repad(packed, indices, batch, seq)
         else:
             mask = self.keep_mask(attention_mask)  # built once, shared by every layer
             hidden = self.encoder(hidden, mask)
