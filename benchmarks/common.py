@@ -363,6 +363,10 @@ def render_markdown(doc: dict) -> str:
         cb = doc["copy_bandwidth"]
         lines += [f"Copy bandwidth measured in the same run (the 100% line): **{cb['gbs']:.0f} GB/s** "
                   f"({cb['bytes'] / 1e9:.2f} GB read + written in {cb['ms']:.3f} ms).", ""]
+    if doc.get("timing"):
+        t = doc["timing"]
+        lines += [f"Timing: {t['method']}." + (f" Spread of the rounds, (p80 - p20) / median over every provider "
+                                               f"and cell: {t['spread']}." if t.get("spread") else ""), ""]
     lines += [f"Each cell: median time · rates · speed-up over {doc['baseline']}. WRONG = failed the correctness "
               "gate (not timed); error = raised. Settings: " + ", ".join(f"{k} {v}" for k, v in doc["settings"].items())
               + ".", "", "Providers:"] + [f"- {p}: {doc['describe'].get(p, '')}" for p in providers]

@@ -529,11 +529,13 @@ def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget,
 def spread(doc: dict) -> str | None:
     """How far the rounds of one provider on one cell spread: (p80 - p20) / median, the median and the
     worst over every timed entry."""
-    rel = sorted(((e["ms_p80"] - e["ms_p20"]) / e["ms"], f"{p}, {common.case_label(r['case'])}")
+    rel = sorted(((e["ms_p80"] - e["ms_p20"]) / e["ms"], p, r["case"])
                  for r in doc["results"] for p, e in r.get("providers", {}).items() if e.get("ms") and "ms_p80" in e)
     if not rel:
         return None
-    return f"median {100 * rel[len(rel) // 2][0]:.1f}%, worst {100 * rel[-1][0]:.1f}% ({rel[-1][1]})"
+    worst, p, c = rel[-1]
+    return (f"median {100 * rel[len(rel) // 2][0]:.1f}%, worst {100 * worst:.1f}% ({p} on {c['model']} {c['dtype']} "
+            f"{c['batch']}x{c['seq']} fill {c['fill']})")
 
 
 def run(suite: str, device, cell_list: list[Cell], provs: list[Provider], *, budget: common.Budget | None = None,
@@ -544,13 +546,13 @@ def run(suite: str, device, cell_list: list[Cell], provs: list[Provider], *, bud
     timing: the rounds and block_s of common.time_interleaved (None: check only)."""
     budget = budget or common.Budget()
     how = "untimed" if timing is None else (
-        f"interleaved: {timing.get('rounds', 10)} rounds (at least {timing.get('min_rounds', 5)} when a call is "
-        f"longer than a block), each running every provider for a ~{timing.get('block_s', 0.1):g} s block of "
-        "back-to-back calls, order reversed every other round; per provider the median over rounds, p20/p80 "
-        "over rounds; L2 not flushed")
+        f"the providers of a cell side by side in {timing['rounds']} rounds (fewer, at least "
+        f"{timing.get('min_rounds', 5)}, when a call outlasts a block), each running every provider for a "
+        f"~{timing['block_s']:g} s block of back-to-back calls, the order reversed every other round; per provider "
+        "the median over its rounds (p20/p80: their spread); L2 not flushed")
     doc = {"schema": common.SCHEMA, "suite": suite, "name": suite, "env": env or common.environment(device),
            "title": "BERT inference" if suite == "bert" else "BERT fine-tuning step (AdamW, autocast)",
-           "settings": {"timer": how, **(timing or {}), **(settings or {})},
+           "settings": settings or {}, "timing": {"method": how, **(timing or {})},
            "providers": [p.name for p in provs], "describe": {p.name: p.describe for p in provs}, "baseline": "hf-sdpa",
            "table_keys": ["model", "dtype"], "x_key": "batch", "y_key": "tflops", "models": {}, "notes": {},
            "results": []}
@@ -579,7 +581,7 @@ def run(suite: str, device, cell_list: list[Cell], provs: list[Provider], *, bud
             log(f"  {r['not_run']}")
         doc["results"].append(r)
         if spread(doc):
-            doc["settings"]["spread over rounds, (p80 - p20) / median"] = spread(doc)
+            doc["timing"]["spread"] = spread(doc)
         if partial_json is not None:
             common.save_json(common.finish(doc), partial_json)
     doc["notes"].update({f"weights ({m})": w for m, w in doc["models"].items()})

@@ -291,12 +291,12 @@ def test_bert_cell_checks_then_times_only_right_providers(tmp_path):
     assert p["raises"]["status"] == "error" and "kernel launch failed" in p["raises"]["reason"]
     assert calls == [["hf-eager", "hf-sdpa", "optimize", "bk-model"]]  # the right ones, together, after the checks
     assert doc["baseline"] == "hf-sdpa" and "optimize (tiny)" in doc["notes"]
-    assert "4 rounds" in doc["settings"]["timer"] and doc["settings"]["block_s"] == 0.1
-    assert doc["settings"]["spread over rounds, (p80 - p20) / median"].startswith("median 40.0%, worst 40.0%")
+    assert "in 4 rounds" in doc["timing"]["method"] and doc["timing"]["block_s"] == 0.1
+    assert doc["timing"]["spread"].startswith("median 40.0%, worst 40.0% (")
     assert json.loads((tmp_path / "bert.json").read_text())["results"][0]["providers"]["raises"]["status"] == "error"
     assert lines[0].startswith("[1/1") and len(lines) == 1 + len(provs) + 1 + 4  # progress: checks, then timings
     md = common.render_markdown(doc)
-    assert "interleaved: 4 rounds" in md and "spread over rounds" in md
+    assert "Timing: the providers of a cell side by side in 4 rounds" in md and "Spread of the rounds" in md
 
 
 def _fake_host(slow_from: float, slow_to: float):
