@@ -462,9 +462,10 @@ def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget,
     steps = {}  # the right providers' steps; their models live until the rounds are done
     for p in provs:
         t0, setup_key = time.monotonic(), (p.name, cell.model, SHORT[cell.dtype])
-        # this provider's setup and timing, and the timing still owed to the ones already checked
+        # this provider's setup and timing, and the timing still owed to the ones already checked (the
+        # timing per provider as the last cell took it: rounds x block_s whatever the cell)
         cost = (budget.estimate(setup_key, p.setup_prior_s)
-                + budget.estimate(("timing", cell.label), TIMING_PRIOR_S) * (len(steps) + 1) * (timing is not None))
+                + budget.estimate("timing", TIMING_PRIOR_S) * (len(steps) + 1) * (timing is not None))
         model, mem0 = None, torch.cuda.memory_allocated(g.device) if cuda else 0
         if p.needs_cuda and not cuda:
             entry = {"status": "skipped", "reason": "needs a CUDA GPU"}
@@ -511,7 +512,7 @@ def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget,
         results = (timer or common.time_interleaved)(steps, sync=sync, **timing)
         steps.clear()
         common.free_memory(g.device)
-        budget.learn(("timing", cell.label), (time.monotonic() - t0) / len(results) + 0.5)
+        budget.learn("timing", (time.monotonic() - t0) / len(results) + 0.5)
         log(f"  timed side by side ({time.monotonic() - t0:.0f} s):")
         for name, t in results.items():
             entry = out["providers"][name]
