@@ -35,15 +35,16 @@
 //   mask kind (none / per-key / any 4-D) and dropout are template parameters: no runtime branch on
 //   them in the key loop. Wrappers of the PTX it uses: ptx.cuh.
 // - backward (no atomics, deterministic): delta = rowsum(dO * O); a dK/dV kernel (one block per 64
-//   keys, each warp 16, looping over query tiles, recomputing P^T from the stats) and a dQ kernel
-//   (one block per 64 queries, looping over key tiles). dS = P * (dP - delta).
+//   keys, each warp 16, streaming query tiles, recomputing P^T from the stats) and a dQ kernel
+//   (one block per 64 queries, streaming key tiles). dS = P * (dP - delta), P = 2^(logit - lse) in
+//   base 2 with ex2.approx. Tiles stream through two cp.async buffers; dropout and the mask kind
+//   (none or per-key / any 4-D) are template parameters.
 // Registers, spills and SASS without a GPU or a full build (T = torch's include folder; sm_80 alike):
 //   nvcc -cubin -O3 -std=c++20 -gencode arch=compute_90,code=sm_90 -Xptxas -v --expt-relaxed-constexpr
 //        -IT -IT/torch/csrc/api/include csrc/attention.cu -o attention.cubin
 //   $(python -c "import triton; print(triton.knobs.nvidia.cuobjdump.path)") -sass attention.cubin
-// Not yet here: cp.async, 32-row warps and compile-time mask / dropout in the backward (its
-// fragments do come from ldmatrix), wgmma on sm_90, and sharing Philox words across lanes in the
-// dK/dV kernel.
+// Not yet here: the backward's five-GEMM form (dQ from the dK/dV kernel: it still recomputes S and
+// dP in a separate dQ kernel, 7 GEMM-sized passes), 32-row warps in the backward, wgmma on sm_90.
 #include "common.cuh"
 #include "philox.cuh"
 #include "ptx.cuh"
@@ -234,27 +235,6 @@ __device__ __forceinline__ void mma_pb(float (&acc)[kD / 8][4], const float (&p)
 }
 
 // ------------------------------------------------------------------ tiles, sequences, logits
-// rows x kD tile of a global [*, D] row block (row stride `stride`) into smem [rows][LD]; zeros past
-// `valid` rows and past D.
-template <int kRows, int kD, int LD>
-__device__ __forceinline__ void load_tile(uint16_t* s, const uint16_t* g, int64_t stride, int valid, int D,
-                                          bool vec) {
-  if (vec) {
-    constexpr int kChunks = kD / 8;
-    for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
-      const int r = c / kChunks, col = (c % kChunks) * 8;
-      uint4 x = make_uint4(0u, 0u, 0u, 0u);
-      if (r < valid && col < D) x = *reinterpret_cast<const uint4*>(g + r * stride + col);
-      *reinterpret_cast<uint4*>(s + r * LD + col) = x;
-    }
-  } else {
-    for (int e = threadIdx.x; e < kRows * kD; e += kThreads) {
-      const int r = e / kD, col = e % kD;
-      s[r * LD + col] = r < valid && col < D ? g[r * stride + col] : uint16_t(0);
-    }
-  }
-}
-
 struct Seq {
   int64_t tok0;  // first token of the sequence in the packed tensors (0 padded)
   int Lq, Lk;
@@ -278,25 +258,6 @@ __device__ __forceinline__ const uint16_t* at_token(const void* base, const Stri
   return static_cast<const uint16_t*>(base) + b * s.b + h * s.h + tok * s.s;
 }
 
-// The logit of query i, key j: acc * scale + mask, or -inf where masked or out of range.
-template <typename T>
-__device__ __forceinline__ float logit(const Params& p, int64_t mbase, int i, int j, int Lq, int Lk, float acc) {
-  if (i >= Lq || j >= Lk) return -INFINITY;
-  float z = acc * p.scale;
-  if (p.mask_kind != 0) {
-    const int64_t off = mbase + i * p.mq + j * p.mk;
-    if (p.mask_kind == 1) {
-      if (static_cast<const uint8_t*>(p.mask)[off] == 0) return -INFINITY;
-    } else {
-      const float m = p.mask_kind == 2 ? static_cast<const float*>(p.mask)[off]
-                                       : Half16<T>::to_float(static_cast<const uint16_t*>(p.mask)[off]);
-      if (!(m > p.mask_lowest)) return -INFINITY;  // NaN masks too
-      z += m;
-    }
-  }
-  return z;
-}
-
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(kFull, x, 1));
   return fmaxf(x, __shfl_xor_sync(kFull, x, 2));
@@ -305,15 +266,6 @@ __device__ __forceinline__ float quad_max(float x) {
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(kFull, x, 1);
   return x + __shfl_xor_sync(kFull, x, 2);
-}
-
-// Keep bits of columns col, col + 1 (col even) of dropout row `row`: one Philox call.
-__device__ __forceinline__ uint32_t keep_pair(const Dropout& d, int64_t row, int col) {
-  const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(col >> 2), static_cast<uint32_t>(row), 0u, 0u),
-                                d.key);
-  const bool hi = (col & 2) != 0;
-  return static_cast<uint32_t>(((hi ? r.z : r.x) >> 1) >= d.thresh) |
-         (static_cast<uint32_t>(((hi ? r.w : r.y) >> 1) >= d.thresh) << 1);
 }
 
 // Stores rows (row0 + g, row0 + g + 8) of a 16 x kD fp32 C-layout block, times row_scale[r], into
@@ -711,88 +663,154 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Par
   if (lane == 0) p.delta[b * p.st_b + h * p.st_h + seq.tok0 + i] = acc;
 }
 
-// Per-query statistics of a tile in shared memory: (max, 1 / sum, delta); +inf / 0 / 0 for rows out
-// of range or fully masked, so that exp(logit - max) / sum is 0 there (and never inf * 0).
-__device__ __forceinline__ void load_row_stats(const Params& p, float* s_max, float* s_inv, float* s_delta, int b,
-                                               int h, const Seq& seq, int m0, int rows) {
-  for (int r = threadIdx.x; r < rows; r += kThreads) {
-    const int i = m0 + r;
-    float mx = INFINITY, inv = 0.f, dl = 0.f;
-    if (i < seq.Lq) {
-      const int64_t off = b * p.st_b + h * p.st_h + seq.tok0 + i;
-      mx = p.stats[off];
-      if (mx == -INFINITY) mx = INFINITY;
-      inv = p.stats[p.plane + off];
-      dl = p.delta[off];
-    }
-    s_max[r] = mx;
-    s_inv[r] = inv;
-    s_delta[r] = dl;
-  }
+// Both gradient kernels recompute P = 2^(z - lse) from the forward's statistics, z the logit in
+// base 2 (q.k * scale * log2 e with one FFMA, as in the forward) and lse = max * log2 e + log2(sum)
+// per query row: one FADD and one ex2.approx per element, no divide. Like the forward they are
+// compiled per mask kind and dropout, but with two mask kinds: no mask and a per-key mask share a
+// kernel (their key bias is read once per block or key tile, outside the hot loop), and any other
+// mask is read per element. Tiles are copied with cp.async into two buffers: the next one streams
+// in while the current one is multiplied, one barrier per tile.
+namespace bwd {
+constexpr int kBlock = kRowsPerBlock;  // keys per dK/dV block, queries per dQ block (4 warps x 16)
+constexpr int tile(int kD) { return kD <= 64 ? 64 : 32; }  // the streamed tile: 64 rows spill above D 64
+constexpr int smem_bytes(int kD) {  // both kernels: two kBlock-row tiles, 2 x 2 streamed tiles, 4 x tile floats
+  return (2 * kBlock + 4 * tile(kD)) * (kD + kPad) * 2 + 4 * tile(kD) * 4;
+}
+}  // namespace bwd
+
+// The key bias of key j (key_bias) with the no-mask case decided at run time.
+template <typename T>
+__device__ __forceinline__ float key_bias_bwd(const Params& p, int64_t mbase, int j, int Lk) {
+  return p.mask == nullptr ? key_bias<T, fwd::kNoMask>(p, mbase, j, Lk) : key_bias<T, fwd::kKeyMask>(p, mbase, j, Lk);
 }
 
-// dK, dV: one block per 64 keys (each warp 16 keys), looping over tiles of kM queries. Computed
-// transposed (keys as rows): S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q.
+// The base-2 logit of query i, key j under a per-element mask: acc * sl2 + mask * log2 e, or -inf
+// where masked or out of range (the mask is never read there).
+template <typename T>
+__device__ __forceinline__ float logit2_any(const Params& p, int64_t mbase, int i, int j, int Lq, int Lk, float acc,
+                                            float sl2) {
+  if (i >= Lq || j >= Lk) return -INFINITY;
+  const int64_t off = mbase + i * p.mq + j * p.mk;
+  if (p.mask_kind == 1) return static_cast<const uint8_t*>(p.mask)[off] ? acc * sl2 : -INFINITY;
+  const float m = p.mask_kind == 2 ? static_cast<const float*>(p.mask)[off]
+                                   : Half16<T>::to_float(static_cast<const uint16_t*>(p.mask)[off]);
+  return m > p.mask_lowest ? fmaf(m, fwd::kLog2e, acc * sl2) : -INFINITY;  // NaN masks too
+}
+
+// lse (base 2) and delta of query i: lse = +inf for a row out of range or fully masked (the
+// forward's max -inf, 1 / sum 0), so that 2^(z - lse) is 0 there and never inf * 0.
+__device__ __forceinline__ float2 row_stats(const Params& p, int b, int h, const Seq& seq, int i) {
+  if (i >= seq.Lq) return make_float2(INFINITY, 0.f);
+  const int64_t off = b * p.st_b + h * p.st_h + seq.tok0 + i;
+  const float mx = p.stats[off], inv = p.stats[p.plane + off];
+  const float lse = mx == -INFINITY || !(inv > 0.f) ? INFINITY : mx * fwd::kLog2e - log2f(inv);
+  return make_float2(lse, p.delta[off]);
+}
+
+// dK, dV: one block per 64 keys (each warp 16), streaming tiles of kM queries. Computed with keys
+// as rows: S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q.
 // (launch bounds with min 1 block: without it ptxas capped this kernel at 168 registers on sm_80 and
 // spilled at D = 32 and 80.)
-template <typename T, int kD>
+template <typename T, int kD, int kMask, bool kDropout>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const Params p) {
-  constexpr int kN = kRowsPerBlock, kM = kD <= 64 ? 64 : 32, LD = kD + kPad;
+  constexpr int kN = bwd::kBlock, kM = bwd::tile(kD), LD = kD + kPad, kMT = kM / 8;
   BERTKERN_DYNAMIC_SMEM(smem);
   uint16_t* sK = reinterpret_cast<uint16_t*>(smem);  // [kN][LD]
   uint16_t* sV = sK + kN * LD;                       // [kN][LD]
-  uint16_t* sQ = sV + kN * LD;                       // [kM][LD]
-  uint16_t* sDO = sQ + kM * LD;                      // [kM][LD]
-  float* s_max = reinterpret_cast<float*>(sDO + kM * LD);
-  float* s_inv = s_max + kM;
-  float* s_delta = s_inv + kM;
+  uint16_t* sQ = sV + kN * LD;                       // [2][kM][LD]
+  uint16_t* sDO = sQ + 2 * kM * LD;                  // [2][kM][LD]
+  float2* sStat = reinterpret_cast<float2*>(sDO + 2 * kM * LD);  // [2][kM]: (lse, delta) per query
 
   const int b = blockIdx.z, h = blockIdx.y, n0 = blockIdx.x * kN;
   const Seq seq = seq_of(p, b);
   if (n0 >= seq.Lk) return;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int row0 = warp * 16;
-  const int kj[2] = {n0 + row0 + g, n0 + row0 + g + 8};  // the thread's two keys
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int row0 = warp * 16, key0 = n0 + row0 + g;  // the thread's keys: key0, key0 + 8
 
-  const uint16_t* q = at_token(p.q, p.sq, b, h, seq.tok0);
-  const uint16_t* dout = at_token(p.dout, p.sdo, b, h, seq.tok0);
   const int64_t mbase = b * p.mb + h * p.mh;
-  const Dropout drop = make_dropout(p.seed, p.thresh);
+  Dropout drop{};
+  if constexpr (kDropout) drop = make_dropout(p.seed, p.thresh);
   const int64_t drow = (static_cast<int64_t>(b) * p.H + h) * p.row_stride;
-
-  load_tile<kN, kD, LD>(sK, at_token(p.k, p.sk, b, h, seq.tok0 + n0), p.sk.s, seq.Lk - n0, p.D, p.vk);
-  load_tile<kN, kD, LD>(sV, at_token(p.v, p.sv, b, h, seq.tok0 + n0), p.sv.s, seq.Lk - n0, p.D, p.vv);
-
-  float dk[kD / 8][4] = {}, dv[kD / 8][4] = {};
-  for (int m0 = 0; m0 < seq.Lq; m0 += kM) {
-    __syncthreads();  // the previous query tile is no longer read
-    load_tile<kM, kD, LD>(sQ, q + m0 * p.sq.s, p.sq.s, seq.Lq - m0, p.D, p.vq);
-    load_tile<kM, kD, LD>(sDO, dout + m0 * p.sdo.s, p.sdo.s, seq.Lq - m0, p.D, p.vdo);
-    load_row_stats(p, s_max, s_inv, s_delta, b, h, seq, m0, kM);
-    __syncthreads();
-
-    float st[kM / 8][4] = {}, dpt[kM / 8][4] = {};
-    mma_abt<T, kD, kM, LD>(st, sK, row0, sQ, lane);
-    mma_abt<T, kD, kM, LD>(dpt, sV, row0, sDO, lane);
+  float kbias[2] = {0.f, 0.f};  // the keys' base-2 bias (no mask or a per-key mask)
+  if constexpr (kMask != fwd::kAnyMask) {
 #pragma unroll
-    for (int j = 0; j < kM / 8; ++j) {
+    for (int r = 0; r < 2; ++r) kbias[r] = key_bias_bwd<T>(p, mbase, key0 + 8 * r, seq.Lk);
+  }
+
+  // Prologue: K, V and the first Q / dO tile in one group, the first tile's statistics.
+  TileCopy<kM, kD, LD> q_copy(at_token(p.q, p.sq, b, h, seq.tok0), p.sq.s),
+      do_copy(at_token(p.dout, p.sdo, b, h, seq.tok0), p.sdo.s);
+  TileCopy<kN, kD, LD>(at_token(p.k, p.sk, b, h, seq.tok0 + n0), p.sk.s).copy(sK, seq.Lk - n0, p.D, p.vk);
+  TileCopy<kN, kD, LD>(at_token(p.v, p.sv, b, h, seq.tok0 + n0), p.sv.s).copy(sV, seq.Lk - n0, p.D, p.vv);
+  q_copy.copy(sQ, seq.Lq, p.D, p.vq);
+  do_copy.copy(sDO, seq.Lq, p.D, p.vdo);
+  ptx::cp_async_commit();
+  if (tid < kM) sStat[tid] = row_stats(p, b, h, seq, tid);
+  ptx::cp_async_wait<0>();
+  __syncthreads();
+
+  const float sl2 = p.scale * fwd::kLog2e;
+  float dk[kD / 8][4] = {}, dv[kD / 8][4] = {};
+  for (int m0 = 0, buf = 0; m0 < seq.Lq; m0 += kM, buf ^= 1) {
+    // The next query tile streams into the other buffers while this one is multiplied.
+    const bool more = m0 + kM < seq.Lq;
+    if (more) {
+      q_copy.next();
+      do_copy.next();
+      q_copy.copy(sQ + (buf ^ 1) * kM * LD, seq.Lq - m0 - kM, p.D, p.vq);
+      do_copy.copy(sDO + (buf ^ 1) * kM * LD, seq.Lq - m0 - kM, p.D, p.vdo);
+    }
+    ptx::cp_async_commit();
+    float2 next_stat = make_float2(0.f, 0.f);
+    if (more && tid < kM) next_stat = row_stats(p, b, h, seq, m0 + kM + tid);
+
+    const uint16_t* cQ = sQ + buf * kM * LD;
+    const uint16_t* cDO = sDO + buf * kM * LD;
+    const float2* stat = sStat + buf * kM;
+    float st[kMT][4] = {}, dpt[kMT][4] = {};
+    mma_abt<T, kD, kM, LD>(st, sK, row0, cQ, lane);
+    mma_abt<T, kD, kM, LD>(dpt, sV, row0, cDO, lane);
+#pragma unroll
+    for (int j = 0; j < kMT; ++j) {
+      uint32_t keep = 0;
+      if constexpr (kDropout) {
+        // One Philox call gives 4 consecutive keys of a query. The lanes sharing t and g / 4 (lane
+        // bits 2, 3 apart) hold keys 4 (g / 4) .. + 3 and + 8 of queries 8j + 2t, + 1: those are 4
+        // calls, one per lane (lane x = g % 4 takes query parity x % 2 and key half x / 2), and
+        // two shuffles give every lane all 16 bits: bit 4 (query parity + 2 key half) + g % 4.
+        const int x = g % 4;
+        const int c4 = (n0 + row0 + 8 * (x / 2)) / 4 + g / 4;
+        keep = keep4(drop, drow + m0 + 8 * j + 2 * t + x % 2, c4) << (4 * x);
+        keep |= __shfl_xor_sync(kFull, keep, 4);
+        keep |= __shfl_xor_sync(kFull, keep, 8);
+      }
+      const float4 s01 = *reinterpret_cast<const float4*>(stat + 8 * j + 2 * t);  // queries 2t, 2t + 1
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int c = 8 * j + 2 * t + (e & 1), i = m0 + c, key = kj[e / 2];
-        const float z = logit<T>(p, mbase, i, key, seq.Lq, seq.Lk, st[j][e]);
-        const float prob = __expf(z - s_max[c]) * s_inv[c];
-        float dp = dpt[j][e], pd = prob;
-        if (drop.on) {
-          const bool keep = keep_bits<1>(drop, drow + i, key) & 1u;
-          pd = keep ? prob * p.keep_scale : 0.f;
-          dp = keep ? dp * p.keep_scale : 0.f;
+        const int r = e / 2, x = e & 1;  // key row key0 + 8r, query column 8j + 2t + x
+        const float2 s = x ? make_float2(s01.z, s01.w) : make_float2(s01.x, s01.y);
+        float z;
+        if constexpr (kMask == fwd::kAnyMask) {
+          z = logit2_any<T>(p, mbase, m0 + 8 * j + 2 * t + x, key0 + 8 * r, seq.Lq, seq.Lk, st[j][e], sl2);
+        } else {
+          z = fmaf(st[j][e], sl2, kbias[r]);
         }
-        st[j][e] = pd;                          // P^T after dropout: dV's operand
-        dpt[j][e] = prob * (dp - s_delta[c]);   // dS^T: dK's operand
+        const float prob = ptx::ex2(z - s.x);
+        float dp = dpt[j][e], pd = prob;
+        if constexpr (kDropout) {
+          const bool kept = (keep >> (4 * (x + 2 * r) + g % 4)) & 1u;
+          pd = kept ? prob * p.keep_scale : 0.f;
+          dp = kept ? dp * p.keep_scale : 0.f;
+        }
+        st[j][e] = pd;                   // P^T after dropout: dV's operand
+        dpt[j][e] = prob * (dp - s.y);  // dS^T: dK's operand
       }
     }
-    mma_pb<T, kD, kM, LD>(dv, st, sDO, lane);
-    mma_pb<T, kD, kM, LD>(dk, dpt, sQ, lane);
+    mma_pb<T, kD, kM, LD>(dv, st, cDO, lane);
+    mma_pb<T, kD, kM, LD>(dk, dpt, cQ, lane);
+    if (more && tid < kM) sStat[(buf ^ 1) * kM + tid] = next_stat;
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // the next tile is in; every warp is done with this one
   }
 
   const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};
@@ -802,74 +820,103 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const P
                     row0, seq.Lk - n0, p.D, dk, scale, g, t);
 }
 
-// dQ: one block per 64 queries (each warp 16), looping over tiles of kN keys: S = Q K^T,
-// dP = dO V^T, dQ += dS K.
-template <typename T, int kD>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params p) {
-  constexpr int kM = kRowsPerBlock, kN = kD <= 64 ? 64 : 32, LD = kD + kPad;
+// dQ: one block per 64 queries (each warp 16), streaming tiles of kN keys: S = Q K^T,
+// dP = dO V^T, dQ += dS K. (min 2 blocks: ptxas's own choice capped the sm_80 D = 64 kernels at
+// 128 registers with spills, and 3 blocks spilled with dropout; shared memory allows 2 there.)
+template <typename T, int kD, int kMask, bool kDropout>
+__global__ void __launch_bounds__(kThreads, 2) attention_bwd_dq_kernel(const Params p) {
+  constexpr int kM = bwd::kBlock, kN = bwd::tile(kD), LD = kD + kPad, kNT = kN / 8;
   BERTKERN_DYNAMIC_SMEM(smem);
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);  // [kM][LD]
   uint16_t* sDO = sQ + kM * LD;                      // [kM][LD]
-  uint16_t* sK = sDO + kM * LD;                      // [kN][LD]
-  uint16_t* sV = sK + kN * LD;                       // [kN][LD]
-  float* s_max = reinterpret_cast<float*>(sV + kN * LD);
-  float* s_inv = s_max + kM;
-  float* s_delta = s_inv + kM;
+  uint16_t* sK = sDO + kM * LD;                      // [2][kN][LD]
+  uint16_t* sV = sK + 2 * kN * LD;                   // [2][kN][LD]
+  float* sBias = reinterpret_cast<float*>(sV + 2 * kN * LD);  // [2][kN] key bias (see key_bias)
 
   const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kM;
   const Seq seq = seq_of(p, b);
   if (m0 >= seq.Lq) return;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int row0 = warp * 16;
-  const int qi[2] = {m0 + row0 + g, m0 + row0 + g + 8};
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int row0 = warp * 16, qi0 = m0 + row0 + g;  // the thread's queries: qi0, qi0 + 8
 
-  const uint16_t* k = at_token(p.k, p.sk, b, h, seq.tok0);
-  const uint16_t* v = at_token(p.v, p.sv, b, h, seq.tok0);
   const int64_t mbase = b * p.mb + h * p.mh;
-  const Dropout drop = make_dropout(p.seed, p.thresh);
+  Dropout drop{};
+  if constexpr (kDropout) drop = make_dropout(p.seed, p.thresh);
   const int64_t drow = (static_cast<int64_t>(b) * p.H + h) * p.row_stride;
 
-  load_tile<kM, kD, LD>(sQ, at_token(p.q, p.sq, b, h, seq.tok0 + m0), p.sq.s, seq.Lq - m0, p.D, p.vq);
-  load_tile<kM, kD, LD>(sDO, at_token(p.dout, p.sdo, b, h, seq.tok0 + m0), p.sdo.s, seq.Lq - m0, p.D, p.vdo);
-  load_row_stats(p, s_max, s_inv, s_delta, b, h, seq, m0, kM);
-  __syncthreads();
-  float mx[2], inv[2], dl[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int c = row0 + g + 8 * r;
-    mx[r] = s_max[c];
-    inv[r] = s_inv[c];
-    dl[r] = s_delta[c];
+  // Prologue: Q, dO and the first K / V tile in one group, the first tile's key bias.
+  TileCopy<kN, kD, LD> k_copy(at_token(p.k, p.sk, b, h, seq.tok0), p.sk.s),
+      v_copy(at_token(p.v, p.sv, b, h, seq.tok0), p.sv.s);
+  TileCopy<kM, kD, LD>(at_token(p.q, p.sq, b, h, seq.tok0 + m0), p.sq.s).copy(sQ, seq.Lq - m0, p.D, p.vq);
+  TileCopy<kM, kD, LD>(at_token(p.dout, p.sdo, b, h, seq.tok0 + m0), p.sdo.s).copy(sDO, seq.Lq - m0, p.D, p.vdo);
+  k_copy.copy(sK, seq.Lk, p.D, p.vk);
+  v_copy.copy(sV, seq.Lk, p.D, p.vv);
+  ptx::cp_async_commit();
+  if constexpr (kMask != fwd::kAnyMask) {
+    if (tid < kN) sBias[tid] = key_bias_bwd<T>(p, mbase, tid, seq.Lk);
   }
+  float2 stat[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) stat[r] = row_stats(p, b, h, seq, qi0 + 8 * r);
+  ptx::cp_async_wait<0>();
+  __syncthreads();
 
+  const float sl2 = p.scale * fwd::kLog2e;
   float dq[kD / 8][4] = {};
-  for (int n0 = 0; n0 < seq.Lk; n0 += kN) {
-    __syncthreads();  // the previous key tile is no longer read
-    load_tile<kN, kD, LD>(sK, k + n0 * p.sk.s, p.sk.s, seq.Lk - n0, p.D, p.vk);
-    load_tile<kN, kD, LD>(sV, v + n0 * p.sv.s, p.sv.s, seq.Lk - n0, p.D, p.vv);
-    __syncthreads();
+  for (int n0 = 0, buf = 0; n0 < seq.Lk; n0 += kN, buf ^= 1) {
+    // The next key tile streams into the other buffers while this one is multiplied.
+    const bool more = n0 + kN < seq.Lk;
+    if (more) {
+      k_copy.next();
+      v_copy.next();
+      k_copy.copy(sK + (buf ^ 1) * kN * LD, seq.Lk - n0 - kN, p.D, p.vk);
+      v_copy.copy(sV + (buf ^ 1) * kN * LD, seq.Lk - n0 - kN, p.D, p.vv);
+    }
+    ptx::cp_async_commit();
+    float next_bias = 0.f;
+    if constexpr (kMask != fwd::kAnyMask) {
+      if (more && tid < kN) next_bias = key_bias_bwd<T>(p, mbase, n0 + kN + tid, seq.Lk);
+    }
 
-    float s[kN / 8][4] = {}, dp[kN / 8][4] = {};
-    mma_abt<T, kD, kN, LD>(s, sQ, row0, sK, lane);
-    mma_abt<T, kD, kN, LD>(dp, sDO, row0, sV, lane);
+    const uint16_t* cK = sK + buf * kN * LD;
+    const uint16_t* cV = sV + buf * kN * LD;
+    const float* bias = sBias + buf * kN;
+    float s[kNT][4] = {}, dp[kNT][4] = {};
+    mma_abt<T, kD, kN, LD>(s, sQ, row0, cK, lane);
+    mma_abt<T, kD, kN, LD>(dp, sDO, row0, cV, lane);
 #pragma unroll
-    for (int j = 0; j < kN / 8; ++j) {
-      uint32_t keep[2] = {3u, 3u};
-      if (drop.on) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) keep[r] = keep_pair(drop, drow + qi[r], n0 + 8 * j + 2 * t);
+    for (int j = 0; j < kNT; ++j) {
+      uint32_t mine = 0, other = 0;
+      if constexpr (kDropout) {  // as in the forward: lanes t, t ^ 1 share one call per row
+        mine = keep4(drop, drow + qi0 + 8 * (t & 1), (n0 + 8 * j) / 4 + t / 2);
+        other = __shfl_xor_sync(kFull, mine, 1);
       }
+      float2 bj = make_float2(0.f, 0.f);
+      if constexpr (kMask != fwd::kAnyMask) bj = *reinterpret_cast<const float2*>(bias + 8 * j + 2 * t);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int r = e / 2;
-        const float z = logit<T>(p, mbase, qi[r], n0 + 8 * j + 2 * t + (e & 1), seq.Lq, seq.Lk, s[j][e]);
-        const float prob = __expf(z - mx[r]) * inv[r];
+        const int r = e / 2, x = e & 1;  // query qi0 + 8r, key n0 + 8j + 2t + x
+        float z;
+        if constexpr (kMask == fwd::kAnyMask) {
+          z = logit2_any<T>(p, mbase, qi0 + 8 * r, n0 + 8 * j + 2 * t + x, seq.Lq, seq.Lk, s[j][e], sl2);
+        } else {
+          z = fmaf(s[j][e], sl2, x ? bj.y : bj.x);
+        }
+        const float prob = ptx::ex2(z - stat[r].x);
         float d = dp[j][e];
-        if (drop.on) d = (keep[r] >> (e & 1)) & 1u ? d * p.keep_scale : 0.f;
-        s[j][e] = prob * (d - dl[r]);  // dS
+        if constexpr (kDropout) {
+          const uint32_t bits = ((r == (t & 1)) ? mine : other) >> (2 * (t & 1));
+          d = (bits >> x) & 1u ? d * p.keep_scale : 0.f;
+        }
+        s[j][e] = prob * (d - stat[r].y);  // dS
       }
     }
-    mma_pb<T, kD, kN, LD>(dq, s, sK, lane);
+    mma_pb<T, kD, kN, LD>(dq, s, cK, lane);
+    if constexpr (kMask != fwd::kAnyMask) {
+      if (more && tid < kN) sBias[(buf ^ 1) * kN + tid] = next_bias;
+    }
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // the next tile is in; every warp is done with this one
   }
   const float scale[2] = {p.scale, p.scale};
   store_rows<T, kD>(static_cast<uint16_t*>(p.dq) + b * p.sdq.b + h * p.sdq.h + (seq.tok0 + m0) * p.sdq.s, p.sdq.s,
@@ -879,10 +926,6 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params
 // ------------------------------------------------------------------ host: plans
 // From the argument checks to each kernel's grid: FwdPlan / BwdPlan hold the parameters and the
 // outputs, dispatch_* name each kernel with its grid and shared memory.
-constexpr int bwd_smem(int kD) {  // both backward kernels: two 64-row tiles, two kOther-row tiles, stats
-  return (2 * kRowsPerBlock + 2 * (kD <= 64 ? 64 : 32)) * (kD + kPad) * 2 + 3 * kRowsPerBlock * 4;
-}
-
 // The padded head dim a kernel is compiled for: the smallest of 32, 64, 80, 128 holding D.
 template <typename F>
 void with_head_dim(int D, F&& f) {
@@ -1056,6 +1099,14 @@ at::Tensor bshd_empty(int64_t B, int64_t S, int64_t H, int64_t D, const at::Tens
   return at::empty({B, S, H, D}, opts).transpose(1, 2);
 }
 
+// A mask that varies only along keys (the [B, 1, 1, S_k] padding mask, expanded) is read once per
+// key tile into shared memory by the key-mask kernels; any other mask element by element (fwd::Mask).
+int mask_kind(const Params& p) {
+  if (p.mask_kind == 0) return fwd::kNoMask;
+  const bool per_key = (p.mh == 0 || p.H == 1) && (p.mq == 0 || p.S_q == 1);
+  return per_key ? fwd::kKeyMask : fwd::kAnyMask;
+}
+
 struct FwdPlan {
   Params p;
   int64_t B;
@@ -1084,14 +1135,7 @@ FwdPlan plan_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   p.o = plan.out.data_ptr();
   p.so = strides_of(plan.out, varlen);
   p.vo = vec_ok(plan.out, p.so, p.D);
-  // A mask that varies only along keys (the [B, 1, 1, S_k] padding mask, expanded) is read once per
-  // key tile into shared memory by the key-mask kernel; any other mask element by element.
-  if (p.mask_kind == 0) {
-    plan.mask = fwd::kNoMask;
-  } else {
-    const bool per_key = (p.mh == 0 || p.H == 1) && (p.mq == 0 || p.S_q == 1);
-    plan.mask = per_key ? fwd::kKeyMask : fwd::kAnyMask;
-  }
+  plan.mask = mask_kind(p);
   return plan;
 }
 
@@ -1189,10 +1233,19 @@ void dispatch_bwd(const BwdPlan& plan, Launch&& launch) {
     launch(attention_bwd_delta_kernel<T>, dim3(ceil_div(p.S_q, kWarps), p.H, B), 0);
     with_head_dim(p.D, [&](auto hd) {
       constexpr int kD = decltype(hd)::value;
-      if (p.S_k > 0) {
-        launch(attention_bwd_dkdv_kernel<T, kD>, dim3(ceil_div(p.S_k, kRowsPerBlock), p.H, B), bwd_smem(kD));
-      }
-      launch(attention_bwd_dq_kernel<T, kD>, dim3(ceil_div(p.S_q, kRowsPerBlock), p.H, B), bwd_smem(kD));
+      // No mask and a per-key mask share the key-mask kernels (see bwd).
+      with_bool(mask_kind(p) == fwd::kAnyMask, [&](auto any) {
+        with_bool(p.seed != nullptr, [&](auto dropout) {
+          constexpr int kMask = decltype(any)::value ? fwd::kAnyMask : fwd::kKeyMask;
+          constexpr bool kDrop = decltype(dropout)::value;
+          if (p.S_k > 0) {
+            launch(attention_bwd_dkdv_kernel<T, kD, kMask, kDrop>, dim3(ceil_div(p.S_k, bwd::kBlock), p.H, B),
+                   bwd::smem_bytes(kD));
+          }
+          launch(attention_bwd_dq_kernel<T, kD, kMask, kDrop>, dim3(ceil_div(p.S_q, bwd::kBlock), p.H, B),
+                 bwd::smem_bytes(kD));
+        });
+      });
     });
   });
 }
