@@ -315,6 +315,8 @@ PROVIDERS = [
              "baseline for +graphs", _hf("sdpa"), graphs=True),
     Provider("optimize-triton", "bertkern.optimize(hf-eager, backend=\"triton\")", _optimize("triton")),
     Provider("optimize-cuda", "bertkern.optimize(hf-eager, backend=\"cuda\")", _optimize("cuda")),
+    Provider("optimize-cuda+graphs", "optimize-cuda replayed from a CUDA graph per shape: bertkern's CUDA attention "
+             "against torch's (optimize+graphs) in GPU time", _optimize("cuda"), graphs=True),
     Provider("optimize-torch", "bertkern.optimize(hf-eager, backend=\"torch\") (reference ops)", _optimize("torch")),
     Provider("bk-model", "bertkern.models' BERT, every fused-path flag on, auto backend", _bk()),
     Provider("bk-model+graphs", "bk-model less padding_free, replayed from a CUDA graph per shape "
