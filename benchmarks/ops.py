@@ -8,7 +8,8 @@ file derives the rest:
 - the correctness gate before any timing: every output against float64 by bertkern.testing's rule
   (floor scaled by max(1, |ref|)); a WRONG provider is never timed;
 - timing (CUDA): triton.testing.do_bench over input copies rotated past twice the L2; backward timed on
-  precomputed forward graphs (retain_graph), so only the backward is in the number;
+  precomputed forward graphs (retain_graph), so only the backward is in the number; every direction also
+  replayed from a CUDA graph (common.time_graph): the kernels' time without the host's per call;
 - the 100% line: a 1 GiB device-to-device copy measured in the same run.
 """
 from __future__ import annotations
@@ -245,40 +246,51 @@ def check(spec: OpSpec, case: Case, fn: Callable, prep: Prepared, device: torch.
     return common.verdict({n: c.to_dict() for n, c in checks.items()}, [c.reason for c in checks.values()])
 
 
+def cycled(steps: list[Callable]) -> Callable[[], Any]:
+    """A call that runs the next step in turn: the timers rotate through the input copies."""
+    it = itertools.cycle(steps)
+    return lambda: next(it)()
+
+
 def run_case(spec: OpSpec, case: Case, provs: dict, device: torch.device, copy_gbs: float = 0.0, l2: int = 0,
              timer: Callable | None = None, graph_timer: Callable | None = None) -> dict:
     """Check every provider, then time the right ones with timer(step) -> (median, p20, p80) ms, and with
-    graph_timer (the same steps replayed from a CUDA graph) where given."""
+    graph_timer(make_step) (the same calls replayed from a CUDA graph) where given. wall_s: each
+    provider's seconds here (building it, a compile, the gate, both timings)."""
+    t_case = time.monotonic()
     prep = prepare(spec, case, device, l2 if timer else 0)
     out = {"case": case.to_dict(), "bytes": prep.nbytes, "rotations": len(prep.copies), "providers": {}}
+
+    def rates(times, suffix=""):
+        ms = times[0]
+        r = {"ms": ms, "ms_p20": times[1], "ms_p80": times[2], "gbs": prep.nbytes / ms / 1e6,
+             "pct_copy": 100 * prep.nbytes / ms / 1e6 / copy_gbs}
+        r |= {"tflops": spec.flops(case) / ms / 1e9} if spec.flops is not None else {}
+        return {k + suffix: v for k, v in r.items()}
+
     for name, factory in provs.items():
+        t0 = time.monotonic()
         try:
             fn = factory(case, device)
         except Skip as s:
             out["providers"][name] = {"status": "skipped", "reason": str(s)}
             continue
         entry = check(spec, case, fn, prep, device)
-        steps = None  # one step per input copy, cycled by each timer
+        steps = lambda: cycled([make_step(spec, case, fn, c) for c in prep.copies])  # noqa: E731, B023
         if entry["status"] == "ok" and timer is not None:
             try:
-                steps = [make_step(spec, case, fn, c) for c in prep.copies]
-                eager = itertools.cycle(steps)
-                ms, lo, hi = timer(lambda: next(eager)())
-                gbs = prep.nbytes / ms / 1e6
-                entry.update(ms=ms, ms_p20=lo, ms_p80=hi, gbs=gbs, pct_copy=100 * gbs / copy_gbs)
-                if spec.flops is not None:
-                    entry["tflops"] = spec.flops(case) / ms / 1e9
+                entry.update(rates(timer(steps())))
             except Exception as e:
                 entry = {"status": "error", "reason": "timing: " + common.short_exc(e), "errors": entry["errors"]}
-        # Forward only: autograd runs a backward on the forward's stream, outside the capture stream.
-        if entry["status"] == "ok" and steps and graph_timer is not None and case.direction == "fwd":
+        # The steps are built anew by the graph timer, on its capture stream: a backward runs on its
+        # forward's stream (the eager steps' forwards ran on the default stream, outside the capture).
+        if entry["status"] == "ok" and graph_timer is not None and "ms" in entry:
             try:
-                replayed = itertools.cycle(steps)
-                ms = graph_timer(lambda: next(replayed)())[0]
-                entry.update(ms_graph=ms, pct_copy_graph=100 * prep.nbytes / ms / 1e6 / copy_gbs)
+                entry.update(rates(graph_timer(steps), "_graph"))
             except Exception as e:  # not capturable: the eager time stands
                 entry["graph_error"] = common.short_exc(e)
-        out["providers"][name] = entry
+        out["providers"][name] = entry | {"wall_s": round(time.monotonic() - t0, 2)}
+    out["wall_s"] = round(time.monotonic() - t_case, 2)
     return out
 
 
@@ -301,6 +313,24 @@ def new_doc(spec: OpSpec, provs, env: dict, settings: dict, cases: list[Case]) -
             "x_key": spec.x_key, "y_key": "gbs", "results": []}
 
 
+# Under a deadline, `compile` (a compile per case: seconds, more than the other providers together) runs
+# only where the op's share holds it beside the other providers' time for this case and the rest of the
+# leading cases (BERT-base fwd and bwd in fp16 and bf16); these priors until a case has taught the costs.
+COMPILE_PRIOR_S, CASE_PRIOR_S = 10.0, 2.0
+
+
+def leading(cases: list[Case]) -> int:
+    """How many cases share the first one's sizes and options (the case lists put them first)."""
+    return len(list(itertools.takewhile(lambda c: (c.shape, c.options) == (cases[0].shape, cases[0].options), cases)))
+
+
+def skip(why: str) -> Callable:
+    def factory(case, device):
+        raise Skip(why)
+
+    return factory
+
+
 def run_op(spec: OpSpec, cases: list[Case], device: torch.device, *, copy_bw: dict, env: dict,
            deadline: float | None = None, warmup_ms: float = 25, rep_ms: float = 100, settings: dict | None = None,
            only=None, log=print, timer: Callable | None = None, graph_timer: Callable | None = None,
@@ -310,24 +340,35 @@ def run_op(spec: OpSpec, cases: list[Case], device: torch.device, *, copy_bw: di
     in tests."""
     provs = {k: v for k, v in providers(spec, gpu=True).items() if only is None or k in only}
     settings = {"warmup_ms": warmup_ms, "rep_ms": rep_ms, "timer": "triton.testing.do_bench median, L2 flushed per rep; "
-                "graph: triton.testing.do_bench_cudagraph median (the same calls replayed from a CUDA graph)",
-                "rotation": "ceil(2 x L2 / bytes) input copies", **(settings or {})}
+                "graph: the same calls replayed from a CUDA graph (~rep_ms of calls captured once, the graph "
+                "replayed 3-10 times, median)", "rotation": "ceil(2 x L2 / bytes) input copies", **(settings or {})}
     doc = new_doc(spec, provs, env, settings, cases)
     doc["copy_bandwidth"] = copy_bw
     if timer is None:
         timer = lambda step: common.time_op(step, warmup_ms, rep_ms)  # noqa: E731
-        graph_timer = graph_timer or (lambda step: common.time_graph(step, rep_ms))
+        graph_timer = graph_timer or (lambda make_step: common.time_graph(make_step, rep_ms))
     l2 = env.get("l2_bytes", 0) if device.type == "cuda" else 0
+    budget, lead = common.Budget(None if deadline is None else deadline - time.monotonic()), leading(cases)
     for n, case in enumerate(cases):
         r = {"case": case.to_dict(), "bytes": spec.bytes_moved(case), "not_run": "time budget spent"}
-        if deadline is None or time.monotonic() < deadline:
+        if budget.left() > 0:
+            now, compile_s = provs, budget.estimate("compile", COMPILE_PRIOR_S)
+            others = budget.estimate("case", CASE_PRIOR_S) * max(1, lead - n)  # this case's, the first cases'
+            if "compile" in provs and not budget.allows(compile_s + others):
+                now = {**provs, "compile": skip(f"time budget: no room for torch.compile (~{compile_s:.0f} s a case) "
+                                                "beside the other providers and the op's first cases")}
             try:
-                r = run_case(spec, case, provs, device, copy_bw["gbs"], l2, timer, graph_timer)
+                r = run_case(spec, case, now, device, copy_bw["gbs"], l2, timer, graph_timer)
+                compile_s = r["providers"].get("compile", {}).get("wall_s")
+                budget.learn("case", r["wall_s"] - (compile_s or 0))
+                if compile_s is not None:
+                    budget.learn("compile", compile_s)
             except Exception as e:  # inputs or reference failed (out of memory, say): record it, go on
                 r["not_run"] = f"{common.HARNESS_ERROR}: {common.short_exc(e)}"
             common.free_memory(device)
-            log(f"[{n + 1}/{len(cases)}] {spec.name} {case.label} ({r['bytes'] / 1e6:.1f} MB): " + (
-                r.get("not_run") or " | ".join(f"{p} {common.cell_text(e)}" for p, e in r["providers"].items())))
+            cells = r.get("not_run") or " | ".join(f"{p} {common.cell_text(e)}" for p, e in r["providers"].items())
+            log(f"[{n + 1}/{len(cases)}] {spec.name} {case.label} ({r['bytes'] / 1e6:.1f} MB, "
+                f"{r.get('wall_s', 0):.1f} s): {cells}")
         doc["results"].append(r)
         if partial_json is not None:
             common.save_json(common.finish(doc), partial_json)

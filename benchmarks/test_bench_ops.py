@@ -8,7 +8,6 @@ pytest-benchmark's numbers are host wall-clock, launch latency included; `bertke
 writes benchmarks/results/. Skipped without a CUDA GPU or without pytest-benchmark.
 """
 import importlib.util
-import itertools
 import os
 
 import pytest
@@ -37,10 +36,10 @@ def test_op(benchmark, spec, case, provider):
     entry = ops.check(spec, case, fn, prep, device)
     if entry["status"] != "ok":
         pytest.fail(f"{provider} is {entry['status']} on {case.label}: {entry.get('reason', '')}")
-    steps = itertools.cycle([ops.make_step(spec, case, fn, c) for c in prep.copies])
+    step = ops.cycled([ops.make_step(spec, case, fn, c) for c in prep.copies])
 
     def timed():
-        next(steps)()
+        step()
         torch.cuda.synchronize()
 
     benchmark.extra_info.update(case=case.to_dict(), bytes=prep.nbytes, rotations=len(prep.copies))

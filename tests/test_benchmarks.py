@@ -139,26 +139,73 @@ def test_gate_flags_wrong_provider_and_never_times_it(direction):
     assert r["rotations"] > 1  # 1 MiB "L2": inputs are rotated
 
 
-def test_graph_timing_is_reported_beside_the_eager_one():
-    """With a graph timer each timed provider also gets the replayed time (the kernels alone); a step
-    that cannot be captured keeps its eager time and says so."""
-    provs = {"eager": lambda c, d: BIAS_GELU.eager, "other": lambda c, d: BIAS_GELU.eager}
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_graph_timing_is_reported_beside_the_eager_one(direction):
+    """With a graph timer each timed provider, backward included, also gets the replayed time (the kernels
+    alone) and its rates; a step that cannot be captured keeps its eager time and says so. The graph
+    timer builds the steps itself: a backward's forward must run on its capture stream."""
+    forwards = []
+
+    def counted(x, bias, approximate="none"):
+        forwards.append(1)
+        return BIAS_GELU.eager(x, bias, approximate)
+
+    provs = {"eager": lambda c, d: counted, "other": lambda c, d: counted}
     replays = iter([0.25, RuntimeError("operation not permitted when stream is capturing")])
 
-    def graph_timer(step):
-        step()
+    def graph_timer(make_step):
+        before = len(forwards)
+        make_step()()
+        assert len(forwards) - before == (direction == "bwd") * r_copies[0] + (direction == "fwd")
         t = next(replays)
         if isinstance(t, Exception):
             raise t
         return t, t, t
 
-    r = ops.run_case(BIAS_GELU, case(rows=64, n=256), provs, CPU, 100.0, 1 << 20, fake_timer([]), graph_timer)
+    r_copies = [len(ops.prepare(BIAS_GELU, case(direction, rows=64, n=256), CPU, 1 << 20).copies)]
+    r = ops.run_case(BIAS_GELU, case(direction, rows=64, n=256), provs, CPU, 100.0, 1 << 20, fake_timer([]),
+                     graph_timer)
     p = common.finish({"baseline": "eager", "results": [r]})["results"][0]["providers"]
-    assert p["eager"]["ms_graph"] == 0.25 and p["eager"]["speedup_graph"] == 1.0
+    assert p["eager"]["ms_graph"] == 0.25 and p["eager"]["speedup_graph"] == 1.0 and p["eager"]["wall_s"] >= 0
+    assert p["eager"]["gbs_graph"] == pytest.approx(r["bytes"] / 0.25 / 1e6) == pytest.approx(p["eager"]["gbs"] * 2)
     assert p["eager"]["pct_copy_graph"] == pytest.approx(100 * r["bytes"] / 0.25 / 1e6 / 100.0)
     assert "(graph: 0.25 ms" in common.cell_text(p["eager"])
     assert p["other"]["ms"] == 0.5 and "ms_graph" not in p["other"] and "capturing" in p["other"]["graph_error"]
     assert common.cell_text(p["other"]).endswith("(graph: error)")
+    md = common.render_markdown({**ops.new_doc(BIAS_GELU, provs, common.environment(CPU), {}, []), "results": [r]})
+    assert "No graph time (the capture failed):\n- other: RuntimeError: operation not permitted" in md
+
+
+def test_a_budget_runs_compile_only_where_it_fits_beside_the_first_cases(monkeypatch):
+    """Under a deadline `compile` is skipped (with the reason) while the op's share, less the time of its
+    leading cases (BERT-base, every direction and dtype), cannot hold a compile; without one it always runs."""
+    monkeypatch.setattr(ops, "providers", lambda spec, gpu: {"eager": lambda c, d: BIAS_GELU.eager,
+                                                             "compile": lambda c, d: BIAS_GELU.eager})
+    cases = [case(d, dt, 64, 256) for dt in (torch.float16, torch.bfloat16) for d in ("fwd", "bwd")] + [case(rows=32)]
+    assert ops.leading(cases) == 4 and ops.leading([]) == 0
+    copy_bw = {"bytes": 2, "ms": 1.0, "gbs": 100.0}
+
+    def statuses(deadline_s):
+        deadline = None if deadline_s is None else ops.time.monotonic() + deadline_s
+        doc = ops.run_op(BIAS_GELU, cases, CPU, copy_bw=copy_bw, env=common.environment(CPU), deadline=deadline,
+                         log=lambda s: None, timer=fake_timer([]))
+        return [r["providers"]["compile"] for r in doc["results"]]
+
+    assert all(e["status"] == "ok" for e in statuses(None))
+    tight = statuses(ops.COMPILE_PRIOR_S + 4 * ops.CASE_PRIOR_S - 1)  # the prior does not fit beside 4 cases
+    assert tight[0] == {"status": "skipped", "reason": "time budget: no room for torch.compile (~10 s a case) beside "
+                        "the other providers and the op's first cases"}
+    assert tight[1]["status"] == "ok"  # the first case's time learned: seconds less than the priors
+    assert all(e["status"] == "ok" for e in statuses(ops.COMPILE_PRIOR_S + 4 * ops.CASE_PRIOR_S + 5))
+
+
+@pytest.mark.parametrize("spec", ops.discover(), ids=lambda s: s.name)
+def test_the_leading_cases_are_bert_base_in_each_direction_and_dtype(spec):
+    """What a tight budget measures first in every op: one BERT-base size, forward and backward, fp16 and bf16."""
+    full = spec.cases(False)
+    assert ops.leading(full) >= 4 and _tokens(full[0]) in ops.BERT_TOKENS
+    assert {(c.direction != "fwd", c.dtype) for c in full[:4]} == {(b, d) for b in (False, True)
+                                                                  for d in (torch.float16, torch.bfloat16)}
 
 
 def test_gate_passes_bertkern_backends_on_cpu():
@@ -418,13 +465,16 @@ def test_gpu_run_end_to_end_with_fake_timers(tmp_path, monkeypatch, capsys):
         n: {"ms": 2.0, "ms_p20": 1.5, "ms_p80": 2.5, "rounds": rounds} for n in steps})
     env = common.environment(CPU)
     monkeypatch.setattr(common, "environment", lambda device: {**env, "gpu": "Fake GPU", "gpu_slug": "fake"})
-    for argv in (["--ops", "layer_norm", "--quick", "--dtype", "fp16", "--shapes", "4096x768", "--providers", "eager"],
+    for argv in (["--ops", "layer_norm", "--budget-s", "30", "--dtype", "fp16", "--shapes", "4096x768", "--providers",
+                  "eager"],
                  ["--suite", "bert", "--providers", "hf-eager,hf-sdpa", "--models", "tiny", "--shapes", "2x16", "--fills",
                   "1.0"]):
         args = run.parse_args([*argv, "--out", str(tmp_path)], "bertkern bench")
         assert run.run_gpu(args, ops.discover(args.ops) if args.ops else [], print, device=CPU) == 0
     out = capsys.readouterr().out
-    assert "copy bandwidth (the 100% line): 100 GB/s" in out and "[1/3] add_layer_norm fwd float16 rows=4096" in out
+    assert "copy bandwidth (the 100% line): 100 GB/s" in out and "[1/4] add_layer_norm fwd float16 rows=4096" in out
+    settings = json.loads((tmp_path / "fake" / "add_layer_norm.json").read_text())["settings"]
+    assert (settings["warmup_ms"], settings["rep_ms"]) == (10, 40)  # a small budget times as --quick does
     assert {p.name for p in (tmp_path / "fake").iterdir()} >= {"add_layer_norm.json", "add_layer_norm.md", "bert.json", "bert.csv"}
     latest = (tmp_path / "LATEST.md").read_text()
     assert "## add_layer_norm, Fake GPU" in latest and "## BERT inference, Fake GPU" in latest and "1.00× (1)" in latest
