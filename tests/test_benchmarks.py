@@ -6,6 +6,7 @@ and their GPU code path driven with fake timers. The GPU timing itself runs on a
 (benchmarks/gpu_check.sh)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import subprocess
@@ -174,6 +175,66 @@ def test_graph_timing_is_reported_beside_the_eager_one(direction):
     assert common.cell_text(p["other"]).endswith("(graph: error)")
     md = common.render_markdown({**ops.new_doc(BIAS_GELU, provs, common.environment(CPU), {}, []), "results": [r]})
     assert "No graph time (the capture failed):\n- other: RuntimeError: operation not permitted" in md
+
+
+def test_time_graph_builds_the_steps_on_its_capture_stream(monkeypatch):
+    """common.time_graph on a fake CUDA (a clock the events read): the steps are made and warmed up on the
+    stream that captures them, ~rep_ms of calls (by the eager estimate) go into one graph, and the replays
+    give the GPU's time per call, not the host's."""
+    now, current, seen = [0.0], [None], {}
+
+    class Graph:
+        calls = 0
+
+        def replay(self):
+            now[0] += 0.01 * self.calls  # 10 µs of GPU time per call
+
+    @contextlib.contextmanager
+    def on(stream):
+        old, current[0] = current[0], stream
+        yield
+        current[0] = old
+
+    @contextlib.contextmanager
+    def capture(graph, stream):
+        seen["capture stream"], seen["capturing"] = stream, graph
+        with on(stream):
+            yield
+        seen["capturing"] = None
+
+    class Event:
+        def __init__(self, enable_timing):
+            pass
+
+        def record(self):
+            self.at = now[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    def step():
+        if seen.get("capturing"):
+            seen["capturing"].calls += 1
+        else:
+            now[0] += 0.05  # 50 µs of host time per eager call
+
+    def make_step():
+        seen["made on"] = current[0]
+        return step
+
+    for name, value in {"Stream": Stream, "Event": Event, "CUDAGraph": Graph, "graph": capture, "stream": on,
+                        "current_stream": lambda: None}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    ms, lo, hi = common.time_graph(make_step, rep_ms=40)
+    assert isinstance(seen["made on"], Stream) and seen["capture stream"] is seen["made on"]
+    assert (ms, lo, hi) == pytest.approx((0.01, 0.01, 0.01))  # ~800 calls (40 ms / 50 µs) a replay
 
 
 def test_a_budget_runs_compile_only_where_it_fits_beside_the_first_cases(monkeypatch):
