@@ -38,6 +38,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <type_traits>
 
 namespace {
 
@@ -84,16 +85,22 @@ __device__ __forceinline__ void keep_flags(bool (&keep)[V], int64_t row, int col
 struct NoMask {};
 struct BoolMask {};  // torch.bool storage: one byte, 0 or 1
 
+// keep(raw, add, lowest): whether a key is attended, and what is added to its logit; read: one
+// element at an offset. Storage is what the mask holds per key (the vector path loads it in packs).
 template <typename M, typename A>
 struct MaskRead {  // additive float mask of type M
+  using Storage = M;
+  static __device__ __forceinline__ bool keep(M raw, A& add, A lowest) {
+    add = static_cast<A>(raw);
+    return add > lowest;  // false for NaN too
+  }
   static __device__ __forceinline__ bool read(const void* m, int64_t off, A& add, A lowest) {
-    const A v = static_cast<A>(static_cast<const M*>(m)[off]);
-    add = v;
-    return v > lowest;  // false for NaN too
+    return keep(static_cast<const M*>(m)[off], add, lowest);
   }
 };
 template <typename A>
 struct MaskRead<NoMask, A> {
+  using Storage = uint8_t;  // never loaded
   static __device__ __forceinline__ bool read(const void*, int64_t, A& add, A) {
     add = A(0);
     return true;
@@ -101,9 +108,13 @@ struct MaskRead<NoMask, A> {
 };
 template <typename A>
 struct MaskRead<BoolMask, A> {
-  static __device__ __forceinline__ bool read(const void* m, int64_t off, A& add, A) {
+  using Storage = uint8_t;
+  static __device__ __forceinline__ bool keep(uint8_t raw, A& add, A) {
     add = A(0);
-    return static_cast<const uint8_t*>(m)[off] != 0;
+    return raw != 0;
+  }
+  static __device__ __forceinline__ bool read(const void* m, int64_t off, A& add, A lowest) {
+    return keep(static_cast<const uint8_t*>(m)[off], add, lowest);
   }
 };
 
@@ -119,6 +130,7 @@ struct FwdArgs {
   double scale;
   double mask_lowest;
   DropoutArgs drop;
+  bool mask_packs;  // the 16-byte path may load the mask in packs too (unit key stride, aligned rows)
 };
 
 struct BwdArgs {
@@ -133,8 +145,15 @@ struct BwdArgs {
 };
 
 __device__ __forceinline__ void row_offsets(const FwdArgs& a, int64_t row, int64_t& x_off, int64_t& m_off) {
-  const int64_t q = row % a.Q, bh = row / a.Q;
-  const int64_t h = bh % a.H, b = bh / a.H;
+  int64_t q, h, b;
+  if (a.rows <= UINT32_MAX) {  // 32-bit division is inline code; 64-bit is a subroutine call
+    const uint32_t r = static_cast<uint32_t>(row), Q = static_cast<uint32_t>(a.Q), H = static_cast<uint32_t>(a.H);
+    const uint32_t bh = r / Q;
+    q = r - bh * Q, h = bh % H, b = bh / H;
+  } else {
+    const int64_t bh = row / a.Q;
+    q = row - bh * a.Q, h = bh % a.H, b = bh / a.H;
+  }
   x_off = b * a.xs_b + h * a.xs_h + q * a.xs_q;
   m_off = b * a.ms_b + h * a.ms_h + q * a.ms_q;
 }
@@ -208,6 +227,19 @@ __global__ void __launch_bounds__(kWarpBlock) masked_softmax_fwd_warp(FwdArgs a,
     const int col0 = (c * lanes + sub) * VEC;
     if (row_ok && col0 < N) {
       const Vec<T, VEC> v = load_pack<T, VEC, ALIGNED>(x, col0, N);
+      if constexpr (ALIGNED && !std::is_same_v<M, NoMask>) {
+        if (a.mask_packs) {  // one load for VEC keys' mask instead of VEC (a bool mask: 8 bytes at once)
+          using S = typename MaskRead<M, A>::Storage;
+          const Vec<S, VEC> m = load_vec<S, VEC>(static_cast<const S*>(a.mask) + m_off + col0);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            A add;
+            z[c * VEC + j] = MaskRead<M, A>::keep(m.v[j], add, lowest) ? static_cast<A>(v.v[j]) * scale + add
+                                                                       : A(-INFINITY);
+          }
+          continue;
+        }
+      }
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
         z[c * VEC + j] = (ALIGNED || col0 + j < N) ? logit<T, M, A>(a, v.v[j], m_off, col0 + j, scale, lowest)
@@ -623,6 +655,10 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd(const at::Tensor& scores, 
   const int vec = 16 / static_cast<int>(scores.element_size());
   bool vec_ok = a.N % vec == 0 && bertkern::is_aligned(a.x, 16);
   for (int d = 0; d < 3; ++d) vec_ok = vec_ok && (scores.size(d) == 1 || scores.stride(d) % vec == 0);
+  // The mask's packs (vec keys each) need the same of its rows: unit key stride, aligned base and strides.
+  a.mask_packs = has_mask && vec_ok && a.ms_k == 1 &&
+                 bertkern::is_aligned(a.mask, vec * mask->element_size());
+  for (int d = 0; d < 3; ++d) a.mask_packs = a.mask_packs && (scores.size(d) == 1 || mask->stride(d) % vec == 0);
 
   const cudaStream_t stream = scope.stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), fn, [&] {

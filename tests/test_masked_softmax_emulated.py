@@ -114,6 +114,22 @@ def test_mask_forms(cuda, form, S):
         assert_masked_zero(y, dx, mask, scores.shape)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mask_packs_and_the_views_that_cannot_use_them(cuda, dtype):
+    """On the 16-byte path the mask is loaded in packs of keys when its rows allow (unit key stride,
+    aligned base and strides) and key by key otherwise: bool, float32 and scores-dtype masks, a mask
+    one element off alignment, and one with key stride 2. (UBSan catches a misaligned pack.)"""
+    B, H, S_q, N = 2, 2, 3, 40
+    scores = randn(B, H, S_q, N, dtype=dtype, scale=3.0)
+    grad = randn(B, H, S_q, N, dtype=dtype)
+    keep = make_mask("b1ss", B, H, S_q, N + 1, dtype, CPU)
+    for m in (keep, torch.where(keep, 0.0, NEG_INF), torch.where(keep, 0.0, -1e4).to(dtype)):
+        for view in (m[..., :N].contiguous(), m[..., 1:], torch.repeat_interleave(m[..., :N], 2, -1)[..., ::2]):
+            view = view.expand(B, H, S_q, N)
+            y, dx = check_fwd_bwd(cuda, scores, view, grad, scale=0.7)
+            assert_masked_zero(y, dx, view, scores.shape)
+
+
 @pytest.mark.parametrize(
     "scores_dtype, mask_dtype",
     [(torch.float16, torch.float32), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16),

@@ -200,7 +200,6 @@ V __shfl_xor_sync(unsigned /*mask: every lane takes part here*/, V v, int lane_m
 }
 
 inline float __expf(float x) { return std::exp(x); }
-inline float __fdividef(float x, float y) { return x / y; }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 
