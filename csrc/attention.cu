@@ -34,17 +34,18 @@
 //   one multiply, ex2.approx.ftz), the output staged through shared memory for 16-byte stores. The
 //   mask kind (none / per-key / any 4-D) and dropout are template parameters: no runtime branch on
 //   them in the key loop. Wrappers of the PTX it uses: ptx.cuh.
-// - backward (no atomics, deterministic): delta = rowsum(dO * O); a dK/dV kernel (one block per 64
-//   keys, each warp 16, streaming query tiles, recomputing P^T from the stats) and a dQ kernel
-//   (one block per 64 queries, streaming key tiles). dS = P * (dP - delta), P = 2^(logit - lse) in
-//   base 2 with ex2.approx. Tiles stream through two cp.async buffers; dropout and the mask kind
-//   (none or per-key / any 4-D) are template parameters.
+// - backward (FlashAttention-2's five GEMMs, no atomics, deterministic): delta = rowsum(dO * O), then
+//   one kernel per 64 keys (each warp 16) streaming query tiles through two cp.async buffers:
+//   S^T, dP^T, dV += P^T dO, dK += dS^T Q, and dS K, summed over key blocks into an fp32 dQ
+//   accumulator in key-block order (a per-tile flag; the last block writes dQ). dS = P * (dP -
+//   delta), P = 2^(logit - lse) in base 2 with ex2.approx. Dropout and the mask kind (none or
+//   per-key / any 4-D) are template parameters.
 // Registers, spills and SASS without a GPU or a full build (T = torch's include folder; sm_80 alike):
 //   nvcc -cubin -O3 -std=c++20 -gencode arch=compute_90,code=sm_90 -Xptxas -v --expt-relaxed-constexpr
 //        -IT -IT/torch/csrc/api/include csrc/attention.cu -o attention.cubin
 //   $(python -c "import triton; print(triton.knobs.nvidia.cuobjdump.path)") -sass attention.cubin
-// Not yet here: the backward's five-GEMM form (dQ from the dK/dV kernel: it still recomputes S and
-// dP in a separate dQ kernel, 7 GEMM-sized passes), 32-row warps in the backward, wgmma on sm_90.
+// Not yet here: an opt-in atomicAdd dQ (no waiting for turns, not deterministic; worth it only if
+// measured faster), 32-row warps in the backward, wgmma on sm_90.
 #include "common.cuh"
 #include "philox.cuh"
 #include "ptx.cuh"
@@ -107,6 +108,11 @@ struct Params {
   float keep_scale;
   const int64_t* seed;  // nullptr: no dropout
   uint32_t thresh;
+
+  float* dq_acc;  // backward: fp32 dQ parts summed over key blocks (rows of D rounded up to 4), or nullptr
+  Strides sacc;   // its batch, head, token strides in floats
+  int* dq_sem;    // backward: per (b, h, query tile), the key block whose turn it is to add (zeros)
+  int q_tiles;    // query tiles per (b, h)
 };
 
 // ------------------------------------------------------------------ 16-bit types and mma.sync
@@ -663,18 +669,19 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Par
   if (lane == 0) p.delta[b * p.st_b + h * p.st_h + seq.tok0 + i] = acc;
 }
 
-// Both gradient kernels recompute P = 2^(z - lse) from the forward's statistics, z the logit in
+// The gradient kernel recomputes P = 2^(z - lse) from the forward's statistics, z the logit in
 // base 2 (q.k * scale * log2 e with one FFMA, as in the forward) and lse = max * log2 e + log2(sum)
-// per query row: one FADD and one ex2.approx per element, no divide. Like the forward they are
+// per query row: one FADD and one ex2.approx per element, no divide. Like the forward it is
 // compiled per mask kind and dropout, but with two mask kinds: no mask and a per-key mask share a
-// kernel (their key bias is read once per block or key tile, outside the hot loop), and any other
-// mask is read per element. Tiles are copied with cp.async into two buffers: the next one streams
-// in while the current one is multiplied, one barrier per tile.
+// kernel (the block's key bias is computed once, into shared memory), and any other mask is read
+// per element. Query tiles are copied with cp.async into two buffers: the next one streams in while
+// the current one is multiplied.
 namespace bwd {
-constexpr int kBlock = kRowsPerBlock;  // keys per dK/dV block, queries per dQ block (4 warps x 16)
+constexpr int kBlock = kRowsPerBlock;  // keys per block (4 warps x 16)
 constexpr int tile(int kD) { return kD <= 64 ? 64 : 32; }  // the streamed tile: 64 rows spill above D 64
-constexpr int smem_bytes(int kD) {  // both kernels: two kBlock-row tiles, 2 x 2 streamed tiles, 4 x tile floats
-  return (2 * kBlock + 4 * tile(kD)) * (kD + kPad) * 2 + 4 * tile(kD) * 4;
+constexpr int smem_bytes(int kD) {  // K, V; two (Q, dO) tile pairs; dS^T; (lse, delta) of two tiles
+  return (2 * kBlock + 4 * tile(kD)) * (kD + kPad) * 2 + kBlock * (tile(kD) + kPad) * 2 + 4 * tile(kD) * 4 +
+         kBlock * 4;
 }
 }  // namespace bwd
 
@@ -707,34 +714,97 @@ __device__ __forceinline__ float2 row_stats(const Params& p, int b, int h, const
   return make_float2(lse, p.delta[off]);
 }
 
-// dK, dV: one block per 64 keys (each warp 16), streaming tiles of kM queries. Computed with keys
-// as rows: S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q.
-// (launch bounds with min 1 block: without it ptxas capped this kernel at 168 registers on sm_80 and
-// spilled at D = 32 and 80.)
+// The block's turn at a query tile's dQ accumulator: the key blocks of one (b, h) add their parts
+// in key order (a fixed fp32 summation order, so dQ is deterministic), block kb once *sem == kb.
+// One thread waits (acquire); a barrier then releases the block, which reads the accumulator at L2.
+// Block kb - 1 of the same (b, h) has a lower linear index, so it was dispatched first and can
+// finish (the GPU hands out blocks in index order; FlashAttention-2's deterministic backward relies
+// on the same).
+__device__ __forceinline__ void wait_turn(const int* sem, int kb) {
+#if defined(BERTKERN_EMULATE)
+  // Blocks run one after another in grid order (x fastest): the earlier key blocks are done.
+  if (ptx::ld_acquire(sem) != kb) emu::set_fault("attention backward: dQ turn taken out of key order");
+#else
+  while (ptx::ld_acquire(sem) != kb) {
+  }
+#endif
+}
+
+// Adds a staged kM x kD fp32 dQ part (smem, row stride LDQ) to the accumulator rows m0.. of (b, h):
+// the first key block writes them, the last writes dQ * scale in T instead (both: dQ directly).
+template <typename T, int kD, int kM, int LDQ>
+__device__ __forceinline__ void add_dq(const Params& p, const float* stage, int b, int h, const Seq& seq, int m0,
+                                       bool first, bool last) {
+  constexpr int kC = kD / 4;  // float4 chunks per row
+  float* acc = p.dq_acc + b * p.sacc.b + h * p.sacc.h + (seq.tok0 + m0) * p.sacc.s;
+  uint16_t* out = static_cast<uint16_t*>(p.dq) + b * p.sdq.b + h * p.sdq.h + (seq.tok0 + m0) * p.sdq.s;
+  const int rows = seq.Lq - m0 < kM ? seq.Lq - m0 : kM;
+#pragma unroll
+  for (int c = threadIdx.x; c < kM * kC; c += kThreads) {
+    const int r = c / kC, col = (c % kC) * 4;
+    if (r >= rows || col >= p.D) continue;
+    float4 v = *reinterpret_cast<const float4*>(stage + r * LDQ + col);
+    float4* a = reinterpret_cast<float4*>(acc + r * p.sacc.s + col);  // rows of D rounded up to 4
+    if (!first) {
+      const float4 prev = ptx::ld_cg(a);
+      v.x += prev.x, v.y += prev.y, v.z += prev.z, v.w += prev.w;
+    }
+    if (!last) {
+      ptx::st_cg(a, v);
+      continue;
+    }
+    uint16_t* o = out + r * p.sdq.s + col;
+    if (p.D % 4 == 0) {  // then every stride of dq is a multiple of 4 too: one 8-byte store
+      *reinterpret_cast<uint2*>(o) =
+          make_uint2(Half16<T>::pack(v.x * p.scale, v.y * p.scale), Half16<T>::pack(v.z * p.scale, v.w * p.scale));
+    } else {
+      const float x[4] = {v.x, v.y, v.z, v.w};
+      for (int e = 0; e < 4 && col + e < p.D; ++e) o[e] = Half16<T>::bits(x[e] * p.scale);
+    }
+  }
+}
+
+// The backward in FlashAttention-2's five-GEMM form: one block per 64 keys (each warp 16),
+// streaming tiles of kM queries. With keys as rows: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO,
+// dK += dS^T Q, and the tile's dQ part dS K, which goes through shared memory (dS^T, keys as
+// rows) so that each warp takes 16 queries and its share of the head dim over all 64 keys. The
+// parts are summed in fp32 in key-block order (wait_turn): the first block writes the accumulator,
+// the last one writes dQ * scale in T. No separate dQ pass recomputing S and dP. (The name stays
+// the dK/dV kernel's, which the static report keys on. Launch bounds with min 1 block: without it
+// ptxas capped it at 168 registers on sm_80 and spilled at D = 32 and 80.)
 template <typename T, int kD, int kMask, bool kDropout>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const Params p) {
-  constexpr int kN = bwd::kBlock, kM = bwd::tile(kD), LD = kD + kPad, kMT = kM / 8;
+  constexpr int kN = bwd::kBlock, kM = bwd::tile(kD), LD = kD + kPad, LDS = kM + kPad, LDQ = kD + 4, kMT = kM / 8;
+  static_assert(kM * LDQ * 4 <= 2 * kM * LD * 2, "the staged dQ tile fits one Q / dO buffer pair");
+  // dQ = dS K: kM / 16 m16 tiles of queries; the warps on one tile split the head dim's 16-wide pairs.
+  constexpr int kQTiles = kM / 16, kParts = kWarps / kQTiles, kPairs = kD / 16,
+                kPairsPer = (kPairs + kParts - 1) / kParts;
   BERTKERN_DYNAMIC_SMEM(smem);
   uint16_t* sK = reinterpret_cast<uint16_t*>(smem);  // [kN][LD]
   uint16_t* sV = sK + kN * LD;                       // [kN][LD]
-  uint16_t* sQ = sV + kN * LD;                       // [2][kM][LD]
-  uint16_t* sDO = sQ + 2 * kM * LD;                  // [2][kM][LD]
-  float2* sStat = reinterpret_cast<float2*>(sDO + 2 * kM * LD);  // [2][kM]: (lse, delta) per query
+  uint16_t* sQ = sV + kN * LD;                       // [2][Q [kM][LD], dO [kM][LD]]
+  uint16_t* sDO = sQ + kM * LD;
+  uint16_t* sDS = sQ + 4 * kM * LD;                  // [kN][LDS]: dS^T of the current tile
+  float2* sStat = reinterpret_cast<float2*>(sDS + kN * LDS);  // [2][kM]: (lse, delta) per query
+  float* sBias = reinterpret_cast<float*>(sStat + 2 * kM);     // [kN]: the keys' base-2 bias
 
-  const int b = blockIdx.z, h = blockIdx.y, n0 = blockIdx.x * kN;
+  const int b = blockIdx.z, h = blockIdx.y, kb = blockIdx.x, n0 = kb * kN;
   const Seq seq = seq_of(p, b);
   if (n0 >= seq.Lk) return;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  // (from the unsigned thread index: shifts and masks, and ptxas kept them out of local memory)
+  const int tid = threadIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = threadIdx.x % 4;
   const int row0 = warp * 16, key0 = n0 + row0 + g;  // the thread's keys: key0, key0 + 8
+  const bool first = kb == 0, last = n0 + kN >= seq.Lk;  // the first / last key block of the sequence
+  const int qt = warp % kQTiles, part = warp / kQTiles;  // the warp's dQ rows 16 qt.. and its part of D
 
   const int64_t mbase = b * p.mb + h * p.mh;
   Dropout drop{};
   if constexpr (kDropout) drop = make_dropout(p.seed, p.thresh);
   const int64_t drow = (static_cast<int64_t>(b) * p.H + h) * p.row_stride;
-  float kbias[2] = {0.f, 0.f};  // the keys' base-2 bias (no mask or a per-key mask)
+  // The keys' base-2 bias (no mask or a per-key mask), read from shared memory in the loop: two
+  // registers less across it kept the D = 64 kernels from spilling.
   if constexpr (kMask != fwd::kAnyMask) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) kbias[r] = key_bias_bwd<T>(p, mbase, key0 + 8 * r, seq.Lk);
+    if (tid < kN) sBias[tid] = key_bias_bwd<T>(p, mbase, n0 + tid, seq.Lk);
   }
 
   // Prologue: K, V and the first Q / dO tile in one group, the first tile's statistics.
@@ -750,6 +820,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const P
   __syncthreads();
 
   const float sl2 = p.scale * fwd::kLog2e;
+  const int sem0 = (b * p.H + h) * p.q_tiles;  // this (b, h)'s first query tile in dq_sem
   float dk[kD / 8][4] = {}, dv[kD / 8][4] = {};
   for (int m0 = 0, buf = 0; m0 < seq.Lq; m0 += kM, buf ^= 1) {
     // The next query tile streams into the other buffers while this one is multiplied.
@@ -757,15 +828,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const P
     if (more) {
       q_copy.next();
       do_copy.next();
-      q_copy.copy(sQ + (buf ^ 1) * kM * LD, seq.Lq - m0 - kM, p.D, p.vq);
-      do_copy.copy(sDO + (buf ^ 1) * kM * LD, seq.Lq - m0 - kM, p.D, p.vdo);
+      q_copy.copy(sQ + (buf ^ 1) * 2 * kM * LD, seq.Lq - m0 - kM, p.D, p.vq);
+      do_copy.copy(sDO + (buf ^ 1) * 2 * kM * LD, seq.Lq - m0 - kM, p.D, p.vdo);
     }
     ptx::cp_async_commit();
     float2 next_stat = make_float2(0.f, 0.f);
     if (more && tid < kM) next_stat = row_stats(p, b, h, seq, m0 + kM + tid);
 
-    const uint16_t* cQ = sQ + buf * kM * LD;
-    const uint16_t* cDO = sDO + buf * kM * LD;
+    const uint16_t* cQ = sQ + buf * 2 * kM * LD;
+    const uint16_t* cDO = sDO + buf * 2 * kM * LD;
     const float2* stat = sStat + buf * kM;
     float st[kMT][4] = {}, dpt[kMT][4] = {};
     mma_abt<T, kD, kM, LD>(st, sK, row0, cQ, lane);
@@ -793,7 +864,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const P
         if constexpr (kMask == fwd::kAnyMask) {
           z = logit2_any<T>(p, mbase, m0 + 8 * j + 2 * t + x, key0 + 8 * r, seq.Lq, seq.Lk, st[j][e], sl2);
         } else {
-          z = fmaf(st[j][e], sl2, kbias[r]);
+          z = fmaf(st[j][e], sl2, sBias[row0 + g + 8 * r]);
         }
         const float prob = ptx::ex2(z - s.x);
         float dp = dpt[j][e], pd = prob;
@@ -805,12 +876,55 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const P
         st[j][e] = pd;                   // P^T after dropout: dV's operand
         dpt[j][e] = prob * (dp - s.y);  // dS^T: dK's operand
       }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        *reinterpret_cast<uint32_t*>(sDS + (row0 + g + 8 * r) * LDS + 8 * j + 2 * t) =
+            Half16<T>::pack(dpt[j][2 * r], dpt[j][2 * r + 1]);
+      }
     }
     mma_pb<T, kD, kM, LD>(dv, st, cDO, lane);
     mma_pb<T, kD, kM, LD>(dk, dpt, cQ, lane);
+    __syncthreads();  // dS^T of all 64 keys is in sDS
+
+    // dQ part = dS K: A from dS^T with ldmatrix.trans (matrices of keys x queries), B from K as
+    // in P V. The warp's pairs of n8 tiles: part * kPairsPer + i, below kPairs. Staged in fp32
+    // through this tile's Q / dO buffers (no warp reads them any more) for coalesced accesses.
+    {
+      float dq[2 * kPairsPer][4] = {};
+      const uint16_t* pa = sDS + b_frag_offset<LDS>(lane) + 16 * qt;
+      const uint16_t* pb = sK + bt_frag_offset<LD>(lane) + 16 * part * kPairsPer;
+#pragma unroll
+      for (int kk = 0; kk < kN / 16; ++kk) {
+        uint32_t a[4];
+        ptx::ldmatrix<4, true>(a, pa + 16 * kk * LDS);
+#pragma unroll
+        for (int i = 0; i < kPairsPer; ++i) {
+          if (kPairs % kParts != 0 && part * kPairsPer + i >= kPairs) break;
+          uint32_t bk[4];
+          ptx::ldmatrix<4, true>(bk, pb + 16 * kk * LD + 16 * i);
+          Half16<T>::mma(dq[2 * i], a, bk[0], bk[1]);
+          Half16<T>::mma(dq[2 * i + 1], a, bk[2], bk[3]);
+        }
+      }
+      float* stage = reinterpret_cast<float*>(sQ + buf * 2 * kM * LD) + (16 * qt + g) * LDQ + 16 * part * kPairsPer;
+#pragma unroll
+      for (int i2 = 0; i2 < 2 * kPairsPer; ++i2) {
+        if (kPairs % kParts != 0 && part * kPairsPer + i2 / 2 >= kPairs) break;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          *reinterpret_cast<float2*>(stage + 8 * r * LDQ + 8 * i2 + 2 * t) = make_float2(dq[i2][2 * r], dq[i2][2 * r + 1]);
+        }
+      }
+    }
+    if (!first && tid == 0) wait_turn(p.dq_sem + sem0 + m0 / kM, kb);
+    __syncthreads();  // the staged tile is complete, and it is this block's turn
+    add_dq<T, kD, kM, LDQ>(p, reinterpret_cast<const float*>(sQ + buf * 2 * kM * LD), b, h, seq, m0, first, last);
+
     if (more && tid < kM) sStat[(buf ^ 1) * kM + tid] = next_stat;
     ptx::cp_async_wait<0>();
-    __syncthreads();  // the next tile is in; every warp is done with this one
+    ptx::fence_gpu();  // this block's accumulator writes, before the next block's turn
+    __syncthreads();  // the next tile is in; every thread is done with this one
+    if (tid == 0 && !last) ptx::st_release(p.dq_sem + sem0 + m0 / kM, kb + 1);
   }
 
   const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};
@@ -818,109 +932,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const P
                     row0, seq.Lk - n0, p.D, dv, one, g, t);
   store_rows<T, kD>(static_cast<uint16_t*>(p.dk) + b * p.sdk.b + h * p.sdk.h + (seq.tok0 + n0) * p.sdk.s, p.sdk.s,
                     row0, seq.Lk - n0, p.D, dk, scale, g, t);
-}
-
-// dQ: one block per 64 queries (each warp 16), streaming tiles of kN keys: S = Q K^T,
-// dP = dO V^T, dQ += dS K. (min 2 blocks: ptxas's own choice capped the sm_80 D = 64 kernels at
-// 128 registers with spills, and 3 blocks spilled with dropout; shared memory allows 2 there.)
-template <typename T, int kD, int kMask, bool kDropout>
-__global__ void __launch_bounds__(kThreads, 2) attention_bwd_dq_kernel(const Params p) {
-  constexpr int kM = bwd::kBlock, kN = bwd::tile(kD), LD = kD + kPad, kNT = kN / 8;
-  BERTKERN_DYNAMIC_SMEM(smem);
-  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);  // [kM][LD]
-  uint16_t* sDO = sQ + kM * LD;                      // [kM][LD]
-  uint16_t* sK = sDO + kM * LD;                      // [2][kN][LD]
-  uint16_t* sV = sK + 2 * kN * LD;                   // [2][kN][LD]
-  float* sBias = reinterpret_cast<float*>(sV + 2 * kN * LD);  // [2][kN] key bias (see key_bias)
-
-  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kM;
-  const Seq seq = seq_of(p, b);
-  if (m0 >= seq.Lq) return;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int row0 = warp * 16, qi0 = m0 + row0 + g;  // the thread's queries: qi0, qi0 + 8
-
-  const int64_t mbase = b * p.mb + h * p.mh;
-  Dropout drop{};
-  if constexpr (kDropout) drop = make_dropout(p.seed, p.thresh);
-  const int64_t drow = (static_cast<int64_t>(b) * p.H + h) * p.row_stride;
-
-  // Prologue: Q, dO and the first K / V tile in one group, the first tile's key bias.
-  TileCopy<kN, kD, LD> k_copy(at_token(p.k, p.sk, b, h, seq.tok0), p.sk.s),
-      v_copy(at_token(p.v, p.sv, b, h, seq.tok0), p.sv.s);
-  TileCopy<kM, kD, LD>(at_token(p.q, p.sq, b, h, seq.tok0 + m0), p.sq.s).copy(sQ, seq.Lq - m0, p.D, p.vq);
-  TileCopy<kM, kD, LD>(at_token(p.dout, p.sdo, b, h, seq.tok0 + m0), p.sdo.s).copy(sDO, seq.Lq - m0, p.D, p.vdo);
-  k_copy.copy(sK, seq.Lk, p.D, p.vk);
-  v_copy.copy(sV, seq.Lk, p.D, p.vv);
-  ptx::cp_async_commit();
-  if constexpr (kMask != fwd::kAnyMask) {
-    if (tid < kN) sBias[tid] = key_bias_bwd<T>(p, mbase, tid, seq.Lk);
-  }
-  float2 stat[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) stat[r] = row_stats(p, b, h, seq, qi0 + 8 * r);
-  ptx::cp_async_wait<0>();
-  __syncthreads();
-
-  const float sl2 = p.scale * fwd::kLog2e;
-  float dq[kD / 8][4] = {};
-  for (int n0 = 0, buf = 0; n0 < seq.Lk; n0 += kN, buf ^= 1) {
-    // The next key tile streams into the other buffers while this one is multiplied.
-    const bool more = n0 + kN < seq.Lk;
-    if (more) {
-      k_copy.next();
-      v_copy.next();
-      k_copy.copy(sK + (buf ^ 1) * kN * LD, seq.Lk - n0 - kN, p.D, p.vk);
-      v_copy.copy(sV + (buf ^ 1) * kN * LD, seq.Lk - n0 - kN, p.D, p.vv);
-    }
-    ptx::cp_async_commit();
-    float next_bias = 0.f;
-    if constexpr (kMask != fwd::kAnyMask) {
-      if (more && tid < kN) next_bias = key_bias_bwd<T>(p, mbase, n0 + kN + tid, seq.Lk);
-    }
-
-    const uint16_t* cK = sK + buf * kN * LD;
-    const uint16_t* cV = sV + buf * kN * LD;
-    const float* bias = sBias + buf * kN;
-    float s[kNT][4] = {}, dp[kNT][4] = {};
-    mma_abt<T, kD, kN, LD>(s, sQ, row0, cK, lane);
-    mma_abt<T, kD, kN, LD>(dp, sDO, row0, cV, lane);
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-      uint32_t mine = 0, other = 0;
-      if constexpr (kDropout) {  // as in the forward: lanes t, t ^ 1 share one call per row
-        mine = keep4(drop, drow + qi0 + 8 * (t & 1), (n0 + 8 * j) / 4 + t / 2);
-        other = __shfl_xor_sync(kFull, mine, 1);
-      }
-      float2 bj = make_float2(0.f, 0.f);
-      if constexpr (kMask != fwd::kAnyMask) bj = *reinterpret_cast<const float2*>(bias + 8 * j + 2 * t);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e / 2, x = e & 1;  // query qi0 + 8r, key n0 + 8j + 2t + x
-        float z;
-        if constexpr (kMask == fwd::kAnyMask) {
-          z = logit2_any<T>(p, mbase, qi0 + 8 * r, n0 + 8 * j + 2 * t + x, seq.Lq, seq.Lk, s[j][e], sl2);
-        } else {
-          z = fmaf(s[j][e], sl2, x ? bj.y : bj.x);
-        }
-        const float prob = ptx::ex2(z - stat[r].x);
-        float d = dp[j][e];
-        if constexpr (kDropout) {
-          const uint32_t bits = ((r == (t & 1)) ? mine : other) >> (2 * (t & 1));
-          d = (bits >> x) & 1u ? d * p.keep_scale : 0.f;
-        }
-        s[j][e] = prob * (d - stat[r].y);  // dS
-      }
-    }
-    mma_pb<T, kD, kN, LD>(dq, s, cK, lane);
-    if constexpr (kMask != fwd::kAnyMask) {
-      if (more && tid < kN) sBias[(buf ^ 1) * kN + tid] = next_bias;
-    }
-    ptx::cp_async_wait<0>();
-    __syncthreads();  // the next tile is in; every warp is done with this one
-  }
-  const float scale[2] = {p.scale, p.scale};
-  store_rows<T, kD>(static_cast<uint16_t*>(p.dq) + b * p.sdq.b + h * p.sdq.h + (seq.tok0 + m0) * p.sdq.s, p.sdq.s,
-                    row0, seq.Lq - m0, p.D, dq, scale, g, t);
 }
 
 // ------------------------------------------------------------------ host: plans
@@ -1163,6 +1174,7 @@ struct BwdPlan {
   Params p;
   int64_t B;
   at::Tensor dq, dk, dv, delta, stats;
+  at::Tensor dq_acc, dq_sem;  // the ordered dQ accumulation (more than one key block only)
 };
 
 BwdPlan plan_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -1219,10 +1231,22 @@ BwdPlan plan_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& 
     plan.dk.zero_();
     plan.dv.zero_();
   }
+  if (p.S_k == 0) plan.dq.zero_();  // queries with no key (no key block runs)
+  // Sequences of more than one key block sum their dQ parts in an fp32 accumulator, in key-block
+  // order (see attention_bwd_dkdv_kernel); its rows are D rounded up to 4 (float4 accesses).
+  p.q_tiles = static_cast<int>(ceil_div<int64_t>(p.S_q, D <= 64 ? bwd::tile(64) : bwd::tile(128)));
+  if (p.S_k > bwd::kBlock && plan.dq.numel() > 0) {
+    const int64_t Dp = ceil_div<int64_t>(D, 4) * 4, rows = varlen ? total : plan.B * p.S_q;
+    plan.dq_acc = at::empty({rows * H * Dp}, q.options().dtype(at::kFloat));
+    plan.dq_sem = at::empty({plan.B * H * p.q_tiles}, q.options().dtype(at::kInt)).zero_();
+    p.dq_acc = plan.dq_acc.data_ptr<float>();
+    p.dq_sem = plan.dq_sem.data_ptr<int>();
+    p.sacc = varlen ? Strides{0, Dp, H * Dp} : Strides{H * p.S_q * Dp, p.S_q * Dp, Dp};
+  }
   return plan;
 }
 
-// delta, then dK / dV, then dQ (the last two read delta).
+// delta, then dK, dV and dQ (reading delta).
 template <typename Launch>
 void dispatch_bwd(const BwdPlan& plan, Launch&& launch) {
   const Params& p = plan.p;
@@ -1242,8 +1266,6 @@ void dispatch_bwd(const BwdPlan& plan, Launch&& launch) {
             launch(attention_bwd_dkdv_kernel<T, kD, kMask, kDrop>, dim3(ceil_div(p.S_k, bwd::kBlock), p.H, B),
                    bwd::smem_bytes(kD));
           }
-          launch(attention_bwd_dq_kernel<T, kD, kMask, kDrop>, dim3(ceil_div(p.S_q, bwd::kBlock), p.H, B),
-                 bwd::smem_bytes(kD));
         });
       });
     });

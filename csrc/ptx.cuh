@@ -92,6 +92,56 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #endif
 }
 
+// Between blocks (the attention backward's ordered dQ accumulation): a flag read with acquire and
+// written with release semantics at GPU scope, and fp32 quads read and written at L2 (.cg), where
+// every SM sees the latest value; L1 may hold a line another block of this SM read before.
+__device__ __forceinline__ int ld_acquire(const int* p) {
+#if defined(__CUDA_ARCH__)
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+#else
+  return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+#endif
+}
+
+__device__ __forceinline__ void st_release(int* p, int v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+#else
+  __atomic_store_n(p, v, __ATOMIC_RELEASE);
+#endif
+}
+
+// Orders this thread's earlier writes before its later ones for every thread of the GPU (membar.gl).
+__device__ __forceinline__ void fence_gpu() {
+#if defined(__CUDA_ARCH__)
+  __threadfence();
+#else
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#endif
+}
+
+__device__ __forceinline__ float4 ld_cg(const float4* p) {
+#if defined(__CUDA_ARCH__)
+  float4 v;
+  asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p) : "memory");
+  return v;
+#else
+  return *p;
+#endif
+}
+
+__device__ __forceinline__ void st_cg(float4* p, float4 v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.global.cg.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+#else
+  *p = v;
+#endif
+}
+
 // 2^x, one MUFU.EX2 (flush-to-zero: subnormal results become 0; ex2(-inf) = 0).
 __device__ __forceinline__ float ex2(float x) {
 #if defined(__CUDA_ARCH__)

@@ -1,7 +1,7 @@
 """csrc/attention.cu's CUDA kernels run on the CPU through the emulation in tests/cuda_emu (threads for
 CUDA threads, the PTX ISA's mma.sync fragment layouts), so that a machine without a GPU checks the
 kernels' own code: tiling and tails, head-dim padding, every mask form, fully masked rows, Philox
-dropout rows, varlen sequences, packed-QKV strides, the backward's three kernels. The checks are
+dropout rows, varlen sequences, packed-QKV strides, the backward's two kernels. The checks are
 test_attention.py's (float64 reference, the 2x-of-eager rule), through bertkern.ops.attention's
 backend="cuda" path with torch.ops.bertkern_cuda pointed at the emulated ops.
 
@@ -154,6 +154,18 @@ def test_varlen_long_sequences(cuda, D, dtype):
     ref = ref_attention(q.double(), k.double(), v.double(), mask[:, None, None, :], 0.2, 0.25, seed)
     eager = ref_attention(q, k, v, mask[:, None, None, :], 0.2, 0.25, seed)
     assert_attention_close((want,), (ref,), (eager,), names=("out",))
+
+
+@pytest.mark.parametrize("D, form, dropout", [(30, "b11s", True), (33, "bhss:min", False)], ids=str)
+def test_backward_dq_accumulation(cuda, D, form, dropout):
+    """The backward sums dQ over key blocks (130 keys: three) in an fp32 accumulator whose rows are D
+    rounded up to 4; the last key block writes dQ: head dims not a multiple of 4 take its
+    element-by-element path, with S_q != S_k (query tiles of the two lengths)."""
+    for S_q, S_k in [(130, 130), (70, 200)]:
+        q, k, v = rand(1, 2, S_q, D), rand(1, 2, S_k, D), rand(1, 2, S_k, D)
+        mask = make_mask(form, 1, 2, S_q, S_k, torch.float16, CPU)
+        seed = seed_tensor(99, CPU) if dropout else None
+        check_attention(cuda, q, k, v, mask, rand(1, 2, S_q, D), dropout_p=0.2 if dropout else 0.0, seed=seed)
 
 
 def test_ptx_primitives_follow_the_isa(emulated):
