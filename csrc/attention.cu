@@ -769,11 +769,11 @@ __device__ __forceinline__ void add_dq(const Params& p, const float* stage, int 
 // dK += dS^T Q, and the tile's dQ part dS K, which goes through shared memory (dS^T, keys as
 // rows) so that each warp takes 16 queries and its share of the head dim over all 64 keys. The
 // parts are summed in fp32 in key-block order (wait_turn): the first block writes the accumulator,
-// the last one writes dQ * scale in T. No separate dQ pass recomputing S and dP. (The name stays
-// the dK/dV kernel's, which the static report keys on. Launch bounds with min 1 block: without it
-// ptxas capped it at 168 registers on sm_80 and spilled at D = 32 and 80.)
+// the last one writes dQ * scale in T. No separate dQ pass recomputing S and dP. (Launch bounds
+// with min 1 block: without it ptxas capped the former dK/dV kernel at 168 registers on sm_80 and
+// spilled at D = 32 and 80.)
 template <typename T, int kD, int kMask, bool kDropout>
-__global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Params p) {
   constexpr int kN = bwd::kBlock, kM = bwd::tile(kD), LD = kD + kPad, LDS = kM + kPad, LDQ = kD + 4, kMT = kM / 8;
   static_assert(kM * LDQ * 4 <= 2 * kM * LD * 2, "the staged dQ tile fits one Q / dO buffer pair");
   // dQ = dS K: kM / 16 m16 tiles of queries; the warps on one tile split the head dim's 16-wide pairs.
@@ -1233,7 +1233,7 @@ BwdPlan plan_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& 
   }
   if (p.S_k == 0) plan.dq.zero_();  // queries with no key (no key block runs)
   // Sequences of more than one key block sum their dQ parts in an fp32 accumulator, in key-block
-  // order (see attention_bwd_dkdv_kernel); its rows are D rounded up to 4 (float4 accesses).
+  // order (see attention_bwd_kernel); its rows are D rounded up to 4 (float4 accesses).
   p.q_tiles = static_cast<int>(ceil_div<int64_t>(p.S_q, D <= 64 ? bwd::tile(64) : bwd::tile(128)));
   if (p.S_k > bwd::kBlock && plan.dq.numel() > 0) {
     const int64_t Dp = ceil_div<int64_t>(D, 4) * 4, rows = varlen ? total : plan.B * p.S_q;
@@ -1263,7 +1263,7 @@ void dispatch_bwd(const BwdPlan& plan, Launch&& launch) {
           constexpr int kMask = decltype(any)::value ? fwd::kAnyMask : fwd::kKeyMask;
           constexpr bool kDrop = decltype(dropout)::value;
           if (p.S_k > 0) {
-            launch(attention_bwd_dkdv_kernel<T, kD, kMask, kDrop>, dim3(ceil_div(p.S_k, bwd::kBlock), p.H, B),
+            launch(attention_bwd_kernel<T, kD, kMask, kDrop>, dim3(ceil_div(p.S_k, bwd::kBlock), p.H, B),
                    bwd::smem_bytes(kD));
           }
         });
