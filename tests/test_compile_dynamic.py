@@ -42,11 +42,12 @@ def test_dynamic_compile_does_not_recompile_per_length():
     compiled = torch.compile(optimized, dynamic=True, backend=counter)
     try:
         with torch.no_grad():
-            ids, mask = _batch(7)
+            # lengths whose token capacity is under B x S (at the whole batch it runs the padded path)
+            ids, mask = _batch(12)
             compiled(input_ids=ids, attention_mask=mask)
             frames = counter.frame_count
             assert frames >= 1
-            for seq in (5, 12, 16, 31):
+            for seq in (9, 16, 20, 31):
                 ids, mask = _batch(seq)
                 counter.clear_calls()
                 got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -58,5 +59,12 @@ def test_dynamic_compile_does_not_recompile_per_length():
                 torch.testing.assert_close(got, optimized(input_ids=ids, attention_mask=mask).last_hidden_state,
                                            rtol=1e-5, atol=1e-5)
         assert counter.frame_count == frames, f"recompiled: {counter.frame_count} compilations for 5 lengths"
+        with torch.no_grad():  # 12 real tokens of 15: a capacity of 16 would pack nothing away
+            ids, mask = _batch(5)
+            counter.clear_calls()
+            got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert counter.ran() == ["attention"] * 2
+            torch.testing.assert_close(got, optimized(input_ids=ids, attention_mask=mask).last_hidden_state,
+                                       rtol=1e-5, atol=1e-5)
     finally:
         torch._dynamo.reset()
