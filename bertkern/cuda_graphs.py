@@ -114,13 +114,12 @@ MIN_TOKEN_CAPACITY = 16
 def choose_packed_shapes(lengths: Iterable[int], batch: int, seq: int, seq_lens: Iterable[int],
                          steps_per_octave: int = CAPACITY_STEPS) -> tuple[int, int]:
     """(token capacity T, max_seqlen m) of a padding-free graph for real lengths `lengths` in a
-    [batch, seq] bucket: T the next power of two >= the real tokens (at least MIN_TOKEN_CAPACITY,
-    at most batch x seq), m the smallest of seq_lens >= the longest row (at most seq; seq itself when
-    none fits). So T >= every token count and m >= every length of this batch.
-    steps_per_octave k > 1: T the smallest of k evenly spaced steps between the power of two below
-    and the one above (k = 4: 512 < 640, 768, 896, 1024; steps of at least 8 tokens), so T wastes at
-    most about 1/k of the real tokens instead of up to all of them, for k times as many capacities
-    (default CAPACITY_STEPS, used by CUDAGraphRunner and bertkern.optimize's torch.compile prologue)."""
+    [batch, seq] bucket: T the smallest of k = steps_per_octave evenly spaced steps between the power
+    of two below the real tokens and the one above (k = 4: 512 < 640, 768, 896, 1024; steps of at
+    least 8 tokens; k = 1: the next power of two), at least MIN_TOKEN_CAPACITY, at most batch x seq;
+    m the smallest of seq_lens >= the longest row (at most seq; seq itself when none fits). So
+    T >= every token count and m >= every length of this batch, and T wastes at most about 1/k of
+    the real tokens, for k capacities per power of two."""
     lengths = [int(n) for n in lengths]
     if len(lengths) > batch or any(n < 0 or n > seq for n in lengths):
         raise ValueError(f"choose_packed_shapes: lengths {lengths} do not fit a [{batch}, {seq}] bucket")

@@ -416,8 +416,6 @@ def _graph_breaks_allowed() -> bool:
         return False
 
 
-
-
 def _eager_only(fn):
     """torch.compiler.disable(fn), with a reason that graph-break reports show (torch >= 2.7 takes one)."""
     reason = ("bertkern padding-free encoder: the real-token count and the longest row are read on the host "

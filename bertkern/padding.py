@@ -11,8 +11,8 @@ sequence is its real tokens in order. `repad` puts them back and fills padding w
 Both are differentiable (index_select / index_copy: one gather forward and one scatter backward,
 and vice versa). unpad waits for the device once (to size the packed tensor and learn max_seqlen),
 and on a batch without padding returns a view (no gather); a model calls it once per forward, not
-per layer. Inside a CUDA graph or torch.compile, where no host
-sync can happen, unpad_static / repad_static do the same with shapes fixed on the host (below).
+per layer. Inside a CUDA graph or torch.compile, where no host sync can happen, unpad_static /
+repad_static do the same with shapes fixed on the host (below).
 """
 from __future__ import annotations
 
