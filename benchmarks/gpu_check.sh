@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a lent GPU machine without internet (Python with torch + CUDA,
 # triton, transformers, pytest, pytest-benchmark installed): versions and nvidia-smi; build bertkern._C
-# for sm_90; bertkern info; pytest -m gpu, then (FULL_TESTS=1) all of tests/; the benchmarks (ops, then bert --quick,
+# for sm_90; bertkern info; pytest -m gpu, then (FULL_TESTS=1) all of tests/; benchmarks/host_profile.py (MiniLM
+# 32x128 eager: host time per provider); the benchmarks (ops, then bert --quick,
 # then train --quick); results.tgz and the logs into $OUT. Every step runs under a time limit, a failed
 # step does not stop the next, and a summary table comes last. The benchmarks get BENCH_RESERVE_S
 # (330 s) of BUDGET_S (540 s), more if the tests finish early, split ops 30% / bert 45% / train 25% of
@@ -95,6 +96,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
       -p no:cacheprovider "${XDIST[@]}" --ignore-glob='tests/test_*_emulated.py' --ignore=tests/test_triton_compile.py
   fi
 fi
+
+# Where eager inference spends host time, per provider (issue 11: optimize() vs optimize(backend="cuda")).
+step "host profile" bench.log 90 "$PY" benchmarks/host_profile.py --calls 10
 
 # bench SUITE SHARE_PERCENT_OF_WHAT_IS_LEFT ARGS...: run.py --suite SUITE with a budget of that share
 # of what is left (less ~20 s kept for the tar at the end), and a hard limit GRACE_S past it (process

@@ -491,6 +491,19 @@ def test_gpu_check_script_syntax_and_suites():
     assert all(s in script.read_text() for s in ("bench ops", "bench bert", "bench train", "--suite", "results.tgz"))
 
 
+def test_host_profile_reports_each_provider(tmp_path):
+    from benchmarks import host_profile
+
+    argv = ["--model", "tiny", "--batch", "2", "--seq", "16", "--fill", "0.6", "--calls", "2",
+            "--providers", "hf-sdpa", "optimize", "optimize-cuda", "--out", str(tmp_path)]
+    assert host_profile.main(argv) == 0
+    text = (tmp_path / "cpu" / "host_profile.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert float(rows["hf-sdpa"].split("|")[2]) > 0 and float(rows["optimize"].split("|")[3]) > 0
+    assert rows["optimize-cuda"].split("|")[2].strip().startswith("Skip: ")  # one that cannot run says why
+    assert "## optimize: the" in text and "`aten::" in text
+
+
 def test_hf_varlen_provider_matches_the_padded_model(monkeypatch):
     """The torch-only padding-free baseline's plumbing (unpad, HF layers on real tokens, repad), with
     varlen_attn (CUDA only) replaced by per-sequence SDPA."""

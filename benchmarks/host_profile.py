@@ -1,0 +1,105 @@
+"""Where an eager forward spends its host time: per provider of the bert suite, the time for the call
+to return (host) next to the time until the GPU is done (total), and the ops that cost the host most.
+
+    python benchmarks/host_profile.py                         # MiniLM fp16 32x128 full on the GPU
+    python benchmarks/host_profile.py --model bert-base --batch 1 --providers hf-sdpa optimize optimize-cuda
+
+Called eagerly, a small BERT is host-bound on a fast GPU (H100: HF sdpa's graph replay was 3x faster than
+its eager call at MiniLM 32 x 128), so `optimize()` is as fast as the Python and dispatch it adds per
+layer. A forward's launches fit in the launch queue, so the call returns once the host has issued
+them: that is the host time. Writes OUT/<gpu or cpu>/host_profile.md.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common, models  # noqa: E402
+
+import torch  # noqa: E402
+
+TOP = 12
+
+
+def host_and_total(step, sync, calls: int) -> tuple[float, float]:
+    """Median ms for `step()` to return, and until the device is done."""
+    host, total = [], []
+    for _ in range(calls):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        sync()
+        host.append(t1 - t0)
+        total.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(host), 1e3 * statistics.median(total)
+
+
+def top_ops(step, sync, calls: int) -> tuple[float, list[tuple[str, int, float]]]:
+    """Host µs per forward inside any op (under the profiler, which adds its own), and (op, calls per
+    forward, host µs per forward) of the ops with the most self CPU time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            step()
+        sync()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return (sum(e.self_cpu_time_total for e in rows) / calls,
+            [(e.key, round(e.count / calls), e.self_cpu_time_total / calls) for e in rows[:TOP]])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="minilm", choices=list(models.ARCH))
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--fill", type=float, default=1.0)
+    p.add_argument("--providers", nargs="+", default=["hf-sdpa", "optimize", "optimize-cuda", "optimize-triton"])
+    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--out", default=str(common.RESULTS_DIR))
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = common.DTYPES[a.dtype] if device.type == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    env = common.environment(device)
+    cell = models.Cell(a.model, dtype, a.batch, a.seq, a.fill)
+    g = models.Group("bert", a.model, dtype, device)
+    ids, mask, _ = models.make_batch(cell, g.config, device)
+    lines = [f"# Host time of an eager forward: {cell.label}", "", common.env_line(env), "",
+             "| provider | host ms (call returns) | total ms (device done) | host share |", "|---|---:|---:|---:|"]
+    tops = []
+    for prov in models.providers("bert", a.providers, cpu=device.type != "cuda"):
+        try:
+            model, fn, _ = prov.build(g)
+        except Exception as e:  # e.g. optimize-cuda without _C: say so, go on
+            lines.append(f"| {prov.name} | {common.short_exc(e)} | | |")
+            continue
+        step = torch.no_grad()(lambda: fn(ids, mask))
+        for _ in range(3):  # warm-up: Triton compiles, caches, the allocator
+            step()
+        host, total = host_and_total(step, sync, a.calls)
+        lines.append(f"| {prov.name} | {host:.3f} | {total:.3f} | {host / total:.0%} |")
+        tops.append((prov.name, top_ops(step, sync, max(3, a.calls // 4))))
+        print(lines[-1], flush=True)
+        del model, fn, step
+        common.free_memory(device)
+    for name, (in_ops, rows) in tops:
+        lines += ["", f"## {name}: the {TOP} ops with the most host (self CPU) time, per forward", "",
+                  f"Host time inside ops (profiled): {in_ops / 1e3:.3f} ms per forward; the rest of the call is "
+                  "Python outside any op.", "", "| op | calls | host µs |", "|---|---:|---:|"]
+        lines += [f"| `{op}` | {n} | {us:.1f} |" for op, n, us in rows]
+    folder = Path(a.out) / (common.gpu_slug(env["gpu"]) if device.type == "cuda" else "cpu")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "host_profile.md").write_text("\n".join(lines) + "\n")
+    print(f"written: {folder / 'host_profile.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
