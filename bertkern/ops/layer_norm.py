@@ -193,17 +193,31 @@ _ADD_LAYER_NORM = OpCall.define("add_layer_norm", _add_layer_norm_impl, fake=_ad
 
 
 # ---------------------------------------------------------------- input checks
-def _check_tensor(name: str, arg: str, t, ref: torch.Tensor, shape: tuple, what: str) -> None:
-    if t is None:
-        return
+# Each check names the op (`name`), the argument (`arg`) and the argument it must match (`ref_name`).
+def _check_type(name: str, arg: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
+
+
+def _check_dtype(name: str, arg: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name}: {arg} dtype {t.dtype} does not match {ref_name} dtype {ref.dtype}")
+
+
+def _check_device(name: str, arg: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name}: {arg} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_tensor(name: str, arg: str, t, ref: torch.Tensor, shape: tuple, what: str, ref_name: str = "x") -> None:
+    """None, or a tensor of `shape` (`what`, for the message) with ref's dtype and device."""
+    if t is None:
+        return
+    _check_type(name, arg, t)
     if t.shape != shape:
         raise ValueError(f"{name}: {arg} must have shape {list(shape)} ({what}), got {list(t.shape)}")
-    if t.dtype != ref.dtype:
-        raise ValueError(f"{name}: {arg} dtype {t.dtype} does not match x dtype {ref.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{name}: {arg} is on {t.device} but x is on {ref.device}")
+    _check_dtype(name, arg, t, ref, ref_name)
+    _check_device(name, arg, t, ref, ref_name)
 
 
 def _check_eps_p(name: str, eps, dropout_p) -> None:
@@ -424,12 +438,10 @@ def _check_embedding(input_ids, position_ids, token_type_ids, word, pos, typ, we
     for arg, t in (("input_ids", input_ids), ("position_ids", position_ids), ("token_type_ids", token_type_ids)):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
+        _check_type(name, arg, t)
         if t.dtype not in _INDEX_DTYPES:
             raise ValueError(f"{name}: {arg} must be int64 or int32, got dtype {t.dtype}")
-        if t.device != word.device:
-            raise ValueError(f"{name}: {arg} is on {t.device} but word_embeddings is on {word.device}")
+        _check_device(name, arg, t, word, "word_embeddings")
         try:
             ok = t.expand(input_ids.shape) is not None
         except RuntimeError:
@@ -439,25 +451,13 @@ def _check_embedding(input_ids, position_ids, token_type_ids, word, pos, typ, we
     for arg, t in (("position_embeddings", pos), ("token_type_embeddings", typ)):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
+        _check_type(name, arg, t)
         if t.dim() != 2 or t.shape[1] != n or t.shape[0] == 0:
             raise ValueError(f"{name}: {arg} must have shape [rows, {n}] (word_embeddings' hidden size), got {list(t.shape)}")
-        if t.dtype != word.dtype:
-            raise ValueError(f"{name}: {arg} dtype {t.dtype} does not match word_embeddings dtype {word.dtype}")
-        if t.device != word.device:
-            raise ValueError(f"{name}: {arg} is on {t.device} but word_embeddings is on {word.device}")
+        _check_dtype(name, arg, t, word, "word_embeddings")
+        _check_device(name, arg, t, word, "word_embeddings")
     for arg, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != (n,):
-            raise ValueError(f"{name}: {arg} must have shape [{n}] (the hidden size), got {list(t.shape)}")
-        if t.dtype != word.dtype:
-            raise ValueError(f"{name}: {arg} dtype {t.dtype} does not match word_embeddings dtype {word.dtype}")
-        if t.device != word.device:
-            raise ValueError(f"{name}: {arg} is on {t.device} but word_embeddings is on {word.device}")
+        _check_tensor(name, arg, t, word, (n,), "the hidden size", "word_embeddings")
     if pos is not None and position_ids is None and input_ids.shape[-1] > pos.shape[0]:
         raise ValueError(f"{name}: sequence length {input_ids.shape[-1]} exceeds position_embeddings' {pos.shape[0]} rows")
     if padding_idx is not None and not -word.shape[0] <= padding_idx < word.shape[0]:
