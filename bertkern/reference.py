@@ -260,6 +260,17 @@ def keep_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask > torch.finfo(mask.dtype).min
 
 
+def masked_logits(s: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """s + mask in s's dtype, -inf where the mask masks (see keep_mask): the logits a masked softmax
+    normalises. Masked entries are filled, not added to: NaN / inf under the mask must not leak."""
+    if mask is None:
+        return s
+    keep = keep_mask(mask)
+    if mask.dtype != torch.bool:
+        s = s + torch.where(keep, mask, 0).to(s.dtype)
+    return s.masked_fill(~keep, float("-inf"))
+
+
 def masked_softmax(
     scores: torch.Tensor,
     mask: torch.Tensor | None = None,
@@ -274,12 +285,7 @@ def masked_softmax(
     -inf / finfo(mask.dtype).min meaning masked). With a `seed` (one-element int64 tensor), dropout
     applies the kernels' Philox mask (dropout_keep_mask over the [rows, S_k] view); without, F.dropout.
     """
-    s = scores.to(acc_dtype(scores.dtype)) * scale
-    if mask is not None:
-        keep = keep_mask(mask)
-        if mask.dtype != torch.bool:
-            s = s + torch.where(keep, mask, 0).to(s.dtype)
-        s = s.masked_fill(~keep, float("-inf"))  # where(), not +: NaN/inf under the mask must not leak
+    s = masked_logits(scores.to(acc_dtype(scores.dtype)) * scale, mask)
     row_max = s.amax(-1, keepdim=True)
     dead = torch.isneginf(row_max)  # every key masked
     e = torch.exp(s - torch.where(dead, 0.0, row_max))

@@ -63,13 +63,7 @@ CUDA_MAX_HEAD_DIM = 128
 def _logits(q, k, mask, scale):
     """(q k^T * scale + mask) in fp32 (fp64), -inf where masked: what masked_softmax normalises."""
     acc = acc_dtype(q.dtype)
-    z = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
-    if mask is not None:
-        keep = reference.keep_mask(mask)
-        if mask.dtype != torch.bool:
-            z = z + torch.where(keep, mask, 0).to(acc)
-        z = z.masked_fill(~keep, float("-inf"))
-    return z
+    return reference.masked_logits((q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale, mask)
 
 
 def _probs(q, k, mask, scale):
