@@ -453,8 +453,8 @@ def embedding_supported(N: int) -> str | None:
     return None
 
 
-def _index_view(ids: torch.Tensor | None, S: int) -> tuple[int, int]:
-    """(batch stride, position stride) of an id tensor viewed as [M // S, S] (0, 0 if absent)."""
+def _index_view(ids: torch.Tensor | None) -> tuple[int, int]:
+    """(batch stride, position stride) of a 2-D [M // S, S] id view (0, 0 if absent)."""
     return (0, 0) if ids is None else (ids.stride(0), ids.stride(1))
 
 
@@ -478,8 +478,8 @@ def embedding_forward(ids: tuple, tables: tuple, weight: torch.Tensor | None, bi
         word, pos if pos is not None else word, typ if typ is not None else word,
         weight if weight is not None else word, bias if bias is not None else word,
         y, prenorm if store_prenorm else y, mean, rstd,
-        M, N, S, *_index_view(input_ids, S),
-        *_index_view(position_ids if has_pids else None, S), *_index_view(token_type_ids if has_tids else None, S),
+        M, N, S, *_index_view(input_ids),
+        *_index_view(position_ids if has_pids else None), *_index_view(token_type_ids if has_tids else None),
         word.stride(0), pos.stride(0) if pos is not None else 0, typ.stride(0) if typ is not None else 0,
         y.stride(0), N, eps,
         HAS_POS=pos is not None, HAS_PIDS=has_pids, HAS_TYPE=typ is not None, HAS_TIDS=has_tids,
