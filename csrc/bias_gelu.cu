@@ -54,11 +54,33 @@ __device__ __forceinline__ A gelu_grad(A h) {
     // rounds to 1) from one exp and one division: with e = exp(-2|u|) in (0, 1] and r = 1 / (1 + e),
     // they are r and e * r, and nothing overflows.
     const A e = exp_(A(-2) * fabs(u));
-    const A r = A(1) / (A(1) + e);
+    const A r = rcp_in_range(A(1) + e);  // in [1, 2] (or NaN): the fast path
     const A s = u >= A(0) ? r : e * r;
     return s + A(2) * h * (e * r * r) * A(kTanhK) * (A(1) + A(3 * kTanhC) * h * h);
   } else {
     return A(0.5) * (A(1) + erf_(h * A(kSqrt1_2))) + h * exp_(A(-0.5) * h * h) * A(kInvSqrt2Pi);
+  }
+}
+
+// One thread's kUnroll rows r0 + u * blockDim.y (those < end): every row's loads first, load(u, r)
+// (memory-level parallelism), then out.v[j] = op(u, j) per row, stored at dst + r * N + col.
+template <typename T, int V, typename Load, typename Op>
+__device__ __forceinline__ void unrolled_rows(int64_t r0, int64_t end, Load&& load, Op&& op, T* dst, int64_t N,
+                                              int64_t col) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t r = r0 + static_cast<int64_t>(u) * blockDim.y;
+    if (r < end) load(u, r);
+  }
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t r = r0 + static_cast<int64_t>(u) * blockDim.y;
+    if (r < end) {
+      Vec<T, V> out;
+#pragma unroll
+      for (int j = 0; j < V; ++j) out.v[j] = static_cast<T>(op(u, j));
+      store_vec<T, V>(dst + r * N + col, out);
+    }
   }
 }
 
@@ -86,23 +108,10 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_fwd_kernel(
 
   const int64_t rows_per_block = static_cast<int64_t>(blockDim.y) * kUnroll;
   for (int64_t rb = blockIdx.y; rb < row_blocks; rb += gridDim.y) {
-    const int64_t r0 = rb * rows_per_block + threadIdx.y;
     Vec<T, V> in[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t r = r0 + static_cast<int64_t>(u) * blockDim.y;
-      if (r < M) in[u] = load_vec<T, V>(x + r * stride_x + col);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t r = r0 + static_cast<int64_t>(u) * blockDim.y;
-      if (r < M) {
-        Vec<T, V> out;
-#pragma unroll
-        for (int j = 0; j < V; ++j) out.v[j] = static_cast<T>(gelu<TANH>(static_cast<A>(in[u].v[j]) + b[j]));
-        store_vec<T, V>(y + r * N + col, out);
-      }
-    }
+    unrolled_rows<T, V>(
+        rb * rows_per_block + threadIdx.y, M, [&](int u, int64_t r) { in[u] = load_vec<T, V>(x + r * stride_x + col); },
+        [&](int u, int j) { return gelu<TANH>(static_cast<A>(in[u].v[j]) + b[j]); }, y, N, col);
   }
 }
 
@@ -136,28 +145,18 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_bwd_kernel(
     for (int64_t r0 = row_begin + threadIdx.y; r0 < row_end; r0 += step) {
       Vec<T, V> g[kUnroll];
       Vec<T, V> v[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t r = r0 + static_cast<int64_t>(u) * blockDim.y;
-        if (r < row_end) {
-          g[u] = load_vec<T, V>(dy + r * stride_dy + col);
-          v[u] = load_vec<T, V>(x + r * stride_x + col);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t r = r0 + static_cast<int64_t>(u) * blockDim.y;
-        if (r < row_end) {
-          Vec<T, V> out;
-#pragma unroll
-          for (int j = 0; j < V; ++j) {
+      unrolled_rows<T, V>(
+          r0, row_end,
+          [&](int u, int64_t r) {
+            g[u] = load_vec<T, V>(dy + r * stride_dy + col);
+            v[u] = load_vec<T, V>(x + r * stride_x + col);
+          },
+          [&](int u, int j) {
             const A d = static_cast<A>(g[u].v[j]) * gelu_grad<TANH>(static_cast<A>(v[u].v[j]) + b[j]);
-            out.v[j] = static_cast<T>(d);
             db[j] += d;
-          }
-          store_vec<T, V>(dx + r * N + col, out);
-        }
-      }
+            return d;
+          },
+          dx, N, col);
     }
   }
 

@@ -63,6 +63,21 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
   *reinterpret_cast<Vec<T, V>*>(p) = v;
 }
 
+// 1 / x with the bits of IEEE 1.0f / x, for x whose exponent is neither tiny nor huge (|x| in
+// [2^-125, 2^125]) or NaN: a softmax sum in [1, N], 1 + exp(-t) in [1, 2]. It is ptxas's own fast path
+// of that division (MUFU.RCP and one Newton step) without the branch to the slow path, a subroutine
+// call around which ptxas spilled the values live across it. fp64 (and the emulation): a plain division.
+__device__ __forceinline__ float rcp_in_range(float x) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return fmaf(r, -fmaf(x, r, -1.0f), r);
+#else
+  return 1.0f / x;
+#endif
+}
+__device__ __forceinline__ double rcp_in_range(double x) { return 1.0 / x; }
+
 inline bool is_aligned(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }
