@@ -68,6 +68,15 @@ __device__ __forceinline__ A rsqrt_(A v) {
   return A(1) / sqrt(v);  // IEEE sqrt and division (no fast math in this build)
 }
 
+// sum / N for a float sum and a row length N < 2^24, from inv_n = 1.0 / N (double, from the host): the
+// double product is within 2^-52 of the quotient, which is never that close to a float rounding
+// midpoint (but for a quotient exactly halfway between two denormals), so the float it rounds to is
+// IEEE's sum / N. Inline code where a float division calls its slow path, around which ptxas kept a
+// stack frame (the team kernel at V = 1, ITERS = 8).
+__device__ __forceinline__ float div_n(float sum, double inv_n) {
+  return static_cast<float>(static_cast<double>(sum) * inv_n);
+}
+
 // The pre-norm sum rounded to T, as stored for the backward and as eager normalizes it. Statistics of
 // the unrounded sum leave the rounding error in the backward's xhat, times rstd (1 / sqrt(eps) at N = 1).
 template <typename T>
@@ -90,6 +99,7 @@ struct FwdParams {
   acc_t<T>* rstd;     // [M]
   int64_t M, N, stride_x, stride_r;
   acc_t<T> eps, scale;
+  double inv_n;  // 1.0 / N
   uint32_t thresh;
 };
 
@@ -167,7 +177,8 @@ __global__ void __launch_bounds__(kTeamThreads) add_ln_fwd_team_kernel(FwdParams
       for (int j = 0; j < V; ++j) h[it][j] = A(0);
     }
   }
-  const A mean = team_sum(sum, wpr, red) / static_cast<A>(N);
+  static_assert(std::is_same_v<A, float>, "float64 rows take the loop kernel");
+  const A mean = div_n(team_sum(sum, wpr, red), p.inv_n);
   A sq = A(0);
 #pragma unroll
   for (int it = 0; it < ITERS; ++it) {
@@ -180,7 +191,7 @@ __global__ void __launch_bounds__(kTeamThreads) add_ln_fwd_team_kernel(FwdParams
       }
     }
   }
-  const A var = team_sum(sq, wpr, red) / static_cast<A>(N);
+  const A var = div_n(team_sum(sq, wpr, red), p.inv_n);
   const A rstd = rsqrt_(var + p.eps);
   if (!row_ok) return;  // no barriers below
   if (lane == 0) {
@@ -578,6 +589,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
     p.stride_r = residual.defined() ? residual.stride(0) : 0;
     p.eps = static_cast<A>(eps);
     p.scale = static_cast<A>(dropout_scale(dropout_p));
+    p.inv_n = 1.0 / static_cast<double>(N);
     p.thresh = dropout_threshold(dropout_p);
 
     constexpr int VW = vec_width<scalar_t>();
