@@ -9,9 +9,11 @@ FlashAttention's single lse = m + log(l): 2^(s - lse) loses the bits of lse's ro
 magnitude of the logits, e.g. 1e-3 relative for rows under an additive -10000 mask, where s - m is
 computed exactly as in the forward.)
 
-Units: for fp16 / bf16 inputs the logits are kept in log2 units, s = (q k^T) * (scale * log2 e)
-(+ mask * log2 e), so each probability is one FFMA and one MUFU.EX2 (ex2.approx.ftz); the row max m
-in the statistics is in the same units. fp32 inputs keep natural units (see _exp_logit).
+Units: for fp16 / bf16 inputs the row max m in the statistics is in log2 units and each probability
+is one FFMA into one MUFU.EX2 (ex2.approx.ftz): 2^(s * unit - m), where s is the raw q k^T (unit =
+scale * log2 e) or, with an additive mask, s = q k^T * scale + mask in one FFMA (unit = log2 e: the
+mask is read in its own dtype, compared there and never multiplied by itself). fp32 inputs keep
+natural units (see _exp_logit).
 
 Loops: every key (query) loop runs its full tiles without bounds masks and peels the last, partial
 tile (BOUNDS=True); D masks only when D is not a power of two (EVEN_D); no -inf guards without a
@@ -96,6 +98,16 @@ def _seq_bounds(CU, b, S_q, S_k, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _open(CU, H, L, S_q, S_k, D, VARLEN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What the forward, dK/dV and dQ kernels open with: (tile of BLOCK over L, batch and head as int64,
+    first token, query and key lengths of the sequence, offs_d, d_ok)."""
+    tile, b, h = _program(H, L, BLOCK)
+    tok0, Lq, Lk = _seq_bounds(CU, b, S_q, S_k, VARLEN)
+    offs_d = tl.arange(0, BLOCK_D)
+    return tile, b.to(tl.int64), h.to(tl.int64), tok0, Lq, Lk, offs_d, offs_d < D
+
+
+@triton.jit
 def _fill_nan(PTR, s_s, first, step, L, offs_r, offs_d, D):
     """NaN into rows first, first + step, ... < L of a [rows, D] tensor (row stride s_s): what a
     varlen sequence longer than max_seqlen gets instead of uninitialised memory (the grid, sized by
@@ -145,33 +157,65 @@ def _load_rows(ptrs, r_ok, d_ok, BOUNDS: tl.constexpr, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _mask_tile(mptrs, n_ok, MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, BOUNDS: tl.constexpr,
-               FOLD: tl.constexpr):
-    """(valid, additive term in the logits' units) of a mask tile (or key vector) at mptrs; n_ok broadcast
-    like it. Rows past the end were clamped to the last row by the caller, so only keys are bounded."""
-    if BOUNDS:
-        mv = tl.load(mptrs, mask=n_ok, other=0)
+def _mask_tile(mptrs, ok, MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, MASKED: tl.constexpr):
+    """(valid, additive term in natural units) of a mask tile (or key vector) at mptrs, loaded under ok
+    (broadcast like it) when MASKED. Loaded once in the mask's dtype, which the comparison keeps (two
+    fp16 / bf16 per instruction); the term is converted to fp32 once, for the FFMA of _scores."""
+    if MASKED:
+        mv = tl.load(mptrs, mask=ok, other=0)
     else:
         mv = tl.load(mptrs)
     if MASK_KIND == 1:
         return mv != 0, 0.0
-    elif FOLD:
-        # -inf / finfo.min mask the key; NaN compares false too. The term is dropped by where() there.
-        return mv > MASK_MIN, mv.to(tl.float32) * 1.4426950408889634
     else:
+        # -inf / finfo.min mask the key; NaN compares false too. The term is dropped by where() there.
         return mv > MASK_MIN, mv.to(tl.float32)
 
 
 @triton.jit
+def _scores(s, add, qk_scale, scale, MASK_KIND: tl.constexpr, FOLD: tl.constexpr):
+    """The logits of s = q k^T (or k q^T) in the units _exp_scores takes. FOLD (half inputs): without an
+    additive mask s stays raw (the max of q k^T times qk_scale > 0 is the max of the logits, so each
+    logit's scale and shift are one FFMA inside the exponent); with one, s * scale + mask in natural
+    units, one FFMA (log2(e) then rides in the exponent's FFMA: no multiply of the mask of its own).
+    fp32 inputs: natural units."""
+    if MASK_KIND == 2:
+        return s * scale + add
+    elif FOLD:
+        return s
+    else:
+        return s * qk_scale
+
+
+@triton.jit
+def _unit(qk_scale, MASK_KIND: tl.constexpr):
+    """log2 units per unit of a FOLD _scores tile: qk_scale = scale * log2(e) for raw q k^T, log2(e)
+    for natural logits."""
+    if MASK_KIND == 2:
+        return 1.4426950408889634
+    else:
+        return qk_scale
+
+
+@triton.jit
+def _exp_scores(s, shift, unit, FOLD: tl.constexpr, FAST: tl.constexpr):
+    """e^(logit - max) of a _scores tile, shift = the max in the statistics' units (log2 units for
+    FOLD): one FFMA and one MUFU.EX2 per logit."""
+    if FOLD:
+        return _exp2(s * unit - shift, FAST)
+    else:
+        return _exp_logit(s - shift, FOLD, FAST)
+
+
+@triton.jit
 def _logits_tile(
-    q, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s, sm_k, qk_scale,
+    q, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s, sm_k, qk_scale, scale,
     BOUNDS: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr,
     MASK_ROWS: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr,
 ):
-    """(k, v, s) of the key tile at start_n: s = q k^T * qk_scale (+ mask), -inf where masked or past
-    Lk (k = 0 there gives s = 0, and 2^(0 - max) can overflow: inf * 0 = NaN in dQ). FOLD without an
-    additive mask leaves s raw: the max of q k^T times qk_scale (> 0) is the max of the logits, so each
-    logit's scale and shift are one FFMA inside the exponent."""
+    """(k, v, s, valid) of the key tile at start_n: s = _scores of q k^T, valid = not masked and not past
+    Lk (k = 0 there gives s = 0, and 2^(0 - max) can overflow: inf * 0 = NaN in dQ); _probs applies it.
+    Rows past the end read the last mask row (clamped by the caller), so only keys are bounded."""
     n64 = tl.cast(start_n, tl.int64)
     n_ok = (start_n + offs_n0) < Lk
     k = _load_rows(k_ptrs + n64 * sk_s, n_ok, d_ok, BOUNDS, EVEN_D)
@@ -180,48 +224,59 @@ def _logits_tile(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
-    RAW: tl.constexpr = FOLD and MASK_KIND != 2
-    if not RAW:
-        s = s * qk_scale
+    valid = n_ok[None, :]
+    add = 0.0
     if MASK_KIND != 0:
         if MASK_ROWS:
-            valid, add = _mask_tile(mptrs + n64 * sm_k, n_ok[None, :], MASK_KIND, MASK_MIN, BOUNDS, FOLD)
+            valid, add = _mask_tile(mptrs + n64 * sm_k, n_ok[None, :], MASK_KIND, MASK_MIN, BOUNDS)
         else:
-            valid, add = _mask_tile(mptrs + n64 * sm_k, n_ok, MASK_KIND, MASK_MIN, BOUNDS, FOLD)
+            valid, add = _mask_tile(mptrs + n64 * sm_k, n_ok, MASK_KIND, MASK_MIN, BOUNDS)
             valid = valid[None, :]
             if MASK_KIND == 2:
                 add = add[None, :]
         if BOUNDS:
             valid = valid & n_ok[None, :]
-        s = tl.where(valid, s + add, -float("inf"))
-    elif BOUNDS:
-        s = tl.where(n_ok[None, :], s, -float("inf"))
-    return k, v, s
+    return k, v, _scores(s, add, qk_scale, scale, MASK_KIND, FOLD), valid
+
+
+@triton.jit
+def _probs(s, valid, shift, inv_l, unit, MASK_KIND: tl.constexpr, MASKED: tl.constexpr, FOLD: tl.constexpr,
+           FAST: tl.constexpr):
+    """P = e^(logit - max) * inv_l of a _scores tile (shift, inv_l broadcast like it), 0 where not valid
+    (MASKED). An additive mask selects after the exponent: selecting s first lets the compiler split
+    the constant log2(e) multiply off the shift's FFMA (it moves the multiply into the select)."""
+    if MASKED and MASK_KIND != 2:
+        s = tl.where(valid, s, -float("inf"))
+    p = _exp_scores(s, shift, unit, FOLD, FAST)
+    if MASKED and MASK_KIND == 2:
+        p = tl.where(valid, p, 0.0)
+    return p * inv_l
 
 
 @triton.jit
 def _fwd_step(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s, sm_k,
-    qk_scale, SEED, rows, thresh,
+    qk_scale, scale, SEED, rows, thresh,
     BOUNDS: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr,
     MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
     FAST_EXP: tl.constexpr, FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One key tile of the online softmax, in log2 units: s = (q k^T) * scale * log2(e) (+ mask *
-    log2(e)), p = 2^(s - m)."""
-    k, v, s = _logits_tile(q, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s, sm_k, qk_scale,
-                           BOUNDS, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DOT_F32, PREC, FOLD)
-    RAW: tl.constexpr = FOLD and MASK_KIND != 2  # s is the raw q k^T (see _logits_tile)
-    if RAW:
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    """One key tile of the online softmax; m in log2 units (FOLD), p = 2^(s * unit - m)."""
+    k, v, s, valid = _logits_tile(q, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s, sm_k, qk_scale,
+                                  scale, BOUNDS, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DOT_F32, PREC, FOLD)
+    if MASK_KIND != 0 or BOUNDS:  # -inf where masked: the row max needs it, so select s
+        s = tl.where(valid, s, -float("inf"))
+    unit = _unit(qk_scale, MASK_KIND)
+    if FOLD:  # unit > 0: the max of s, times unit, is the max of the logits
+        m_new = tl.maximum(m_i, tl.max(s, 1) * unit)
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASK_KIND != 0:  # a row with no key yet has m = -inf: shift by 0 (2^-inf = 0, never NaN)
         shift = tl.where(m_new == -float("inf"), 0.0, m_new)
     else:  # without a mask every row has a finite key in every tile it sees
         shift = m_new
-    if RAW:
-        p = _exp2(s * qk_scale - shift[:, None], FAST_EXP)
+    if FOLD:  # _exp_scores written out: through it the op order costs sm_80 1-3 instructions here
+        p = _exp2(s * unit - shift[:, None], FAST_EXP)
     else:
         p = _exp_logit(s - shift[:, None], FOLD, FAST_EXP)
     alpha = _exp_logit(m_i - shift, FOLD, FAST_EXP)
@@ -239,19 +294,14 @@ def _fwd_kernel(
     Q, K, V, O, STATS, MASK, SEED, CU,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
     sm_b, sm_h, sm_q, sm_k, st_b, st_h, plane,
-    H, S_q, S_k, D, ROW_STRIDE, qk_scale, keep_scale, thresh,
+    H, S_q, S_k, D, ROW_STRIDE, qk_scale, scale, keep_scale, thresh,
     MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, FAST_EXP: tl.constexpr, FOLD: tl.constexpr,
     EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m, b, h = _program(H, S_q, BLOCK_M)
-    tok0, Lq, Lk = _seq_bounds(CU, b, S_q, S_k, VARLEN)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    pid_m, b64, h64, tok0, Lq, Lk, offs_d, d_ok = _open(CU, H, S_q, S_q, S_k, D, VARLEN, BLOCK_M, BLOCK_D)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
     o_ptr = O + b64 * so_b + h64 * so_h + tok0 * so_s
     stat = STATS + b64 * st_b + h64 * st_h + tok0
     if VARLEN:
@@ -286,12 +336,12 @@ def _fwd_kernel(
     n_full = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):  # full tiles: no bounds masks
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s,
-                                  sm_k, qk_scale, SEED, rows, thresh, False, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS,
-                                  DROPOUT, DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
+                                  sm_k, qk_scale, scale, SEED, rows, thresh, False, EVEN_D, MASK_KIND, MASK_MIN,
+                                  MASK_ROWS, DROPOUT, DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
     if n_full < Lk:  # the last, partial tile
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, mptrs, n_full, offs_n0, d_ok, Lk, sk_s, sv_s,
-                                  sm_k, qk_scale, SEED, rows, thresh, True, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS,
-                                  DROPOUT, DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
+                                  sm_k, qk_scale, scale, SEED, rows, thresh, True, EVEN_D, MASK_KIND, MASK_MIN,
+                                  MASK_ROWS, DROPOUT, DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
     live = l_i > 0.0
     inv = tl.where(live, 1.0 / tl.where(live, l_i, 1.0), 0.0)
     out = acc * (inv * keep_scale)[:, None]
@@ -302,13 +352,20 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _load_stats(STATS, offs, plane, ok):
-    """(row max in log2 units, 1 / row sum) of the forward; +inf and 0 for rows out of range or
-    fully masked, so that 2^(s - max) / sum is 0 there (and never inf * 0)."""
-    row_max = tl.load(STATS + offs, mask=ok, other=float("inf"))
+def _load_stats(STATS, DELTA, offs, plane, ok, BOUNDS: tl.constexpr):
+    """(row max in log2 units, 1 / row sum, delta) of the forward; +inf, 0, 0 for rows out of range
+    (read only with BOUNDS: a masked load's +inf costs a select per row) or fully masked, so that
+    2^(s - max) / sum is 0 there (and never inf * 0)."""
+    if BOUNDS:
+        row_max = tl.load(STATS + offs, mask=ok, other=float("inf"))
+        inv_l = tl.load(STATS + plane + offs, mask=ok, other=0.0)
+        delta = tl.load(DELTA + offs, mask=ok, other=0.0)
+    else:
+        row_max = tl.load(STATS + offs)
+        inv_l = tl.load(STATS + plane + offs)
+        delta = tl.load(DELTA + offs)
     row_max = tl.where(row_max == -float("inf"), float("inf"), row_max)
-    inv_l = tl.load(STATS + plane + offs, mask=ok, other=0.0)
-    return row_max, inv_l
+    return row_max, inv_l, delta
 
 
 @triton.jit
@@ -334,14 +391,15 @@ def _bwd_delta_kernel(
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, kmask_valid, kmask_add, q_ptrs, do_ptrs, mptrs, start_m, offs_m0, d_ok, Lq, sq_s, sdo_s, sm_q,
-    STATS, DELTA, stat, plane, qk_scale, keep_scale, SEED, row0, col0, thresh,
+    dk, dv, k, v, kvalid, kadd, q_ptrs, do_ptrs, mptrs, start_m, offs_m0, d_ok, Lq, sq_s, sdo_s, sm_q,
+    STATS, DELTA, stat, plane, qk_scale, scale, keep_scale, SEED, row0, col0, thresh,
     BOUNDS: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr,
     MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
     FAST_EXP: tl.constexpr, FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query tile of dK / dV, in the transposed frame ([keys, queries]): s^T = k q^T, so that
-    P^T and dS^T feed their dots as they are (no transpose through shared memory)."""
+    P^T and dS^T feed their dots as they are (no transpose through shared memory). kvalid, kadd
+    ([keys, 1]): the key vector's mask (not MASK_ROWS)."""
     m64 = tl.cast(start_m, tl.int64)
     offs_m = start_m + offs_m0
     m_ok = offs_m < Lq
@@ -351,26 +409,17 @@ def _dkdv_step(
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     # rows past the end: max +inf, so their P is 0 (their q and dO are 0 too)
-    row_max, inv_l = _load_stats(STATS, stat + offs_m, plane, m_ok)
-    delta = tl.load(DELTA + stat + offs_m, mask=m_ok, other=0.0)
-    RAW: tl.constexpr = FOLD and MASK_KIND != 2  # scale inside the exponent: one FFMA (see _fwd_step)
+    row_max, inv_l, delta = _load_stats(STATS, DELTA, stat + offs_m, plane, m_ok, BOUNDS)
     if FOLD:  # half inputs: s^T = k q^T directly (its rounding may differ from the forward's q k^T by an
         # ulp of the logit, far below what fp16 / bf16 inputs resolve)
         st = tl.dot(k, tl.trans(q), input_precision=PREC)
     else:  # fp32: the forward's q k^T, transposed, so that P is the forward's to the bit
         st = tl.trans(tl.dot(q, tl.trans(k), input_precision=PREC))
-    if not RAW:
-        st = st * qk_scale
-    if MASK_KIND != 0:
-        if MASK_ROWS:
-            valid, add = _mask_tile(mptrs + m64 * sm_q, m_ok[None, :], MASK_KIND, MASK_MIN, BOUNDS, FOLD)
-            st = tl.where(valid, st + add, -float("inf"))
-        else:  # a key vector: loaded once by the caller
-            st = tl.where(kmask_valid[:, None], st + kmask_add, -float("inf"))
-    if RAW:
-        pt = _exp2(st * qk_scale - row_max[None, :], FAST_EXP) * inv_l[None, :]
-    else:
-        pt = _exp_logit(st - row_max[None, :], FOLD, FAST_EXP) * inv_l[None, :]
+    valid, add = kvalid, kadd  # a key vector: loaded once by the caller
+    if MASK_ROWS:
+        valid, add = _mask_tile(mptrs + m64 * sm_q, m_ok[None, :], MASK_KIND, MASK_MIN, BOUNDS)
+    pt = _probs(_scores(st, add, qk_scale, scale, MASK_KIND, FOLD), valid, row_max[None, :], inv_l[None, :],
+                _unit(qk_scale, MASK_KIND), MASK_KIND, MASK_KIND != 0, FOLD, FAST_EXP)
     dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
     if DROPOUT:
         keep = tl.trans(dropout_keep(SEED, row0 + offs_m, col0, thresh, BLOCK_M, BLOCK_N))
@@ -395,14 +444,9 @@ def _bwd_dkdv_kernel(
     VARLEN: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, FAST_EXP: tl.constexpr, FOLD: tl.constexpr,
     EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n, b, h = _program(H, S_k, BLOCK_N)
-    tok0, Lq, Lk = _seq_bounds(CU, b, S_q, S_k, VARLEN)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    pid_n, b64, h64, tok0, Lq, Lk, offs_d, d_ok = _open(CU, H, S_k, S_q, S_k, D, VARLEN, BLOCK_N, BLOCK_D)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
     dk_ptr = DK + b64 * sdk_b + h64 * sdk_h + tok0 * sdk_s
     dv_ptr = DV + b64 * sdv_b + h64 * sdv_h + tok0 * sdv_s
     if VARLEN:
@@ -426,28 +470,29 @@ def _bwd_dkdv_kernel(
     m_base = MASK + b64 * sm_b + h64 * sm_h
     # keys past the end read the last key's mask (their dK / dV rows are not stored)
     key = tl.minimum(offs_n, Lk - 1).to(tl.int64)
-    kmask_valid = n_ok
-    kmask_add = 0.0
+    kvalid = n_ok[:, None]
+    kadd = 0.0
     mptrs = m_base
     if MASK_KIND != 0:
         if MASK_ROWS:  # [keys, queries] tile at query 0
             mptrs = m_base + key[:, None] * sm_k + offs_m0[None, :].to(tl.int64) * sm_q
         else:  # a padding mask depends on the key only: once per program
-            kmask_valid, kmask_add = _mask_tile(m_base + key * sm_k, n_ok, MASK_KIND, MASK_MIN, False, FOLD)
+            kvalid, kadd = _mask_tile(m_base + key * sm_k, n_ok, MASK_KIND, MASK_MIN, False)
+            kvalid = kvalid[:, None]
             if MASK_KIND == 2:
-                kmask_add = kmask_add[:, None]
+                kadd = kadd[:, None]
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     row0 = (b64 * H + h64) * ROW_STRIDE
     m_full = (Lq // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, kmask_valid, kmask_add, q_ptrs, do_ptrs, mptrs, start_m, offs_m0, d_ok, Lq,
-                            sq_s, sdo_s, sm_q, STATS, DELTA, stat, plane, qk_scale, keep_scale, SEED, row0,
+        dk, dv = _dkdv_step(dk, dv, k, v, kvalid, kadd, q_ptrs, do_ptrs, mptrs, start_m, offs_m0, d_ok, Lq,
+                            sq_s, sdo_s, sm_q, STATS, DELTA, stat, plane, qk_scale, scale, keep_scale, SEED, row0,
                             pid_n * BLOCK_N, thresh, False, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DROPOUT, DOT_F32,
                             PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
     if m_full < Lq:
-        dk, dv = _dkdv_step(dk, dv, k, v, kmask_valid, kmask_add, q_ptrs, do_ptrs, mptrs, m_full, offs_m0, d_ok, Lq,
-                            sq_s, sdo_s, sm_q, STATS, DELTA, stat, plane, qk_scale, keep_scale, SEED, row0,
+        dk, dv = _dkdv_step(dk, dv, k, v, kvalid, kadd, q_ptrs, do_ptrs, mptrs, m_full, offs_m0, d_ok, Lq,
+                            sq_s, sdo_s, sm_q, STATS, DELTA, stat, plane, qk_scale, scale, keep_scale, SEED, row0,
                             pid_n * BLOCK_N, thresh, True, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DROPOUT, DOT_F32,
                             PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
     dk = dk * scale
@@ -458,19 +503,16 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dq_step(
     dq, q, do, row_max, inv_l, delta, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s, sm_k,
-    qk_scale, keep_scale, SEED, rows, thresh,
+    qk_scale, scale, keep_scale, SEED, rows, thresh,
     BOUNDS: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr,
     MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
     FAST_EXP: tl.constexpr, FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key tile of dQ."""
-    k, v, s = _logits_tile(q, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s, sm_k, qk_scale,
-                           BOUNDS, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DOT_F32, PREC, FOLD)
-    RAW: tl.constexpr = FOLD and MASK_KIND != 2  # s is the raw q k^T (see _logits_tile)
-    if RAW:
-        p = _exp2(s * qk_scale - row_max[:, None], FAST_EXP) * inv_l[:, None]
-    else:
-        p = _exp_logit(s - row_max[:, None], FOLD, FAST_EXP) * inv_l[:, None]
+    k, v, s, valid = _logits_tile(q, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s, sm_k, qk_scale,
+                                  scale, BOUNDS, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DOT_F32, PREC, FOLD)
+    p = _probs(s, valid, row_max[:, None], inv_l[:, None], _unit(qk_scale, MASK_KIND), MASK_KIND,
+               MASK_KIND != 0 or BOUNDS, FOLD, FAST_EXP)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     if DROPOUT:
         keep = dropout_keep(SEED, rows, start_n, thresh, BLOCK_M, BLOCK_N)
@@ -479,8 +521,8 @@ def _dq_step(
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
 
 
-# Opens like _bwd_dkdv_kernel (same parameters, program ids, bounds, NaN fill): each Triton kernel spells
-# out its own parameters, and dQ is a kernel of its own so that neither pass needs atomics.
+# Opens like _bwd_dkdv_kernel (same parameters, _open, NaN fill): each Triton kernel spells out its own
+# parameters, and dQ is a kernel of its own so that neither pass needs atomics.
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, STATS, DELTA, DQ, MASK, SEED, CU,
@@ -491,14 +533,9 @@ def _bwd_dq_kernel(
     VARLEN: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, FAST_EXP: tl.constexpr, FOLD: tl.constexpr,
     EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m, b, h = _program(H, S_q, BLOCK_M)
-    tok0, Lq, Lk = _seq_bounds(CU, b, S_q, S_k, VARLEN)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    pid_m, b64, h64, tok0, Lq, Lk, offs_d, d_ok = _open(CU, H, S_q, S_q, S_k, D, VARLEN, BLOCK_M, BLOCK_D)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
     dq_ptr = DQ + b64 * sdq_b + h64 * sdq_h + tok0 * sdq_s
     if VARLEN:
         if Lq > ROW_STRIDE:  # max_seqlen too small for this sequence: all of it NaN
@@ -515,8 +552,7 @@ def _bwd_dq_kernel(
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     stat = b64 * st_b + h64 * st_h + tok0
-    row_max, inv_l = _load_stats(STATS, stat + offs_m, plane, m_ok)
-    delta = tl.load(DELTA + stat + offs_m, mask=m_ok, other=0.0)
+    row_max, inv_l, delta = _load_stats(STATS, DELTA, stat + offs_m, plane, m_ok, True)
     k_ptrs = K + b64 * sk_b + h64 * sk_h + tok0 * sk_s + offs_n0[:, None].to(tl.int64) * sk_s + offs_d[None, :]
     v_ptrs = V + b64 * sv_b + h64 * sv_h + tok0 * sv_s + offs_n0[:, None].to(tl.int64) * sv_s + offs_d[None, :]
     m_base = MASK + b64 * sm_b + h64 * sm_h
@@ -529,11 +565,11 @@ def _bwd_dq_kernel(
     n_full = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_step(dq, q, do, row_max, inv_l, delta, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s,
-                      sm_k, qk_scale, keep_scale, SEED, rows, thresh, False, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS,
+                      sm_k, qk_scale, scale, keep_scale, SEED, rows, thresh, False, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS,
                       DROPOUT, DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
     if n_full < Lk:
         dq = _dq_step(dq, q, do, row_max, inv_l, delta, k_ptrs, v_ptrs, mptrs, n_full, offs_n0, d_ok, Lk, sk_s, sv_s,
-                      sm_k, qk_scale, keep_scale, SEED, rows, thresh, True, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS,
+                      sm_k, qk_scale, scale, keep_scale, SEED, rows, thresh, True, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS,
                       DROPOUT, DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
     dq = dq * scale
     tl.store(dq_ptr + offs_m[:, None].to(tl.int64) * sdq_s + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
@@ -655,7 +691,7 @@ def _launch_forward(q, k, v, out, stats, st_strides, mask, seed, cu, B, H, S_q, 
         q, k, v, out, stats, m_arg, seed_t, cu if cu is not None else q,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *m_strides, *st_strides, stats.stride(0),
-        H, S_q, S_k, D, row_stride, scale * LOG2E if _fold(q.dtype, scale) else scale, keep_scale, thresh,
+        H, S_q, S_k, D, row_stride, scale * LOG2E if _fold(q.dtype, scale) else scale, scale, keep_scale, thresh,
         MASK_KIND=kind, MASK_MIN=mask_min, MASK_ROWS=m_rows, DROPOUT=dropout_p > 0.0, VARLEN=varlen,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **_kernel_flags(q, D, scale),
     )
