@@ -602,8 +602,8 @@ def fwd_config(D: int, max_seq: int, itemsize: int = 2, mask_kind: int = 0, mask
     GPU to tune on, autotune's first-call timings get in the way of CUDA graph capture and
     torch.compile, and the compile test enumerates every entry. Not yet timed on hardware.
     sm_90, D = 64, S = 512 (static model, issue / max(tensor, MUFU)): 128 x 128 tiles, 8 warps, give
-    0.88 without a mask, 1.15 with a padding mask, 1.51 with a [B,H,S,S] mask (128 x 64: 1.11 / 1.37
-    / 1.74; 4 warps at 128 x 128 spill). Dropout's Philox needs the registers of the wider tile."""
+    0.88 without a mask, 1.15 with a padding mask, 1.39 with a [B,H,S,S] mask (128 x 64, measured
+    before the mask's FFMA fold: 1.11 / 1.37 / 1.74; 4 warps at 128 x 128 spill). Dropout's Philox needs the registers of the wider tile."""
     if _backend.triton_interpreted():
         return INTERPRET_BLOCKS[0], INTERPRET_BLOCKS[1], 4, 1
     bd = _block_d(D)
@@ -623,9 +623,9 @@ def fwd_config(D: int, max_seq: int, itemsize: int = 2, mask_kind: int = 0, mask
 def bwd_config(D: int, max_seq: int, itemsize: int = 2, mask_kind: int = 0, mask_rows: bool = False,
                dropout: bool = False, capability: int = 90) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """((BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, the same of the dQ kernel),
-    chosen like fwd_config. sm_90, D = 64: dK/dV over 128 keys x 64-query steps (0.82 no mask, 0.88
-    padding mask, 1.38 [B,H,S,S]; 64 x 64 with dropout, which spills at 128 keys), dQ over 128 queries
-    x 64-key steps (0.74 / 0.91 / 1.17). sm_80 takes 64 x 32 tiles, 4 warps, for both: its mma.sync
+    chosen like fwd_config. sm_90, D = 64: dK/dV over 128 keys x 64-query steps (0.75 no mask, 0.80
+    padding mask, 1.25 [B,H,S,S]; 64 x 64 with dropout, which spills at 128 keys), dQ over 128 queries
+    x 64-key steps (0.74 / 0.91 / 1.08). sm_80 takes 64 x 32 tiles, 4 warps, for both: its mma.sync
     lowering needs more registers (64 x 64 spills there with a [B,H,S,S] mask or dropout)."""
     if _backend.triton_interpreted():
         cfg = (INTERPRET_BLOCKS[0], INTERPRET_BLOCKS[1], 4, 1)
