@@ -38,7 +38,6 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
-#include <type_traits>
 
 namespace {
 
@@ -69,8 +68,18 @@ struct DropoutArgs {
   const int64_t* seed;   // one int64 on the device; nullptr: dropout off
   uint32_t threshold;    // keep iff (word >> 1) >= threshold; 2^31 drops everything
   double keep_scale;     // 1 / (1 - p), 0 when p == 1
+  float keep_scale_f;    // the same as a float (a conversion in the kernel is code ptxas may sink into a loop)
   bool enabled;
 };
+
+template <typename A>
+__device__ __forceinline__ A keep_scale_of(const DropoutArgs& d) {
+  if constexpr (std::is_same_v<A, double>) {
+    return d.keep_scale;
+  } else {
+    return d.keep_scale_f;
+  }
+}
 
 // Keep flags of columns col0 .. col0 + V - 1 of `row` (col0 % 4 == 0): one Philox call per 4 columns.
 template <int V>
@@ -124,6 +133,7 @@ struct FwdArgs {
   void* y;
   void* probs;
   int64_t rows, H, Q;
+  double rcp_h, rcp_q;  // 1.0 / H, 1.0 / Q
   int N;
   int64_t xs_b, xs_h, xs_q;
   int64_t ms_b, ms_h, ms_q, ms_k;
@@ -144,15 +154,27 @@ struct BwdArgs {
   DropoutArgs drop;
 };
 
+// n / d for 0 <= n < 2^51 and d >= 1, rcp = 1.0 / d: the double product is within 1 of n / d, and one
+// step either way makes it exact. Inline code, where int64 division is a subroutine call (and a
+// kernel with a call had ptxas spill registers elsewhere).
+__device__ __forceinline__ int64_t div_i64(int64_t n, int64_t d, double rcp) {
+  int64_t q = static_cast<int64_t>(static_cast<double>(n) * rcp);
+  const int64_t r = n - q * d;
+  if (r < 0) --q;
+  if (r >= d) ++q;
+  return q;
+}
+
 __device__ __forceinline__ void row_offsets(const FwdArgs& a, int64_t row, int64_t& x_off, int64_t& m_off) {
   int64_t q, h, b;
-  if (a.rows <= UINT32_MAX) {  // 32-bit division is inline code; 64-bit is a subroutine call
+  if (a.rows <= UINT32_MAX) {  // 32-bit division: fewer instructions
     const uint32_t r = static_cast<uint32_t>(row), Q = static_cast<uint32_t>(a.Q), H = static_cast<uint32_t>(a.H);
     const uint32_t bh = r / Q;
     q = r - bh * Q, h = bh % H, b = bh / H;
   } else {
-    const int64_t bh = row / a.Q;
-    q = row - bh * a.Q, h = bh % a.H, b = bh / a.H;
+    const int64_t bh = div_i64(row, a.Q, a.rcp_q);
+    b = div_i64(bh, a.H, a.rcp_h);
+    q = row - bh * a.Q, h = bh - b * a.H;
   }
   x_off = b * a.xs_b + h * a.xs_h + q * a.xs_q;
   m_off = b * a.ms_b + h * a.ms_h + q * a.ms_q;
@@ -199,33 +221,74 @@ __device__ __forceinline__ void store_pack(T* p, int col0, int N, const Vec<T, V
   }
 }
 
-__device__ __forceinline__ int64_t warp_row(int log2_lanes) {
-  const int lane = threadIdx.x % kWarp;
-  return (static_cast<int64_t>(blockIdx.x) * (kWarpBlock / kWarp) + threadIdx.x / kWarp) * (kWarp >> log2_lanes) +
-         (lane >> log2_lanes);
+// A lane's place in a warp-per-row kernel: its row, the first column of its chunk c, and the
+// reductions over the row's lanes. col0(c) is kept as base + c * step, two registers: with one per
+// chunk held across the row reduction, ptxas spilled in the 32-element kernels.
+template <int VEC>
+struct WarpLane {
+  int lanes;
+  int64_t row;
+  bool row_ok;  // row < rows; lanes out of range still take part in the shuffles
+  int col_base, col_step;
+
+  __device__ __forceinline__ WarpLane(int log2_lanes, int64_t rows) {
+    const int lane = threadIdx.x % kWarp;
+    lanes = 1 << log2_lanes;
+    row = (static_cast<int64_t>(blockIdx.x) * (kWarpBlock / kWarp) + threadIdx.x / kWarp) * (kWarp >> log2_lanes) +
+          (lane >> log2_lanes);
+    row_ok = row < rows;
+    col_base = (lane & (lanes - 1)) * VEC;
+    col_step = lanes * VEC;
+  }
+
+  __device__ __forceinline__ int col0(int c) const { return col_base + c * col_step; }
+
+  template <typename A>
+  __device__ __forceinline__ A sum(A v) const {
+    for (int o = lanes >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+    return v;
+  }
+
+  template <typename A>
+  __device__ __forceinline__ A max(A v) const {
+    for (int o = lanes >> 1; o > 0; o >>= 1) {
+      const A other = __shfl_xor_sync(kFull, v, o);
+      v = other > v ? other : v;
+    }
+    return v;
+  }
+};
+
+// Register caps of the forward (blocks of 128 threads an SM). 32 values a lane: 72 registers (7
+// blocks); left to itself ptxas aimed at 64 and spilled. 4 values or one 16-byte pack a lane: 32 (16
+// blocks, every warp slot), where ptxas otherwise took up to 40.
+template <typename T, int ELTS, bool ALIGNED>
+constexpr int fwd_warp_min_blocks() {
+  if (ELTS == 32) return 7;
+  if (ELTS == 4 || (ALIGNED && ELTS * sizeof(T) == 16)) return 16;
+  return 1;
 }
 
 template <typename T, typename M, int ELTS, bool ALIGNED>
-__global__ void __launch_bounds__(kWarpBlock) masked_softmax_fwd_warp(FwdArgs a, int log2_lanes) {
+__global__ void __launch_bounds__(kWarpBlock, fwd_warp_min_blocks<T, ELTS, ALIGNED>())
+    masked_softmax_fwd_warp(FwdArgs a, int log2_lanes) {
   using A = acc_t<T>;
   constexpr int VEC = WarpVec<T, ALIGNED>::value;
   constexpr int CHUNKS = ELTS / VEC;
-  const int lanes = 1 << log2_lanes;
-  const int sub = (threadIdx.x % kWarp) & (lanes - 1);
-  const int64_t row = warp_row(log2_lanes);
-  const bool row_ok = row < a.rows;
+  const WarpLane<VEC> w(log2_lanes, a.rows);
+  const int64_t row = w.row;
   const int N = a.N;
   const A scale = static_cast<A>(a.scale), lowest = static_cast<A>(a.mask_lowest);
 
   int64_t x_off = 0, m_off = 0;
-  if (row_ok) row_offsets(a, row, x_off, m_off);
+  if (w.row_ok) row_offsets(a, row, x_off, m_off);
   const T* x = static_cast<const T*>(a.x) + x_off;
 
   A z[ELTS];
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
-    const int col0 = (c * lanes + sub) * VEC;
-    if (row_ok && col0 < N) {
+    const int col0 = w.col0(c);
+    if (w.row_ok && col0 < N) {
       const Vec<T, VEC> v = load_pack<T, VEC, ALIGNED>(x, col0, N);
       if constexpr (ALIGNED && !std::is_same_v<M, NoMask>) {
         if (a.mask_packs) {  // one load for VEC keys' mask instead of VEC (a bool mask: 8 bytes at once)
@@ -250,14 +313,10 @@ __global__ void __launch_bounds__(kWarpBlock) masked_softmax_fwd_warp(FwdArgs a,
     }
   }
 
-  // Every lane, in range or not, takes part in the shuffles.
   A mx = A(-INFINITY);
 #pragma unroll
   for (int i = 0; i < ELTS; ++i) mx = z[i] > mx ? z[i] : mx;
-  for (int o = lanes >> 1; o > 0; o >>= 1) {
-    const A other = __shfl_xor_sync(kFull, mx, o);
-    mx = other > mx ? other : mx;
-  }
+  mx = w.max(mx);
   const bool dead = mx == A(-INFINITY);  // every key masked
   const A shift = dead ? A(0) : mx;
   A sum = A(0);
@@ -266,18 +325,18 @@ __global__ void __launch_bounds__(kWarpBlock) masked_softmax_fwd_warp(FwdArgs a,
     z[i] = exp_acc(z[i] - shift);
     sum += z[i];
   }
-  for (int o = lanes >> 1; o > 0; o >>= 1) sum += __shfl_xor_sync(kFull, sum, o);
-  const A inv = dead ? A(0) : A(1) / sum;
-  if (!row_ok) return;
+  sum = w.sum(sum);
+  const A inv = dead ? A(0) : bertkern::rcp_in_range(sum);  // sum in [1, N] or NaN
+  if (!w.row_ok) return;
 
   T* y = static_cast<T*>(a.y) + row * N;
   const bool drop = a.drop.enabled;
   T* pr = drop ? static_cast<T*>(a.probs) + row * N : nullptr;
   const Dropout key = make_dropout(drop ? a.drop.seed : nullptr, a.drop.threshold);
-  const A keep_scale = static_cast<A>(a.drop.keep_scale);
+  const A keep_scale = keep_scale_of<A>(a.drop);
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
-    const int col0 = (c * lanes + sub) * VEC;
+    const int col0 = w.col0(c);
     if (col0 >= N) continue;
     Vec<T, VEC> out, probs;
     if (drop) {
@@ -303,15 +362,12 @@ __global__ void __launch_bounds__(kWarpBlock) masked_softmax_bwd_warp(BwdArgs a,
   using A = acc_t<T>;
   constexpr int VEC = WarpVec<T, ALIGNED>::value;
   constexpr int CHUNKS = ELTS / VEC;
-  const int lanes = 1 << log2_lanes;
-  const int sub = (threadIdx.x % kWarp) & (lanes - 1);
-  const int64_t row = warp_row(log2_lanes);
-  const bool row_ok = row < a.rows;
+  const WarpLane<VEC> w(log2_lanes, a.rows);
   const int N = a.N;
-  const T* g = static_cast<const T*>(a.grad) + (row_ok ? row * a.gs : 0);
-  const T* pp = static_cast<const T*>(a.probs) + (row_ok ? row * a.ps : 0);
+  const T* g = static_cast<const T*>(a.grad) + (w.row_ok ? w.row * a.gs : 0);
+  const T* pp = static_cast<const T*>(a.probs) + (w.row_ok ? w.row * a.ps : 0);
   const bool drop = a.drop.enabled;
-  const Dropout key = make_dropout(drop && row_ok ? a.drop.seed : nullptr, a.drop.threshold);
+  const Dropout key = make_dropout(drop && w.row_ok ? a.drop.seed : nullptr, a.drop.threshold);
 
   // The row stays in registers in its own dtype (half the registers of fp32 copies for 16-bit
   // inputs); bit i of `kept` is dropout's verdict on element i. Out-of-range elements load as 0.
@@ -320,13 +376,13 @@ __global__ void __launch_bounds__(kWarpBlock) masked_softmax_bwd_warp(BwdArgs a,
   A dot = A(0);
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
-    const int col0 = (c * lanes + sub) * VEC;
-    if (row_ok && col0 < N) {
+    const int col0 = w.col0(c);
+    if (w.row_ok && col0 < N) {
       gv[c] = load_pack<T, VEC, ALIGNED>(g, col0, N);
       pv[c] = load_pack<T, VEC, ALIGNED>(pp, col0, N);
       if (drop) {
         bool keep[VEC];
-        keep_flags<VEC>(keep, row, col0, key);
+        keep_flags<VEC>(keep, w.row, col0, key);
 #pragma unroll
         for (int j = 0; j < VEC; ++j)
           if (!keep[j]) kept &= ~(1u << (c * VEC + j));
@@ -338,17 +394,17 @@ __global__ void __launch_bounds__(kWarpBlock) masked_softmax_bwd_warp(BwdArgs a,
       }
     }
   }
-  for (int o = lanes >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(kFull, dot, o);
-  if (!row_ok) return;
+  dot = w.sum(dot);
+  if (!w.row_ok) return;
 
   // dp = dropout'(grad) = grad * keep * keep_scale, so sum(dp * p) = keep_scale * dot.
-  const A dp_scale = drop ? static_cast<A>(a.drop.keep_scale) : A(1);
+  const A dp_scale = drop ? keep_scale_of<A>(a.drop) : A(1);
   dot *= dp_scale;
   const A scale = static_cast<A>(a.scale);
-  T* dx = static_cast<T*>(a.dx) + row * N;
+  T* dx = static_cast<T*>(a.dx) + w.row * N;
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
-    const int col0 = (c * lanes + sub) * VEC;
+    const int col0 = w.col0(c);
     if (col0 >= N) continue;
     Vec<T, VEC> out;
 #pragma unroll
@@ -407,7 +463,22 @@ __device__ __forceinline__ A block_sum(A v) {
   return v;
 }
 
-// One block per row; thread t handles the 4-column quads t, t + blockDim.x, ... (one Philox call per quad).
+// One block per row; thread t handles the 4-column quads t, t + blockDim.x, ...: f(col, keep) for each
+// column, keep from one Philox call per quad when drop (else true).
+template <typename F>
+__device__ __forceinline__ void for_row_cols(int64_t row, int N, bool drop, const Dropout& key, F&& f) {
+  for (int q = threadIdx.x; q * 4 < N; q += blockDim.x) {
+    bool keep[4] = {true, true, true, true};
+    if (drop) keep_flags<4>(keep, row, q * 4, key);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int col = q * 4 + j;
+      if (col >= N) break;
+      f(col, keep[j]);
+    }
+  }
+}
+
 template <typename T, typename M>
 __global__ void __launch_bounds__(kRowBlockMax) masked_softmax_fwd_block(FwdArgs a) {
   using A = acc_t<T>;
@@ -417,48 +488,36 @@ __global__ void __launch_bounds__(kRowBlockMax) masked_softmax_fwd_block(FwdArgs
   int64_t x_off, m_off;
   row_offsets(a, row, x_off, m_off);
   const T* x = static_cast<const T*>(a.x) + x_off;
+  const bool drop = a.drop.enabled;
+  const Dropout key = make_dropout(drop ? a.drop.seed : nullptr, a.drop.threshold);
 
   MaxSum<A> ms{A(-INFINITY), A(0)};
-  for (int q = threadIdx.x; q * 4 < N; q += blockDim.x) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int col = q * 4 + j;
-      if (col >= N) break;
-      const A z = logit<T, M, A>(a, x[col], m_off, col, scale, lowest);
-      if (z > ms.m) {
-        ms.s = ms.s * exp_acc(ms.m - z) + A(1);
-        ms.m = z;
-      } else if (z != A(-INFINITY)) {
-        ms.s += exp_acc(z - ms.m);
-      }
+  for_row_cols(row, N, false, key, [&](int col, bool) {
+    const A z = logit<T, M, A>(a, x[col], m_off, col, scale, lowest);
+    if (z > ms.m) {
+      ms.s = ms.s * exp_acc(ms.m - z) + A(1);
+      ms.m = z;
+    } else if (z != A(-INFINITY)) {
+      ms.s += exp_acc(z - ms.m);
     }
-  }
+  });
   ms = block_maxsum(ms);
   const bool dead = ms.m == A(-INFINITY);
   const A shift = dead ? A(0) : ms.m;
-  const A inv = dead ? A(0) : A(1) / ms.s;
+  const A inv = dead ? A(0) : bertkern::rcp_in_range(ms.s);  // ms.s in [1, N] or NaN
 
   T* y = static_cast<T*>(a.y) + row * N;
-  const bool drop = a.drop.enabled;
   T* pr = drop ? static_cast<T*>(a.probs) + row * N : nullptr;
-  const Dropout key = make_dropout(drop ? a.drop.seed : nullptr, a.drop.threshold);
-  const A keep_scale = static_cast<A>(a.drop.keep_scale);
-  for (int q = threadIdx.x; q * 4 < N; q += blockDim.x) {
-    bool keep[4] = {true, true, true, true};
-    if (drop) keep_flags<4>(keep, row, q * 4, key);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int col = q * 4 + j;
-      if (col >= N) break;
-      const A p = exp_acc(logit<T, M, A>(a, x[col], m_off, col, scale, lowest) - shift) * inv;
-      if (drop) {
-        pr[col] = static_cast<T>(p);
-        y[col] = static_cast<T>(keep[j] ? p * keep_scale : A(0));
-      } else {
-        y[col] = static_cast<T>(p);
-      }
+  const A keep_scale = keep_scale_of<A>(a.drop);
+  for_row_cols(row, N, drop, key, [&](int col, bool keep) {
+    const A p = exp_acc(logit<T, M, A>(a, x[col], m_off, col, scale, lowest) - shift) * inv;
+    if (drop) {
+      pr[col] = static_cast<T>(p);
+      y[col] = static_cast<T>(keep ? p * keep_scale : A(0));
+    } else {
+      y[col] = static_cast<T>(p);
     }
-  }
+  });
 }
 
 template <typename T>
@@ -470,36 +529,21 @@ __global__ void __launch_bounds__(kRowBlockMax) masked_softmax_bwd_block(BwdArgs
   const T* pp = static_cast<const T*>(a.probs) + row * a.ps;
   const bool drop = a.drop.enabled;
   const Dropout key = make_dropout(drop ? a.drop.seed : nullptr, a.drop.threshold);
-  const A keep_scale = static_cast<A>(a.drop.keep_scale);
+  const A dp_scale = drop ? keep_scale_of<A>(a.drop) : A(1);  // dp = dropout'(grad)
 
   A dot = A(0);
-  for (int q = threadIdx.x; q * 4 < N; q += blockDim.x) {
-    bool keep[4] = {true, true, true, true};
-    if (drop) keep_flags<4>(keep, row, q * 4, key);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int col = q * 4 + j;
-      if (col >= N) break;
-      const A d = keep[j] ? static_cast<A>(g[col]) * (drop ? keep_scale : A(1)) : A(0);
-      dot += d * static_cast<A>(pp[col]);
-    }
-  }
+  for_row_cols(row, N, drop, key, [&](int col, bool keep) {
+    const A d = keep ? static_cast<A>(g[col]) * dp_scale : A(0);
+    dot += d * static_cast<A>(pp[col]);
+  });
   dot = block_sum(dot);
 
   const A scale = static_cast<A>(a.scale);
   T* dx = static_cast<T*>(a.dx) + row * N;
-  for (int q = threadIdx.x; q * 4 < N; q += blockDim.x) {
-    bool keep[4] = {true, true, true, true};
-    if (drop) keep_flags<4>(keep, row, q * 4, key);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int col = q * 4 + j;
-      if (col >= N) break;
-      const A d = keep[j] ? static_cast<A>(g[col]) * (drop ? keep_scale : A(1)) : A(0);
-      const A p = static_cast<A>(pp[col]);
-      dx[col] = static_cast<T>(scale * p * (d - dot));
-    }
-  }
+  for_row_cols(row, N, drop, key, [&](int col, bool keep) {
+    const A d = keep ? static_cast<A>(g[col]) * dp_scale : A(0);
+    dx[col] = static_cast<T>(scale * static_cast<A>(pp[col]) * (d - dot));
+  });
 }
 
 // ------------------------------------------------------------------ launchers
@@ -547,40 +591,40 @@ void launch_bwd_warp(const BwdArgs& a, const WarpShape& s, cudaStream_t stream) 
          s.log2_lanes);
 }
 
-template <typename T, typename M>
-void launch_fwd(const FwdArgs& a, bool aligned, cudaStream_t stream) {
+// Rows of up to kWarpMaxN keys (not float64): warp(std::bool_constant<aligned>, shape) launches the
+// warp kernel; longer rows: one block per row of `block`.
+template <typename T, typename Args, typename Warp, typename Block>
+void launch_rows(const char* fn, const Args& a, bool aligned, cudaStream_t stream, Warp&& warp, Block* block) {
   if constexpr (!std::is_same_v<T, double>) {
     if (a.N <= kWarpMaxN) {
       const WarpShape s = warp_shape(a.N, aligned ? WarpVec<T, true>::value : WarpVec<T, false>::value, a.rows);
-      BK_CHECK(s.blocks <= std::numeric_limits<int32_t>::max(), "masked_softmax_fwd: too many rows (", a.rows, ")");
+      BK_CHECK(s.blocks <= std::numeric_limits<int32_t>::max(), fn, ": too many rows (", a.rows, ")");
       if (aligned) {
-        launch_fwd_warp<T, M, true>(a, s, stream);
+        warp(std::true_type{}, s);
       } else {
-        launch_fwd_warp<T, M, false>(a, s, stream);
+        warp(std::false_type{}, s);
       }
       return;
     }
   }
-  BK_CHECK(a.rows <= std::numeric_limits<int32_t>::max(), "masked_softmax_fwd: too many rows (", a.rows, ")");
-  launch(masked_softmax_fwd_block<T, M>, static_cast<unsigned>(a.rows), block_threads(a.N), 0, stream, a);
+  BK_CHECK(a.rows <= std::numeric_limits<int32_t>::max(), fn, ": too many rows (", a.rows, ")");
+  launch(block, static_cast<unsigned>(a.rows), block_threads(a.N), 0, stream, a);
+}
+
+template <typename T, typename M>
+void launch_fwd(const FwdArgs& a, bool aligned, cudaStream_t stream) {
+  launch_rows<T>(
+      "masked_softmax_fwd", a, aligned, stream,
+      [&](auto al, const WarpShape& s) { launch_fwd_warp<T, M, decltype(al)::value>(a, s, stream); },
+      masked_softmax_fwd_block<T, M>);
 }
 
 template <typename T>
 void launch_bwd(const BwdArgs& a, bool aligned, cudaStream_t stream) {
-  if constexpr (!std::is_same_v<T, double>) {
-    if (a.N <= kWarpMaxN) {
-      const WarpShape s = warp_shape(a.N, aligned ? WarpVec<T, true>::value : WarpVec<T, false>::value, a.rows);
-      BK_CHECK(s.blocks <= std::numeric_limits<int32_t>::max(), "masked_softmax_bwd: too many rows (", a.rows, ")");
-      if (aligned) {
-        launch_bwd_warp<T, true>(a, s, stream);
-      } else {
-        launch_bwd_warp<T, false>(a, s, stream);
-      }
-      return;
-    }
-  }
-  BK_CHECK(a.rows <= std::numeric_limits<int32_t>::max(), "masked_softmax_bwd: too many rows (", a.rows, ")");
-  launch(masked_softmax_bwd_block<T>, static_cast<unsigned>(a.rows), block_threads(a.N), 0, stream, a);
+  launch_rows<T>(
+      "masked_softmax_bwd", a, aligned, stream,
+      [&](auto al, const WarpShape& s) { launch_bwd_warp<T, decltype(al)::value>(a, s, stream); },
+      masked_softmax_bwd_block<T>);
 }
 
 template <typename M>
@@ -595,9 +639,10 @@ double lowest_of() {
 DropoutArgs dropout_args(const char* fn, double dropout_p, const std::optional<at::Tensor>& seed,
                          const at::Tensor& like) {
   const at::Tensor s = bertkern::checked_seed(fn, seed, dropout_p, like);
-  if (!s.defined()) return DropoutArgs{nullptr, 0u, 1.0, false};
-  return DropoutArgs{s.data_ptr<int64_t>(), bertkern::dropout_threshold(dropout_p), bertkern::dropout_scale(dropout_p),
-                     true};
+  if (!s.defined()) return DropoutArgs{nullptr, 0u, 1.0, 1.0f, false};
+  const double keep_scale = bertkern::dropout_scale(dropout_p);
+  return DropoutArgs{s.data_ptr<int64_t>(), bertkern::dropout_threshold(dropout_p), keep_scale,
+                     static_cast<float>(keep_scale), true};
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd(const at::Tensor& scores, const std::optional<at::Tensor>& mask,
@@ -637,6 +682,8 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd(const at::Tensor& scores, 
   a.probs = drop.enabled ? probs.data_ptr() : nullptr;
   a.H = scores.size(1);
   a.Q = scores.size(2);
+  a.rcp_h = 1.0 / static_cast<double>(a.H);
+  a.rcp_q = 1.0 / static_cast<double>(a.Q);
   a.rows = scores.size(0) * a.H * a.Q;
   a.N = static_cast<int>(scores.size(3));
   a.xs_b = scores.stride(0);
