@@ -14,8 +14,10 @@ timings of benchmarks/run.py are the truth).
 Targets (issue 12; sm_90, fp16, head dim 64): attention forward issue <= 1.2 x max(tensor, MUFU) with
 no mask or a padding mask, <= 1.5 x with a [B,H,S,S] float mask; backward <= 1.3 x per kernel;
 elementwise/row kernels within their per-element budget with >= 4 CTAs/SM; no spill anywhere (sm_80
-and sm_90). A check the code meets is a budget (tests/test_sass_report.py fails when it is broken);
-a check it does not meet yet is listed in KNOWN_GAPS and shown as "over target" in the report.
+and sm_90). The same attention targets apply to the CUDA kernels (csrc/attention.cu: the forward per
+mask kind, the five-GEMM backward per GEMM-sized pass). A check the code meets is a budget
+(tests/test_sass_report.py fails when it is broken); a check it does not meet yet is listed in
+KNOWN_GAPS and shown as "over target" in the report.
 """
 from __future__ import annotations
 
@@ -59,6 +61,14 @@ KNOWN_GAPS: set[tuple[str, str, str]] = {
     ("sm90-attention-fwd-fp16-D64-S512-float_BHSS", "fwd_kernel", "issue_ratio"),
     ("sm90-attention-bwd-fp16-D64-S128-float_BHSS", "bwd_dkdv_kernel", "issue_ratio"),  # 1.38 > 1.3
     ("sm90-attention-bwd-fp16-D64-S512-float_BHSS", "bwd_dkdv_kernel", "issue_ratio"),
+    # CUDA kernels (csrc/attention.cu; key (arch, kernel, check)), sm_90 fp16 D64:
+    # any 4-D mask: read element by element from global memory with run-time dtype branches, not
+    # yet as a cp.async tile in shared memory (~2570 SASS per 136 HMMA, ~30 per logit; 4.7x)
+    ("sm_90", "attn::attention_fwd_kernel<__half, 64, 2, false>", "issue_ratio"),
+    # the five-GEMM backward: ~1130 SASS per 160 HMMA with no / a per-key mask (1.76x; 5 x 32 HMMA, 32
+    # MUFU per warp and query tile), ~2500 with a 4-D mask read per element (3.9x)
+    ("sm_90", "attn::attention_bwd_kernel<__half, 64, 1, false>", "issue_ratio"),
+    ("sm_90", "attn::attention_bwd_kernel<__half, 64, 2, false>", "issue_ratio"),
 }
 # CUDA kernels (csrc/, not the Triton ones) that spill today: (arch, kernel as shown without
 # "void bertkern::" and its arguments). Known from issue 12 (bias_gelu backward, tanh) or new here.
@@ -78,8 +88,11 @@ def _short(kernel: str) -> str:
 
 
 def _gap_key(row: dict, check: str) -> tuple:
-    """A check's key in KNOWN_GAPS (Triton) or KNOWN_CUDA_SPILLS (CUDA, whose only check is the spill)."""
-    return (row["id"], row["kernel"], check) if row["backend"] == "triton" else (row["arch"], _short(row["kernel"]))
+    """A check's key: (case, kernel, check) in KNOWN_GAPS for Triton; for CUDA (arch, kernel) in
+    KNOWN_CUDA_SPILLS for the spill, (arch, kernel, check) in KNOWN_GAPS for the others."""
+    if row["backend"] == "triton":
+        return (row["id"], row["kernel"], check)
+    return (row["arch"], _short(row["kernel"])) + ((check,) if check not in ("spill", "") else ())
 
 
 # bytes per element that must cross DRAM (fp16), by (op, direction, variant)
@@ -200,11 +213,13 @@ def ctas_per_sm(cap: int, registers: int, warps: int, shared: int) -> int:
 
 
 # ---------------------------------------------------------------- the model per kernel
-_GEMMS = {"fwd_kernel": 2, "bwd_dkdv_kernel": 4, "bwd_dq_kernel": 3}
+_GEMMS = {"fwd_kernel": 2, "bwd_dkdv_kernel": 4, "bwd_dq_kernel": 3,
+          "cuda_fwd": 2, "cuda_bwd": 5}  # csrc/attention.cu: the forward; the five-GEMM backward
 
 
 def attention_model(cap: int, kernel: str, blocks: dict, sass_hot: dict) -> dict:
-    """Issue / tensor-core / MUFU cycles of one CTA iteration of an attention kernel's key (or query) loop."""
+    """Issue / tensor-core / MUFU cycles of one CTA iteration of an attention kernel's key (or query)
+    loop: BLOCK_M x BLOCK_N x BLOCK_D per GEMM, _GEMMS[kernel] GEMMs."""
     bm, bn, bd, warps = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_D"], blocks["warps"]
     issue = sass_hot["instructions"] * warps / ISSUE_PER_CYCLE
     tc = 2 * _GEMMS[kernel] * bm * bn * bd / TC_FLOPS[cap]
@@ -295,7 +310,8 @@ def triton_rows(selected: list[tuple], jobs_parallel: int | None = None) -> list
 def cuda_rows() -> list[dict]:
     """Registers, spills, shared memory and hot-loop counts of every kernel in bertkern/_C*.so
     (cuobjdump reads the embedded sm_80 / sm_90 cubins). Launch shapes are not known here, so the
-    per-element and cycle models are Triton-only; the loop counts are for comparing versions."""
+    per-element model is Triton-only; the attention kernels' tiles are fixed at compile time, so the
+    cycle model and its targets apply to them (cuda_attention_tiles)."""
     import triton
 
     libs = sorted(glob.glob(str(ROOT / "bertkern" / "_C*.so")))
@@ -312,28 +328,60 @@ def cuda_rows() -> list[dict]:
             instrs = funcs.get(name, [])
             row = {"id": f"sm{cap}-cuda-{_demangle(name)}", "backend": "cuda", "arch": f"sm_{cap}",
                    "kernel": _demangle(name), "registers": int(m.group(2)), "stack": int(m.group(3)),
-                   "shared": int(m.group(4)), "local": int(m.group(5)), "hot": hot(instrs) if instrs else None,
-                   "checks": {"spill": {"value": int(m.group(3)), "target": 0, "met": int(m.group(3)) == 0}}}
+                   "shared": int(m.group(4)), "local": int(m.group(5)), "hot": hot(instrs) if instrs else None}
             if (tiles := cuda_attention_tiles(row["kernel"])) and row["hot"]:
                 row["config"] = tiles
-                row["model"] = attention_model(cap, "fwd_kernel", tiles, row["hot"])
+                row["model"] = attention_model(cap, tiles["model"], tiles, row["hot"])
+            row["checks"] = {k: {"value": v, "target": t, "met": ok} for k, (v, t, ok) in cuda_checks(row).items()}
             rows.append(row)
     return rows
 
 
-# csrc/attention.cu's forward: attention_fwd_kernel<T, kD, mask kind, dropout>, 4 warps, 128 queries,
-# key tiles of 64 (32 at kD = 80 and 128; fwd::key_tile). Its tile sizes are fixed at compile time, so the
-# cycle model applies as to the Triton kernels (the key loop has no runtime mask / dropout branches).
-_CUDA_FWD = re.compile(r"attention_fwd_kernel<[^,]+, (\d+), (\d), (true|false)>")
+# csrc/attention.cu's forward, attention_fwd_kernel<T, kD, mask kind, dropout>: 4 warps, 128 queries,
+# key tiles of 64 (32 at kD = 80 and 128, and with dropout but for mask kind 2; fwd::key_tile), 2 GEMMs
+# per key tile. Its backward,
+# attention_bwd_kernel<T, kD, mask kind, dropout>: 4 warps, 64 keys per block, query tiles of 64 (32
+# at kD = 80 and 128; bwd::tile), 5 GEMMs per query tile. The tiles are fixed at compile time and the
+# loops have no run-time mask / dropout branches, so the cycle model applies as to the Triton kernels.
+_CUDA_ATTN = re.compile(r"attention_(fwd|bwd)_kernel<([^,]+), (\d+), (\d), (true|false)>")
+# Mask kinds: forward 0 none, 1 per key ([B,1,1,S_k]), 2 any 4-D; backward 1 none or per key, 2 any 4-D.
+CUDA_ATTN_TARGET = {("fwd", 0): 1.2, ("fwd", 1): 1.2, ("fwd", 2): 1.5, ("bwd", 1): 1.3, ("bwd", 2): 1.3}
 
 
 def cuda_attention_tiles(kernel: str) -> dict | None:
-    m = _CUDA_FWD.search(kernel)
+    m = _CUDA_ATTN.search(kernel)
     if not m:
         return None
-    d = int(m.group(1))
-    return {"BLOCK_M": 128, "BLOCK_N": 32 if d > 64 else 64, "BLOCK_D": d, "warps": 4,
-            "mask": ("none", "key", "any")[int(m.group(2))], "dropout": m.group(3) == "true"}
+    direction, d, mask, dropout = m.group(1), int(m.group(3)), int(m.group(4)), m.group(5) == "true"
+    if direction == "fwd":
+        tiles = {"BLOCK_M": 128, "BLOCK_N": 32 if d > 64 or (dropout and mask != 2) else 64}
+    else:
+        tiles = {"BLOCK_M": 64, "BLOCK_N": 64 if d <= 64 else 32}
+    return {**tiles, "BLOCK_D": d, "warps": 4, "model": f"cuda_{direction}", "direction": direction,
+            "dtype": m.group(2), "mask": mask, "dropout": dropout}
+
+
+def cuda_checks(row: dict) -> dict[str, tuple[float, float, bool]]:
+    """{check: (value, target, met)} of a CUDA kernel: the spill everywhere; the attention issue ratio
+    on sm_90 for fp16, D = 64 and no dropout (as the Triton targets), from the row's hot-loop counts."""
+    out = {"spill": (row["stack"], 0, row["stack"] == 0)}
+    tiles = cuda_attention_tiles(row["kernel"])
+    if row["arch"] != "sm_90" or not tiles or not row.get("hot") or tiles["dtype"] != "__half" \
+            or tiles["BLOCK_D"] != 64 or tiles["dropout"]:
+        return out
+    target = CUDA_ATTN_TARGET.get((tiles["direction"], tiles["mask"]))
+    if target is not None:
+        ratio = attention_model(90, tiles["model"], tiles, row["hot"])["ratio"]
+        out["issue_ratio"] = (ratio, target, ratio <= target)
+    return out
+
+
+def row_checks(row: dict) -> dict:
+    """A row's checks: as stored for Triton rows; recomputed from the counts for CUDA rows (so that a
+    report written before the CUDA attention targets existed is checked against them too)."""
+    if row["backend"] == "cuda" and "kernel" in row and "stack" in row:
+        return {k: {"value": v, "target": t, "met": ok} for k, (v, t, ok) in cuda_checks(row).items()}
+    return row.get("checks", {})
 
 
 def _demangle(name: str) -> str:
@@ -349,7 +397,7 @@ def gaps(rows: list[dict]) -> tuple[list[tuple], list[tuple]]:
     """(unexpected: over target and not in KNOWN_GAPS, stale: in KNOWN_GAPS but met now)."""
     unexpected, seen = [], set()
     for r in rows:
-        for name, c in r.get("checks", {}).items():
+        for name, c in row_checks(r).items():
             if not c["met"]:
                 seen.add(_gap_key(r, name))
                 if _gap_key(r, name) not in KNOWN_GAPS | KNOWN_CUDA_SPILLS:
@@ -412,8 +460,11 @@ def write(rows: list[dict], out_dir: Path, meta: dict) -> None:
         "## CUDA kernels (bertkern/_C, from the cubins)",
         "",
         "Launch shapes are chosen at run time, so only resources and hot-loop instruction counts are shown "
-        "(for comparing versions), plus the attention model above for the attention forward, whose tiles "
-        "are fixed at compile time (128 x 64, 128 x 32 at D = 80 and 128; 4 warps; no target checked yet).",
+        "(for comparing versions), plus the attention model above for the attention kernels, whose tiles "
+        "are fixed at compile time: the forward 128 queries x 64 keys per loop iteration (x 32 at D = 80 "
+        "and 128), 2 GEMMs; the backward 64 keys x 64 queries (x 32 at D = 80 and 128), 5 GEMMs; 4 warps. "
+        "Targets as for Triton, checked on sm_90 for fp16, D = 64 without dropout: forward 1.2 with no "
+        "mask or a per-key mask (kind 0, 1), 1.5 with any 4-D mask (kind 2); backward 1.3.",
         "",
         "| arch | kernel | regs | spill B | shared B (static) | hot loop: instr / MUFU / MMA | model |",
         "|---|---|---|---|---|---|---|",
@@ -421,6 +472,8 @@ def write(rows: list[dict], out_dir: Path, meta: dict) -> None:
           f"{r.get('stack', '')} | {r.get('shared', '')} | "
           + (f"{r['hot']['instructions']} / {r['hot']['mufu']} / {r['hot']['mma']}" if r.get("hot") else "")
           + " | " + (_cycles(r["model"]) if r.get("model") else "")
+          + "".join(f"; over target: {k} {c['value']} > {c['target']}" for k, c in row_checks(r).items()
+                    if not c["met"])
           + " |" for r in rows if r["backend"] == "cuda"],
         "",
     ]

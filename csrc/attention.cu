@@ -30,10 +30,11 @@
 // compiled kernel serves every D up to it.
 // - forward (FlashAttention-2 shape): one block per 128 queries of one (b, h), each warp 32 rows,
 //   streaming 64-key tiles: cp.async copies (V while Q K^T runs, the next K while P V runs),
-//   ldmatrix.x4 fragments (.trans for V), an online softmax in base 2 (scale * log2 e folded into
-//   one multiply, ex2.approx.ftz), the output staged through shared memory for 16-byte stores. The
-//   mask kind (none / per-key / any 4-D) and dropout are template parameters: no runtime branch on
-//   them in the key loop. Wrappers of the PTX it uses: ptx.cuh.
+//   ldmatrix.x4 fragments (.trans for V), an online softmax in base 2 over raw scores (row max of
+//   q.k, then one FFMA per element before ex2.approx.ftz), the output staged through shared memory
+//   for 16-byte stores. The mask kind (none / per-key / any 4-D) and dropout are template
+//   parameters: no runtime branch on them in the key loop, whose full tiles have no bounds checks
+//   (the last tile is peeled). Wrappers of the PTX it uses: ptx.cuh.
 // - backward (FlashAttention-2's five GEMMs, no atomics, deterministic): delta = rowsum(dO * O), then
 //   one kernel per 64 keys (each warp 16) streaming query tiles through two cp.async buffers:
 //   S^T, dP^T, dV += P^T dO, dK += dS^T Q, and dS K, summed over key blocks into an fp32 dQ
@@ -50,14 +51,17 @@
 #include "philox.cuh"
 #include "ptx.cuh"
 
+#include <ATen/ops/constant_pad_nd.h>
 #include <c10/util/BFloat16.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cfloat>
 #include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -105,6 +109,7 @@ struct Params {
   int H, S_q, S_k, D;
   int64_t row_stride;  // dropout rows per (b, h): S_q padded, max_seqlen varlen
   float scale;
+  float scale_abs, scale_log2, inv_scale;  // forward: |scale| (1 for a scale of 0), times log2 e, 1 / it
   float keep_scale;
   const int64_t* seed;  // nullptr: no dropout
   uint32_t thresh;
@@ -116,6 +121,32 @@ struct Params {
 };
 
 // ------------------------------------------------------------------ 16-bit types and mma.sync
+// d = a b + c, mma.sync.m16n8k16 with fp32 accumulation; kType is the PTX operand type (f16 / bf16).
+#define BERTKERN_MMA_16816(kType)                                                                          \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." kType "." kType                                   \
+               ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"                \
+               : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                                          \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]),     \
+                 "f"(c[2]), "f"(c[3]))
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                          const float (&c)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __half>) {
+    BERTKERN_MMA_16816("f16");
+  } else {
+    BERTKERN_MMA_16816("bf16");
+  }
+#elif defined(BERTKERN_EMULATE)
+  float acc[4] = {c[0], c[1], c[2], c[3]};
+  emulate_mma<T>(acc, a, b0, b1);  // tests/cuda_emu: the kernels run on the CPU
+  for (int e = 0; e < 4; ++e) d[e] = acc[e];
+#else
+  __trap();  // the host refuses devices below sm_80
+#endif
+}
+#undef BERTKERN_MMA_16816
+
 // Tiles are moved as raw 16-bit words (uint16_t): zero bits are 0.0 in fp16 and bf16 alike.
 template <typename T>
 struct Half16;
@@ -129,17 +160,7 @@ struct Half16<__half> {
   static __device__ __forceinline__ uint16_t bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
   static __device__ __forceinline__ float to_float(uint16_t x) { return __half2float(__ushort_as_half(x)); }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#elif defined(BERTKERN_EMULATE)
-    emulate_mma<__half>(c, a, b0, b1);  // tests/cuda_emu: the kernels run on the CPU
-#else
-    __trap();  // the host refuses devices below sm_80
-#endif
+    mma_16816<__half>(c, a, b0, b1, c);
   }
 };
 
@@ -156,17 +177,7 @@ struct Half16<__nv_bfloat16> {
     return __bfloat162float(__ushort_as_bfloat16(x));
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#elif defined(BERTKERN_EMULATE)
-    emulate_mma<__nv_bfloat16>(c, a, b0, b1);
-#else
-    __trap();
-#endif
+    mma_16816<__nv_bfloat16>(c, a, b0, b1, c);
   }
 };
 
@@ -309,16 +320,28 @@ __device__ __forceinline__ void store_rows(void* base, int64_t stride, int row0,
 // registers: 64 keys spilled on sm_80 with dropout) with FA2's overlap, one K and one V buffer:
 //   V[j] is copied (cp.async) while S = Q K[j]^T and the softmax run;
 //   K[j+1] is copied while O += P V[j] runs.
+// What the key loop issues beyond the mma and ex2 (SASS per 128 mma at kD = 64, sm_90: 558 with no
+// mask, 604 with a per-key mask, against 776 / 823 before): S starts from the tiles' key bias as
+// the first mma's C operand (a float4 per column pair in shared memory, 0 / -inf / mask / scale),
+// so masking costs one load per 2 columns; the row max is of raw scores and 2^(s sl2 - max sl2) one
+// FFMA per element (a scale <= 0 is folded into Q in shared memory first); the row sums come from one
+// more mma of P against ones per 16 keys (the sum of P as rounded for P V) instead of 64 FADD; full
+// tiles are copied with no row checks from one pointer per thread, the last tile (partial, with the
+// bias of keys past Lk) is peeled; inputs that do not allow 16-byte copies are copied by the host.
 // Fragments come from ldmatrix.x4 (Q, K) and ldmatrix.x4.trans (V, so no transposed copy); rows are
 // padded by 16 bytes, which makes the 8 row addresses of every 8x8 matrix hit distinct banks.
 namespace fwd {
 constexpr int kM = 128;  // queries per block
 constexpr int kMT = 2;   // m16 tiles per warp
-constexpr int key_tile(int kD) { return kD > 64 ? 32 : 64; }
 enum Mask { kNoMask = 0, kKeyMask = 1, kAnyMask = 2 };  // none, [B,1,1,S_k] broadcast, strided 4-D
+// 32 keys per tile with dropout too (but for any 4-D mask): its Philox state on top of 64 scores
+// per thread spilled.
+constexpr int key_tile(int kD, bool dropout, int mask) { return kD > 64 || (dropout && mask != kAnyMask) ? 32 : 64; }
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
-constexpr int smem_bytes(int kD) { return (kM + 2 * key_tile(kD)) * (kD + kPad) * 2 + key_tile(kD) * 4; }
+constexpr int smem_bytes(int kD, bool dropout, int mask) {
+  return (kM + 2 * key_tile(kD, dropout, mask)) * (kD + kPad) * 2 + key_tile(kD, dropout, mask) * 8;
+}
 }  // namespace fwd
 
 // TileCopy's element-by-element path (D % 8 != 0 or unaligned views), out of line so that
@@ -336,11 +359,11 @@ __device__ BERTKERN_NOINLINE void load_tile_slow(uint16_t* s, const uint16_t* g,
   }
 }
 
-// Copies of consecutive kRows x kD tiles of a global [*, D] row block (row stride `stride`) into
-// smem [kRows][LD]: 16-byte cp.async, zero-filled past `valid` rows and past D, when `vec`; else
+// Copies of kRows x kD tiles of a global [*, D] row block (row stride `stride`) into smem
+// [kRows][LD]: 16-byte cp.async, zero-filled past `valid` rows and past D, when `vec`; else
 // element copies (visible after the next barrier, as the asynchronous ones after their wait).
-// When kD / 8 divides the block, a thread's chunks share one column and step down by kStep rows,
-// so the walk keeps one pointer per thread and a tile costs a few adds, not 64-bit multiplies.
+// When kD / 8 divides the block, a thread's chunks share one column and step down by kStep rows:
+// a whole tile (copy_full) is kPer cp.async from one pointer per thread, with no bounds checks.
 template <int kRows, int kD, int LD>
 struct TileCopy {
   static constexpr int kChunks = kD / 8, kPer = ceil_div(kRows * kChunks, kThreads);
@@ -348,22 +371,30 @@ struct TileCopy {
   static constexpr int kStep = kFixed ? kThreads / kChunks : 0;
   static_assert(!kFixed || kRows * kChunks % kThreads == 0, "whole chunks per thread");
 
-  const uint16_t* tile;  // the current tile's first row
+  // kFixed: the thread's first chunk in the current tile (its column, or column 0 past D); else
+  // the tile's first row.
+  const uint16_t* ptr;
   int64_t stride;
-  int r0, col;  // kFixed: the thread's first row and its column
 
-  __device__ __forceinline__ TileCopy(const uint16_t* g, int64_t stride_)
-      : tile(g), stride(stride_), r0(threadIdx.x / kChunks), col(threadIdx.x % kChunks * 8) {}
+  __device__ __forceinline__ TileCopy(const uint16_t* g, int64_t stride_, int D) : ptr(g), stride(stride_) {
+    if constexpr (kFixed) ptr += offset(D);
+  }
+  __device__ __forceinline__ int64_t offset(int D) const {
+    const int r0 = threadIdx.x / kChunks, col = threadIdx.x % kChunks * 8;
+    return r0 * stride + (col < D ? col : 0);
+  }
+  __device__ __forceinline__ const uint16_t* tile(int D) const { return kFixed ? ptr - offset(D) : ptr; }
 
   __device__ __forceinline__ void copy(uint16_t* s, int valid, int D, bool vec) const {
+    const uint16_t* t = tile(D);
     if (!vec) {
-      load_tile_slow<kRows, kD, LD>(s, tile, stride, valid, D);
+      load_tile_slow<kRows, kD, LD>(s, t, stride, valid, D);
     } else if constexpr (kFixed) {
-      const uint16_t* src = tile + (r0 * stride + col);
+      const int r0 = threadIdx.x / kChunks, col = threadIdx.x % kChunks * 8;
 #pragma unroll
       for (int i = 0; i < kPer; ++i) {
         const bool in = r0 + i * kStep < valid && col < D;
-        ptx::cp_async<16>(s + (r0 + i * kStep) * LD + col, in ? src + i * kStep * stride : tile, in ? 16 : 0);
+        ptx::cp_async<16>(s + (r0 + i * kStep) * LD + col, in ? ptr + i * kStep * stride : t, in ? 16 : 0);
       }
     } else {
 #pragma unroll
@@ -371,25 +402,36 @@ struct TileCopy {
         const int c = threadIdx.x + i * kThreads, r = c / kChunks, cl = (c % kChunks) * 8;
         if (kRows * kChunks % kThreads != 0 && c >= kRows * kChunks) break;  // 32 x 80: 2.5 per thread
         const bool in = r < valid && cl < D;
-        ptx::cp_async<16>(s + r * LD + cl, in ? tile + r * stride + cl : tile, in ? 16 : 0);
+        ptx::cp_async<16>(s + r * LD + cl, in ? t + r * stride + cl : t, in ? 16 : 0);
       }
     }
   }
 
-  __device__ __forceinline__ void next() { tile += kRows * stride; }
+  // A tile of kRows valid rows, 16-byte copies (the forward's key loop).
+  __device__ __forceinline__ void copy_full(uint16_t* s, int D) const {
+    if constexpr (kFixed) {
+      const int r0 = threadIdx.x / kChunks, col = threadIdx.x % kChunks * 8;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) ptx::cp_async<16>(s + (r0 + i * kStep) * LD + col, ptr + i * kStep * stride, col < D ? 16 : 0);
+    } else {
+      copy(s, kRows, D, true);
+    }
+  }
+
+  __device__ __forceinline__ void next() { ptr += kRows * stride; }
 };
 
-// The additive bias of key j in base 2 for the no-mask and key-mask kernels: -inf where masked or
-// j >= Lk (so the last, partial tile needs no other check), else 0 or the mask value * log2 e.
+// The additive bias of key j, in units of `unit` (log2 e: base 2): -inf where masked or j >= Lk
+// (so the last, partial tile needs no other check), else 0 or the mask value * unit.
 template <typename T, int kMask>
-__device__ __forceinline__ float key_bias(const Params& p, int64_t mbase, int j, int Lk) {
+__device__ __forceinline__ float key_bias(const Params& p, int64_t mbase, int j, int Lk, float unit) {
   if (j >= Lk) return -INFINITY;
-  if constexpr (kMask == fwd::kNoMask) return 0.f;
+  if constexpr (kMask != fwd::kKeyMask) return 0.f;
   const int64_t off = mbase + j * p.mk;
   if (p.mask_kind == 1) return static_cast<const uint8_t*>(p.mask)[off] ? 0.f : -INFINITY;
   const float m = p.mask_kind == 2 ? static_cast<const float*>(p.mask)[off]
                                    : Half16<T>::to_float(static_cast<const uint16_t*>(p.mask)[off]);
-  return m > p.mask_lowest ? m * fwd::kLog2e : -INFINITY;  // NaN masks too
+  return m > p.mask_lowest ? m * unit : -INFINITY;  // NaN masks too
 }
 
 // Keep bits of dropout row `row`, columns 4 c4 .. 4 c4 + 3 (bit x for column 4 c4 + x).
@@ -399,101 +441,100 @@ __device__ __forceinline__ uint32_t keep4(const Dropout& d, int64_t row, int c4)
          (static_cast<uint32_t>((r.z >> 1) >= d.thresh) << 2) | (static_cast<uint32_t>((r.w >> 1) >= d.thresh) << 3);
 }
 
-// s[mt][j][e] (raw q.k of query qi[mt][e / 2], key n0 + 8j + 2t + (e & 1)) -> the logit in base 2,
-// (q.k * scale + mask) * log2(e), -inf where masked or past Lk: one FFMA with the tile's key bias
-// (no mask, key mask), or a per-element mask read (any mask).
-template <typename T, int kMask, int kN>
-__device__ __forceinline__ void logits2(float (&s)[fwd::kMT][kN / 8][4], const Params& p, const float* bias,
-                                        int64_t mbase, const int (&qi)[fwd::kMT][2], int n0, int Lq, int Lk, int t) {
-  const float sl2 = p.scale * fwd::kLog2e;
-#pragma unroll
-  for (int j = 0; j < kN / 8; ++j) {
-    if constexpr (kMask != fwd::kAnyMask) {
-      const float2 bj = *reinterpret_cast<const float2*>(bias + 8 * j + 2 * t);
-#pragma unroll
-      for (int mt = 0; mt < fwd::kMT; ++mt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[mt][j][e] = fmaf(s[mt][j][e], sl2, (e & 1) ? bj.y : bj.x);
-      }
-    } else {
-#pragma unroll
-      for (int mt = 0; mt < fwd::kMT; ++mt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = qi[mt][e / 2], col = n0 + 8 * j + 2 * t + (e & 1);
-          float z = -INFINITY;  // never read the mask out of range
-          if (i < Lq && col < Lk) {
-            const int64_t off = mbase + i * p.mq + col * p.mk;
-            z = s[mt][j][e] * sl2;
-            if (p.mask_kind == 1) {
-              if (static_cast<const uint8_t*>(p.mask)[off] == 0) z = -INFINITY;
-            } else {
-              const float m = p.mask_kind == 2 ? static_cast<const float*>(p.mask)[off]
-                                               : Half16<T>::to_float(static_cast<const uint16_t*>(p.mask)[off]);
-              z = m > p.mask_lowest ? fmaf(m, fwd::kLog2e, z) : -INFINITY;  // NaN masks too
-            }
-          }
-          s[mt][j][e] = z;
-        }
-      }
-    }
-  }
+// The forward's key bias in shared memory: the bias of keys 2c, 2c + 1 of the tile as the float4
+// (b[2c], b[2c + 1], b[2c], b[2c + 1]), which is the C operand of the mma giving S's columns 2c, 2c + 1
+// (rows g and g + 8), so that S = bias + Q K^T costs no instruction beyond the load.
+__device__ __forceinline__ void put_bias(float4* sbias, int n, float b) {
+  float* q = reinterpret_cast<float*>(sbias + n / 2);
+  q[n % 2] = b;
+  q[n % 2 + 2] = b;
 }
 
+// (Launch bounds with min 1 block: without it ptxas capped some variants at 168 registers on sm_80
+// and spilled, as in the backward.)
 template <typename T, int kD, int kMask, bool kDropout>
-__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Params p) {
   using namespace fwd;
-  constexpr int kN = key_tile(kD), LD = kD + kPad, kNT = kN / 8, kDT = kD / 8;
+  constexpr int kN = key_tile(kD, kDropout, kMask), LD = kD + kPad, kNT = kN / 8, kDT = kD / 8;
   // Q fragments are re-read from shared memory for every key tile (as FA2 does): keeping them in
   // registers (32 more at kD = 64) pushed the dropout and key-mask variants into spills.
   BERTKERN_DYNAMIC_SMEM(smem);
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);  // [kM][LD]; the output tile at the end
   uint16_t* sK = sQ + kM * LD;                       // [kN][LD]
   uint16_t* sV = sK + kN * LD;                       // [kN][LD]
-  float* sBias = reinterpret_cast<float*>(sV + kN * LD);  // [kN] key bias in base 2 (see key_bias)
+  float4* sBias = reinterpret_cast<float4*>(sV + kN * LD);  // [kN / 2]: the tile's key bias (put_bias)
 
   const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kM;
   const Seq seq = seq_of(p, b);
   if (m0 >= seq.Lq) return;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int row0 = warp * (16 * kMT);  // the warp's first row in the tile
-  int qi[kMT][2];                      // the thread's queries: rows g and g + 8 of each m16 tile
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) qi[mt][0] = m0 + row0 + 16 * mt + g, qi[mt][1] = qi[mt][0] + 8;
+  // The thread's queries: rows g and g + 8 of each m16 tile, q0 + 16 mt + 8 r (one register, not four).
+  const int q0 = m0 + row0 + g;
+
+  // The scores are kept in units of q.k (raw): the softmax takes the row max of raw scores and
+  // 2^(s * sl2 - max * sl2), one FFMA per element. That needs sl2 > 0: a scale <= 0 is applied to
+  // Q in shared memory (sign flipped, or Q zeroed for a scale of 0, whose logits are the mask alone).
+  const float sl2 = p.scale_log2, inv_se = p.inv_scale;
 
   const uint16_t* k = at_token(p.k, p.sk, b, h, seq.tok0);
   const uint16_t* v = at_token(p.v, p.sv, b, h, seq.tok0);
   const int64_t mbase = b * p.mb + h * p.mh;
   Dropout drop{};
   if constexpr (kDropout) drop = make_dropout(p.seed, p.thresh);
-  const int64_t drow = (static_cast<int64_t>(b) * p.H + h) * p.row_stride;
+  // (the dropout row's low 32 bits: all keep4 takes; one register less)
+  const uint32_t drow = static_cast<uint32_t>((static_cast<int64_t>(b) * p.H + h) * p.row_stride);
+  const int tok0 = static_cast<int>(seq.tok0);  // (the host checks that token counts fit in int)
 
   // ldmatrix row addresses of this lane (element offsets) in sQ, sK, sV.
   const int a_off = a_frag_offset<LD>(row0, lane), k_off = b_frag_offset<LD>(lane), v_off = bt_frag_offset<LD>(lane);
 
-  // Prologue: Q and K[0] in one group; the first tile's key mask.
-  TileCopy<kN, kD, LD> k_copy(k, p.sk.s), v_copy(v, p.sv.s);
-  TileCopy<kM, kD, LD>(at_token(p.q, p.sq, b, h, seq.tok0 + m0), p.sq.s).copy(sQ, seq.Lq - m0, p.D, p.vq);
-  k_copy.copy(sK, seq.Lk, p.D, p.vk);
+  // Key tiles at 0, kN, 2 kN, ..: the loop runs the full ones before the last, with whole-tile
+  // copies and no bounds checks; the last one (n_last, maybe partial) is peeled: its keys from Lk
+  // on get a bias of -inf. With dropout one loop runs every tile with those checks (kGeneral): two
+  // copies of the loop body there pushed the kernel into spills.
+  constexpr bool kGeneral = kDropout;
+  const int n_last = seq.Lk > kN ? (seq.Lk - 1) / kN * kN : 0;
+  auto tile_bias = [&](int n0, int j) { return key_bias<T, kMask>(p, mbase, n0 + j, seq.Lk, inv_se); };
+
+  // Prologue: Q and K[0] in one group; the first tile's key bias (the last tile's without a per-key mask).
+  TileCopy<kN, kD, LD> k_copy(k, p.sk.s, p.D), v_copy(v, p.sv.s, p.D);
+  TileCopy<kM, kD, LD>(at_token(p.q, p.sq, b, h, seq.tok0 + m0), p.sq.s, p.D).copy(sQ, seq.Lq - m0, p.D, true);
+  k_copy.copy(sK, seq.Lk, p.D, true);
   ptx::cp_async_commit();
-  if constexpr (kMask != kAnyMask) {
-    if (tid < kN) sBias[tid] = key_bias<T, kMask>(p, mbase, tid, seq.Lk);
-  }
+  if (tid < kN) put_bias(sBias, tid, tile_bias(kMask == kKeyMask || kGeneral ? 0 : n_last, tid));
   ptx::cp_async_wait<0>();
   __syncthreads();
+  if (!(p.scale > 0.f)) {
+    uint32_t* q2 = reinterpret_cast<uint32_t*>(sQ);
+    for (int e = tid; e < kM * LD / 2; e += kThreads) q2[e] = p.scale < 0.f ? q2[e] ^ 0x80008000u : 0u;
+    __syncthreads();
+  }
 
   float o[kMT][kDT][4] = {};
-  float m_run[kMT][2], l_run[kMT][2] = {};  // base-2 running max; l_run: this thread's columns only
+  // Running max of the raw scores; row sums: l_run (this thread's columns only, with dropout) or
+  // l_acc (an mma accumulator whose elements 0 and 2 are the whole sums of rows g and g + 8).
+  float m_run[kMT][2], l_run[kMT][2] = {}, l_acc[kMT][4] = {};
+  const uint32_t kOnes = Half16<T>::pack(1.f, 1.f);
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) m_run[mt][0] = m_run[mt][1] = -INFINITY;
 
-  for (int n0 = 0; n0 < seq.Lk; n0 += kN) {
-    v_copy.copy(sV, seq.Lk - n0, p.D, p.vv);
-    v_copy.next();
+  // One key tile at n0; kLast: the last one (the only one with the bias of out-of-range keys);
+  // kGeneral: any tile, with the checks of the last one.
+  auto key_step = [&](int n0, auto last) {
+    constexpr bool kLast = decltype(last)::value || kGeneral;
+    constexpr bool kBias = kMask == kKeyMask || kLast;  // S starts from the key bias, else from 0
+    if constexpr (kLast) {
+      v_copy.copy(sV, seq.Lk - n0, p.D, true);
+      if constexpr (kGeneral) v_copy.next();
+    } else {
+      v_copy.copy_full(sV, p.D);
+      v_copy.next();
+    }
     ptx::cp_async_commit();
 
-    // S = Q K^T: per 16-wide k step, one ldmatrix.x4 gives the B fragments of two n8 tiles.
-    float s[kMT][kNT][4] = {};
+    // S = bias + Q K^T: per 16-wide k step, one ldmatrix.x4 gives the B fragments of two n8 tiles.
+    float s[kMT][kNT][4];
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       uint32_t a[kMT][4];
@@ -504,16 +545,51 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
         uint32_t bk[4];
         ptx::ldmatrix<4>(bk, sK + k_off + 16 * jp * LD + 16 * kk);
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          Half16<T>::mma(s[mt][2 * jp], a[mt], bk[0], bk[1]);
-          Half16<T>::mma(s[mt][2 * jp + 1], a[mt], bk[2], bk[3]);
+        for (int x = 0; x < 2; ++x) {
+          const int j = 2 * jp + x;
+          if (kk == 0) {
+            float c[4] = {};
+            if constexpr (kBias) {
+              const float4 c4 = ptx::ld_shared_v4(sBias + 4 * j + t);
+              c[0] = c4.x, c[1] = c4.y, c[2] = c4.z, c[3] = c4.w;
+            }
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt) mma_16816<T>(s[mt][j], a[mt], bk[2 * x], bk[2 * x + 1], c);
+          } else {
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt) Half16<T>::mma(s[mt][j], a[mt], bk[2 * x], bk[2 * x + 1]);
+          }
         }
       }
     }
 
-    logits2<T, kMask, kN>(s, p, sBias, mbase, qi, n0, seq.Lq, seq.Lk, t);
+    if constexpr (kMask == kAnyMask) {
+      // s + mask / scale per element (raw units), -inf where masked or past Lq (the mask is not read there).
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = q0 + 16 * mt + 8 * (e / 2), col = n0 + 8 * j + 2 * t + (e & 1);
+            float z = -INFINITY;
+            if (i < seq.Lq && (!kLast || col < seq.Lk)) {
+              const int64_t off = mbase + i * p.mq + col * p.mk;
+              if (p.mask_kind == 1) {
+                z = static_cast<const uint8_t*>(p.mask)[off] ? s[mt][j][e] : -INFINITY;
+              } else {
+                const float m = p.mask_kind == 2 ? static_cast<const float*>(p.mask)[off]
+                                                 : Half16<T>::to_float(static_cast<const uint16_t*>(p.mask)[off]);
+                z = m > p.mask_lowest ? fmaf(m, inv_se, s[mt][j][e]) : -INFINITY;  // NaN masks too
+              }
+            }
+            s[mt][j][e] = z;
+          }
+        }
+      }
+    }
 
-    // Online softmax in base 2: m = running max, O and l rescaled by 2^(m_old - m_new).
+    // Online softmax in base 2: m = running max (raw), O and l rescaled by 2^((m_old - m_new) sl2).
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -522,19 +598,26 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
 #pragma unroll
         for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
         mx = quad_max(mx);
-        const float shift = mx == -INFINITY ? 0.f : mx;  // no key yet: 2^(-inf - 0) = 0
-        const float alpha = ptx::ex2(m_run[mt][r] - shift);
+        // (no key yet, mx = -inf: a finite shift, so that 2^(-inf - shift) = 0, not NaN; alpha is
+        // exactly 1 when the max stays (m sl2 rounded alike both times, not an FFMA's residue), so
+        // that a tile of masked keys changes no bit of O or l)
+        const float shift = fmaxf(ptx::mul_rn(mx, sl2), -FLT_MAX);
+        const float alpha = ptx::ex2(ptx::mul_rn(m_run[mt][r], sl2) - shift);
         m_run[mt][r] = mx;
-        float sum = 0.f;
+        [[maybe_unused]] float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < kNT; ++j) {
 #pragma unroll
           for (int x = 0; x < 2; ++x) {
-            s[mt][j][2 * r + x] = ptx::ex2(s[mt][j][2 * r + x] - shift);
-            sum += s[mt][j][2 * r + x];  // the sum is over probabilities before dropout
+            s[mt][j][2 * r + x] = ptx::ex2(fmaf(s[mt][j][2 * r + x], sl2, -shift));
+            if constexpr (kDropout) sum += s[mt][j][2 * r + x];  // the sum is over probabilities before dropout
           }
         }
-        l_run[mt][r] = l_run[mt][r] * alpha + sum;
+        if constexpr (kDropout) {
+          l_run[mt][r] = l_run[mt][r] * alpha + sum;
+        } else {
+          l_acc[mt][2 * r] *= alpha;  // the row sum comes from P V (below)
+        }
 #pragma unroll
         for (int jd = 0; jd < kDT; ++jd) o[mt][jd][2 * r] *= alpha, o[mt][jd][2 * r + 1] *= alpha;
       }
@@ -546,8 +629,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
       for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
         for (int j = 0; j < kNT; ++j) {
-          // (qi[mt][0] + 8 (t & 1), not qi[mt][t & 1]: a register array indexed at run time lives in memory)
-          const uint32_t mine = keep4(drop, drow + qi[mt][0] + 8 * (t & 1), (n0 + 8 * j) / 4 + t / 2);
+          const uint32_t mine = keep4(drop, drow + q0 + 16 * mt + 8 * (t & 1), (n0 + 8 * j) / 4 + t / 2);
           const uint32_t other = __shfl_xor_sync(kFull, mine, 1);
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
@@ -561,16 +643,34 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
 
     ptx::cp_async_wait<0>();
     __syncthreads();  // V[j] is in; every warp is done with K[j] (and the key bias of tile j)
-    const bool more = n0 + kN < seq.Lk;
-    if (more) {
+    [[maybe_unused]] float next_bias = 0.f;
+    if constexpr (kGeneral) {
       k_copy.next();
-      k_copy.copy(sK, seq.Lk - n0 - kN, p.D, p.vk);
+      if (n0 + kN < seq.Lk) k_copy.copy(sK, seq.Lk - n0 - kN, p.D, true);
+      if (tid < kN) next_bias = tile_bias(n0 + kN, tid);
+    } else if constexpr (!kLast) {
+      // K of the next tile unless that is the last one (copied after the loop, with row checks).
+      k_copy.next();
+      if (n0 + kN < n_last) k_copy.copy_full(sK, p.D);
+      if constexpr (kMask == kKeyMask) {
+        if (tid < kN && n0 + kN + tid < seq.Lk) {  // (as key_bias)
+          const int bytes = p.mask_kind == 2 ? 4 : p.mask_kind == 3 ? 2 : 1;
+          const char* mask_at = static_cast<const char*>(p.mask) + (mbase + (n0 + kN + tid) * p.mk) * bytes;
+          float m;
+          if (p.mask_kind == 1) {
+            m = *reinterpret_cast<const uint8_t*>(mask_at) ? 0.f : -INFINITY;
+          } else {
+            m = p.mask_kind == 2 ? *reinterpret_cast<const float*>(mask_at)
+                                 : Half16<T>::to_float(*reinterpret_cast<const uint16_t*>(mask_at));
+            m = m > p.mask_lowest ? m * inv_se : -INFINITY;  // NaN masks too
+          }
+          next_bias = m;
+        } else {
+          next_bias = -INFINITY;
+        }
+      }
     }
     ptx::cp_async_commit();
-    float next_bias = 0.f;
-    if constexpr (kMask != kAnyMask) {
-      if (more && tid < kN) next_bias = key_bias<T, kMask>(p, mbase, n0 + kN + tid, seq.Lk);
-    }
 
     // O += P V: P's C fragments, packed to 16 bits, are the A operand (no shared-memory trip);
     // ldmatrix.x4.trans gives the V fragments of two n8 (head-dim) tiles per 16 keys.
@@ -584,6 +684,12 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
         pa[mt][2] = Half16<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
         pa[mt][3] = Half16<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
       }
+      if constexpr (!kDropout) {
+        // The row sums of P, as rounded for P V, with one more mma against ones: l_acc[mt][0] and
+        // [2] are those of rows g and g + 8 (8 mma per tile instead of 64 FADD).
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) Half16<T>::mma(l_acc[mt], pa[mt], kOnes, kOnes);
+      }
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
         uint32_t bv[4];
@@ -595,11 +701,26 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
         }
       }
     }
-    if constexpr (kMask != kAnyMask) {
-      if (more && tid < kN) sBias[tid] = next_bias;
+    if constexpr (!kLast || kGeneral) {
+      if constexpr (kMask == kKeyMask || kGeneral) {
+        if (tid < kN) put_bias(sBias, tid, next_bias);
+      }
+      ptx::cp_async_wait<0>();
+      __syncthreads();  // K[j+1] and its key bias are in; every warp is done with V[j]
     }
-    ptx::cp_async_wait<0>();
-    __syncthreads();  // K[j+1] and its key bias are in; every warp is done with V[j]
+  };
+
+  if constexpr (kGeneral) {
+    for (int n0 = 0; n0 < seq.Lk; n0 += kN) key_step(n0, std::true_type{});
+  } else {
+    for (int n0 = 0; n0 < n_last; n0 += kN) key_step(n0, std::false_type{});
+    if (n_last > 0) {
+      k_copy.copy(sK, seq.Lk - n_last, p.D, true);
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<0>();
+      __syncthreads();
+    }
+    key_step(n_last, std::true_type{});
   }
 
   // Epilogue: 1 / rowsum, stats (the max back in natural units), O through shared memory (the
@@ -609,12 +730,13 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float l = quad_sum(l_run[mt][r]);
+      const float l = kDropout ? quad_sum(l_run[mt][r]) : l_acc[mt][2 * r];
       const float inv = l > 0.f ? 1.f / l : 0.f;
       row_scale[mt][r] = inv * p.keep_scale;
-      if (t == 0 && qi[mt][r] < seq.Lq) {
-        float* st = p.stats + b * p.st_b + h * p.st_h + seq.tok0 + qi[mt][r];
-        st[0] = m_run[mt][r] * kLn2;  // -inf for a fully masked row
+      const int i = q0 + 16 * mt + 8 * r;
+      if (t == 0 && i < seq.Lq) {
+        float* st = p.stats + b * p.st_b + h * p.st_h + tok0 + i;
+        st[0] = m_run[mt][r] * p.scale_abs;  // the logit's max; -inf for a fully masked row
         st[p.plane] = inv;
       }
     }
@@ -633,7 +755,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params p)
     }
   }
   __syncwarp();
-  uint16_t* out = static_cast<uint16_t*>(p.o) + b * p.so.b + h * p.so.h + (seq.tok0 + m0 + row0) * p.so.s;
+  uint16_t* out = static_cast<uint16_t*>(p.o) + b * p.so.b + h * p.so.h + static_cast<int64_t>(tok0 + m0 + row0) * p.so.s;
   const int rows = seq.Lq - m0 - row0 < 16 * kMT ? seq.Lq - m0 - row0 : 16 * kMT;
   if (p.vo) {
 #pragma unroll
@@ -688,7 +810,8 @@ constexpr int smem_bytes(int kD) {  // K, V; two (Q, dO) tile pairs; dS^T; (lse,
 // The key bias of key j (key_bias) with the no-mask case decided at run time.
 template <typename T>
 __device__ __forceinline__ float key_bias_bwd(const Params& p, int64_t mbase, int j, int Lk) {
-  return p.mask == nullptr ? key_bias<T, fwd::kNoMask>(p, mbase, j, Lk) : key_bias<T, fwd::kKeyMask>(p, mbase, j, Lk);
+  return p.mask == nullptr ? key_bias<T, fwd::kNoMask>(p, mbase, j, Lk, fwd::kLog2e)
+                           : key_bias<T, fwd::kKeyMask>(p, mbase, j, Lk, fwd::kLog2e);
 }
 
 // The base-2 logit of query i, key j under a per-element mask: acc * sl2 + mask * log2 e, or -inf
@@ -808,10 +931,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Params
   }
 
   // Prologue: K, V and the first Q / dO tile in one group, the first tile's statistics.
-  TileCopy<kM, kD, LD> q_copy(at_token(p.q, p.sq, b, h, seq.tok0), p.sq.s),
-      do_copy(at_token(p.dout, p.sdo, b, h, seq.tok0), p.sdo.s);
-  TileCopy<kN, kD, LD>(at_token(p.k, p.sk, b, h, seq.tok0 + n0), p.sk.s).copy(sK, seq.Lk - n0, p.D, p.vk);
-  TileCopy<kN, kD, LD>(at_token(p.v, p.sv, b, h, seq.tok0 + n0), p.sv.s).copy(sV, seq.Lk - n0, p.D, p.vv);
+  TileCopy<kM, kD, LD> q_copy(at_token(p.q, p.sq, b, h, seq.tok0), p.sq.s, p.D),
+      do_copy(at_token(p.dout, p.sdo, b, h, seq.tok0), p.sdo.s, p.D);
+  TileCopy<kN, kD, LD>(at_token(p.k, p.sk, b, h, seq.tok0 + n0), p.sk.s, p.D).copy(sK, seq.Lk - n0, p.D, p.vk);
+  TileCopy<kN, kD, LD>(at_token(p.v, p.sv, b, h, seq.tok0 + n0), p.sv.s, p.D).copy(sV, seq.Lk - n0, p.D, p.vv);
   q_copy.copy(sQ, seq.Lq, p.D, p.vq);
   do_copy.copy(sDO, seq.Lq, p.D, p.vdo);
   ptx::cp_async_commit();
@@ -1092,6 +1215,9 @@ Params common_params(const char* op, const at::Tensor& q, const at::Tensor& k, c
                                       : static_cast<float>(std::numeric_limits<c10::BFloat16>::lowest());
   }
   p.scale = static_cast<float>(scale);
+  p.scale_abs = p.scale > 0.f ? p.scale : p.scale < 0.f ? -p.scale : 1.f;
+  p.scale_log2 = p.scale_abs * fwd::kLog2e;
+  p.inv_scale = 1.f / p.scale_abs;
   p.seed = seed.defined() ? seed.const_data_ptr<int64_t>() : nullptr;
   p.thresh = dropout_threshold(dropout_p);
   p.keep_scale = seed.defined() ? static_cast<float>(dropout_scale(dropout_p)) : 1.0f;
@@ -1123,6 +1249,7 @@ struct FwdPlan {
   int64_t B;
   int mask;  // fwd::Mask
   at::Tensor out, stats;
+  at::Tensor padded[3];  // q, k, v copies the forward reads instead (see plan_fwd)
 };
 
 FwdPlan plan_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
@@ -1147,6 +1274,21 @@ FwdPlan plan_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   p.so = strides_of(plan.out, varlen);
   p.vo = vec_ok(plan.out, p.so, p.D);
   plan.mask = mask_kind(p);
+  // The forward kernel copies Q, K, V in 16-byte chunks only (no element path in its key loop):
+  // an input that does not allow them (D % 8 != 0, a stride or address not a multiple of 8
+  // elements / 16 bytes) is read from a contiguous copy, zero-padded to D rounded up to 8.
+  const int64_t D8 = ceil_div<int64_t>(D, 8) * 8;
+  const at::Tensor* in[3] = {&q, &k, &v};
+  const void** ptrs[3] = {&p.q, &p.k, &p.v};
+  Strides* strides[3] = {&p.sq, &p.sk, &p.sv};
+  bool* vec[3] = {&p.vq, &p.vk, &p.vv};
+  for (int i = 0; i < 3; ++i) {
+    if (*vec[i] || in[i]->numel() == 0) continue;
+    plan.padded[i] = at::constant_pad_nd(*in[i], {0, D8 - D}).contiguous();
+    *ptrs[i] = plan.padded[i].const_data_ptr();
+    *strides[i] = strides_of(plan.padded[i], varlen);
+    *vec[i] = true;
+  }
   return plan;
 }
 
@@ -1163,7 +1305,7 @@ void dispatch_fwd(const FwdPlan& plan, Launch&& launch) {
         with_bool(p.seed != nullptr, [&](auto dropout) {
           constexpr int kD = decltype(hd)::value;
           launch(attention_fwd_kernel<T, kD, decltype(mk)::value, decltype(dropout)::value>, grid,
-                 fwd::smem_bytes(kD));
+                 fwd::smem_bytes(kD, decltype(dropout)::value, decltype(mk)::value));
         });
       });
     });

@@ -142,6 +142,28 @@ __device__ __forceinline__ void st_cg(float4* p, float4 v) {
 #endif
 }
 
+// A 16-byte shared-memory load as an asm volatile: it stays where it is among the other volatile
+// asm (ldmatrix, mma), so that its registers are not held from an earlier point of the loop.
+__device__ __forceinline__ float4 ld_shared_v4(const float4* p) {
+#if defined(__CUDA_ARCH__)
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(smem_u32(p)));
+  return v;
+#else
+  return *p;
+#endif
+}
+
+// a * b rounded, never contracted into an FMA with a later add (whose result would then differ).
+__device__ __forceinline__ float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // 2^x, one MUFU.EX2 (flush-to-zero: subnormal results become 0; ex2(-inf) = 0).
 __device__ __forceinline__ float ex2(float x) {
 #if defined(__CUDA_ARCH__)

@@ -76,3 +76,42 @@ def test_live_compile_matches_committed_report(tmp_path):
                              f"committed {want}: rerun python benchmarks/sass_report.py")
     unexpected, _ = sass_report.gaps(live)
     assert not unexpected, unexpected
+
+
+def test_cuda_attention_model_and_targets():
+    """The CUDA attention kernels' tiles come from their template arguments (csrc/attention.cu's
+    fwd::key_tile, bwd::tile) and their issue ratio is checked on sm_90 for fp16, D = 64, no dropout:
+    1.2 for the forward without a mask or with a per-key one, 1.5 with any 4-D mask, 1.3 for the
+    backward; a miss is a gap keyed (arch, kernel, check), the spill (arch, kernel) as before."""
+    t = sass_report.cuda_attention_tiles("void bertkern::attn::attention_fwd_kernel<__half, 64, 1, false>(P)")
+    assert (t["BLOCK_M"], t["BLOCK_N"], t["BLOCK_D"], t["model"]) == (128, 64, 64, "cuda_fwd")
+    assert sass_report.cuda_attention_tiles("attention_fwd_kernel<__half, 64, 0, true>(P)")["BLOCK_N"] == 32
+    assert sass_report.cuda_attention_tiles("attention_fwd_kernel<__half, 64, 2, true>(P)")["BLOCK_N"] == 64
+    assert sass_report.cuda_attention_tiles("attention_fwd_kernel<__half, 128, 0, false>(P)")["BLOCK_N"] == 32
+    t = sass_report.cuda_attention_tiles("void bertkern::attn::attention_bwd_kernel<__half, 64, 2, false>(P)")
+    assert (t["BLOCK_M"], t["BLOCK_N"], t["model"], t["mask"]) == (64, 64, "cuda_bwd", 2)
+    assert sass_report.cuda_attention_tiles("attention_bwd_delta_kernel<__half>(P)") is None
+
+    def row(kernel, instructions, mufu, arch="sm_90", stack=0):
+        return {"backend": "cuda", "arch": arch, "kernel": f"void bertkern::attn::{kernel}(bertkern::attn::Params)",
+                "stack": stack, "hot": {"instructions": instructions, "mufu": mufu, "mma": 0}}
+
+    # forward, 128 x 64 x 64: tensor 512 cycles, MUFU 68 x 32 x 4 / 16 = 544
+    ok = sass_report.cuda_checks(row("attention_fwd_kernel<__half, 64, 0, false>", 652, 68))
+    assert ok["issue_ratio"] == (1.199, 1.2, True)
+    assert not sass_report.cuda_checks(row("attention_fwd_kernel<__half, 64, 1, false>", 700, 68))["issue_ratio"][2]
+    assert sass_report.cuda_checks(row("attention_fwd_kernel<__half, 64, 2, false>", 816, 68))["issue_ratio"][1] == 1.5
+    # backward, 64 x 64 x 64 x 5 GEMMs: tensor 640 cycles
+    assert sass_report.cuda_checks(row("attention_bwd_kernel<__half, 64, 1, false>", 832, 32))["issue_ratio"] == \
+        (1.3, 1.3, True)
+    # no target: dropout, bf16, other head dims, sm_80 (the spill is checked everywhere)
+    for r in (row("attention_fwd_kernel<__half, 64, 0, true>", 9999, 68),
+              row("attention_fwd_kernel<__nv_bfloat16, 64, 0, false>", 9999, 68),
+              row("attention_fwd_kernel<__half, 128, 0, false>", 9999, 68),
+              row("attention_fwd_kernel<__half, 64, 0, false>", 9999, 68, arch="sm_80", stack=8)):
+        assert set(sass_report.cuda_checks(r)) == {"spill"}
+    bad = row("attention_bwd_kernel<__half, 64, 1, false>", 9999, 32)
+    bad["id"] = "x"
+    unexpected, _ = sass_report.gaps([{**bad, "kernel": bad["kernel"].replace("64, 1", "64, 7")},
+                                      row("attention_fwd_kernel<__half, 64, 0, false>", 9999, 68, "sm_80", 8)])
+    assert unexpected == [("sm_80", "attn::attention_fwd_kernel<__half, 64, 0, false>")]
