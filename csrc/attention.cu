@@ -337,7 +337,7 @@ enum Mask { kNoMask = 0, kKeyMask = 1, kAnyMask = 2 };  // none, [B,1,1,S_k] bro
 // 32 keys per tile with dropout too (but for any 4-D mask): its Philox state on top of 64 scores
 // per thread spilled.
 constexpr int key_tile(int kD, bool dropout, int mask) { return kD > 64 || (dropout && mask != kAnyMask) ? 32 : 64; }
-constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+constexpr float kLog2e = 1.4426950408889634f;
 
 constexpr int smem_bytes(int kD, bool dropout, int mask) {
   return (kM + 2 * key_tile(kD, dropout, mask)) * (kD + kPad) * 2 + key_tile(kD, dropout, mask) * 8;
