@@ -106,6 +106,12 @@ def dropout_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
+def seeded_dropout(t: torch.Tensor, seed: torch.Tensor, p: float, shape=None) -> torch.Tensor:
+    """Dropout of t with the kernels' keep mask from `seed` (dropout_keep_mask of `shape`, default t's;
+    pass the mask's own shape where t broadcasts to it), kept values scaled by 1 / (1 - p)."""
+    return torch.where(dropout_keep_mask(seed, t.shape if shape is None else shape, p), t * dropout_scale(p), 0.0)
+
+
 def dropout_seed(dropout_p: float, device: torch.device) -> torch.Tensor | None:
     """The Philox seed every op's dropout draws its mask from (None without dropout): a one-element
     device tensor from torch's generator, so torch.manual_seed reproduces it and no host sync (or
@@ -295,7 +301,7 @@ def masked_softmax(
         if seed is None:
             p = F.dropout(p, dropout_p)
         else:
-            p = torch.where(dropout_keep_mask(seed, p.shape, dropout_p), p * dropout_scale(dropout_p), 0.0)
+            p = seeded_dropout(p, seed, dropout_p)
     return p.to(scores.dtype)
 
 
@@ -311,7 +317,7 @@ def masked_softmax_backward(
     if dropout_p > 0.0:
         if seed is None:
             raise ValueError("masked_softmax_backward: dropout_p > 0 needs the forward's seed")
-        dp = torch.where(dropout_keep_mask(seed, p.shape, dropout_p), dp * dropout_scale(dropout_p), 0.0)
+        dp = seeded_dropout(dp, seed, dropout_p, p.shape)
     return (scale * p * (dp - (dp * p).sum(-1, keepdim=True))).to(probs.dtype)
 
 

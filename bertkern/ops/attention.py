@@ -104,8 +104,7 @@ def torch_forward(q, k, v, mask, scale, dropout_p, seed):
     p = _probs(q, k, mask, scale)
     stats = _stats(q, k, mask, scale)
     if dropout_p > 0.0:
-        keep = reference.dropout_keep_mask(seed, p.shape, dropout_p)
-        p = torch.where(keep, p * reference.dropout_scale(dropout_p), 0.0)
+        p = reference.seeded_dropout(p, seed, dropout_p)
     return p @ v.to(p.dtype), stats
 
 
@@ -118,8 +117,7 @@ def torch_dlogits(grad, q, k, v, mask, scale, dropout_p, seed):
     dz = reference.masked_softmax_backward(dpd, p, 1.0, dropout_p, seed)
     pd = p
     if dropout_p > 0.0:
-        keep = reference.dropout_keep_mask(seed, p.shape, dropout_p)
-        pd = torch.where(keep, p * reference.dropout_scale(dropout_p), 0.0)
+        pd = reference.seeded_dropout(p, seed, dropout_p)
     return dz, p, pd
 
 

@@ -78,8 +78,7 @@ def _masked_softmax_impl(
         p = reference.masked_softmax(scores.to(acc), mask, scale)  # fp32 (fp64) softmax, rounded once below
         if not dropout:
             return p.to(scores.dtype).contiguous(), scores.new_empty(0)
-        keep = reference.dropout_keep_mask(seed, scores.shape, dropout_p)
-        out = torch.where(keep, p * reference.dropout_scale(dropout_p), 0.0)
+        out = reference.seeded_dropout(p, seed, dropout_p, scores.shape)
         return out.to(scores.dtype).contiguous(), p.to(scores.dtype).contiguous()
     s4, m4 = _kernel_inputs(scores, mask, backend)
     forward, _ = _kernels(backend)
