@@ -244,8 +244,31 @@ def test_auto_falls_back_in_order(monkeypatch, runnable, want):
     """A choice that cannot run an input moves down its row's order, never to Triton, and ends at torch."""
     monkeypatch.setattr(attention_auto, "_arch", lambda device: "sm_90")
     monkeypatch.setattr(attention_auto, "_can_run", lambda c, op, q, p: c in runnable or c == "torch")
+    monkeypatch.setattr(attention_auto, "_CHOSEN", {})  # choose() caches per input kind; _can_run changed
     q = torch.empty(4, 2, 64, dtype=torch.float16)
     assert attention_auto.choose("attention_varlen", q, 0.1, 128) == want
+
+
+def test_auto_choice_is_cached_per_input_kind(monkeypatch):
+    """choose() walks the table once per (op, device, dtype, head dim, seq bucket, dropout) and again
+    when the table is swapped; a call with another key walks it anew."""
+    calls = []
+    real = attention_auto.lookup
+    monkeypatch.setattr(attention_auto, "lookup", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(attention_auto, "_CHOSEN", {})
+    q = torch.empty(2, 3, 100, 16)
+    for seq in (100, 120, 128):  # one bucket
+        assert attention_auto.choose("attention", q, 0.0, seq) == "sdpa"
+    assert len(calls) == 1
+    attention_auto.choose("attention", q, 0.0, 129)  # the next bucket
+    attention_auto.choose("attention", q, 0.1, 128)  # dropout
+    attention_auto.choose("attention", q.double(), 0.0, 128)  # dtype
+    attention_auto.choose("attention_varlen", q, 0.0, 128)  # op
+    assert len(calls) == 5
+    monkeypatch.setattr(attention_auto, "TABLE", [{"arch": "*", "dtype": "*", "head_dim": "*", "seq": "*",
+                                                   "attention": "torch"}])
+    assert attention_auto.choose("attention", q, 0.0, 128) == "torch"
+    assert len(calls) == 6
 
 
 def test_auto_table_and_sdpa_varlen_match_the_reference():

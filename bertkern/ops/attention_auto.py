@@ -138,10 +138,21 @@ def _can_run(choice: str, op: str, q: torch.Tensor, dropout_p: float) -> bool:
 
 def choose(op: str, q: torch.Tensor, dropout_p: float, seq: int | None = None) -> str:
     """The auto choice for one call: the table's entry for q (seq = S or max_seqlen), moved down the
-    fallback order until it can run this input."""
+    fallback order until it can run this input. Cached per key: every layer of every forward asks,
+    and the walk through the table cost 20-90 us of host time per call."""
     seq = q.shape[-2] if seq is None else seq
-    choice = lookup(op, _arch(q.device), q.dtype, q.shape[-1], seq)
-    return next(c for c in (choice, *FALLBACK.get(choice, ()), "torch") if _can_run(c, op, q, dropout_p))
+    key = (op, q.device, q.dtype, q.shape[-1], _bucket(seq, SEQ_BUCKETS), dropout_p == 0.0)
+    table, chosen = _CHOSEN.get(key, (None, None))
+    if table is not TABLE:  # not asked yet, or asked of another table (a test may swap TABLE)
+        choice = lookup(op, _arch(q.device), q.dtype, q.shape[-1], seq)
+        chosen = next(c for c in (choice, *FALLBACK.get(choice, ()), "torch") if _can_run(c, op, q, dropout_p))
+        _CHOSEN[key] = (TABLE, chosen)
+    return chosen
+
+
+# choose()'s answers, with the table each came from. The key holds the rest of what lookup() and
+# _can_run() read: the device, dtype, exact head dim, sequence bucket and whether there is dropout.
+_CHOSEN: dict[tuple, tuple[list, str]] = {}
 
 
 def table() -> list[dict[str, str]]:
