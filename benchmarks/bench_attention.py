@@ -1,14 +1,8 @@
-"""attention: softmax(q k^T * scale + mask) v over [B, H, S, D] (BERT's self-attention after the
-projections) and its backward, over batch {32, 8, 64, 1} x seq {512, 128, 384} x heads {12, 16},
-head_dim 64, every sequence full or with 60% fill (padding after). attention_varlen: the same batches
-run padding-free (unpadded once per case, packed [total, H, D]), against the same eager baseline.
-
-    bertkern bench --ops attention,attention_varlen [--quick] [--dtype fp16,bf16]
-
-Providers: eager (HF eager attention: matmul, scale + mask, softmax in fp32, matmul), compile, sdpa
-(F.scaled_dot_product_attention, the transformers default), the bertkern backends, and for
-attention_varlen torch-varlen (torch.nn.attention.varlen.varlen_attn, CUDA only). Outputs are gated
-on the real query rows only; TFLOP/s counts the real tokens' attention FLOPs.
+"""attention: softmax(q k^T * scale + mask) v over [B, H, S, D] and its backward, over batch {32, 8, 64, 1}
+x seq {512, 128, 384} x heads {12, 16}, head_dim 64, full or 60% filled. attention_varlen: the same batches
+padding-free (packed [total, H, D]), against the same eager baseline (HF eager attention). Extra
+providers: sdpa (the transformers default), torch-varlen (varlen_attn, CUDA only). Gated on the real query
+rows only; TFLOP/s counts the real tokens' FLOPs.
 """
 import dataclasses
 import math
@@ -131,7 +125,7 @@ def cpu_cases(quick: bool):
     return grid(("fwd", "fwd+bwd"), dtypes, [{"batch": 3, "heads": 2, "seq": 37, "head_dim": 32}], ({"fill": 0.6},))
 
 
-ATTENTION = OpSpec("attention", make_inputs, eager, ref, kernel, bytes_moved, cases, cpu_cases,
+ATTENTION = OpSpec("attention", make_inputs, eager, bytes_moved, cases, cpu_cases, ref, kernel,
                    grad_inputs=("q", "k", "v"), output_names=("out",), x_key="batch", extra_providers={"sdpa": sdpa},
                    flops=flops, valid=valid)
 ATTENTION_VARLEN = dataclasses.replace(ATTENTION, name="attention_varlen", kernel=varlen_kernel,

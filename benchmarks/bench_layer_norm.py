@@ -1,18 +1,10 @@
-"""add_layer_norm: y = layer_norm(dropout(x + x_bias) + residual), BERT's block after each attention and
-feed-forward projection, and its backward (dx, dresidual, dweight, dbias, dx_bias), over rows = batch x
-seq from 128 to 64k and hidden sizes 384..4096. embedding_layer_norm: LayerNorm(word[ids] +
-type[token_type_ids] + pos[arange(S)]), BERT's embeddings, and its backward (the tables' gradients,
-dweight, dbias), over 128..64k tokens with BERT's vocabulary (30522) and hidden 384, 768, 1024.
+"""add_layer_norm: y = layer_norm(dropout(x + x_bias) + residual), BERT's block after each projection,
+and its backward, over rows 128..64k and hidden 384..4096. embedding_layer_norm: BERT's embeddings
+(three gathers, two adds, LayerNorm) and its backward, over 128..64k tokens, vocabulary 30522.
 
-    bertkern bench --ops add_layer_norm,embedding_layer_norm [--quick] [--dtype fp16,bf16]
-
-Dropout is random and every provider is gated against float64, so the add_layer_norm dropout_p = 0.1
-cases (training) are forward only with x = x_bias = 0: dropout(0) = 0 for any mask, so the output is
-checkable while every provider still draws its mask and does all its work. Their backward (dx depends
-on the mask) is checked by tests/test_layer_norm.py against the forward's mask.
-Embeddings: eager is HF BertEmbeddings' composition (three gathers, two adds, F.layer_norm); bytes:
-fwd reads the ids and one row of each table per token and writes y; bwd reads dy and the saved
-normalized rows and writes a row of table gradient per token, dweight and dbias.
+The dropout_p = 0.1 cases are forward only with x = x_bias = 0: dropout(0) = 0 for any mask, so the
+output is checkable against float64 while every provider still draws its mask and does all its work
+(tests/test_layer_norm.py checks their backward against the forward's mask).
 """
 import torch
 import torch.nn.functional as F
@@ -43,15 +35,6 @@ def eager(x, residual, weight, bias, x_bias, dropout_p=0.0):
     return F.layer_norm(h, h.shape[-1:], weight, bias, EPS)
 
 
-def ref(x, residual, weight, bias, x_bias, dropout_p=0.0):
-    return reference.add_layer_norm(x, residual, weight, bias, EPS, x_bias, dropout_p)
-
-
-def kernel(backend: str, case: Case, device):
-    return lambda x, residual, weight, bias, x_bias, dropout_p=0.0: bertkern.ops.add_layer_norm(
-        x, residual, weight, bias, EPS, x_bias=x_bias, dropout_p=dropout_p, backend=backend)
-
-
 def bytes_moved(case: Case) -> int:
     """fwd: read x, residual (+ x_bias, weight, bias), write y. bwd: read dy and the saved pre-norm sum
     (+ weight), write d(sum) (dx too with dropout), dweight, dbias, dx_bias. fwd+bwd also writes the
@@ -77,7 +60,8 @@ def cpu_cases(quick: bool):
     return grid(("fwd", "bwd"), dtypes, shapes, NO_DROPOUT) + grid(("fwd",), dtypes[:1], shapes[:1], DROPOUT)
 
 
-ADD_LAYER_NORM = OpSpec("add_layer_norm", make_inputs, eager, ref, kernel, bytes_moved, cases, cpu_cases,
+# eps: bertkern.reference / ops' default 1e-12, BERT's
+ADD_LAYER_NORM = OpSpec("add_layer_norm", make_inputs, eager, bytes_moved, cases, cpu_cases,
                         grad_inputs=("x", "residual", "weight", "bias", "x_bias"))
 
 
@@ -118,6 +102,7 @@ def emb_kernel(backend: str, case: Case, device):
 
 
 def emb_bytes_moved(case: Case) -> int:
+    """fwd: the ids, 3 table rows per token, y. bwd: dy and the saved rows in, a table row per token out."""
     t, n, size = case.shape["tokens"], case.shape["hidden"], case.dtype.itemsize
     fwd = 2 * t * 8 + (4 * t * n + 2 * n) * size  # ids + type ids; 3 rows read and y written per token
     bwd = (2 * t * n + 3 * t * n + 2 * n) * size + 2 * t * 8
@@ -135,6 +120,6 @@ def emb_cpu_cases(quick: bool):
     return grid(("fwd", "bwd"), dtypes, [{"tokens": 74, "hidden": 200, "vocab": 97}])
 
 
-EMBEDDING_LAYER_NORM = OpSpec("embedding_layer_norm", emb_make_inputs, emb_eager, emb_ref, emb_kernel,
-                              emb_bytes_moved, emb_cases, emb_cpu_cases,
+EMBEDDING_LAYER_NORM = OpSpec("embedding_layer_norm", emb_make_inputs, emb_eager, emb_bytes_moved, emb_cases,
+                              emb_cpu_cases, emb_ref, emb_kernel,
                               grad_inputs=("word", "position", "token_type", "weight", "bias"), x_key="tokens")

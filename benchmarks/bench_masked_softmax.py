@@ -1,15 +1,9 @@
-"""masked_softmax: y = dropout(softmax(scores * scale + mask)) over the keys (BERT's attention
-probabilities) and its backward, over [B, 12 heads, S, S] scores for S = 64..1024 with B chosen so that
-B x 12 x S >= 64k rows (and DESIGN.md's 32 x 12 x 512 x 512).
+"""masked_softmax: y = dropout(softmax(scores * scale + mask)), BERT's attention probabilities (HF eager
+attention's inputs), and its backward, over [B, 12, S, S] for S = 64..1024 (B x 12 x S >= 64k rows).
 
-    bertkern bench --ops masked_softmax [--quick] [--dtype fp16,bf16]
-
-Inputs as in HF BERT (eager attention): fp16/bf16 scores, an additive [B, 1, 1, S] mask (0 / finfo.min),
-scale 1/sqrt(64). With dropout_p > 0 every provider must use the same mask to be gated against
-float64: the bertkern backends get a fixed seed (still drawing one per call, as bertkern.ops does, so
-that work is timed); eager and compile get the mask as a bool input `keep` applied with one torch.where
-(one byte read per element: a head start over F.dropout, which generates and writes its mask).
-Bytes: fwd reads scores and the mask, writes y; bwd reads dy and the saved softmax, writes d scores.
+With dropout every provider must use the same mask to be gated against float64: the bertkern backends get
+a fixed seed (still drawing one per call, as bertkern.ops does, so that work is timed); eager and compile
+get the mask as a bool input `keep` (one byte read per element: a head start over F.dropout).
 """
 import math
 
@@ -83,5 +77,5 @@ def cpu_cases(quick: bool):
     return grid(("fwd", "bwd"), dtypes, shapes, DROPOUT)
 
 
-MASKED_SOFTMAX = OpSpec("masked_softmax", make_inputs, eager, ref, kernel, bytes_moved, cases, cpu_cases,
+MASKED_SOFTMAX = OpSpec("masked_softmax", make_inputs, eager, bytes_moved, cases, cpu_cases, ref, kernel,
                         grad_inputs=("scores",), x_key="seq")

@@ -1,10 +1,6 @@
-"""What every suite shares: arguments, the environment record, the two timers, a time budget, and the
-one writer of results (JSON, CSV, Markdown, plots, LATEST.md, the README block).
-
-A suite's results are one JSON document: {"suite", "env", "settings", "providers", "describe",
-"baseline", "table_keys", "x_key", "y_key", "results": [{"case": {...}, "providers": {name: entry}}
-or {"case": {...}, "not_run": why}]}. An entry has "status" (ok / WRONG / error / skipped), the errors
-of the correctness gate and, when timed, "ms" (median) and what follows from it (GB/s, TFLOP/s, ...).
+"""What every suite shares: arguments, the environment, the timers, a time budget, and the one writer
+of results. A suite's results are one JSON document: {"suite", "env", "settings", "providers", "baseline",
+"table_keys", ..., "results": [{"case", "providers": {name: {"status", "errors", "ms", ...}}} or {"case", "not_run"}]}.
 """
 from __future__ import annotations
 
@@ -38,9 +34,7 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 SCHEMA = 2
 NO_CUDA_LINE = "no CUDA GPU here: the kernels' timings need one"
 HARNESS_ERROR = "harness error"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64,
-          "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-          "float": torch.float32, "float64": torch.float64, "double": torch.float64}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 ENV_COLUMNS = ("gpu", "cpu", "driver", "torch", "triton", "cuda", "commit", "dirty", "date")
 
 
@@ -67,9 +61,10 @@ def parse_list(items) -> list[str] | None:
 def parse_dtypes(names) -> list[torch.dtype] | None:
     out = []
     for name in parse_list(names) or []:
-        if name.lower() not in DTYPES:
+        dtype = DTYPES.get(name.lower(), getattr(torch, name.lower(), None))  # torch's names too: half, bfloat16
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"unknown dtype {name!r}; use one of fp16, bf16, fp32, fp64")
-        out.append(DTYPES[name.lower()])
+        out.append(dtype)
     return out or None
 
 
@@ -132,11 +127,9 @@ def time_op(step: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100)
 
 
 def time_graph(make_step: Callable[[], Callable[[], Any]], rep_ms: float = 100) -> tuple[float, float, float]:
-    """(median, p20, p80) ms of one call replayed from a CUDA graph: the GPU's time without the host's cost
-    per call, which sets the time of a small op called eagerly. As triton.testing.do_bench_cudagraph: the
-    calls of ~rep_ms (by an estimate of 5 calls) captured into one graph, replayed (here 3-10 times, ~3 x
-    rep_ms in all, where do_bench_cudagraph takes up to 10 x). make_step() -> step runs on the capture
-    stream: autograd runs each backward op on its forward's stream, and a capture admits no other."""
+    """(median, p20, p80) ms of one call replayed from a CUDA graph: the kernels' time without the host's.
+    triton.testing.do_bench_cudagraph's method, but 3-10 replays (not 10 x rep_ms), and make_step() runs on
+    the capture stream: autograd runs a backward on its forward's stream, and a capture admits no other."""
     stream = torch.cuda.Stream()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
@@ -170,15 +163,11 @@ def time_graph(make_step: Callable[[], Callable[[], Any]], rep_ms: float = 100) 
 
 def time_interleaved(steps: dict[str, Callable[[], Any]], rounds: int = 10, block_s: float = 0.1, min_rounds: int = 5,
                      sync: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.perf_counter) -> dict:
-    """Time the providers of one cell side by side, for a host whose speed drifts (a shared machine,
-    a busy driver): in each round every provider runs one block of back-to-back calls, the order
-    reversed every other round, and keeps the median of its rounds. A slow period then lands on every
-    provider alike, not on whichever was being timed (one after another, the same cell on the same
-    H100 read 8.5 ms in one run and 5.3 ms in the next). Each provider gets rounds x block_s seconds;
-    calls longer than block_s get fewer, longer rounds (at least min_rounds) in the same time.
-
-    Returns name -> {"ms": median ms per call over the rounds, "ms_p20", "ms_p80", "rounds",
-    "calls_per_block"}, or the exception the provider's step raised (it leaves the rounds)."""
+    """The providers of one cell in alternating rounds (a block of calls each, the order reversed every
+    other round), so that a slow period of the host hits them alike (timed one after another, the same H100
+    cell read 8.5 ms in one run, 5.3 in the next). Each gets ~rounds x block_s s; calls longer than a block
+    get fewer rounds (>= min_rounds). name -> {"ms" (median round), "ms_p20", "ms_p80", "rounds",
+    "calls_per_block"}, or the exception its step raised."""
     out: dict[str, Any] = {}
     per_call = {}
     for name, step in steps.items():  # ~block_s / 2 of calls (a warm-up too) to size the blocks
@@ -236,8 +225,7 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def git_state() -> tuple[str, bool | None]:
-    """(short commit, dirty) ignoring benchmarks/results/; $BERTKERN_COMMIT / $BERTKERN_DIRTY win
-    (for machines that get the tree without .git)."""
+    """(short commit, dirty) ignoring benchmarks/results/; $BERTKERN_COMMIT / $BERTKERN_DIRTY win (no .git)."""
     if os.environ.get("BERTKERN_COMMIT"):
         dirty = os.environ.get("BERTKERN_DIRTY")
         return os.environ["BERTKERN_COMMIT"], (None if dirty is None else dirty == "1")
@@ -314,10 +302,6 @@ def rel_path(p: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- the one writer
-def fmt(x, spec: str = ".3g") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def finish(doc: dict) -> dict:
     """Speed-ups over the baseline provider, per case (where both were timed)."""
     for r in doc["results"]:
@@ -411,7 +395,7 @@ def render_markdown(doc: dict) -> str:
                   if o.get("err") is not None and o.get("tol")]
         if es:
             passed, bad = sum(e["status"] == "ok" for e in es), sum(e["status"] in ("WRONG", "error") for e in es)
-            lines.append(f"| {p} | {len(es)} | {passed} | {bad} | {fmt(max(ratios, default=None), '.2f')} |")
+            lines.append(f"| {p} | {len(es)} | {passed} | {bad} | {f'{max(ratios):.2f}' if ratios else '-'} |")
     skipped: dict[str, set] = {}
     no_graph: dict[str, set] = {}  # timed, but its capture failed: the eager time only
     for r in doc["results"]:
@@ -443,19 +427,8 @@ def csv_rows(doc: dict) -> list[dict]:
     return rows
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
-    """The header is the union of the keys in first-seen order."""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in columns} for r in rows)
-    return path
-
-
 def plot(doc: dict, path: Path) -> bool:
-    """y_key against x_key, a line per provider, a panel per table and remaining sizes (the copy
-    bandwidth as a dashed line where there is one). Only where matplotlib is installed."""
+    """y_key against x_key, a line per provider, a panel per other sizes; only with matplotlib."""
     try:
         import matplotlib
 
@@ -506,7 +479,11 @@ def write_results(doc: dict, folder: Path) -> list[Path]:
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".csv")]
     save_json(doc, paths[0])
     paths[1].write_text(render_markdown(doc))
-    write_csv(csv_rows(doc), paths[2])
+    rows = csv_rows(doc)
+    with open(paths[2], "w", newline="") as f:  # the header: every key, in first-seen order; None -> ""
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+        w.writeheader()
+        w.writerows(rows)
     try:  # a plotting problem must not cost the numbers
         if plot(doc, stem.with_suffix(".png")):
             paths.append(stem.with_suffix(".png"))
@@ -517,12 +494,11 @@ def write_results(doc: dict, folder: Path) -> list[Path]:
 
 def _geomean(xs):
     xs = [x for x in xs if x]
-    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
+    return statistics.geometric_mean(xs) if xs else None
 
 
 def render_latest(docs: list[dict]) -> str:
-    """LATEST.md: per GPU and suite, per table the geometric-mean speed-up of each provider over the
-    suite's baseline across the sizes run (WRONG/error counted), and where the full tables are."""
+    """LATEST.md: per GPU, suite and table, each provider's geometric-mean speed-up over the baseline."""
     lines = ["# Latest GPU benchmark results", "", "Written by `bertkern bench` (benchmarks/run.py). Each cell: "
              "geometric-mean speed-up over the baseline across the sizes run (the number of sizes), called eagerly "
              "(the host's cost per call included) and, for ops, replayed from a CUDA graph (the kernels alone); "
@@ -569,8 +545,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def update_readme(readme: Path, latest: Path) -> str:
-    """Replace README's lines between the markers with LATEST.md (title dropped, headings one level down).
-    Raises FileNotFoundError / ValueError for a missing file or marker."""
+    """README's lines between the markers := LATEST.md (title dropped, headings one level down)."""
     if not Path(latest).is_file():
         raise FileNotFoundError(f"{latest} does not exist: run the benchmarks on a GPU first (bertkern bench)")
     text = Path(readme).read_text()

@@ -1,13 +1,9 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call, for a lent GPU machine without internet (Python with torch + CUDA,
-# triton, transformers, pytest, pytest-benchmark installed): versions and nvidia-smi; build bertkern._C
-# for sm_90; bertkern info; pytest -m gpu, then (FULL_TESTS=1) all of tests/; benchmarks/host_profile.py (MiniLM
-# 32x128 eager: host time per provider); the benchmarks (ops, then bert --quick,
-# then train --quick); results.tgz and the logs into $OUT. Every step runs under a time limit, a failed
-# step does not stop the next, and a summary table comes last. The benchmarks get BENCH_RESERVE_S
-# (330 s) of BUDGET_S (540 s), more if the tests finish early, split ops 30% / bert 45% / train 25% of
-# what is left when each starts; each suite runs its most important cases first, lists the rest as not
-# run, and saves its JSON after every case.
+# The whole GPU check in one call, for a lent GPU machine without internet: versions, build bertkern._C
+# for sm_90, bertkern info, pytest -m gpu (FULL_TESTS=1: all of tests/), host_profile.py, then the
+# benchmarks (ops, bert --quick, train --quick) in what is left of BUDGET_S (at least BENCH_RESERVE_S);
+# results.tgz and the logs into $OUT. Each step has a time limit, a failed one does not stop the next,
+# and a summary table comes last.
 #
 #   bash benchmarks/gpu_check.sh
 #   BERTKERN_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh   # tree copied without .git
@@ -57,17 +53,7 @@ step() { # step NAME LOG LIMIT_S CMD...: run CMD under a time limit, tee its out
   SUMMARY+=("$(printf '%-28s %-16s %5ss' "$name" "$verdict" "$dt")")
 }
 
-versions() {
-  "$PY" -V
-  "$PY" - <<'EOF'
-import torch
-print("torch", torch.__version__, "CUDA", torch.version.cuda, "GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-try:
-    import triton
-    print("triton", triton.__version__)
-except Exception as e:
-    print("triton: unavailable:", e)
-EOF
+versions() {  # Python, torch, CUDA, triton and the GPU: bertkern.info's step below
   "$PY" -m pip list 2>/dev/null | grep -i -E '^(torch|triton|pytest|pytest-benchmark|numpy|transformers|setuptools|ninja) ' || true
   command -v nvcc >/dev/null && nvcc --version | tail -n 2 || echo "nvcc: not on PATH"
   nvidia-smi
@@ -100,9 +86,8 @@ fi
 # Where eager inference spends host time, per provider (issue 11: optimize() vs optimize(backend="cuda")).
 step "host profile" bench.log 90 "$PY" benchmarks/host_profile.py --calls 10
 
-# bench SUITE SHARE_PERCENT_OF_WHAT_IS_LEFT ARGS...: run.py --suite SUITE with a budget of that share
-# of what is left (less ~20 s kept for the tar at the end), and a hard limit GRACE_S past it (process
-# start-up, model building, writing the files).
+# bench SUITE SHARE_PERCENT ARGS...: run.py --suite SUITE with that share of what is left (less ~20 s for
+# the tar) as its budget, killed GRACE_S past it (start-up, model building, writing the files).
 GRACE_S=40
 bench() {
   local suite=$1 share=$2 avail budget

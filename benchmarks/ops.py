@@ -1,16 +1,7 @@
-"""The op suite: every op is one `OpSpec` (inputs, the eager composition users write, the float64
-reference, the bertkern call, the bytes it must move, its cases) in benchmarks/bench_<module>.py, named
-like its bertkern/ops/<module>.py (bench_layer_norm.py: add_layer_norm and embedding_layer_norm); this
-file derives the rest:
-
-- providers: `eager`, `compile` (torch.compile of eager), one per bertkern backend, and the spec's extras;
-  one that cannot run here is recorded as skipped, with the reason;
-- the correctness gate before any timing: every output against float64 by bertkern.testing's rule
-  (floor scaled by max(1, |ref|)); a WRONG provider is never timed;
-- timing (CUDA): triton.testing.do_bench over input copies rotated past twice the L2; backward timed on
-  precomputed forward graphs (retain_graph), so only the backward is in the number; every direction also
-  replayed from a CUDA graph (common.time_graph): the kernels' time without the host's per call;
-- the 100% line: a 1 GiB device-to-device copy measured in the same run.
+"""The op suite. Each op is one `OpSpec` in benchmarks/bench_<bertkern.ops module>.py; from it this file
+derives the providers (eager, compile, each backend, the spec's extras), the correctness gate before any
+timing (bertkern.testing's rule against float64), the timing (do_bench over input copies rotated past the
+L2, backward on retained forward graphs, and a CUDA-graph replay) and the 100% line (a 1 GiB copy).
 """
 from __future__ import annotations
 
@@ -20,6 +11,7 @@ import itertools
 import math
 import time
 import zlib
+import functools
 from typing import Any, Callable
 
 from benchmarks import common
@@ -27,6 +19,8 @@ from benchmarks.common import Skip
 
 import torch
 
+import bertkern.ops
+import bertkern.reference
 from bertkern.testing import check_2x
 
 # The API's names -> benchmarks/bench_<file>.py; the old bench names still work.
@@ -63,9 +57,8 @@ ROWS = (128, 512, 2048, 4096, 8192, 16384, 32768, 65536)  # token counts of the 
 
 
 def budget_order(shapes: list[dict], tokens: str, width: str) -> list[dict]:
-    """`shapes` (widths listed most important first) in the order a time budget should measure them:
-    BERT_TOKENS at the first two widths (BERT-base, -large), then the rest from the largest (tokens x
-    width) to the smallest, which are launch-bound (host overhead, not bandwidth)."""
+    """`shapes` (widths most important first) in the order a budget should measure them: BERT_TOKENS at the
+    first two widths, then the rest from the largest to the smallest (launch-bound) size."""
     widths = list(dict.fromkeys(s[width] for s in shapes))
 
     def rank(s):
@@ -82,11 +75,13 @@ class OpSpec:
     name: str
     make_inputs: Callable[[Case, torch.device], dict[str, torch.Tensor]]  # random, never zeros
     eager: Callable[..., Any]  # the plain PyTorch composition: eager(**inputs, **case.options)
-    reference: Callable[..., Any]  # the same on float64 copies of the inputs
-    kernel: Callable[[str, Case, torch.device], Callable[..., Any]]  # (backend, case, device) -> the bertkern call
     bytes_moved: Callable[[Case], int]  # each input read once, each output written once
     cases: Callable[[bool], list[Case]]  # quick -> GPU cases, most important first
     cpu_cases: Callable[[bool], list[Case]]  # quick -> small cases for the CPU check
+    # the same on float64 copies of the inputs; default: bertkern.reference.<name>(**inputs, **options)
+    reference: Callable[..., Any] | None = None
+    # (backend, case, device) -> the bertkern call; default: bertkern.ops.<name>(**inputs, **options, backend=...)
+    kernel: Callable[[str, Case, torch.device], Callable[..., Any]] | None = None
     grad_inputs: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ("y",)
     x_key: str = "rows"  # the size on the x axis of plots
@@ -96,14 +91,18 @@ class OpSpec:
     # inputs -> bool mask of the output positions that count (real tokens): gated there only
     valid: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
 
+    def __post_init__(self):
+        self.reference = self.reference or getattr(bertkern.reference, self.name)
+        self.kernel = self.kernel or (lambda b, case, device: functools.partial(getattr(bertkern.ops, self.name),
+                                                                                backend=b))
+
     def checked_names(self, direction: str) -> tuple[str, ...]:
         grads = tuple("d" + n for n in self.grad_inputs)
         return {"fwd": self.output_names, "bwd": grads, "fwd+bwd": self.output_names + grads}[direction]
 
 
 def discover(names=None, errors: list[str] | None = None) -> list[OpSpec]:
-    """The specs of the named ops (API names or aliases; default: all). An import failure raises, or
-    with an `errors` list is described there and the op left out."""
+    """The specs of the named ops (default: all); an import failure raises, or goes to `errors`."""
     names = [ALIASES.get(n, n) for n in names or OPS]
     unknown = [n for n in names if n not in OPS]
     if unknown:
@@ -129,8 +128,7 @@ def unavailable(backend: str, device: torch.device) -> None:
 
 
 def providers(spec: OpSpec, gpu: bool) -> dict[str, Callable]:
-    """name -> factory(case, device) -> fn. GPU: eager, compile, the backends, the extras; CPU: the
-    bertkern backends and compile (eager is the gate's baseline either way)."""
+    """name -> factory(case, device) -> fn; on the CPU the bertkern backends and compile only."""
     def backend(b):
         def factory(case, device):
             unavailable(b, device)
@@ -171,8 +169,7 @@ def _tuple(out) -> tuple[torch.Tensor, ...]:
 
 
 def make_step(spec: OpSpec, case: Case, fn: Callable, copy: Copy) -> Callable[[], tuple]:
-    """A no-argument call doing exactly the timed work of the case on `copy`, returning the checked
-    outputs. For "bwd" the forward runs here, once, untimed."""
+    """A call doing exactly the timed work of the case on `copy` ("bwd": the forward runs here, untimed)."""
     if case.direction == "fwd":
         return lambda: _tuple(fn(**copy.inputs, **case.options))
     leaves = {k: (v.detach().requires_grad_() if k in spec.grad_inputs else v) for k, v in copy.inputs.items()}
@@ -189,8 +186,8 @@ def make_step(spec: OpSpec, case: Case, fn: Callable, copy: Copy) -> Callable[[]
 
 
 def rotations(case_bytes: int, l2_bytes: int, copy_bytes: int, free_bytes: int, cap: int = 1000) -> int:
-    """ceil(2 x L2 / bytes) input copies, so that cycling through them never hits in L2; fewer if they
-    would take more than a quarter of the free memory (x3: the graph a backward copy keeps)."""
+    """ceil(2 x L2 / bytes) input copies, so that cycling through them never hits in L2; at most a quarter
+    of the free memory (x3: the graph a backward copy keeps)."""
     want = max(1, math.ceil(2 * l2_bytes / max(case_bytes, 1)))
     return int(min(want, max(1, free_bytes // 4 // max(3 * copy_bytes, 1)), cap))
 
@@ -254,9 +251,8 @@ def cycled(steps: list[Callable]) -> Callable[[], Any]:
 
 def run_case(spec: OpSpec, case: Case, provs: dict, device: torch.device, copy_gbs: float = 0.0, l2: int = 0,
              timer: Callable | None = None, graph_timer: Callable | None = None) -> dict:
-    """Check every provider, then time the right ones with timer(step) -> (median, p20, p80) ms, and with
-    graph_timer(make_step) (the same calls replayed from a CUDA graph) where given. wall_s: each
-    provider's seconds here (building it, a compile, the gate, both timings)."""
+    """Check every provider, then time the right ones: timer(step) and graph_timer(make_step) -> (median,
+    p20, p80) ms. wall_s: each provider's seconds here (building, a compile, the gate, the timings)."""
     t_case = time.monotonic()
     prep = prepare(spec, case, device, l2 if timer else 0)
     out = {"case": case.to_dict(), "bytes": prep.nbytes, "rotations": len(prep.copies), "providers": {}}
@@ -335,9 +331,8 @@ def run_op(spec: OpSpec, cases: list[Case], device: torch.device, *, copy_bw: di
            deadline: float | None = None, warmup_ms: float = 25, rep_ms: float = 100, settings: dict | None = None,
            only=None, log=print, timer: Callable | None = None, graph_timer: Callable | None = None,
            partial_json=None) -> dict:
-    """Every case of one op on the GPU (those past `deadline` listed as not run); the document is saved
-    to `partial_json` after each case, so a killed run keeps what it measured. `timer` replaces do_bench
-    in tests."""
+    """Every case of one op on the GPU (those past `deadline` listed as not run), saved to `partial_json`
+    after each, so a killed run keeps what it measured; `timer` replaces do_bench in tests."""
     provs = {k: v for k, v in providers(spec, gpu=True).items() if only is None or k in only}
     settings = {"warmup_ms": warmup_ms, "rep_ms": rep_ms, "timer": "triton.testing.do_bench median, L2 flushed per rep; "
                 "graph: the same calls replayed from a CUDA graph (~rep_ms of calls captured once, the graph "
@@ -379,8 +374,7 @@ def run_op(spec: OpSpec, cases: list[Case], device: torch.device, *, copy_bw: di
 
 
 def smallest_case_note(doc: dict) -> str | None:
-    """Each provider's time per call at the smallest size timed, next to what its bytes take at the copy
-    bandwidth: many times that, the call is launch-bound (host overhead per call, not bandwidth)."""
+    """Each provider's time per call at the smallest size, beside its bytes' time at the copy bandwidth."""
     timed = [r for r in doc["results"] if any(e.get("ms") for e in r.get("providers", {}).values())]
     if not timed:
         return None
@@ -393,8 +387,7 @@ def smallest_case_note(doc: dict) -> str | None:
 
 
 def check_cpu(spec: OpSpec, quick: bool, dtypes=None, only=None) -> dict:
-    """Each bertkern backend (and compile, if `only` names it) against float64 and eager on small CPU inputs,
-    untimed: a document like run_op's."""
+    """Each bertkern backend (and compile, if `only` names it) gated on small CPU inputs, untimed."""
     provs = {k: v for k, v in providers(spec, gpu=False).items() if (k != "compile" if only is None else k in only)}
     cases = [c for c in spec.cpu_cases(quick) if dtypes is None or c.dtype in dtypes]
     doc = new_doc(spec, provs, common.environment(torch.device("cpu")), {"mode": "CPU correctness, untimed"}, cases)
@@ -409,10 +402,9 @@ AUTO_CANDIDATES = {"attention": {"sdpa": "sdpa", "triton": "triton", "cuda": "cu
 
 
 def auto_table(docs: list[dict]) -> list[dict]:
-    """attention's auto rows (bertkern.ops.attention_auto) from measured forward cases: per (arch, dtype,
-    head-dim bucket, seq bucket), the candidate with the least total time over that bucket's cases,
-    among those that passed the gate in every one of them. Time: the CUDA-graph replay (the kernel)
-    when every candidate has it, else the eager call."""
+    """attention's auto rows (bertkern.ops.attention_auto): per (arch, dtype, head-dim and seq bucket), the
+    candidate with the least forward time summed over the bucket's cases, among those right in all of
+    them; graph-replay times where every candidate has one, else eager."""
     from bertkern.ops import attention_auto as auto
 
     totals: dict[tuple, dict[str, dict[str, list[float]]]] = {}  # key -> op -> choice -> [ms per case]

@@ -9,14 +9,13 @@ Suites (in this order; default: all):
 Every provider is checked against a float64 reference before it is timed (bertkern.testing's rule:
 error <= 2 x eager's + a small floor; NaN never passes); a WRONG one is never timed and the run exits 1.
 
-With a CUDA GPU: results go to OUT/<gpu>/<name>.json, .md, .csv (and .png with matplotlib) and
-OUT/LATEST.md, each naming the GPU, driver, versions, commit and date. --budget-s is shared among the
-suites (ops 35%, bert 45%, train 20% of what is left when each starts); the most important cases run
-first and the rest are listed as not run. Ops: each op an equal share, timed as --quick under 60 s per
-op; torch.compile only where the share holds it beside the op's BERT-base cases (else skipped, saying so).
+With a CUDA GPU: results in OUT/<gpu>/<name>.json, .md, .csv (.png with matplotlib) and OUT/LATEST.md.
+--budget-s is shared ops 35%, bert 45%, train 20% of what is left when each starts, each op an equal share
+(timed as --quick under 60 s an op, torch.compile only where the share holds it); the most important cases
+run first, the rest are listed as not run.
 Without one: every op through each backend at small sizes (Triton under TRITON_INTERPRET=1), PASS/FAIL;
-bert timed on the CPU (all-MiniLM-L6-v2, fp32, batch 8 x seq 128, full and ~60% fill: hf-eager, hf-sdpa,
-optimize); train checked on a tiny config; one screen of summary, the details in OUT/cpu/.
+bert timed on the CPU (all-MiniLM-L6-v2, fp32, 8 x 128, full and ~60% fill); train checked on a tiny
+config; one screen of summary, the details in OUT/cpu/.
 Exit status: 0 all checks passed, 1 a provider was WRONG or raised, 2 bad arguments.
 """
 from __future__ import annotations
@@ -47,7 +46,6 @@ OP_PROVIDERS = ("eager", "compile", "sdpa", "torch-varlen", "torch", "triton", "
 
 
 def _help_epilog() -> str:
-    """The rest of the module docstring and every name --help refers to."""
     return ("\n\n".join(__doc__.split("\n\n")[1:])
             + f"\n\nOps: {', '.join(ops.OPS)} (old names: {', '.join(ops.ALIASES)}).\nModels: {', '.join(models.ARCH)}."
             + f"\n\nProviders:\n  ops: {', '.join(OP_PROVIDERS)} (torch, triton, cuda: bertkern's backends)\n"
@@ -133,7 +131,6 @@ def _gpu_ops(specs, args, device, env, deadline, log) -> list[dict]:
 
 
 def _write_auto_table(docs, args, env, log) -> None:
-    """attention's auto rows from this run's attention timings (benchmarks/ops.py auto_table)."""
     rows = ops.auto_table(docs)
     if not rows:
         return

@@ -1,11 +1,6 @@
-"""pytest-benchmark entry: every op's quick cases x providers (all cases with BERTKERN_BENCH_FULL=1).
-
-    pytest benchmarks/ --benchmark-only [--benchmark-json out.json]
-
-Each test first gates the provider against float64 (a WRONG one fails, untimed), then times its step
-with the device synchronized inside the timed call, on inputs rotated past the L2 as in run.py.
-pytest-benchmark's numbers are host wall-clock, launch latency included; `bertkern bench` (do_bench)
-writes benchmarks/results/. Skipped without a CUDA GPU or without pytest-benchmark.
+"""pytest-benchmark entry (`pytest benchmarks/ --benchmark-only`): every op's quick cases x providers (all
+with BERTKERN_BENCH_FULL=1), each gated against float64 first, then timed in host wall-clock (synchronized
+per call) on inputs rotated past the L2. Skipped without a CUDA GPU or pytest-benchmark.
 """
 import importlib.util
 import os
