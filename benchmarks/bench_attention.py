@@ -10,8 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Skip
-from benchmarks.ops import Case, OpSpec, grid, unavailable
+from benchmarks.common import Skip, fill_lengths
+from benchmarks.ops import CPU_DTYPES, Case, OpSpec, grid
 
 import bertkern
 from bertkern import padding, reference
@@ -20,12 +20,8 @@ FILLS = ({"fill": 0.6}, {"fill": 1.0})
 
 
 def lengths(case: Case) -> list[int]:
-    """Real lengths: deterministic per case, mean fill x seq, spread over [(2 fill - 1) seq, seq]."""
-    b, s, fill = case.shape["batch"], case.shape["seq"], case.options.get("fill", 1.0)
-    if fill >= 1.0 or b == 1:
-        return [max(1, round(min(fill, 1.0) * s))] * b
-    lo = max(1, round((2 * fill - 1) * s))
-    return [round(lo + (s - lo) * i / (b - 1)) for i in range(b)]
+    """The real lengths, the bert suite's: mean fill x seq."""
+    return fill_lengths(case.shape["batch"], case.shape["seq"], case.options.get("fill", 1.0))
 
 
 def make_inputs(case: Case, device):
@@ -121,8 +117,8 @@ def cases(quick: bool):
 
 def cpu_cases(quick: bool):
     """A tiny shape with an odd length and padding, for the interpreter."""
-    dtypes = (torch.float32,) if quick else (torch.float32, torch.float16, torch.bfloat16)
-    return grid(("fwd", "fwd+bwd"), dtypes, [{"batch": 3, "heads": 2, "seq": 37, "head_dim": 32}], ({"fill": 0.6},))
+    return grid(("fwd", "fwd+bwd"), (torch.float32,) if quick else CPU_DTYPES[False],
+                [{"batch": 3, "heads": 2, "seq": 37, "head_dim": 32}], ({"fill": 0.6},))
 
 
 ATTENTION = OpSpec("attention", make_inputs, eager, bytes_moved, cases, cpu_cases, ref, kernel,

@@ -5,7 +5,7 @@ bias_gelu`): the reference and the bertkern call default to bertkern.reference/o
 import torch
 import torch.nn.functional as F
 
-from benchmarks.ops import BERT_TOKENS, ROWS, Case, OpSpec, budget_order, grid
+from benchmarks.ops import BERT_TOKENS, CPU_DTYPES, ROWS, Case, OpSpec, budget_order, grid
 
 INTERMEDIATE = (3072, 4096, 1536)  # BERT-base, -large, -small; a time budget cuts from the end
 
@@ -37,8 +37,7 @@ def cases(quick: bool):
 def cpu_cases(quick: bool):
     """Odd sizes (masking) and a BERT-small row; both GELU forms."""
     shapes = [{"rows": 37, "intermediate": 200}] + ([] if quick else [{"rows": 64, "intermediate": 1536}])
-    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.float16, torch.bfloat16)
-    return grid(("fwd", "bwd"), dtypes, shapes, ({"approximate": "none"}, {"approximate": "tanh"}))
+    return grid(("fwd", "bwd"), CPU_DTYPES[quick], shapes, ({"approximate": "none"}, {"approximate": "tanh"}))
 
 
 BIAS_GELU = OpSpec("bias_gelu", make_inputs, eager, bytes_moved, cases, cpu_cases, grad_inputs=("x", "bias"))

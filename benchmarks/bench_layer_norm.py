@@ -9,7 +9,7 @@ output is checkable against float64 while every provider still draws its mask an
 import torch
 import torch.nn.functional as F
 
-from benchmarks.ops import BERT_TOKENS, ROWS, Case, OpSpec, budget_order, grid
+from benchmarks.ops import BERT_TOKENS, CPU_DTYPES, ROWS, Case, OpSpec, budget_order, grid
 
 import bertkern
 from bertkern import reference
@@ -56,8 +56,8 @@ def cases(quick: bool):
 def cpu_cases(quick: bool):
     """Odd sizes (masking), a BERT-base row, and the dropout path."""
     shapes = [{"rows": 37, "hidden": 200}] + ([] if quick else [{"rows": 16, "hidden": 768}])
-    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.float16, torch.bfloat16)
-    return grid(("fwd", "bwd"), dtypes, shapes, NO_DROPOUT) + grid(("fwd",), dtypes[:1], shapes[:1], DROPOUT)
+    return (grid(("fwd", "bwd"), CPU_DTYPES[quick], shapes, NO_DROPOUT)
+            + grid(("fwd",), (torch.float32,), shapes[:1], DROPOUT))
 
 
 # eps: bertkern.reference / ops' default 1e-12, BERT's
@@ -116,8 +116,7 @@ def emb_cases(quick: bool):
 
 
 def emb_cpu_cases(quick: bool):
-    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.float16, torch.bfloat16)
-    return grid(("fwd", "bwd"), dtypes, [{"tokens": 74, "hidden": 200, "vocab": 97}])
+    return grid(("fwd", "bwd"), CPU_DTYPES[quick], [{"tokens": 74, "hidden": 200, "vocab": 97}])
 
 
 EMBEDDING_LAYER_NORM = OpSpec("embedding_layer_norm", emb_make_inputs, emb_eager, emb_bytes_moved, emb_cases,

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from benchmarks.ops import Case, OpSpec, grid
+from benchmarks.ops import CPU_DTYPES, Case, OpSpec, grid
 
 import bertkern  # noqa: F401  (registers torch.ops.bertkern.masked_softmax)
 from bertkern import reference
@@ -73,8 +73,7 @@ def cases(quick: bool):
 def cpu_cases(quick: bool):
     """Odd lengths (tails, unaligned rows), with and without dropout."""
     shapes = [{"batch": 2, "heads": 3, "seq": 77}] + ([] if quick else [{"batch": 1, "heads": 2, "seq": 129}])
-    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.float16, torch.bfloat16)
-    return grid(("fwd", "bwd"), dtypes, shapes, DROPOUT)
+    return grid(("fwd", "bwd"), CPU_DTYPES[quick], shapes, DROPOUT)
 
 
 MASKED_SOFTMAX = OpSpec("masked_softmax", make_inputs, eager, bytes_moved, cases, cpu_cases, ref, kernel,

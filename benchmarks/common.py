@@ -32,7 +32,6 @@ if not torch.cuda.is_available():
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 SCHEMA = 2
-NO_CUDA_LINE = "no CUDA GPU here: the kernels' timings need one"
 HARNESS_ERROR = "harness error"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 ENV_COLUMNS = ("gpu", "cpu", "driver", "torch", "triton", "cuda", "commit", "dirty", "date")
@@ -82,9 +81,13 @@ def parse_shapes(items) -> list[tuple[int, ...]] | None:
     return out or None
 
 
-def shape_matches(values, shapes) -> bool:
-    """Whether a case's sizes start with one of `shapes` (None: no filter)."""
-    return shapes is None or any(tuple(values)[: len(s)] == tuple(s) for s in shapes)
+def fill_lengths(batch: int, seq: int, fill: float, seed: int = 0) -> list[int]:
+    """Lengths with mean ~fill x seq: all `seq` at fill 1, else spread over [(2 fill - 1) seq, seq], shuffled."""
+    if fill >= 1.0:
+        return [seq] * batch
+    lo = max(1, round((2 * fill - 1) * seq))
+    lengths = [max(1, min(seq, round(lo + (seq - lo) * (i + 0.5) / batch))) for i in range(batch)]
+    return [lengths[i] for i in torch.randperm(batch, generator=torch.Generator().manual_seed(seed)).tolist()]
 
 
 def verdict(errors: dict, reasons: list[str | None], **extra) -> dict:

@@ -90,20 +90,11 @@ def cells(suite: str, quick: bool = False, models=None, dtypes=None, shapes=None
     return out
 
 
-def fill_lengths(batch: int, seq: int, fill: float, seed: int = 0) -> list[int]:
-    """Lengths with mean ~fill x seq: all `seq` at fill 1, else spread over [(2 fill - 1) seq, seq], shuffled."""
-    if fill >= 1.0:
-        return [seq] * batch
-    lo = max(1, round((2 * fill - 1) * seq))
-    lengths = [max(1, min(seq, round(lo + (seq - lo) * (i + 0.5) / batch))) for i in range(batch)]
-    return [lengths[i] for i in torch.randperm(batch, generator=torch.Generator().manual_seed(seed)).tolist()]
-
-
 def make_batch(cell: Cell, config, device):
     """(input_ids, attention_mask, lengths): seeded random ids (never the pad id), padding after each end."""
     seed = zlib.crc32(cell.label.encode())
     seq, pad = min(cell.seq, config.max_position_embeddings), config.pad_token_id or 0
-    lengths = fill_lengths(cell.batch, seq, cell.fill, seed)
+    lengths = common.fill_lengths(cell.batch, seq, cell.fill, seed)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(min(5, config.vocab_size - 2), config.vocab_size, (cell.batch, seq), generator=gen)
     ids[ids == pad] = pad + 1

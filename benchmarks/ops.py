@@ -52,6 +52,7 @@ def grid(directions, dtypes, shapes, options=({},)) -> list[Case]:
     return [Case(d, dt, dict(s), dict(o)) for s in shapes for o in options for dt in dtypes for d in directions]
 
 
+CPU_DTYPES = {True: (torch.float32, torch.bfloat16), False: (torch.float32, torch.float16, torch.bfloat16)}  # quick?
 BERT_TOKENS = (4096, 16384)  # the tokens of a BERT batch: 32 x 128 and 32 x 512
 ROWS = (128, 512, 2048, 4096, 8192, 16384, 32768, 65536)  # token counts of the row-wise ops
 

@@ -3,12 +3,13 @@ with BERTKERN_BENCH_FULL=1), each gated against float64 first, then timed in hos
 per call) on inputs rotated past the L2. Skipped without a CUDA GPU or pytest-benchmark.
 """
 import importlib.util
+import math
 import os
 
 import pytest
 import torch
 
-from benchmarks import common, ops
+from benchmarks import ops
 
 GPU = torch.cuda.is_available()
 QUICK = os.environ.get("BERTKERN_BENCH_FULL") != "1"
@@ -22,23 +23,19 @@ IDS = [f"{s.name}-{c.label.replace(' ', '-')}-{p}" for s, c, p in CASES]
                     "checks correctness)")
 @pytest.mark.parametrize("spec,case,provider", CASES, ids=IDS)
 def test_op(benchmark, spec, case, provider):
+    """ops.run_case's gate, then its timer: pytest-benchmark's rounds, synchronized per call."""
+    def timer(step):
+        benchmark.pedantic(lambda: (step(), torch.cuda.synchronize()), warmup_rounds=5, rounds=50, iterations=1)
+        ms = benchmark.stats.stats.median * 1e3 if benchmark.stats else math.nan  # nan: --benchmark-disable
+        return ms, ms, ms
+
     device = torch.device("cuda", torch.cuda.current_device())
-    try:
-        fn = ops.providers(spec, gpu=True)[provider](case, device)
-    except common.Skip as s:
-        pytest.skip(str(s))
-    prep = ops.prepare(spec, case, device, torch.cuda.get_device_properties(device).L2_cache_size)
-    entry = ops.check(spec, case, fn, prep, device)
-    if entry["status"] != "ok":
-        pytest.fail(f"{provider} is {entry['status']} on {case.label}: {entry.get('reason', '')}")
-    step = ops.cycled([ops.make_step(spec, case, fn, c) for c in prep.copies])
-
-    def timed():
-        step()
-        torch.cuda.synchronize()
-
-    benchmark.extra_info.update(case=case.to_dict(), bytes=prep.nbytes, rotations=len(prep.copies))
-    benchmark.pedantic(timed, warmup_rounds=5, rounds=50, iterations=1)
-    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
-    if stats is not None and stats.median > 0:
-        benchmark.extra_info["gbs"] = prep.nbytes / stats.median / 1e9
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    provs = {provider: ops.providers(spec, gpu=True)[provider]}
+    r = ops.run_case(spec, case, provs, device, math.inf, l2, timer)  # no copy bandwidth measured: pct_copy 0
+    e = r["providers"][provider]
+    if e["status"] == "skipped":
+        pytest.skip(e["reason"])
+    if e["status"] != "ok":
+        pytest.fail(f"{provider} is {e['status']} on {case.label}: {e.get('reason', '')}")
+    benchmark.extra_info.update(case=case.to_dict(), bytes=r["bytes"], rotations=r["rotations"], gbs=e["gbs"])

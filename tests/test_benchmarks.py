@@ -342,8 +342,8 @@ def test_model_cells():
 
 
 def test_fill_lengths_and_flops():
-    assert models.fill_lengths(4, 128, 1.0) == [128] * 4
-    lengths = models.fill_lengths(32, 512, 0.6)
+    assert common.fill_lengths(4, 128, 1.0) == [128] * 4
+    lengths = common.fill_lengths(32, 512, 0.6)
     assert abs(sum(lengths) / (32 * 512) - 0.6) < 0.01 and min(lengths) >= 0.2 * 512 - 8 and max(lengths) <= 512
     cfg = type("C", (), {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12})
     assert models.forward_flops(cfg, 1, 128) == 12 * (8 * 128 * 768**2 + 4 * 128 * 768 * 3072 + 4 * 128 * 128 * 768)
