@@ -34,7 +34,7 @@ ARCH = {
     "tiny": dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                  max_position_embeddings=64),
 }
-SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", None: "fp32"}
+SHORT = {dtype: name for name, dtype in common.DTYPES.items()} | {None: "fp32"}  # train's None: no autocast
 LR, CHECK_BATCH, MIN_CELL_S, TIMING_PRIOR_S = 2e-5, 8, 5.0, 3.0
 
 
