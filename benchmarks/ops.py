@@ -419,8 +419,8 @@ def auto_table(docs: list[dict]) -> list[dict]:
             case, provs = r["case"], r.get("providers", {})
             if case["direction"] != "fwd" or not provs:
                 continue
-            key = (arch, case["dtype"], auto._bucket(case["head_dim"], auto.HEAD_BUCKETS),
-                   auto._bucket(case["seq"], auto.SEQ_BUCKETS))
+            key = (arch, case["dtype"], auto.bucket(case["head_dim"], auto.HEAD_BUCKETS),
+                   auto.bucket(case["seq"], auto.SEQ_BUCKETS))
             ran = {c: provs[p] for p, c in candidates.items() if provs.get(p, {}).get("status") == "ok"}
             timer = "ms_graph" if ran and all(e.get("ms_graph") for e in ran.values()) else "ms"
             per_op = totals.setdefault(key, {}).setdefault(doc["name"], {c: [] for c in candidates.values()})

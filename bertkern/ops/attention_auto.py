@@ -98,7 +98,8 @@ def _cuda_arch(index: int) -> str:
     return f"sm_{major}{minor}"
 
 
-def _bucket(n: int, edges) -> str:
+def bucket(n: int, edges) -> str:
+    """The table's bucket of a size: "<=128", ">512" (the benchmark suite keys its measured rows by it)."""
     for e in edges:
         if n <= e:
             return f"<={e}"
@@ -112,7 +113,7 @@ def _matches(pattern: str, value: str) -> bool:
 
 
 def lookup(op: str, arch: str, dtype: torch.dtype, head_dim: int, seq: int) -> str:
-    key = (arch, str(dtype).removeprefix("torch."), _bucket(head_dim, HEAD_BUCKETS), _bucket(seq, SEQ_BUCKETS))
+    key = (arch, str(dtype).removeprefix("torch."), bucket(head_dim, HEAD_BUCKETS), bucket(seq, SEQ_BUCKETS))
     for row in TABLE:
         if op in row and all(_matches(row[k], v) for k, v in zip(("arch", "dtype", "head_dim", "seq"), key)):
             return row[op]
@@ -141,7 +142,7 @@ def choose(op: str, q: torch.Tensor, dropout_p: float, seq: int | None = None) -
     fallback order until it can run this input. Cached per key: every layer of every forward asks,
     and the walk through the table cost 20-90 us of host time per call."""
     seq = q.shape[-2] if seq is None else seq
-    key = (op, q.device, q.dtype, q.shape[-1], _bucket(seq, SEQ_BUCKETS), dropout_p == 0.0)
+    key = (op, q.device, q.dtype, q.shape[-1], bucket(seq, SEQ_BUCKETS), dropout_p == 0.0)
     table, chosen = _CHOSEN.get(key, (None, None))
     if table is not TABLE:  # not asked yet, or asked of another table (a test may swap TABLE)
         choice = lookup(op, _arch(q.device), q.dtype, q.shape[-1], seq)
