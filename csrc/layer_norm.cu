@@ -1,5 +1,8 @@
 // add_layer_norm: y = layer_norm(h), h = dropout(x + x_bias) + residual over the last dim, and its
-// backward, as torch.ops.bertkern_cuda ops (the Python op bertkern::add_layer_norm calls them).
+// backward, as torch.ops.bertkern_cuda ops (the Python op bertkern::add_layer_norm calls them); and
+// embedding_layer_norm's forward, h = word[ids] + type[token_type_ids] + pos[position_ids] gathered
+// by the same forward kernels (their input side is a template parameter: FwdParams / EmbParams), its
+// backward being add_layer_norm_bwd's plus torch's index_add_ (bertkern/ops/layer_norm.py).
 //
 // Inputs are 2-D [M, N] row views with unit column stride and any row stride; outputs are fresh
 // contiguous tensors; outputs not computed come back as empty tensors (the Python op's convention).
@@ -28,6 +31,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace bertkern {
 namespace ln {
@@ -85,22 +89,131 @@ __device__ __forceinline__ acc_t<T> as_stored(acc_t<T> h) {
 }
 
 // ------------------------------------------------------------------------------ parameters
-template <typename T>
-struct FwdParams {
-  const T* x;
-  const T* residual;  // nullable
-  const T* x_bias;    // nullable, [N]
+// The forwards' common half: the affine parameters, the outputs and the row geometry. A forward's
+// params derive from it and add their input side (P below): P::T, a per-row state
+// `typename P::Row r = p.row(row)` (row pointers, ids, the dropout key) and
+// `p.template load<V>(r, col, h)`, h[j] = the pre-norm sum of column col + j, not yet rounded.
+template <typename T_>
+struct NormParams {
+  using T = T_;
   const T* weight;    // nullable, [N]
   const T* bias;      // nullable, [N]
-  const int64_t* seed;  // nullable: no dropout
   T* y;               // [M, N] contiguous
   T* prenorm;         // nullable, [M, N] contiguous
   acc_t<T>* mean;     // [M]
   acc_t<T>* rstd;     // [M]
-  int64_t M, N, stride_x, stride_r;
-  acc_t<T> eps, scale;
+  int64_t M, N;
+  acc_t<T> eps;
   double inv_n;  // 1.0 / N
+};
+
+// add_layer_norm: h = dropout(x + x_bias) + residual.
+template <typename T>
+struct FwdParams : NormParams<T> {
+  using A = acc_t<T>;
+  const T* x;
+  const T* residual;  // nullable
+  const T* x_bias;    // nullable, [N]
+  const int64_t* seed;  // nullable: no dropout
+  int64_t stride_x, stride_r;
+  A scale;
   uint32_t thresh;
+
+  struct Row {
+    int64_t row;
+    Dropout drop;
+  };
+  __device__ __forceinline__ Row row(int64_t r) const { return {r, make_dropout(seed, thresh)}; }
+
+  template <int V>
+  __device__ __forceinline__ void load(const Row& r, int64_t col, A (&h)[V]) const {
+    const Vec<T, V> xv = load_vec<T, V>(x + r.row * stride_x + col);
+#pragma unroll
+    for (int j = 0; j < V; ++j) h[j] = static_cast<A>(xv.v[j]);
+    if (x_bias != nullptr) {
+      const Vec<T, V> bv = load_vec<T, V>(x_bias + col);
+#pragma unroll
+      for (int j = 0; j < V; ++j) h[j] += static_cast<A>(bv.v[j]);
+    }
+    if (r.drop.on) {
+      const uint32_t bits = keep_bits<V>(r.drop, r.row, col);
+#pragma unroll
+      for (int j = 0; j < V; ++j) h[j] = ((bits >> j) & 1u) ? h[j] * scale : A(0);
+    }
+    if (residual != nullptr) {
+      const Vec<T, V> rv = load_vec<T, V>(residual + r.row * stride_r + col);
+#pragma unroll
+      for (int j = 0; j < V; ++j) h[j] += static_cast<A>(rv.v[j]);
+    }
+  }
+};
+
+// A [B, S] index view of int64 or int32 ids, any strides (0 along a broadcast dim).
+struct IdView {
+  const void* p;  // nullptr: absent
+  int64_t stride_b, stride_s;
+  bool i32;
+  __device__ __forceinline__ int64_t at(uint32_t b, uint32_t s) const {
+    const int64_t off = b * stride_b + s * stride_s;
+    return i32 ? static_cast<int64_t>(static_cast<const int32_t*>(p)[off]) : static_cast<const int64_t*>(p)[off];
+  }
+};
+
+// embedding_layer_norm: h = word[ids] + type[token_type_ids] + pos[position_ids] (HF's order, summed in
+// fp32 and rounded once, as the Triton kernel does). Row m is token (m / S, m % S). An id outside its
+// table makes the row NaN (y, prenorm, mean, rstd) and reads nothing: no out-of-bounds read, and no
+// device assert (which would end the process's CUDA context); eager raises there.
+template <typename T>
+struct EmbParams : NormParams<T> {
+  using A = acc_t<T>;
+  const T* word;
+  const T* pos;   // nullable
+  const T* type;  // nullable
+  int64_t stride_word, stride_pos, stride_type;
+  int64_t rows_word, rows_pos, rows_type;
+  IdView ids, pids, tids;  // pids absent: arange(S); tids absent: zeros
+  uint32_t S;              // M < 2^31 (host check): 32-bit row / S
+
+  struct Row {
+    const T* word;
+    const T* type;  // nullptr: no type term
+    const T* pos;   // nullptr: no position term
+    bool ok;        // every id within its table
+  };
+  __device__ __forceinline__ Row row(int64_t r) const {
+    const uint32_t b = static_cast<uint32_t>(r) / S, s = static_cast<uint32_t>(r) - b * S;
+    const int64_t id = ids.at(b, s);
+    const int64_t tid = tids.p != nullptr ? tids.at(b, s) : 0;
+    const int64_t pid = pids.p != nullptr ? pids.at(b, s) : static_cast<int64_t>(s);
+    // Unsigned compares: negative ids are out of range too.
+    const bool ok = static_cast<uint64_t>(id) < static_cast<uint64_t>(rows_word) &&
+                    (type == nullptr || static_cast<uint64_t>(tid) < static_cast<uint64_t>(rows_type)) &&
+                    (pos == nullptr || static_cast<uint64_t>(pid) < static_cast<uint64_t>(rows_pos));
+    return {word + id * stride_word, type == nullptr ? nullptr : type + tid * stride_type,
+            pos == nullptr ? nullptr : pos + pid * stride_pos, ok};
+  }
+
+  template <int V>
+  __device__ __forceinline__ void load(const Row& r, int64_t col, A (&h)[V]) const {
+    if (!r.ok) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) h[j] = std::numeric_limits<A>::quiet_NaN();
+      return;
+    }
+    const Vec<T, V> wv = load_vec<T, V>(r.word + col);
+#pragma unroll
+    for (int j = 0; j < V; ++j) h[j] = static_cast<A>(wv.v[j]);
+    if (r.type != nullptr) {
+      const Vec<T, V> tv = load_vec<T, V>(r.type + col);
+#pragma unroll
+      for (int j = 0; j < V; ++j) h[j] += static_cast<A>(tv.v[j]);
+    }
+    if (r.pos != nullptr) {
+      const Vec<T, V> pv = load_vec<T, V>(r.pos + col);
+#pragma unroll
+      for (int j = 0; j < V; ++j) h[j] += static_cast<A>(pv.v[j]);
+    }
+  }
 };
 
 template <typename T>
@@ -125,8 +238,10 @@ struct BwdParams {
 // ------------------------------------------------------------------------------ team kernels
 // Block = teams_per_block teams of wpr warps; team t of block b starts at row b * teams_per_block + t
 // (forward: one row per team). Thread i of a team owns columns (it * team_threads + i) * V + [0, V).
-template <typename T, int V, int ITERS>
-__global__ void __launch_bounds__(kTeamThreads) add_ln_fwd_team_kernel(FwdParams<T> p, int wpr) {
+// P: FwdParams<T> (add_layer_norm) or EmbParams<T> (embedding_layer_norm).
+template <typename P, int V, int ITERS>
+__global__ void __launch_bounds__(kTeamThreads) ln_fwd_team_kernel(P p, int wpr) {
+  using T = typename P::T;
   using A = acc_t<T>;
   __shared__ A red[32];
   const int team_threads = 32 * wpr;
@@ -135,7 +250,8 @@ __global__ void __launch_bounds__(kTeamThreads) add_ln_fwd_team_kernel(FwdParams
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / team_threads) + team;
   const bool row_ok = row < p.M;  // no early exit: team_sum may synchronize the block
   const int64_t N = p.N;
-  const Dropout drop = make_dropout(p.seed, p.thresh);
+  typename P::Row src{};
+  if (row_ok) src = p.row(row);
 
   A h[ITERS][V];
   A sum = A(0);
@@ -144,24 +260,7 @@ __global__ void __launch_bounds__(kTeamThreads) add_ln_fwd_team_kernel(FwdParams
     const int64_t col = (static_cast<int64_t>(it) * team_threads + lane) * V;
     // N % V == 0 on the vector path (V == 1 otherwise), so col < N covers the whole vector.
     if (row_ok && col < N) {
-      const Vec<T, V> xv = load_vec<T, V>(p.x + row * p.stride_x + col);
-#pragma unroll
-      for (int j = 0; j < V; ++j) h[it][j] = static_cast<A>(xv.v[j]);
-      if (p.x_bias != nullptr) {
-        const Vec<T, V> bv = load_vec<T, V>(p.x_bias + col);
-#pragma unroll
-        for (int j = 0; j < V; ++j) h[it][j] += static_cast<A>(bv.v[j]);
-      }
-      if (drop.on) {
-        const uint32_t bits = keep_bits<V>(drop, row, col);
-#pragma unroll
-        for (int j = 0; j < V; ++j) h[it][j] = ((bits >> j) & 1u) ? h[it][j] * p.scale : A(0);
-      }
-      if (p.residual != nullptr) {
-        const Vec<T, V> rv = load_vec<T, V>(p.residual + row * p.stride_r + col);
-#pragma unroll
-        for (int j = 0; j < V; ++j) h[it][j] += static_cast<A>(rv.v[j]);
-      }
+      p.template load<V>(src, col, h[it]);
 #pragma unroll
       for (int j = 0; j < V; ++j) h[it][j] = as_stored<T>(h[it][j]);
       if (p.prenorm != nullptr) {
@@ -353,33 +452,32 @@ __device__ __forceinline__ A block_sum(A v, A* smem) {
   return team_sum(v, static_cast<int>(blockDim.x >> 5), smem);
 }
 
-template <typename T>
-__device__ __forceinline__ acc_t<T> prenorm_at(const FwdParams<T>& p, const Dropout& drop, int64_t row, int64_t c) {
-  using A = acc_t<T>;
-  A h = static_cast<A>(p.x[row * p.stride_x + c]);
-  if (p.x_bias != nullptr) h += static_cast<A>(p.x_bias[c]);
-  if (drop.on) h = (keep_bits<1>(drop, row, c) & 1u) ? h * p.scale : A(0);
-  if (p.residual != nullptr) h += static_cast<A>(p.residual[row * p.stride_r + c]);
-  return as_stored<T>(h);
+// The pre-norm sum of one column, rounded as stored.
+template <typename P>
+__device__ __forceinline__ acc_t<typename P::T> prenorm_at(const P& p, const typename P::Row& src, int64_t c) {
+  acc_t<typename P::T> h[1];
+  p.template load<1>(src, c, h);
+  return as_stored<typename P::T>(h[0]);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kLoopThreads) add_ln_fwd_loop_kernel(FwdParams<T> p) {
+template <typename P>
+__global__ void __launch_bounds__(kLoopThreads) ln_fwd_loop_kernel(P p) {
+  using T = typename P::T;
   using A = acc_t<T>;
   __shared__ A red[32];
   const int64_t N = p.N;
-  const Dropout drop = make_dropout(p.seed, p.thresh);
   for (int64_t row = blockIdx.x; row < p.M; row += gridDim.x) {
+    const typename P::Row src = p.row(row);
     A s = A(0);
     for (int64_t c = threadIdx.x; c < N; c += blockDim.x) {
-      const A h = prenorm_at(p, drop, row, c);
+      const A h = prenorm_at(p, src, c);
       if (p.prenorm != nullptr) p.prenorm[row * N + c] = static_cast<T>(h);
       s += h;
     }
     const A mean = block_sum(s, red) / static_cast<A>(N);
     A sq = A(0);
     for (int64_t c = threadIdx.x; c < N; c += blockDim.x) {
-      const A d = prenorm_at(p, drop, row, c) - mean;
+      const A d = prenorm_at(p, src, c) - mean;
       sq += d * d;
     }
     const A rstd = rsqrt_(block_sum(sq, red) / static_cast<A>(N) + p.eps);
@@ -388,7 +486,7 @@ __global__ void __launch_bounds__(kLoopThreads) add_ln_fwd_loop_kernel(FwdParams
       p.rstd[row] = rstd;
     }
     for (int64_t c = threadIdx.x; c < N; c += blockDim.x) {
-      A v = (prenorm_at(p, drop, row, c) - mean) * rstd;
+      A v = (prenorm_at(p, src, c) - mean) * rstd;
       if (p.weight != nullptr) v *= static_cast<A>(p.weight[c]);
       if (p.bias != nullptr) v += static_cast<A>(p.bias[c]);
       p.y[row * N + c] = static_cast<T>(v);
@@ -547,10 +645,68 @@ bool rows_aligned(const void* p, int64_t stride, int64_t M, int v) {
   return p == nullptr || (is_aligned(p, 16) && (M == 1 || stride % v == 0));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
-    const at::Tensor& x, const std::optional<at::Tensor>& residual_opt, const std::optional<at::Tensor>& weight_opt,
-    const std::optional<at::Tensor>& bias_opt, const std::optional<at::Tensor>& x_bias_opt,
-    const std::optional<at::Tensor>& seed_opt, double eps, double dropout_p, bool store_prenorm) {
+using FwdOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// A forward's outputs (y, prenorm or empty, mean, rstd): y and prenorm `rows` + [N] in `like`'s dtype,
+// mean and rstd `rows` in the accumulation dtype.
+FwdOutputs fwd_outputs(const at::Tensor& like, c10::IntArrayRef rows, int64_t N, bool store_prenorm) {
+  std::vector<int64_t> shape(rows.begin(), rows.end());
+  shape.push_back(N);
+  const auto acc_type = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {at::empty(shape, like.options()),
+          store_prenorm ? at::empty(shape, like.options()) : at::empty({0}, like.options()),
+          at::empty(rows, like.options().dtype(acc_type)), at::empty(rows, like.options().dtype(acc_type))};
+}
+
+// Fills p's NormParams half from the outputs and the affine parameters.
+template <typename T>
+void set_norm(NormParams<T>& p, const FwdOutputs& out, const at::Tensor& weight, const at::Tensor& bias, int64_t M,
+              int64_t N, double eps) {
+  using A = acc_t<T>;
+  const auto& [y, prenorm, mean, rstd] = out;
+  p.weight = ptr_or_null<T>(weight);
+  p.bias = ptr_or_null<T>(bias);
+  p.y = y.mutable_data_ptr<T>();
+  p.prenorm = prenorm.numel() > 0 ? prenorm.mutable_data_ptr<T>() : nullptr;
+  p.mean = mean.mutable_data_ptr<A>();
+  p.rstd = rstd.mutable_data_ptr<A>();
+  p.M = M;
+  p.N = N;
+  p.eps = static_cast<A>(eps);
+  p.inv_n = 1.0 / static_cast<double>(N);
+}
+
+// Whether the outputs and the affine parameters allow 16-byte vectors (the inputs are the caller's).
+template <typename T>
+bool norm_aligned(const NormParams<T>& p) {
+  constexpr int VW = vec_width<T>();
+  return p.N % VW == 0 && rows_aligned(p.y, p.N, p.M, VW) && rows_aligned(p.prenorm, p.N, p.M, VW) &&
+         rows_aligned(p.weight, 0, 1, VW) && rows_aligned(p.bias, 0, 1, VW);
+}
+
+// One launch of a forward (p.M > 0): the team kernel with the layout plan_team picks, else the loop kernel.
+template <typename P>
+void launch_fwd(const char* op, const P& p, bool vec, c10::DeviceIndex device, cudaStream_t stream) {
+  using T = typename P::T;
+  constexpr int VW = vec_width<T>();
+  const Team team = plan_team<T, true>(p.N, vec);
+  const bool launched = team.iters > 0 && with_team<T, true>(vec ? VW : 1, team.iters, [&](auto v, auto iters) {
+    const int teams = teams_per_block(team.wpr);
+    const int64_t blocks = ceil_div<int64_t>(p.M, teams);
+    BK_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many rows (", p.M, ")");
+    launch(ln_fwd_team_kernel<P, decltype(v)::value, decltype(iters)::value>, static_cast<unsigned>(blocks),
+           32 * team.wpr * teams, 0, stream, p, team.wpr);
+  });
+  if (!launched) {
+    const int64_t blocks = std::min<int64_t>(p.M, 8LL * num_sms(device));
+    launch(ln_fwd_loop_kernel<P>, static_cast<unsigned>(blocks), kLoopThreads, 0, stream, p);
+  }
+}
+
+FwdOutputs add_layer_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual_opt,
+                              const std::optional<at::Tensor>& weight_opt, const std::optional<at::Tensor>& bias_opt,
+                              const std::optional<at::Tensor>& x_bias_opt, const std::optional<at::Tensor>& seed_opt,
+                              double eps, double dropout_p, bool store_prenorm) {
   constexpr const char* op = "bertkern_cuda::add_layer_norm_fwd";
   check_rows(op, "x", x);
   const at::Tensor residual = like_rows(op, "residual", residual_opt, x);
@@ -563,55 +719,116 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
 
   const int64_t M = x.size(0), N = x.size(1);
   BK_CHECK(N > 0, op, ": x must have a non-empty last dim");
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor y = at::empty({M, N}, x.options());
-  at::Tensor prenorm = store_prenorm ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
-  at::Tensor mean = at::empty({M}, x.options().dtype(acc_type));
-  at::Tensor rstd = at::empty({M}, x.options().dtype(acc_type));
-  if (M == 0) return {y, prenorm, mean, rstd};
+  FwdOutputs out = fwd_outputs(x, {M}, N, store_prenorm);
+  if (M == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "add_layer_norm_fwd", [&] {
     using A = acc_t<scalar_t>;
     FwdParams<scalar_t> p;
+    set_norm<scalar_t>(p, out, weight, bias, M, N, eps);
     p.x = x.const_data_ptr<scalar_t>();
     p.residual = ptr_or_null<scalar_t>(residual);
     p.x_bias = ptr_or_null<scalar_t>(x_bias);
-    p.weight = ptr_or_null<scalar_t>(weight);
-    p.bias = ptr_or_null<scalar_t>(bias);
     p.seed = seed.defined() ? seed.const_data_ptr<int64_t>() : nullptr;
-    p.y = y.mutable_data_ptr<scalar_t>();
-    p.prenorm = store_prenorm ? prenorm.mutable_data_ptr<scalar_t>() : nullptr;
-    p.mean = mean.mutable_data_ptr<A>();
-    p.rstd = rstd.mutable_data_ptr<A>();
-    p.M = M;
-    p.N = N;
     p.stride_x = x.stride(0);
     p.stride_r = residual.defined() ? residual.stride(0) : 0;
-    p.eps = static_cast<A>(eps);
     p.scale = static_cast<A>(dropout_scale(dropout_p));
-    p.inv_n = 1.0 / static_cast<double>(N);
     p.thresh = dropout_threshold(dropout_p);
 
     constexpr int VW = vec_width<scalar_t>();
-    const bool vec = N % VW == 0 && rows_aligned(p.x, p.stride_x, M, VW) &&
-                     rows_aligned(p.residual, p.stride_r, M, VW) && rows_aligned(p.y, N, M, VW) &&
-                     rows_aligned(p.prenorm, N, M, VW) && rows_aligned(p.x_bias, 0, 1, VW) &&
-                     rows_aligned(p.weight, 0, 1, VW) && rows_aligned(p.bias, 0, 1, VW);
-    const cudaStream_t stream = scope.stream();
-    const Team team = plan_team<scalar_t, true>(N, vec);
-    const bool launched = team.iters > 0 && with_team<scalar_t, true>(vec ? VW : 1, team.iters, [&](auto v, auto iters) {
-      const int teams = teams_per_block(team.wpr);
-      const int64_t blocks = ceil_div<int64_t>(M, teams);
-      BK_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many rows (", M, ")");
-      launch(add_ln_fwd_team_kernel<scalar_t, decltype(v)::value, decltype(iters)::value>,
-             static_cast<unsigned>(blocks), 32 * team.wpr * teams, 0, stream, p, team.wpr);
-    });
-    if (!launched) {
-      const int64_t blocks = std::min<int64_t>(M, 8LL * num_sms(x.device().index()));
-      launch(add_ln_fwd_loop_kernel<scalar_t>, static_cast<unsigned>(blocks), kLoopThreads, 0, stream, p);
-    }
+    const bool vec = norm_aligned<scalar_t>(p) && rows_aligned(p.x, p.stride_x, M, VW) &&
+                     rows_aligned(p.residual, p.stride_r, M, VW) && rows_aligned(p.x_bias, 0, 1, VW);
+    launch_fwd(op, p, vec, x.device().index(), scope.stream());
   });
-  return {y, prenorm, mean, rstd};
+  return out;
+}
+
+// An id tensor of embedding_layer_norm_fwd: int64 or int32 on `ref`'s device, broadcastable to [B, S]
+// (at most 2-D). Its view with stride 0 along broadcast dims, or an absent one for None.
+IdView id_view(const char* op, const char* name, const std::optional<at::Tensor>& t, int64_t B, int64_t S,
+               const at::Tensor& ref) {
+  if (!t.has_value() || !t->defined()) return {nullptr, 0, 0, false};
+  const at::ScalarType st = t->scalar_type();
+  BK_CHECK(st == at::kLong || st == at::kInt, op, ": ", name, " must be int64 or int32, got ", st);
+  BK_CHECK(t->device() == ref.device(), op, ": ", name, " is on ", t->device(), " but input_ids is on ", ref.device());
+  const int64_t want[2] = {B, S};
+  int64_t strides[2] = {0, 0};
+  bool ok = t->dim() <= 2;
+  for (int64_t d = 0; ok && d < t->dim(); ++d) {  // aligned from the right, as broadcasting does
+    const int64_t k = 2 - t->dim() + d, size = t->size(d);
+    ok = size == want[k] || size == 1;
+    strides[k] = size == 1 ? 0 : t->stride(d);
+  }
+  BK_CHECK(ok, op, ": ", name, " of shape ", shape_str(t->sizes()), " does not broadcast to input_ids' [", B, ", ",
+           S, "]");
+  return {t->const_data_ptr(), strides[0], strides[1], st == at::kInt};
+}
+
+// A table of embedding_layer_norm_fwd ([rows, N] with unit column stride, word's dtype and device), or
+// an undefined tensor for None.
+at::Tensor table(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Tensor& word) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  check_rows(op, name, *t);
+  BK_CHECK(t->size(1) == word.size(1) && t->size(0) > 0, op, ": ", name, " must have shape [rows, ", word.size(1),
+           "], got ", shape_str(t->sizes()));
+  BK_CHECK(t->scalar_type() == word.scalar_type(), op, ": ", name, " dtype ", t->scalar_type(),
+           " does not match word_embeddings dtype ", word.scalar_type());
+  BK_CHECK(t->device() == word.device(), op, ": ", name, " is on ", t->device(), " but word_embeddings is on ",
+           word.device());
+  return *t;
+}
+
+// embedding_layer_norm's forward: input_ids [B, S]; position_ids / token_type_ids (None: arange(S) /
+// zeros) broadcastable to it, ignored without their table. Outputs y, prenorm [B, S, N], mean, rstd [B, S].
+FwdOutputs embedding_layer_norm_fwd(const at::Tensor& input_ids, const std::optional<at::Tensor>& position_ids,
+                                    const std::optional<at::Tensor>& token_type_ids, const at::Tensor& word,
+                                    const std::optional<at::Tensor>& pos_opt, const std::optional<at::Tensor>& type_opt,
+                                    const std::optional<at::Tensor>& weight_opt,
+                                    const std::optional<at::Tensor>& bias_opt, double eps, bool store_prenorm) {
+  constexpr const char* op = "bertkern_cuda::embedding_layer_norm_fwd";
+  check_rows(op, "word_embeddings", word);
+  const int64_t N = word.size(1);
+  BK_CHECK(N > 0, op, ": word_embeddings must have a non-empty last dim");
+  BK_CHECK(input_ids.dim() == 2, op, ": input_ids must be 2-D [B, S], got shape ", shape_str(input_ids.sizes()));
+  const int64_t B = input_ids.size(0), S = input_ids.size(1), M = B * S;
+  const at::Tensor pos = table(op, "position_embeddings", pos_opt, word);
+  const at::Tensor type = table(op, "token_type_embeddings", type_opt, word);
+  const IdView ids = id_view(op, "input_ids", input_ids, B, S, word);
+  const IdView pids = pos.defined() ? id_view(op, "position_ids", position_ids, B, S, word) : IdView{};
+  const IdView tids = type.defined() ? id_view(op, "token_type_ids", token_type_ids, B, S, word) : IdView{};
+  const at::Tensor weight = like_col(op, "weight", weight_opt, word);
+  const at::Tensor bias = like_col(op, "bias", bias_opt, word);
+  BK_CHECK(eps >= 0.0, op, ": eps must be non-negative, got ", eps);
+  BK_CHECK(M <= std::numeric_limits<int32_t>::max(), op, ": too many tokens (", M, ")");
+  const DeviceScope scope(word);
+
+  FwdOutputs out = fwd_outputs(word, input_ids.sizes(), N, store_prenorm);
+  if (M == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, word.scalar_type(), "embedding_layer_norm_fwd", [&] {
+    EmbParams<scalar_t> p;
+    set_norm<scalar_t>(p, out, weight, bias, M, N, eps);
+    p.word = word.const_data_ptr<scalar_t>();
+    p.pos = ptr_or_null<scalar_t>(pos);
+    p.type = ptr_or_null<scalar_t>(type);
+    p.stride_word = word.stride(0);
+    p.stride_pos = pos.defined() ? pos.stride(0) : 0;
+    p.stride_type = type.defined() ? type.stride(0) : 0;
+    p.rows_word = word.size(0);
+    p.rows_pos = pos.defined() ? pos.size(0) : 0;
+    p.rows_type = type.defined() ? type.size(0) : 0;
+    p.ids = ids;
+    p.pids = pids;
+    p.tids = tids;
+    p.S = static_cast<uint32_t>(S);
+
+    constexpr int VW = vec_width<scalar_t>();
+    const bool vec = norm_aligned<scalar_t>(p) && rows_aligned(p.word, p.stride_word, p.rows_word, VW) &&
+                     rows_aligned(p.pos, p.stride_pos, p.rows_pos, VW) &&
+                     rows_aligned(p.type, p.stride_type, p.rows_type, VW);
+    launch_fwd(op, p, vec, word.device().index(), scope.stream());
+  });
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd(
@@ -730,9 +947,14 @@ TORCH_LIBRARY_FRAGMENT(BERTKERN_OPS, m) {
       "add_layer_norm_bwd(Tensor grad, Tensor? grad_prenorm, Tensor h, Tensor mean, Tensor rstd, "
       "Tensor? weight, Tensor? seed, float dropout_p, bool need_dweight, bool need_dbias, bool need_dx_bias) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "embedding_layer_norm_fwd(Tensor input_ids, Tensor? position_ids, Tensor? token_type_ids, "
+      "Tensor word_embeddings, Tensor? position_embeddings, Tensor? token_type_embeddings, Tensor? weight, "
+      "Tensor? bias, float eps, bool store_prenorm) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(BERTKERN_OPS, BERTKERN_DEVICE, m) {
   m.impl("add_layer_norm_fwd", &bertkern::ln::add_layer_norm_fwd);
   m.impl("add_layer_norm_bwd", &bertkern::ln::add_layer_norm_bwd);
+  m.impl("embedding_layer_norm_fwd", &bertkern::ln::embedding_layer_norm_fwd);
 }

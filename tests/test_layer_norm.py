@@ -452,32 +452,39 @@ def emb_eager(ids, pids, tids, word, pos, typ, weight, bias, eps=1e-12, padding_
     return F.layer_norm(e, e.shape[-1:], weight, bias, eps)
 
 
+# Keys: pids / tids: None (arange(S) / zeros), "given" [B, S], "row" [1, S] (+ 2), "1d" [S] (+ 1),
+# "expanded" (a stride-0 view); typ / pos: the table present; index: the ids' dtype (position ids
+# stay int64: mixed index dtypes); affine: weight and bias; grad: False runs the forward alone (no
+# pre-norm sum stored); B: batch rows (0: no tokens); strided: tables as row views of wider buffers.
 EMB_CASES = {
     "all": dict(pids="given", tids="given", typ=True),
     "defaults": dict(pids=None, tids=None, typ=True),
     "broadcast-ids": dict(pids="row", tids="expanded", typ=True),
     "no-types": dict(pids=None, tids=None, typ=False),
+    "int32-ids": dict(pids="1d", tids="given", typ=True, index=torch.int32),
+    "word-only": dict(pids="given", tids="given", typ=False, pos=False, affine=False),
+    "no-grad": dict(pids="row", tids=None, typ=True, grad=False),
+    "strided": dict(pids=None, tids="given", typ=True, strided=True),
+    "no-tokens": dict(pids=None, tids=None, typ=True, B=0),
 }
 
 
-@pytest.mark.parametrize("backend_device", all_backends())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(EMB_CASES))
-@pytest.mark.parametrize("n", [1, 7, 384])
-def test_embedding_layer_norm(backend_device, dtype, case, n):
-    backend, device = backend_device
-    skip_unless_usable(backend, device)
+def check_embedding(backend, device, dtype, case, n, S=9):
+    """embedding_layer_norm on `backend` (forward and, unless the case says grad=False, backward through
+    autograd) against float64 eager by the 2x rule, outputs poisoned first."""
     c = EMB_CASES[case]
-    B, S, V = 3, 9, 5  # few ids: many repeats, so table gradients must accumulate
-    ids = torch.randint(0, V, (B, S), device=device)
-    pids = {"given": torch.randint(0, 12, (B, S), device=device),
-            "row": torch.arange(S, device=device)[None] + 2, None: None}[c["pids"]]
-    tids = {"given": torch.randint(0, 2, (B, S), device=device),
-            "expanded": torch.zeros((), dtype=torch.long, device=device).expand(B, S), None: None}[c["tids"]]
-    tables = {"word": randn(V, n, dtype=dtype, device=device), "pos": randn(12, n, dtype=dtype, device=device),
-              "typ": randn(2, n, dtype=dtype, device=device) if c["typ"] else None,
-              "weight": (1 + 0.5 * torch.randn(n, device=device)).to(dtype),
-              "bias": (0.5 * torch.randn(n, device=device)).to(dtype)}
+    B, V, index = c.get("B", 3), 5, c.get("index", torch.int64)  # few ids: many repeats, so table gradients must accumulate
+    ids = torch.randint(0, V, (B, S), device=device).to(index)
+    pids = {"given": torch.randint(0, 12, (B, S), device=device), "row": torch.arange(S, device=device)[None] + 2,
+            "1d": torch.arange(S, device=device) + 1, None: None}[c["pids"]]
+    tids = {"given": torch.randint(0, 2, (B, S), device=device).to(index),
+            "expanded": torch.zeros((), dtype=index, device=device).expand(B, S), None: None}[c["tids"]]
+    noncontig = c.get("strided", False)
+    tables = {"word": randn(V, n, dtype=dtype, device=device, noncontig=noncontig),
+              "pos": randn(12, n, dtype=dtype, device=device, noncontig=noncontig) if c.get("pos", True) else None,
+              "typ": randn(2, n, dtype=dtype, device=device, noncontig=noncontig) if c["typ"] else None,
+              "weight": (1 + 0.5 * torch.randn(n, device=device)).to(dtype) if c.get("affine", True) else None,
+              "bias": (0.5 * torch.randn(n, device=device)).to(dtype) if c.get("affine", True) else None}
     grad = randn(B, S, n, dtype=dtype, device=device)
     pad = 1 if case == "all" else None
     eps = 1e-5  # not BERT's 1e-12: fp16 eager rounds that to 0, and a one-column row has variance 0
@@ -487,15 +494,33 @@ def test_embedding_layer_norm(backend_device, dtype, case, n):
                                                  padding_idx=pad, backend=backend)
 
     def eag_fn(word, pos, typ, weight, bias):
-        return emb_eager(ids, pids, tids, word, pos, typ, weight, bias, eps, padding_idx=pad)
+        return emb_eager(ids.long(), pids, None if tids is None else tids.long(), word, pos, typ, weight, bias, eps,
+                         padding_idx=pad)
 
     poison_allocator(device)
+    if not c.get("grad", True):
+        y = fused(**tables)
+        with torch.no_grad():
+            assert_close_2x(y, eag_fn(**{k: v if v is None else v.double() for k, v in tables.items()}),
+                            eag_fn(**tables), "y")
+        return
     out = run(fused, tables, grad)
     ref = run(eag_fn, as64(tables), grad.double())
     eag = run(eag_fn, tables, grad)
     check_all(out, ref, eag)
+    assert out[0][0].shape == (B, S, n)
     if pad is not None:
         assert (out[1]["word"][pad] == 0).all()
+
+
+@pytest.mark.parametrize("backend_device", all_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(EMB_CASES))
+@pytest.mark.parametrize("n", [1, 7, 384])
+def test_embedding_layer_norm(backend_device, dtype, case, n):
+    backend, device = backend_device
+    skip_unless_usable(backend, device)
+    check_embedding(backend, device, dtype, case, n)
 
 
 def test_embedding_deterministic_mode():

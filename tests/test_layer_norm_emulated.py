@@ -13,6 +13,11 @@ Launch paths covered (the host code's choices, see plan_team / with_team in laye
 - column_sum over 1 to 16 partial rows; x_bias, residual, weight, bias each present or not;
   return_prenorm (and its gradient); Philox dropout equal to reference.dropout_keep_mask; rows with a
   stride; no rows; the C++ argument checks.
+- embedding_layer_norm's forward (the same kernels gathering table rows): test_layer_norm's embedding
+  cases (int64 / int32 / mixed ids, [B, S], [1, S], [S] and stride-0 views, absent tables and ids,
+  strided tables on the scalar path, with and without the stored pre-norm sum, no tokens) on the
+  team kernels of every dtype and the loop kernel (float64, wide rows), with no Triton kernel called;
+  ids outside their tables (NaN rows).
 
 Not covered here: the real hardware (timing, memory ordering, fused multiply-adds). The gpu-marked
 CUDA tests in test_layer_norm.py cover those on a GPU.
@@ -24,13 +29,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bertkern
 import emulation
+from bertkern import backend as _backend
 from bertkern import reference
-from harness import randn
-from test_layer_norm import (OPTIONAL, PRESENT, as64, check_all, eager, eager_prenorm, emb_eager, make_inputs,
-                             run)
+from harness import assert_close_2x, randn
+from test_layer_norm import (EMB_CASES, OPTIONAL, PRESENT, as64, check_all, check_embedding, eager, eager_prenorm,
+                             make_inputs, run)
 
 CPU = "cpu"
 
@@ -231,29 +238,51 @@ def test_no_rows(cuda):
     assert dw.shape == db.shape == (16,) and (dw == 0).all() and (db == 0).all()
 
 
-def test_embedding_layer_norm_backward(cuda, monkeypatch):
-    """embedding_layer_norm on backend="cuda": the gather runs in Triton (here, its interpreter) and
-    the backward in add_layer_norm_bwd, dweight and dbias included."""
-    from bertkern import backend as _backend
-    from bertkern.ops import layer_norm as ln_ops
+# (dtype, hidden size) for embedding_layer_norm's kernel: test_layer_norm's sizes (1, 7, 384: scalar and
+# vector team paths) in every dtype, float64 (the loop kernel), BERT-base's row (fp16 V8 IT3, fp32 V4
+# IT6: one warp per row) and rows too wide for the registers (the loop kernel in fp16 / fp32).
+EMB_SHAPES = ([(dt, n) for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64) for n in (1, 7, 384)]
+              + [(torch.float16, 768), (torch.float32, 768), (torch.float16, 8200), (torch.float32, 4097)])
 
-    if not _backend.triton_status()[0] or not _backend.triton_interpreted():
-        pytest.skip("the cuda backend's embedding forward needs Triton (its interpreter on CPU)")
-    monkeypatch.setattr(ln_ops, "_cuda_ops_ready", lambda: True)  # the emulated ops, built or not
-    B, S, V, n = 3, 9, 5, 96
-    ids, tids = torch.randint(0, V, (B, S)), torch.randint(0, 2, (B, S))
-    tables = {"word": randn(V, n), "pos": randn(12, n), "typ": randn(2, n),
-              "weight": 1 + 0.5 * torch.randn(n), "bias": 0.5 * torch.randn(n)}
-    grad = randn(B, S, n)
 
-    def fused(word, pos, typ, weight, bias):
-        return bertkern.ops.embedding_layer_norm(ids, None, tids, word, pos, typ, weight, bias, padding_idx=1,
-                                                 backend=cuda)
+@pytest.mark.parametrize("dtype,n", EMB_SHAPES, ids=_id)
+@pytest.mark.parametrize("case", list(EMB_CASES))
+def test_embedding_layer_norm(cuda, monkeypatch, dtype, n, case):
+    """test_layer_norm's embedding cases on backend="cuda": the forward is the CUDA kernel alone (the
+    Triton one raises if called), the backward add_layer_norm_bwd (dweight and dbias included)."""
+    if n > 1000 and case not in ("word-only", "no-grad"):
+        pytest.skip("wide rows: the cases without column sums (each costs 32 emulated threads per column)")
+    from bertkern.triton import layer_norm as triton_ln
 
-    def eag_fn(word, pos, typ, weight, bias):
-        return emb_eager(ids, None, tids, word, pos, typ, weight, bias, padding_idx=1)
+    def no_triton(*args, **kwargs):
+        raise AssertionError("the cuda backend's embedding forward called the Triton kernel")
 
-    check_all(run(fused, tables, grad), run(eag_fn, as64(tables), grad.double()), run(eag_fn, tables, grad))
+    monkeypatch.setattr(triton_ln, "embedding_forward", no_triton)
+    with _backend.observe() as calls:
+        check_embedding(cuda, CPU, dtype, case, n, S=9 if n < 1000 else 2)
+    assert {c for op, c in calls if op == "embedding_layer_norm"} == {"cuda"}
+
+
+@pytest.mark.parametrize("dtype,n", [(torch.float16, 64), (torch.float32, 7), (torch.float64, 5)], ids=_id)
+def test_embedding_ids_out_of_range(cuda, dtype, n):
+    """Rows with an id outside its table (negative or too large, in any of the three) come out NaN,
+    and read nothing; the other rows are unaffected. (The public op checks ids of CPU tensors before
+    any kernel runs, so the emulated op is called directly.)"""
+    op = torch.ops.bertkern_cuda.embedding_layer_norm_fwd
+    word, pos, typ = randn(5, n, dtype=dtype), randn(4, n, dtype=dtype), randn(2, n, dtype=dtype)
+    ids = torch.tensor([[0, 5, 1, 2], [-1, 4, 3, 0]], dtype=torch.int32)
+    tids = torch.tensor([[0, 0, 2, 1], [0, 1, 1, 0]])
+    pids = torch.tensor([[0, 1, 2, 3], [3, 2, -2, 9]])
+    bad = torch.tensor([[False, True, True, False], [True, False, True, True]])
+    y, pre, mean, rstd = op(ids, pids, tids, word, pos, typ, None, None, 1e-5, True)
+    assert y.shape == pre.shape == (2, 4, n) and mean.shape == rstd.shape == (2, 4)
+    for t in (y, pre):
+        assert t[bad].isnan().all() and not t[~bad].isnan().any()
+    assert mean[bad].isnan().all() and rstd[bad].isnan().all()
+    good = ~bad
+    e = (word[ids.long().clamp(0, 4)].double() + typ[tids.clamp(0, 1)].double() + pos[pids.clamp(0, 3)].double())
+    want = F.layer_norm(e.to(dtype).double(), (n,), eps=1e-5)
+    assert_close_2x(y[good], want[good], want[good].to(dtype), "y")
 
 
 def test_argument_checks(cuda):
@@ -303,3 +332,30 @@ def test_argument_checks(cuda):
     for kwargs, msg in bad_bwd:
         with pytest.raises(RuntimeError, match=f"{bwd}: {msg}"):
             b(**kwargs)
+
+    emb = "bertkern_cuda::embedding_layer_norm_fwd"
+    ids, word = torch.zeros(2, 3, dtype=torch.long), torch.randn(5, 8)
+
+    def e(ids=ids, pids=None, tids=None, word=word, pos=None, typ=None, weight=None, eps=1e-5):
+        return ops.embedding_layer_norm_fwd(ids, pids, tids, word, pos, typ, weight, None, eps, False)
+
+    bad_emb = [
+        (dict(ids=torch.zeros(6, dtype=torch.long)), r"input_ids must be 2-D \[B, S\], got shape \[6\]"),
+        (dict(ids=ids.float()), "input_ids must be int64 or int32, got Float"),
+        (dict(pos=torch.randn(4, 8), pids=torch.zeros(3, 3, dtype=torch.long)),
+         r"position_ids of shape \[3, 3\] does not broadcast to input_ids' \[2, 3\]"),
+        (dict(typ=torch.randn(2, 8), tids=torch.zeros(1, 2, 3, dtype=torch.long)), "token_type_ids of shape"),
+        (dict(typ=torch.randn(2, 8), tids=torch.zeros(2, 3, dtype=torch.int16)), "token_type_ids must be int64 or int32"),
+        (dict(pos=torch.randn(4, 9)), r"position_embeddings must have shape \[rows, 8\], got \[4, 9\]"),
+        (dict(pos=torch.randn(0, 8)), "position_embeddings must have shape"),
+        (dict(typ=torch.randn(2, 8).double()), "token_type_embeddings dtype"),
+        (dict(word=torch.randn(8, 5).t()), "word_embeddings must have unit stride in dim 1"),
+        (dict(word=torch.randn(5, 0)), "word_embeddings must have a non-empty last dim"),
+        (dict(weight=torch.randn(7)), r"weight must have shape \[8\]"),
+        (dict(eps=-1.0), "eps must be non-negative"),
+    ]
+    for kwargs, msg in bad_emb:
+        with pytest.raises(RuntimeError, match=f"{emb}: {msg}"):
+            e(**kwargs)
+    # ids for an absent table are ignored, whatever their shape
+    assert e(pids=torch.zeros(7, dtype=torch.long))[0].shape == (2, 3, 8)

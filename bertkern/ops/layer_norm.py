@@ -318,18 +318,28 @@ def _embedding_layer_norm_impl(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     shape = input_ids.shape
-    ids = tuple(_ids_2d(t, shape) for t in (input_ids, position_ids, token_type_ids))
     tables = tuple(_rows_or_none(t) for t in (word_embeddings, position_embeddings, token_type_embeddings))
-    if backend == "torch":
-        forward = _emb_torch_forward
-    else:  # triton, and cuda (which uses the Triton kernel for the gather; see embedding_layer_norm)
-        from bertkern.triton import layer_norm as k
+    if backend == "cuda" and input_ids.dim() == 2:
+        # One kernel; it broadcasts the other ids to input_ids' [B, S] itself and returns [B, S, N]:
+        # no views on the host (each costs microseconds).
+        ids = (input_ids, position_ids, token_type_ids)
+    else:
+        ids = tuple(_ids_2d(t, shape) for t in (input_ids, position_ids, token_type_ids))
+    if backend == "cuda":
+        y, prenorm, mean, rstd = torch.ops.bertkern_cuda.embedding_layer_norm_fwd(
+            *ids, *tables, contiguous_or_none(weight), contiguous_or_none(bias), eps, store_prenorm)
+    else:
+        if backend == "torch":
+            forward = _emb_torch_forward
+        else:
+            from bertkern.triton import layer_norm as k
 
-        forward = k.embedding_forward
-    y, prenorm, mean, rstd = forward(ids, tables, contiguous_or_none(weight), contiguous_or_none(bias), eps,
-                                     store_prenorm)
+            forward = k.embedding_forward
+        y, prenorm, mean, rstd = forward(ids, tables, contiguous_or_none(weight), contiguous_or_none(bias), eps,
+                                         store_prenorm)
     out = (*shape, word_embeddings.shape[1])
-    return y.view(out), (prenorm.view(out) if store_prenorm else prenorm), mean.view(shape), rstd.view(shape)
+    shaped = _backend.shaped
+    return shaped(y, out), (shaped(prenorm, out) if store_prenorm else prenorm), shaped(mean, shape), shaped(rstd, shape)
 
 
 def _embedding_layer_norm_fake(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
@@ -370,10 +380,9 @@ def _emb_backward(ctx, grad, _grad_prenorm, _grad_mean, _grad_rstd):
     need = ctx.needs_input_grad
     if grad is None:
         grad = torch.zeros_like(prenorm)
-    ln_backend = "triton" if ctx.backend == "cuda" and not _cuda_ops_ready() else ctx.backend
     dh, _, dw, db, _ = _ADD_LAYER_NORM_BACKWARD.pick(grad)(
         grad, None, prenorm, mean, rstd, weight, None, 0.0,
-        weight is not None and need[6], ctx.has_bias and need[7], False, ln_backend,
+        weight is not None and need[6], ctx.has_bias and need[7], False, ctx.backend,
     )
     n = prenorm.shape[-1]
     acc = acc_dtype(ctx.dtype)
@@ -411,10 +420,6 @@ def _emb_backward(ctx, grad, _grad_prenorm, _grad_mean, _grad_rstd):
 _EMBEDDING_LAYER_NORM = OpCall.define("embedding_layer_norm", _embedding_layer_norm_impl,
                                       fake=_embedding_layer_norm_fake, setup_context=_emb_setup_context,
                                       backward=_emb_backward)
-
-
-def _cuda_ops_ready() -> bool:
-    return _backend.cuda_extension_status()[0] and hasattr(torch.ops.bertkern_cuda, "add_layer_norm_bwd")
 
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -495,7 +500,11 @@ def embedding_layer_norm(
     tables, weight and bias share one floating dtype and device. padding_idx (like nn.Embedding's)
     keeps that word row's gradient at zero. Table gradients accumulate repeated ids in float32
     (index_add_; deterministic index_put_ under torch.use_deterministic_algorithms). backend="cuda"
-    runs the gather in the Triton kernel (there is no CUDA C++ one) and the backward in CUDA C++.
+    runs the forward as one CUDA C++ kernel (any hidden size) and the LayerNorm backward in CUDA C++.
+
+    Ids outside their table raise a ValueError for CPU tensors. On a GPU they are not checked (that
+    costs a host sync): the cuda backend's rows with such an id come out NaN (nothing is read out of
+    bounds), the triton backend reads out of bounds, the torch backend hits torch's device assert.
     """
     if isinstance(word_embeddings, torch.Tensor) and _backend.autocast_enabled(word_embeddings):
         word_embeddings, position_embeddings, token_type_embeddings, weight, bias = _autocast(
@@ -505,13 +514,10 @@ def embedding_layer_norm(
                      token_type_embeddings, weight, bias, eps, padding_idx)
     word = word_embeddings
     unsupported = None if word.dtype in _backend.KERNEL_DTYPES else f"dtype {word.dtype} has no kernel"
-    if unsupported is None:
-        unsupported = _triton_embedding_unsupported(word.shape[1])
     chosen = _backend.resolve("embedding_layer_norm", backend, word.device, unsupported)
-    if chosen == "cuda" and _backend.triton_status()[0] is False:
-        _backend.warn_once("bertkern.ops.embedding_layer_norm: the cuda backend needs triton for the "
-                            "embedding gather; falling back to the torch backend")
-        chosen = "torch"
+    if chosen == "triton" and (why := _triton_embedding_unsupported(word.shape[1])) is not None:
+        _backend.warn_once(f"bertkern.ops.embedding_layer_norm: falling back to the torch backend: {why}")
+        chosen = "torch"  # the cuda kernel takes any hidden size: only Triton's single tile limits it
     if position_embeddings is None:
         position_ids = None
     if token_type_embeddings is None:
@@ -526,8 +532,6 @@ def embedding_layer_norm(
 
 
 def _triton_embedding_unsupported(n: int) -> str | None:
-    if not _backend.triton_status()[0]:
-        return None  # resolve() reports the missing backend itself
     from bertkern.triton import layer_norm as k
 
     return k.embedding_supported(n)
