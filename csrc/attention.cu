@@ -17,7 +17,10 @@
 // - mask (padded only): a 4-D view of [B, H, S_q, S_k] read through its strides (stride 0 over
 //   broadcast dims: a [B, 1, 1, S_k] padding mask is never materialised); bool (true = attend), or
 //   additive fp32 / q's dtype, kept where value > lowest(dtype) (-inf and finfo.min mask a key, NaN
-//   too). Masked keys become -inf by selection, never by addition.
+//   too). Masked keys become -inf by selection, never by addition. A mask that varies along queries
+//   or heads (any 4-D mask) is read as fp32 tiles staged with cp.async, in place when it is fp32
+//   with unit key stride and S_k a multiple of 64, else from a copy of its own elements (masked ->
+//   -inf; broadcast dims stay stride 0): any_mask_f32.
 // - dropout: the Philox scheme of philox.cuh on the [B, H, S_q, S_k] probabilities, row
 //   (b * H + h) * R + i, column j, with R = S_q padded or max_seqlen varlen: the bits of
 //   bertkern.reference.dropout_keep_mask, the Triton kernels and masked_softmax.
@@ -37,10 +40,11 @@
 //   (the last tile is peeled). Wrappers of the PTX it uses: ptx.cuh.
 // - backward (FlashAttention-2's five GEMMs, no atomics, deterministic): delta = rowsum(dO * O), then
 //   one kernel per 64 keys (each warp 16) streaming query tiles through two cp.async buffers:
-//   S^T, dP^T, dV += P^T dO, dK += dS^T Q, and dS K, summed over key blocks into an fp32 dQ
-//   accumulator in key-block order (a per-tile flag; the last block writes dQ). dS = P * (dP -
-//   delta), P = 2^(logit - lse) in base 2 with ex2.approx. Dropout and the mask kind (none or
-//   per-key / any 4-D) are template parameters.
+//   S^T, dP^T, dV += P^T dO, dK += dS^T Q, and dS K, summed over key blocks into a zeroed fp32 dQ
+//   accumulator in key-block order (a per-tile flag), which one more kernel turns into dQ. dS = P *
+//   (dP - delta), P = 2^(logit - lse) in base 2 with ex2.approx; the key bias or mask tile and
+//   -delta enter as the mma's C operands. Dropout and the mask kind (none or per-key / any 4-D)
+//   are template parameters.
 // Registers, spills and SASS without a GPU or a full build (T = torch's include folder; sm_80 alike):
 //   nvcc -cubin -O3 -std=c++20 -gencode arch=compute_90,code=sm_90 -Xptxas -v --expt-relaxed-constexpr
 //        -IT -IT/torch/csrc/api/include csrc/attention.cu -o attention.cubin
@@ -52,6 +56,8 @@
 #include "ptx.cuh"
 
 #include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -328,6 +334,8 @@ __device__ __forceinline__ void store_rows(void* base, int64_t stride, int row0,
 // more mma of P against ones per 16 keys (the sum of P as rounded for P V) instead of 64 FADD; full
 // tiles are copied with no row checks from one pointer per thread, the last tile (partial, with the
 // bias of keys past Lk) is peeled; inputs that do not allow 16-byte copies are copied by the host.
+// Any 4-D mask: its fp32 tile is staged with the next K (MaskTile) and its pairs, times 1 / |scale|,
+// are the first mma's C operand (FMUL + FMNMX per element; 750 SASS per 136 mma, 2577 before).
 // Fragments come from ldmatrix.x4 (Q, K) and ldmatrix.x4.trans (V, so no transposed copy); rows are
 // padded by 16 bytes, which makes the 8 row addresses of every 8x8 matrix hit distinct banks.
 namespace fwd {
@@ -339,8 +347,12 @@ enum Mask { kNoMask = 0, kKeyMask = 1, kAnyMask = 2 };  // none, [B,1,1,S_k] bro
 constexpr int key_tile(int kD, bool dropout, int mask) { return kD > 64 || (dropout && mask != kAnyMask) ? 32 : 64; }
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Row stride (floats) of the staged 4-D mask tile: 8 floats of padding make the float2 reads of a
+// C fragment (8 rows x 4 pairs) conflict-free.
+constexpr int mask_ld(int kN) { return kN + 8; }
 constexpr int smem_bytes(int kD, bool dropout, int mask) {
-  return (kM + 2 * key_tile(kD, dropout, mask)) * (kD + kPad) * 2 + key_tile(kD, dropout, mask) * 8;
+  return (kM + 2 * key_tile(kD, dropout, mask)) * (kD + kPad) * 2 + key_tile(kD, dropout, mask) * 8 +
+         (mask == kAnyMask ? kM * mask_ld(key_tile(kD, dropout, mask)) * 4 : 0);
 }
 }  // namespace fwd
 
@@ -391,10 +403,11 @@ struct TileCopy {
       load_tile_slow<kRows, kD, LD>(s, t, stride, valid, D);
     } else if constexpr (kFixed) {
       const int r0 = threadIdx.x / kChunks, col = threadIdx.x % kChunks * 8;
+      // (a row past `valid` copies nothing from its address: src-size 0, as CUTLASS's zfill copies)
+      const int left = col < D ? valid - r0 : 0;
 #pragma unroll
       for (int i = 0; i < kPer; ++i) {
-        const bool in = r0 + i * kStep < valid && col < D;
-        ptx::cp_async<16>(s + (r0 + i * kStep) * LD + col, in ? ptr + i * kStep * stride : t, in ? 16 : 0);
+        ptx::cp_async<16>(s + (r0 + i * kStep) * LD + col, ptr + i * kStep * stride, i * kStep < left ? 16 : 0);
       }
     } else {
 #pragma unroll
@@ -420,6 +433,51 @@ struct TileCopy {
 
   __device__ __forceinline__ void next() { ptr += kRows * stride; }
 };
+
+// Any 4-D mask (kAnyMask) as the kernels read it: fp32, unit stride along keys, rows 16-byte aligned,
+// a (b, h) plane's row offsets within int32 (the host converts other masks once, over their own
+// elements: a broadcast dim stays stride 0; any_mask_f32). A kRows x kCols tile (rows = queries,
+// columns = keys) is staged in shared memory [kRows][LDM] with 16-byte cp.async, one row per
+// kThreads / kRows threads (chunks interleaved): one address register per thread, the chunks'
+// offsets immediate. Rows past `rows` read the last valid row (theirs are never stored); when
+// kChecked (the last key tile), chunks not wholly below `cols` are written element by element with
+// -inf past it (visible after the next barrier, as the copies after their wait), so that no key
+// bias is needed.
+template <int kRows, int kCols, int LDM>
+struct MaskTile {
+  static constexpr int kTPR = kThreads / kRows, kPer = kCols / 4 / kTPR;
+  static_assert(kThreads % kRows == 0 && kCols % (4 * kTPR) == 0, "one row per thread group, whole chunks");
+  // (the thread's row address is computed from these per copy, not held across the key loop)
+  const float* plane;  // key 0 of row 0 of this (b, h)
+  int mq, row0, rows;  // row stride; the tile's first row; the valid rows
+  float* s;
+
+  // Keys col0 .. col0 + kCols - 1 (valid: cols of them when kChecked).
+  template <bool kChecked>
+  __device__ __forceinline__ void copy(int col0, int cols) const {
+    const int r = threadIdx.x / kTPR, c = 4 * (threadIdx.x % kTPR);
+    const float* src = plane + (row0 + r < rows ? row0 + r : rows - 1) * mq + c + col0;
+    copy_chunks<kChecked>(reinterpret_cast<char*>(s + r * LDM + c), src, cols - c);
+  }
+  template <bool kChecked, int kC = 0>
+  static __device__ __forceinline__ void copy_chunks(char* dst, const float* src, int left) {
+    if constexpr (kC < kPer) {
+      constexpr int kOff = 16 * kTPR * kC;  // bytes
+      if (!kChecked || left - kOff / 4 >= 4) {
+        ptx::cp_async_ca16<kOff>(dst + kOff, src, 16);
+      } else {
+        float* d = reinterpret_cast<float*>(dst + kOff);
+        const float* g = src + kOff / 4;
+        for (int e = 0; e < 4; ++e) d[e] = e < left - kOff / 4 ? g[e] : -INFINITY;
+      }
+      copy_chunks<kChecked, kC + 1>(dst, src, left);
+    }
+  }
+};
+
+// A mask value in the kernels' raw units (times 1 / |scale|), -inf where masked: NaN gives -inf
+// (fmax), and the host makes sure that its lowest value (masked) overflows to -inf (any_mask_f32).
+__device__ __forceinline__ float mask_raw(float m, float inv_scale) { return fmaxf(m * inv_scale, -INFINITY); }
 
 // The additive bias of key j, in units of `unit` (log2 e: base 2): -inf where masked or j >= Lk
 // (so the last, partial tile needs no other check), else 0 or the mask value * unit.
@@ -463,6 +521,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Params
   uint16_t* sK = sQ + kM * LD;                       // [kN][LD]
   uint16_t* sV = sK + kN * LD;                       // [kN][LD]
   float4* sBias = reinterpret_cast<float4*>(sV + kN * LD);  // [kN / 2]: the tile's key bias (put_bias)
+  constexpr int LDM = mask_ld(kN);
+  float* sMask = reinterpret_cast<float*>(sBias + kN / 2);  // [kM][LDM]: any 4-D mask's tile
 
   const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kM;
   const Seq seq = seq_of(p, b);
@@ -501,6 +561,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Params
   TileCopy<kN, kD, LD> k_copy(k, p.sk.s, p.D), v_copy(v, p.sv.s, p.D);
   TileCopy<kM, kD, LD>(at_token(p.q, p.sq, b, h, seq.tok0 + m0), p.sq.s, p.D).copy(sQ, seq.Lq - m0, p.D, true);
   k_copy.copy(sK, seq.Lk, p.D, true);
+  const MaskTile<kM, kN, LDM> m_copy{static_cast<const float*>(p.mask) + mbase, static_cast<int>(p.mq), m0, seq.Lq,
+                                     sMask};
+  if constexpr (kMask == kAnyMask) m_copy.template copy<true>(0, seq.Lk);
   ptx::cp_async_commit();
   if (tid < kN) put_bias(sBias, tid, tile_bias(kMask == kKeyMask || kGeneral ? 0 : n_last, tid));
   ptx::cp_async_wait<0>();
@@ -519,11 +582,20 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Params
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) m_run[mt][0] = m_run[mt][1] = -INFINITY;
 
+  // The C fragment of the mask tile at m16 tile mt, n8 tile j: rows g, g + 8, keys 2t, 2t + 1 (raw units).
+  auto mask_frag = [&](float (&c)[4], int mt, int j) {
+    const float* sm = sMask + (row0 + 16 * mt + g) * LDM + 8 * j + 2 * t;
+    const float2 lo = *reinterpret_cast<const float2*>(sm), hi = *reinterpret_cast<const float2*>(sm + 8 * LDM);
+    c[0] = mask_raw(lo.x, inv_se), c[1] = mask_raw(lo.y, inv_se), c[2] = mask_raw(hi.x, inv_se);
+    c[3] = mask_raw(hi.y, inv_se);
+  };
+
   // One key tile at n0; kLast: the last one (the only one with the bias of out-of-range keys);
   // kGeneral: any tile, with the checks of the last one.
   auto key_step = [&](int n0, auto last) {
     constexpr bool kLast = decltype(last)::value || kGeneral;
-    constexpr bool kBias = kMask == kKeyMask || kLast;  // S starts from the key bias, else from 0
+    // S starts from the key bias (any 4-D mask: from the mask tile, which masks keys past Lk), else from 0
+    constexpr bool kBias = kMask == kKeyMask || (kLast && kMask != kAnyMask);
     if constexpr (kLast) {
       v_copy.copy(sV, seq.Lk - n0, p.D, true);
       if constexpr (kGeneral) v_copy.next();
@@ -554,7 +626,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Params
               c[0] = c4.x, c[1] = c4.y, c[2] = c4.z, c[3] = c4.w;
             }
 #pragma unroll
-            for (int mt = 0; mt < kMT; ++mt) mma_16816<T>(s[mt][j], a[mt], bk[2 * x], bk[2 * x + 1], c);
+            for (int mt = 0; mt < kMT; ++mt) {
+              if constexpr (kMask == kAnyMask && !kDropout) {
+                // C = the mask's pairs of rows g, g + 8 (raw units; -inf past Lk, see MaskTile).
+                float cm[4];
+                mask_frag(cm, mt, j);
+                mma_16816<T>(s[mt][j], a[mt], bk[2 * x], bk[2 * x + 1], cm);
+              } else {
+                mma_16816<T>(s[mt][j], a[mt], bk[2 * x], bk[2 * x + 1], c);
+              }
+            }
           } else {
 #pragma unroll
             for (int mt = 0; mt < kMT; ++mt) Half16<T>::mma(s[mt][j], a[mt], bk[2 * x], bk[2 * x + 1]);
@@ -563,28 +644,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Params
       }
     }
 
-    if constexpr (kMask == kAnyMask) {
-      // s + mask / scale per element (raw units), -inf where masked or past Lq (the mask is not read there).
+    if constexpr (kMask == kAnyMask && kDropout) {
+      // (added after the mma with dropout: as their C operand, the mask values were loaded early
+      // and spilled next to the Philox state)
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
         for (int j = 0; j < kNT; ++j) {
+          float c[4];
+          mask_frag(c, mt, j);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = q0 + 16 * mt + 8 * (e / 2), col = n0 + 8 * j + 2 * t + (e & 1);
-            float z = -INFINITY;
-            if (i < seq.Lq && (!kLast || col < seq.Lk)) {
-              const int64_t off = mbase + i * p.mq + col * p.mk;
-              if (p.mask_kind == 1) {
-                z = static_cast<const uint8_t*>(p.mask)[off] ? s[mt][j][e] : -INFINITY;
-              } else {
-                const float m = p.mask_kind == 2 ? static_cast<const float*>(p.mask)[off]
-                                                 : Half16<T>::to_float(static_cast<const uint16_t*>(p.mask)[off]);
-                z = m > p.mask_lowest ? fmaf(m, inv_se, s[mt][j][e]) : -INFINITY;  // NaN masks too
-              }
-            }
-            s[mt][j][e] = z;
-          }
+          for (int e = 0; e < 4; ++e) s[mt][j][e] += c[e];
         }
       }
     }
@@ -646,12 +716,24 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Params
     [[maybe_unused]] float next_bias = 0.f;
     if constexpr (kGeneral) {
       k_copy.next();
-      if (n0 + kN < seq.Lk) k_copy.copy(sK, seq.Lk - n0 - kN, p.D, true);
+      if (n0 + kN < seq.Lk) {
+        k_copy.copy(sK, seq.Lk - n0 - kN, p.D, true);
+        if constexpr (kMask == kAnyMask) {
+          if (n0 + 2 * kN <= seq.Lk) {
+            m_copy.template copy<false>(n0 + kN, kN);
+          } else {
+            m_copy.template copy<true>(n0 + kN, seq.Lk - n0 - kN);
+          }
+        }
+      }
       if (tid < kN) next_bias = tile_bias(n0 + kN, tid);
     } else if constexpr (!kLast) {
       // K of the next tile unless that is the last one (copied after the loop, with row checks).
       k_copy.next();
-      if (n0 + kN < n_last) k_copy.copy_full(sK, p.D);
+      if (n0 + kN < n_last) {
+        k_copy.copy_full(sK, p.D);
+        if constexpr (kMask == kAnyMask) m_copy.template copy<false>(n0 + kN, kN);
+      }
       if constexpr (kMask == kKeyMask) {
         if (tid < kN && n0 + kN + tid < seq.Lk) {  // (as key_bias)
           const int bytes = p.mask_kind == 2 ? 4 : p.mask_kind == 3 ? 2 : 1;
@@ -716,6 +798,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Params
     for (int n0 = 0; n0 < n_last; n0 += kN) key_step(n0, std::false_type{});
     if (n_last > 0) {
       k_copy.copy(sK, seq.Lk - n_last, p.D, true);
+      if constexpr (kMask == kAnyMask) m_copy.template copy<true>(n_last, seq.Lk - n_last);
       ptx::cp_async_commit();
       ptx::cp_async_wait<0>();
       __syncthreads();
@@ -774,7 +857,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Params
 }
 
 // ------------------------------------------------------------------ backward
-// delta = rowsum(dO * O) in fp32: one warp per query row.
+// delta = rowsum(dO * O) in fp32, one warp per query row, stored with the row's base-2 log-sum-exp
+// as the float2 (-lse2, delta) the gradient kernel reads: lse2 = max * log2 e + log2(sum), +inf for
+// a fully masked row (the forward's max -inf, 1 / sum 0), so that its P = 2^(z - lse2) is 0.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Params p) {
   const int b = blockIdx.z, h = blockIdx.y, i = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -788,53 +873,39 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_delta_kernel(const Par
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(kFull, acc, off);
-  if (lane == 0) p.delta[b * p.st_b + h * p.st_h + seq.tok0 + i] = acc;
+  if (lane == 0) {
+    const int64_t off = b * p.st_b + h * p.st_h + seq.tok0 + i;
+    const float mx = p.stats[off], inv = p.stats[p.plane + off];
+    const float lse2 = mx == -INFINITY || !(inv > 0.f) ? INFINITY : mx * fwd::kLog2e - log2f(inv);
+    reinterpret_cast<float2*>(p.delta)[off] = make_float2(-lse2, acc);
+  }
 }
 
-// The gradient kernel recomputes P = 2^(z - lse) from the forward's statistics, z the logit in
-// base 2 (q.k * scale * log2 e with one FFMA, as in the forward) and lse = max * log2 e + log2(sum)
-// per query row: one FADD and one ex2.approx per element, no divide. Like the forward it is
-// compiled per mask kind and dropout, but with two mask kinds: no mask and a per-key mask share a
-// kernel (the block's key bias is computed once, into shared memory), and any other mask is read
-// per element. Query tiles are copied with cp.async into two buffers: the next one streams in while
-// the current one is multiplied.
+// The gradient kernel recomputes P = 2^(z - lse2) from the forward's statistics with z the base-2
+// logit in the forward's raw units: S^T = K Q^T starts from the key bias (or the 4-D mask tile) as
+// the first mma's C operand, and z - lse2 is one FFMA (S^T * |scale| log2 e - lse2). A scale <= 0
+// reaches it as |scale| with q negated (zeros for 0) by the host. Without dropout, dP^T starts
+// from -delta as its C operand, so that dS = P * (dP - delta) is one FMUL. No mask and a per-key
+// mask share a kernel (the block's key bias, once into shared memory); any 4-D mask is staged per
+// query tile (MaskTile) and added as C. Query tiles are copied with cp.async into two buffers: the
+// next one streams in while the current one is multiplied. dQ's parts go to a zeroed fp32
+// accumulator (rows of kD, query tiles whole), which attention_bwd_dq_kernel turns into dQ.
 namespace bwd {
 constexpr int kBlock = kRowsPerBlock;  // keys per block (4 warps x 16)
 constexpr int tile(int kD) { return kD <= 64 ? 64 : 32; }  // the streamed tile: 64 rows spill above D 64
-constexpr int smem_bytes(int kD) {  // K, V; two (Q, dO) tile pairs; dS^T; (lse, delta) of two tiles
-  return (2 * kBlock + 4 * tile(kD)) * (kD + kPad) * 2 + kBlock * (tile(kD) + kPad) * 2 + 4 * tile(kD) * 4 +
-         kBlock * 4;
+constexpr int kMaskLd = kBlock + 4;  // the 4-D mask tile's row stride (floats): conflict-free column reads
+// K, V; two (Q, dO) tile pairs; dS^T; (-lse2, -delta quads) of two tiles; the key bias; the mask tile.
+constexpr int smem_bytes(int kD, int mask) {
+  return (2 * kBlock + 4 * tile(kD)) * (kD + kPad) * 2 + kBlock * (tile(kD) + kPad) * 2 + 2 * 3 * tile(kD) * 4 +
+         kBlock * 4 + (mask == fwd::kAnyMask ? tile(kD) * kMaskLd * 4 : 0);
 }
 }  // namespace bwd
 
-// The key bias of key j (key_bias) with the no-mask case decided at run time.
+// The key bias of key j (key_bias, raw units) with the no-mask case decided at run time.
 template <typename T>
 __device__ __forceinline__ float key_bias_bwd(const Params& p, int64_t mbase, int j, int Lk) {
-  return p.mask == nullptr ? key_bias<T, fwd::kNoMask>(p, mbase, j, Lk, fwd::kLog2e)
-                           : key_bias<T, fwd::kKeyMask>(p, mbase, j, Lk, fwd::kLog2e);
-}
-
-// The base-2 logit of query i, key j under a per-element mask: acc * sl2 + mask * log2 e, or -inf
-// where masked or out of range (the mask is never read there).
-template <typename T>
-__device__ __forceinline__ float logit2_any(const Params& p, int64_t mbase, int i, int j, int Lq, int Lk, float acc,
-                                            float sl2) {
-  if (i >= Lq || j >= Lk) return -INFINITY;
-  const int64_t off = mbase + i * p.mq + j * p.mk;
-  if (p.mask_kind == 1) return static_cast<const uint8_t*>(p.mask)[off] ? acc * sl2 : -INFINITY;
-  const float m = p.mask_kind == 2 ? static_cast<const float*>(p.mask)[off]
-                                   : Half16<T>::to_float(static_cast<const uint16_t*>(p.mask)[off]);
-  return m > p.mask_lowest ? fmaf(m, fwd::kLog2e, acc * sl2) : -INFINITY;  // NaN masks too
-}
-
-// lse (base 2) and delta of query i: lse = +inf for a row out of range or fully masked (the
-// forward's max -inf, 1 / sum 0), so that 2^(z - lse) is 0 there and never inf * 0.
-__device__ __forceinline__ float2 row_stats(const Params& p, int b, int h, const Seq& seq, int i) {
-  if (i >= seq.Lq) return make_float2(INFINITY, 0.f);
-  const int64_t off = b * p.st_b + h * p.st_h + seq.tok0 + i;
-  const float mx = p.stats[off], inv = p.stats[p.plane + off];
-  const float lse = mx == -INFINITY || !(inv > 0.f) ? INFINITY : mx * fwd::kLog2e - log2f(inv);
-  return make_float2(lse, p.delta[off]);
+  return p.mask == nullptr ? key_bias<T, fwd::kNoMask>(p, mbase, j, Lk, p.inv_scale)
+                           : key_bias<T, fwd::kKeyMask>(p, mbase, j, Lk, p.inv_scale);
 }
 
 // The block's turn at a query tile's dQ accumulator: the key blocks of one (b, h) add their parts
@@ -853,36 +924,70 @@ __device__ __forceinline__ void wait_turn(const int* sem, int kb) {
 #endif
 }
 
-// Adds a staged kM x kD fp32 dQ part (smem, row stride LDQ) to the accumulator rows m0.. of (b, h):
-// the first key block writes them, the last writes dQ * scale in T instead (both: dQ directly).
-template <typename T, int kD, int kM, int LDQ>
-__device__ __forceinline__ void add_dq(const Params& p, const float* stage, int b, int h, const Seq& seq, int m0,
-                                       bool first, bool last) {
+// Adds a staged kM x kD fp32 dQ part (smem, row stride LDQ) to the accumulator's rows at acc: rows
+// of kD floats, query tiles whole, so no bounds checks (the padding is never read). The offsets
+// are immediates from one address per thread.
+template <int kD, int kM, int LDQ, int kI = 0>
+__device__ __forceinline__ void add_dq(float4* acc, const float* stage) {
   constexpr int kC = kD / 4;  // float4 chunks per row
-  float* acc = p.dq_acc + b * p.sacc.b + h * p.sacc.h + (seq.tok0 + m0) * p.sacc.s;
-  uint16_t* out = static_cast<uint16_t*>(p.dq) + b * p.sdq.b + h * p.sdq.h + (seq.tok0 + m0) * p.sdq.s;
-  const int rows = seq.Lq - m0 < kM ? seq.Lq - m0 : kM;
-#pragma unroll
-  for (int c = threadIdx.x; c < kM * kC; c += kThreads) {
-    const int r = c / kC, col = (c % kC) * 4;
-    if (r >= rows || col >= p.D) continue;
-    float4 v = *reinterpret_cast<const float4*>(stage + r * LDQ + col);
-    float4* a = reinterpret_cast<float4*>(acc + r * p.sacc.s + col);  // rows of D rounded up to 4
-    if (!first) {
+  if constexpr (kThreads % kC != 0) {  // (kD = 80: rows of 20 chunks, addresses per chunk)
+    for (int c = threadIdx.x; c < kM * kC; c += kThreads) {
+      const int r = c / kC, col = (c % kC) * 4;
+      float4 v = *reinterpret_cast<const float4*>(stage + r * LDQ + col);
+      float4* a = reinterpret_cast<float4*>(reinterpret_cast<float*>(acc) + r * kD + col);
       const float4 prev = ptx::ld_cg(a);
       v.x += prev.x, v.y += prev.y, v.z += prev.z, v.w += prev.w;
-    }
-    if (!last) {
       ptx::st_cg(a, v);
-      continue;
     }
-    uint16_t* o = out + r * p.sdq.s + col;
-    if (p.D % 4 == 0) {  // then every stride of dq is a multiple of 4 too: one 8-byte store
-      *reinterpret_cast<uint2*>(o) =
-          make_uint2(Half16<T>::pack(v.x * p.scale, v.y * p.scale), Half16<T>::pack(v.z * p.scale, v.w * p.scale));
-    } else {
-      const float x[4] = {v.x, v.y, v.z, v.w};
-      for (int e = 0; e < 4 && col + e < p.D; ++e) o[e] = Half16<T>::bits(x[e] * p.scale);
+  } else if constexpr (kI == 0) {  // the thread's first chunk; the others kThreads chunks apart
+    const int r = threadIdx.x / kC, col = threadIdx.x % kC * 4;
+    add_dq<kD, kM, LDQ, 1>(reinterpret_cast<float4*>(reinterpret_cast<float*>(acc) + r * kD + col),
+                           stage + r * LDQ + col);
+  } else if constexpr ((kI - 1) * kThreads < kM * kC) {
+    constexpr int c = (kI - 1) * kThreads;
+    constexpr int kAt = c / kC * kD * 4 + c % kC * 16;  // bytes from the first chunk
+    if (kM * kC % kThreads == 0 || static_cast<int>(threadIdx.x) + c < kM * kC) {
+      float4 v = *reinterpret_cast<const float4*>(stage + c / kC * LDQ + c % kC * 4);
+      const float4 prev = ptx::ld_cg_at<kAt>(acc);
+      v.x += prev.x, v.y += prev.y, v.z += prev.z, v.w += prev.w;
+      ptx::st_cg_at<kAt>(acc, v);
+    }
+    add_dq<kD, kM, LDQ, kI + 1>(acc, stage);
+  }
+}
+
+// dQ = the accumulator * scale in T: one thread per 4 values of a row.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params p) {
+  constexpr int kC = kD / 4;
+  const int b = blockIdx.z, h = blockIdx.y, e = blockIdx.x * kThreads + threadIdx.x, i = e / kC, col = e % kC * 4;
+  const Seq seq = seq_of(p, b);
+  if (i >= seq.Lq || col >= p.D) return;
+  const float4 v = *reinterpret_cast<const float4*>(p.dq_acc + b * p.sacc.b + h * p.sacc.h + i * kD + col);
+  uint16_t* o = static_cast<uint16_t*>(p.dq) + b * p.sdq.b + h * p.sdq.h + (seq.tok0 + i) * p.sdq.s + col;
+  const float s = p.scale;
+  if (p.D % 4 == 0) {  // then every stride of dq is a multiple of 4 too: one 8-byte store
+    *reinterpret_cast<uint2*>(o) = make_uint2(Half16<T>::pack(v.x * s, v.y * s), Half16<T>::pack(v.z * s, v.w * s));
+  } else {
+    const float x[4] = {v.x, v.y, v.z, v.w};
+    for (int k = 0; k < 4 && col + k < p.D; ++k) o[k] = Half16<T>::bits(x[k] * s);
+  }
+}
+
+// acc[jd] += A times B, A = the kK x 16-bit fragments in a (C-layout pairs packed, as mma_pb
+// packs them), B = the kK x kD row-major smem tile sb.
+template <typename T, int kD, int kK, int LD>
+__device__ __forceinline__ void mma_packed_b(float (&acc)[kD / 8][4], const uint32_t (&a)[kK / 16][4],
+                                             const uint16_t* sb, int lane) {
+  const uint16_t* pv = sb + bt_frag_offset<LD>(lane);
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+#pragma unroll
+    for (int dp = 0; dp < kD / 16; ++dp) {
+      uint32_t bv[4];
+      ptx::ldmatrix<4, true>(bv, pv + 16 * kk * LD + 16 * dp);
+      Half16<T>::mma(acc[2 * dp], a[kk], bv[0], bv[1]);
+      Half16<T>::mma(acc[2 * dp + 1], a[kk], bv[2], bv[3]);
     }
   }
 }
@@ -891,13 +996,13 @@ __device__ __forceinline__ void add_dq(const Params& p, const float* stage, int 
 // streaming tiles of kM queries. With keys as rows: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO,
 // dK += dS^T Q, and the tile's dQ part dS K, which goes through shared memory (dS^T, keys as
 // rows) so that each warp takes 16 queries and its share of the head dim over all 64 keys. The
-// parts are summed in fp32 in key-block order (wait_turn): the first block writes the accumulator,
-// the last one writes dQ * scale in T. No separate dQ pass recomputing S and dP. (Launch bounds
-// with min 1 block: without it ptxas capped the former dK/dV kernel at 168 registers on sm_80 and
-// spilled at D = 32 and 80.)
+// parts are summed in fp32 in key-block order (wait_turn). No separate dQ pass recomputing S and
+// dP. (Launch bounds with min 1 block: without it ptxas capped the former dK/dV kernel at 168
+// registers on sm_80 and spilled at D = 32 and 80.)
 template <typename T, int kD, int kMask, bool kDropout>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Params p) {
   constexpr int kN = bwd::kBlock, kM = bwd::tile(kD), LD = kD + kPad, LDS = kM + kPad, LDQ = kD + 4, kMT = kM / 8;
+  constexpr int LDM = bwd::kMaskLd;
   static_assert(kM * LDQ * 4 <= 2 * kM * LD * 2, "the staged dQ tile fits one Q / dO buffer pair");
   // dQ = dS K: kM / 16 m16 tiles of queries; the warps on one tile split the head dim's 16-wide pairs.
   constexpr int kQTiles = kM / 16, kParts = kWarps / kQTiles, kPairs = kD / 16,
@@ -907,16 +1012,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Params
   uint16_t* sV = sK + kN * LD;                       // [kN][LD]
   uint16_t* sQ = sV + kN * LD;                       // [2][Q [kM][LD], dO [kM][LD]]
   uint16_t* sDO = sQ + kM * LD;
-  uint16_t* sDS = sQ + 4 * kM * LD;                  // [kN][LDS]: dS^T of the current tile
-  float2* sStat = reinterpret_cast<float2*>(sDS + kN * LDS);  // [2][kM]: (lse, delta) per query
-  float* sBias = reinterpret_cast<float*>(sStat + 2 * kM);     // [kN]: the keys' base-2 bias
+  uint16_t* sDS = sQ + 4 * kM * LD;  // [kN][LDS]: dS^T of the current tile
+  // [2][kM * 3] per tile: -lse2 per query, then the quads (-delta 2c, -delta 2c + 1, same) per query pair
+  float* sStat = reinterpret_cast<float*>(sDS + kN * LDS);
+  float* sBias = sStat + 2 * 3 * kM;  // [kN]: the keys' bias (raw units)
+  float* sMask = sBias + kN;          // [kM][LDM]: any 4-D mask's tile (queries x the block's keys)
 
   const int b = blockIdx.z, h = blockIdx.y, kb = blockIdx.x, n0 = kb * kN;
   const Seq seq = seq_of(p, b);
   if (n0 >= seq.Lk) return;
   // (from the unsigned thread index: shifts and masks, and ptxas kept them out of local memory)
   const int tid = threadIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = threadIdx.x % 4;
-  const int row0 = warp * 16, key0 = n0 + row0 + g;  // the thread's keys: key0, key0 + 8
+  const int row0 = warp * 16;  // the warp's keys: row0 + g, + 8 of the block
   const bool first = kb == 0, last = n0 + kN >= seq.Lk;  // the first / last key block of the sequence
   const int qt = warp % kQTiles, part = warp / kQTiles;  // the warp's dQ rows 16 qt.. and its part of D
 
@@ -924,25 +1031,44 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Params
   Dropout drop{};
   if constexpr (kDropout) drop = make_dropout(p.seed, p.thresh);
   const int64_t drow = (static_cast<int64_t>(b) * p.H + h) * p.row_stride;
-  // The keys' base-2 bias (no mask or a per-key mask), read from shared memory in the loop: two
-  // registers less across it kept the D = 64 kernels from spilling.
   if constexpr (kMask != fwd::kAnyMask) {
     if (tid < kN) sBias[tid] = key_bias_bwd<T>(p, mbase, n0 + tid, seq.Lk);
   }
+  // (kD > 64: the mask's and row statistics' addresses from the parameters at each use, which kept
+  // ptxas from spilling there; at kD <= 64 from ones held across the loop, where the former spilled)
+  constexpr bool kRecompute = kD > 64;
+  // The 4-D mask: rows = queries, columns = the block's keys (its rows hold them: any_mask_f32).
+  auto mask_copy = [&](int m) {
+    MaskTile<kM, kN, LDM>{static_cast<const float*>(p.mask) + (kRecompute ? b * p.mb + h * p.mh : mbase) + n0,
+                          static_cast<int>(p.mq), m, seq.Lq, sMask}
+        .template copy<false>(0, kN);
+  };
+  // The (-lse2, delta) of query i, (-inf, 0) past Lq (attention_bwd_delta_kernel); into buffer buf.
+  const float2* rstat = reinterpret_cast<const float2*>(p.delta) + b * p.st_b + h * p.st_h + seq.tok0;
+  auto load_stat = [&](int i) {
+    if (i >= seq.Lq) return make_float2(-INFINITY, 0.f);
+    return kRecompute ? reinterpret_cast<const float2*>(p.delta)[b * p.st_b + h * p.st_h + seq.tok0 + i] : rstat[i];
+  };
+  auto put_stat = [&](int buf, int i, float2 v) {
+    sStat[buf * 3 * kM + i] = v.x;
+    put_bias(reinterpret_cast<float4*>(sStat + buf * 3 * kM + kM), i, -v.y);
+  };
 
-  // Prologue: K, V and the first Q / dO tile in one group, the first tile's statistics.
+  // Prologue: K, V and the first Q / dO tile (and mask tile) in one group, the first tile's statistics.
   TileCopy<kM, kD, LD> q_copy(at_token(p.q, p.sq, b, h, seq.tok0), p.sq.s, p.D),
       do_copy(at_token(p.dout, p.sdo, b, h, seq.tok0), p.sdo.s, p.D);
-  TileCopy<kN, kD, LD>(at_token(p.k, p.sk, b, h, seq.tok0 + n0), p.sk.s, p.D).copy(sK, seq.Lk - n0, p.D, p.vk);
-  TileCopy<kN, kD, LD>(at_token(p.v, p.sv, b, h, seq.tok0 + n0), p.sv.s, p.D).copy(sV, seq.Lk - n0, p.D, p.vv);
-  q_copy.copy(sQ, seq.Lq, p.D, p.vq);
-  do_copy.copy(sDO, seq.Lq, p.D, p.vdo);
+  TileCopy<kN, kD, LD>(at_token(p.k, p.sk, b, h, seq.tok0 + n0), p.sk.s, p.D).copy(sK, seq.Lk - n0, p.D, true);
+  TileCopy<kN, kD, LD>(at_token(p.v, p.sv, b, h, seq.tok0 + n0), p.sv.s, p.D).copy(sV, seq.Lk - n0, p.D, true);
+  q_copy.copy(sQ, seq.Lq, p.D, true);
+  do_copy.copy(sDO, seq.Lq, p.D, true);
+  if constexpr (kMask == fwd::kAnyMask) mask_copy(0);
   ptx::cp_async_commit();
-  if (tid < kM) sStat[tid] = row_stats(p, b, h, seq, tid);
+  if (tid < kM) put_stat(0, tid, load_stat(tid));
   ptx::cp_async_wait<0>();
   __syncthreads();
 
-  const float sl2 = p.scale * fwd::kLog2e;
+  const float sl2 = p.scale_log2;
+  constexpr bool kEarlyStat = !kDropout && (kD <= 64 || kMask != fwd::kAnyMask);  // (see put_stat below)
   const int sem0 = (b * p.H + h) * p.q_tiles;  // this (b, h)'s first query tile in dq_sem
   float dk[kD / 8][4] = {}, dv[kD / 8][4] = {};
   for (int m0 = 0, buf = 0; m0 < seq.Lq; m0 += kM, buf ^= 1) {
@@ -951,19 +1077,47 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Params
     if (more) {
       q_copy.next();
       do_copy.next();
-      q_copy.copy(sQ + (buf ^ 1) * 2 * kM * LD, seq.Lq - m0 - kM, p.D, p.vq);
-      do_copy.copy(sDO + (buf ^ 1) * 2 * kM * LD, seq.Lq - m0 - kM, p.D, p.vdo);
+      q_copy.copy(sQ + (buf ^ 1) * 2 * kM * LD, seq.Lq - m0 - kM, p.D, true);
+      do_copy.copy(sDO + (buf ^ 1) * 2 * kM * LD, seq.Lq - m0 - kM, p.D, true);
     }
     ptx::cp_async_commit();
     float2 next_stat = make_float2(0.f, 0.f);
-    if (more && tid < kM) next_stat = row_stats(p, b, h, seq, m0 + kM + tid);
+    if (more && tid < kM) next_stat = load_stat(m0 + kM + tid);
 
     const uint16_t* cQ = sQ + buf * 2 * kM * LD;
     const uint16_t* cDO = sDO + buf * 2 * kM * LD;
-    const float2* stat = sStat + buf * kM;
-    float st[kMT][4] = {}, dpt[kMT][4] = {};
+    const float* nlse = sStat + buf * 3 * kM;
+    const float4* ndelta = reinterpret_cast<const float4*>(nlse + kM);
+    // S^T from the keys' bias (rows g, g + 8) or the mask tile; dP^T from -delta without dropout.
+    float st[kMT][4], dpt[kMT][4];
+    if constexpr (kMask != fwd::kAnyMask) {
+      const float b0 = sBias[row0 + g], b1 = sBias[row0 + g + 8];
+#pragma unroll
+      for (int j = 0; j < kMT; ++j) st[j][0] = st[j][1] = b0, st[j][2] = st[j][3] = b1;
+    } else {
+#pragma unroll
+      for (int j = 0; j < kMT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          st[j][e] = mask_raw(sMask[(8 * j + 2 * t + (e & 1)) * LDM + row0 + g + 8 * (e / 2)], p.inv_scale);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kMT; ++j) {
+      if constexpr (kDropout) {
+        dpt[j][0] = dpt[j][1] = dpt[j][2] = dpt[j][3] = 0.f;
+      } else {
+        const float4 d4 = ndelta[4 * j + t];
+        dpt[j][0] = d4.x, dpt[j][1] = d4.y, dpt[j][2] = d4.z, dpt[j][3] = d4.w;
+      }
+    }
     mma_abt<T, kD, kM, LD>(st, sK, row0, cQ, lane);
     mma_abt<T, kD, kM, LD>(dpt, sV, row0, cDO, lane);
+    // (the other buffer's statistics were last read before the previous tile's final barrier;
+    // stored here, or at the end (kEarlyStat): where ptxas did not spill)
+    if (kEarlyStat && more && tid < kM) put_stat(buf ^ 1, tid, next_stat);
+    uint32_t pa[kM / 16][4], da[kM / 16][4];  // P^T (after dropout) and dS^T as 16-bit A fragments
 #pragma unroll
     for (int j = 0; j < kMT; ++j) {
       uint32_t keep = 0;
@@ -978,36 +1132,38 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Params
         keep |= __shfl_xor_sync(kFull, keep, 4);
         keep |= __shfl_xor_sync(kFull, keep, 8);
       }
-      const float4 s01 = *reinterpret_cast<const float4*>(stat + 8 * j + 2 * t);  // queries 2t, 2t + 1
+      const float2 nl = *reinterpret_cast<const float2*>(nlse + 8 * j + 2 * t);  // queries 2t, 2t + 1
+      float pd[4], ds[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e / 2, x = e & 1;  // key row key0 + 8r, query column 8j + 2t + x
-        const float2 s = x ? make_float2(s01.z, s01.w) : make_float2(s01.x, s01.y);
-        float z;
-        if constexpr (kMask == fwd::kAnyMask) {
-          z = logit2_any<T>(p, mbase, m0 + 8 * j + 2 * t + x, key0 + 8 * r, seq.Lq, seq.Lk, st[j][e], sl2);
-        } else {
-          z = fmaf(st[j][e], sl2, sBias[row0 + g + 8 * r]);
-        }
-        const float prob = ptx::ex2(z - s.x);
-        float dp = dpt[j][e], pd = prob;
+        const float prob = ptx::ex2(fmaf(st[j][e], sl2, x ? nl.y : nl.x));
         if constexpr (kDropout) {
+          const float delta = -(x ? ndelta[4 * j + t].y : ndelta[4 * j + t].x);
           const bool kept = (keep >> (4 * (x + 2 * r) + g % 4)) & 1u;
-          pd = kept ? prob * p.keep_scale : 0.f;
-          dp = kept ? dp * p.keep_scale : 0.f;
+          pd[e] = kept ? prob * p.keep_scale : 0.f;
+          ds[e] = prob * ((kept ? dpt[j][e] * p.keep_scale : 0.f) - delta);
+        } else {
+          pd[e] = prob;
+          ds[e] = prob * dpt[j][e];
         }
-        st[j][e] = pd;                   // P^T after dropout: dV's operand
-        dpt[j][e] = prob * (dp - s.y);  // dS^T: dK's operand
       }
+      pa[j / 2][2 * (j % 2)] = Half16<T>::pack(pd[0], pd[1]);
+      pa[j / 2][2 * (j % 2) + 1] = Half16<T>::pack(pd[2], pd[3]);
+      da[j / 2][2 * (j % 2)] = Half16<T>::pack(ds[0], ds[1]);
+      da[j / 2][2 * (j % 2) + 1] = Half16<T>::pack(ds[2], ds[3]);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        *reinterpret_cast<uint32_t*>(sDS + (row0 + g + 8 * r) * LDS + 8 * j + 2 * t) =
-            Half16<T>::pack(dpt[j][2 * r], dpt[j][2 * r + 1]);
+        *reinterpret_cast<uint32_t*>(sDS + (row0 + g + 8 * r) * LDS + 8 * j + 2 * t) = da[j / 2][2 * (j % 2) + r];
       }
     }
-    mma_pb<T, kD, kM, LD>(dv, st, cDO, lane);
-    mma_pb<T, kD, kM, LD>(dk, dpt, cQ, lane);
-    __syncthreads();  // dS^T of all 64 keys is in sDS
+    mma_packed_b<T, kD, kM, LD>(dv, pa, cDO, lane);
+    mma_packed_b<T, kD, kM, LD>(dk, da, cQ, lane);
+    __syncthreads();  // dS^T of all 64 keys is in sDS; every warp is done with the mask tile
+    if constexpr (kMask == fwd::kAnyMask) {
+      if (more) mask_copy(m0 + kM);
+      ptx::cp_async_commit();
+    }
 
     // dQ part = dS K: A from dS^T with ldmatrix.trans (matrices of keys x queries), B from K as
     // in P V. The warp's pairs of n8 tiles: part * kPairsPer + i, below kPairs. Staged in fp32
@@ -1041,16 +1197,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Params
     }
     if (!first && tid == 0) wait_turn(p.dq_sem + sem0 + m0 / kM, kb);
     __syncthreads();  // the staged tile is complete, and it is this block's turn
-    add_dq<T, kD, kM, LDQ>(p, reinterpret_cast<const float*>(sQ + buf * 2 * kM * LD), b, h, seq, m0, first, last);
+    add_dq<kD, kM, LDQ>(reinterpret_cast<float4*>(p.dq_acc + b * p.sacc.b + h * p.sacc.h + m0 * kD),
+                        reinterpret_cast<const float*>(sQ + buf * 2 * kM * LD));
 
-    if (more && tid < kM) sStat[(buf ^ 1) * kM + tid] = next_stat;
+    if (!kEarlyStat && more && tid < kM) put_stat(buf ^ 1, tid, next_stat);
     ptx::cp_async_wait<0>();
     ptx::fence_gpu();  // this block's accumulator writes, before the next block's turn
     __syncthreads();  // the next tile is in; every thread is done with this one
     if (tid == 0 && !last) ptx::st_release(p.dq_sem + sem0 + m0 / kM, kb + 1);
   }
 
-  const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};
+  // dK = |scale| dS^T Q': the kernel's q is sign(scale) q (the host negates or zeroes it).
+  const float one[2] = {1.f, 1.f}, scale[2] = {fabsf(p.scale), fabsf(p.scale)};
   store_rows<T, kD>(static_cast<uint16_t*>(p.dv) + b * p.sdv.b + h * p.sdv.h + (seq.tok0 + n0) * p.sdv.s, p.sdv.s,
                     row0, seq.Lk - n0, p.D, dv, one, g, t);
   store_rows<T, kD>(static_cast<uint16_t*>(p.dk) + b * p.sdk.b + h * p.sdk.h + (seq.tok0 + n0) * p.sdk.s, p.sdk.s,
@@ -1244,12 +1402,57 @@ int mask_kind(const Params& p) {
   return per_key ? fwd::kKeyMask : fwd::kAnyMask;
 }
 
+// Points an any-mask kernel (kAnyMask) at the fp32 mask it reads (MaskTile): the mask itself when it
+// is fp32 with unit key stride, rows 16-byte aligned and readable up to S_k rounded up to 64 (the
+// backward copies whole 64-key tiles), and -FLT_MAX * inv_scale overflows to -inf (mask_raw's
+// masked values); else a copy of its own elements (broadcast dims stay stride 0, nothing is
+// materialised over them): -inf where masked (false, <= lowest, NaN), the value as fp32 elsewhere,
+// rows padded with -inf to a multiple of 64. Returns the copy (kept alive by the plan), or an
+// undefined tensor.
+at::Tensor any_mask_f32(Params& p, const std::optional<at::Tensor>& mask) {
+  if (mask_kind(p) != fwd::kAnyMask) return {};
+  const at::Tensor& m = *mask;
+  const volatile float lowest_raw = -FLT_MAX * p.inv_scale;
+  const bool direct = m.scalar_type() == at::kFloat && m.stride(3) == 1 && p.S_k % 64 == 0 && p.mb % 4 == 0 &&
+                      p.mh % 4 == 0 && p.mq % 4 == 0 && is_aligned(m.const_data_ptr(), 16) && std::isinf(lowest_raw) &&
+                      p.S_q * p.mq <= std::numeric_limits<int>::max();
+  at::Tensor copy;
+  if (!direct) {
+    at::Tensor u = m;  // the mask's own elements: broadcast dims (stride 0) narrowed to one
+    for (int d = 0; d < 3; ++d) {
+      if (u.stride(d) == 0 && u.size(d) > 1) u = u.narrow(d, 0, 1);
+    }
+    const int64_t S_k = m.size(3), S_k64 = ceil_div<int64_t>(S_k, 64) * 64;
+    BK_CHECK(p.S_q * S_k64 <= std::numeric_limits<int>::max(), "attention: a 4-D mask of more than 2^31 elements per ",
+             "(batch, head) plane");
+    // (-inf past S_k: the backward's P of those keys is 0, never 2^(-lse) of a row whose logits are
+    // all very negative, which overflows)
+    at::Tensor f = at::full({u.size(0), u.size(1), u.size(2), S_k64}, -INFINITY, m.options().dtype(at::kFloat))
+                       .narrow(3, 0, S_k);
+    if (m.scalar_type() == at::kBool) {
+      f.zero_().masked_fill_(u.logical_not(), -INFINITY);
+    } else {
+      f.copy_(u).masked_fill_(u.gt(p.mask_lowest).logical_not(), -INFINITY);  // NaN compares false
+    }
+    copy = f.expand(m.sizes());
+    p.mask = copy.const_data_ptr();
+    p.mb = copy.stride(0);
+    p.mh = copy.stride(1);
+    p.mq = copy.stride(2);
+    p.mk = copy.stride(3);
+  }
+  p.mask_kind = 2;
+  p.mask_lowest = std::numeric_limits<float>::lowest();
+  return copy;
+}
+
 struct FwdPlan {
   Params p;
   int64_t B;
   int mask;  // fwd::Mask
   at::Tensor out, stats;
   at::Tensor padded[3];  // q, k, v copies the forward reads instead (see plan_fwd)
+  at::Tensor mask_f32;   // any_mask_f32's copy
 };
 
 FwdPlan plan_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
@@ -1274,6 +1477,7 @@ FwdPlan plan_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   p.so = strides_of(plan.out, varlen);
   p.vo = vec_ok(plan.out, p.so, p.D);
   plan.mask = mask_kind(p);
+  plan.mask_f32 = any_mask_f32(p, mask);
   // The forward kernel copies Q, K, V in 16-byte chunks only (no element path in its key loop):
   // an input that does not allow them (D % 8 != 0, a stride or address not a multiple of 8
   // elements / 16 bytes) is read from a contiguous copy, zero-padded to D rounded up to 8.
@@ -1316,7 +1520,9 @@ struct BwdPlan {
   Params p;
   int64_t B;
   at::Tensor dq, dk, dv, delta, stats;
-  at::Tensor dq_acc, dq_sem;  // the ordered dQ accumulation (more than one key block only)
+  at::Tensor dq_acc, dq_sem;  // the ordered dQ accumulation (dq_sem: more than one key block only)
+  at::Tensor padded[4];       // q, k, v, grad copies the gradient kernel reads instead (see plan_bwd)
+  at::Tensor mask_f32;        // any_mask_f32's copy
 };
 
 BwdPlan plan_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -1350,19 +1556,39 @@ BwdPlan plan_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& 
     plan.dq = at::empty({total, H, D}, q.options());
     plan.dk = at::empty({total, H, D}, q.options());
     plan.dv = at::empty({total, H, D}, q.options());
-    plan.delta = at::empty({H, total}, q.options().dtype(at::kFloat));
+    plan.delta = at::empty({H, total, 2}, q.options().dtype(at::kFloat));
   } else {
     plan.dq = bshd_empty(plan.B, p.S_q, H, D, q.options());
     plan.dk = bshd_empty(plan.B, p.S_k, H, D, q.options());
     plan.dv = bshd_empty(plan.B, p.S_k, H, D, q.options());
-    plan.delta = at::empty({plan.B, H, p.S_q}, q.options().dtype(at::kFloat));
+    plan.delta = at::empty({plan.B, H, p.S_q, 2}, q.options().dtype(at::kFloat));
   }
-  p.delta = plan.delta.data_ptr<float>();  // laid out like one plane of stats (contiguous both)
+  p.delta = plan.delta.data_ptr<float>();  // (-lse2, delta) pairs, laid out like one plane of stats
   p.out = out.const_data_ptr();
   p.dout = grad.const_data_ptr();
   p.so = strides_of(out, varlen);
   p.sdo = strides_of(grad, varlen);
   p.vdo = vec_ok(grad, p.sdo, p.D);
+  // The gradient kernel copies Q, dO, K, V in 16-byte chunks only (as the forward; plan_fwd), from
+  // zero-padded copies where needed, and takes q as sign(scale) q (zeros for a scale of 0) with
+  // |scale| (its logits in raw units need a positive scale; dK is |scale| dS^T sign(scale) q).
+  {
+    const int64_t D8 = ceil_div<int64_t>(D, 8) * 8;
+    const at::Tensor* in[4] = {&q, &k, &v, &grad};
+    const void** ptrs[4] = {&p.q, &p.k, &p.v, &p.dout};
+    Strides* strides[4] = {&p.sq, &p.sk, &p.sv, &p.sdo};
+    bool* vec[4] = {&p.vq, &p.vk, &p.vv, &p.vdo};
+    for (int i = 0; i < 4; ++i) {
+      const bool flip = i == 0 && !(p.scale > 0.f);
+      if ((*vec[i] && !flip) || in[i]->numel() == 0) continue;
+      plan.padded[i] = at::constant_pad_nd(*in[i], {0, D8 - D}).contiguous();
+      if (flip) plan.padded[i] = p.scale < 0.f ? plan.padded[i].neg() : plan.padded[i].mul(0);  // (not in place)
+      *ptrs[i] = plan.padded[i].const_data_ptr();
+      *strides[i] = strides_of(plan.padded[i], varlen);
+      *vec[i] = true;
+    }
+  }
+  plan.mask_f32 = any_mask_f32(p, mask);
   p.dq = plan.dq.data_ptr();
   p.dk = plan.dk.data_ptr();
   p.dv = plan.dv.data_ptr();
@@ -1374,21 +1600,27 @@ BwdPlan plan_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& 
     plan.dv.zero_();
   }
   if (p.S_k == 0) plan.dq.zero_();  // queries with no key (no key block runs)
-  // Sequences of more than one key block sum their dQ parts in an fp32 accumulator, in key-block
-  // order (see attention_bwd_kernel); its rows are D rounded up to 4 (float4 accesses).
-  p.q_tiles = static_cast<int>(ceil_div<int64_t>(p.S_q, D <= 64 ? bwd::tile(64) : bwd::tile(128)));
-  if (p.S_k > bwd::kBlock && plan.dq.numel() > 0) {
-    const int64_t Dp = ceil_div<int64_t>(D, 4) * 4, rows = varlen ? total : plan.B * p.S_q;
-    plan.dq_acc = at::empty({rows * H * Dp}, q.options().dtype(at::kFloat));
-    plan.dq_sem = at::empty({plan.B * H * p.q_tiles}, q.options().dtype(at::kInt)).zero_();
+  // The key blocks sum their dQ parts in a zeroed fp32 accumulator, in key-block order (see
+  // attention_bwd_kernel): [B, H, query tiles x tile rows, kD] (whole tiles and rows of the padded
+  // head dim: no bounds checks), turned into dQ by attention_bwd_dq_kernel.
+  int kD = 0;
+  with_head_dim(p.D, [&](auto hd) { kD = decltype(hd)::value; });
+  const int tile = bwd::tile(kD);
+  p.q_tiles = static_cast<int>(ceil_div<int64_t>(p.S_q, tile));
+  if (p.S_k > 0 && plan.dq.numel() > 0) {
+    const int64_t Sp = static_cast<int64_t>(p.q_tiles) * tile;
+    plan.dq_acc = at::zeros({plan.B * H * Sp * kD}, q.options().dtype(at::kFloat));
     p.dq_acc = plan.dq_acc.data_ptr<float>();
-    p.dq_sem = plan.dq_sem.data_ptr<int>();
-    p.sacc = varlen ? Strides{0, Dp, H * Dp} : Strides{H * p.S_q * Dp, p.S_q * Dp, Dp};
+    p.sacc = Strides{H * Sp * kD, Sp * kD, kD};
+    if (p.S_k > bwd::kBlock) {
+      plan.dq_sem = at::empty({plan.B * H * p.q_tiles}, q.options().dtype(at::kInt)).zero_();
+      p.dq_sem = plan.dq_sem.data_ptr<int>();
+    }
   }
   return plan;
 }
 
-// delta, then dK, dV and dQ (reading delta).
+// delta, then dK, dV and dQ's accumulator (reading delta), then dQ.
 template <typename Launch>
 void dispatch_bwd(const BwdPlan& plan, Launch&& launch) {
   const Params& p = plan.p;
@@ -1406,10 +1638,11 @@ void dispatch_bwd(const BwdPlan& plan, Launch&& launch) {
           constexpr bool kDrop = decltype(dropout)::value;
           if (p.S_k > 0) {
             launch(attention_bwd_kernel<T, kD, kMask, kDrop>, dim3(ceil_div(p.S_k, bwd::kBlock), p.H, B),
-                   bwd::smem_bytes(kD));
+                   bwd::smem_bytes(kD, kMask));
           }
         });
       });
+      if (p.S_k > 0) launch(attention_bwd_dq_kernel<T, kD>, dim3(ceil_div(p.S_q * (kD / 4), kThreads), p.H, B), 0);
     });
   });
 }

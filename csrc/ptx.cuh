@@ -65,6 +65,21 @@ __device__ __forceinline__ void cp_async(void* dst, const void* src, int src_byt
 #endif
 }
 
+// 16 bytes from src + kOffset bytes, through L1 (.ca): the offset is the instruction's immediate (one
+// address register for a row's chunks), and a row's two 16-byte halves of a 32-byte sector, copied by
+// consecutive instructions, are one L2 read.
+template <int kOffset>
+__device__ __forceinline__ void cp_async_ca16(void* dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1+%3], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes),
+               "n"(kOffset));
+#elif defined(BERTKERN_EMULATE)
+  emu::cp_async(dst, static_cast<const char*>(src) + kOffset, 16, src_bytes);
+#else
+  __trap();
+#endif
+}
+
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
@@ -133,6 +148,30 @@ __device__ __forceinline__ float4 ld_cg(const float4* p) {
 #endif
 }
 
+// ld_cg / st_cg of p + kOffset bytes (the instruction's immediate: one address register for a
+// thread's chunks).
+template <int kOffset>
+__device__ __forceinline__ float4 ld_cg_at(const float4* p) {
+#if defined(__CUDA_ARCH__)
+  float4 v;
+  asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4+%5];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p), "n"(kOffset) : "memory");
+  return v;
+#else
+  return *reinterpret_cast<const float4*>(reinterpret_cast<const char*>(p) + kOffset);
+#endif
+}
+
+template <int kOffset>
+__device__ __forceinline__ void st_cg_at(float4* p, float4 v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.global.cg.v4.f32 [%0+%5], {%1, %2, %3, %4};\n" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w),
+               "n"(kOffset) : "memory");
+#else
+  *reinterpret_cast<float4*>(reinterpret_cast<char*>(p) + kOffset) = v;
+#endif
+}
+
 __device__ __forceinline__ void st_cg(float4* p, float4 v) {
 #if defined(__CUDA_ARCH__)
   asm volatile("st.global.cg.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
@@ -142,13 +181,23 @@ __device__ __forceinline__ void st_cg(float4* p, float4 v) {
 #endif
 }
 
-// A 16-byte shared-memory load as an asm volatile: it stays where it is among the other volatile
+// A 16-byte (8-byte) shared-memory load as an asm volatile: it stays where it is among the other volatile
 // asm (ldmatrix, mma), so that its registers are not held from an earlier point of the loop.
 __device__ __forceinline__ float4 ld_shared_v4(const float4* p) {
 #if defined(__CUDA_ARCH__)
   float4 v;
   asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
                : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(smem_u32(p)));
+  return v;
+#else
+  return *p;
+#endif
+}
+
+__device__ __forceinline__ float2 ld_shared_v2(const float2* p) {
+#if defined(__CUDA_ARCH__)
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(smem_u32(p)));
   return v;
 #else
   return *p;

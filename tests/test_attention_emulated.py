@@ -53,6 +53,16 @@ def test_fp32_mask_and_cross_lengths(cuda):
         check_attention(cuda, q, k, v, mask, rand(1, 2, S_q, 32))
 
 
+@pytest.mark.parametrize("form, scale", [("bhss:soft", 0.3), ("bhss:min", -0.3), ("bhss:soft", 0.0)], ids=str)
+def test_fp32_4d_mask_read_in_place_and_scale_sign(cuda, form, scale):
+    """A contiguous fp32 [B,H,S_q,S_k] mask with S_k a multiple of 64, which the 4-D mask kernels read
+    in place (finfo.min masks, as -inf), under a positive, negative and zero scale (the backward takes
+    q negated or zeroed with |scale|)."""
+    q, k, v = rand(1, 2, 70, 32), rand(1, 2, 128, 32), rand(1, 2, 128, 32)
+    mask = make_mask(form, 1, 2, 70, 128, torch.float32, CPU)
+    check_attention(cuda, q, k, v, mask, rand(1, 2, 70, 32), scale=scale)
+
+
 @pytest.mark.parametrize("D", [16, 48, 64, 100, 128])
 def test_head_dims_and_packed_qkv_views(cuda, D):
     """Every head-dim bucket (32, 64, 80, 128) with D padded up to it, on views of a packed
