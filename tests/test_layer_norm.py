@@ -455,7 +455,8 @@ def emb_eager(ids, pids, tids, word, pos, typ, weight, bias, eps=1e-12, padding_
 # Keys: pids / tids: None (arange(S) / zeros), "given" [B, S], "row" [1, S] (+ 2), "1d" [S] (+ 1),
 # "expanded" (a stride-0 view); typ / pos: the table present; index: the ids' dtype (position ids
 # stay int64: mixed index dtypes); affine: weight and bias; grad: False runs the forward alone (no
-# pre-norm sum stored); B: batch rows (0: no tokens); strided: tables as row views of wider buffers.
+# pre-norm sum stored); B: batch rows (0: no tokens), lead: the ids' leading dims (default (B,));
+# strided: tables as row views of wider buffers.
 EMB_CASES = {
     "all": dict(pids="given", tids="given", typ=True),
     "defaults": dict(pids=None, tids=None, typ=True),
@@ -466,6 +467,7 @@ EMB_CASES = {
     "no-grad": dict(pids="row", tids=None, typ=True, grad=False),
     "strided": dict(pids=None, tids="given", typ=True, strided=True),
     "no-tokens": dict(pids=None, tids=None, typ=True, B=0),
+    "3d-ids": dict(pids="row", tids="given", typ=True, lead=(2, 2)),
 }
 
 
@@ -473,19 +475,20 @@ def check_embedding(backend, device, dtype, case, n, S=9):
     """embedding_layer_norm on `backend` (forward and, unless the case says grad=False, backward through
     autograd) against float64 eager by the 2x rule, outputs poisoned first."""
     c = EMB_CASES[case]
-    B, V, index = c.get("B", 3), 5, c.get("index", torch.int64)  # few ids: many repeats, so table gradients must accumulate
-    ids = torch.randint(0, V, (B, S), device=device).to(index)
-    pids = {"given": torch.randint(0, 12, (B, S), device=device), "row": torch.arange(S, device=device)[None] + 2,
+    V, index = 5, c.get("index", torch.int64)  # few ids: many repeats, so table gradients must accumulate
+    lead = c.get("lead", (c.get("B", 3),))
+    ids = torch.randint(0, V, (*lead, S), device=device).to(index)
+    pids = {"given": torch.randint(0, 12, (*lead, S), device=device), "row": torch.arange(S, device=device)[None] + 2,
             "1d": torch.arange(S, device=device) + 1, None: None}[c["pids"]]
-    tids = {"given": torch.randint(0, 2, (B, S), device=device).to(index),
-            "expanded": torch.zeros((), dtype=index, device=device).expand(B, S), None: None}[c["tids"]]
+    tids = {"given": torch.randint(0, 2, (*lead, S), device=device).to(index),
+            "expanded": torch.zeros((), dtype=index, device=device).expand(*lead, S), None: None}[c["tids"]]
     noncontig = c.get("strided", False)
     tables = {"word": randn(V, n, dtype=dtype, device=device, noncontig=noncontig),
               "pos": randn(12, n, dtype=dtype, device=device, noncontig=noncontig) if c.get("pos", True) else None,
               "typ": randn(2, n, dtype=dtype, device=device, noncontig=noncontig) if c["typ"] else None,
               "weight": (1 + 0.5 * torch.randn(n, device=device)).to(dtype) if c.get("affine", True) else None,
               "bias": (0.5 * torch.randn(n, device=device)).to(dtype) if c.get("affine", True) else None}
-    grad = randn(B, S, n, dtype=dtype, device=device)
+    grad = randn(*lead, S, n, dtype=dtype, device=device)
     pad = 1 if case == "all" else None
     eps = 1e-5  # not BERT's 1e-12: fp16 eager rounds that to 0, and a one-column row has variance 0
 
@@ -508,7 +511,7 @@ def check_embedding(backend, device, dtype, case, n, S=9):
     ref = run(eag_fn, as64(tables), grad.double())
     eag = run(eag_fn, tables, grad)
     check_all(out, ref, eag)
-    assert out[0][0].shape == (B, S, n)
+    assert out[0][0].shape == (*lead, S, n)
     if pad is not None:
         assert (out[1]["word"][pad] == 0).all()
 
