@@ -238,20 +238,24 @@ def test_no_rows(cuda):
     assert dw.shape == db.shape == (16,) and (dw == 0).all() and (db == 0).all()
 
 
-# (dtype, hidden size) for embedding_layer_norm's kernel: test_layer_norm's sizes (1, 7, 384: scalar and
-# vector team paths) in every dtype, float64 (the loop kernel), BERT-base's row (fp16 V8 IT3, fp32 V4
-# IT6: one warp per row) and rows too wide for the registers (the loop kernel in fp16 / fp32).
-EMB_SHAPES = ([(dt, n) for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64) for n in (1, 7, 384)]
-              + [(torch.float16, 768), (torch.float32, 768), (torch.float16, 8200), (torch.float32, 4097)])
+# (dtype, hidden size, case) for embedding_layer_norm's kernel: every test_layer_norm case on the
+# scalar (N = 7) and vector (384) team paths and on the loop kernel (float64); a few cases on one
+# column, BERT-base's row (fp16 V8 IT3, fp32 V4 IT6: one warp per row) and rows too wide for the
+# registers (the loop kernel in fp16 / fp32; cases without column sums, which cost 32 emulated
+# threads per column).
+EMB_PARAMS = (
+    [(dt, n, case) for dt, n in [(torch.float32, 7), (torch.float32, 384), (torch.float16, 7), (torch.float16, 384),
+                                 (torch.bfloat16, 384), (torch.float64, 7)] for case in EMB_CASES]
+    + [(dt, n, case) for dt, n in [(torch.bfloat16, 1), (torch.float16, 768), (torch.float32, 768)]
+       for case in ("all", "no-grad")]
+    + [(dt, n, case) for dt, n in [(torch.float16, 8200), (torch.float32, 4097)] for case in ("word-only", "no-grad")]
+)
 
 
-@pytest.mark.parametrize("dtype,n", EMB_SHAPES, ids=_id)
-@pytest.mark.parametrize("case", list(EMB_CASES))
+@pytest.mark.parametrize("dtype,n,case", EMB_PARAMS, ids=_id)
 def test_embedding_layer_norm(cuda, monkeypatch, dtype, n, case):
     """test_layer_norm's embedding cases on backend="cuda": the forward is the CUDA kernel alone (the
     Triton one raises if called), the backward add_layer_norm_bwd (dweight and dbias included)."""
-    if n > 1000 and case not in ("word-only", "no-grad"):
-        pytest.skip("wide rows: the cases without column sums (each costs 32 emulated threads per column)")
     from bertkern.triton import layer_norm as triton_ln
 
     def no_triton(*args, **kwargs):
