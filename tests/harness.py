@@ -29,6 +29,13 @@ def skip_unless_usable(backend: str, device: str) -> None:
         pytest.skip(why)
 
 
+def gradcheck_fast_mode(backend: str, device: str) -> bool:
+    """gradcheck's fast mode (the Jacobian in one random direction) where the kernels run in the Triton
+    interpreter: the full Jacobian is an interpreted kernel pair per input element, minutes of CI per
+    test. The torch backend and GPUs check the full Jacobian."""
+    return backend == "triton" and device == "cpu"
+
+
 def randn(*shape, dtype=torch.float32, device="cpu", noncontig=False, scale=1.0):
     """Fresh normal inputs; noncontig=True gives a view with a row stride larger than its width."""
     if noncontig:

@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 import bertkern
 from bertkern import reference
-from harness import (DTYPES, assert_close_2x, assert_float8_falls_back_visibly, kernel_backends, poison_allocator,
-                     randn, skip_unless_usable)
+from harness import (DTYPES, assert_close_2x, assert_float8_falls_back_visibly, gradcheck_fast_mode, kernel_backends,
+                     poison_allocator, randn, skip_unless_usable)
 
 SHAPES = [(1, 384), (97, 768), (97, 1023), (5, 3072), (3, 4096), (2, 7, 384)]
 APPROX = ["none", "tanh"]
@@ -74,7 +74,8 @@ def test_bias_gelu_gradcheck(backend, approximate):
     x = torch.randn(9, 33, dtype=torch.float64, device=device, requires_grad=True)
     b = torch.randn(33, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, b: bertkern.ops.bias_gelu(x, b, approximate=approximate, backend=backend), (x, b)
+        lambda x, b: bertkern.ops.bias_gelu(x, b, approximate=approximate, backend=backend), (x, b),
+        fast_mode=gradcheck_fast_mode(backend, device),
     )
 
 

@@ -12,8 +12,8 @@ import torch
 
 import bertkern
 from bertkern import reference
-from harness import (DTYPES, assert_close_2x, assert_float8_falls_back_visibly, kernel_backends, poison_allocator,
-                     randn, skip_unless_usable)
+from harness import (DTYPES, assert_close_2x, assert_float8_falls_back_visibly, gradcheck_fast_mode, kernel_backends,
+                     poison_allocator, randn, skip_unless_usable)
 
 NEG_INF = float("-inf")
 
@@ -361,8 +361,7 @@ def test_gradcheck(backend, dropout_p):
     def f(x, m):
         return torch.ops.bertkern.masked_softmax(x, m, 0.8, dropout_p, seed, backend)[0]
 
-    # (fast mode under the interpreter: a full Jacobian is ~150 kernel calls)
-    assert torch.autograd.gradcheck(f, (x, m), fast_mode=backend == "triton" and device == "cpu")
+    assert torch.autograd.gradcheck(f, (x, m), fast_mode=gradcheck_fast_mode(backend, device))
 
 
 @pytest.mark.parametrize("backend_device", [("torch", "cpu"), *kernel_backends()])
