@@ -55,16 +55,7 @@ MIN_CTAS = 4  # elementwise / row kernels: enough CTAs per SM to keep loads in f
 # Checks the code does not meet yet: (case id, kernel, check). Reported "over target", not failed.
 # tests/test_sass_report.py fails when a check outside this set is over target, and when one in it
 # is met (then take it out: the met target becomes a budget).
-KNOWN_GAPS: set[tuple[str, str, str]] = {
-    # CUDA kernels (csrc/attention.cu; key (arch, kernel, check)), sm_90 fp16 D64:
-    # any 4-D mask: read element by element from global memory with run-time dtype branches, not
-    # yet as a cp.async tile in shared memory (~2570 SASS per 136 HMMA, ~30 per logit; 4.7x)
-    ("sm_90", "attn::attention_fwd_kernel<__half, 64, 2, false>", "issue_ratio"),
-    # the five-GEMM backward: ~1130 SASS per 160 HMMA with no / a per-key mask (1.76x; 5 x 32 HMMA, 32
-    # MUFU per warp and query tile), ~2500 with a 4-D mask read per element (3.9x)
-    ("sm_90", "attn::attention_bwd_kernel<__half, 64, 1, false>", "issue_ratio"),
-    ("sm_90", "attn::attention_bwd_kernel<__half, 64, 2, false>", "issue_ratio"),
-}
+KNOWN_GAPS: set[tuple[str, str, str]] = set()  # none: the CUDA attention's last three went with its mask tiles
 # CUDA kernels (csrc/, not the Triton ones) that spill today: (arch, kernel as shown without
 # "void bertkern::" and its arguments). None since the division slow-path calls went (common.cuh's
 # rcp_in_range); a new spill fails the test until fixed or listed here with its reason.
