@@ -82,8 +82,15 @@ def fixtures(*ops: str):
 
     @pytest.fixture(scope="module")
     def emulated(tmp_path_factory):
+        # One build folder per op for the whole session: under pytest-xdist the workers' temp folders
+        # share a parent, so a second module (test_models_emulated) or worker loads the library the
+        # first built (torch's build holds a file lock there: one builds, the others wait).
+        base = tmp_path_factory.getbasetemp()
+        base = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
         for op in ops:
-            lib = build(op, tmp_path_factory.mktemp(f"{op}_emu"))
+            folder = base / f"{op}_emu"
+            folder.mkdir(exist_ok=True)
+            lib = build(op, folder)
         return lib
 
     @pytest.fixture
