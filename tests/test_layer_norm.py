@@ -542,6 +542,28 @@ def test_embedding_deterministic_mode():
     torch.testing.assert_close(g, want)
 
 
+@pytest.mark.parametrize("backend_device", [p for p in kernel_backends() if p.values[0][0] == "triton"])
+def test_embedding_ids_out_of_range_triton(backend_device):
+    """Rows with an id outside its table (negative or too large, in any of the three) come out NaN and
+    read nothing; the other rows are unaffected (as the CUDA kernel, tests/test_layer_norm_emulated.py).
+    The public op checks the ids of CPU tensors first, so the Triton launcher is called directly."""
+    backend, device = backend_device
+    skip_unless_usable(backend, device)
+    from bertkern.triton import layer_norm as triton_ln
+
+    word, pos, typ = (randn(r, 64, dtype=torch.float16, device=device) for r in (5, 4, 2))
+    ids = torch.tensor([[0, 5, 1, 2], [-1, 4, 3, 0]], dtype=torch.int32, device=device)
+    tids = torch.tensor([[0, 0, 2, 1], [0, 1, 1, 0]], device=device)
+    pids = torch.tensor([[0, 1, 2, 3], [3, 2, -2, 9]], device=device)
+    bad = torch.tensor([[False, True, True, False], [True, False, True, True]], device=device).flatten()
+    y, pre, mean, rstd = triton_ln.embedding_forward((ids, pids, tids), (word, pos, typ), None, None, 1e-5, True)
+    for t in (y, pre, mean, rstd):
+        assert t[bad].isnan().all() and not t[~bad].isnan().any()
+    e = word[ids.long().clamp(0, 4)].double() + typ[tids.clamp(0, 1)].double() + pos[pids.clamp(0, 3)].double()
+    want = F.layer_norm(e.to(torch.float16).double(), (64,), eps=1e-5).flatten(0, 1)
+    assert_close_2x(y[~bad], want[~bad], want[~bad].half(), "y")
+
+
 # ---------------------------------------------------------------- nn modules
 @pytest.mark.parametrize("backend_device", all_backends())
 def test_nn_modules(backend_device):

@@ -501,8 +501,8 @@ def embedding_layer_norm(
     runs the forward as one CUDA C++ kernel (any hidden size) and the LayerNorm backward in CUDA C++.
 
     Ids outside their table raise a ValueError for CPU tensors. On a GPU they are not checked (that
-    costs a host sync): the cuda backend's rows with such an id come out NaN (nothing is read out of
-    bounds), the triton backend reads out of bounds, the torch backend hits torch's device assert.
+    costs a host sync): the cuda and triton backends' rows with such an id come out NaN (nothing is
+    read out of bounds), the torch backend hits torch's device assert.
     """
     if isinstance(word_embeddings, torch.Tensor) and _backend.autocast_enabled(word_embeddings):
         word_embeddings, position_embeddings, token_type_embeddings, weight, bias = _autocast(

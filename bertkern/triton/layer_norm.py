@@ -296,7 +296,7 @@ def _add_ln_bwd_kernel(
 def _emb_ln_fwd_kernel(
     IDS, PIDS, TIDS, WORD, POS, TYPE, W, B, Y, P, MEAN, RSTD,
     M, N, S, s_ids_b, s_ids_s, s_pids_b, s_pids_s, s_tids_b, s_tids_s,
-    stride_word, stride_pos, stride_type, stride_y, stride_p, eps,
+    rows_word, rows_pos, rows_type, stride_word, stride_pos, stride_type, stride_y, stride_p, eps,
     HAS_POS: tl.constexpr, HAS_PIDS: tl.constexpr, HAS_TYPE: tl.constexpr, HAS_TIDS: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_PRENORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -309,20 +309,29 @@ def _emb_ln_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     m = row_ok[:, None] & (cols < N)[None, :]
     acc = tl.float64 if WORD.dtype.element_ty == tl.float64 else tl.float32
+    # A row with an id outside its table reads nothing and comes out NaN (as the CUDA kernel): the
+    # op checks ids only on CPU (a check on a GPU would cost a host sync).
     ids = tl.load(IDS + b * s_ids_b + s * s_ids_s, mask=row_ok, other=0).to(tl.int64)
-    h = tl.load(WORD + ids[:, None] * stride_word + cols[None, :], mask=m, other=0.0).to(acc)
+    id_ok = ids.to(tl.uint64) < rows_word  # negative ids wrap: out of range too
     if HAS_TYPE:  # HF order: word + type, then + position
         if HAS_TIDS:
             tids = tl.load(TIDS + b * s_tids_b + s * s_tids_s, mask=row_ok, other=0).to(tl.int64)
+            id_ok &= tids.to(tl.uint64) < rows_type
         else:
             tids = tl.zeros([BLOCK_M], dtype=tl.int64)
-        h += tl.load(TYPE + tids[:, None] * stride_type + cols[None, :], mask=m, other=0.0).to(acc)
     if HAS_POS:
         if HAS_PIDS:
             pids = tl.load(PIDS + b * s_pids_b + s * s_pids_s, mask=row_ok, other=0).to(tl.int64)
+            id_ok &= pids.to(tl.uint64) < rows_pos
         else:
             pids = s
-        h += tl.load(POS + pids[:, None] * stride_pos + cols[None, :], mask=m, other=0.0).to(acc)
+    # the ids of a bad row are clamped in place (reads stay in bounds), then h is NaN'ed per row
+    h = tl.load(WORD + tl.where(id_ok, ids, 0)[:, None] * stride_word + cols[None, :], mask=m, other=0.0).to(acc)
+    if HAS_TYPE:
+        h += tl.load(TYPE + tl.where(id_ok, tids, 0)[:, None] * stride_type + cols[None, :], mask=m, other=0.0).to(acc)
+    if HAS_POS:
+        h += tl.load(POS + tl.where(id_ok, pids, 0)[:, None] * stride_pos + cols[None, :], mask=m, other=0.0).to(acc)
+    h += tl.where(id_ok, 0.0, float("nan"))[:, None]
     h = h.to(WORD.dtype.element_ty).to(acc)  # rounded as stored (_norm_store)
     _norm_store(h, m, rows, row_ok, cols, N, eps, W, B, Y, P, MEAN, RSTD, stride_y, stride_p,
                 HAS_W, HAS_B, STORE_PRENORM)
@@ -480,6 +489,7 @@ def embedding_forward(ids: tuple, tables: tuple, weight: torch.Tensor | None, bi
         y, prenorm if store_prenorm else y, mean, rstd,
         M, N, S, *_index_view(input_ids),
         *_index_view(position_ids if has_pids else None), *_index_view(token_type_ids if has_tids else None),
+        word.shape[0], pos.shape[0] if pos is not None else 0, typ.shape[0] if typ is not None else 0,
         word.stride(0), pos.stride(0) if pos is not None else 0, typ.stride(0) if typ is not None else 0,
         y.stride(0), N, eps,
         HAS_POS=pos is not None, HAS_PIDS=has_pids, HAS_TYPE=typ is not None, HAS_TIDS=has_tids,
