@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -226,11 +227,13 @@ def warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=4)
 
 
-def resolve(op: str, backend: str | None, device: torch.device, unsupported: str | None = None) -> str:
+def resolve(op: str, backend: str | None, device: torch.device,
+            unsupported: str | Callable[[str], str | None] | None = None) -> str:
     """Pick the backend for one call of `op`.
 
-    `unsupported` is the op's own reason why this input cannot go to a kernel (None if it can);
-    such inputs fall back to torch with a warning.
+    `unsupported` is the op's own reason why this input cannot go to a kernel (None if it can), or a
+    function of the chosen backend giving it (a limit of one backend's kernel); such inputs fall back
+    to torch with a warning, and observe() sees "torch".
     """
     requested = check_name(f"bertkern.ops.{op}", backend)
     if device.type == "meta":
@@ -242,6 +245,8 @@ def resolve(op: str, backend: str | None, device: torch.device, unsupported: str
         if why is not None:
             raise RuntimeError(f"bertkern.ops.{op}: backend={requested!r} is unavailable: {why}")
         chosen = requested
+    if callable(unsupported):
+        unsupported = unsupported(chosen) if chosen != "torch" else None
     if chosen != "torch" and unsupported is not None:
         warn_once(f"bertkern.ops.{op}: falling back to the torch backend: {unsupported}")
         chosen = "torch"

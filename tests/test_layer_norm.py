@@ -564,6 +564,23 @@ def test_embedding_ids_out_of_range_triton(backend_device):
     assert_close_2x(y[~bad], want[~bad], want[~bad].half(), "y")
 
 
+def test_embedding_wider_than_triton_tile_falls_back_visibly(monkeypatch):
+    """A hidden size past the Triton kernel's single tile runs on the torch backend, with a warning,
+    and observe() reports "torch" (what ran), not "triton"."""
+    from bertkern import backend as _backend
+    from bertkern.triton import layer_norm as tk
+
+    skip_unless_usable("triton", "cpu")
+    monkeypatch.setattr(tk, "MAX_BLOCK_N", 64)
+    monkeypatch.setattr(_backend, "_WARNED", set())
+    ids = torch.randint(0, 5, (2, 3))
+    word, pos = torch.randn(5, 100), torch.randn(4, 100)
+    with pytest.warns(UserWarning, match="wider than the embedding kernel"), _backend.observe() as calls:
+        y = bertkern.ops.embedding_layer_norm(ids, None, None, word, pos, None, None, None, backend="triton")
+    assert calls == [("embedding_layer_norm", "torch")]
+    torch.testing.assert_close(y, emb_eager(ids, None, None, word, pos, None, None, None))
+
+
 # ---------------------------------------------------------------- nn modules
 @pytest.mark.parametrize("backend_device", all_backends())
 def test_nn_modules(backend_device):

@@ -511,11 +511,14 @@ def embedding_layer_norm(
     _check_embedding(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
                      token_type_embeddings, weight, bias, eps, padding_idx)
     word = word_embeddings
-    unsupported = None if word.dtype in _backend.KERNEL_DTYPES else f"dtype {word.dtype} has no kernel"
+
+    def unsupported(chosen: str) -> str | None:
+        if word.dtype not in _backend.KERNEL_DTYPES:
+            return f"dtype {word.dtype} has no kernel"
+        # the cuda kernel takes any hidden size: only Triton's single tile limits it
+        return _triton_embedding_unsupported(word.shape[1]) if chosen == "triton" else None
+
     chosen = _backend.resolve("embedding_layer_norm", backend, word.device, unsupported)
-    if chosen == "triton" and (why := _triton_embedding_unsupported(word.shape[1])) is not None:
-        _backend.warn_once(f"bertkern.ops.embedding_layer_norm: falling back to the torch backend: {why}")
-        chosen = "torch"  # the cuda kernel takes any hidden size: only Triton's single tile limits it
     if position_embeddings is None:
         position_ids = None
     if token_type_embeddings is None:
