@@ -167,14 +167,20 @@ def test_cross_lengths_and_head_dim_128(backend):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-def test_many_tiles(backend, monkeypatch):
+@pytest.mark.parametrize("reload_kv", [False, True], ids=["held_kv", "reload_kv"])
+def test_many_tiles(backend, reload_kv, monkeypatch):
     """Many key tiles for the online softmax and many query tiles for the backward, with tails, a
     [B,H,S,S] mask and dropout: 16 x 16 tiles under the interpreter; on a GPU, S = 203 spans four of
-    the 64-row tiles."""
+    the 64-row tiles. The Triton dK/dV kernel both ways: k, v held across its loop or reloaded per
+    step (RELOAD_KV, the sm_80 D = 128 and D = 256 configs)."""
     skip_unless_usable(backend, DEVICE)
     from bertkern.triton import attention as k_mod
 
+    if reload_kv and backend != "triton":
+        pytest.skip("a Triton config")
     monkeypatch.setattr(k_mod, "INTERPRET_BLOCKS", (16, 16))
+    real = k_mod.bwd_config
+    monkeypatch.setattr(k_mod, "bwd_config", lambda *a: ((*real(*a)[0][:4], reload_kv), real(*a)[1]))
     S, D, dt = (203 if GPU else 53), 32, kdtype(backend)
     q, k, v = (rand(1, 2, S, D, dtype=dt, scale=2.0) for _ in range(3))
     mask = make_mask("bhss:min", 1, 2, S, S, dt, DEVICE)

@@ -79,17 +79,7 @@ def case_id(case) -> str:
 
 
 # Known failures, by case_id prefix: reported, not hidden; xfail(strict) fails once they are fixed.
-KNOWN: dict[str, str] = {
-    "sm80-attention-bwd-fp16-D128-S512-additive_padding_dropout":
-        "dK/dV with dropout at D = 128 spills on sm_80 even at 32 x 32 tiles (40 B)",
-    "sm80-attention-bwd-fp16-D128-S512-varlen_dropout":
-        "dK/dV with dropout at D = 128 spills on sm_80 even at 32 x 32 tiles",
-    "sm80-attention-bwd-fp16-D128-S512-bool_padding": "dK/dV at D = 128 with a bool mask spills 8 B on sm_80",
-    "sm80-attention-fwd-fp16-D128-S512-additive_padding_dropout": "forward with dropout at D = 128 spills 16 B on sm_80",
-    "sm80-attention-fwd-bf16-D64-S512-additive_padding_dropout": "bf16 forward with dropout spills on sm_80",
-    "sm90-attention-bwd-fp16-D256-S512-additive_padding_dropout":
-        "dK/dV with dropout at D = 256 spills (64 B even at 16 x 64 tiles)",
-}
+KNOWN: dict[str, str] = {}
 
 
 def _param(case):

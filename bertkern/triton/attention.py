@@ -434,6 +434,17 @@ def _dkdv_step(
 
 
 @triton.jit
+def _load_kv(k_ptr, v_ptr, ok, DOT_F32: tl.constexpr):
+    """The dK / dV program's own [BLOCK_N, BLOCK_D] k and v tiles."""
+    k = tl.load(k_ptr, mask=ok, other=0.0)
+    v = tl.load(v_ptr, mask=ok, other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, STATS, DELTA, DK, DV, MASK, SEED, CU,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
@@ -443,6 +454,7 @@ def _bwd_dkdv_kernel(
     MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, FAST_EXP: tl.constexpr, FOLD: tl.constexpr,
     EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    RELOAD_KV: tl.constexpr,
 ):
     pid_n, b64, h64, tok0, Lq, Lk, offs_d, d_ok = _open(CU, H, S_k, S_q, S_k, D, VARLEN, BLOCK_N, BLOCK_D)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -459,11 +471,10 @@ def _bwd_dkdv_kernel(
         return
     n_ok = offs_n < Lk
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b64 * sk_b + h64 * sk_h + (tok0 + offs_n[:, None]) * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * sv_b + h64 * sv_h + (tok0 + offs_n[:, None]) * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
-    if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k_ptr = K + b64 * sk_b + h64 * sk_h + (tok0 + offs_n[:, None]) * sk_s + offs_d[None, :]
+    v_ptr = V + b64 * sv_b + h64 * sv_h + (tok0 + offs_n[:, None]) * sv_s + offs_d[None, :]
+    if not RELOAD_KV:
+        k, v = _load_kv(k_ptr, v_ptr, kv_mask, DOT_F32)
     q_ptrs = Q + b64 * sq_b + h64 * sq_h + tok0 * sq_s + offs_m0[:, None].to(tl.int64) * sq_s + offs_d[None, :]
     do_ptrs = DO + b64 * sdo_b + h64 * sdo_h + tok0 * sdo_s + offs_m0[:, None].to(tl.int64) * sdo_s + offs_d[None, :]
     stat = b64 * st_b + h64 * st_h + tok0
@@ -486,11 +497,15 @@ def _bwd_dkdv_kernel(
     row0 = (b64 * H + h64) * ROW_STRIDE
     m_full = (Lq // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
+        if RELOAD_KV:
+            k, v = _load_kv(k_ptr, v_ptr, kv_mask, DOT_F32)
         dk, dv = _dkdv_step(dk, dv, k, v, kvalid, kadd, q_ptrs, do_ptrs, mptrs, start_m, offs_m0, d_ok, Lq,
                             sq_s, sdo_s, sm_q, STATS, DELTA, stat, plane, qk_scale, scale, keep_scale, SEED, row0,
                             pid_n * BLOCK_N, thresh, False, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DROPOUT, DOT_F32,
                             PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
     if m_full < Lq:
+        if RELOAD_KV:
+            k, v = _load_kv(k_ptr, v_ptr, kv_mask, DOT_F32)
         dk, dv = _dkdv_step(dk, dv, k, v, kvalid, kadd, q_ptrs, do_ptrs, mptrs, m_full, offs_m0, d_ok, Lq,
                             sq_s, sdo_s, sm_q, STATS, DELTA, stat, plane, qk_scale, scale, keep_scale, SEED, row0,
                             pid_n * BLOCK_N, thresh, True, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DROPOUT, DOT_F32,
@@ -614,33 +629,38 @@ def fwd_config(D: int, max_seq: int, itemsize: int = 2, mask_kind: int = 0, mask
             return 64, 64, 4, 3
         if capability >= 90 and not dropout:
             return 128, 128, 8, 3
+        if capability < 90 and dropout:  # 128 x 64 spills 16 B there (bf16)
+            return 128, 32, 8, 3
         return 128, 64, 8, 3
-    if bd <= 128:
-        return 128, 32, 8, 3
+    if bd <= 128:  # sm_80 with dropout: 128 x 32 spills 16 B
+        return (128, 16, 8, 3) if capability < 90 and dropout else (128, 32, 8, 3)
     return 64, 32, 8, 2  # 4 warps spill with dropout at D = 256
 
 
 def bwd_config(D: int, max_seq: int, itemsize: int = 2, mask_kind: int = 0, mask_rows: bool = False,
                dropout: bool = False, capability: int = 90) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
-    """((BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, the same of the dQ kernel),
-    chosen like fwd_config. sm_90, D = 64: dK/dV over 128 keys x 64-query steps (0.75 no mask, 0.80
+    """((BLOCK_M, BLOCK_N, num_warps, num_stages, RELOAD_KV) of the dK/dV kernel, (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) of the dQ kernel), chosen like fwd_config. RELOAD_KV: the dK/dV program
+    reloads its k, v tiles (L1 / L2 hits) every query step instead of holding them in registers
+    across the loop, where mma.sync's operand layout replicates them over the warps (the spills at
+    D = 128 on sm_80 and D = 256: 255 registers at 32 x 32 tiles; with it 64 x 32 fits). sm_90, D = 64: dK/dV over 128 keys x 64-query steps (0.75 no mask, 0.80
     padding mask, 1.25 [B,H,S,S]; 64 x 64 with dropout, which spills at 128 keys), dQ over 128 queries
     x 64-key steps (0.74 / 0.91 / 1.08). sm_80 takes 64 x 32 tiles, 4 warps, for both: its mma.sync
     lowering needs more registers (64 x 64 spills there with a [B,H,S,S] mask or dropout)."""
     if _backend.triton_interpreted():
         cfg = (INTERPRET_BLOCKS[0], INTERPRET_BLOCKS[1], 4, 1)
-        return cfg, cfg
+        return (*cfg, False), cfg
     bd = _block_d(D)
     if itemsize >= 4:
-        return (32, 64, 8, 1), ((32, 64, 8, 2) if bd <= 64 else (32, 32, 8, 2))
+        return (32, 64, 8, 1, False), ((32, 64, 8, 2) if bd <= 64 else (32, 32, 8, 2))
     if bd <= 64:
         if capability >= 90:  # 128 keys spill with dropout, and at D = 32 with a [B,H,S,S] mask
             narrow = dropout or (mask_rows and bd < 64)
-            return ((64, 64, 8, 2) if narrow else (64, 128, 8, 2)), (128, 64, 8, 2)
-        return (64, 32, 4, 2), (64, 32, 4, 2)
-    if bd <= 128:  # sm_80: 32 x 32 (larger tiles spill there; dK/dV with dropout still spills 40 B)
-        return ((32, 64, 8, 2), (64, 32, 8, 2)) if capability >= 90 else ((32, 32, 8, 2), (32, 32, 8, 2))
-    return (32, 64, 8, 2), (64, 32, 8, 2)
+            return ((64, 64, 8, 2, False) if narrow else (64, 128, 8, 2, False)), (128, 64, 8, 2)
+        return (64, 32, 4, 2, False), (64, 32, 4, 2)
+    if bd <= 128:  # sm_80: k, v held across the loop spill even at 32 x 32 (dropout, bool mask)
+        return ((32, 64, 8, 2, False), (64, 32, 8, 2)) if capability >= 90 else ((64, 32, 8, 2, True), (32, 32, 8, 2))
+    return (64, 32, 8, 2, True), (64, 32, 8, 2)  # held k, v spill even at 16 x 64 with dropout
 
 
 def _dot_args(dtype: torch.dtype) -> tuple[bool, str]:
@@ -703,7 +723,7 @@ def _launch_backward(grad, q, k, v, out, stats, st_strides, dq, dk, dv, mask, se
     kind, mask_min, m_arg, m_strides, m_rows = _mask_args(mask, q)
     seed_t, keep_scale, thresh = dropout_args("attention", dropout_p, seed, q)
     cap = _capability(q.device)
-    (m1, n1, w1, st1), (m2, n2, w2, st2) = bwd_config(D, S_q, q.element_size(), kind, m_rows, dropout_p > 0.0, cap)
+    (m1, n1, w1, st1, reload_kv), (m2, n2, w2, st2) = bwd_config(D, S_q, q.element_size(), kind, m_rows, dropout_p > 0.0, cap)
     flags = _kernel_flags(q, D, scale)
     delta = torch.empty(stats.shape[1:], dtype=torch.float32, device=q.device)
     cu_arg = cu if cu is not None else q
@@ -717,7 +737,7 @@ def _launch_backward(grad, q, k, v, out, stats, st_strides, dq, dk, dv, mask, se
     _bwd_dkdv_kernel[(triton.cdiv(S_k, n1) * B * H,)](
         q, k, v, grad, stats, delta, dk, dv, m_arg, seed_t, cu_arg,
         *qkv_strides, *_strides3(dk, varlen), *_strides3(dv, varlen), *m_strides, *st_strides, stats.stride(0),
-        *tail, BLOCK_M=m1, BLOCK_N=n1, num_warps=w1, num_stages=st1, **common,
+        *tail, BLOCK_M=m1, BLOCK_N=n1, num_warps=w1, num_stages=st1, RELOAD_KV=reload_kv, **common,
     )
     _bwd_dq_kernel[(triton.cdiv(S_q, m2) * B * H,)](
         q, k, v, grad, stats, delta, dq, m_arg, seed_t, cu_arg,
