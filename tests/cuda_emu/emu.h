@@ -8,10 +8,13 @@
 // launch layer (launch, DeviceScope, is_device_tensor, BERTKERN_OPS...) to this file, and the file's
 // ops register as torch.ops.bertkern_cuda_emu.* with CPU kernels.
 //
-// - A block runs as one std::thread per CUDA thread (1-, 2- or 3-D blocks); __syncthreads() is a
-//   barrier of the block. Blocks run one after another: function-static variables stand for
-//   __shared__ ones, and one buffer, filled with NaN bytes before each block, for dynamic shared
-//   memory (reads of shared memory never written show up).
+// - A block runs as one fiber per CUDA thread (1-, 2- or 3-D blocks), all on the launching OS thread:
+//   each runs until it waits at a barrier (__syncthreads() is one of the block, __syncwarp and the
+//   warp collectives one of the warp), then the next thread that can go on runs. Switching a fiber
+//   is a function call, where an OS thread per CUDA thread spent most of its time in the scheduler;
+//   a barrier that not every thread reaches is reported, not a hang. Blocks run one after another:
+//   function-static variables stand for __shared__ ones, and one buffer, filled with NaN bytes
+//   before each block, for dynamic shared memory (reads of shared memory never written show up).
 // - Warp shuffles and mma.sync exchange values through per-warp slots between two barriers of the
 //   warp (every lane of the warp must take part, as the kernels' full masks promise).
 // - mma.sync m16n8k16 decodes its operands with the PTX ISA's fragment layouts (lane = 4g + t:
@@ -38,8 +41,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <sys/mman.h>
+#include <ucontext.h>
+
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -47,7 +52,6 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -58,9 +62,74 @@ namespace emu {
 constexpr int kWarpSize = 32;
 constexpr size_t kSmemBytes = 232448;  // an H100 block's maximum
 
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes, src_bytes;
+};
+
+// One CUDA thread of the running block.
+struct Fiber {
+  ucontext_t ctx;
+  uint3 tid;
+  const unsigned* waiting = nullptr;  // a barrier's phase: this thread waits until it moves past `phase`
+  unsigned phase = 0;
+  bool done = false;
+  std::vector<AsyncCopy> cp_open;                // cp.async issued since the last commit
+  std::deque<std::vector<AsyncCopy>> cp_groups;  // committed, oldest first
+};
+
+inline std::vector<Fiber> fibers;  // the running block's threads
+inline int current = 0;            // the running one's linear index
+inline ucontext_t launcher;        // run_grid's context: back there when no thread can go on
+
+inline uint3 thread_idx;
+inline uint3 block_idx;
+inline dim3 block_dim, grid_dim;
+alignas(16) inline unsigned char smem[kSmemBytes];
+
+inline Fiber& self() { return fibers[current]; }
+
+// Runs the next thread after `from` that can go on (round robin), or returns to run_grid when none can.
+inline void switch_from(int from) {
+  const int n = static_cast<int>(fibers.size());
+  for (int k = 1; k < n; ++k) {
+    const int to = (from + k) % n;
+    const Fiber& f = fibers[to];
+    if (!f.done && (f.waiting == nullptr || *f.waiting != f.phase)) {
+      current = to;
+      thread_idx = f.tid;
+      swapcontext(&fibers[from].ctx, &fibers[to].ctx);
+      return;
+    }
+  }
+  swapcontext(&fibers[from].ctx, &launcher);
+}
+
+// A barrier of `expected` threads: the last to arrive starts the next phase and goes on; the others
+// wait until it does.
+struct Barrier {
+  explicit Barrier(int n) : expected(n) {}
+  int expected, arrived = 0;
+  unsigned phase = 0;
+
+  void arrive_and_wait() {
+    if (++arrived == expected) {
+      arrived = 0;
+      ++phase;
+      return;
+    }
+    const int me = current;
+    fibers[me].waiting = &phase;
+    fibers[me].phase = phase;
+    switch_from(me);
+    fibers[me].waiting = nullptr;
+  }
+};
+
 struct Warp {
   explicit Warp(int lanes) : bar(lanes) {}
-  std::barrier<> bar;
+  Barrier bar;
   double v[kWarpSize];  // shuffle slots (wide enough for every shuffled type)
   uint32_t a[kWarpSize][4];
   uint32_t b[kWarpSize][2];
@@ -71,16 +140,11 @@ struct Block {
   explicit Block(int threads) : bar(threads) {
     for (int w = 0; w * kWarpSize < threads; ++w) warps.emplace_back(new Warp(std::min(kWarpSize, threads - w * kWarpSize)));
   }
-  std::barrier<> bar;
+  Barrier bar;
   std::vector<std::unique_ptr<Warp>> warps;
 };
 
-inline thread_local uint3 thread_idx;
-inline thread_local uint3 block_idx;
-inline thread_local int linear_tid = 0;
-inline thread_local Block* block = nullptr;
-inline dim3 block_dim, grid_dim;
-alignas(16) inline unsigned char smem[kSmemBytes];
+inline Block* block = nullptr;
 
 inline std::atomic<const char*> fault{nullptr};  // set by a thread, raised by run_grid
 
@@ -89,8 +153,8 @@ inline void set_fault(const char* what) {
   fault.compare_exchange_strong(none, what);
 }
 
-inline Warp& warp() { return *block->warps[linear_tid / kWarpSize]; }
-inline int lane() { return linear_tid % kWarpSize; }
+inline Warp& warp() { return *block->warps[current / kWarpSize]; }
+inline int lane() { return current % kWarpSize; }
 inline unsigned char* dynamic_smem() { return smem; }
 
 inline int device_attribute(cudaDeviceAttr attr) {
@@ -104,30 +168,70 @@ inline int device_attribute(cudaDeviceAttr attr) {
   }
 }
 
+// The fibers' stacks: kStackBytes each above a guard page (an overflow faults), mapped once for the
+// most threads a block can have; a stack's pages are only touched as deep as its thread's calls go.
+constexpr int kMaxThreads = 1024;
+constexpr size_t kPage = 4096, kStackBytes = 256 * 1024;
+
+inline unsigned char* stack(int t) {
+  static unsigned char* const base = [] {
+    void* p = mmap(nullptr, kMaxThreads * (kPage + kStackBytes), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("emulated launch: no memory for the threads' stacks");
+    unsigned char* b = static_cast<unsigned char*>(p);
+    for (int i = 0; i < kMaxThreads; ++i) mprotect(b + i * (kPage + kStackBytes), kPage, PROT_NONE);
+    return b;
+  }();
+  return base + t * (kPage + kStackBytes) + kPage;
+}
+
+inline void (*body_fn)(void*) = nullptr;
+inline void* body_arg = nullptr;
+
+inline void fiber_main() {
+  body_fn(body_arg);
+  fibers[current].done = true;
+  switch_from(current);  // never comes back
+}
+
 // Runs body() as every thread of every block of the grid.
 template <typename Body>
 void run_grid(dim3 grid, dim3 blk, size_t dynamic_bytes, Body&& body) {
   if (dynamic_bytes > kSmemBytes) throw std::runtime_error("emulated launch: too much dynamic shared memory");
+  const int threads = static_cast<int>(blk.x * blk.y * blk.z);
+  if (threads < 1 || threads > kMaxThreads) throw std::runtime_error("emulated launch: 1 to 1024 threads per block");
   grid_dim = grid;
   block_dim = blk;
-  const int threads = static_cast<int>(blk.x * blk.y * blk.z);
+  body_fn = [](void* b) { (*static_cast<std::remove_reference_t<Body>*>(b))(); };
+  body_arg = &body;
+  fibers.resize(threads);
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
         std::memset(smem, 0xff, kSmemBytes);  // NaN in fp16, bf16, fp32 and fp64
         Block b(threads);
-        std::vector<std::thread> team;
-        team.reserve(threads);
+        block = &b;
+        block_idx = make_uint3(x, y, z);
         for (int t = 0; t < threads; ++t) {
-          team.emplace_back([&, t] {
-            thread_idx = make_uint3(t % blk.x, t / blk.x % blk.y, t / (blk.x * blk.y));
-            block_idx = make_uint3(x, y, z);
-            linear_tid = t;
-            block = &b;
-            body();
-          });
+          Fiber& f = fibers[t];
+          f.tid = make_uint3(t % blk.x, t / blk.x % blk.y, t / (blk.x * blk.y));
+          f.waiting = nullptr;
+          f.done = false;
+          f.cp_open.clear();  // copies never waited for are dropped with their block
+          f.cp_groups.clear();
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = stack(t);
+          f.ctx.uc_stack.ss_size = kStackBytes;
+          f.ctx.uc_link = nullptr;
+          makecontext(&f.ctx, fiber_main, 0);
         }
-        for (auto& th : team) th.join();
+        current = 0;
+        thread_idx = fibers[0].tid;
+        swapcontext(&launcher, &fibers[0].ctx);
+        for (const Fiber& f : fibers) {
+          // (A thread left at a barrier keeps what its stack holds: leaked, as a hung GPU would.)
+          if (!f.done) throw std::runtime_error("emulated kernel: a barrier that not every thread of the block reached");
+        }
         if (const char* f = fault.exchange(nullptr)) throw std::runtime_error(std::string("emulated kernel: ") + f);
       }
     }
@@ -274,15 +378,6 @@ void ldmatrix(uint32_t* r, const void* row_addr) {
   w.bar.arrive_and_wait();  // every lane has read the addresses before any lane reuses the slots
 }
 
-struct AsyncCopy {
-  void* dst;
-  const void* src;
-  int bytes, src_bytes;
-};
-
-inline thread_local std::vector<AsyncCopy> cp_open;                // issued since the last commit
-inline thread_local std::deque<std::vector<AsyncCopy>> cp_groups;  // committed, oldest first
-
 // cp.async.{ca,cg}.shared.global [dst], [src], bytes, src_bytes: queued, performed at a wait.
 inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
   if (bytes != 4 && bytes != 8 && bytes != 16) set_fault("cp.async size must be 4, 8 or 16");
@@ -291,16 +386,18 @@ inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
   if (misaligned(dst) || (src_bytes > 0 && misaligned(src))) {
     set_fault("cp.async address not aligned to its size");
   }
-  cp_open.push_back({dst, src, bytes, src_bytes});
+  self().cp_open.push_back({dst, src, bytes, src_bytes});
 }
 
 inline void cp_async_commit() {
-  cp_groups.push_back(std::move(cp_open));
-  cp_open.clear();
+  Fiber& f = self();
+  f.cp_groups.push_back(std::move(f.cp_open));
+  f.cp_open.clear();
 }
 
 // cp.async.wait_group n: every committed group but the newest n has landed.
 inline void cp_async_wait(int n) {
+  std::deque<std::vector<AsyncCopy>>& cp_groups = self().cp_groups;
   while (static_cast<int>(cp_groups.size()) > n) {
     for (const AsyncCopy& c : cp_groups.front()) {
       unsigned char* d = static_cast<unsigned char*>(c.dst);
