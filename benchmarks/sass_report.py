@@ -192,7 +192,7 @@ def ctas_per_sm(cap: int, registers: int, warps: int, shared: int) -> int:
 
 
 # ---------------------------------------------------------------- the model per kernel
-_GEMMS = {"fwd_kernel": 2, "bwd_dkdv_kernel": 4, "bwd_dq_kernel": 3,
+_GEMMS = {"fwd_kernel": 2, "bwd_kernel": 5, "bwd_dkdv_kernel": 4, "bwd_dq_kernel": 3,
           "cuda_fwd": 2, "cuda_bwd": 5}  # csrc/attention.cu: the forward; the five-GEMM backward
 
 

@@ -49,6 +49,47 @@ def skip_unless_covered(backend: str, q: torch.Tensor) -> None:
         pytest.skip(f"not a CUDA-kernel input: {why}")
 
 
+class _LaunchSpy:
+    """Stands in for a Triton kernel (`kernel[grid](...)`): logs its name, then launches it."""
+
+    def __init__(self, name, kernel, log):
+        self.name, self.kernel, self.log = name, kernel, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(self.name)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+# The Triton backward's kernels (besides delta's) by path: the default five-GEMM one, and the
+# seven-GEMM one that torch.use_deterministic_algorithms(True) selects.
+BWD_KERNELS = {"five_gemm": {"_bwd_kernel"}, "deterministic": {"_bwd_dkdv_kernel", "_bwd_dq_kernel"}}
+
+
+@pytest.fixture
+def bwd_path(request, monkeypatch):
+    """Parametrized indirectly with a BWD_KERNELS key: runs the test with that Triton backward (in
+    deterministic mode for "deterministic", warn_only so that a GPU reference's cuBLAS calls still
+    run) and checks afterwards that a triton-backend test launched exactly that path's kernels."""
+    from bertkern.triton import attention as k_mod
+
+    log = []
+    for name in set().union(*BWD_KERNELS.values()):
+        monkeypatch.setattr(k_mod, name, _LaunchSpy(name, getattr(k_mod, name), log))
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(request.param == "deterministic", warn_only=True)
+    try:
+        yield request.param
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    if request.node.callspec.params.get("backend", "triton") == "triton":
+        assert log and set(log) == BWD_KERNELS[request.param], log
+
+
+BWD_PATHS = pytest.mark.parametrize("bwd_path", list(BWD_KERNELS), indirect=True)
+
+
 def seed_tensor(value: int, device=DEVICE) -> torch.Tensor:
     return torch.tensor([value], dtype=torch.int64, device=device)
 
@@ -131,13 +172,15 @@ MASK_FORMS = ["none", "b11s", "b1ss", "bhss", "expanded", "b11s:inf", "b11s:min"
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("S", [7, 77])
+@pytest.mark.parametrize("dtype, S, bwd_path", [(dt, S, "five_gemm") for dt in (torch.float32, torch.float16)
+                                               for S in (7, 77)] + [(torch.float32, 77, "deterministic")],
+                         ids=str, indirect=["bwd_path"])
 @pytest.mark.parametrize("form", MASK_FORMS)
-def test_attention_mask_forms(backend, dtype, S, form):
+def test_attention_mask_forms(backend, dtype, S, bwd_path, form):
     """Every mask form masked_softmax takes: bool / 0,-inf / 0,finfo.min / soft additive, over
     [B,1,1,S], [B,1,S,S], [B,H,S,S], stride-0 expanded views, [S] and [S,S]; masked keys get zero
-    weight (their dk, dv are 0 where no query sees them)."""
+    weight (their dk, dv are 0 where no query sees them). Both Triton backwards (one size for the
+    deterministic one)."""
     skip_unless_usable(backend, DEVICE)
     B, H, D = 3, 2, 32
     q, k, v = (rand(B, H, S, D, dtype=dtype, scale=1.5) for _ in range(3))
@@ -156,7 +199,8 @@ def test_mixed_mask_dtype(backend, q_dtype, mask_dtype):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-def test_cross_lengths_and_head_dim_128(backend):
+@BWD_PATHS
+def test_cross_lengths_and_head_dim_128(backend, bwd_path):
     """S_q != S_k (keys longer and shorter), and D = 128 once (the largest BERT-family head)."""
     skip_unless_usable(backend, DEVICE)
     for S_q, S_k, D in [(5, 70, 32), (70, 9, 32), (19, 23, 128)]:
@@ -168,11 +212,12 @@ def test_cross_lengths_and_head_dim_128(backend):
 
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("reload_kv", [False, True], ids=["held_kv", "reload_kv"])
-def test_many_tiles(backend, reload_kv, monkeypatch):
+@BWD_PATHS
+def test_many_tiles(backend, reload_kv, bwd_path, monkeypatch):
     """Many key tiles for the online softmax and many query tiles for the backward, with tails, a
     [B,H,S,S] mask and dropout: 16 x 16 tiles under the interpreter; on a GPU, S = 203 spans four of
-    the 64-row tiles. The Triton dK/dV kernel both ways: k, v held across its loop or reloaded per
-    step (RELOAD_KV, the sm_80 D = 128 and D = 256 configs)."""
+    the 64-row tiles. Both Triton backwards, their key-block kernel both ways: k, v held across its
+    loop or reloaded per step (RELOAD_KV: the sm_80 and D = 256 configs)."""
     skip_unless_usable(backend, DEVICE)
     from bertkern.triton import attention as k_mod
 
@@ -181,14 +226,15 @@ def test_many_tiles(backend, reload_kv, monkeypatch):
     monkeypatch.setattr(k_mod, "INTERPRET_BLOCKS", (16, 16))
     real = k_mod.bwd_config
     monkeypatch.setattr(k_mod, "bwd_config", lambda *a: ((*real(*a)[0][:4], reload_kv), real(*a)[1]))
-    S, D, dt = (203 if GPU else 53), 32, kdtype(backend)
+    S, D, dt = (203 if GPU else 37), 32, kdtype(backend)
     q, k, v = (rand(1, 2, S, D, dtype=dt, scale=2.0) for _ in range(3))
     mask = make_mask("bhss:min", 1, 2, S, S, dt, DEVICE)
     check_attention(backend, q, k, v, mask, rand(1, 2, S, D, dtype=dt), dropout_p=0.2, seed=seed_tensor(11))
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-def test_large_logits_and_fully_masked_rows(backend):
+@BWD_PATHS
+def test_large_logits_and_fully_masked_rows(backend, bwd_path):
     """Logits of +-100s (the online max must rescale), rows masked entirely through a [B,1,S,S] mask:
     zeros and zero gradients, finite everywhere."""
     skip_unless_usable(backend, DEVICE)
@@ -279,11 +325,15 @@ def _packed_batch(lengths, H, D, dtype=torch.float32, S=None):
     return [t.transpose(1, 2) for t in padded], mask, packed, cu, max_len
 
 
-@pytest.mark.parametrize("backend", ["torch", *KERNELS])
+@pytest.mark.parametrize("backend, bwd_path", [
+    pytest.param("torch", "five_gemm", id="torch"), pytest.param("cuda", "five_gemm", id="cuda", marks=CUDA.marks),
+    *(pytest.param("triton", p, id=f"{KERNEL.id}-{p}", marks=KERNEL.marks) for p in BWD_KERNELS),
+], indirect=["bwd_path"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_varlen_equals_padded(backend, dropout_p):
+def test_varlen_equals_padded(backend, bwd_path, dropout_p):
     """attention_varlen on the packed real tokens == attention on the padded batch with its padding
-    mask, at the real tokens: outputs and gradients, and the same dropout mask (max_seqlen == S)."""
+    mask, at the real tokens: outputs and gradients, and the same dropout mask (max_seqlen == S); both
+    Triton backwards."""
     skip_unless_usable(backend, DEVICE)
     lengths, H, D = [5, 0, 17, 1, 12], 2, 32
     (q, k, v), mask, (qp, kp, vp), cu, max_len = _packed_batch(lengths, H, D, dtype=kdtype(backend))

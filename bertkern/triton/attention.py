@@ -19,12 +19,20 @@ Loops: every key (query) loop runs its full tiles without bounds masks and peels
 tile (BOUNDS=True); D masks only when D is not a power of two (EVEN_D); no -inf guards without a
 mask. The grid is one axis (tile x batch x head, _program), so B * H is not limited to 65535.
 
-Backward (three launches, no atomics, deterministic):
+Backward. dS = P * (dP - delta); dQ = scale * dS K, dK = scale * dS^T Q, dV = P_dropped^T dO.
   1. delta = rowsum(dO * O) per query row (= rowsum(dP * P), also under dropout);
   2. dK, dV: one program per BLOCK_N keys loops over every query tile, recomputing P^T = 2^(k q^T - m)
-     in the transposed frame, so P^T and dS^T feed dV += P^T dO and dK += dS^T Q as they are;
-  3. dQ: one program per BLOCK_M queries loops over every key tile.
-dS = P * (dP - delta); dQ = scale * dS K, dK = scale * dS^T Q, dV = P_dropped^T dO.
+     in the transposed frame, so P^T and dS^T feed dV += P^T dO and dK += dS^T Q as they are; by
+     default (_bwd_kernel, FlashAttention-2's five GEMM-sized passes) it also adds each step's dS k
+     into a zeroed fp32 dQ accumulator with relaxed atomics, and one torch.mul casts it (times
+     scale) into dq;
+  3. only under torch.use_deterministic_algorithms(True): dQ by a kernel of its own, one program per
+     BLOCK_M queries looping over every key tile and recomputing S and dP (seven GEMM-sized passes,
+     no atomics, bit-reproducible), with _bwd_dkdv_kernel (the same code without the dQ dot) for 2.
+The atomic path is the default because it saves two of the seven GEMM passes (static model, sm_90
+fp16 D = 64, 512 keys: 922 issue cycles per 64 x 128 tile for all three gradients against 768 + 568
+for the dK/dV and dQ kernels); its fp32 additions land in a run-dependent order, so dQ may differ in
+the last bits from run to run.
 
 Configs: fixed tables per (head dim, sequence bucket, dtype, dropout, GPU arch) in fwd_config /
 bwd_config, chosen with the static SASS model (benchmarks/sass_report.py), no runtime autotune.
@@ -391,15 +399,17 @@ def _bwd_delta_kernel(
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, kvalid, kadd, q_ptrs, do_ptrs, mptrs, start_m, offs_m0, d_ok, Lq, sq_s, sdo_s, sm_q,
-    STATS, DELTA, stat, plane, qk_scale, scale, keep_scale, SEED, row0, col0, thresh,
+    dk, dv, k, v, kvalid, kadd, q_ptrs, do_ptrs, dq_ptrs, mptrs, start_m, offs_m0, d_ok, Lq, sq_s, sdo_s, sdq_s,
+    sm_q, STATS, DELTA, stat, plane, qk_scale, scale, keep_scale, SEED, row0, col0, thresh,
     BOUNDS: tl.constexpr, EVEN_D: tl.constexpr, MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr,
     MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
     FAST_EXP: tl.constexpr, FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
     """One query tile of dK / dV, in the transposed frame ([keys, queries]): s^T = k q^T, so that
     P^T and dS^T feed their dots as they are (no transpose through shared memory). kvalid, kadd
-    ([keys, 1]): the key vector's mask (not MASK_ROWS)."""
+    ([keys, 1]): the key vector's mask (not MASK_ROWS). ATOMIC_DQ: also adds this key block's
+    dS k (unscaled) to the fp32 dQ accumulator at dq_ptrs."""
     m64 = tl.cast(start_m, tl.int64)
     offs_m = start_m + offs_m0
     m_ok = offs_m < Lq
@@ -430,6 +440,15 @@ def _dkdv_step(
     dv = tl.dot(pdt.to(do.dtype), do, dv, input_precision=PREC)
     dst = pt * (dpt - delta[None, :])
     dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PREC)
+    if ATOMIC_DQ:  # relaxed: the adds commute, nothing reads the accumulator before the kernel ends
+        dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PREC)
+        dq_ptrs += m64 * sdq_s
+        if BOUNDS:
+            tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
+        elif EVEN_D:
+            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq, mask=d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -446,16 +465,18 @@ def _load_kv(k_ptr, v_ptr, ok, DOT_F32: tl.constexpr):
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, STATS, DELTA, DK, DV, MASK, SEED, CU,
+    Q, K, V, DO, STATS, DELTA, DK, DV, DQ, MASK, SEED, CU,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
-    sdk_b, sdk_h, sdk_s, sdv_b, sdv_h, sdv_s,
+    sdk_b, sdk_h, sdk_s, sdv_b, sdv_h, sdv_s, sdq_b, sdq_h, sdq_s,
     sm_b, sm_h, sm_q, sm_k, st_b, st_h, plane,
     H, S_q, S_k, D, ROW_STRIDE, qk_scale, scale, keep_scale, thresh,
     MASK_KIND: tl.constexpr, MASK_MIN: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, FAST_EXP: tl.constexpr, FOLD: tl.constexpr,
     EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    RELOAD_KV: tl.constexpr,
+    RELOAD_KV: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
+    """dK, dV of BLOCK_N keys; with ATOMIC_DQ (the five-GEMM backward) also dQ += dS k into DQ, the
+    zeroed fp32 accumulator (unscaled; the caller casts it to dq times scale)."""
     pid_n, b64, h64, tok0, Lq, Lk, offs_d, d_ok = _open(CU, H, S_k, S_q, S_k, D, VARLEN, BLOCK_N, BLOCK_D)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -466,6 +487,9 @@ def _bwd_dkdv_kernel(
             step = tl.cdiv(S_k, BLOCK_N) * BLOCK_N
             _fill_nan(dk_ptr, sdk_s, pid_n * BLOCK_N, step, Lk, tl.arange(0, BLOCK_N), offs_d, D)
             _fill_nan(dv_ptr, sdv_s, pid_n * BLOCK_N, step, Lk, tl.arange(0, BLOCK_N), offs_d, D)
+            if ATOMIC_DQ:  # (Lq == Lk: these programs cover dQ's rows too)
+                _fill_nan(DQ + b64 * sdq_b + h64 * sdq_h + tok0 * sdq_s, sdq_s, pid_n * BLOCK_N, step, Lq,
+                          tl.arange(0, BLOCK_N), offs_d, D)
             return
     if pid_n * BLOCK_N >= Lk:
         return
@@ -477,6 +501,7 @@ def _bwd_dkdv_kernel(
         k, v = _load_kv(k_ptr, v_ptr, kv_mask, DOT_F32)
     q_ptrs = Q + b64 * sq_b + h64 * sq_h + tok0 * sq_s + offs_m0[:, None].to(tl.int64) * sq_s + offs_d[None, :]
     do_ptrs = DO + b64 * sdo_b + h64 * sdo_h + tok0 * sdo_s + offs_m0[:, None].to(tl.int64) * sdo_s + offs_d[None, :]
+    dq_ptrs = DQ + b64 * sdq_b + h64 * sdq_h + tok0 * sdq_s + offs_m0[:, None].to(tl.int64) * sdq_s + offs_d[None, :]
     stat = b64 * st_b + h64 * st_h + tok0
     m_base = MASK + b64 * sm_b + h64 * sm_h
     # keys past the end read the last key's mask (their dK / dV rows are not stored)
@@ -499,20 +524,25 @@ def _bwd_dkdv_kernel(
     for start_m in range(0, m_full, BLOCK_M):
         if RELOAD_KV:
             k, v = _load_kv(k_ptr, v_ptr, kv_mask, DOT_F32)
-        dk, dv = _dkdv_step(dk, dv, k, v, kvalid, kadd, q_ptrs, do_ptrs, mptrs, start_m, offs_m0, d_ok, Lq,
-                            sq_s, sdo_s, sm_q, STATS, DELTA, stat, plane, qk_scale, scale, keep_scale, SEED, row0,
-                            pid_n * BLOCK_N, thresh, False, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DROPOUT, DOT_F32,
-                            PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
+        dk, dv = _dkdv_step(dk, dv, k, v, kvalid, kadd, q_ptrs, do_ptrs, dq_ptrs, mptrs, start_m, offs_m0, d_ok,
+                            Lq, sq_s, sdo_s, sdq_s, sm_q, STATS, DELTA, stat, plane, qk_scale, scale, keep_scale, SEED,
+                            row0, pid_n * BLOCK_N, thresh, False, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DROPOUT,
+                            DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N, ATOMIC_DQ)
     if m_full < Lq:
         if RELOAD_KV:
             k, v = _load_kv(k_ptr, v_ptr, kv_mask, DOT_F32)
-        dk, dv = _dkdv_step(dk, dv, k, v, kvalid, kadd, q_ptrs, do_ptrs, mptrs, m_full, offs_m0, d_ok, Lq,
-                            sq_s, sdo_s, sm_q, STATS, DELTA, stat, plane, qk_scale, scale, keep_scale, SEED, row0,
-                            pid_n * BLOCK_N, thresh, True, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DROPOUT, DOT_F32,
-                            PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
+        dk, dv = _dkdv_step(dk, dv, k, v, kvalid, kadd, q_ptrs, do_ptrs, dq_ptrs, mptrs, m_full, offs_m0, d_ok,
+                            Lq, sq_s, sdo_s, sdq_s, sm_q, STATS, DELTA, stat, plane, qk_scale, scale, keep_scale, SEED,
+                            row0, pid_n * BLOCK_N, thresh, True, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS, DROPOUT,
+                            DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N, ATOMIC_DQ)
     dk = dk * scale
     tl.store(dk_ptr + offs_n[:, None].to(tl.int64) * sdk_s + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + offs_n[:, None].to(tl.int64) * sdv_s + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+# The five-GEMM backward: _bwd_dkdv_kernel's code launched with ATOMIC_DQ=True, under a name of its own
+# so that the compile test and the SASS report (its GEMM count) tell the two launches apart.
+_bwd_kernel = triton.jit(_bwd_dkdv_kernel.fn)
 
 
 @triton.jit
@@ -638,29 +668,41 @@ def fwd_config(D: int, max_seq: int, itemsize: int = 2, mask_kind: int = 0, mask
 
 
 def bwd_config(D: int, max_seq: int, itemsize: int = 2, mask_kind: int = 0, mask_rows: bool = False,
-               dropout: bool = False, capability: int = 90) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
-    """((BLOCK_M, BLOCK_N, num_warps, num_stages, RELOAD_KV) of the dK/dV kernel, (BLOCK_M, BLOCK_N,
-    num_warps, num_stages) of the dQ kernel), chosen like fwd_config. RELOAD_KV: the dK/dV program
-    reloads its k, v tiles (L1 / L2 hits) every query step instead of holding them in registers
-    across the loop, where mma.sync's operand layout replicates them over the warps (the spills at
-    D = 128 on sm_80 and D = 256: 255 registers at 32 x 32 tiles; with it 64 x 32 fits). sm_90, D = 64: dK/dV over 128 keys x 64-query steps (0.75 no mask, 0.80
-    padding mask, 1.25 [B,H,S,S]; 64 x 64 with dropout, which spills at 128 keys), dQ over 128 queries
-    x 64-key steps (0.74 / 0.91 / 1.08). sm_80 takes 64 x 32 tiles, 4 warps, for both: its mma.sync
-    lowering needs more registers (64 x 64 spills there with a [B,H,S,S] mask or dropout)."""
+               dropout: bool = False, capability: int = 90, atomic_dq: bool = False):
+    """((BLOCK_M, BLOCK_N, num_warps, num_stages, RELOAD_KV) of the dK/dV kernel, or of the five-GEMM
+    kernel with atomic_dq; (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ kernel of the
+    deterministic backward), chosen like fwd_config.
+
+    RELOAD_KV: the program reloads its k, v tiles (L1 / L2 hits) every query step instead of holding
+    them in registers across the loop, where mma.sync's operand layout replicates them over the warps
+    (the spills at D = 128 on sm_80 and D = 256: 255 registers at 32 x 32 tiles; with it 64 x 32 fits).
+
+    sm_90, D = 64 (static model, issue / max(tensor, MUFU) per loop iteration): the five-GEMM kernel
+    over 128 keys x 64-query steps, 0.72 no mask, 0.76 padding mask, 1.10 [B,H,S,S]; dropout at 64 x 64
+    with k, v reloaded. The deterministic pair: dK/dV over the same tiles (0.75 / 0.80 / 1.25; 64 x 64
+    with dropout, which spills at 128 keys), dQ over 128 queries x 64-key steps (0.74 / 0.91 / 1.08).
+    The five-GEMM kernel's dQ dot and atomics take registers the dK/dV kernel's tiles do not have on
+    sm_80 (32 x 32 there, reloaded; 64 x 32 spills even without a mask), at D = 80 / 128 with dropout
+    or a [B,H,S,S] mask (32 x 32, reloaded) and at D = 256 (64 x 16). The deterministic sm_80 kernels
+    take 64 x 32 tiles, 4 warps, at D = 64 (64 x 64 spills there with a [B,H,S,S] mask or dropout)."""
     if _backend.triton_interpreted():
         cfg = (INTERPRET_BLOCKS[0], INTERPRET_BLOCKS[1], 4, 1)
         return (*cfg, False), cfg
     bd = _block_d(D)
     if itemsize >= 4:
         return (32, 64, 8, 1, False), ((32, 64, 8, 2) if bd <= 64 else (32, 32, 8, 2))
+    sm90 = capability >= 90
     if bd <= 64:
-        if capability >= 90:  # 128 keys spill with dropout, and at D = 32 with a [B,H,S,S] mask
+        if sm90:  # 128 keys spill with dropout, and at D = 32 with a [B,H,S,S] mask
             narrow = dropout or (mask_rows and bd < 64)
-            return ((64, 64, 8, 2, False) if narrow else (64, 128, 8, 2, False)), (128, 64, 8, 2)
-        return (64, 32, 4, 2, False), (64, 32, 4, 2)
-    if bd <= 128:  # sm_80: k, v held across the loop spill even at 32 x 32 (dropout, bool mask)
-        return ((32, 64, 8, 2, False), (64, 32, 8, 2)) if capability >= 90 else ((64, 32, 8, 2, True), (32, 32, 8, 2))
-    return (64, 32, 8, 2, True), (64, 32, 8, 2)  # held k, v spill even at 16 x 64 with dropout
+            return ((64, 64, 8, 2, atomic_dq and dropout) if narrow else (64, 128, 8, 2, False)), (128, 64, 8, 2)
+        return ((32, 32, 8, 2, True) if atomic_dq else (64, 32, 4, 2, False)), (64, 32, 4, 2)
+    if bd <= 128:
+        if sm90:
+            return ((32, 32, 8, 2, True) if atomic_dq and (dropout or mask_rows) else (32, 64, 8, 2, False)), \
+                (64, 32, 8, 2)
+        return ((32, 32, 8, 2, True) if atomic_dq else (64, 32, 8, 2, True)), (32, 32, 8, 2)
+    return ((64, 16, 8, 2, True) if atomic_dq else (64, 32, 8, 2, True)), (64, 32, 8, 2)
 
 
 def _dot_args(dtype: torch.dtype) -> tuple[bool, str]:
@@ -723,7 +765,9 @@ def _launch_backward(grad, q, k, v, out, stats, st_strides, dq, dk, dv, mask, se
     kind, mask_min, m_arg, m_strides, m_rows = _mask_args(mask, q)
     seed_t, keep_scale, thresh = dropout_args("attention", dropout_p, seed, q)
     cap = _capability(q.device)
-    (m1, n1, w1, st1, reload_kv), (m2, n2, w2, st2) = bwd_config(D, S_q, q.element_size(), kind, m_rows, dropout_p > 0.0, cap)
+    atomic = not torch.are_deterministic_algorithms_enabled()
+    (m1, n1, w1, st1, reload_kv), (m2, n2, w2, st2) = bwd_config(D, S_q, q.element_size(), kind, m_rows,
+                                                                 dropout_p > 0.0, cap, atomic)
     flags = _kernel_flags(q, D, scale)
     delta = torch.empty(stats.shape[1:], dtype=torch.float32, device=q.device)
     cu_arg = cu if cu is not None else q
@@ -734,11 +778,16 @@ def _launch_backward(grad, q, k, v, out, stats, st_strides, dq, dk, dv, mask, se
     common = dict(MASK_KIND=kind, MASK_MIN=mask_min, MASK_ROWS=m_rows, DROPOUT=dropout_p > 0.0, VARLEN=varlen, **flags)
     tail = (H, S_q, S_k, D, row_stride, scale * LOG2E if _fold(q.dtype, scale) else scale, scale, keep_scale, thresh)
     qkv_strides = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(grad, varlen))
-    _bwd_dkdv_kernel[(triton.cdiv(S_k, n1) * B * H,)](
-        q, k, v, grad, stats, delta, dk, dv, m_arg, seed_t, cu_arg,
-        *qkv_strides, *_strides3(dk, varlen), *_strides3(dv, varlen), *m_strides, *st_strides, stats.stride(0),
-        *tail, BLOCK_M=m1, BLOCK_N=n1, num_warps=w1, num_stages=st1, RELOAD_KV=reload_kv, **common,
+    dq_acc = torch.zeros_like(dq, dtype=torch.float32) if atomic else dk  # (dk: an unused placeholder)
+    (_bwd_kernel if atomic else _bwd_dkdv_kernel)[(triton.cdiv(S_k, n1) * B * H,)](
+        q, k, v, grad, stats, delta, dk, dv, dq_acc, m_arg, seed_t, cu_arg,
+        *qkv_strides, *_strides3(dk, varlen), *_strides3(dv, varlen), *_strides3(dq_acc, varlen), *m_strides,
+        *st_strides, stats.stride(0), *tail, BLOCK_M=m1, BLOCK_N=n1, num_warps=w1, num_stages=st1,
+        RELOAD_KV=reload_kv, ATOMIC_DQ=atomic, **common,
     )
+    if atomic:
+        torch.mul(dq_acc, scale, out=dq)  # the one cast into dq's dtype (and the scale of dQ = scale dS K)
+        return
     _bwd_dq_kernel[(triton.cdiv(S_q, m2) * B * H,)](
         q, k, v, grad, stats, delta, dq, m_arg, seed_t, cu_arg,
         *qkv_strides, *_strides3(dq, varlen), *m_strides, *st_strides, stats.stride(0), *tail,
@@ -802,6 +851,18 @@ def varlen_backward(grad, q, k, v, cu_seqlens, max_seqlen: int, out, stats, scal
 
 
 # ---------------------------------------------------------------- compile cases (bertkern.triton.compile_check)
+def _both_backwards(fn, *args):
+    """fn(*args) as launched by default (the five-GEMM backward) and in deterministic mode (dQ by its
+    own kernel), so that both are compiled."""
+    fn(*args)
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        fn(*args)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
 def compile_launch(op, direction, dt, params, meta):
     """The call that makes this op's launches on meta tensors (`meta(shape, dtype)`), for the compile
     test and the SASS report."""
@@ -813,7 +874,7 @@ def compile_launch(op, direction, dt, params, meta):
         if direction == "fwd":
             return functools.partial(varlen_forward, t, t, t, cu, S, 0.125, p, s)
         stats = meta((2, H, B * S), "float32")
-        return functools.partial(varlen_backward, t, t, t, t, cu, S, t, stats, 0.125, p, s)
+        return functools.partial(_both_backwards, varlen_backward, t, t, t, t, cu, S, t, stats, 0.125, p, s)
     mask = {
         "none": None,
         "bool_padding": meta((B, 1, 1, S), "bool").expand(B, H, S, S),
@@ -824,4 +885,4 @@ def compile_launch(op, direction, dt, params, meta):
     if direction == "fwd":
         return functools.partial(forward, t, t, t, mask, 0.125, p, s)
     stats = meta((2, B, H, S), "float32")
-    return functools.partial(backward, t, t, t, t, mask, t, stats, 0.125, p, s)
+    return functools.partial(_both_backwards, backward, t, t, t, t, mask, t, stats, 0.125, p, s)
