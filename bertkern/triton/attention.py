@@ -853,10 +853,13 @@ def varlen_backward(grad, q, k, v, cu_seqlens, max_seqlen: int, out, stats, scal
 
 
 # ---------------------------------------------------------------- compile cases (bertkern.triton.compile_check)
-def _both_backwards(fn, *args):
-    """fn(*args) as launched by default (the five-GEMM backward) and in deterministic mode (dQ by its
-    own kernel), so that both are compiled."""
-    fn(*args)
+def _backwards(deterministic, fn, *args):
+    """fn(*args) as launched by default (the five-GEMM backward) unless deterministic is True, and in
+    deterministic mode (dQ by its own kernel) unless it is False: None compiles both."""
+    if deterministic is not True:
+        fn(*args)
+    if deterministic is False:
+        return
     was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -867,8 +870,9 @@ def _both_backwards(fn, *args):
 
 def compile_launch(op, direction, dt, params, meta):
     """The call that makes this op's launches on meta tensors (`meta(shape, dtype)`), for the compile
-    test and the SASS report."""
+    test and the SASS report; a backward compiles both paths unless params["deterministic"] picks one."""
     B, H, S, D, v = 8, 12, params["S"], params["D"], params["variant"]
+    backwards = functools.partial(_backwards, params.get("deterministic"))
     p = 0.1 if "dropout" in v else 0.0
     s = meta((1,), "int64") if p else None
     if v.startswith("varlen"):
@@ -876,7 +880,7 @@ def compile_launch(op, direction, dt, params, meta):
         if direction == "fwd":
             return functools.partial(varlen_forward, t, t, t, cu, S, 0.125, p, s)
         stats = meta((2, H, B * S), "float32")
-        return functools.partial(_both_backwards, varlen_backward, t, t, t, t, cu, S, t, stats, 0.125, p, s)
+        return functools.partial(backwards, varlen_backward, t, t, t, t, cu, S, t, stats, 0.125, p, s)
     mask = {
         "none": None,
         "bool_padding": meta((B, 1, 1, S), "bool").expand(B, H, S, S),
@@ -887,4 +891,4 @@ def compile_launch(op, direction, dt, params, meta):
     if direction == "fwd":
         return functools.partial(forward, t, t, t, mask, 0.125, p, s)
     stats = meta((2, B, H, S), "float32")
-    return functools.partial(_both_backwards, backward, t, t, t, t, mask, t, stats, 0.125, p, s)
+    return functools.partial(backwards, backward, t, t, t, t, mask, t, stats, 0.125, p, s)
