@@ -42,6 +42,17 @@ def record_backends(monkeypatch):
     return calls
 
 
+@pytest.fixture(scope="session")
+def triton_compile_cache(tmp_path_factory):
+    """TRITON_CACHE_DIR for the child processes that compile Triton kernels for a real GPU
+    (test_triton_compile, test_sass_report): empty when the session starts, so every kernel is really
+    compiled, and shared by the pytest-xdist workers, so a kernel both compile is compiled once
+    (Triton replaces its cache files atomically)."""
+    from harness import session_dir
+
+    return session_dir(tmp_path_factory, "triton_compile_cache")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

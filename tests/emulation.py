@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import session_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emu"
 
@@ -84,15 +86,11 @@ def fixtures(*ops: str):
 
     @pytest.fixture(scope="module")
     def emulated(tmp_path_factory):
-        # One build folder per op for the whole session: under pytest-xdist the workers' temp folders
-        # share a parent, so a second module (test_models_emulated) or worker loads the library the
-        # first built (torch's build holds a file lock there: one builds, the others wait).
-        base = tmp_path_factory.getbasetemp()
-        base = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+        # One build folder per op for the whole session, so a second module (test_models_emulated) or
+        # worker loads the library the first built (torch's build holds a file lock there: one
+        # builds, the others wait).
         for op in ops:
-            folder = base / f"{op}_emu"
-            folder.mkdir(exist_ok=True)
-            lib = build(op, folder)
+            lib = build(op, session_dir(tmp_path_factory, f"{op}_emu"))
         return lib
 
     @pytest.fixture

@@ -2,6 +2,9 @@
 bertkern.testing's (re-exported here for the tests' imports)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,6 +37,16 @@ def gradcheck_fast_mode(backend: str, device: str) -> bool:
     interpreter: the full Jacobian is an interpreted kernel pair per input element, minutes of CI per
     test. The torch backend and GPUs check the full Jacobian."""
     return backend == "triton" and device == "cpu"
+
+
+def session_dir(tmp_path_factory, name: str) -> Path:
+    """A folder for the whole test session, shared by the pytest-xdist workers (their temp folders
+    share a parent): what one worker builds there, the others find."""
+    base = tmp_path_factory.getbasetemp()
+    base = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = base / name
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", noncontig=False, scale=1.0):

@@ -53,13 +53,13 @@ def test_no_spills_in_triton_kernels():
     assert not spills, spills
 
 
-def test_live_compile_matches_committed_report(tmp_path):
+def test_live_compile_matches_committed_report(triton_compile_cache):
     from bertkern.triton.compile_check import toolchain_missing
 
     if reason := toolchain_missing():
         pytest.skip(f"cannot compile Triton kernels for an NVIDIA target here: {reason}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    env["TRITON_CACHE_DIR"] = str(triton_compile_cache)  # test_triton_compile's kernels, if it ran first
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     only = "^(" + "|".join(map(re.escape, sass_report.CI_CASES)) + ")$"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sass_report.py"), "--arch", "90", "--only", only,

@@ -8,7 +8,8 @@ swapped for a recorder. So it compiles exactly the launches the code makes (bloc
 num_stages, constexpr flags, argument dtypes) and follows the config functions when they change.
 Each recorded launch is compiled for sm_90 (attention in every mask form, and a few others, also
 for sm_80, whose configs come from its own table entries) with Triton's bundled ptxas
-(bertkern.triton.compile_check), in a fresh Triton cache so every run really compiles.
+(bertkern.triton.compile_check), in a Triton cache fresh each session (conftest.triton_compile_cache:
+shared with test_sass_report's live compile) so every run really compiles.
 
 `python tests/test_triton_compile.py --table` prints the resources of every compiled kernel.
 """
@@ -151,7 +152,7 @@ def _child_main(only=None) -> dict:
 
 # ---------------------------------------------------------------- the test
 @pytest.fixture(scope="module")
-def compiled(request, tmp_path_factory) -> dict:
+def compiled(request, triton_compile_cache) -> dict:
     from bertkern.triton.compile_check import toolchain_missing
 
     if reason := toolchain_missing():
@@ -160,7 +161,7 @@ def compiled(request, tmp_path_factory) -> dict:
     selected = [case_id(item.callspec.params["case"]) for item in request.session.items
                 if getattr(item, "originalname", None) == "test_kernel_compiles"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # compile for real, outside the repo
+    env["TRITON_CACHE_DIR"] = str(triton_compile_cache)  # compile for real, outside the repo
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])  # this checkout's bertkern
     p = subprocess.run([sys.executable, os.path.abspath(__file__), "--stdin"], input="\n".join(selected),
