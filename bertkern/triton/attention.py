@@ -682,11 +682,12 @@ def bwd_config(D: int, max_seq: int, itemsize: int = 2, mask_kind: int = 0, mask
     with k, v reloaded. The deterministic pair: dK/dV over the same tiles (0.75 / 0.80 / 1.25; 64 x 64
     with dropout, which spills at 128 keys), dQ over 128 queries x 64-key steps (0.74 / 0.91 / 1.08).
     The five-GEMM kernel's dQ dot and atomics take registers the dK/dV kernel's tiles do not have on
-    sm_80 (32 x 32 there, reloaded, 4 warps at D = 64, 8 at D = 128; 64 x 32 spills even without a
-    mask; sm_80 D = 64 per 64 x 32 keys x queries: 640 cycles without a mask, 764 with a [B,H,S,S] one,
-    against 896 for dK/dV + dQ), at D = 80 / 128 with dropout or a [B,H,S,S] mask (32 x 32, reloaded)
-    and at D = 256 (64 x 16). The deterministic sm_80 kernels
-    take 64 x 32 tiles, 4 warps, at D = 64 (64 x 64 spills there with a [B,H,S,S] mask or dropout)."""
+    sm_80 (32 x 32 there, reloaded; at D = 64 4 warps and one stage, as two stages spill 8 B in varlen;
+    8 warps at D = 128; 64 x 32 spills even without a mask; sm_80 D = 64 per 64 x 32 keys x queries:
+    ~640 cycles without a mask, ~770 with a [B,H,S,S] one, against 896 for dK/dV + dQ), at D = 80 / 128
+    with dropout or a [B,H,S,S] mask (32 x 32, reloaded) and at D = 256 (64 x 16). The deterministic
+    sm_80 kernels take 64 x 32 tiles, 4 warps, at D = 64 (64 x 64 spills there with a [B,H,S,S] mask or
+    dropout)."""
     if _backend.triton_interpreted():
         cfg = (INTERPRET_BLOCKS[0], INTERPRET_BLOCKS[1], 4, 1)
         return (*cfg, False), cfg
@@ -698,7 +699,7 @@ def bwd_config(D: int, max_seq: int, itemsize: int = 2, mask_kind: int = 0, mask
         if sm90:  # 128 keys spill with dropout, and at D = 32 with a [B,H,S,S] mask
             narrow = dropout or (mask_rows and bd < 64)
             return ((64, 64, 8, 2, atomic_dq and dropout) if narrow else (64, 128, 8, 2, False)), (128, 64, 8, 2)
-        return ((32, 32, 4, 2, True) if atomic_dq else (64, 32, 4, 2, False)), (64, 32, 4, 2)
+        return ((32, 32, 4, 1, True) if atomic_dq else (64, 32, 4, 2, False)), (64, 32, 4, 2)
     if bd <= 128:
         if sm90:
             return ((32, 32, 8, 2, True) if atomic_dq and (dropout or mask_rows) else (32, 64, 8, 2, False)), \
