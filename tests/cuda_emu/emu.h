@@ -328,25 +328,28 @@ void emulate_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1
   w.b[lane][0] = b0;
   w.b[lane][1] = b1;
   w.bar.arrive_and_wait();
-  float A[16][16], B[16][8];
+  // Only what this lane's accumulators need: rows g and g + 8 of A (held by lanes 4g .. 4g + 3) and
+  // columns 2t, 2t + 1 of B (lanes 8t .. 8t + 3, 8t + 4 .. 8t + 7).
   auto lo = [](uint32_t r) { return emu::to_float<T>(static_cast<uint16_t>(r & 0xffffu)); };
   auto hi = [](uint32_t r) { return emu::to_float<T>(static_cast<uint16_t>(r >> 16)); };
-  for (int L = 0; L < emu::kWarpSize; ++L) {
-    const int g = L / 4, t = L % 4;
-    const uint32_t* ra = w.a[L];
-    A[g][2 * t] = lo(ra[0]), A[g][2 * t + 1] = hi(ra[0]);
-    A[g + 8][2 * t] = lo(ra[1]), A[g + 8][2 * t + 1] = hi(ra[1]);
-    A[g][2 * t + 8] = lo(ra[2]), A[g][2 * t + 9] = hi(ra[2]);
-    A[g + 8][2 * t + 8] = lo(ra[3]), A[g + 8][2 * t + 9] = hi(ra[3]);
-    B[2 * t][g] = lo(w.b[L][0]), B[2 * t + 1][g] = hi(w.b[L][0]);
-    B[2 * t + 8][g] = lo(w.b[L][1]), B[2 * t + 9][g] = hi(w.b[L][1]);
+  const int g = lane / 4, t = lane % 4;
+  float A[2][16], B[2][16];  // A[i][k] = A(g + 8i, k), B[j][k] = B(k, 2t + j)
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t* ra = w.a[4 * g + q];
+    for (int i = 0; i < 2; ++i) {
+      A[i][2 * q] = lo(ra[i]), A[i][2 * q + 1] = hi(ra[i]);
+      A[i][2 * q + 8] = lo(ra[i + 2]), A[i][2 * q + 9] = hi(ra[i + 2]);
+    }
+    for (int j = 0; j < 2; ++j) {
+      const uint32_t* rb = w.b[4 * (2 * t + j) + q];
+      B[j][2 * q] = lo(rb[0]), B[j][2 * q + 1] = hi(rb[0]);
+      B[j][2 * q + 8] = lo(rb[1]), B[j][2 * q + 9] = hi(rb[1]);
+    }
   }
   w.bar.arrive_and_wait();  // every lane has read the slots before any lane reuses them
-  const int g = lane / 4, t = lane % 4;
   for (int e = 0; e < 4; ++e) {
-    const int row = g + 8 * (e / 2), col = 2 * t + (e & 1);
     float acc = 0.f;
-    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+    for (int k = 0; k < 16; ++k) acc += A[e / 2][k] * B[e & 1][k];
     c[e] += acc;
   }
 }
