@@ -5,6 +5,8 @@ need the reference import it where they run.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -71,6 +73,27 @@ def dropout_args(op: str, dropout_p: float, seed: torch.Tensor | None, like: tor
         raise ValueError(f"bertkern.ops.{op}: dropout_p > 0 needs a seed tensor")
     # p == 1: threshold 2**31 does not fit the int32 compare, but keep_scale is 0 so everything is 0.
     return seed, reference.dropout_scale(dropout_p), min(reference.dropout_threshold(dropout_p), 2**31 - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class NormArgs:
+    """The flags of an add_layer_norm / embedding_layer_norm forward launcher (torch, Triton, cuda),
+    built once in the custom op's impl: torch.library schemas take only flat arguments."""
+
+    eps: float
+    dropout_p: float = 0.0
+    store_prenorm: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NormGradArgs:
+    """The flags of an add_layer_norm backward launcher: the forward's dropout_p and which column sums
+    (dweight, dbias, dx_bias) to compute."""
+
+    dropout_p: float
+    need_dweight: bool
+    need_dbias: bool
+    need_dx_bias: bool
 
 
 def varlen_index(cu_seqlens: torch.Tensor, max_seqlen: int, total: int):

@@ -121,6 +121,7 @@ def dropout_seed(dropout_p: float, device: torch.device) -> torch.Tensor | None:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
+# Same arguments as bertkern.ops.add_layer_norm, the op it defines (training and keep: eager dropout).
 def add_layer_norm(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -239,6 +240,7 @@ def embedding_sum(ids: tuple, tables: tuple) -> torch.Tensor:
     return e
 
 
+# Same arguments as bertkern.ops.embedding_layer_norm, the op it defines.
 def embedding_layer_norm(
     input_ids: torch.Tensor,
     position_ids: torch.Tensor | None,
@@ -322,6 +324,7 @@ def masked_softmax_backward(
 
 
 # ---------------------------------------------------------------- attention
+# Same arguments as bertkern.ops.attention, the op it defines, plus the eager-only `training`.
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

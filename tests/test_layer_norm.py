@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import bertkern
 from bertkern import reference
+from bertkern._utils import NormArgs
 from harness import (DTYPES, assert_close_2x, gradcheck_fast_mode, kernel_backends, poison_allocator, randn,
                      skip_unless_usable)
 
@@ -556,7 +557,8 @@ def test_embedding_ids_out_of_range_triton(backend_device):
     tids = torch.tensor([[0, 0, 2, 1], [0, 1, 1, 0]], device=device)
     pids = torch.tensor([[0, 1, 2, 3], [3, 2, -2, 9]], device=device)
     bad = torch.tensor([[False, True, True, False], [True, False, True, True]], device=device).flatten()
-    y, pre, mean, rstd = triton_ln.embedding_forward((ids, pids, tids), (word, pos, typ), None, None, 1e-5, True)
+    y, pre, mean, rstd = triton_ln.embedding_forward((ids, pids, tids), (word, pos, typ), None, None,
+                                                  NormArgs(1e-5, store_prenorm=True))
     for t in (y, pre, mean, rstd):
         assert t[bad].isnan().all() and not t[~bad].isnan().any()
     e = word[ids.long().clamp(0, 4)].double() + typ[tids.clamp(0, 1)].double() + pos[pids.clamp(0, 3)].double()

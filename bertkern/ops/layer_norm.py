@@ -38,41 +38,54 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import OpCall, acc_dtype, check_floating, contiguous_or_none, empty, keep_mask, needs_grad
+from bertkern._utils import (NormArgs, NormGradArgs, OpCall, acc_dtype, check_floating, contiguous_or_none, empty,
+                             keep_mask, needs_grad)
 
 
 # ---------------------------------------------------------------- torch backend (2-D rows)
-def _torch_forward(x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm):
-    keep = keep_mask(seed, x.shape, dropout_p)
-    h = reference.add_layer_norm_prenorm(x, residual, x_bias, dropout_p if keep is not None else 0.0, keep=keep)
+def _torch_forward(x, residual, weight, bias, x_bias, seed, args: NormArgs):
+    keep = keep_mask(seed, x.shape, args.dropout_p)
+    h = reference.add_layer_norm_prenorm(x, residual, x_bias, args.dropout_p if keep is not None else 0.0, keep=keep)
     h = h.to(x.dtype).to(h.dtype)  # normalize the sum as stored for backward (and as eager adds): in x's dtype
-    mean, rstd = reference.layer_norm_stats(h, eps)
-    y = reference.layer_norm(h, weight, bias, eps).to(x.dtype)
+    mean, rstd = reference.layer_norm_stats(h, args.eps)
+    y = reference.layer_norm(h, weight, bias, args.eps).to(x.dtype)
     # copy=True: with nothing added, h is x itself, and a custom op's output must not alias an input.
-    return y, (h.to(x.dtype, copy=True) if store_prenorm else empty(x)), mean, rstd
+    return y, (h.to(x.dtype, copy=True) if args.store_prenorm else empty(x)), mean, rstd
 
 
-def _torch_backward(grad, grad_prenorm, h, mean, rstd, weight, seed, dropout_p, need_dw, need_db, need_dxb):
-    keep = keep_mask(seed, h.shape, dropout_p)
-    dh, dx, dw, db, dxb = reference.add_layer_norm_backward(grad, h, mean, rstd, weight, keep, dropout_p, grad_prenorm)
+def _torch_backward(grad, grad_prenorm, h, mean, rstd, weight, seed, args: NormGradArgs):
+    keep = keep_mask(seed, h.shape, args.dropout_p)
+    dh, dx, dw, db, dxb = reference.add_layer_norm_backward(grad, h, mean, rstd, weight, keep, args.dropout_p,
+                                                            grad_prenorm)
     return (
         dh,
         dx if keep is not None else empty(h),
-        dw.to(h.dtype) if need_dw else empty(h),
-        db.to(h.dtype) if need_db else empty(h),
-        dxb.to(h.dtype) if need_dxb else empty(h),
+        dw.to(h.dtype) if args.need_dweight else empty(h),
+        db.to(h.dtype) if args.need_dbias else empty(h),
+        dxb.to(h.dtype) if args.need_dx_bias else empty(h),
     )
 
 
+def _cuda_forward(x, residual, weight, bias, x_bias, seed, a: NormArgs):
+    return torch.ops.bertkern_cuda.add_layer_norm_fwd(x, residual, weight, bias, x_bias, seed, a.eps, a.dropout_p,
+                                                      a.store_prenorm)
+
+
+def _cuda_backward(grad, grad_prenorm, h, mean, rstd, weight, seed, a: NormGradArgs):
+    return torch.ops.bertkern_cuda.add_layer_norm_bwd(grad, grad_prenorm, h, mean, rstd, weight, seed, a.dropout_p,
+                                                      a.need_dweight, a.need_dbias, a.need_dx_bias)
+
+
 def _kernels(backend: str):
-    """(forward, backward) of one backend, on 2-D row views, with the custom ops' conventions."""
+    """(forward, backward) of one backend, on 2-D row views, with the custom ops' conventions:
+    forward(x, residual, weight, bias, x_bias, seed, NormArgs), backward(grad, grad_prenorm, h, mean,
+    rstd, weight, seed, NormGradArgs)."""
     if backend == "triton":
         from bertkern.triton import layer_norm as k
 
         return k.forward, k.backward
     if backend == "cuda":
-        ops = torch.ops.bertkern_cuda
-        return ops.add_layer_norm_fwd, ops.add_layer_norm_bwd
+        return _cuda_forward, _cuda_backward
     return _torch_forward, _torch_backward
 
 
@@ -80,7 +93,24 @@ def _rows_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else _backend.as_rows(t)
 
 
+# Both forwards (add_layer_norm, embedding_layer_norm) return (y, prenorm or empty, mean, rstd).
+def _shaped_outputs(outputs, shape, store_prenorm: bool):
+    """A forward's outputs on 2-D rows, viewed as y `shape` ([..., N]) and statistics shape[:-1]."""
+    y, prenorm, mean, rstd = outputs
+    stats, shaped = shape[:-1], _backend.shaped
+    return shaped(y, shape), (shaped(prenorm, shape) if store_prenorm else prenorm), shaped(mean, stats), shaped(rstd, stats)
+
+
+def _outputs_fake(like: torch.Tensor, shape, store_prenorm: bool):
+    """A forward's outputs for y of `shape` in like's dtype (the fake implementations)."""
+    acc, stats = acc_dtype(like.dtype), shape[:-1]
+    prenorm = like.new_empty(shape) if store_prenorm else like.new_empty(0)
+    return like.new_empty(shape), prenorm, like.new_empty(stats, dtype=acc), like.new_empty(stats, dtype=acc)
+
+
 # ---------------------------------------------------------------- add_layer_norm custom ops
+# The impls' annotations are the custom ops' schemas: flat (torch.library takes no dataclass), so
+# add_layer_norm's and embedding_layer_norm's share their tail (weight ... backend) line by line.
 def _add_layer_norm_impl(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -94,20 +124,15 @@ def _add_layer_norm_impl(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     forward, _ = _kernels(backend)
-    y, prenorm, mean, rstd = forward(
+    outputs = forward(
         _backend.as_rows(x), _rows_or_none(residual), contiguous_or_none(weight), contiguous_or_none(bias),
-        contiguous_or_none(x_bias), seed, eps, dropout_p, store_prenorm,
+        contiguous_or_none(x_bias), seed, NormArgs(eps, dropout_p, store_prenorm),
     )
-    stats = x.shape[:-1]
-    shaped = _backend.shaped
-    return shaped(y, x.shape), (shaped(prenorm, x.shape) if store_prenorm else prenorm), shaped(mean, stats), shaped(rstd, stats)
+    return _shaped_outputs(outputs, x.shape, store_prenorm)
 
 
 def _add_layer_norm_fake(x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm, backend):
-    acc = acc_dtype(x.dtype)
-    prenorm = x.new_empty(x.shape) if store_prenorm else x.new_empty(0)
-    stats = x.shape[:-1]
-    return x.new_empty(x.shape), prenorm, x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
+    return _outputs_fake(x, x.shape, store_prenorm)
 
 
 def _add_layer_norm_backward_impl(
@@ -128,8 +153,8 @@ def _add_layer_norm_backward_impl(
     n = h.shape[-1]
     dh, dx, dw, db, dxb = backward(
         _backend.as_rows(grad), _rows_or_none(grad_prenorm), _backend.as_rows(h),
-        mean.reshape(-1), rstd.reshape(-1), contiguous_or_none(weight), seed, dropout_p,
-        need_dweight, need_dbias, need_dx_bias,
+        mean.reshape(-1), rstd.reshape(-1), contiguous_or_none(weight), seed,
+        NormGradArgs(dropout_p, need_dweight, need_dbias, need_dx_bias),
     )
     assert dw.numel() in (0, n) and db.numel() in (0, n) and dxb.numel() in (0, n)
     return _backend.shaped(dh, h.shape), (_backend.shaped(dx, h.shape) if dx.dim() == 2 else dx), dw, db, dxb  # 1-D [0]: no dx
@@ -292,15 +317,19 @@ def _ids_2d(ids: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
     return ids.reshape(-1, shape[-1]) if ids.dim() != 2 else ids
 
 
-def _emb_torch_forward(ids, tables, weight, bias, eps, store_prenorm):
+def _emb_torch_forward(ids, tables, weight, bias, args: NormArgs):
     word = tables[0]
     e = reference.embedding_sum(ids, tables)
     e = e.to(word.dtype).to(e.dtype)  # the sum as stored for backward, in the tables' dtype
-    mean, rstd = reference.layer_norm_stats(e, eps)
-    y = reference.layer_norm(e, weight, bias, eps).to(word.dtype)
+    mean, rstd = reference.layer_norm_stats(e, args.eps)
+    y = reference.layer_norm(e, weight, bias, args.eps).to(word.dtype)
     n = word.shape[1]
-    prenorm = e.to(word.dtype).reshape(-1, n) if store_prenorm else empty(word)
+    prenorm = e.to(word.dtype).reshape(-1, n) if args.store_prenorm else empty(word)
     return y.reshape(-1, n), prenorm, mean.reshape(-1), rstd.reshape(-1)
+
+
+def _emb_cuda_forward(ids, tables, weight, bias, args: NormArgs):
+    return torch.ops.bertkern_cuda.embedding_layer_norm_fwd(*ids, *tables, weight, bias, args.eps, args.store_prenorm)
 
 
 def _embedding_layer_norm_impl(
@@ -325,30 +354,22 @@ def _embedding_layer_norm_impl(
         ids = (input_ids, position_ids, token_type_ids)
     else:
         ids = tuple(_ids_2d(t, shape) for t in (input_ids, position_ids, token_type_ids))
+    args = NormArgs(eps, store_prenorm=store_prenorm)
     if backend == "cuda":
-        y, prenorm, mean, rstd = torch.ops.bertkern_cuda.embedding_layer_norm_fwd(
-            *ids, *tables, contiguous_or_none(weight), contiguous_or_none(bias), eps, store_prenorm)
+        forward = _emb_cuda_forward
+    elif backend == "torch":
+        forward = _emb_torch_forward
     else:
-        if backend == "torch":
-            forward = _emb_torch_forward
-        else:
-            from bertkern.triton import layer_norm as k
+        from bertkern.triton import layer_norm as k
 
-            forward = k.embedding_forward
-        y, prenorm, mean, rstd = forward(ids, tables, contiguous_or_none(weight), contiguous_or_none(bias), eps,
-                                         store_prenorm)
-    out = (*shape, word_embeddings.shape[1])
-    shaped = _backend.shaped
-    return shaped(y, out), (shaped(prenorm, out) if store_prenorm else prenorm), shaped(mean, shape), shaped(rstd, shape)
+        forward = k.embedding_forward
+    outputs = forward(ids, tables, contiguous_or_none(weight), contiguous_or_none(bias), args)
+    return _shaped_outputs(outputs, (*shape, word_embeddings.shape[1]), store_prenorm)
 
 
 def _embedding_layer_norm_fake(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
                                token_type_embeddings, weight, bias, eps, padding_idx, store_prenorm, backend):
-    w = word_embeddings
-    out = (*input_ids.shape, w.shape[1])
-    acc = acc_dtype(w.dtype)
-    prenorm = w.new_empty(out) if store_prenorm else w.new_empty(0)
-    return w.new_empty(out), prenorm, w.new_empty(input_ids.shape, dtype=acc), w.new_empty(input_ids.shape, dtype=acc)
+    return _outputs_fake(word_embeddings, (*input_ids.shape, word_embeddings.shape[1]), store_prenorm)
 
 
 def _emb_setup_context(ctx, inputs, output):

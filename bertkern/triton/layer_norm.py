@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from bertkern import reference
-from bertkern._utils import acc_dtype, empty, num_sms
+from bertkern._utils import NormArgs, NormGradArgs, acc_dtype, empty, num_sms
 
 # Widest row kept in registers as one tile (16 warps x 32 lanes x 32 fp32 values); wider rows loop
 # over LOOP_BLOCK_N-wide chunks. Module attributes so tests can shrink them to reach the loop path.
@@ -366,31 +366,23 @@ def _forward_outputs(like: torch.Tensor, M: int, N: int, store_prenorm: bool):
     return y, prenorm, mean, rstd
 
 
-def forward(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    x_bias: torch.Tensor | None,
-    seed: torch.Tensor | None,
-    eps: float,
-    dropout_p: float,
-    store_prenorm: bool,
-):
-    """(y, prenorm or empty, mean, rstd) of add_layer_norm on [M, N] row views; seed is an int64
-    device tensor (one element) when dropout_p > 0, else None."""
+def forward(x, residual, weight, bias, x_bias, seed, args: NormArgs):
+    """(y, prenorm or empty, mean, rstd) of add_layer_norm on [M, N] row views x and residual (or
+    None); weight, bias, x_bias [N] or None; seed an int64 device tensor (one element) when
+    args.dropout_p > 0, else None."""
     M, N = x.shape
+    store_prenorm = args.store_prenorm
     y, prenorm, mean, rstd = _forward_outputs(x, M, N, store_prenorm)
     if M == 0:
         return y, prenorm, mean, rstd
-    has_dropout = seed is not None and dropout_p > 0.0
-    thresh, scale = _dropout_args(dropout_p)
+    has_dropout = seed is not None and args.dropout_p > 0.0
+    thresh, scale = _dropout_args(args.dropout_p)
     block_m, block_n, num_warps, loop = _tiles(N)
     r = residual if residual is not None else x
     _add_ln_fwd_kernel[(triton.cdiv(M, block_m),)](
         x, r, x if x_bias is None else x_bias, x if weight is None else weight, x if bias is None else bias,
         seed if has_dropout else x, y, prenorm if store_prenorm else y, mean, rstd,
-        M, N, x.stride(0), r.stride(0), y.stride(0), N, eps, thresh, scale,
+        M, N, x.stride(0), r.stride(0), y.stride(0), N, args.eps, thresh, scale,
         HAS_RES=residual is not None, HAS_XBIAS=x_bias is not None, HAS_W=weight is not None,
         HAS_B=bias is not None, HAS_DROPOUT=has_dropout, STORE_PRENORM=store_prenorm, LOOP=loop,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
@@ -398,32 +390,21 @@ def forward(
     return y, prenorm, mean, rstd
 
 
-def backward(
-    dy: torch.Tensor,
-    dprenorm: torch.Tensor | None,
-    h: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    weight: torch.Tensor | None,
-    seed: torch.Tensor | None,
-    dropout_p: float,
-    need_dweight: bool,
-    need_dbias: bool,
-    need_dx_bias: bool,
-):
-    """(dh, dx or empty, dweight, dbias, dx_bias) of add_layer_norm on [M, N] row views.
+def backward(dy, dprenorm, h, mean, rstd, weight, seed, args: NormGradArgs):
+    """(dh, dx or empty, dweight, dbias, dx_bias) of add_layer_norm on [M, N] row views dy, dprenorm
+    (or None) and h; mean, rstd [M]; weight [N] or None.
 
     h is the pre-norm sum; dh its gradient (= d residual); dx = dh * keep / (1 - p) is computed only
     with dropout (seed given). The column sums come back in h's dtype, empty unless asked for.
     """
     M, N = h.shape
     acc = acc_dtype(h.dtype)
-    has_dropout = seed is not None and dropout_p > 0.0
+    has_dropout = seed is not None and args.dropout_p > 0.0
+    needs = (args.need_dweight, args.need_dbias, args.need_dx_bias)
     dh = torch.empty((M, N), dtype=h.dtype, device=h.device)
     dx = torch.empty((M, N), dtype=h.dtype, device=h.device) if has_dropout else empty(h)
     if M == 0:
-        sums = [torch.zeros(N, dtype=h.dtype, device=h.device) if need else empty(h)
-                for need in (need_dweight, need_dbias, need_dx_bias)]
+        sums = [torch.zeros(N, dtype=h.dtype, device=h.device) if need else empty(h) for need in needs]
         return (dh, dx, *sums)
     block_m, block_n, num_warps, loop = _tiles(N)
     if not loop:
@@ -437,9 +418,8 @@ def backward(
     rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
     programs = triton.cdiv(M, rows_per_program)
     alloc = torch.zeros if loop else torch.empty  # the loop path accumulates into its partial rows
-    parts = [alloc((programs, N), dtype=acc, device=h.device) if need else None
-             for need in (need_dweight, need_dbias, need_dx_bias)]
-    thresh, scale = _dropout_args(dropout_p)
+    parts = [alloc((programs, N), dtype=acc, device=h.device) if need else None for need in needs]
+    thresh, scale = _dropout_args(args.dropout_p)
     has_dp = dprenorm is not None
     _add_ln_bwd_kernel[(programs,)](
         dy, dprenorm if has_dp else dy, h, mean, rstd, h if weight is None else weight,
@@ -448,7 +428,7 @@ def backward(
         M, N, dy.stride(0), dprenorm.stride(0) if has_dp else 0, h.stride(0), dh.stride(0),
         dx.stride(0) if has_dropout else 0, rows_per_program, thresh, scale,
         HAS_DP=has_dp, HAS_W=weight is not None, HAS_DROPOUT=has_dropout,
-        NEED_DW=need_dweight, NEED_DB=need_dbias, NEED_DXB=need_dx_bias, LOOP=loop,
+        NEED_DW=args.need_dweight, NEED_DB=args.need_dbias, NEED_DXB=args.need_dx_bias, LOOP=loop,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     sums = [p.sum(0).to(h.dtype) if p is not None else empty(h) for p in parts]
@@ -467,14 +447,15 @@ def _index_view(ids: torch.Tensor | None) -> tuple[int, int]:
     return (0, 0) if ids is None else (ids.stride(0), ids.stride(1))
 
 
-def embedding_forward(ids: tuple, tables: tuple, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                      store_prenorm: bool):
+def embedding_forward(ids: tuple, tables: tuple, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      args: NormArgs):
     """(y [M, N], prenorm or empty, mean, rstd) of embedding_layer_norm. ids = (input_ids, position_ids,
     token_type_ids): 2-D [B, S] views (any strides, e.g. expanded), M = B * S, position_ids None means
     arange(S); tables = (word, position, token_type) embeddings as in reference.embedding_sum."""
     (input_ids, position_ids, token_type_ids), (word, pos, typ) = ids, tables
     Bt, S = input_ids.shape
     M, N = Bt * S, word.shape[1]
+    store_prenorm = args.store_prenorm
     y, prenorm, mean, rstd = _forward_outputs(word, M, N, store_prenorm)
     if M == 0:
         return y, prenorm, mean, rstd
@@ -491,7 +472,7 @@ def embedding_forward(ids: tuple, tables: tuple, weight: torch.Tensor | None, bi
         *_index_view(position_ids if has_pids else None), *_index_view(token_type_ids if has_tids else None),
         word.shape[0], pos.shape[0] if pos is not None else 0, typ.shape[0] if typ is not None else 0,
         word.stride(0), pos.stride(0) if pos is not None else 0, typ.stride(0) if typ is not None else 0,
-        y.stride(0), N, eps,
+        y.stride(0), N, args.eps,
         HAS_POS=pos is not None, HAS_PIDS=has_pids, HAS_TYPE=typ is not None, HAS_TIDS=has_tids,
         HAS_W=weight is not None, HAS_B=bias is not None, STORE_PRENORM=store_prenorm,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
@@ -507,15 +488,16 @@ def compile_launch(op, direction, dt, params, meta):
         B, S, N = 8, 512, params["N"]
         ids = meta((B, S), "int64")
         return functools.partial(embedding_forward, (ids, None, ids), (meta((30522, N), dt), meta((512, N), dt),
-                                 meta((2, N), dt)), meta((N,), dt), meta((N,), dt), 1e-12, True)
+                                 meta((2, N), dt)), meta((N,), dt), meta((N,), dt), NormArgs(1e-12, store_prenorm=True))
     # add_layer_norm
     M, N, train = 4096, params["N"], params["variant"] == "train"
     x, w, seed = meta((M, N), dt), meta((N,), dt), meta((1,), "int64")
+    p = 0.1 if train else 0.0
     if direction == "fwd":  # BERT: y = LN(dropout(dense + bias) + residual)
-        # x, residual, weight, bias, x_bias, seed, eps, dropout_p, store_prenorm
+        # x, residual, weight, bias, x_bias, seed
         return functools.partial(forward, x, meta((M, N), dt), w, w, w, seed if train else None,
-                                 1e-12, 0.1 if train else 0.0, train)
+                                 NormArgs(1e-12, p, store_prenorm=train))
     acc = meta((M,), "float32")
-    # dy, dprenorm, h, mean, rstd, weight, seed, dropout_p, need dweight / dbias / dx_bias
-    return functools.partial(backward, x, x if train else None, x, acc, acc, w,
-                             seed if train else None, 0.1 if train else 0.0, True, True, train)
+    # dy, dprenorm, h, mean, rstd, weight, seed
+    return functools.partial(backward, x, x if train else None, x, acc, acc, w, seed if train else None,
+                             NormGradArgs(p, need_dweight=True, need_dbias=True, need_dx_bias=train))
