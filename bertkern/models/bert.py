@@ -537,6 +537,7 @@ class BertForSequenceClassification(_BertPreTrained):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self._init_weights(self.classifier)  # self.bert initialised itself
 
+    # BertModel.forward's arguments (HF's names and order), passed through to self.bert.
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -65,6 +65,7 @@ are upcast to fp32 (the interpreter's bf16 dot is wrong).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -566,8 +567,9 @@ def _dq_step(
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
 
 
-# Opens like _bwd_dkdv_kernel (same parameters, _open, NaN fill): each Triton kernel spells out its own
-# parameters, and dQ is a kernel of its own so that neither pass needs atomics.
+# Opens like _fwd_kernel and _bwd_dkdv_kernel (same parameters, _open, NaN fill, then _fwd_kernel's key
+# and mask pointers): each Triton kernel spells out its own parameters, and a helper for the pointers
+# would take twenty of them. dQ is a kernel of its own so that neither pass needs atomics.
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, STATS, DELTA, DQ, MASK, SEED, CU,
@@ -744,56 +746,80 @@ def _fold(dtype: torch.dtype, scale: float) -> bool:
     return dtype != torch.float32 and scale > 0
 
 
-def _launch_forward(q, k, v, out, stats, st_strides, mask, seed, cu, B, H, S_q, S_k, row_stride, scale, dropout_p,
-                    varlen):
-    D = q.shape[-1]
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """What the kernels of one attention call share besides their tensors: the sizes (padded
+    [B, H, S, D]; or packed tokens with cu_seqlens, S_q = S_k = max_seqlen), the strides of the
+    stats' (batch, head) dims, and the op's scale and dropout_p. S_q is also the dropout rows (and
+    stats) per (b, h), as the kernels' ROW_STRIDE."""
+
+    B: int
+    H: int
+    S_q: int
+    S_k: int
+    stats_strides: tuple[int, int]
+    scale: float
+    dropout_p: float
+    cu_seqlens: torch.Tensor | None = None
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def sizes(self, q: torch.Tensor) -> tuple:
+        """The kernels' size and scale arguments: H, S_q, S_k, D, ROW_STRIDE, qk_scale, scale."""
+        qk_scale = self.scale * LOG2E if _fold(q.dtype, self.scale) else self.scale
+        return self.H, self.S_q, self.S_k, q.shape[-1], self.S_q, qk_scale, self.scale
+
+
+def _launch_forward(q, k, v, out, stats, mask, seed, c: _Call):
+    D, varlen = q.shape[-1], c.varlen
     kind, mask_min, m_arg, m_strides, m_rows = _mask_args(mask, q)
-    seed_t, keep_scale, thresh = dropout_args("attention", dropout_p, seed, q)
-    block_m, block_n, warps, stages = fwd_config(D, S_q, q.element_size(), kind, m_rows, dropout_p > 0.0,
+    seed_t, keep_scale, thresh = dropout_args("attention", c.dropout_p, seed, q)
+    block_m, block_n, warps, stages = fwd_config(D, c.S_q, q.element_size(), kind, m_rows, c.dropout_p > 0.0,
                                                  _capability(q.device))
-    grid = (triton.cdiv(S_q, block_m) * B * H,)  # one axis: see _program
+    grid = (triton.cdiv(c.S_q, block_m) * c.B * c.H,)  # one axis: see _program
     _fwd_kernel[grid](
-        q, k, v, out, stats, m_arg, seed_t, cu if cu is not None else q,
+        q, k, v, out, stats, m_arg, seed_t, c.cu_seqlens if varlen else q,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
-        *m_strides, *st_strides, stats.stride(0),
-        H, S_q, S_k, D, row_stride, scale * LOG2E if _fold(q.dtype, scale) else scale, scale, keep_scale, thresh,
-        MASK_KIND=kind, MASK_MIN=mask_min, MASK_ROWS=m_rows, DROPOUT=dropout_p > 0.0, VARLEN=varlen,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **_kernel_flags(q, D, scale),
+        *m_strides, *c.stats_strides, stats.stride(0), *c.sizes(q), keep_scale, thresh,
+        MASK_KIND=kind, MASK_MIN=mask_min, MASK_ROWS=m_rows, DROPOUT=c.dropout_p > 0.0, VARLEN=varlen,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **_kernel_flags(q, D, c.scale),
     )
 
 
-def _launch_backward(grad, q, k, v, out, stats, st_strides, dq, dk, dv, mask, seed, cu, B, H, S_q, S_k, row_stride,
-                     scale, dropout_p, varlen):
-    D = q.shape[-1]
+def _launch_backward(grad, q, k, v, out, stats, dq, dk, dv, mask, seed, c: _Call):
+    D, varlen = q.shape[-1], c.varlen
     kind, mask_min, m_arg, m_strides, m_rows = _mask_args(mask, q)
-    seed_t, keep_scale, thresh = dropout_args("attention", dropout_p, seed, q)
+    seed_t, keep_scale, thresh = dropout_args("attention", c.dropout_p, seed, q)
     cap = _capability(q.device)
     atomic = not torch.are_deterministic_algorithms_enabled()
-    (m1, n1, w1, st1, reload_kv), (m2, n2, w2, st2) = bwd_config(D, S_q, q.element_size(), kind, m_rows,
-                                                                 dropout_p > 0.0, cap, atomic)
-    flags = _kernel_flags(q, D, scale)
+    (m1, n1, w1, st1, reload_kv), (m2, n2, w2, st2) = bwd_config(D, c.S_q, q.element_size(), kind, m_rows,
+                                                                 c.dropout_p > 0.0, cap, atomic)
+    flags = _kernel_flags(q, D, c.scale)
     delta = torch.empty(stats.shape[1:], dtype=torch.float32, device=q.device)
-    cu_arg = cu if cu is not None else q
-    _bwd_delta_kernel[(triton.cdiv(S_q, 64) * B * H,)](
-        out, grad, delta, cu_arg, *_strides3(out, varlen), *_strides3(grad, varlen), *st_strides, H, S_q, D,
+    cu_arg = c.cu_seqlens if varlen else q
+    _bwd_delta_kernel[(triton.cdiv(c.S_q, 64) * c.B * c.H,)](
+        out, grad, delta, cu_arg, *_strides3(out, varlen), *_strides3(grad, varlen), *c.stats_strides, c.H, c.S_q, D,
         VARLEN=varlen, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"], num_warps=4,
     )
-    common = dict(MASK_KIND=kind, MASK_MIN=mask_min, MASK_ROWS=m_rows, DROPOUT=dropout_p > 0.0, VARLEN=varlen, **flags)
-    tail = (H, S_q, S_k, D, row_stride, scale * LOG2E if _fold(q.dtype, scale) else scale, scale, keep_scale, thresh)
+    common = dict(MASK_KIND=kind, MASK_MIN=mask_min, MASK_ROWS=m_rows, DROPOUT=c.dropout_p > 0.0, VARLEN=varlen,
+                  **flags)
+    tail = (*c.sizes(q), keep_scale, thresh)
     qkv_strides = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(grad, varlen))
     dq_acc = torch.zeros_like(dq, dtype=torch.float32) if atomic else dk  # (dk: an unused placeholder)
-    (_bwd_kernel if atomic else _bwd_dkdv_kernel)[(triton.cdiv(S_k, n1) * B * H,)](
+    (_bwd_kernel if atomic else _bwd_dkdv_kernel)[(triton.cdiv(c.S_k, n1) * c.B * c.H,)](
         q, k, v, grad, stats, delta, dk, dv, dq_acc, m_arg, seed_t, cu_arg,
         *qkv_strides, *_strides3(dk, varlen), *_strides3(dv, varlen), *_strides3(dq_acc, varlen), *m_strides,
-        *st_strides, stats.stride(0), *tail, BLOCK_M=m1, BLOCK_N=n1, num_warps=w1, num_stages=st1,
+        *c.stats_strides, stats.stride(0), *tail, BLOCK_M=m1, BLOCK_N=n1, num_warps=w1, num_stages=st1,
         RELOAD_KV=reload_kv, ATOMIC_DQ=atomic, **common,
     )
     if atomic:
-        torch.mul(dq_acc, scale, out=dq)  # the one cast into dq's dtype (and the scale of dQ = scale dS K)
+        torch.mul(dq_acc, c.scale, out=dq)  # the one cast into dq's dtype (and the scale of dQ = scale dS K)
         return
-    _bwd_dq_kernel[(triton.cdiv(S_q, m2) * B * H,)](
+    _bwd_dq_kernel[(triton.cdiv(c.S_q, m2) * c.B * c.H,)](
         q, k, v, grad, stats, delta, dq, m_arg, seed_t, cu_arg,
-        *qkv_strides, *_strides3(dq, varlen), *m_strides, *st_strides, stats.stride(0), *tail,
+        *qkv_strides, *_strides3(dq, varlen), *m_strides, *c.stats_strides, stats.stride(0), *tail,
         BLOCK_M=m2, BLOCK_N=n2, num_warps=w2, num_stages=st2, **common,
     )
 
@@ -812,8 +838,7 @@ def forward(q, k, v, mask, scale: float, dropout_p: float, seed):
     S_k = k.shape[2]
     out = _bshd_like(B, S_q, H, D, q)
     stats = torch.empty((2, B, H, S_q), dtype=torch.float32, device=q.device)
-    _launch_forward(q, k, v, out, stats, (H * S_q, S_q), mask, seed, None, B, H, S_q, S_k, S_q, scale, dropout_p,
-                    False)
+    _launch_forward(q, k, v, out, stats, mask, seed, _Call(B, H, S_q, S_k, (H * S_q, S_q), scale, dropout_p))
     return out, stats
 
 
@@ -824,8 +849,8 @@ def backward(grad, q, k, v, mask, out, stats, scale: float, dropout_p: float, se
     dq = _bshd_like(B, S_q, H, D, q)
     dk = _bshd_like(B, S_k, H, D, q)
     dv = _bshd_like(B, S_k, H, D, q)
-    _launch_backward(grad, q, k, v, out, stats, (H * S_q, S_q), dq, dk, dv, mask, seed, None, B, H, S_q, S_k, S_q,
-                     scale, dropout_p, False)
+    _launch_backward(grad, q, k, v, out, stats, dq, dk, dv, mask, seed,
+                     _Call(B, H, S_q, S_k, (H * S_q, S_q), scale, dropout_p))
     return dq, dk, dv
 
 
@@ -836,8 +861,8 @@ def varlen_forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float, dropout_p
     out = torch.empty((total, H, D), dtype=q.dtype, device=q.device)
     stats = torch.empty((2, H, total), dtype=torch.float32, device=q.device)
     if total and B and max_seqlen:
-        _launch_forward(q, k, v, out, stats, (0, total), None, seed, cu_seqlens, B, H, max_seqlen, max_seqlen,
-                        max_seqlen, scale, dropout_p, True)
+        _launch_forward(q, k, v, out, stats, None, seed,
+                        _Call(B, H, max_seqlen, max_seqlen, (0, total), scale, dropout_p, cu_seqlens))
     return out, stats
 
 
@@ -848,8 +873,8 @@ def varlen_backward(grad, q, k, v, cu_seqlens, max_seqlen: int, out, stats, scal
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     if total and B and max_seqlen:
-        _launch_backward(grad, q, k, v, out, stats, (0, total), dq, dk, dv, None, seed, cu_seqlens, B, H, max_seqlen,
-                         max_seqlen, max_seqlen, scale, dropout_p, True)
+        _launch_backward(grad, q, k, v, out, stats, dq, dk, dv, None, seed,
+                         _Call(B, H, max_seqlen, max_seqlen, (0, total), scale, dropout_p, cu_seqlens))
     return dq, dk, dv
 
 

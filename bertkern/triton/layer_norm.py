@@ -292,6 +292,7 @@ def _add_ln_bwd_kernel(
 
 
 # ---------------------------------------------------------------- embedding_layer_norm forward
+# Its parameters end like _add_ln_fwd_kernel's (flags, tiles): each Triton kernel spells out its own.
 @triton.jit
 def _emb_ln_fwd_kernel(
     IDS, PIDS, TIDS, WORD, POS, TYPE, W, B, Y, P, MEAN, RSTD,
