@@ -6,7 +6,9 @@
 No GPU is needed. Triton kernels are compiled exactly as the ops launch them at BERT shapes (the
 launch functions run on meta tensors with their kernels swapped for recorders:
 bertkern.triton.compile_check) for sm_90 and sm_80 with Triton's bundled ptxas; CUDA kernels are read
-from the cubins in the built extension (bertkern/_C*.so). For each kernel: registers, spill (stack)
+from the cubins in the built extension (bertkern/_C*.so, or --cuda-lib), the row kernels at each case's
+launch (CUDA_LAUNCHES: what csrc's host code picks, checked in the CPU emulation by
+tests/test_sass_report.py). For each kernel: registers, spill (stack)
 bytes, shared memory, CTAs per SM, and a model of its hot loop from the SASS (MODEL_TEXT below says
 how, and its limits: a static model for comparing versions of a kernel, not a measurement; the GPU
 timings of benchmarks/run.py are the truth).
@@ -14,8 +16,8 @@ timings of benchmarks/run.py are the truth).
 Targets (issue 12; sm_90, fp16, head dim 64): attention forward issue <= 1.2 x max(tensor, MUFU) with
 no mask or a padding mask, <= 1.5 x with a [B,H,S,S] float mask; backward <= 1.3 x per kernel;
 elementwise/row kernels within their per-element budget with >= 4 CTAs/SM; no spill anywhere (sm_80
-and sm_90). The same attention targets apply to the CUDA kernels (csrc/attention.cu: the forward per
-mask kind, the five-GEMM backward per GEMM-sized pass). A check the code meets is a budget
+and sm_90). The same targets apply to the CUDA kernels: attention (csrc/attention.cu: the forward per
+mask kind, the five-GEMM backward per GEMM-sized pass) and the row kernels at each case's launch. A check the code meets is a budget
 (tests/test_sass_report.py fails when it is broken); a check it does not meet yet is listed in
 KNOWN_GAPS and shown as "over target" in the report.
 """
@@ -67,11 +69,14 @@ def _short(kernel: str) -> str:
 
 
 def _gap_key(row: dict, check: str) -> tuple:
-    """A check's key: (case, kernel, check) in KNOWN_GAPS for Triton; for CUDA (arch, kernel) in
-    KNOWN_CUDA_SPILLS for the spill, (arch, kernel, check) in KNOWN_GAPS for the others."""
-    if row["backend"] == "triton":
+    """A check's key: a CUDA kernel's spill (arch, kernel) in KNOWN_CUDA_SPILLS (its kernel row and the
+    cases that launch it share it); a case's launch (Triton, or CUDA at the case's shape) (case, kernel,
+    check) in KNOWN_GAPS; a CUDA kernel row's other checks (arch, kernel, check) in KNOWN_GAPS."""
+    if row["backend"] == "cuda" and check in ("spill", ""):
+        return (row["arch"], _short(row["kernel"]))
+    if "op" in row:
         return (row["id"], row["kernel"], check)
-    return (row["arch"], _short(row["kernel"])) + ((check,) if check not in ("spill", "") else ())
+    return (row["arch"], _short(row["kernel"]), check)
 
 
 # bytes per element that must cross DRAM (fp16), by (op, direction, variant)
@@ -215,12 +220,17 @@ def model(case, kernel: str, blocks: dict, warps: int, sass_hot: dict) -> dict:
     rows = blocks.get("BLOCK_M", blocks.get("ROWS", 1))
     width = blocks.get("BLOCK_N", blocks.get("BLOCK_D"))
     real = params.get("N", params.get("D"))
-    elems = rows * min(width, real)
     instr = sass_hot.get("all_loops", sass_hot)["instructions"]
-    per_elem = instr * warps * 32 / elems
+    return elementwise_model(case, kernel, instr, warps * 32, rows * min(width, real))
+
+
+def elementwise_model(case, kernel: str, instructions: int, threads: int, elements: int) -> dict:
+    """Instructions per element of a row kernel: `instructions` run by each of `threads` threads of a
+    CTA per `elements` elements, against 10 x the bytes per element that must cross DRAM."""
+    cap, op, direction, dt, params = case
     b = _bytes_per_element(op, direction, params, kernel)
-    return {"kind": "elementwise", "elements_per_iteration": elems, "bytes_per_element": b,
-            "instr_per_element": round(per_elem, 2), "budget": round(INSTR_PER_BYTE[cap] * b, 1)}
+    return {"kind": "elementwise", "elements_per_iteration": elements, "bytes_per_element": b,
+            "instr_per_element": round(instructions * threads / elements, 2), "budget": round(INSTR_PER_BYTE[cap] * b, 1)}
 
 
 def checks(case, row: dict) -> dict[str, tuple[float, float, bool]]:
@@ -287,34 +297,126 @@ def triton_rows(selected: list[tuple], jobs_parallel: int | None = None) -> list
 
 
 # ---------------------------------------------------------------- CUDA: the built extension's cubins
-def cuda_rows() -> list[dict]:
-    """Registers, spills, shared memory and hot-loop counts of every kernel in bertkern/_C*.so
-    (cuobjdump reads the embedded sm_80 / sm_90 cubins). Launch shapes are not known here, so the
-    per-element model is Triton-only; the attention kernels' tiles are fixed at compile time, so the
-    cycle model and its targets apply to them (cuda_attention_tiles)."""
+# The CUDA kernels each case launches (fp16, inputs as the Triton rows': 16-byte aligned rows, an
+# additive mask in fp16, masks [B,1,1,S] expanded), as csrc's host code picks them, keyed by the case
+# id without its arch (the host picks the same on sm_80 and sm_90): (kernel, (block x, y), dynamic
+# shared memory bytes, hot part, elements per CTA per hot part). Hot part "loop": one iteration of the
+# kernel's longest loop (the row loop; later loops are once-per-CTA epilogues); "kernel": the whole
+# body, for kernels without a row loop (a row held in registers, one row per thread group), counted
+# once per CTA's rows; None: no per-element model (the column sums of the backward partials).
+# tests/test_sass_report.py runs the host code in the CPU emulation (tests/cuda_emu) at each case's
+# shape and checks kernel, block and shared memory against this table; the elements follow from the
+# kernels' code (see each entry).
+_COLSUM = ("column_sum_kernel<c10::Half, float>", (32, 16), 0, None, None)
+CUDA_LAUNCHES: dict[str, list[tuple]] = {
+    # bias_gelu: 384 vectors of 8 in 2 column tiles of 192 threads x 1 row lane (pick_tile), 4 rows
+    # (kUnroll) of one vector per thread and loop iteration
+    **{f"bias_gelu-{d}-fp16-N3072-gelu_{a}": [
+        (f"bias_gelu_{d}_kernel<c10::Half, 8, {str(a == 'tanh').lower()}>", (192, 1), 0, "loop", 192 * 4 * 8),
+        *[_COLSUM] * (d == "bwd")] for d in ("fwd", "bwd") for a in ("none", "tanh")},
+    # add_layer_norm forward: 768 = 1 warp x 3 vectors of 8 a thread, 8 rows (teams) per 256 threads;
+    # 1024 = 2 warps x 2 vectors, 4 rows per block (plan_team); no row loop; dropout in training
+    **{f"add_layer_norm-fwd-fp16-N{n}-{v}": [
+        (f"ln::ln_fwd_team_kernel<bertkern::ln::FwdParams<c10::Half>, 8, {it}, {str(v == 'train').lower()}>",
+         (256, 1), 0, "kernel", rows * n)]
+       for n, it, rows in ((768, 3, 8), (1024, 2, 4)) for v in ("train", "infer")},
+    # backward: 1 vector a thread, 768 = 3 warps x 2 teams (192 threads), 1024 = 4 warps x 2 teams
+    # (256); each team takes one row per loop iteration; N fp32 of shared memory to fold the teams'
+    # column partials; column sums of dweight, dbias (and dx_bias in training); dropout in training
+    **{f"add_layer_norm-bwd-fp16-N{n}-{v}": [
+        (f"ln::add_ln_bwd_team_kernel<c10::Half, 8, 1, {str(v == 'train').lower()}>", (threads, 1), 4 * n, "loop",
+         threads // (32 * wpr) * n),
+        *[_COLSUM] * (3 if v == "train" else 2)]
+       for n, wpr, threads in ((768, 3, 192), (1024, 4, 256)) for v in ("train", "infer")},
+    "embedding_layer_norm-fwd-fp16-N768": [
+        ("ln::ln_fwd_team_kernel<bertkern::ln::EmbParams<c10::Half>, 8, 3, false>", (256, 1), 0, "kernel", 8 * 768)],
+    # masked_softmax: a row of 128 keys = 16 lanes x 8, of 512 = 32 lanes x 16 (warp_shape); 128 threads
+    # hold 8 or 4 rows; no row loop
+    **{f"masked_softmax-fwd-fp16-N{n}-{m}_mask" + "-dropout" * (m == "additive"): [
+        (f"masked_softmax_fwd_warp<c10::Half, {mask}, {elts}, true, {str(m == 'additive').lower()}>", (128, 1), 0, "kernel", 128 * elts)]
+       for n, elts in ((128, 8), (512, 16)) for m, mask in (("bool", "BoolMask"), ("additive", "c10::Half"))},
+    **{f"masked_softmax-bwd-fp16-N{n}-{m}_mask" + "-dropout" * (m == "additive"): [
+        (f"masked_softmax_bwd_warp<c10::Half, {elts}, true>", (128, 1), 0, "kernel", 128 * elts)]
+       for n, elts in ((128, 8), (512, 16)) for m in ("bool", "additive")},
+}
+
+
+def cuda_launches(case) -> list[tuple] | None:
+    """The CUDA launches of a case (CUDA_LAUNCHES), or None where it has no CUDA path in the report."""
+    return CUDA_LAUNCHES.get(case_id(case).split("-", 1)[1])
+
+
+def cuda_kernels(lib: str) -> dict[int, dict[str, dict]]:
+    """{capability: {demangled kernel: registers, stack, static shared, local, SASS}} of a built
+    extension (cuobjdump reads its embedded sm_80 / sm_90 cubins)."""
     import triton
 
-    libs = sorted(glob.glob(str(ROOT / "bertkern" / "_C*.so")))
-    if not libs:
-        return [{"backend": "cuda", "error": "bertkern/_C*.so not built"}]
     tool = triton.knobs.nvidia.cuobjdump.path
-    rows = []
+    out = {}
     for cap in (90, 80):
-        res = subprocess.run([tool, "-res-usage", "-arch", f"sm_{cap}", libs[0]], capture_output=True, text=True)
-        sass = subprocess.run([tool, "-sass", "-arch", f"sm_{cap}", libs[0]], capture_output=True, text=True)
+        res = subprocess.run([tool, "-res-usage", "-arch", f"sm_{cap}", lib], capture_output=True, text=True)
+        sass = subprocess.run([tool, "-sass", "-arch", f"sm_{cap}", lib], capture_output=True, text=True)
         funcs = parse_sass(sass.stdout)
-        for m in re.finditer(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res.stdout):
-            name = m.group(1)
-            instrs = funcs.get(name, [])
-            row = {"id": f"sm{cap}-cuda-{_demangle(name)}", "backend": "cuda", "arch": f"sm_{cap}",
-                   "kernel": _demangle(name), "registers": int(m.group(2)), "stack": int(m.group(3)),
-                   "shared": int(m.group(4)), "local": int(m.group(5)), "hot": hot(instrs) if instrs else None}
+        out[cap] = {
+            _demangle(m.group(1)): {"registers": int(m.group(2)), "stack": int(m.group(3)), "shared": int(m.group(4)),
+                                    "local": int(m.group(5)), "sass": funcs.get(m.group(1), [])}
+            for m in re.finditer(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res.stdout)}
+    return out
+
+
+def cuda_rows(selected: list[tuple], lib: str | None, kernel_rows: bool = True) -> list[dict]:
+    """Registers, spills, shared memory and hot-loop counts of every kernel in the extension `lib` (a
+    bertkern/_C*.so), one row per kernel and arch (unless not kernel_rows); the attention kernels' tiles are fixed at compile time,
+    so the cycle model and its targets apply to them (cuda_attention_tiles). Then one row per launch of
+    each selected case with a CUDA path (cuda_launches), with the per-element model and its checks."""
+    if not lib:
+        return [{"backend": "cuda", "error": "bertkern/_C*.so not built"}]
+    kernels = cuda_kernels(lib)
+    rows = []
+    for cap, funcs in kernels.items() if kernel_rows else ():
+        for name, k in funcs.items():
+            row = {"id": f"sm{cap}-cuda-{name}", "backend": "cuda", "arch": f"sm_{cap}", "kernel": name,
+                   **{f: k[f] for f in ("registers", "stack", "shared", "local")},
+                   "hot": hot(k["sass"]) if k["sass"] else None}
             if (tiles := cuda_attention_tiles(row["kernel"])) and row["hot"]:
                 row["config"] = tiles
                 row["model"] = attention_model(cap, tiles["model"], tiles, row["hot"])
             row["checks"] = {k: {"value": v, "target": t, "met": ok} for k, (v, t, ok) in cuda_checks(row).items()}
             rows.append(row)
+    for case in selected:
+        for launch in cuda_launches(case) or ():
+            rows.append(cuda_case_row(case, launch, {_short(n): k for n, k in kernels[case[0]].items()}))
     return rows
+
+
+def cuda_case_row(case, launch: tuple, kernels: dict[str, dict]) -> dict:
+    """The row of one CUDA launch of a case: the kernel's resources in its cubin, CTAs/SM at the launch's
+    block and shared memory, and the per-element model of its hot part (CUDA_LAUNCHES)."""
+    cap, op, direction, dt, params = case
+    name, block, smem, part, elements = launch
+    threads = block[0] * block[1]
+    row = {"id": case_id(case), "backend": "cuda", "arch": f"sm_{cap}", "op": op, "direction": direction,
+           "kernel": name, "config": {"threads": threads, "dynamic_smem": smem, "hot": part}}
+    k = kernels.get(name)
+    if k is None or not k["sass"]:
+        return {**row, "error": "kernel not in the extension's cubins"}
+    instrs = k["sass"]
+    # sm_90 cubins count the 1 KiB the driver reserves per CTA in a kernel's shared memory (when it has
+    # any; sm_80's do not): taken out here, as ctas_per_sm adds it for every CTA.
+    static = k["shared"] - 1024 if cap == 90 and k["shared"] >= 1024 else k["shared"]
+    if part == "loop":
+        spans = loops(instrs)
+        span = max(spans, key=lambda sp: count(instrs, sp)["instructions"]) if spans else None
+        sass_hot = {"loops": len(spans), **count(instrs, span)}
+    else:
+        sass_hot = {"loops": len(loops(instrs)), **count(instrs)}
+    row.update(registers=k["registers"], stack=k["stack"], shared=static + smem,
+               ctas_per_sm=ctas_per_sm(cap, k["registers"], math.ceil(threads / 32), static + smem),
+               hot=sass_hot)
+    if part is not None:
+        row["model"] = elementwise_model(case, name, sass_hot["instructions"], threads, elements)
+    row["checks"] = {k: {"value": v, "target": t, "met": ok} for k, (v, t, ok) in checks(case, row).items()}
+    return row
 
 
 # csrc/attention.cu's forward, attention_fwd_kernel<T, kD, mask kind, dropout>: 4 warps, 128 queries,
@@ -359,7 +461,7 @@ def cuda_checks(row: dict) -> dict[str, tuple[float, float, bool]]:
 def row_checks(row: dict) -> dict:
     """A row's checks: as stored for Triton rows; recomputed from the counts for CUDA rows (so that a
     report written before the CUDA attention targets existed is checked against them too)."""
-    if row["backend"] == "cuda" and "kernel" in row and "stack" in row:
+    if row["backend"] == "cuda" and "op" not in row and "kernel" in row and "stack" in row:
         return {k: {"value": v, "target": t, "met": ok} for k, (v, t, ok) in cuda_checks(row).items()}
     return row.get("checks", {})
 
@@ -382,15 +484,19 @@ def gaps(rows: list[dict]) -> tuple[list[tuple], list[tuple]]:
                 seen.add(_gap_key(r, name))
                 if _gap_key(r, name) not in KNOWN_GAPS | KNOWN_CUDA_SPILLS:
                     unexpected.append(_gap_key(r, name))
-    ran = {_gap_key(r, "")[:2] for r in rows if "kernel" in r}  # (case, kernel) / (arch, kernel)
+    # (case, kernel) / (arch, kernel): what ran, so that its listed gaps are known to be met or not
+    ran = {_gap_key(r, c)[:2] for r in rows if "kernel" in r for c in ("spill", "instr_per_element")}
     stale = sorted(k for k in KNOWN_GAPS | KNOWN_CUDA_SPILLS if k[:2] in ran and k not in seen)
     return unexpected, stale
 
 
 def _fmt_row(r: dict) -> str:
     cfg = r.get("config", {})
-    c = " ".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in cfg.items() if k not in ("warps", "stages"))
-    c += f" w{cfg.get('warps', '')}s{cfg.get('stages', '')}" if cfg else ""
+    if r["backend"] == "cuda":  # a CUDA launch of a case
+        c = f"{cfg['threads']} threads, {cfg['dynamic_smem']} B dyn. smem, hot: {cfg['hot'] or '-'}"
+    else:
+        c = " ".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in cfg.items() if k not in ("warps", "stages"))
+        c += f" w{cfg.get('warps', '')}s{cfg.get('stages', '')}" if cfg else ""
     if "error" in r:
         return f"| {r['id']} | {r.get('kernel', '')} | {c} | error: {r['error'][:80]} |||||"
     m, h = r.get("model") or {}, r.get("hot") or {}
@@ -437,9 +543,19 @@ def write(rows: list[dict], out_dir: Path, meta: dict) -> None:
         "|---|---|---|---|---|---|---|---|---|",
         *[_fmt_row(r) for r in rows if r["backend"] == "triton"],
         "",
+        "## CUDA row kernels at the cases' shapes (bertkern/_C, from the cubins)",
+        "",
+        "The kernels csrc's host code launches for each case (`CUDA_LAUNCHES`, checked against the host code "
+        "run in the CPU emulation by tests/test_sass_report.py), with the same per-element model and targets "
+        f"as the Triton rows. Extension read: {json.dumps(meta.get('cuda_lib', 'none'))}.",
+        "",
+        "| case | kernel | launch | regs | spill B | shared B (static + dynamic) | CTAs/SM | hot part model | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[_fmt_row(r) for r in rows if r["backend"] == "cuda" and "op" in r],
+        "",
         "## CUDA kernels (bertkern/_C, from the cubins)",
         "",
-        "Launch shapes are chosen at run time, so only resources and hot-loop instruction counts are shown "
+        "Every kernel in the extension: resources and hot-loop instruction counts "
         "(for comparing versions), plus the attention model above for the attention kernels, whose tiles "
         "are fixed at compile time: the forward 128 queries x 64 keys per loop iteration (x 32 at D = 80 "
         "and 128), 2 GEMMs; the backward 64 keys x 64 queries (x 32 at D = 80 and 128), 5 GEMMs; 4 warps. "
@@ -454,7 +570,7 @@ def write(rows: list[dict], out_dir: Path, meta: dict) -> None:
           + " | " + (_cycles(r["model"]) if r.get("model") else "")
           + "".join(f"; over target: {k} {c['value']} > {c['target']}" for k, c in row_checks(r).items()
                     if not c["met"])
-          + " |" for r in rows if r["backend"] == "cuda"],
+          + " |" for r in rows if r["backend"] == "cuda" and "op" not in r],
         "",
     ]
     (out_dir / "report.md").write_text("\n".join(lines))
@@ -475,6 +591,13 @@ MODEL_TEXT = """## The model
   against 10 x (bytes per element that must cross DRAM) on H100 (3.0e13 thread-instructions/s over
   3.0 TB/s; A100: 9.75 x). Above the budget the kernel cannot reach the copy bandwidth. Target also
   >= 4 CTAs/SM.
+- **CUDA row kernels** (csrc/, at each case's shape): the kernel, block and dynamic shared memory the
+  host code picks (`CUDA_LAUNCHES`); the hot part is one iteration of the kernel's longest loop for a
+  kernel with a row loop (bias_gelu's rows, the LayerNorm backward's rows per team: the loops after it
+  are once-per-CTA epilogues), or the whole kernel for one without (a row held in registers: the
+  LayerNorm forward, the softmax warp kernels), whose instructions are counted once per CTA's rows
+  (every path once: the dropout, prenorm and affine branches not taken too). Instructions per element =
+  that count x threads per CTA / elements per CTA in it, against the same budget.
 - **CTAs/SM** from registers (allocated per warp in units of 256), threads (2048/SM), shared memory
   (228 KiB on H100, 164 KiB on A100, 1 KiB reserved per CTA) and the 32-CTA limit.
 
@@ -487,16 +610,28 @@ clock, issue rate and FLOP rate are nominal H100 SXM / A100 figures. It ranks ve
 says which resource a loop is bound by; GPU timings (benchmarks/run.py) are the truth."""
 
 
-def _meta() -> dict:
+def _git(cwd, *args) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def _meta(cuda_lib: str | None) -> dict:
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "?"
-    return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
-            "triton": triton.__version__, "model": "static SASS count; see report.md"}
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": _git(ROOT, "rev-parse", "--short", "HEAD") or "?", "triton": triton.__version__,
+            "model": "static SASS count; see report.md"}
+    if cuda_lib:
+        # The extension's csrc: the commit of the tree it was built in, and whether csrc there differs
+        # from it or from this tree's HEAD (a report must not read a stale build).
+        tree = Path(cuda_lib).resolve().parents[1]
+        built = _git(tree, "rev-parse", "--short", "HEAD")
+        dirty = bool(_git(tree, "status", "--porcelain", "--", "csrc"))
+        same = built and subprocess.run(["git", "diff", "--quiet", built, "HEAD", "--", "csrc"], cwd=ROOT).returncode == 0
+        meta["cuda_lib"] = {"built_at": built or "?", "csrc_dirty": dirty, "csrc_matches_head": bool(same) and not dirty}
+    return meta
 
 
 def main(argv=None) -> int:
@@ -504,6 +639,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="90,80", help="comma-separated capabilities (default 90,80)")
     ap.add_argument("--only", default=None, help="regex on case ids")
     ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA extension's cubins")
+    ap.add_argument("--cuda-lib", default=None, help="the built extension to read (default bertkern/_C*.so here)")
     ap.add_argument("--out", default=str(OUT_DIR))
     ap.add_argument("--print", action="store_true", help="print the table instead of writing the report")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON (for tests)")
@@ -513,15 +649,16 @@ def main(argv=None) -> int:
     archs = tuple(int(a) for a in args.arch.split(","))
     selected = [c for c in cases(archs) if args.only is None or re.search(args.only, case_id(c))]
     rows = triton_rows(selected)
-    if not args.no_cuda and args.only is None:
-        rows += cuda_rows()
+    libs = [args.cuda_lib] if args.cuda_lib else sorted(glob.glob(str(ROOT / "bertkern" / "_C*.so")))
+    if not args.no_cuda:
+        rows += cuda_rows(selected, libs[0] if libs else None, kernel_rows=args.only is None)
     if args.json:
         print(json.dumps(rows))
     elif args.print:
         for r in rows:
             print(_fmt_row(r))
     else:
-        write(rows, Path(args.out), _meta())
+        write(rows, Path(args.out), _meta(None if args.no_cuda or not libs else libs[0]))
         print(f"wrote {args.out}/report.json and report.md ({len(rows)} rows)")
     unexpected, stale = gaps(rows)
     for k in unexpected:

@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -144,13 +145,23 @@ class DeviceScope {
   cudaStream_t stream_;
 };
 
-// kernel<<<grid, block, smem, stream>>>(args...), then the launch-error check. More than 48 KiB of
-// dynamic shared memory needs the kernel's opt-in first (sm_80+ allow up to 163 / 227 KiB).
+// More than 48 KiB of dynamic shared memory needs the kernel's opt-in (sm_80+ allow up to 163 / 227
+// KiB): asked once per (kernel, device) and size, not on every launch.
+inline void allow_dynamic_smem(const void* kernel, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, size_t> granted;
+  const int device = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mu);
+  size_t& g = granted[{kernel, device}];
+  if (smem <= g) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  g = smem;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), then the launch-error check.
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
+  if (smem > 48 * 1024) allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   kernel<<<grid, block, smem, stream>>>(static_cast<KArgs>(std::forward<Args>(args))...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

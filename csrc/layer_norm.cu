@@ -40,6 +40,7 @@ constexpr int kMaxWarpsPerRow = 16;  // a team is at most 512 threads (the launc
 constexpr int kTeamThreads = 512;    // __launch_bounds__ of the team kernels: <= 128 registers/thread
 constexpr int kBlockTarget = 256;    // threads per block to aim for when teams are narrow
 constexpr int kLoopThreads = 256;    // block size of the loop kernels
+constexpr int kBwdLightValues = 8;   // values a backward thread holds without crowding registers (plan_team)
 
 // ------------------------------------------------------------------------------- reductions
 template <typename A>
@@ -61,10 +62,11 @@ __device__ __forceinline__ A team_sum(A v, int wpr, A* smem) {
   __syncthreads();  // the previous call's readers are done with smem
   if ((threadIdx.x & 31) == 0) smem[warp] = v;
   __syncthreads();
-  const int first = warp - warp % wpr;
-  A s = A(0);
-  for (int i = 0; i < wpr; ++i) s += smem[first + i];  // fixed order
-  return s;
+  // Lane i of each of the team's warps takes warp i's sum (wpr <= 16), and a butterfly adds them: the
+  // same bits in every thread, in a fixed order. (A loop over the wpr sums became ~170 instructions of
+  // unrolled copies and remainders per call.)
+  const int lane = threadIdx.x & 31;
+  return warp_sum(lane < wpr ? smem[warp - warp % wpr + lane] : A(0));
 }
 
 template <typename A>
@@ -111,6 +113,7 @@ struct NormParams {
 template <typename T>
 struct FwdParams : NormParams<T> {
   using A = acc_t<T>;
+  static constexpr bool kDropout = true;  // may have dropout (seed != nullptr)
   const T* x;
   const T* residual;  // nullable
   const T* x_bias;    // nullable, [N]
@@ -125,7 +128,8 @@ struct FwdParams : NormParams<T> {
   };
   __device__ __forceinline__ Row row(int64_t r) const { return {r, make_dropout(seed, thresh)}; }
 
-  template <int V>
+  // DROP: whether the kernel was compiled with dropout (the team kernel without it has no Philox code).
+  template <int V, bool DROP = true>
   __device__ __forceinline__ void load(const Row& r, int64_t col, A (&h)[V]) const {
     const Vec<T, V> xv = load_vec<T, V>(x + r.row * stride_x + col);
 #pragma unroll
@@ -135,7 +139,7 @@ struct FwdParams : NormParams<T> {
 #pragma unroll
       for (int j = 0; j < V; ++j) h[j] += static_cast<A>(bv.v[j]);
     }
-    if (r.drop.on) {
+    if (DROP && r.drop.on) {
       const uint32_t bits = keep_bits<V>(r.drop, r.row, col);
 #pragma unroll
       for (int j = 0; j < V; ++j) h[j] = ((bits >> j) & 1u) ? h[j] * scale : A(0);
@@ -166,6 +170,7 @@ struct IdView {
 template <typename T>
 struct EmbParams : NormParams<T> {
   using A = acc_t<T>;
+  static constexpr bool kDropout = false;
   const T* word;
   const T* pos;   // nullable
   const T* type;  // nullable
@@ -193,7 +198,7 @@ struct EmbParams : NormParams<T> {
             pos == nullptr ? nullptr : pos + pid * stride_pos, ok};
   }
 
-  template <int V>
+  template <int V, bool DROP = false>
   __device__ __forceinline__ void load(const Row& r, int64_t col, A (&h)[V]) const {
     if (!r.ok) {
 #pragma unroll
@@ -238,8 +243,9 @@ struct BwdParams {
 // ------------------------------------------------------------------------------ team kernels
 // Block = teams_per_block teams of wpr warps; team t of block b starts at row b * teams_per_block + t
 // (forward: one row per team). Thread i of a team owns columns (it * team_threads + i) * V + [0, V).
-// P: FwdParams<T> (add_layer_norm) or EmbParams<T> (embedding_layer_norm).
-template <typename P, int V, int ITERS>
+// P: FwdParams<T> (add_layer_norm) or EmbParams<T> (embedding_layer_norm). DROP: P has dropout on
+// (p.seed != nullptr), a template parameter so that the kernel without it has no Philox code.
+template <typename P, int V, int ITERS, bool DROP>
 __global__ void __launch_bounds__(kTeamThreads) ln_fwd_team_kernel(P p, int wpr) {
   using T = typename P::T;
   using A = acc_t<T>;
@@ -260,7 +266,7 @@ __global__ void __launch_bounds__(kTeamThreads) ln_fwd_team_kernel(P p, int wpr)
     const int64_t col = (static_cast<int64_t>(it) * team_threads + lane) * V;
     // N % V == 0 on the vector path (V == 1 otherwise), so col < N covers the whole vector.
     if (row_ok && col < N) {
-      p.template load<V>(src, col, h[it]);
+      p.template load<V, DROP>(src, col, h[it]);
 #pragma unroll
       for (int j = 0; j < V; ++j) h[it][j] = as_stored<T>(h[it][j]);
       if (p.prenorm != nullptr) {
@@ -349,10 +355,22 @@ __device__ __forceinline__ void fold_partials(const A (&acc)[ITERS][V], A* __res
   __syncthreads();  // smem is reused by the next fold
 }
 
-// Backward: the block's teams walk rows [base + team] for base = blockIdx.x * teams, += gridDim.x *
-// teams (the same trip count for the whole block, so team_sum may synchronize).
+// The backward's register caps: 64 for fp16 rows of one 16-byte vector a thread (BERT's 768 and 1024:
+// 4 blocks of 256 threads an SM; left to itself ptxas took up to 79; bf16's conversions and fp32's two
+// vectors spill at 64), up to 128 for the others (left to itself ptxas stopped at 64 and spilled in the
+// scalar ITERS = 4 kernel on sm_80).
 template <typename T, int V, int ITERS>
-__global__ void __launch_bounds__(kTeamThreads) add_ln_bwd_team_kernel(BwdParams<T> p, int wpr) {
+constexpr int bwd_team_min_blocks() {
+  return std::is_same_v<T, c10::Half> && V == 8 && ITERS == 1 ? 2 : 1;
+}
+
+// Backward: the block's teams walk rows [base + team] for base = blockIdx.x * teams, += gridDim.x *
+// teams (the same trip count for the whole block, so team_sum may synchronize). DROP: p.seed !=
+// nullptr, a template parameter so that the kernel without dropout has no Philox code (a third of its
+// loop).
+template <typename T, int V, int ITERS, bool DROP>
+__global__ void __launch_bounds__(kTeamThreads, bwd_team_min_blocks<T, V, ITERS>())
+    add_ln_bwd_team_kernel(BwdParams<T> p, int wpr) {
   using A = acc_t<T>;
   __shared__ A red[32];
   BERTKERN_DYNAMIC_SMEM(fold_raw);  // N values of A when teams > 1
@@ -363,7 +381,7 @@ __global__ void __launch_bounds__(kTeamThreads) add_ln_bwd_team_kernel(BwdParams
   const int lane = threadIdx.x % team_threads;
   const int64_t N = p.N;
   const A inv_n = A(1) / static_cast<A>(N);
-  const Dropout drop = make_dropout(p.seed, p.thresh);
+  const Dropout drop = make_dropout(DROP ? p.seed : nullptr, p.thresh);
 
   A dw[ITERS][V], db[ITERS][V], dxb[ITERS][V];
 #pragma unroll
@@ -422,7 +440,7 @@ __global__ void __launch_bounds__(kTeamThreads) add_ln_bwd_team_kernel(BwdParams
 #pragma unroll
           for (int j = 0; j < V; ++j) out.v[j] = static_cast<T>(d[j]);
           store_vec<T, V>(p.dh + row * N + col, out);
-          if (drop.on) {
+          if (DROP && drop.on) {
             const uint32_t bits = keep_bits<V>(drop, row, col);
 #pragma unroll
             for (int j = 0; j < V; ++j) {
@@ -621,19 +639,23 @@ bool with_team(int v, int iters, F&& f) {
 }
 
 // The layout for rows of N among with_team<T, kFwd>'s compiled pairs (asked, not listed again here)
-// that leaves the fewest idle lanes (ties: fewer warps, so fewer block barriers); iters 0 if none fits.
+// that leaves the fewest idle lanes; iters 0 if none fits. Ties: in the backward, at most
+// kBwdLightValues values a thread first (three column partials a value: 16 fp16 values took 118
+// registers, 2 CTAs/SM of 256 threads, against 64 and 4 at 8); then fewer warps (fewer block barriers).
 template <typename T, bool kFwd>
 Team plan_team(int64_t N, bool vec) {
   const int v = vec ? vec_width<T>() : 1;
   Team best;
   double best_util = -1.0;
+  const auto rank = [&](int iters, int64_t wpr) { return std::make_pair(!kFwd && v * iters > kBwdLightValues, wpr); };
   for (int iters = 1; iters <= 8; ++iters) {
     if (!with_team<T, kFwd>(v, iters, [](auto, auto) {})) continue;  // not a compiled pair
     const int64_t per_warp = 32LL * v * iters;
     const int64_t wpr = ceil_div<int64_t>(N, per_warp);
     if (wpr > kMaxWarpsPerRow) continue;
     const double util = static_cast<double>(N) / static_cast<double>(per_warp * wpr);
-    if (util > best_util + 1e-9 || (std::abs(util - best_util) <= 1e-9 && wpr < best.wpr)) {
+    if (util > best_util + 1e-9 ||
+        (std::abs(util - best_util) <= 1e-9 && rank(iters, wpr) < rank(best.iters, best.wpr))) {
       best = {iters, static_cast<int>(wpr)};
       best_util = util;
     }
@@ -694,8 +716,11 @@ void launch_fwd(const char* op, const P& p, bool vec, c10::DeviceIndex device, c
     const int teams = teams_per_block(team.wpr);
     const int64_t blocks = ceil_div<int64_t>(p.M, teams);
     BK_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": too many rows (", p.M, ")");
-    launch(ln_fwd_team_kernel<P, decltype(v)::value, decltype(iters)::value>, static_cast<unsigned>(blocks),
-           32 * team.wpr * teams, 0, stream, p, team.wpr);
+    auto kernel = ln_fwd_team_kernel<P, decltype(v)::value, decltype(iters)::value, false>;
+    if constexpr (P::kDropout) {
+      if (p.seed != nullptr) kernel = ln_fwd_team_kernel<P, decltype(v)::value, decltype(iters)::value, true>;
+    }
+    launch(kernel, static_cast<unsigned>(blocks), 32 * team.wpr * teams, 0, stream, p, team.wpr);
   });
   if (!launched) {
     const int64_t blocks = std::min<int64_t>(p.M, 8LL * num_sms(device));
@@ -909,7 +934,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
     const Team team = plan_team<scalar_t, false>(N, vec);
     int64_t blocks = 0;
     const bool launched = team.iters > 0 && with_team<scalar_t, false>(vec ? VW : 1, team.iters, [&](auto v, auto iters) {
-      auto kernel = add_ln_bwd_team_kernel<scalar_t, decltype(v)::value, decltype(iters)::value>;
+      auto kernel = p.seed != nullptr ? add_ln_bwd_team_kernel<scalar_t, decltype(v)::value, decltype(iters)::value, true>
+                                      : add_ln_bwd_team_kernel<scalar_t, decltype(v)::value, decltype(iters)::value, false>;
       const int teams = teams_per_block(team.wpr);
       const int threads = 32 * team.wpr * teams;
       const size_t smem = teams > 1 ? static_cast<size_t>(N) * sizeof(A) : 0;  // <= 2048 * 4 bytes

@@ -45,6 +45,7 @@ constexpr int kWarp = 32;
 constexpr int kWarpBlock = 128;     // threads per block of the warp-per-row kernels
 constexpr int kWarpMaxN = 1024;     // longest row the warp kernels hold (32 lanes x 32 registers)
 constexpr int kRowBlockMax = 512;   // threads per block of the block-per-row kernels
+constexpr int64_t kMaxLaunchRows = (int64_t{1} << 31) - 1;  // rows of one forward launch: 32-bit row math
 constexpr unsigned kFull = 0xffffffffu;
 
 using bertkern::acc_t;
@@ -127,20 +128,33 @@ struct MaskRead<BoolMask, A> {
   }
 };
 
+// n / d and n % d for 0 <= n < 2^31 and 1 <= d < 2^31 by a multiply-high and a shift (Granlund and
+// Montgomery; PyTorch's IntDivider): magic m = floor(2^32 (2^s - d) / d) + 1, 2^s >= d, from the host.
+struct Div32 {
+  uint32_t d, m, s;
+  Div32() = default;
+  explicit Div32(uint32_t div) : d(div), s(0) {
+    while ((uint64_t{1} << s) < d) ++s;
+    m = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << s) - d)) / d + 1);
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const {
+    return (static_cast<uint32_t>((static_cast<uint64_t>(n) * m) >> 32) + n) >> s;
+  }
+};
+
 struct FwdArgs {
-  const void* x;
+  const void* x;     // these pointers at this launch's first row (batch entry)
   const void* mask;
   void* y;
   void* probs;
-  int64_t rows, H, Q;
-  double rcp_h, rcp_q;  // 1.0 / H, 1.0 / Q
+  int64_t rows, row0;  // this launch's rows (< 2^31), and the first one's index in the whole tensor
+  Div32 div_q, div_h;  // by Q and H
   int N;
   int64_t xs_b, xs_h, xs_q;
   int64_t ms_b, ms_h, ms_q, ms_k;
   double scale;
   double mask_lowest;
   DropoutArgs drop;
-  bool mask_packs;  // the 16-byte path may load the mask in packs too (unit key stride, aligned rows)
 };
 
 struct BwdArgs {
@@ -154,30 +168,13 @@ struct BwdArgs {
   DropoutArgs drop;
 };
 
-// n / d for 0 <= n < 2^51 and d >= 1, rcp = 1.0 / d: the double product is within 1 of n / d, and one
-// step either way makes it exact. Inline code, where int64 division is a subroutine call (and a
-// kernel with a call had ptxas spill registers elsewhere).
-__device__ __forceinline__ int64_t div_i64(int64_t n, int64_t d, double rcp) {
-  int64_t q = static_cast<int64_t>(static_cast<double>(n) * rcp);
-  const int64_t r = n - q * d;
-  if (r < 0) --q;
-  if (r >= d) ++q;
-  return q;
-}
-
+// Offsets of a row of this launch (< 2^31: 32-bit math) in the scores and the mask.
 __device__ __forceinline__ void row_offsets(const FwdArgs& a, int64_t row, int64_t& x_off, int64_t& m_off) {
-  int64_t q, h, b;
-  if (a.rows <= UINT32_MAX) {  // 32-bit division: fewer instructions
-    const uint32_t r = static_cast<uint32_t>(row), Q = static_cast<uint32_t>(a.Q), H = static_cast<uint32_t>(a.H);
-    const uint32_t bh = r / Q;
-    q = r - bh * Q, h = bh % H, b = bh / H;
-  } else {
-    const int64_t bh = div_i64(row, a.Q, a.rcp_q);
-    b = div_i64(bh, a.H, a.rcp_h);
-    q = row - bh * a.Q, h = bh - b * a.H;
-  }
-  x_off = b * a.xs_b + h * a.xs_h + q * a.xs_q;
-  m_off = b * a.ms_b + h * a.ms_h + q * a.ms_q;
+  const uint32_t r = static_cast<uint32_t>(row);
+  const uint32_t bh = a.div_q.div(r), b = a.div_h.div(bh);
+  const uint32_t q = r - bh * a.div_q.d, h = bh - b * a.div_h.d;
+  x_off = static_cast<int64_t>(b) * a.xs_b + static_cast<int64_t>(h) * a.xs_h + static_cast<int64_t>(q) * a.xs_q;
+  m_off = static_cast<int64_t>(b) * a.ms_b + static_cast<int64_t>(h) * a.ms_h + static_cast<int64_t>(q) * a.ms_q;
 }
 
 template <typename T, typename M, typename A>
@@ -269,7 +266,9 @@ constexpr int fwd_warp_min_blocks() {
   return 1;
 }
 
-template <typename T, typename M, int ELTS, bool ALIGNED>
+// DROP: a.drop.enabled, a template parameter so that the kernel without dropout carries no Philox
+// code (a third of its instructions).
+template <typename T, typename M, int ELTS, bool ALIGNED, bool DROP>
 __global__ void __launch_bounds__(kWarpBlock, fwd_warp_min_blocks<T, ELTS, ALIGNED>())
     masked_softmax_fwd_warp(FwdArgs a, int log2_lanes) {
   using A = acc_t<T>;
@@ -291,22 +290,22 @@ __global__ void __launch_bounds__(kWarpBlock, fwd_warp_min_blocks<T, ELTS, ALIGN
     if (w.row_ok && col0 < N) {
       const Vec<T, VEC> v = load_pack<T, VEC, ALIGNED>(x, col0, N);
       if constexpr (ALIGNED && !std::is_same_v<M, NoMask>) {
-        if (a.mask_packs) {  // one load for VEC keys' mask instead of VEC (a bool mask: 8 bytes at once)
-          using S = typename MaskRead<M, A>::Storage;
-          const Vec<S, VEC> m = load_vec<S, VEC>(static_cast<const S*>(a.mask) + m_off + col0);
+        // The 16-byte path loads the mask in packs too (the host sends other masks down the element
+        // path): one load for VEC keys' mask instead of VEC (a bool mask: 8 bytes at once).
+        using S = typename MaskRead<M, A>::Storage;
+        const Vec<S, VEC> m = load_vec<S, VEC>(static_cast<const S*>(a.mask) + m_off + col0);
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            A add;
-            z[c * VEC + j] = MaskRead<M, A>::keep(m.v[j], add, lowest) ? static_cast<A>(v.v[j]) * scale + add
-                                                                       : A(-INFINITY);
-          }
-          continue;
+        for (int j = 0; j < VEC; ++j) {
+          A add;
+          z[c * VEC + j] = MaskRead<M, A>::keep(m.v[j], add, lowest) ? static_cast<A>(v.v[j]) * scale + add
+                                                                     : A(-INFINITY);
         }
-      }
+      } else {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        z[c * VEC + j] = (ALIGNED || col0 + j < N) ? logit<T, M, A>(a, v.v[j], m_off, col0 + j, scale, lowest)
-                                                   : A(-INFINITY);
+        for (int j = 0; j < VEC; ++j)
+          z[c * VEC + j] = (ALIGNED || col0 + j < N) ? logit<T, M, A>(a, v.v[j], m_off, col0 + j, scale, lowest)
+                                                     : A(-INFINITY);
+      }
     } else {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) z[c * VEC + j] = A(-INFINITY);
@@ -330,18 +329,17 @@ __global__ void __launch_bounds__(kWarpBlock, fwd_warp_min_blocks<T, ELTS, ALIGN
   if (!w.row_ok) return;
 
   T* y = static_cast<T*>(a.y) + row * N;
-  const bool drop = a.drop.enabled;
-  T* pr = drop ? static_cast<T*>(a.probs) + row * N : nullptr;
-  const Dropout key = make_dropout(drop ? a.drop.seed : nullptr, a.drop.threshold);
+  T* pr = DROP ? static_cast<T*>(a.probs) + row * N : nullptr;
+  const Dropout key = make_dropout(DROP ? a.drop.seed : nullptr, a.drop.threshold);
   const A keep_scale = keep_scale_of<A>(a.drop);
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     const int col0 = w.col0(c);
     if (col0 >= N) continue;
     Vec<T, VEC> out, probs;
-    if (drop) {
+    if constexpr (DROP) {
       bool keep[VEC];
-      keep_flags<VEC>(keep, row, col0, key);
+      keep_flags<VEC>(keep, a.row0 + row, col0, key);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const A p = z[c * VEC + j] * inv;
@@ -509,7 +507,7 @@ __global__ void __launch_bounds__(kRowBlockMax) masked_softmax_fwd_block(FwdArgs
   T* y = static_cast<T*>(a.y) + row * N;
   T* pr = drop ? static_cast<T*>(a.probs) + row * N : nullptr;
   const A keep_scale = keep_scale_of<A>(a.drop);
-  for_row_cols(row, N, drop, key, [&](int col, bool keep) {
+  for_row_cols(a.row0 + row, N, drop, key, [&](int col, bool keep) {
     const A p = exp_acc(logit<T, M, A>(a, x[col], m_off, col, scale, lowest) - shift) * inv;
     if (drop) {
       pr[col] = static_cast<T>(p);
@@ -578,8 +576,9 @@ void launch_fwd_warp(const FwdArgs& a, const WarpShape& s, cudaStream_t stream) 
   if constexpr (ELTS < 32) {
     if (s.elts != ELTS) return launch_fwd_warp<T, M, ALIGNED, ELTS * 2>(a, s, stream);
   }
-  launch(masked_softmax_fwd_warp<T, M, ELTS, ALIGNED>, static_cast<unsigned>(s.blocks), kWarpBlock, 0, stream, a,
-         s.log2_lanes);
+  const auto kernel = a.drop.enabled ? masked_softmax_fwd_warp<T, M, ELTS, ALIGNED, true>
+                                     : masked_softmax_fwd_warp<T, M, ELTS, ALIGNED, false>;
+  launch(kernel, static_cast<unsigned>(s.blocks), kWarpBlock, 0, stream, a, s.log2_lanes);
 }
 
 template <typename T, bool ALIGNED, int ELTS = WarpVec<T, ALIGNED>::value>
@@ -680,11 +679,6 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd(const at::Tensor& scores, 
   a.mask = has_mask ? mask->data_ptr() : nullptr;
   a.y = y.data_ptr();
   a.probs = drop.enabled ? probs.data_ptr() : nullptr;
-  a.H = scores.size(1);
-  a.Q = scores.size(2);
-  a.rcp_h = 1.0 / static_cast<double>(a.H);
-  a.rcp_q = 1.0 / static_cast<double>(a.Q);
-  a.rows = scores.size(0) * a.H * a.Q;
   a.N = static_cast<int>(scores.size(3));
   a.xs_b = scores.stride(0);
   a.xs_h = scores.stride(1);
@@ -702,26 +696,45 @@ std::tuple<at::Tensor, at::Tensor> masked_softmax_fwd(const at::Tensor& scores, 
   const int vec = 16 / static_cast<int>(scores.element_size());
   bool vec_ok = a.N % vec == 0 && bertkern::is_aligned(a.x, 16);
   for (int d = 0; d < 3; ++d) vec_ok = vec_ok && (scores.size(d) == 1 || scores.stride(d) % vec == 0);
-  // The mask's packs (vec keys each) need the same of its rows: unit key stride, aligned base and strides.
-  a.mask_packs = has_mask && vec_ok && a.ms_k == 1 &&
-                 bertkern::is_aligned(a.mask, vec * mask->element_size());
-  for (int d = 0; d < 3; ++d) a.mask_packs = a.mask_packs && (scores.size(d) == 1 || mask->stride(d) % vec == 0);
+  // The 16-byte path loads the mask in packs of vec keys too, which need the same of its rows: unit key
+  // stride, aligned base and strides. A mask without them sends the row down the element path (one
+  // path per kernel: a second, key by key, in the 16-byte kernel cost it a fifth of its instructions).
+  if (has_mask) {
+    vec_ok = vec_ok && a.ms_k == 1 && bertkern::is_aligned(a.mask, vec * mask->element_size());
+    for (int d = 0; d < 3; ++d) vec_ok = vec_ok && (scores.size(d) == 1 || mask->stride(d) % vec == 0);
+  }
+
+  // Launches of whole batch entries, fewer than 2^31 rows each, so that the kernels' row math is 32-bit.
+  const int64_t B = scores.size(0), per_b = scores.size(1) * scores.size(2);
+  BK_CHECK(per_b <= kMaxLaunchRows, fn, ": too many rows per batch entry (H x S_q = ", per_b, ")");
+  a.div_q = Div32(static_cast<uint32_t>(scores.size(2)));
+  a.div_h = Div32(static_cast<uint32_t>(scores.size(1)));
+  const int64_t chunk = kMaxLaunchRows / per_b;  // batch entries per launch
 
   const cudaStream_t stream = scope.stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), fn, [&] {
     using T = scalar_t;
+    const auto run = [&](auto mask_type, double lowest) {
+      a.mask_lowest = lowest;
+      for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+        FwdArgs c = a;
+        c.row0 = b0 * per_b;
+        c.rows = std::min(chunk, B - b0) * per_b;
+        c.x = static_cast<const T*>(a.x) + b0 * a.xs_b;
+        c.mask = has_mask ? static_cast<const char*>(a.mask) + b0 * a.ms_b * mask->element_size() : nullptr;
+        c.y = static_cast<T*>(a.y) + c.row0 * a.N;
+        c.probs = drop.enabled ? static_cast<T*>(a.probs) + c.row0 * a.N : nullptr;
+        launch_fwd<T, decltype(mask_type)>(c, vec_ok, stream);
+      }
+    };
     if (!has_mask) {
-      a.mask_lowest = 0.0;
-      launch_fwd<T, NoMask>(a, vec_ok, stream);
+      run(NoMask{}, 0.0);
     } else if (mask->scalar_type() == at::kBool) {
-      a.mask_lowest = 0.0;
-      launch_fwd<T, BoolMask>(a, vec_ok, stream);
+      run(BoolMask{}, 0.0);
     } else if (mask->scalar_type() == scores.scalar_type()) {
-      a.mask_lowest = lowest_of<T>();
-      launch_fwd<T, T>(a, vec_ok, stream);
+      run(T{}, lowest_of<T>());
     } else {
-      a.mask_lowest = lowest_of<float>();
-      launch_fwd<T, float>(a, vec_ok, stream);
+      run(float{}, lowest_of<float>());
     }
   });
   return {y, probs};

@@ -83,9 +83,9 @@ def check(cuda, inputs, eps=1e-5, p=0.0, return_prenorm=False, seed=7, grad=None
 # row (w), teams per block (t); "fwd .. / bwd .." where the two kernels differ.
 TEAM_CASES = [
     (torch.float16, (33, 128)),   # V8 IT1 w1 t8: 5 blocks forward, 2 grid-stride rounds backward
-    (torch.float16, (9, 384)),    # V8 IT2 w1 t8
+    (torch.float16, (9, 384)),    # fwd V8 IT2 w1 t8 / bwd V8 IT1 w2 t4 (<= 8 values a thread first)
     (torch.float16, (7, 768)),    # fwd V8 IT3 w1 t8 / bwd V8 IT1 w3 t2 (BERT-base), the last block one team short
-    (torch.float16, (5, 1000)),   # V8 IT2 w2 t4
+    (torch.float16, (5, 1000)),   # fwd V8 IT2 w2 t4 / bwd V8 IT1 w4 t2
     (torch.float16, (17, 7)),     # V1 IT1 w1 t8 (N % 8 != 0: the scalar path)
     (torch.float16, (6, 41)),     # V1 IT1 w2 t4
     (torch.float16, (9, 100)),    # V1 IT4 w1 t8
@@ -94,13 +94,13 @@ TEAM_CASES = [
     (torch.float16, (64, 1)),     # V1 IT1 w1 t8; one column: dx == 0 needs the rounded sum's statistics
     (torch.bfloat16, (33, 128)),  # V8 IT1 w1 t8
     (torch.bfloat16, (7, 768)),   # fwd V8 IT3 w1 t8 / bwd V8 IT1 w3 t2
-    (torch.bfloat16, (3, 1536)),  # fwd V8 IT3 w2 t4 / bwd V8 IT2 w3 t2
+    (torch.bfloat16, (3, 1536)),  # fwd V8 IT3 w2 t4 / bwd V8 IT1 w6 t1
     (torch.bfloat16, (5, 1023)),  # V1 IT8 w4 t2
     (torch.bfloat16, (64, 1)),    # V1 IT1 w1 t8
     (torch.float32, (33, 64)),    # V4 IT1 w1 t8
     (torch.float32, (9, 256)),    # V4 IT2 w1 t8
-    (torch.float32, (5, 512)),    # V4 IT4 w1 t8
-    (torch.float32, (5, 1000)),   # V4 IT4 w2 t4
+    (torch.float32, (5, 512)),    # fwd V4 IT4 w1 t8 / bwd V4 IT2 w2 t4
+    (torch.float32, (5, 1000)),   # fwd V4 IT4 w2 t4 / bwd V4 IT2 w4 t2
     (torch.float32, (7, 300)),    # V4 IT1 w3 t2
     (torch.float32, (9, 768)),    # fwd V4 IT6 w1 t8 / bwd V4 IT2 w3 t2
     (torch.float32, (9, 97)),     # V1 IT4 w1 t8
@@ -123,7 +123,7 @@ WIDE_CASES = [
     (torch.float16, (3, 1032), ("residual", "weight")),  # V8 IT1 w5 t1 (160 threads)
     (torch.float32, (3, 516), ("residual", "weight")),   # V4 IT1 w5 t1
     (torch.float16, (2, 2049), ("weight",)),             # V1 IT8 w9 t1 (288 threads)
-    (torch.bfloat16, (2, 3072), ("residual",)),          # V8 IT2 w6 t1
+    (torch.bfloat16, (2, 3072), ("residual",)),          # fwd V8 IT3 w4 t2 / bwd V8 IT1 w12 t1 (384 threads)
     (torch.float32, (2, 4100), ("residual",)),           # V4 IT4 w9 t1
     (torch.float16, (2, 8192), ("residual",)),           # V8 IT2 w16 t1 (512 threads: the widest team)
 ]

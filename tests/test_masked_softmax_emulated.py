@@ -117,8 +117,9 @@ def test_mask_forms(cuda, form, S):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_mask_packs_and_the_views_that_cannot_use_them(cuda, dtype):
     """On the 16-byte path the mask is loaded in packs of keys when its rows allow (unit key stride,
-    aligned base and strides) and key by key otherwise: bool, float32 and scores-dtype masks, a mask
-    one element off alignment, and one with key stride 2. (UBSan catches a misaligned pack.)"""
+    aligned base and strides); other masks send the rows down the element path: bool, float32 and
+    scores-dtype masks, a mask one element off alignment, and one with key stride 2. (UBSan catches a
+    misaligned pack.)"""
     B, H, S_q, N = 2, 2, 3, 40
     scores = randn(B, H, S_q, N, dtype=dtype, scale=3.0)
     grad = randn(B, H, S_q, N, dtype=dtype)

@@ -41,12 +41,14 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -269,14 +271,41 @@ class DeviceScope {
   cudaStream_t stream() const { return nullptr; }
 };
 
+// Every launch since the last clear: the kernel's address, grid, block and dynamic shared memory, so
+// that a test can say which instantiation the host code picked at a shape and how it launched it
+// (tests/test_sass_report.py checks sass_report's CUDA launch table with it).
+struct LaunchRecord {
+  const void* kernel;
+  dim3 grid, block;
+  size_t smem;
+};
+inline std::vector<LaunchRecord> launches;
+
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t, Args&&... args) {
+  launches.push_back({reinterpret_cast<const void*>(kernel), grid, block, smem});
   // Arguments are copied at launch, as the real launch does.
   std::tuple<std::decay_t<KArgs>...> copied(static_cast<KArgs>(std::forward<Args>(args))...);
   emu::run_grid(grid, block, smem, [&] { std::apply(kernel, copied); });
 }
 
 }  // namespace bertkern
+
+// The launch record for Python (ctypes; the kernels are local symbols, so the caller names them from
+// the library's symbol table): launch i's library path, the kernel's offset in it, grid x y z, block
+// x y z and dynamic shared memory bytes in out[0..7]. Returns false past the last launch.
+extern "C" bool bertkern_emu_launch(size_t i, char* path, size_t path_len, uint64_t* out) {
+  if (i >= bertkern::launches.size()) return false;
+  const bertkern::LaunchRecord& r = bertkern::launches[i];
+  Dl_info info{};
+  if (dladdr(r.kernel, &info) == 0 || info.dli_fname == nullptr) return false;
+  std::snprintf(path, path_len, "%s", info.dli_fname);
+  const uint64_t v[8] = {static_cast<uint64_t>(static_cast<const char*>(r.kernel) - static_cast<const char*>(info.dli_fbase)),
+                         r.grid.x, r.grid.y, r.grid.z, r.block.x, r.block.y, r.block.z, r.smem};
+  std::memcpy(out, v, sizeof v);
+  return true;
+}
+extern "C" void bertkern_emu_clear_launches() { bertkern::launches.clear(); }
 
 // ------------------------------------------------------------------ CUDA built-ins for host code
 // (cuda_runtime.h maps __global__, __device__, __align__ to host attributes.)
