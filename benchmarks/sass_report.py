@@ -384,8 +384,11 @@ def cuda_rows(selected: list[tuple], lib: str | None, kernel_rows: bool = True) 
             row["checks"] = {k: {"value": v, "target": t, "met": ok} for k, (v, t, ok) in cuda_checks(row).items()}
             rows.append(row)
     for case in selected:
-        for launch in cuda_launches(case) or ():
-            rows.append(cuda_case_row(case, launch, {_short(n): k for n, k in kernels[case[0]].items()}))
+        by_name = {_short(n): k for n, k in kernels[case[0]].items()}
+        launches = cuda_launches(case) or []
+        for i, launch in enumerate(launches):
+            if launch not in launches[:i]:  # (the backward's column sums: one kernel launched 2-3 times)
+                rows.append(cuda_case_row(case, launch, by_name))
     return rows
 
 
@@ -408,8 +411,10 @@ def cuda_case_row(case, launch: tuple, kernels: dict[str, dict]) -> dict:
         spans = loops(instrs)
         span = max(spans, key=lambda sp: count(instrs, sp)["instructions"]) if spans else None
         sass_hot = {"loops": len(spans), **count(instrs, span)}
-    else:
+    elif part == "kernel":
         sass_hot = {"loops": len(loops(instrs)), **count(instrs)}
+    else:
+        sass_hot = hot(instrs)
     row.update(registers=k["registers"], stack=k["stack"], shared=static + smem,
                ctas_per_sm=ctas_per_sm(cap, k["registers"], math.ceil(threads / 32), static + smem),
                hot=sass_hot)

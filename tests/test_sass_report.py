@@ -205,6 +205,7 @@ def test_cuda_case_rows_in_the_report():
     report = json.loads(REPORT.read_text())
     rows = [r for r in report["rows"] if r["backend"] == "cuda" and "op" in r]
     want = {(sass_report.case_id(c), launch[0]) for c in sass_report.cases() for launch in sass_report.cuda_launches(c) or ()}
+    assert len(rows) == len(want), "a case lists one launch twice"
     assert {(r["id"], r["kernel"]) for r in rows} == want
     assert not [r for r in rows if "error" in r], "a launched kernel is not in the extension"
     for r in rows:
