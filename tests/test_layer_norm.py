@@ -72,7 +72,9 @@ def check_all(out, ref, eag):
     assert o_grads.keys() == e_grads.keys()
     for k in e_grads:
         assert o_grads[k] is not None, f"no gradient for {k}"
-        assert_close_2x(o_grads[k], r_grads[k], e_grads[k], f"d{k}")
+        # Parameter and table gradients are sums over rows, often ~10 in size: the absolute floor scales
+        # with them (fp32's 1e-6 is under one ulp there; eager's own error depends on its thread count).
+        assert_close_2x(o_grads[k], r_grads[k], e_grads[k], f"d{k}", scale_floor=k not in ("x", "residual"))
 
 
 def check_against_eager(backend, inputs, grad, eps):
