@@ -456,6 +456,25 @@ def test_unsupported_dtype_falls_back_visibly():
     assert_float8_falls_back_visibly(bertkern.ops.masked_softmax)
 
 
+def test_cuda_rows_past_int32_per_batch_entry_fall_back(monkeypatch):
+    """The CUDA forward's 32-bit row math covers 2^31 - 1 rows (H x S_q) per batch entry: past that, the
+    op's reason to fall back names it (checked on zero-stride views: nothing is allocated)."""
+    reasons = []
+
+    def resolve(op, backend, device, unsupported):
+        reasons.append({b: unsupported(b) for b in ("cuda", "triton")})
+        raise InterruptedError  # stop before anything runs
+
+    monkeypatch.setattr(bertkern.backend, "resolve", resolve)
+    for shape in [(3, 2**30, 1), (4, 2**20, 2**11 - 1, 1), (2**31, 1)]:
+        with pytest.raises(InterruptedError):
+            bertkern.ops.masked_softmax(torch.zeros(()).expand(shape))
+    past, within, two_d = reasons
+    assert "3221225472 rows (H x S_q) in one batch entry" in past["cuda"] and past["triton"] is None
+    assert within == {"cuda": None, "triton": None}
+    assert "2147483648 rows" in two_d["cuda"]
+
+
 def test_module():
     m = bertkern.nn.MaskedSoftmax(scale=0.5, dropout_p=0.4, backend="torch")
     x = torch.randn(2, 2, 4, 6)

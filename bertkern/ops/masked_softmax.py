@@ -54,6 +54,20 @@ def _kernel_inputs(scores: torch.Tensor, mask: torch.Tensor | None, backend: str
     return s4, _as_4d(mask.expand(scores.shape))
 
 
+# The CUDA forward's row math is 32-bit within a batch entry of the [B, H, S_q, S_k] view.
+_CUDA_MAX_ROWS_PER_BATCH = 2**31 - 1
+
+
+def _unsupported(scores: torch.Tensor, chosen: str) -> str | None:
+    """Why the `chosen` backend's kernels cannot take these scores (None if they can)."""
+    if scores.dtype not in _backend.KERNEL_DTYPES:
+        return f"dtype {scores.dtype} has no kernel"
+    rows = scores.shape[-2] * (scores.shape[-3] if scores.dim() >= 3 else 1) if scores.dim() >= 2 else 1
+    if chosen == "cuda" and rows > _CUDA_MAX_ROWS_PER_BATCH:
+        return f"{rows} rows (H x S_q) in one batch entry, past the cuda kernels' {_CUDA_MAX_ROWS_PER_BATCH}"
+    return None
+
+
 def _kernels(backend: str):
     """(forward, backward): forward(scores4, mask4, scale, p, seed) -> (y [rows, N], probs [rows, N] or
     empty); backward(grad [rows, N], probs [rows, N], scale, p, seed) -> dx [rows, N]."""
@@ -191,8 +205,7 @@ def masked_softmax(
     backend: "torch", "triton", "cuda" or "auto" (default: $BERTKERN_BACKEND, else "auto").
     """
     _check(scores, mask, scale, dropout_p)
-    unsupported = None if scores.dtype in _backend.KERNEL_DTYPES else f"dtype {scores.dtype} has no kernel"
-    chosen = _backend.resolve("masked_softmax", backend, scores.device, unsupported)
+    chosen = _backend.resolve("masked_softmax", backend, scores.device, lambda chosen: _unsupported(scores, chosen))
     dropout_p = float(dropout_p)
     seed = reference.dropout_seed(dropout_p, scores.device)
     out, _ = _MASKED_SOFTMAX.pick(scores, needs_grad(scores, mask))(scores, mask, float(scale), dropout_p, seed, chosen)
