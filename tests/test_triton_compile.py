@@ -22,60 +22,13 @@ import sys
 
 import pytest
 
+
 # ---------------------------------------------------------------- the launches to compile
-# (capability, op, direction, dtype, params), on BERT sizes: 4096 tokens, hidden 384 / 768 / 1024 / 4096
-# (MiniLM, base, large, a wide one) and 20000 (the looped layer norm), 4x intermediate for bias_gelu;
-# attention over 512 (and 64) keys, head dims 32 / 64 / 80 / 128 (and 256, the largest supported);
-# masked_softmax rows of 128 / 512 / 2048 / 8192 (the widest held whole) / 16384 (looped) keys.
-HALF = ("fp16", "bf16")
-ATTN_VARIANTS = ("none", "bool_padding", "additive_padding_dropout", "float_BHSS", "varlen_dropout")
-
-
 def _cases() -> list[tuple]:
-    c = []
-    for dt in (*HALF, "fp32"):
-        for d in ("fwd", "bwd"):
-            c += [(90, "bias_gelu", d, dt, dict(N=3072, approximate=a)) for a in ("none", "tanh")]
-    c += [(90, "bias_gelu", d, "fp16", dict(N=n, approximate="none")) for d in ("fwd", "bwd") for n in (1536, 4096)]
-    c += [(90, "bias_gelu", "fwd", "fp16", dict(N=3072, approximate="none", bias=False))]
+    """(capability, op, direction, dtype, params): each Triton module's compile_cases()."""
+    from bertkern.triton.compile_check import compile_cases
 
-    for dt in (*HALF, "fp32"):
-        for n in ((384, 768, 1024, 4096) if dt != "fp32" else (768,)):
-            c += [(90, "add_layer_norm", d, dt, dict(N=n, variant=v)) for d in ("fwd", "bwd")
-                  for v in ("train", "infer")]
-            c += [(90, "embedding_layer_norm", "fwd", dt, dict(N=n))]
-    c += [(90, "add_layer_norm", d, dt, dict(N=20000, variant="train")) for d in ("fwd", "bwd") for dt in HALF]
-
-    for dt in (*HALF, "fp32"):
-        for n in ((128, 512, 2048, 8192, 16384) if dt != "fp32" else (512, 16384)):
-            for mask, p in (("bool", 0.0), ("additive", 0.1)):
-                c += [(90, "masked_softmax", d, dt, dict(N=n, mask=mask, dropout_p=p)) for d in ("fwd", "bwd")]
-
-    # fp16 every variant; bf16 (the same tiles) the heaviest ones
-    for dt, variants in (("fp16", ATTN_VARIANTS), ("bf16", ATTN_VARIANTS[2:])):
-        for D in (32, 64, 80, 128):
-            c += [(90, "attention", d, dt, dict(D=D, S=512, variant=v)) for d in ("fwd", "bwd") for v in variants]
-    c += [(90, "attention", "fwd", "fp16", dict(D=D, S=64, variant="bool_padding")) for D in (32, 64)]
-    c += [(90, "attention", d, dt, dict(D=D, S=512, variant="additive_padding_dropout")) for d in ("fwd", "bwd")
-          for dt, D in (("fp32", 64), ("fp32", 128), ("fp16", 256))]
-
-    # A100: 163 KiB of shared memory, no TMA / wgmma (other lowering paths, other config table
-    # entries): every mask form, dropout and varlen, fp16 at D = 64 and 128, bf16 the heaviest ones
-    c += [(80, "attention", d, "fp16", dict(D=D, S=512, variant=v)) for d in ("fwd", "bwd") for D in (64, 128)
-          for v in ATTN_VARIANTS]
-    # varlen without dropout too: its sm_80 backward at D 64 spilled in a config the dropout one did not
-    c += [(80, "attention", d, "fp16", dict(D=D, S=512, variant="varlen")) for d in ("fwd", "bwd") for D in (64, 128)]
-    c += [(80, "attention", d, "bf16", dict(D=64, S=512, variant=v)) for d in ("fwd", "bwd") for v in ATTN_VARIANTS[2:]]
-    c += [(80, "attention", d, "fp32", dict(D=128, S=512, variant="float_BHSS")) for d in ("fwd", "bwd")]
-    c += [(80, "add_layer_norm", d, "fp16", dict(N=768, variant="train")) for d in ("fwd", "bwd")]
-    c += [(80, "masked_softmax", d, "fp16", dict(N=512, mask="additive", dropout_p=0.1)) for d in ("fwd", "bwd")]
-    # An attention backward compiles both paths (the default five-GEMM kernel; the deterministic
-    # dK/dV + dQ pair) for fp16 at D = 64 / 128 / 256, every mask form; elsewhere (bf16 and fp32, the
-    # same tiles; D = 32 and 80, the tiles of 64 and 128) the default one only.
-    for cap, op, d, dt, params in c:
-        if op == "attention" and d == "bwd" and (dt != "fp16" or params["D"] in (32, 80)):
-            params["deterministic"] = False
-    return c
+    return compile_cases()
 
 
 def case_id(case) -> str:

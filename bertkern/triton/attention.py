@@ -918,3 +918,35 @@ def compile_launch(op, direction, dt, params, meta):
         return functools.partial(forward, t, t, t, mask, 0.125, p, s)
     stats = meta((2, B, H, S), "float32")
     return functools.partial(backwards, backward, t, t, t, t, mask, t, stats, 0.125, p, s)
+
+
+COMPILE_VARIANTS = ("none", "bool_padding", "additive_padding_dropout", "float_BHSS", "varlen_dropout")
+
+
+def compile_cases() -> list[tuple]:
+    """(capability, op, direction, dtype, params) that tests/test_triton_compile.py compiles: 512 (and
+    64) keys, head dims 32 / 64 / 80 / 128 (and 256, the largest supported), every mask form."""
+    c = []
+    # fp16 every variant; bf16 (the same tiles) the heaviest ones
+    for dt, variants in (("fp16", COMPILE_VARIANTS), ("bf16", COMPILE_VARIANTS[2:])):
+        for D in (32, 64, 80, 128):
+            c += [(90, "attention", d, dt, dict(D=D, S=512, variant=v)) for d in ("fwd", "bwd") for v in variants]
+    c += [(90, "attention", "fwd", "fp16", dict(D=D, S=64, variant="bool_padding")) for D in (32, 64)]
+    c += [(90, "attention", d, dt, dict(D=D, S=512, variant="additive_padding_dropout")) for d in ("fwd", "bwd")
+          for dt, D in (("fp32", 64), ("fp32", 128), ("fp16", 256))]
+    # A100: 163 KiB of shared memory, no TMA / wgmma (other lowering paths, other config table
+    # entries): every mask form, dropout and varlen, fp16 at D = 64 and 128, bf16 the heaviest ones
+    c += [(80, "attention", d, "fp16", dict(D=D, S=512, variant=v)) for d in ("fwd", "bwd") for D in (64, 128)
+          for v in COMPILE_VARIANTS]
+    # varlen without dropout too: its sm_80 backward at D 64 spilled in a config the dropout one did not
+    c += [(80, "attention", d, "fp16", dict(D=D, S=512, variant="varlen")) for d in ("fwd", "bwd") for D in (64, 128)]
+    c += [(80, "attention", d, "bf16", dict(D=64, S=512, variant=v)) for d in ("fwd", "bwd")
+          for v in COMPILE_VARIANTS[2:]]
+    c += [(80, "attention", d, "fp32", dict(D=128, S=512, variant="float_BHSS")) for d in ("fwd", "bwd")]
+    # A backward compiles both paths (the default five-GEMM kernel; the deterministic dK/dV + dQ pair)
+    # for fp16 at D = 64 / 128 / 256, every mask form; elsewhere (bf16 and fp32, the same tiles; D = 32
+    # and 80, the tiles of 64 and 128) the default one only.
+    for cap, op, d, dt, params in c:
+        if d == "bwd" and (dt != "fp16" or params["D"] in (32, 80)):
+            params["deterministic"] = False
+    return c

@@ -137,3 +137,12 @@ def compile_launch(op, direction, dt, params, meta):
     if direction == "fwd":
         return functools.partial(forward, x, b, params["approximate"])
     return functools.partial(backward, meta((M, N), dt), x, b, params["approximate"])
+
+
+def compile_cases() -> list[tuple]:
+    """(capability, op, direction, dtype, params) that tests/test_triton_compile.py compiles: BERT's
+    4096 tokens, 4x hidden intermediate (3072; 1536 and 4096 for MiniLM and BERT-large), both GELUs."""
+    c = [(90, "bias_gelu", d, dt, dict(N=3072, approximate=a))
+         for dt in ("fp16", "bf16", "fp32") for d in ("fwd", "bwd") for a in ("none", "tanh")]
+    c += [(90, "bias_gelu", d, "fp16", dict(N=n, approximate="none")) for d in ("fwd", "bwd") for n in (1536, 4096)]
+    return c + [(90, "bias_gelu", "fwd", "fp16", dict(N=3072, approximate="none", bias=False))]

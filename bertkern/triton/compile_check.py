@@ -118,6 +118,14 @@ OP_MODULES = {"bias_gelu": "bias_gelu", "add_layer_norm": "layer_norm", "embeddi
               "masked_softmax": "masked_softmax", "attention": "attention"}
 
 
+def compile_cases() -> list[tuple]:
+    """Every module's compile_cases() (capability, op, direction, dtype, params), in OP_MODULES' order."""
+    import importlib
+
+    modules = dict.fromkeys(OP_MODULES.values())
+    return [c for m in modules for c in importlib.import_module(f"bertkern.triton.{m}").compile_cases()]
+
+
 def op_launch(op, direction, dt, params):
     """(module, call) that makes the launches of one op on meta tensors."""
     import importlib

@@ -502,3 +502,16 @@ def compile_launch(op, direction, dt, params, meta):
     # dy, dprenorm, h, mean, rstd, weight, seed
     return functools.partial(backward, x, x if train else None, x, acc, acc, w, seed if train else None,
                              NormGradArgs(p, need_dweight=True, need_dbias=True, need_dx_bias=train))
+
+
+def compile_cases() -> list[tuple]:
+    """(capability, op, direction, dtype, params) that tests/test_triton_compile.py compiles: 4096 tokens
+    of hidden 384 / 768 / 1024 / 4096 (MiniLM, base, large, a wide one) and 20000 (the looped kernel)."""
+    c = []
+    for dt in ("fp16", "bf16", "fp32"):
+        for n in ((384, 768, 1024, 4096) if dt != "fp32" else (768,)):
+            c += [(90, "add_layer_norm", d, dt, dict(N=n, variant=v)) for d in ("fwd", "bwd")
+                  for v in ("train", "infer")]
+            c += [(90, "embedding_layer_norm", "fwd", dt, dict(N=n))]
+    c += [(90, "add_layer_norm", d, dt, dict(N=20000, variant="train")) for d in ("fwd", "bwd") for dt in ("fp16", "bf16")]
+    return c + [(80, "add_layer_norm", d, "fp16", dict(N=768, variant="train")) for d in ("fwd", "bwd")]

@@ -270,3 +270,15 @@ def compile_launch(op, direction, dt, params, meta):
         return functools.partial(backward, g, g, 0.125, p, seed)
     mask = meta((B, 1, 1, N), "bool" if params["mask"] == "bool" else dt).expand(B, H, Q, N)
     return functools.partial(forward, meta((B, H, Q, N), dt), mask, 0.125, p, seed)
+
+
+def compile_cases() -> list[tuple]:
+    """(capability, op, direction, dtype, params) that tests/test_triton_compile.py compiles: rows of 128
+    / 512 / 2048 / 8192 (the widest held whole) / 16384 (looped) keys, a bool mask or an additive one
+    with dropout."""
+    c = []
+    for dt in ("fp16", "bf16", "fp32"):
+        for n in ((128, 512, 2048, 8192, 16384) if dt != "fp32" else (512, 16384)):
+            for mask, p in (("bool", 0.0), ("additive", 0.1)):
+                c += [(90, "masked_softmax", d, dt, dict(N=n, mask=mask, dropout_p=p)) for d in ("fwd", "bwd")]
+    return c + [(80, "masked_softmax", d, "fp16", dict(N=512, mask="additive", dropout_p=0.1)) for d in ("fwd", "bwd")]
