@@ -86,7 +86,7 @@ fi
 # Where eager inference spends host time, per provider (issue 11: optimize() vs optimize(backend="cuda")).
 step "host profile" bench.log 90 "$PY" benchmarks/host_profile.py --calls 10
 # The same per op and backend: the Triton backwards were 3-5x the CUDA ones eagerly (kernel or host?).
-step "host profile ops" bench.log 60 "$PY" benchmarks/host_profile.py --ops bias_gelu add_layer_norm --calls 10
+step "host profile ops" bench.log 90 "$PY" benchmarks/host_profile.py --ops bias_gelu add_layer_norm --calls 10
 
 # bench SUITE SHARE_PERCENT ARGS...: run.py --suite SUITE with that share of what is left (less ~20 s for
 # the tar) as its budget, killed GRACE_S past it (start-up, model building, writing the files).
