@@ -407,14 +407,8 @@ def cuda_case_row(case, launch: tuple, kernels: dict[str, dict]) -> dict:
     # sm_90 cubins count the 1 KiB the driver reserves per CTA in a kernel's shared memory (when it has
     # any; sm_80's do not): taken out here, as ctas_per_sm adds it for every CTA.
     static = k["shared"] - 1024 if cap == 90 and k["shared"] >= 1024 else k["shared"]
-    if part == "loop":
-        spans = loops(instrs)
-        span = max(spans, key=lambda sp: count(instrs, sp)["instructions"]) if spans else None
-        sass_hot = {"loops": len(spans), **count(instrs, span)}
-    elif part == "kernel":
-        sass_hot = {"loops": len(loops(instrs)), **count(instrs)}
-    else:
-        sass_hot = hot(instrs)
+    # "kernel": the whole body; "loop" (and unmodelled launches): hot()'s longest loop
+    sass_hot = {"loops": len(loops(instrs)), **count(instrs)} if part == "kernel" else hot(instrs)
     row.update(registers=k["registers"], stack=k["stack"], shared=static + smem,
                ctas_per_sm=ctas_per_sm(cap, k["registers"], math.ceil(threads / 32), static + smem),
                hot=sass_hot)
