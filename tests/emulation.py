@@ -102,3 +102,20 @@ def fixtures(*ops: str):
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
     return emulated, cuda
+
+
+# Thread orders besides the default "forward" (tests/cuda_emu/emu.h: $BERTKERN_EMU_SCHEDULE).
+ORDERS = ("reverse", "lowest", "highest", "random:1")
+
+
+def same_bits_in_every_order(monkeypatch, fn) -> None:
+    """fn() -> tensors gives the same bits under every emulated thread order. The CUDA kernels have no
+    atomics and sum in a fixed order, so only a race (threads touching the same shared memory between
+    the same two barriers, one of them writing) can make the order matter; test_attention_emulated's
+    probe shows that the orders do change a race's result."""
+    monkeypatch.setenv("BERTKERN_EMU_SCHEDULE", "forward")
+    want = fn()
+    for order in ORDERS:
+        monkeypatch.setenv("BERTKERN_EMU_SCHEDULE", order)
+        for i, (g, w) in enumerate(zip(fn(), want, strict=True)):
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True, msg=f"output {i}, thread order {order}")

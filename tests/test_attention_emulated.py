@@ -208,6 +208,57 @@ def test_ptx_primitives_follow_the_isa(emulated):
         assert out[3, lane].tolist() == g0 + g1  # wait_all
 
 
+def test_thread_orders_change_a_race_and_only_a_race(emulated, monkeypatch):
+    """The emulation's thread orders (tests/cuda_emu/emu.h) are what they say, and decide a racy read:
+    without a block barrier, the last lane of a warp reads the next warp's shared-memory slot before or
+    after that warp wrote it; with one, every order reads the same."""
+    n, warp0, warp1, runs = 64, slice(0, 32), slice(32, 64), {}
+    for order in ("forward", "reverse", "lowest", "highest", "random:1", "random:2", "random:1"):
+        monkeypatch.setenv("BERTKERN_EMU_SCHEDULE", order)
+        for barrier in (False, True):
+            out = torch.empty(3 * n + 1, dtype=torch.int32)
+            emulated.schedule_probe(barrier, out)
+            first, second, read = out[:n], out[n:2 * n], out[2 * n:3 * n].tolist()
+            assert sorted(out[:2 * n].tolist()) == list(range(2 * n))  # every thread took its two turns
+            if barrier:
+                assert read == [(t + 1) % n for t in range(n)], order
+            runs.setdefault((order, barrier), (out[:2 * n].tolist(), read))
+            assert runs[order, barrier] == (out[:2 * n].tolist(), read)  # a seed gives one order
+        starts = first.tolist()
+        if order in ("forward", "reverse"):  # round robin: every thread starts before a lane's second turn
+            assert starts == sorted(starts, reverse=order == "reverse")
+            assert first.max() < second.max() and first[warp1].min() < second[warp0].max()
+        if order == "lowest":  # warp 0 runs to its end before warp 1 starts
+            assert starts == sorted(starts) and second[warp0].max() < first[warp1].min()
+        if order == "highest":
+            assert starts == sorted(starts, reverse=True) and second[warp1].max() < first[warp0].min()
+    assert len({str(runs[o, False][0]) for o in ("forward", "reverse", "lowest", "highest", "random:1",
+                                                  "random:2")}) == 6
+    assert len({str(runs[o, False][1]) for o in ("forward", "reverse")}) == 2  # the race's result
+    monkeypatch.setenv("BERTKERN_EMU_SCHEDULE", "sideways")
+    with pytest.raises(RuntimeError, match="BERTKERN_EMU_SCHEDULE must be forward, reverse, lowest, highest or"):
+        emulated.schedule_probe(True, torch.empty(3 * n + 1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("form, S_q, S_k, D, dropout, dtype", [
+    ("none", 130, 130, 64, False, torch.float16),  # two query tiles, three key tiles (peeled tail)
+    ("b11s", 70, 200, 32, True, torch.bfloat16),  # key mask, dropout, S_q != S_k: four key blocks
+    ("bhss:min", 130, 70, 80, True, torch.float16),  # any-mask kernels, 32-key tiles (dropout)
+    ("b1ss", 40, 130, 128, False, torch.bfloat16),  # the widest head-dim bucket
+], ids=str)
+def test_every_thread_order_gives_the_same_bits(cuda, monkeypatch, form, S_q, S_k, D, dropout, dtype):
+    """Forward and backward (the ordered dQ accumulation over key blocks included) under every thread
+    order: a shared-memory race would change some bits (tests/emulation.py)."""
+    q, k, v = rand(1, 1, S_q, D, dtype=dtype), rand(1, 1, S_k, D, dtype=dtype), rand(1, 1, S_k, D, dtype=dtype)
+    mask, grad = make_mask(form, 1, 1, S_q, S_k, dtype, CPU), rand(1, 1, S_q, D, dtype=dtype)
+    p, seed = (0.2, seed_tensor(5, CPU)) if dropout else (0.0, None)
+
+    def attend(q, k, v):
+        return torch.ops.bertkern.attention(q, k, v, mask, 0.3, p, seed, cuda)[0]
+
+    emulation.same_bits_in_every_order(monkeypatch, lambda: fwd_bwd(attend, (q, k, v), grad))
+
+
 def test_argument_checks(cuda):
     """The host-side checks the real ops share (they run before any launch)."""
     ops = torch.ops.bertkern_cuda

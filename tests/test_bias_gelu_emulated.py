@@ -110,6 +110,20 @@ def test_launch_paths(cuda, path, approximate):
         assert_close_2x(o, r, e, name)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_every_thread_order_gives_the_same_bits(cuda, monkeypatch, shape):
+    """Forward and backward (dbias: partial sums through shared memory, then their reduction) under
+    every thread order: a shared-memory race would change some bits (tests/emulation.py)."""
+    x, dy = randn(*shape, dtype=torch.float16, scale=2.0), randn(*shape, dtype=torch.float16)
+    bias = randn(shape[-1], dtype=torch.float16)
+
+    def outputs():
+        y = bertkern.ops.bias_gelu(x, bias, approximate="tanh", backend=cuda)
+        return (y, *torch.ops.bertkern.bias_gelu_backward(dy, x, bias, "tanh", cuda))
+
+    emulation.same_bits_in_every_order(monkeypatch, outputs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_noncontiguous(cuda, dtype):
     """test_bias_gelu's non-contiguous inputs: a row view (stride 391), a column-major x (copied), a

@@ -223,6 +223,31 @@ def test_fp16_large_magnitude(cuda, offset):
     assert torch.isfinite(out[0][0]).all() and all(torch.isfinite(g).all() for g in out[1].values())
 
 
+@pytest.mark.parametrize("dtype,shape,p", [
+    (torch.float16, (9, 384), 0.1),     # fwd one warp a row / bwd two warps a row (team sums via smem)
+    (torch.float32, (5, 1000), 0.0),    # fwd two warps a row / bwd four, two teams a block
+    (torch.float16, (3, 300), 0.0),     # ten warps, one team a block (scalar path)
+    (torch.bfloat16, (3, 4097), 0.1),   # the loop kernels
+    (torch.float64, (33, 100), 0.2),    # the loop kernels' grid-stride rounds; column sums of 16 partial rows
+], ids=_id)
+def test_every_thread_order_gives_the_same_bits(cuda, monkeypatch, dtype, shape, p):
+    """Forward (with the pre-norm output) and backward of every input under every thread order: a
+    shared-memory race would change some bits (tests/emulation.py)."""
+    inputs = make_inputs(shape, dtype, CPU)
+    grad, gp = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
+
+    def fused(**a):
+        torch.manual_seed(3)  # the op's dropout seed
+        return bertkern.ops.add_layer_norm(a["x"], a["residual"], a["weight"], a["bias"], 1e-5, x_bias=a["x_bias"],
+                                           dropout_p=p, return_prenorm=True, backend=cuda)
+
+    def outputs():
+        outs, grads = run(fused, inputs, grad, gp)
+        return [*outs, *grads.values()]
+
+    emulation.same_bits_in_every_order(monkeypatch, outputs)
+
+
 def test_no_rows(cuda):
     x = torch.randn(0, 3, 16, requires_grad=True)
     w = torch.randn(16, requires_grad=True)

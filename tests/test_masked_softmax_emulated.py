@@ -73,6 +73,25 @@ def test_many_rows(cuda, shape):
                   seed=seed_tensor(0xABCDEF, CPU))
 
 
+@pytest.mark.parametrize("dtype, S_q, N, form, dropout_p", [
+    (torch.float16, 5, 40, "b11s", 0.3),        # warp rows on the 16-byte path, mask packs
+    (torch.bfloat16, 3, 77, "bhss:min", 0.0),   # warp rows on the element path
+    (torch.float32, 3, 1024, "b1ss:inf", 0.2),  # a row over a whole warp
+    (torch.float16, 3, 2051, "b1ss:inf", 0.2),  # block rows: 512 threads, block reductions
+    (torch.float64, 3, 129, "bhss", 0.3),       # float64's block kernels
+], ids=str)
+def test_every_thread_order_gives_the_same_bits(cuda, monkeypatch, dtype, S_q, N, form, dropout_p):
+    """Forward and backward under every thread order: a shared-memory race would change some bits
+    (tests/emulation.py)."""
+    scores, grad = randn(2, 2, S_q, N, dtype=dtype, scale=3.0), randn(2, 2, S_q, N, dtype=dtype)
+    mask, seed = make_mask(form, 2, 2, S_q, N, dtype, CPU), seed_tensor(11, CPU)
+
+    def softmax(x):
+        return torch.ops.bertkern.masked_softmax(x, mask, 0.5, dropout_p, seed if dropout_p else None, cuda)[0]
+
+    emulation.same_bits_in_every_order(monkeypatch, lambda: fwd_bwd(softmax, scores, grad))
+
+
 # ---------------------------------------------------------------- block-per-row kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N", [1025, 2051])

@@ -5,7 +5,7 @@
 
 // Probes of csrc/ptx.cuh's primitives as the kernels call them, so that tests pin the emulation's
 // ldmatrix layouts and cp.async timing against the PTX ISA (test_attention_emulated.py computes
-// the expected values itself).
+// the expected values itself), and of the emulation's thread orders.
 namespace probe {
 
 // smem holds a 32 x 16 b16 tile, element (r, c) = 16 r + c; lane l gives row l (matrix l / 8) for
@@ -62,6 +62,23 @@ __global__ void cp_async_kernel(const int32_t* src, int32_t* out) {
   snap(3, d1, 1);
 }
 
+// The emulation's thread orders (emu.h, $BERTKERN_EMU_SCHEDULE). Thread t takes a turn number from the
+// counter out[3n] (emulated threads run one at a time) into out[t], writes t to its shared-memory slot,
+// passes a warp barrier, takes a second turn into out[n + t], passes a block barrier if `barrier`, then
+// reads the next thread's slot into out[2n + t] (-1: not written yet). Without the block barrier the
+// last lane of a warp reads the next warp's slot in a race, whose result depends on the order.
+__global__ void schedule_kernel(bool barrier, int32_t* out) {
+  BERTKERN_DYNAMIC_SMEM(smem);
+  int32_t* slot = reinterpret_cast<int32_t*>(smem);
+  const int t = threadIdx.x, n = blockDim.x;
+  out[t] = out[3 * n]++;
+  slot[t] = t;
+  __syncwarp();
+  out[n + t] = out[3 * n]++;
+  if (barrier) __syncthreads();
+  out[2 * n + t] = slot[(t + 1) % n];
+}
+
 void ldmatrix_probe(at::Tensor& out) {
   TORCH_CHECK(out.scalar_type() == at::kLong && out.numel() == 6 * 32 * 4 && out.is_contiguous());
   bertkern::launch(ldmatrix_kernel, dim3(1), dim3(32), 32 * 16 * 2, nullptr, out.data_ptr<int64_t>());
@@ -74,14 +91,22 @@ void cp_async_probe(const at::Tensor& src, at::Tensor& out) {
                    out.data_ptr<int32_t>());
 }
 
+void schedule_probe(bool barrier, at::Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == at::kInt && out.numel() == 3 * 64 + 1 && out.is_contiguous());
+  out.zero_();
+  bertkern::launch(schedule_kernel, dim3(1), dim3(64), 64 * 4, nullptr, barrier, out.data_ptr<int32_t>());
+}
+
 }  // namespace probe
 
 TORCH_LIBRARY_FRAGMENT(BERTKERN_OPS, m) {
   m.def("ldmatrix_probe(Tensor(a!) out) -> ()");
   m.def("cp_async_probe(Tensor src, Tensor(a!) out) -> ()");
+  m.def("schedule_probe(bool barrier, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(BERTKERN_OPS, BERTKERN_DEVICE, m) {
   m.impl("ldmatrix_probe", &probe::ldmatrix_probe);
   m.impl("cp_async_probe", &probe::cp_async_probe);
+  m.impl("schedule_probe", &probe::schedule_probe);
 }

@@ -15,6 +15,13 @@
 //   a barrier that not every thread reaches is reported, not a hang. Blocks run one after another:
 //   function-static variables stand for __shared__ ones, and one buffer, filled with NaN bytes
 //   before each block, for dynamic shared memory (reads of shared memory never written show up).
+// - The order in which threads take turns is $BERTKERN_EMU_SCHEDULE's, read at each launch: "forward"
+//   (the default: thread 0 first, then round robin upwards), "reverse" (round robin downwards from the
+//   last thread), "lowest" / "highest" (always the lowest / highest-numbered thread that can go on: its
+//   warp runs ahead through its warp barriers until it waits at a block barrier, while the others have
+//   not started), or "random:SEED" (a seeded random thread first, and at each switch). A shared-memory
+//   race (two threads touching the same bytes between the same two barriers of theirs, one writing)
+//   gives an order-dependent result, so it fails under some of them; tests run the kernels under each.
 // - Warp shuffles and mma.sync exchange values through per-warp slots between two barriers of the
 //   warp (every lane of the warp must take part, as the kernels' full masks promise).
 // - mma.sync m16n8k16 decodes its operands with the PTX ISA's fragment layouts (lane = 4g + t:
@@ -49,6 +56,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -92,11 +100,68 @@ alignas(16) inline unsigned char smem[kSmemBytes];
 
 inline Fiber& self() { return fibers[current]; }
 
-// Runs the next thread after `from` that can go on (round robin), or returns to run_grid when none can.
+// $BERTKERN_EMU_SCHEDULE (see the top of this file): which thread runs first, and which next.
+enum class Schedule { kForward, kReverse, kLowest, kHighest, kRandom };
+inline Schedule schedule = Schedule::kForward;
+inline uint64_t schedule_rng = 0;  // kRandom's state (splitmix64)
+
+inline uint64_t next_random() {
+  uint64_t z = (schedule_rng += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+inline void read_schedule() {
+  const char* s = std::getenv("BERTKERN_EMU_SCHEDULE");
+  const std::string v = s ? s : "";
+  const std::pair<const char*, Schedule> named[] = {
+      {"", Schedule::kForward}, {"forward", Schedule::kForward}, {"reverse", Schedule::kReverse},
+      {"lowest", Schedule::kLowest}, {"highest", Schedule::kHighest}};
+  for (const auto& [name, value] : named) {
+    if (v == name) {
+      schedule = value;
+      return;
+    }
+  }
+  if (v.rfind("random:", 0) == 0 && v.size() > 7 && v.size() < 27 &&
+      v.find_first_not_of("0123456789", 7) == std::string::npos) {
+    schedule = Schedule::kRandom;
+    schedule_rng = std::stoull(v.substr(7));
+    return;
+  }
+  throw std::runtime_error("emulated launch: BERTKERN_EMU_SCHEDULE must be forward, reverse, lowest, highest or "
+                           "random:SEED, got '" + v + "'");
+}
+
+// The thread that runs first.
+inline int first_thread(int n) {
+  switch (schedule) {
+    case Schedule::kReverse:
+    case Schedule::kHighest: return n - 1;
+    case Schedule::kRandom: return static_cast<int>(next_random() % n);
+    default: return 0;
+  }
+}
+
+// The k-th thread (k = 1 .. n) a switch away from `from` tries; `start` is kRandom's random one.
+inline int candidate(int from, int start, int k, int n) {
+  switch (schedule) {
+    case Schedule::kReverse: return (from - k % n + n) % n;
+    case Schedule::kLowest: return k - 1;
+    case Schedule::kHighest: return n - k;
+    case Schedule::kRandom: return (start + k) % n;
+    default: return (from + k) % n;
+  }
+}
+
+// Runs the next thread that can go on, in the schedule's order, or returns to run_grid when none can.
 inline void switch_from(int from) {
   const int n = static_cast<int>(fibers.size());
-  for (int k = 1; k < n; ++k) {
-    const int to = (from + k) % n;
+  const int start = schedule == Schedule::kRandom ? static_cast<int>(next_random() % n) : 0;
+  for (int k = 1; k <= n; ++k) {
+    const int to = candidate(from, start, k, n);
+    if (to == from) continue;
     const Fiber& f = fibers[to];
     if (!f.done && (f.waiting == nullptr || *f.waiting != f.phase)) {
       current = to;
@@ -207,6 +272,7 @@ void run_grid(dim3 grid, dim3 blk, size_t dynamic_bytes, Body&& body) {
   body_fn = [](void* b) { (*static_cast<std::remove_reference_t<Body>*>(b))(); };
   body_arg = &body;
   fibers.resize(threads);
+  read_schedule();
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -227,9 +293,9 @@ void run_grid(dim3 grid, dim3 blk, size_t dynamic_bytes, Body&& body) {
           f.ctx.uc_link = nullptr;
           makecontext(&f.ctx, fiber_main, 0);
         }
-        current = 0;
-        thread_idx = fibers[0].tid;
-        swapcontext(&launcher, &fibers[0].ctx);
+        current = first_thread(threads);
+        thread_idx = fibers[current].tid;
+        swapcontext(&launcher, &fibers[current].ctx);
         for (const Fiber& f : fibers) {
           // (A thread left at a barrier keeps what its stack holds: leaked, as a hung GPU would.)
           if (!f.done) throw std::runtime_error("emulated kernel: a barrier that not every thread of the block reached");
