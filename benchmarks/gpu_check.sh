@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a lent GPU machine without internet: versions, build bertkern._C
-# for sm_90, bertkern info, pytest -m gpu (FULL_TESTS=1: all of tests/), host_profile.py, then the
+# for sm_90, bertkern info, pytest -m gpu (FULL_TESTS=1: all of tests/), the CUDA kernels under
+# compute-sanitizer (tests/test_compute_sanitizer.py), host_profile.py, then the
 # benchmarks (ops, bert --quick, train --quick) in what is left of BUDGET_S (at least BENCH_RESERVE_S);
 # results.tgz and the logs into $OUT. Each step has a time limit, a failed one does not stop the next,
 # and a summary table comes last.
@@ -10,7 +11,7 @@
 #
 # Env: PYTHON (python3), BUDGET_S, BENCH_RESERVE_S, OUT (else a temp dir), SUITES ("ops bert train"),
 # SKIP_TESTS=1 (benchmarks only), FULL_TESTS=1 (all of tests/ after the gpu ones), GPU_TESTS_S (240),
-# BUILD_S (300), TEST_WORKERS (8, with pytest-xdist), OPS_BUDGET_S / BERT_BUDGET_S / TRAIN_BUDGET_S (a suite's
+# BUILD_S (300), SANITIZER_S (100), TEST_WORKERS (8, with pytest-xdist), OPS_BUDGET_S / BERT_BUDGET_S / TRAIN_BUDGET_S (a suite's
 # timed budget, instead of its share), OPS_ARGS / BERT_ARGS / TRAIN_ARGS (extra `bertkern bench` arguments).
 # MiniLM has its real weights when the tree carries .minilm/ (bertkern bench --export-minilm .minilm).
 # Exit status: the number of failed steps.
@@ -74,7 +75,14 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # Several workers when pytest-xdist is there: the time goes to compiling Triton kernels, one per process.
   XDIST=()
   "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-8}")
-  step "pytest -m gpu tests/" tests.log "${GPU_TESTS_S:-240}" "$PY" -m pytest -m gpu tests/ -q -ra -p no:cacheprovider "${XDIST[@]}"
+  step "pytest -m gpu tests/" tests.log "${GPU_TESTS_S:-240}" "$PY" -m pytest -m gpu tests/ -q -ra -p no:cacheprovider \
+    "${XDIST[@]}" --ignore=tests/test_compute_sanitizer.py
+  # The CUDA kernels under compute-sanitizer (memcheck, racecheck, synccheck, initcheck side by side): a
+  # step of its own, so that a slow tool cannot cost the gpu tests' results.
+  SAN_XDIST=()
+  ((${#XDIST[@]})) && SAN_XDIST=(-n 4)
+  step "compute-sanitizer" tests.log "${SANITIZER_S:-100}" env BERTKERN_SANITIZER_TIMEOUT_S=$((${SANITIZER_S:-100} - 15)) \
+    "$PY" -m pytest -m gpu tests/test_compute_sanitizer.py -q -ra -p no:cacheprovider "${SAN_XDIST[@]}"
   # FULL_TESTS=1: the rest of the suite too, in what is left once BENCH_RESERVE_S are kept for the
   # benchmarks. The CPU stand-ins for a GPU (the CUDA emulation, the host-side Triton compile) are CI's.
   if [ "${FULL_TESTS:-0}" = 1 ]; then

@@ -488,7 +488,8 @@ def test_cpu_mode_prints_one_screen(tmp_path, capsys):
 def test_gpu_check_script_syntax_and_suites():
     script = ROOT / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    assert all(s in script.read_text() for s in ("bench ops", "bench bert", "bench train", "--suite", "results.tgz"))
+    assert all(s in script.read_text() for s in ("bench ops", "bench bert", "bench train", "--suite", "results.tgz",
+                                                  "tests/test_compute_sanitizer.py"))
 
 
 def test_host_profile_reports_each_provider(tmp_path):

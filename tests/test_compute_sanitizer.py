@@ -1,0 +1,67 @@
+"""tests/sanitize_cases.py: every CUDA kernel's launch paths under NVIDIA's compute-sanitizer on a GPU
+(memcheck, racecheck, synccheck, initcheck, restricted to bertkern's kernels), and the same cases on the
+CPU emulation here, so that the driver the GPU run depends on cannot rot unnoticed."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import emulation
+import sanitize_cases
+
+HERE = Path(__file__).resolve().parent
+SANITIZER_TIMEOUT_S = int(os.environ.get("BERTKERN_SANITIZER_TIMEOUT_S", "110"))
+
+emulated, cuda = emulation.fixtures("attention", "layer_norm", "masked_softmax", "bias_gelu")
+
+
+def test_cases_on_the_emulation(cuda):
+    lines = []
+    assert sanitize_cases.run(cuda, "cpu", log=lines.append) == [], "\n".join(lines)
+    assert len(lines) == len(sanitize_cases.CASES)
+
+
+def test_a_gross_error_fails():
+    want = torch.randn(4, 8, dtype=torch.float64)
+    assert sanitize_cases.gross_error(want.half(), want) < 1e-3
+    assert sanitize_cases.gross_error(want.half() * 1.2, want) > 0.05
+    assert sanitize_cases.gross_error(torch.full_like(want, float("nan")), want) == float("inf")
+    assert sanitize_cases.gross_error(want[:2], want) == float("inf")
+
+
+def _sanitizer() -> str | None:
+    found = shutil.which("compute-sanitizer")
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if found is None and root and os.path.isfile(os.path.join(root, "bin", "compute-sanitizer")):
+            found = os.path.join(root, "bin", "compute-sanitizer")
+    return found
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck", "initcheck"])
+def test_cuda_kernels_under_compute_sanitizer(tool):
+    from bertkern import backend as _backend
+
+    if not _backend.cuda_extension_status()[0]:
+        pytest.skip("bertkern._C is not built")
+    exe = _sanitizer()
+    if exe is None:
+        pytest.skip("compute-sanitizer is not installed")
+    # Every tensor its own allocation, so that memcheck sees an access past a tensor's end.
+    env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [exe, "--tool", tool, "--kernel-name", "kns=bertkern", "--error-exitcode", "3",
+           sys.executable, str(HERE / "sanitize_cases.py")]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=SANITIZER_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired as e:  # what it printed so far: the cases done, any error found
+        pytest.fail(f"{' '.join(cmd)} ran past {SANITIZER_TIMEOUT_S} s\n{(e.stdout or '')[-4000:]}{(e.stderr or '')[-4000:]}")
+    out = r.stdout + r.stderr
+    clean = ("RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)" if tool == "racecheck"
+             else "ERROR SUMMARY: 0 errors")
+    assert r.returncode == 0 and clean in out, f"{' '.join(cmd)} -> {r.returncode}\n{out[-6000:]}"
