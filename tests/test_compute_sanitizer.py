@@ -24,7 +24,7 @@ emulated, cuda = emulation.fixtures("attention", "layer_norm", "masked_softmax",
 def test_cases_on_the_emulation(cuda):
     lines = []
     assert sanitize_cases.run(cuda, "cpu", log=lines.append) == [], "\n".join(lines)
-    assert len(lines) == len(sanitize_cases.CASES)
+    assert len(lines) == 2 * len(sanitize_cases.CASES)
 
 
 def test_a_gross_error_fails():
