@@ -28,11 +28,12 @@ def test_cases_on_the_emulation(cuda):
 
 
 def test_a_gross_error_fails():
-    want = torch.randn(4, 8, dtype=torch.float64)
-    assert sanitize_cases.gross_error(want.half(), want) < 1e-3
-    assert sanitize_cases.gross_error(want.half() * 1.2, want) > 0.05
+    want = torch.linspace(-3, 3, 32, dtype=torch.float64).reshape(4, 8)
+    assert sanitize_cases.gross_error(want.half(), want) < 1e-2
+    assert sanitize_cases.gross_error(want * 1.2, want, sanitize_cases._magnitude([want])) > 0.05
     assert sanitize_cases.gross_error(torch.full_like(want, float("nan")), want) == float("inf")
     assert sanitize_cases.gross_error(want[:2], want) == float("inf")
+    assert sanitize_cases._magnitude([want * 0, want * 8]) == 8 * want.abs().max().item()
 
 
 def _sanitizer() -> str | None:
