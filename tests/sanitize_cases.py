@@ -137,15 +137,15 @@ CASES = {  # the attention backward's key blocks wait for each other's turn: las
 }
 
 
-def gross_error(got: torch.Tensor, want: torch.Tensor, magnitude: float = 1.0) -> float:
-    """max |got - want| / magnitude; inf for a NaN or a wrong shape."""
+def gross_error(got: torch.Tensor, want: torch.Tensor, scale: float = 1.0) -> float:
+    """max |got - want| / scale; inf for a NaN or a wrong shape."""
     if got.shape != want.shape:
         return math.inf
     err = (got.double() - want).abs().max().item() if got.numel() else 0.0
-    return math.inf if math.isnan(err) else err / magnitude
+    return math.inf if math.isnan(err) else err / scale
 
 
-def _magnitude(tensors) -> float:
+def magnitude(tensors) -> float:
     """max(1, the largest |value| over all of a case's outputs): a gradient that is exactly 0 (a query
     that sees one key) still carries the others' rounding, as test_attention.assert_attention_close says."""
     return max([1.0] + [t.abs().max().item() for t in tensors if t.numel()])
@@ -159,7 +159,8 @@ def run(backend: str = "cuda", device: str = "cuda", log=print) -> list[str]:
         log(f"     {name} ...")  # a hang shows where
         got = case(backend, device, lambda t: t.to(dtype), torch.Generator().manual_seed(0))
         want = case("torch", device, lambda t: t.to(dtype).double(), torch.Generator().manual_seed(0))
-        worst = max(gross_error(g, w, _magnitude(want)) for g, w in zip(got, want, strict=True))
+        scale = magnitude(want)
+        worst = max(gross_error(g, w, scale) for g, w in zip(got, want, strict=True))
         ok = worst <= 0.05
         log(f"{'ok  ' if ok else 'FAIL'} {name}: worst relative error {worst:.2e} over {len(got)} tensors")
         if not ok:

@@ -30,10 +30,10 @@ def test_cases_on_the_emulation(cuda):
 def test_a_gross_error_fails():
     want = torch.linspace(-3, 3, 32, dtype=torch.float64).reshape(4, 8)
     assert sanitize_cases.gross_error(want.half(), want) < 1e-2
-    assert sanitize_cases.gross_error(want * 1.2, want, sanitize_cases._magnitude([want])) > 0.05
+    assert sanitize_cases.gross_error(want * 1.2, want, sanitize_cases.magnitude([want])) > 0.05
     assert sanitize_cases.gross_error(torch.full_like(want, float("nan")), want) == float("inf")
     assert sanitize_cases.gross_error(want[:2], want) == float("inf")
-    assert sanitize_cases._magnitude([want * 0, want * 8]) == 8 * want.abs().max().item()
+    assert sanitize_cases.magnitude([want * 0, want * 8]) == 8 * want.abs().max().item()
 
 
 def _sanitizer() -> str | None:
@@ -60,8 +60,9 @@ def test_cuda_kernels_under_compute_sanitizer(tool):
            sys.executable, str(HERE / "sanitize_cases.py")]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=SANITIZER_TIMEOUT_S, env=env)
-    except subprocess.TimeoutExpired as e:  # what it printed so far: the cases done, any error found
-        pytest.fail(f"{' '.join(cmd)} ran past {SANITIZER_TIMEOUT_S} s\n{(e.stdout or '')[-4000:]}{(e.stderr or '')[-4000:]}")
+    except subprocess.TimeoutExpired as e:  # what it printed so far (bytes): the cases done, any error found
+        so_far = b"".join(x or b"" for x in (e.stdout, e.stderr)).decode(errors="replace")
+        pytest.fail(f"{' '.join(cmd)} ran past {SANITIZER_TIMEOUT_S} s\n{so_far[-6000:]}")
     out = r.stdout + r.stderr
     clean = ("RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)" if tool == "racecheck"
              else "ERROR SUMMARY: 0 errors")
