@@ -104,18 +104,25 @@ def fixtures(*ops: str):
     return emulated, cuda
 
 
-# Thread orders besides the default "forward" (tests/cuda_emu/emu.h: $BERTKERN_EMU_SCHEDULE).
-ORDERS = ("reverse", "lowest", "highest", "random:1")
+# Orders besides the default (tests/cuda_emu/emu.h): the threads' ($BERTKERN_EMU_SCHEDULE), and the
+# blocks run last to first ($BERTKERN_EMU_BLOCKS=reverse) with the threads in their default order.
+THREAD_ORDERS = ("reverse", "lowest", "highest", "random:1")
+BLOCKS_REVERSED = "blocks reversed"
+ORDERS = (*THREAD_ORDERS, BLOCKS_REVERSED)
 
 
-def same_bits_in_every_order(monkeypatch, fn) -> None:
-    """fn() -> tensors gives the same bits under every emulated thread order. The CUDA kernels have no
-    atomics and sum in a fixed order, so only a race (threads touching the same shared memory between
-    the same two barriers, one of them writing) can make the order matter; test_attention_emulated's
-    probe shows that the orders do change a race's result."""
+def same_bits_in_every_order(monkeypatch, fn, orders=ORDERS) -> None:
+    """fn() -> tensors gives the same bits under every emulated order. The CUDA kernels have no atomics
+    and sum in a fixed order, so only a race can make the order matter: threads touching the same shared
+    memory between the same two barriers, one of them writing, or blocks writing the same outputs.
+    test_attention_emulated's probe shows that the thread orders do change a race's result. (The
+    attention backward's blocks take turns in key order: not under BLOCKS_REVERSED.)"""
     monkeypatch.setenv("BERTKERN_EMU_SCHEDULE", "forward")
+    monkeypatch.setenv("BERTKERN_EMU_BLOCKS", "forward")
     want = fn()
-    for order in ORDERS:
-        monkeypatch.setenv("BERTKERN_EMU_SCHEDULE", order)
+    for order in orders:
+        blocks = order == BLOCKS_REVERSED
+        monkeypatch.setenv("BERTKERN_EMU_SCHEDULE", "forward" if blocks else order)
+        monkeypatch.setenv("BERTKERN_EMU_BLOCKS", "reverse" if blocks else "forward")
         for i, (g, w) in enumerate(zip(fn(), want, strict=True)):
-            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True, msg=f"output {i}, thread order {order}")
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True, msg=f"output {i}, order {order}")

@@ -211,7 +211,8 @@ def test_ptx_primitives_follow_the_isa(emulated):
 def test_thread_orders_change_a_race_and_only_a_race(emulated, monkeypatch):
     """The emulation's thread orders (tests/cuda_emu/emu.h) are what they say, and decide a racy read:
     without a block barrier, the last lane of a warp reads the next warp's shared-memory slot before or
-    after that warp wrote it; with one, every order reads the same."""
+    after that warp wrote it; with one, every order reads the same. The block order decides which of
+    several blocks writing one element wins."""
     n, warp0, warp1, runs = 64, slice(0, 32), slice(32, 64), {}
     for order in ("forward", "reverse", "lowest", "highest", "random:1", "random:2", "random:1"):
         monkeypatch.setenv("BERTKERN_EMU_SCHEDULE", order)
@@ -238,6 +239,15 @@ def test_thread_orders_change_a_race_and_only_a_race(emulated, monkeypatch):
     monkeypatch.setenv("BERTKERN_EMU_SCHEDULE", "sideways")
     with pytest.raises(RuntimeError, match="BERTKERN_EMU_SCHEDULE must be forward, reverse, lowest, highest or"):
         emulated.schedule_probe(True, torch.empty(3 * n + 1, dtype=torch.int32))
+    monkeypatch.setenv("BERTKERN_EMU_SCHEDULE", "forward")
+    for blocks, last in (("forward", 3), ("reverse", 0)):  # every block writes the same element
+        monkeypatch.setenv("BERTKERN_EMU_BLOCKS", blocks)
+        out = torch.full((1,), -1, dtype=torch.int32)
+        emulated.block_order_probe(out)
+        assert out.item() == last, blocks
+    monkeypatch.setenv("BERTKERN_EMU_BLOCKS", "sideways")
+    with pytest.raises(RuntimeError, match="BERTKERN_EMU_BLOCKS must be forward or reverse"):
+        emulated.schedule_probe(True, torch.empty(3 * n + 1, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("form, S_q, S_k, D, dropout, dtype", [
@@ -248,7 +258,8 @@ def test_thread_orders_change_a_race_and_only_a_race(emulated, monkeypatch):
 ], ids=str)
 def test_every_thread_order_gives_the_same_bits(cuda, monkeypatch, form, S_q, S_k, D, dropout, dtype):
     """Forward and backward (the ordered dQ accumulation over key blocks included) under every thread
-    order: a shared-memory race would change some bits (tests/emulation.py)."""
+    order, and the forward with its blocks last to first: a race would change some bits
+    (tests/emulation.py)."""
     q, k, v = rand(1, 1, S_q, D, dtype=dtype), rand(1, 1, S_k, D, dtype=dtype), rand(1, 1, S_k, D, dtype=dtype)
     mask, grad = make_mask(form, 1, 1, S_q, S_k, dtype, CPU), rand(1, 1, S_q, D, dtype=dtype)
     p, seed = (0.2, seed_tensor(5, CPU)) if dropout else (0.0, None)
@@ -256,7 +267,9 @@ def test_every_thread_order_gives_the_same_bits(cuda, monkeypatch, form, S_q, S_
     def attend(q, k, v):
         return torch.ops.bertkern.attention(q, k, v, mask, 0.3, p, seed, cuda)[0]
 
-    emulation.same_bits_in_every_order(monkeypatch, lambda: fwd_bwd(attend, (q, k, v), grad))
+    emulation.same_bits_in_every_order(monkeypatch, lambda: fwd_bwd(attend, (q, k, v), grad), emulation.THREAD_ORDERS)
+    # The blocks last to first: the forward only (the backward's key blocks add to dQ in turn).
+    emulation.same_bits_in_every_order(monkeypatch, lambda: [attend(q, k, v)], [emulation.BLOCKS_REVERSED])
 
 
 def test_argument_checks(cuda):

@@ -79,6 +79,11 @@ __global__ void schedule_kernel(bool barrier, int32_t* out) {
   out[2 * n + t] = slot[(t + 1) % n];
 }
 
+// Every block of a 4-block grid writes its index to out[0]: the last block to run wins.
+__global__ void block_order_kernel(int32_t* out) {
+  if (threadIdx.x == 0) out[0] = static_cast<int32_t>(blockIdx.x);
+}
+
 void ldmatrix_probe(at::Tensor& out) {
   TORCH_CHECK(out.scalar_type() == at::kLong && out.numel() == 6 * 32 * 4 && out.is_contiguous());
   bertkern::launch(ldmatrix_kernel, dim3(1), dim3(32), 32 * 16 * 2, nullptr, out.data_ptr<int64_t>());
@@ -97,16 +102,23 @@ void schedule_probe(bool barrier, at::Tensor& out) {
   bertkern::launch(schedule_kernel, dim3(1), dim3(64), 64 * 4, nullptr, barrier, out.data_ptr<int32_t>());
 }
 
+void block_order_probe(at::Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == at::kInt && out.numel() == 1);
+  bertkern::launch(block_order_kernel, dim3(4), dim3(32), 0, nullptr, out.data_ptr<int32_t>());
+}
+
 }  // namespace probe
 
 TORCH_LIBRARY_FRAGMENT(BERTKERN_OPS, m) {
   m.def("ldmatrix_probe(Tensor(a!) out) -> ()");
   m.def("cp_async_probe(Tensor src, Tensor(a!) out) -> ()");
   m.def("schedule_probe(bool barrier, Tensor(a!) out) -> ()");
+  m.def("block_order_probe(Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(BERTKERN_OPS, BERTKERN_DEVICE, m) {
   m.impl("ldmatrix_probe", &probe::ldmatrix_probe);
   m.impl("cp_async_probe", &probe::cp_async_probe);
   m.impl("schedule_probe", &probe::schedule_probe);
+  m.impl("block_order_probe", &probe::block_order_probe);
 }

@@ -22,6 +22,7 @@
 //   not started), or "random:SEED" (a seeded random thread first, and at each switch). A shared-memory
 //   race (two threads touching the same bytes between the same two barriers of theirs, one writing)
 //   gives an order-dependent result, so it fails under some of them; tests run the kernels under each.
+//   $BERTKERN_EMU_BLOCKS=reverse runs a grid's blocks last to first (the default: in grid order).
 // - Warp shuffles and mma.sync exchange values through per-warp slots between two barriers of the
 //   warp (every lane of the warp must take part, as the kernels' full masks promise).
 // - mma.sync m16n8k16 decodes its operands with the PTX ISA's fragment layouts (lane = 4g + t:
@@ -132,6 +133,15 @@ inline void read_schedule() {
   }
   throw std::runtime_error("emulated launch: BERTKERN_EMU_SCHEDULE must be forward, reverse, lowest, highest or "
                            "random:SEED, got '" + v + "'");
+}
+
+// $BERTKERN_EMU_BLOCKS: "forward" (the default) or "reverse" (see run_grid).
+inline bool read_block_order() {
+  const char* s = std::getenv("BERTKERN_EMU_BLOCKS");
+  const std::string v = s ? s : "";
+  if (v.empty() || v == "forward") return false;
+  if (v == "reverse") return true;
+  throw std::runtime_error("emulated launch: BERTKERN_EMU_BLOCKS must be forward or reverse, got '" + v + "'");
 }
 
 // The thread that runs first.
@@ -273,36 +283,39 @@ void run_grid(dim3 grid, dim3 blk, size_t dynamic_bytes, Body&& body) {
   body_arg = &body;
   fibers.resize(threads);
   read_schedule();
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        std::memset(smem, 0xff, kSmemBytes);  // NaN in fp16, bf16, fp32 and fp64
-        Block b(threads);
-        block = &b;
-        block_idx = make_uint3(x, y, z);
-        for (int t = 0; t < threads; ++t) {
-          Fiber& f = fibers[t];
-          f.tid = make_uint3(t % blk.x, t / blk.x % blk.y, t / (blk.x * blk.y));
-          f.waiting = nullptr;
-          f.done = false;
-          f.cp_open.clear();  // copies never waited for are dropped with their block
-          f.cp_groups.clear();
-          getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = stack(t);
-          f.ctx.uc_stack.ss_size = kStackBytes;
-          f.ctx.uc_link = nullptr;
-          makecontext(&f.ctx, fiber_main, 0);
-        }
-        current = first_thread(threads);
-        thread_idx = fibers[current].tid;
-        swapcontext(&launcher, &fibers[current].ctx);
-        for (const Fiber& f : fibers) {
-          // (A thread left at a barrier keeps what its stack holds: leaked, as a hung GPU would.)
-          if (!f.done) throw std::runtime_error("emulated kernel: a barrier that not every thread of the block reached");
-        }
-        if (const char* f = fault.exchange(nullptr)) throw std::runtime_error(std::string("emulated kernel: ") + f);
-      }
+  // Blocks in grid order (x fastest, as a GPU hands them out), or last to first under
+  // $BERTKERN_EMU_BLOCKS=reverse: a block that writes into another's outputs passes unnoticed when the
+  // right one happens to write last.
+  const bool reverse_blocks = read_block_order();
+  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+  for (uint64_t i = 0; i < blocks; ++i) {
+    const uint64_t j = reverse_blocks ? blocks - 1 - i : i;
+    const unsigned x = j % grid.x, y = j / grid.x % grid.y, z = j / (uint64_t{grid.x} * grid.y);
+    std::memset(smem, 0xff, kSmemBytes);  // NaN in fp16, bf16, fp32 and fp64
+    Block b(threads);
+    block = &b;
+    block_idx = make_uint3(x, y, z);
+    for (int t = 0; t < threads; ++t) {
+      Fiber& f = fibers[t];
+      f.tid = make_uint3(t % blk.x, t / blk.x % blk.y, t / (blk.x * blk.y));
+      f.waiting = nullptr;
+      f.done = false;
+      f.cp_open.clear();  // copies never waited for are dropped with their block
+      f.cp_groups.clear();
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = stack(t);
+      f.ctx.uc_stack.ss_size = kStackBytes;
+      f.ctx.uc_link = nullptr;
+      makecontext(&f.ctx, fiber_main, 0);
     }
+    current = first_thread(threads);
+    thread_idx = fibers[current].tid;
+    swapcontext(&launcher, &fibers[current].ctx);
+    for (const Fiber& f : fibers) {
+      // (A thread left at a barrier keeps what its stack holds: leaked, as a hung GPU would.)
+      if (!f.done) throw std::runtime_error("emulated kernel: a barrier that not every thread of the block reached");
+    }
+    if (const char* f = fault.exchange(nullptr)) throw std::runtime_error(std::string("emulated kernel: ") + f);
   }
 }
 
