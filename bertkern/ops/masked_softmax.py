@@ -20,6 +20,8 @@ seed inside the graph); all backends draw the same mask from the same seed.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from bertkern import backend as _backend
@@ -62,7 +64,7 @@ def _unsupported(scores: torch.Tensor, chosen: str) -> str | None:
     """Why the `chosen` backend's kernels cannot take these scores (None if they can)."""
     if scores.dtype not in _backend.KERNEL_DTYPES:
         return f"dtype {scores.dtype} has no kernel"
-    rows = scores.shape[-2] * (scores.shape[-3] if scores.dim() >= 3 else 1) if scores.dim() >= 2 else 1
+    rows = math.prod(scores.shape[-3:-1])  # H x S_q of the [B, H, S_q, S_k] view
     if chosen == "cuda" and rows > _CUDA_MAX_ROWS_PER_BATCH:
         return f"{rows} rows (H x S_q) in one batch entry, past the cuda kernels' {_CUDA_MAX_ROWS_PER_BATCH}"
     return None
