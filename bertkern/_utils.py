@@ -71,8 +71,7 @@ def dropout_args(op: str, dropout_p: float, seed: torch.Tensor | None, like: tor
         return like, 1.0, 0
     if seed is None:
         raise ValueError(f"bertkern.ops.{op}: dropout_p > 0 needs a seed tensor")
-    # p == 1: threshold 2**31 does not fit the int32 compare, but keep_scale is 0 so everything is 0.
-    return seed, reference.dropout_scale(dropout_p), min(reference.dropout_threshold(dropout_p), 2**31 - 1)
+    return seed, reference.dropout_scale(dropout_p), reference.dropout_threshold(dropout_p)
 
 
 @dataclass(frozen=True, slots=True)

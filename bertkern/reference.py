@@ -53,18 +53,21 @@ def bias_gelu_backward(
 
 
 # ---------------------------------------------------------------- add_layer_norm
-# Dropout masks of add_layer_norm are counter-based (Philox4x32-10, as in curand and tl.randint4x), so
-# every backend draws the same mask from the same seed and the backward pass regenerates it instead of
-# storing it. Element (row, col) of a [rows, N] view uses counter (col // 4, row, 0, 0), key (seed low
-# 32 bits, seed high 32 bits), output word col % 4, and is kept when (word >> 1) >= dropout_threshold(p).
+# Dropout masks are counter-based (Philox4x32-10, as in curand and tl.randint4x), so every op and
+# backend draws the same mask from the same seed and a backward regenerates its forward's mask instead
+# of storing it. Element (row, col) of a [rows, N] view uses counter (col // 8, row, 0, 0), key (seed low
+# 32 bits, seed high 32 bits), 16-bit half col % 2 (low first) of output word (col % 8) // 2, and is kept
+# when that half >= dropout_threshold(p). One Philox call serves 8 elements (the 10 rounds were most of
+# a dropout kernel's instructions at 4); the drop rate is p to within 2**-16, kept values are scaled by
+# exactly 1 / (1 - p).
 _M32 = 0xFFFFFFFF
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 
 
 def dropout_threshold(p: float) -> int:
-    """A 31-bit word w keeps its element iff w >= this; the keep rate is 1 - threshold / 2**31."""
-    return min(int(p * 2**31), 2**31)
+    """A 16-bit draw h keeps its element iff h >= this; the drop rate is threshold / 2**16 (all at p = 1)."""
+    return min(int(p * 2**16), 2**16)
 
 
 def _mulhilo32(a: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,15 +78,15 @@ def _mulhilo32(a: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s >> 16, ((s & 0xFFFF) << 16) | (t & 0xFFFF)
 
 
-def philox_words(seed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """The [rows, cols] int64 tensor of Philox4x32-10 words (each < 2**32) that the dropout masks
-    use; seed is a one-element int64 tensor (it stays on its device: no host sync)."""
+def philox_words(seed: torch.Tensor, rows: int, counters: int) -> torch.Tensor:
+    """The [rows, 4 x counters] int64 tensor of Philox4x32-10 words (each < 2**32): word j of counter
+    (c, row, 0, 0) at column 4 c + j; seed is a one-element int64 tensor (it stays on its device: no
+    host sync)."""
     dev = seed.device
-    n4 = (cols + 3) // 4
     seed = seed.reshape(()).to(torch.int64)
-    c0 = torch.arange(n4, dtype=torch.int64, device=dev).expand(rows, n4)
-    c1 = (torch.arange(rows, dtype=torch.int64, device=dev) & _M32)[:, None].expand(rows, n4)
-    c2 = torch.zeros((rows, n4), dtype=torch.int64, device=dev)
+    c0 = torch.arange(counters, dtype=torch.int64, device=dev).expand(rows, counters)
+    c1 = (torch.arange(rows, dtype=torch.int64, device=dev) & _M32)[:, None].expand(rows, counters)
+    c2 = torch.zeros((rows, counters), dtype=torch.int64, device=dev)
     c3 = c2
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     for _ in range(10):
@@ -91,15 +94,18 @@ def philox_words(seed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         hi2, lo2 = _mulhilo32(_PHILOX_ROUND_B, c2)
         c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
         k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
-    return torch.stack((c0, c1, c2, c3), dim=-1).reshape(rows, 4 * n4)[:, :cols]
+    return torch.stack((c0, c1, c2, c3), dim=-1).reshape(rows, 4 * counters)
 
 
 def dropout_keep_mask(seed: torch.Tensor, shape: torch.Size | tuple, p: float) -> torch.Tensor:
-    """The boolean keep mask (True = kept) that add_layer_norm's dropout applies to an input of
-    `shape`, drawn from `seed`; the leading dims are flattened into rows."""
+    """The boolean keep mask (True = kept) that every op's dropout applies to an input of `shape`,
+    drawn from `seed`; the leading dims are flattened into rows."""
     cols = shape[-1] if len(shape) else 1
     rows = math.prod(shape[:-1]) if len(shape) else 1
-    return ((philox_words(seed, rows, cols) >> 1) >= dropout_threshold(p)).reshape(shape)
+    calls = (cols + 7) // 8
+    words = philox_words(seed, rows, calls)
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=-1).reshape(rows, 8 * calls)[:, :cols]
+    return (halves >= dropout_threshold(p)).reshape(shape)
 
 
 def dropout_scale(p: float) -> float:

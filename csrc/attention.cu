@@ -492,11 +492,9 @@ __device__ __forceinline__ float key_bias(const Params& p, int64_t mbase, int j,
   return m > p.mask_lowest ? m * unit : -INFINITY;  // NaN masks too
 }
 
-// Keep bits of dropout row `row`, columns 4 c4 .. 4 c4 + 3 (bit x for column 4 c4 + x).
-__device__ __forceinline__ uint32_t keep4(const Dropout& d, int64_t row, int c4) {
-  const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(c4), static_cast<uint32_t>(row), 0u, 0u), d.key);
-  return static_cast<uint32_t>((r.x >> 1) >= d.thresh) | (static_cast<uint32_t>((r.y >> 1) >= d.thresh) << 1) |
-         (static_cast<uint32_t>((r.z >> 1) >= d.thresh) << 2) | (static_cast<uint32_t>((r.w >> 1) >= d.thresh) << 3);
+// Keep bits of dropout row `row` (its low 32 bits), columns 8 c8 .. 8 c8 + 7 (bit x for column 8 c8 + x).
+__device__ __forceinline__ uint32_t keep8_at(const Dropout& d, uint32_t row, uint32_t c8) {
+  return keep8(philox4x32_10(make_uint4(c8, row, 0u, 0u), d.key), d.thresh);
 }
 
 // The forward's key bias in shared memory: the bias of keys 2c, 2c + 1 of the tile as the float4
@@ -542,7 +540,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Params
   const int64_t mbase = b * p.mb + h * p.mh;
   Dropout drop{};
   if constexpr (kDropout) drop = make_dropout(p.seed, p.thresh);
-  // (the dropout row's low 32 bits: all keep4 takes; one register less)
+  // (the dropout row's low 32 bits: all keep8_at takes; one register less)
   const uint32_t drow = static_cast<uint32_t>((static_cast<int64_t>(b) * p.H + h) * p.row_stride);
   const int tok0 = static_cast<int>(seq.tok0);  // (the host checks that token counts fit in int)
 
@@ -693,19 +691,25 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Params
       }
     }
     if constexpr (kDropout) {
-      // One Philox call gives 4 columns of a row; lanes t and t ^ 1 share the 4 columns
-      // (n0 + 8j + 4 (t / 2) ..) of their two rows, so each computes one row and they swap.
+      // One Philox call gives the 8 columns of an n8 tile of a row. The 4 lanes sharing g hold rows
+      // g, g + 8 of tiles j, j + 1 (columns 2t, 2t + 1 of each): 4 calls, one per lane (lane t: row
+      // half t % 2, tile j + t / 2), and two shuffles give every lane all 4 bytes, byte t's call.
+      static_assert(kNT % 2 == 0, "dropout takes the key tiles in pairs");
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-          const uint32_t mine = keep4(drop, drow + q0 + 16 * mt + 8 * (t & 1), (n0 + 8 * j) / 4 + t / 2);
-          const uint32_t other = __shfl_xor_sync(kFull, mine, 1);
+        for (int j = 0; j < kNT; j += 2) {
+          uint32_t bits = keep8_at(drop, drow + q0 + 16 * mt + 8 * (t & 1), (n0 + 8 * j) / 8 + t / 2) << (8 * t);
+          bits |= __shfl_xor_sync(kFull, bits, 1);
+          bits |= __shfl_xor_sync(kFull, bits, 2);
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const uint32_t bits = ((r == (t & 1)) ? mine : other) >> (2 * (t & 1));
-            if (!(bits & 1u)) s[mt][j][2 * r] = 0.f;
-            if (!(bits & 2u)) s[mt][j][2 * r + 1] = 0.f;
+          for (int jj = 0; jj < 2; ++jj) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const uint32_t mine = bits >> (8 * (r + 2 * jj) + 2 * t);
+              if (!(mine & 1u)) s[mt][j + jj][2 * r] = 0.f;
+              if (!(mine & 2u)) s[mt][j + jj][2 * r + 1] = 0.f;
+            }
           }
         }
       }
@@ -1030,7 +1034,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Params
   const int64_t mbase = b * p.mb + h * p.mh;
   Dropout drop{};
   if constexpr (kDropout) drop = make_dropout(p.seed, p.thresh);
-  const int64_t drow = (static_cast<int64_t>(b) * p.H + h) * p.row_stride;
+  const uint32_t drow = static_cast<uint32_t>((static_cast<int64_t>(b) * p.H + h) * p.row_stride);
   if constexpr (kMask != fwd::kAnyMask) {
     if (tid < kN) sBias[tid] = key_bias_bwd<T>(p, mbase, n0 + tid, seq.Lk);
   }
@@ -1118,19 +1122,29 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Params
     // stored here, or at the end (kEarlyStat): where ptxas did not spill)
     if (kEarlyStat && more && tid < kM) put_stat(buf ^ 1, tid, next_stat);
     uint32_t pa[kM / 16][4], da[kM / 16][4];  // P^T (after dropout) and dS^T as 16-bit A fragments
+    // Dropout: one Philox call gives 8 consecutive keys of a query. The lanes sharing t (g = 0..7)
+    // hold keys g and g + 8 of queries 8j + 2t, + 1: 4 calls per query tile, 8 for tiles j, j + 1, one
+    // per lane (lane g: query parity g % 2, key half g / 2 % 2, tile j + g / 4). Two shuffles give
+    // the 4 lanes of a tile its 4 bytes (byte parity + 2 key half), a third the other tile's; a lane
+    // reads bit g of a byte.
+    [[maybe_unused]] uint32_t keep_next = 0;
 #pragma unroll
     for (int j = 0; j < kMT; ++j) {
       uint32_t keep = 0;
       if constexpr (kDropout) {
-        // One Philox call gives 4 consecutive keys of a query. The lanes sharing t and g / 4 (lane
-        // bits 2, 3 apart) hold keys 4 (g / 4) .. + 3 and + 8 of queries 8j + 2t, + 1: those are 4
-        // calls, one per lane (lane x = g % 4 takes query parity x % 2 and key half x / 2), and
-        // two shuffles give every lane all 16 bits: bit 4 (query parity + 2 key half) + g % 4.
-        const int x = g % 4;
-        const int c4 = (n0 + row0 + 8 * (x / 2)) / 4 + g / 4;
-        keep = keep4(drop, drow + m0 + 8 * j + 2 * t + x % 2, c4) << (4 * x);
-        keep |= __shfl_xor_sync(kFull, keep, 4);
-        keep |= __shfl_xor_sync(kFull, keep, 8);
+        static_assert(kMT % 2 == 0, "dropout takes the query tiles in pairs");
+        if (j % 2 == 0) {
+          const int x = g % 4;
+          const uint32_t c8 = (n0 + row0 + 8 * (x / 2)) / 8;
+          keep = keep8_at(drop, drow + m0 + 8 * (j + g / 4) + 2 * t + x % 2, c8) << (8 * x);
+          keep |= __shfl_xor_sync(kFull, keep, 4);
+          keep |= __shfl_xor_sync(kFull, keep, 8);
+          const uint32_t other = __shfl_xor_sync(kFull, keep, 16);
+          keep_next = g < 4 ? other : keep;
+          keep = g < 4 ? keep : other;
+        } else {
+          keep = keep_next;
+        }
       }
       const float2 nl = *reinterpret_cast<const float2*>(nlse + 8 * j + 2 * t);  // queries 2t, 2t + 1
       float pd[4], ds[4];
@@ -1140,7 +1154,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Params
         const float prob = ptx::ex2(fmaf(st[j][e], sl2, x ? nl.y : nl.x));
         if constexpr (kDropout) {
           const float delta = -(x ? ndelta[4 * j + t].y : ndelta[4 * j + t].x);
-          const bool kept = (keep >> (4 * (x + 2 * r) + g % 4)) & 1u;
+          const bool kept = (keep >> (8 * (x + 2 * r) + g)) & 1u;
           pd[e] = kept ? prob * p.keep_scale : 0.f;
           ds[e] = prob * ((kept ? dpt[j][e] * p.keep_scale : 0.f) - delta);
         } else {

@@ -67,7 +67,7 @@ __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 // ------------------------------------------------------------------ dropout
 struct DropoutArgs {
   const int64_t* seed;   // one int64 on the device; nullptr: dropout off
-  uint32_t threshold;    // keep iff (word >> 1) >= threshold; 2^31 drops everything
+  uint32_t threshold;    // keep iff the 16-bit draw >= threshold; 2^16 drops everything
   double keep_scale;     // 1 / (1 - p), 0 when p == 1
   float keep_scale_f;    // the same as a float (a conversion in the kernel is code ptxas may sink into a loop)
   bool enabled;
@@ -82,7 +82,7 @@ __device__ __forceinline__ A keep_scale_of(const DropoutArgs& d) {
   }
 }
 
-// Keep flags of columns col0 .. col0 + V - 1 of `row` (col0 % 4 == 0): one Philox call per 4 columns.
+// Keep flags of columns col0 .. col0 + V - 1 of `row` (col0 % V == 0): keep_bits' Philox calls.
 template <int V>
 __device__ __forceinline__ void keep_flags(bool (&keep)[V], int64_t row, int col0, const Dropout& d) {
   static_assert(V % 4 == 0, "dropout words come in fours");
@@ -462,7 +462,7 @@ __device__ __forceinline__ A block_sum(A v) {
 }
 
 // One block per row; thread t handles the 4-column quads t, t + blockDim.x, ...: f(col, keep) for each
-// column, keep from one Philox call per quad when drop (else true).
+// column, keep from half a Philox call per quad when drop (else true).
 template <typename F>
 __device__ __forceinline__ void for_row_cols(int64_t row, int N, bool drop, const Dropout& key, F&& f) {
   for (int q = threadIdx.x; q * 4 < N; q += blockDim.x) {

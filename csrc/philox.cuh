@@ -1,12 +1,13 @@
 // Dropout bits shared by every bertkern CUDA op (csrc/*.cu), so that all ops and backends draw the
 // same mask from the same seed.
 //
-// Counter-based Philox4x32-10 (Salmon et al. 2011; the curand / Triton generator, and
-// bertkern.reference.philox_words is the spec): element (row, col) of a dropout mask is kept when
-// word col % 4 of philox(counter = (col / 4, row mod 2^32, 0, 0), key = (seed lo, seed hi)), shifted
-// right by 1, is >= threshold = floor(p * 2^31) (2^31 drops everything). Kept values are scaled by
-// 1 / (1 - p). The seed is read from a one-element int64 device tensor: no host sync, and a CUDA
-// graph replays with whatever seed tensor it captured. A backward regenerates its forward's mask.
+// Counter-based Philox4x32-10 (Salmon et al. 2011; the curand / Triton generator), and
+// bertkern.reference.dropout_keep_mask is the spec: element (row, col) of a dropout mask is kept when
+// 16-bit half col % 2 (low first) of word (col % 8) / 2 of philox(counter = (col / 8, row mod 2^32,
+// 0, 0), key = (seed lo, seed hi)) is >= threshold = floor(p * 2^16) (2^16 drops everything): one
+// call per 8 elements. Kept values are scaled by 1 / (1 - p). The seed is read from a one-element
+// int64 device tensor: no host sync, and a CUDA graph replays with whatever seed tensor it captured.
+// A backward regenerates its forward's mask.
 #pragma once
 
 #include "common.cuh"
@@ -47,9 +48,19 @@ __host__ __device__ __forceinline__ uint32_t word_of(const uint4& r, int j) {
   return j == 0 ? r.x : j == 1 ? r.y : j == 2 ? r.z : r.w;
 }
 
+// The keep bits of the two elements of word w (bit 0: its low half, the even column).
+__host__ __device__ __forceinline__ uint32_t keep2(uint32_t w, uint32_t thresh) {
+  return static_cast<uint32_t>((w & 0xFFFFu) >= thresh) | (static_cast<uint32_t>((w >> 16) >= thresh) << 1);
+}
+
+// The keep bits of the 8 elements of one Philox call, bit x for column 8 c + x.
+__host__ __device__ __forceinline__ uint32_t keep8(const uint4& r, uint32_t thresh) {
+  return keep2(r.x, thresh) | (keep2(r.y, thresh) << 2) | (keep2(r.z, thresh) << 4) | (keep2(r.w, thresh) << 6);
+}
+
 struct Dropout {
   uint2 key;        // (seed lo, seed hi)
-  uint32_t thresh;  // keep iff (word >> 1) >= thresh
+  uint32_t thresh;  // keep iff the element's 16-bit half >= thresh
   bool on;
 };
 
@@ -63,27 +74,30 @@ __device__ __forceinline__ Dropout make_dropout(const int64_t* seed, uint32_t th
   return d;
 }
 
-// Keep flags of elements [col, col + V) of `row`, bit j for element col + j. With col % 4 == 0 and
-// V % 4 == 0 each Philox call serves 4 columns; other V (scalar paths) pick one word per element.
+// The Philox call that holds columns 8 c .. 8 c + 7 of `row`.
+__host__ __device__ __forceinline__ uint4 philox_of(const Dropout& d, int64_t row, int64_t c) {
+  return philox4x32_10(make_uint4(static_cast<uint32_t>(c), static_cast<uint32_t>(row), 0u, 0u), d.key);
+}
+
+// Keep flags of elements [col, col + V) of `row`, bit j for element col + j. With col % V == 0 and
+// V % 8 == 0 each Philox call serves 8 columns, with V == 4 half a call; other V (scalar paths) make
+// one call per element.
 template <int V>
 __host__ __device__ __forceinline__ uint32_t keep_bits(const Dropout& d, int64_t row, int64_t col) {
-  const uint32_t r32 = static_cast<uint32_t>(row);
   uint32_t bits = 0;
-  if constexpr (V % 4 == 0) {
+  if constexpr (V % 8 == 0) {
 #pragma unroll
-    for (int g = 0; g < V / 4; ++g) {
-      const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(col / 4 + g), r32, 0u, 0u), d.key);
-      bits |= static_cast<uint32_t>((r.x >> 1) >= d.thresh) << (4 * g + 0);
-      bits |= static_cast<uint32_t>((r.y >> 1) >= d.thresh) << (4 * g + 1);
-      bits |= static_cast<uint32_t>((r.z >> 1) >= d.thresh) << (4 * g + 2);
-      bits |= static_cast<uint32_t>((r.w >> 1) >= d.thresh) << (4 * g + 3);
-    }
+    for (int g = 0; g < V / 8; ++g) bits |= keep8(philox_of(d, row, col / 8 + g), d.thresh) << (8 * g);
+  } else if constexpr (V == 4) {
+    const uint4 r = philox_of(d, row, col / 8);
+    bits = (col & 4) ? keep2(r.z, d.thresh) | (keep2(r.w, d.thresh) << 2)
+                     : keep2(r.x, d.thresh) | (keep2(r.y, d.thresh) << 2);
   } else {
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const int64_t c = col + j;
-      const uint4 r = philox4x32_10(make_uint4(static_cast<uint32_t>(c >> 2), r32, 0u, 0u), d.key);
-      bits |= static_cast<uint32_t>((word_of(r, static_cast<int>(c & 3)) >> 1) >= d.thresh) << j;
+      const uint32_t w = word_of(philox_of(d, row, c >> 3), static_cast<int>((c & 7) >> 1));
+      bits |= static_cast<uint32_t>(((w >> (16 * (c & 1))) & 0xFFFFu) >= d.thresh) << j;
     }
   }
   return bits;
@@ -91,7 +105,7 @@ __host__ __device__ __forceinline__ uint32_t keep_bits(const Dropout& d, int64_t
 
 // ------------------------------------------------------------------ host side
 inline uint32_t dropout_threshold(double p) {  // bertkern.reference.dropout_threshold
-  return static_cast<uint32_t>(std::min<double>(std::floor(p * 2147483648.0), 2147483648.0));
+  return static_cast<uint32_t>(std::min<double>(std::floor(p * 65536.0), 65536.0));
 }
 
 inline double dropout_scale(double p) { return p >= 1.0 ? 0.0 : 1.0 / (1.0 - p); }

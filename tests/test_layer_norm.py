@@ -363,7 +363,7 @@ def test_dropout_keep_rate_and_reproducibility(backend_device, p):
 
 @pytest.mark.parametrize("backend_device", kernel_backends())
 def test_dropout_mask_is_the_same_on_every_backend(backend_device):
-    """Kernels draw exactly reference.dropout_keep_mask(seed, shape, p) (Philox, counter (col/4, row))."""
+    """Kernels draw exactly reference.dropout_keep_mask(seed, shape, p) (Philox, counter (col // 8, row))."""
     backend, device = backend_device
     skip_unless_usable(backend, device)
     x = torch.ones(37, 300, device=device)

@@ -296,6 +296,35 @@ def test_dropout_matches_reference_mask(backend_device, p):
     assert torch.equal(y == 0, want == 0)
 
 
+def test_philox_is_the_standard_one():
+    """The reference's Philox4x32-10, the spec of every backend's dropout, is Random123's (its known
+    answer for counter 0, key 0) and tl.randint4x's (counter (offset lo, offset hi, 0, 0))."""
+    assert reference.philox_words(torch.tensor([0]), 1, 1).tolist() == [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C,
+                                                                          0x9B00DBD8]]
+    import triton
+    import triton.language as tl
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the tl.randint4x comparison runs under the Triton interpreter")
+
+    @triton.jit
+    def randint4x(out, seed, COLS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, COLS)
+        r0, r1, r2, r3 = tl.randint4x(seed, (row << 32) | cols)
+        tl.store(out + row * 4 * COLS + 4 * cols, r0)
+        tl.store(out + row * 4 * COLS + 4 * cols + 1, r1)
+        tl.store(out + row * 4 * COLS + 4 * cols + 2, r2)
+        tl.store(out + row * 4 * COLS + 4 * cols + 3, r3)
+
+    seed, rows, cols = 0x1234_5678_9ABC_DEF0, 3, 8
+    out = torch.empty(rows, 4 * cols, dtype=torch.int64)
+    randint4x[(rows,)](out, seed, COLS=cols)
+    want = reference.philox_words(torch.tensor([seed]), rows, cols)
+    assert torch.equal(out & 0xFFFFFFFF, want)
+    assert reference.dropout_threshold(0.1) == 6553 and reference.dropout_threshold(1.0) == 2**16
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_dropout_statistics_and_reproducibility(backend):
     skip_unless_usable(backend, "cpu")

@@ -52,7 +52,7 @@ attends only to itself; the statistics are [2, H, total] and delta [H, total]. A
 max_seqlen (the grid's size) gets NaN in every row of its output and gradients, never uninitialised
 memory (bertkern.ops.attention_varlen raises before that where the check costs no device sync).
 
-Dropout: the Philox scheme of masked_softmax (bertkern.reference.dropout_keep_mask): element (query
+Dropout: the Philox scheme of bertkern.triton.dropout (bertkern.reference.dropout_keep_mask): element (query
 row i, key j) of (b, h) uses row index (b * H + h) * ROW_STRIDE + i and column j, where ROW_STRIDE is
 S_q (padded) or max_seqlen (varlen), i.e. exactly the rows of the [B, H, S_q, S_k] probabilities that
 masked_softmax / the torch reference would drop. The forward and both backward kernels regenerate
@@ -73,7 +73,7 @@ import triton.language as tl
 
 from bertkern import backend as _backend
 from bertkern._utils import dropout_args
-from bertkern.triton.masked_softmax import dropout_keep
+from bertkern.triton.dropout import dropout_keep
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634  # the kernels compute in log2 units: 2^(x log2 e) = e^x

@@ -7,9 +7,8 @@ rounded to the input dtype (what the backward reads back and eager normalizes). 
 MAX_BLOCK_N wide are one tile (several rows per program when they are narrow); wider rows loop over
 column chunks, merging per-chunk (mean, M2) pairs (Chan et al.) and re-reading the inputs to normalize.
 
-Dropout is counter-based: element (row, col) keeps when Philox4x32-10 word col % 4 of counter
-(col // 4, row, 0, 0) under key = seed, shifted right by one, is >= threshold (see
-bertkern.reference.philox_words). The seed is read from a device tensor, so no host sync, and the
+Dropout is counter-based Philox on the [M, N] view (bertkern.triton.dropout, the scheme of
+bertkern.reference.dropout_keep_mask): the seed is read from a device tensor, so no host sync, and the
 backward pass regenerates the mask rather than storing it.
 
 Backward: dh = rstd * (g - xhat * mean(g * xhat) - mean(g)), g = dy * weight, plus the gradient of the
@@ -30,6 +29,7 @@ import triton.language as tl
 
 from bertkern import reference
 from bertkern._utils import NormArgs, NormGradArgs, acc_dtype, empty, num_sms
+from bertkern.triton.dropout import dropout_keep
 
 # Widest row kept in registers as one tile (16 warps x 32 lanes x 32 fp32 values); wider rows loop
 # over LOOP_BLOCK_N-wide chunks. Module attributes so tests can shrink them to reach the loop path.
@@ -41,19 +41,7 @@ ROW_TILE_ELEMS = 4096
 
 # ---------------------------------------------------------------- shared pieces
 @triton.jit
-def _keep_mask(seed, rows, col0, thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] keep flags for columns col0 + arange(BLOCK_N) (col0 % 4 == 0): one Philox
-    call per 4 columns, its 4 words interleaved back into column order."""
-    c4 = col0 // 4 + tl.arange(0, BLOCK_N // 4)
-    offsets = (rows.to(tl.int64)[:, None] << 32) | c4[None, :].to(tl.int64)  # counter (col // 4, row, 0, 0)
-    r0, r1, r2, r3 = tl.randint4x(seed, offsets)
-    # join(join(r0, r2), join(r1, r3)) has [..., a, i] = r_{2i + a}; flattening puts r_j at column 4k + j.
-    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_M, BLOCK_N])
-    return (r >> 1).to(tl.int32, bitcast=True) >= thresh
-
-
-@triton.jit
-def _prenorm_tile(X, R, XB, seed, rows, cols, col0, m, N, stride_x, stride_r, thresh, scale,
+def _prenorm_tile(X, R, XB, SEED, rows, cols, col0, m, N, stride_x, stride_r, thresh, scale,
                   HAS_RES: tl.constexpr, HAS_XBIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """h = dropout(x + x_bias) + residual for one tile, rounded to x's dtype (_norm_store) and held in
@@ -64,7 +52,7 @@ def _prenorm_tile(X, R, XB, seed, rows, cols, col0, m, N, stride_x, stride_r, th
     if HAS_XBIAS:
         h += tl.load(XB + cols, mask=cols < N, other=0.0).to(acc)[None, :]
     if HAS_DROPOUT:
-        keep = _keep_mask(seed, rows, col0, thresh, BLOCK_M, BLOCK_N)
+        keep = dropout_keep(SEED, rows, col0, thresh, BLOCK_M, BLOCK_N)
         h = tl.where(keep, h * scale, 0.0)
     if HAS_RES:
         h += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=m, other=0.0).to(acc)
@@ -121,15 +109,11 @@ def _add_ln_fwd_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
-    else:
-        seed = 0
     acc = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
     if not LOOP:
         cols = tl.arange(0, BLOCK_N)
         m = row_ok[:, None] & (cols < N)[None, :]
-        h = _prenorm_tile(X, R, XB, seed, rows, cols, 0, m, N, stride_x, stride_r, thresh, scale,
+        h = _prenorm_tile(X, R, XB, SEED, rows, cols, 0, m, N, stride_x, stride_r, thresh, scale,
                           HAS_RES, HAS_XBIAS, HAS_DROPOUT, BLOCK_M, BLOCK_N)
         _norm_store(h, m, rows, row_ok, cols, N, eps, W, B, Y, P, MEAN, RSTD, stride_y, stride_p,
                     HAS_W, HAS_B, STORE_PRENORM)
@@ -140,7 +124,7 @@ def _add_ln_fwd_kernel(
         for col0 in range(0, N, BLOCK_N):
             cols = col0 + tl.arange(0, BLOCK_N)
             m = row_ok[:, None] & (cols < N)[None, :]
-            h = _prenorm_tile(X, R, XB, seed, rows, cols, col0, m, N, stride_x, stride_r, thresh, scale,
+            h = _prenorm_tile(X, R, XB, SEED, rows, cols, col0, m, N, stride_x, stride_r, thresh, scale,
                               HAS_RES, HAS_XBIAS, HAS_DROPOUT, BLOCK_M, BLOCK_N)
             if STORE_PRENORM:
                 tl.store(P + rows[:, None] * stride_p + cols[None, :], h.to(P.dtype.element_ty), mask=m)
@@ -157,7 +141,7 @@ def _add_ln_fwd_kernel(
         for col0 in range(0, N, BLOCK_N):
             cols = col0 + tl.arange(0, BLOCK_N)
             m = row_ok[:, None] & (cols < N)[None, :]
-            h = _prenorm_tile(X, R, XB, seed, rows, cols, col0, m, N, stride_x, stride_r, thresh, scale,
+            h = _prenorm_tile(X, R, XB, SEED, rows, cols, col0, m, N, stride_x, stride_r, thresh, scale,
                               HAS_RES, HAS_XBIAS, HAS_DROPOUT, BLOCK_M, BLOCK_N)
             y = _affine((h - mean[:, None]) * rstd[:, None], W, B, cols, N, HAS_W, HAS_B)
             tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
@@ -189,7 +173,7 @@ def _chunk(H, DY, W, rows, col0, M, N, mean, rstd, stride_h, stride_dy, HAS_W: t
 
 
 @triton.jit
-def _dh_dx(g, xhat, c1, c2, rstd, DP, DH, DX, seed, rows, cols, col0, m, stride_dp, stride_dh, stride_dx, thresh,
+def _dh_dx(g, xhat, c1, c2, rstd, DP, DH, DX, SEED, rows, cols, col0, m, stride_dp, stride_dh, stride_dx, thresh,
            scale, HAS_DP: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Store dh = (g - xhat * c1 - c2) * rstd (+ the pre-norm sum's own gradient) and, with dropout,
     dx = dh * keep * scale; return dx (dh itself without dropout). c1, c2: the row means of g * xhat, g."""
@@ -198,7 +182,7 @@ def _dh_dx(g, xhat, c1, c2, rstd, DP, DH, DX, seed, rows, cols, col0, m, stride_
         dh += tl.load(DP + rows[:, None] * stride_dp + cols[None, :], mask=m, other=0.0).to(dh.dtype)
     tl.store(DH + rows[:, None] * stride_dh + cols[None, :], dh.to(DH.dtype.element_ty), mask=m)
     if HAS_DROPOUT:
-        keep = _keep_mask(seed, rows, col0, thresh, BLOCK_M, BLOCK_N)
+        keep = dropout_keep(SEED, rows, col0, thresh, BLOCK_M, BLOCK_N)
         dx = tl.where(keep & m, dh * scale, 0.0)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
     else:
@@ -217,10 +201,6 @@ def _add_ln_bwd_kernel(
     pid = tl.program_id(0)
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
-    else:
-        seed = 0
     acc = tl.float64 if H.dtype.element_ty == tl.float64 else tl.float32
     part = pid.to(tl.int64) * N
     if not LOOP:
@@ -244,7 +224,7 @@ def _add_ln_bwd_kernel(
                 g = dy
             c1 = tl.sum(g * xhat, axis=1) / N
             c2 = tl.sum(g, axis=1) / N
-            dx = _dh_dx(g, xhat, c1, c2, rstd, DP, DH, DX, seed, rows, cols, 0, m, stride_dp, stride_dh, stride_dx,
+            dx = _dh_dx(g, xhat, c1, c2, rstd, DP, DH, DX, SEED, rows, cols, 0, m, stride_dp, stride_dh, stride_dx,
                         thresh, scale, HAS_DP, HAS_DROPOUT, BLOCK_M, BLOCK_N)
             if NEED_DW:
                 dw += tl.sum(dy * xhat, axis=0)
@@ -277,7 +257,7 @@ def _add_ln_bwd_kernel(
             for col0 in range(0, N, BLOCK_N):
                 cols, col_ok, m, xhat, dy, g = _chunk(H, DY, W, rows, col0, M, N, mean, rstd, stride_h, stride_dy,
                                                       HAS_W, BLOCK_N)
-                dx = _dh_dx(g, xhat, c1, c2, rstd, DP, DH, DX, seed, rows, cols, col0, m, stride_dp, stride_dh,
+                dx = _dh_dx(g, xhat, c1, c2, rstd, DP, DH, DX, SEED, rows, cols, col0, m, stride_dp, stride_dh,
                             stride_dx, thresh, scale, HAS_DP, HAS_DROPOUT, BLOCK_M, BLOCK_N)
                 if NEED_DW:
                     p = DW_PART + part + cols
@@ -341,7 +321,7 @@ def _emb_ln_fwd_kernel(
 # ---------------------------------------------------------------- launch helpers
 def _tiles(N: int) -> tuple[int, int, int, bool]:
     """(BLOCK_M, BLOCK_N, num_warps, loop) for rows N wide."""
-    block_n = max(4, triton.next_power_of_2(N))  # >= 4: one Philox call covers 4 columns
+    block_n = max(8, triton.next_power_of_2(N))  # >= 8: one Philox call covers 8 columns
     if block_n > MAX_BLOCK_N:
         block_n = LOOP_BLOCK_N
         return 1, block_n, min(16, max(4, block_n // 512)), True
@@ -352,8 +332,7 @@ def _tiles(N: int) -> tuple[int, int, int, bool]:
 
 
 def _dropout_args(dropout_p: float) -> tuple[int, float]:
-    """(threshold, keep scale), passed even without dropout. Unclamped, unlike _utils.dropout_args:
-    2**31 at p == 1 goes in as int64 and keeps nothing."""
+    """(threshold, keep scale), passed even without dropout (2**16 at p == 1 keeps nothing)."""
     return reference.dropout_threshold(dropout_p), reference.dropout_scale(dropout_p)
 
 

@@ -11,10 +11,9 @@ float dtype, kept where mask > finfo(mask.dtype).min (compared in the mask's own
 finfo.min mask the key, -10000 stays a soft additive value). Masked keys are set to -inf with where(),
 so NaN/inf in masked scores or in the mask never leak. A row with every key masked gives zeros.
 
-Dropout is counter-based (bertkern.reference.dropout_keep_mask): element (row, col) takes word col % 4
-of Philox4x32-10 at counter (col // 4, row, 0, 0) under key (seed low, seed high), kept when
-(word >> 1) >= threshold. The seed is read from a device tensor (CUDA-graph safe), so the backward
-regenerates the forward's mask exactly, and the torch backend draws the same one.
+Dropout is counter-based Philox on the [rows, N] view (bertkern.triton.dropout, the scheme of
+bertkern.reference.dropout_keep_mask): the backward regenerates the forward's mask exactly, and every
+backend draws the same one.
 
 Programs: rows up to MAX_BLOCK_N keys are held whole in registers, ROWS_PER_PROGRAM rows per program
 (about 2048 elements, so a 512-key row gets one warp); longer rows loop over CHUNK-wide tiles: an
@@ -30,39 +29,11 @@ import triton.language as tl
 
 from bertkern import backend as _backend
 from bertkern._utils import dropout_args
+from bertkern.triton.dropout import dropout_keep
 
 # Rows longer than this loop over CHUNK-wide tiles (tests lower both to exercise the loop on CPU).
 MAX_BLOCK_N = 8192
 CHUNK = 2048
-
-
-@triton.jit
-def _philox(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 on uint32 tensors (Salmon et al., SC'11)."""
-    for _ in tl.static_range(10):
-        hi0 = tl.umulhi(c0, 0xD2511F53)
-        lo0 = c0 * 0xD2511F53
-        hi1 = tl.umulhi(c2, 0xCD9E8D57)
-        lo1 = c2 * 0xCD9E8D57
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
-    return c0, c1, c2, c3
-
-
-@triton.jit
-def dropout_keep(SEED, rows, col_start, thresh, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[ROWS, BLOCK_N] keep flags of columns col_start + [0, BLOCK_N) (col_start % 4 == 0)."""
-    seed = tl.load(SEED).to(tl.uint64)
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = (seed >> 32).to(tl.uint32)
-    zero = tl.zeros([ROWS, BLOCK_N // 4], dtype=tl.uint32)
-    c0 = (col_start // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)[None, :] + zero
-    c1 = (rows & 0xFFFFFFFF).to(tl.uint32)[:, None] + zero
-    r0, r1, r2, r3 = _philox(c0, c1, zero, zero, k0, k1)
-    # position 4 i + j takes word j of counter i
-    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
-    return (bits >> 1).to(tl.int32) >= thresh
 
 
 @triton.jit
