@@ -37,6 +37,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "benchmarks" / "results" / "static"
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from bertkern.triton.compile_check import case_id  # noqa: E402  (the compile cases' names)
 
 # ---------------------------------------------------------------- machine constants of the model
 # per SM-cycle: fp16/bf16 dense tensor-core FLOPs; MUFU (ex2) lanes; warp-instructions issued (4 schedulers)
@@ -126,14 +130,6 @@ def cases(archs=(90, 80)) -> list[tuple]:
 # A few cases compiled live by tests/test_sass_report.py (the rest is checked from report.json).
 CI_CASES = ("sm90-attention-fwd-fp16-D64-S512-none", "sm90-attention-bwd-fp16-D64-S512-none",
             "sm90-masked_softmax-fwd-fp16-N512-bool_mask", "sm90-add_layer_norm-bwd-fp16-N768-train")
-
-
-def case_id(case) -> str:
-    cap, op, direction, dt, params = case
-    labels = {"N": "N{}", "D": "D{}", "S": "S{}", "approximate": "gelu_{}", "mask": "{}_mask"}
-    parts = [labels.get(k, "{}").format(v) for k, v in params.items() if k not in ("dropout_p",)]
-    parts += ["dropout"] * bool(params.get("dropout_p"))
-    return "-".join([f"sm{cap}", op, direction, dt, *parts])
 
 
 # ---------------------------------------------------------------- SASS
@@ -672,5 +668,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     raise SystemExit(main())

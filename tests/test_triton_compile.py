@@ -22,6 +22,8 @@ import sys
 
 import pytest
 
+from bertkern.triton.compile_check import case_id
+
 
 # ---------------------------------------------------------------- the launches to compile
 def _cases() -> list[tuple]:
@@ -29,16 +31,6 @@ def _cases() -> list[tuple]:
     from bertkern.triton.compile_check import compile_cases
 
     return compile_cases()
-
-
-def case_id(case) -> str:
-    """e.g. sm90-attention-bwd-bf16-D64-S512-float_BHSS (usable with -k)."""
-    cap, op, direction, dt, params = case
-    labels = {"N": "N{}", "D": "D{}", "S": "S{}", "approximate": "gelu_{}", "mask": "{}_mask"}
-    parts = [labels.get(k, "{}").format(v) for k, v in params.items()
-             if k not in ("dropout_p", "bias", "deterministic")]
-    parts += ["dropout"] * bool(params.get("dropout_p")) + ["no_bias"] * (params.get("bias") is False)
-    return "-".join([f"sm{cap}", op, direction, dt, *parts])
 
 
 # Known failures, by case_id prefix: reported, not hidden; xfail(strict) fails once they are fixed.

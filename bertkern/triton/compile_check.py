@@ -118,6 +118,17 @@ OP_MODULES = {"bias_gelu": "bias_gelu", "add_layer_norm": "layer_norm", "embeddi
               "masked_softmax": "masked_softmax", "attention": "attention"}
 
 
+def case_id(case) -> str:
+    """A compile case's name, e.g. sm90-attention-bwd-bf16-D64-S512-float_BHSS (usable with pytest -k;
+    the static report's row ids)."""
+    cap, op, direction, dt, params = case
+    labels = {"N": "N{}", "D": "D{}", "S": "S{}", "approximate": "gelu_{}", "mask": "{}_mask"}
+    parts = [labels.get(k, "{}").format(v) for k, v in params.items()
+             if k not in ("dropout_p", "bias", "deterministic")]
+    parts += ["dropout"] * bool(params.get("dropout_p")) + ["no_bias"] * (params.get("bias") is False)
+    return "-".join([f"sm{cap}", op, direction, dt, *parts])
+
+
 def compile_cases() -> list[tuple]:
     """Every module's compile_cases() (capability, op, direction, dtype, params), in OP_MODULES' order."""
     import importlib
