@@ -347,6 +347,11 @@ def test_dropout_statistics_and_reproducibility(backend):
     # no pattern across rows or columns: the per-column and per-row drop rates look binomial
     per_col = (y1 == 0).float().reshape(-1, 129).mean(0)
     assert (per_col - p).abs().max().item() < 6 * math.sqrt(p * (1 - p) / (n / 129))
+    # neighbours independent (columns 2w, 2w + 1 share a Philox word; 8 columns share a call)
+    dropped2 = (y1 == 0).reshape(-1, 129)
+    for gap in (1, 4):
+        both = (dropped2[:, :-gap] & dropped2[:, gap:]).float().mean().item()
+        assert abs(both - p * p) < 6 * math.sqrt(p * p * (1 - p * p) / (n - n // 129 * gap)), (gap, both)
     assert torch.equal(bertkern.ops.masked_softmax(scores, dropout_p=1.0, backend=backend), torch.zeros_like(scores))
 
 
