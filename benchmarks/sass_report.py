@@ -64,12 +64,8 @@ MIN_CTAS = 4  # elementwise / row kernels: enough CTAs per SM to keep loads in f
 KNOWN_GAPS: set[tuple[str, str, str]] = set()  # none: the CUDA attention's last three went with its mask tiles
 # CUDA kernels (csrc/, not the Triton ones) that spill today: (arch, kernel as shown without
 # "void bertkern::" and its arguments); a new spill fails the test until fixed or listed here with its
-# reason. The backward with any 4-D mask and dropout at D 64 on sm_90 holds, at 255 registers, the
-# second query tile's keep bits of its Philox pair: 16 bytes of stack, and still 1441 SASS per loop
-# against 1530 with a call per tile and no spill (the same kernel on sm_80, and D 32 / 80 / 128, do not
-# spill).
-KNOWN_CUDA_SPILLS: set[tuple[str, str]] = {
-    ("sm_90", f"attn::attention_bwd_kernel<{t}, 64, 2, true>") for t in ("__half", "__nv_bfloat16")}
+# reason.
+KNOWN_CUDA_SPILLS: set[tuple[str, str]] = set()  # none
 
 
 def _short(kernel: str) -> str:

@@ -492,11 +492,6 @@ __device__ __forceinline__ float key_bias(const Params& p, int64_t mbase, int j,
   return m > p.mask_lowest ? m * unit : -INFINITY;  // NaN masks too
 }
 
-// Keep bits of dropout row `row` (its low 32 bits), columns 8 c8 .. 8 c8 + 7 (bit x for column 8 c8 + x).
-__device__ __forceinline__ uint32_t keep8_at(const Dropout& d, uint32_t row, uint32_t c8) {
-  return keep8(philox4x32_10(make_uint4(c8, row, 0u, 0u), d.key), d.thresh);
-}
-
 // The forward's key bias in shared memory: the bias of keys 2c, 2c + 1 of the tile as the float4
 // (b[2c], b[2c + 1], b[2c], b[2c + 1]), which is the C operand of the mma giving S's columns 2c, 2c + 1
 // (rows g and g + 8), so that S = bias + Q K^T costs no instruction beyond the load.
@@ -1038,9 +1033,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Params
   if constexpr (kMask != fwd::kAnyMask) {
     if (tid < kN) sBias[tid] = key_bias_bwd<T>(p, mbase, n0 + tid, seq.Lk);
   }
-  // (kD > 64: the mask's and row statistics' addresses from the parameters at each use, which kept
-  // ptxas from spilling there; at kD <= 64 from ones held across the loop, where the former spilled)
-  constexpr bool kRecompute = kD > 64;
+  // (kD > 64, and any 4-D mask with dropout: the mask's and row statistics' addresses from the
+  // parameters at each use, which kept ptxas from spilling there (the latter spilled 16 bytes at D 64
+  // on sm_90); otherwise from ones held across the loop, where the former spilled)
+  constexpr bool kRecompute = kD > 64 || (kMask == fwd::kAnyMask && kDropout);
   // The 4-D mask: rows = queries, columns = the block's keys (its rows hold them: any_mask_f32).
   auto mask_copy = [&](int m) {
     MaskTile<kM, kN, LDM>{static_cast<const float*>(p.mask) + (kRecompute ? b * p.mb + h * p.mh : mbase) + n0,

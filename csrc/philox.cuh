@@ -74,9 +74,15 @@ __device__ __forceinline__ Dropout make_dropout(const int64_t* seed, uint32_t th
   return d;
 }
 
-// The Philox call that holds columns 8 c .. 8 c + 7 of `row`.
-__host__ __device__ __forceinline__ uint4 philox_of(const Dropout& d, int64_t row, int64_t c) {
-  return philox4x32_10(make_uint4(static_cast<uint32_t>(c), static_cast<uint32_t>(row), 0u, 0u), d.key);
+// The Philox call that holds columns 8 c .. 8 c + 7 of `row` (both mod 2^32, as in the counter:
+// 32-bit arguments spare a kernel the registers of 64-bit ones).
+__host__ __device__ __forceinline__ uint4 philox_of(const Dropout& d, uint32_t row, uint32_t c) {
+  return philox4x32_10(make_uint4(c, row, 0u, 0u), d.key);
+}
+
+// The keep bits of that call's 8 columns, bit x for column 8 c + x.
+__host__ __device__ __forceinline__ uint32_t keep8_at(const Dropout& d, uint32_t row, uint32_t c) {
+  return keep8(philox_of(d, row, c), d.thresh);
 }
 
 // Keep flags of elements [col, col + V) of `row`, bit j for element col + j. With col % V == 0 and
@@ -87,7 +93,7 @@ __host__ __device__ __forceinline__ uint32_t keep_bits(const Dropout& d, int64_t
   uint32_t bits = 0;
   if constexpr (V % 8 == 0) {
 #pragma unroll
-    for (int g = 0; g < V / 8; ++g) bits |= keep8(philox_of(d, row, col / 8 + g), d.thresh) << (8 * g);
+    for (int g = 0; g < V / 8; ++g) bits |= keep8_at(d, row, col / 8 + g) << (8 * g);
   } else if constexpr (V == 4) {
     const uint4 r = philox_of(d, row, col / 8);
     bits = (col & 4) ? keep2(r.z, d.thresh) | (keep2(r.w, d.thresh) << 2)
