@@ -223,13 +223,14 @@ def test_train_slow_triton_dropout_matches_torch_backend():
 DDP_STEPS, DDP_BATCH = 4, 8
 
 
-def _ddp_worker(rank: int, world: int, store: str, base, batches, out_dir: str) -> None:
-    """One process of a 2-process job: gloo, rank's half of each global batch; trains the optimized
-    model under DDP, then under FSDP2 (fully_shard), and saves the trained parameters of each. The
-    rendezvous is a file, not env://'s TCP store: no port to race for with other processes, and no
-    store server in rank 0 that could go away while rank 1 is still shutting down."""
+def _ddp_worker(rank: int, world: int, port: int, base, batches, out_dir: str) -> None:
+    """One process of a torchrun-style job: the env:// rendezvous torchrun sets up, gloo, rank's half
+    of each global batch; trains the optimized model under DDP, then under FSDP2 (fully_shard), and
+    saves the trained parameters of each."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo")
     try:
         half = DDP_BATCH // world
         shards = [tuple(t[rank * half:(rank + 1) * half] for t in b) for b in batches]
@@ -256,6 +257,8 @@ def test_two_process_ddp_and_fsdp2_equal_single_process(tmp_path):
     DistributedDataParallel and under FSDP2, end with the parameters of one process training it on the
     whole batches (no dropout: the same function, and the averaged gradients of two equal halves are
     the gradient of the whole batch's mean loss)."""
+    import socket
+
     import torch.multiprocessing as mp
 
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -265,9 +268,11 @@ def test_two_process_ddp_and_fsdp2_equal_single_process(tmp_path):
     single = optimized(base, "torch")
     train(single, batches, lr=1e-3)
     for attempt in (1, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
         try:
-            mp.spawn(_ddp_worker, args=(2, str(tmp_path / f"store{attempt}"), base, batches, str(tmp_path)),
-                     nprocs=2, join=True)
+            mp.spawn(_ddp_worker, args=(2, port, base, batches, str(tmp_path)), nprocs=2, join=True)
             break
         except mp.ProcessExitedException:
             # Killed by a signal, not a Python error (those raise ProcessRaisedException and fail at
