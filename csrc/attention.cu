@@ -1033,10 +1033,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const Params
   if constexpr (kMask != fwd::kAnyMask) {
     if (tid < kN) sBias[tid] = key_bias_bwd<T>(p, mbase, n0 + tid, seq.Lk);
   }
-  // (kD > 64, and any 4-D mask with dropout: the mask's and row statistics' addresses from the
-  // parameters at each use, which kept ptxas from spilling there (the latter spilled 16 bytes at D 64
-  // on sm_90); otherwise from ones held across the loop, where the former spilled)
-  constexpr bool kRecompute = kD > 64 || (kMask == fwd::kAnyMask && kDropout);
+  // The mask's and row statistics' addresses: from the parameters at each use where that kept ptxas
+  // from spilling (kD > 64, and any 4-D mask with dropout at kD 64: 16 bytes on sm_90 otherwise), else
+  // held across the loop (where recomputing them spilled).
+  constexpr bool kRecompute = kD > 64 || (kD == 64 && kMask == fwd::kAnyMask && kDropout);
   // The 4-D mask: rows = queries, columns = the block's keys (its rows hold them: any_mask_f32).
   auto mask_copy = [&](int m) {
     MaskTile<kM, kN, LDM>{static_cast<const float*>(p.mask) + (kRecompute ? b * p.mb + h * p.mh : mbase) + n0,
