@@ -92,9 +92,8 @@ back. Modules whose `forward` is already overridden on the instance (accelerate 
 tool) are left alone. On `bertkern.models` models the config's `fused_*` flags are set instead
 (shared by every module of that config) and restored by `restore`.
 
-Ops missing from `bertkern.ops` (checked when optimize is called) are reported as
-"skipped: op not available"; which backend runs is decided by the op at each call (`backend=`,
-else $BERTKERN_BACKEND, else auto).
+Which backend runs is decided by the op at each call (`backend=`, else $BERTKERN_BACKEND, else
+auto).
 """
 from __future__ import annotations
 
@@ -1036,12 +1035,6 @@ def _unpatch(module: nn.Module) -> bool:
     return True
 
 
-def op_available(name: str) -> bool:
-    """Whether bertkern.ops has the public function `name` (ops land one by one)."""
-    fn = getattr(_ops, name, None)
-    return callable(fn) and not isinstance(fn, types.ModuleType)
-
-
 def _model_device(model: nn.Module) -> torch.device | None:
     for p in model.parameters():
         return p.device
@@ -1078,7 +1071,7 @@ _BERTKERN_FLAGS = {
 }
 
 
-def _optimize_bertkern(report: OptimizeReport, name: str, module: nn.Module, available: dict, padding_free: bool,
+def _optimize_bertkern(report: OptimizeReport, name: str, module: nn.Module, padding_free: bool,
                        cpu_auto: bool) -> str | None:
     """Set the fused flag for a bertkern.models module. Returns None if the module is not one of
     bertkern.models, "self" for a container, "subtree" for a module whose flag covers its children."""
@@ -1094,11 +1087,8 @@ def _optimize_bertkern(report: OptimizeReport, name: str, module: nn.Module, ava
         op, flag = "masked_softmax", "fused_softmax"
     scope = "self" if op == "padding_free" else "subtree"
     requested = ("attention" in report.ops and padding_free) if op == "padding_free" else op in report.ops
-    needs = "attention_varlen" if op == "padding_free" else op
     if not requested:
         report.left_alone.append(LeftAlone(name, op, type_name, "not requested"))
-    elif not available.get(needs, False):
-        report.left_alone.append(LeftAlone(name, op, type_name, f"skipped: op not available (bertkern.ops.{needs})"))
     elif cpu_auto and op in _SLOWER_ON_CPU:
         report.left_alone.append(LeftAlone(name, op, type_name, _CPU_REASON))
     else:
@@ -1192,7 +1182,6 @@ def _find_kind(module: nn.Module, ops: tuple[str, ...]) -> str | None:
     return None
 
 
-_OP_OF = {"padding_free": "attention_varlen", "block": "attention"}  # the bertkern op a kind needs
 _DETAIL = {
     "masked_softmax": "eager attention path",
     "padding_free": "unpad once after the embeddings, every layer on the packed real tokens (attention_varlen), "
@@ -1240,14 +1229,13 @@ def optimize(
         model = copy.deepcopy(model)
     report = OptimizeReport(model_type=type(model).__name__, backend=backend, ops=ops,
                             _model_ref=weakref.ref(model))
-    available = {op: op_available(op) for op in (*ops, "attention_varlen")}
     cpu_auto = _cpu_auto(model, backend)
     covered: set[int] = set()
 
     for name, module in model.named_modules():
         if id(module) in covered:
             continue
-        bertkern_module = _optimize_bertkern(report, name, module, available, padding_free, cpu_auto)
+        bertkern_module = _optimize_bertkern(report, name, module, padding_free, cpu_auto)
         if bertkern_module is not None:
             covered.update(id(m) for m in (module.modules() if bertkern_module == "subtree" else (module,)))
             continue
@@ -1257,7 +1245,6 @@ def optimize(
         # The encoder patch runs the layers itself but calls their (patched) parts: its children stay open.
         covered.update(id(m) for m in ((module,) if kind == "padding_free" else module.modules()))
         type_name = type(module).__name__
-        op = _OP_OF.get(kind, kind)
         requested = ("attention" in ops and padding_free) if kind == "padding_free" else \
             ("attention" in ops if kind == "block" else kind in ops)
         if _MARK in module.__dict__:
@@ -1267,9 +1254,6 @@ def optimize(
             why = "padding_free=False" if kind == "padding_free" and "attention" in ops else "not requested"
             report.left_alone.append(LeftAlone(name, kind, type_name, why))
             continue
-        if not available.get(op, False):
-            report.left_alone.append(LeftAlone(name, kind, type_name, f"skipped: op not available (bertkern.ops.{op})"))
-            continue
         if "forward" in module.__dict__:
             report.left_alone.append(LeftAlone(name, kind, type_name,
                                                "forward already overridden on the instance (accelerate hook, ...)"))
@@ -1278,8 +1262,8 @@ def optimize(
             if kind == "padding_free":
                 patch = _match_encoder(module, backend, padding_free)
             elif kind == "block":
-                fused = not cpu_auto and "add_layer_norm" in ops and available.get("add_layer_norm", False)
-                gelu = not cpu_auto and "bias_gelu" in ops and available.get("bias_gelu", False)
+                fused = not cpu_auto and "add_layer_norm" in ops
+                gelu = not cpu_auto and "bias_gelu" in ops
                 patch = _match_block(module, backend, fused, gelu)
             elif kind == "embedding_layer_norm":
                 patch = _match_embeddings(module, backend)

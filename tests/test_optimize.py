@@ -99,10 +99,6 @@ def optimize_and_compare(model, spy=None, **kw):
     return report, max_err(got, ref, mask)
 
 
-def available_ops():
-    return [o for o in FUSED_OPS if opt.op_available(o)]
-
-
 @pytest.fixture(autouse=True)
 def _kernel_backend(monkeypatch):
     """The ops run on the torch backend unless a test says otherwise: with backend auto, a CPU model
@@ -115,7 +111,7 @@ def spy(monkeypatch, record_backends):
     """Records each bertkern op call ((name, backend resolved), and eps / dropout_p / approximate) so
     a test can prove the fused path ran, on which backend and with which settings."""
     settings = []
-    for name in available_ops():
+    for name in FUSED_OPS:
         real = getattr(bertkern.ops, name)
 
         def wrapper(*args, _real=real, _name=name, **kwargs):
@@ -142,10 +138,10 @@ def test_eval_outputs_match_on_real_tokens(arch, backend, monkeypatch, spy):
 
     counts = report.counts()
     want = {"add_layer_norm": 4, "bias_gelu": 2, "attention": 2, "embedding_layer_norm": 1, "padding_free": 1}
-    assert counts == {op: n for op, n in want.items() if opt.op_available(opt._OP_OF.get(op, op))}, str(report)
+    assert counts == want, str(report)
     ran = {op for op, _ in spy["resolved"]}
     # A padded batch goes padding-free: attention_varlen, never the padded attention.
-    assert ran == set(available_ops()) - {"attention", "masked_softmax"}
+    assert ran == set(FUSED_OPS) - {"attention", "masked_softmax"}
     assert {chosen for _, chosen in spy["resolved"]} == {backend}
     # Settings come from the modules: eps of the LayerNorm, the GELU form of the config, p=0 in eval.
     eps = model.config.layer_norm_eps
@@ -268,10 +264,9 @@ def test_report_names_what_was_replaced_and_left_alone(caplog):
     text = str(report)
     assert text in caplog.text
     assert report.model is model and report.model_type == "BertForMaskedLM"
-    if opt.op_available("add_layer_norm"):
-        assert report.replaced_names("add_layer_norm") == [
-            f"bert.encoder.layer.{i}.{part}" for i in range(2) for part in ("attention.output", "output")]
-        assert "bert.encoder.layer.1.output" in text or "(+1)" in text
+    assert report.replaced_names("add_layer_norm") == [
+        f"bert.encoder.layer.{i}.{part}" for i in range(2) for part in ("attention.output", "output")]
+    assert "bert.encoder.layer.1.output" in text or "(+1)" in text
     assert report.replaced_names("bias_gelu") == [f"bert.encoder.layer.{i}.intermediate" for i in range(2)]
     assert all(r.detail == "approximate='tanh'" for r in report.replaced if r.kind == "bias_gelu")
     left = {r.name: r.reason for r in report.left_alone}
@@ -398,15 +393,6 @@ def test_report_does_not_keep_the_model_alive():
     assert ref() is None
 
 
-def test_missing_op_is_reported_as_skipped(monkeypatch):
-    monkeypatch.delattr(bertkern.ops, "add_layer_norm", raising=False)
-    model = tiny("bert")
-    _, report = bertkern.optimize(model, return_report=True)
-    skipped = [r for r in report.left_alone if r.kind == "add_layer_norm"]
-    assert len(skipped) == 4 and all(r.reason.startswith("skipped: op not available") for r in skipped)
-    assert report.counts()["bias_gelu"] == 2
-
-
 def tiny_distilbert(**kw):
     config = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37,
                                            max_position_embeddings=20, initializer_range=0.2, **kw)
@@ -439,7 +425,7 @@ def test_bertkern_models_use_their_config_flags():
     flags = {"bias_gelu": "fused_bias_gelu", "add_layer_norm": "fused_layer_norm", "attention": "fused_attention",
              "embedding_layer_norm": "fused_embeddings", "attention_varlen": "padding_free"}
     for op, flag in flags.items():
-        assert getattr(model.config, flag) == opt.op_available(op)
+        assert getattr(model.config, flag) is True, op
     assert model.config.fused_softmax is False  # the attention op replaces it
     assert "bert.encoder.layer.0.intermediate" in report.replaced_names("bias_gelu")
     assert report.replaced_names("padding_free") == ["bert"]
