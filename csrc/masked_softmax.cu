@@ -85,7 +85,7 @@ __device__ __forceinline__ A keep_scale_of(const DropoutArgs& d) {
 // Keep flags of columns col0 .. col0 + V - 1 of `row` (col0 % V == 0): keep_bits' Philox calls.
 template <int V>
 __device__ __forceinline__ void keep_flags(bool (&keep)[V], int64_t row, int col0, const Dropout& d) {
-  static_assert(V % 4 == 0, "dropout words come in fours");
+  static_assert(V % 8 == 0 || V == 4, "keep_bits shares a Philox call over 8 columns or half of them");
   const uint32_t bits = keep_bits<V>(d, row, col0);
 #pragma unroll
   for (int j = 0; j < V; ++j) keep[j] = (bits >> j) & 1u;
@@ -189,7 +189,7 @@ __device__ __forceinline__ A logit(const FwdArgs& a, T x, int64_t m_off, int col
 // consecutive columns starting at (c * lanes + sub) * VEC, for c < ELTS / VEC (capacity lanes * ELTS
 // >= N). ALIGNED: the host checked N % VEC == 0 and 16-byte alignment of every row, and a pack moves
 // as one 16-byte load/store (VEC = 16 / sizeof(T)). Otherwise VEC = 4 and elements move one by one
-// with per-element bounds. Either way VEC % 4 == 0: one Philox call serves 4 columns.
+// with per-element bounds. Either way VEC is 8 or 4: one Philox call or half of one (keep_bits).
 template <typename T, bool ALIGNED>
 struct WarpVec {
   static constexpr int value = ALIGNED ? 16 / static_cast<int>(sizeof(T)) : 4;
