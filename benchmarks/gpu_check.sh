@@ -11,7 +11,7 @@
 #
 # Env: PYTHON (python3), BUDGET_S (a suite that no longer fits in it is skipped), BENCH_RESERVE_S, OUT
 # (else a temp dir), SUITES ("ops bert train"), SKIP_TESTS=1 (benchmarks only), FULL_TESTS=1 (all of
-# tests/ after the gpu ones), HOST_PROFILE_OPS=1 (host_profile.py --ops too), GPU_TESTS_S (240), BUILD_S
+# tests/ after the gpu ones), GPU_TESTS_S (240), BUILD_S
 # (300), SANITIZER_S (100), TEST_WORKERS (8, with pytest-xdist), OPS_BUDGET_S / BERT_BUDGET_S /
 # TRAIN_BUDGET_S (a suite's timed budget, instead of its share), OPS_ARGS / BERT_ARGS / TRAIN_ARGS (extra
 # `bertkern bench` arguments).
@@ -95,11 +95,6 @@ fi
 
 # Where eager inference spends host time, per provider (issue 11: optimize() vs optimize(backend="cuda")).
 step "host profile" bench.log 90 "$PY" benchmarks/host_profile.py --calls 10
-# HOST_PROFILE_OPS=1: the same per op and backend (the Triton backwards were 3-5x the CUDA ones eagerly;
-# the ops suite's eager and graph-replay times tell kernel from host too, so it is off by default).
-if [ "${HOST_PROFILE_OPS:-0}" = 1 ]; then
-  step "host profile ops" bench.log 90 "$PY" benchmarks/host_profile.py --ops bias_gelu add_layer_norm --calls 10
-fi
 
 # bench SUITE SHARE_PERCENT ARGS...: run.py --suite SUITE with that share of what is left (less ~20 s for
 # the tar) as its budget, killed GRACE_S past it (start-up, model building, writing the files).

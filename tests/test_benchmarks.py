@@ -505,20 +505,6 @@ def test_host_profile_reports_each_provider(tmp_path):
     assert "## optimize: the" in text and "`aten::" in text
 
 
-def test_host_profile_ops_reports_each_backend(tmp_path):
-    from benchmarks import host_profile
-
-    assert host_profile.main(["--ops", "bias_gelu", "--calls", "2", "--out", str(tmp_path)]) == 0
-    text = (tmp_path / "cpu" / "host_profile_ops.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| bias_gelu")}
-    for direction in ("fwd", "bwd"):
-        row = {k.rsplit(" · ", 1)[1]: v for k, v in rows.items() if f" {direction} " in k}
-        assert set(row) == {"torch", "triton", "cuda"}, rows
-        assert float(row["triton"].split("|")[2]) > 0 and float(row["torch"].split("|")[3]) > 0
-        assert row["cuda"].split("|")[2].strip().startswith("Skip: ")  # the cuda backend needs CUDA tensors
-    assert "· triton: the" in text and "`aten::" in text
-
-
 def test_hf_varlen_provider_matches_the_padded_model(monkeypatch):
     """The torch-only padding-free baseline's plumbing (unpad, HF layers on real tokens, repad), with
     varlen_attn (CUDA only) replaced by per-sequence SDPA."""
