@@ -338,12 +338,8 @@ def cell_text(e: dict | None) -> str:
     return text
 
 
-def _label(case: dict, keys) -> str:
-    return " ".join(f"{k}={case[k]}" for k in keys if case.get(k) is not None)
-
-
-def case_label(case: dict) -> str:
-    return _label(case, case)
+def case_label(case: dict, keys=None) -> str:
+    return " ".join(f"{k}={case[k]}" for k in keys or case if case.get(k) is not None)
 
 
 def _groups(doc: dict, ran_only: bool = False) -> dict[tuple, list]:
@@ -383,7 +379,7 @@ def render_markdown(doc: dict) -> str:
     lines += [f"- {k}: {v}" for k, v in doc.get("notes", {}).items()]
     for group, rows in _groups(doc).items():
         row_keys = [k for k in rows[0]["case"] if k not in keys]
-        lines += ["", "## " + _label(dict(zip(keys, group)), keys), "", "| " + " | ".join(row_keys + providers) + " |",
+        lines += ["", "## " + case_label(dict(zip(keys, group))), "", "| " + " | ".join(row_keys + providers) + " |",
                   "|" + "---:|" * len(row_keys) + "---|" * len(providers)]
         for r in rows:
             cells = ([f"not run ({r['not_run']})"] + [""] * (len(providers) - 1) if "not_run" in r

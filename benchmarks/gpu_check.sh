@@ -11,10 +11,9 @@
 #
 # Env: PYTHON (python3), BUDGET_S (a suite that no longer fits in it is skipped), BENCH_RESERVE_S, OUT
 # (else a temp dir), SUITES ("ops bert train"), SKIP_TESTS=1 (benchmarks only), FULL_TESTS=1 (all of
-# tests/ after the gpu ones), GPU_TESTS_S (240), BUILD_S
-# (300), SANITIZER_S (100), TEST_WORKERS (8, with pytest-xdist), OPS_BUDGET_S / BERT_BUDGET_S /
-# TRAIN_BUDGET_S (a suite's timed budget, instead of its share), OPS_ARGS / BERT_ARGS / TRAIN_ARGS (extra
-# `bertkern bench` arguments).
+# tests/ after the gpu ones), GPU_TESTS_S (240), BUILD_S (300), SANITIZER_S (100), TEST_WORKERS (8, with
+# pytest-xdist), OPS_BUDGET_S / BERT_BUDGET_S / TRAIN_BUDGET_S (a suite's timed budget, instead of its
+# share), OPS_ARGS / BERT_ARGS / TRAIN_ARGS (extra `bertkern bench` arguments).
 # MiniLM has its real weights when the tree carries .minilm/ (bertkern bench --export-minilm .minilm).
 # Exit status: the number of failed steps.
 set -u

@@ -335,9 +335,10 @@ def run_op(spec: OpSpec, cases: list[Case], device: torch.device, *, copy_bw: di
     """Every case of one op on the GPU (those past `deadline` listed as not run), saved to `partial_json`
     after each, so a killed run keeps what it measured; `timer` replaces do_bench in tests."""
     provs = {k: v for k, v in providers(spec, gpu=True).items() if only is None or k in only}
-    settings = {"warmup_ms": warmup_ms, "rep_ms": rep_ms, "timer": "triton.testing.do_bench median, L2 flushed per rep; "
-                "graph: the same calls replayed from a CUDA graph (~rep_ms of calls captured once, the graph "
-                "replayed 3-10 times, median)", "rotation": "ceil(2 x L2 / bytes) input copies", **(settings or {})}
+    settings = {"warmup_ms": warmup_ms, "rep_ms": rep_ms,
+                "timer": "triton.testing.do_bench median, L2 flushed per rep; graph: the same calls replayed from a "
+                "CUDA graph (~rep_ms of calls captured once, the graph replayed 3-10 times, median)",
+                "rotation": "ceil(2 x L2 / bytes) input copies", **(settings or {})}
     doc = new_doc(spec, provs, env, settings, cases)
     doc["copy_bandwidth"] = copy_bw
     if timer is None:

@@ -279,13 +279,15 @@ def test_gate_passes_bertkern_backends_on_cpu():
 
 
 @pytest.mark.parametrize("argv", [["--suite", "nope"], ["--suite", "bert", "--providers", "no-such-provider"],
-                                  ["--ops", "no_such_op"], ["--fills", "1.5"], ["--dtype", "fp8"], ["--shapes", "32xa"]])
+                                  ["--ops", "no_such_op"], ["--fills", "1.5"], ["--dtype", "fp8"],
+                                  ["--shapes", "32xa"]])
 def test_bad_arguments_exit_2(argv, capsys):
     assert run.main(argv, prog="bertkern bench") == 2
     assert "bertkern bench: error:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv0,prog", [("/venv/bin/bertkern", "bertkern bench"), ("bertkern/__main__.py", "bertkern bench"),
+@pytest.mark.parametrize("argv0,prog", [("/venv/bin/bertkern", "bertkern bench"),
+                                        ("bertkern/__main__.py", "bertkern bench"),
                                         ("benchmarks/run.py", "benchmarks/run.py")])
 def test_help_is_self_contained(argv0, prog, monkeypatch, capsys):
     """--help names the command as it was called and lists what it refers to (ops, providers, models)."""
@@ -305,8 +307,8 @@ def test_op_suite_gpu_path_and_results_files(tmp_path):
     cases = [case("fwd", torch.float32, 37, 200), case("bwd", torch.float32, 37, 200)]
     copy_bw = {"bytes": 2, "ms": 1.0, "ms_p20": 1.0, "ms_p80": 1.0, "gbs": 100.0}
     lines = []
-    doc = ops.run_op(BIAS_GELU, cases, CPU, copy_bw=copy_bw, env=env, only={"eager", "triton", "cuda"}, log=lines.append,
-                     timer=fake_timer([]), partial_json=tmp_path / "h100" / "bias_gelu.json")
+    doc = ops.run_op(BIAS_GELU, cases, CPU, copy_bw=copy_bw, env=env, only={"eager", "triton", "cuda"},
+                     log=lines.append, timer=fake_timer([]), partial_json=tmp_path / "h100" / "bias_gelu.json")
     assert len(lines) == 2 and lines[0].startswith("[1/2] bias_gelu fwd float32")  # progress, one line per case
     e = doc["results"][0]["providers"]["triton" if not torch.cuda.is_available() else "eager"]
     assert e["status"] == "ok" and e["gbs"] == doc["results"][0]["bytes"] / 0.5 / 1e6 and e["pct_copy"] == e["gbs"]
@@ -338,7 +340,8 @@ def test_model_cells():
         (b, s, f) for b in (1, 8, 32) for s in (128, 512) for f in (1.0, 0.6)}
     assert [c.model for c in models.cells("bert", quick=True)] == ["bert-base"] * 3 + ["minilm", "bert-large"]
     asked = models.cells("bert", models=["minilm"], dtypes=[torch.float32], shapes=[(8, 128)])
-    assert [(c.model, c.dtype, c.batch, c.seq, c.fill) for c in asked] == [("minilm", torch.float32, 8, 128, f) for f in (1.0, 0.6)]
+    assert [(c.model, c.dtype, c.batch, c.seq, c.fill) for c in asked] == [
+        ("minilm", torch.float32, 8, 128, f) for f in (1.0, 0.6)]
 
 
 def test_fill_lengths_and_flops():
@@ -520,7 +523,8 @@ def test_hf_varlen_provider_matches_the_padded_model(monkeypatch):
         model = models.build_hf("tiny", head, CPU, attn="sdpa")[0].eval()
         ids, mask, _ = models.make_batch(models.Cell("tiny", torch.float32, 3, 16, 0.6), model.config, CPU)
         with torch.no_grad():
-            got, want = models.hf_varlen(model, head)(ids, mask), models.output(model(input_ids=ids, attention_mask=mask), head)
+            got = models.hf_varlen(model, head)(ids, mask)
+            want = models.output(model(input_ids=ids, attention_mask=mask), head)
         real = mask.bool() if head == "base" else slice(None)
         torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
 
@@ -542,17 +546,19 @@ def test_gpu_run_end_to_end_with_fake_timers(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "environment", lambda device: {**env, "gpu": "Fake GPU", "gpu_slug": "fake"})
     for argv in (["--ops", "layer_norm", "--budget-s", "30", "--dtype", "fp16", "--shapes", "4096x768", "--providers",
                   "eager"],
-                 ["--suite", "bert", "--providers", "hf-eager,hf-sdpa", "--models", "tiny", "--shapes", "2x16", "--fills",
-                  "1.0"]):
+                 ["--suite", "bert", "--providers", "hf-eager,hf-sdpa", "--models", "tiny", "--shapes", "2x16",
+                  "--fills", "1.0"]):
         args = run.parse_args([*argv, "--out", str(tmp_path)], "bertkern bench")
         assert run.run_gpu(args, ops.discover(args.ops) if args.ops else [], print, device=CPU) == 0
     out = capsys.readouterr().out
     assert "copy bandwidth (the 100% line): 100 GB/s" in out and "[1/4] add_layer_norm fwd float16 rows=4096" in out
     settings = json.loads((tmp_path / "fake" / "add_layer_norm.json").read_text())["settings"]
     assert (settings["warmup_ms"], settings["rep_ms"]) == (10, 40)  # a small budget times as --quick does
-    assert {p.name for p in (tmp_path / "fake").iterdir()} >= {"add_layer_norm.json", "add_layer_norm.md", "bert.json", "bert.csv"}
+    assert {p.name for p in (tmp_path / "fake").iterdir()} >= {"add_layer_norm.json", "add_layer_norm.md", "bert.json",
+                                                               "bert.csv"}
     latest = (tmp_path / "LATEST.md").read_text()
-    assert "## add_layer_norm, Fake GPU" in latest and "## BERT inference, Fake GPU" in latest and "1.00× (1)" in latest
+    assert "## add_layer_norm, Fake GPU" in latest and "## BERT inference, Fake GPU" in latest
+    assert "1.00× (1)" in latest
 
 
 def _attention_doc(name, cases):
