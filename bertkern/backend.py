@@ -121,14 +121,16 @@ def extension_diagnosis(
                          f"build failed or was interrupted, or `make clean` removed it; rebuild with {REBUILD}")
     if record and record.get("cuda_extension") == "off":
         return Diagnosis("off_by_choice", "bertkern._C was left out on purpose (BERTKERN_BUILD_CUDA=0 at install); "
-                         f"the torch backend works (and Triton's, where triton is installed); to build it: BERTKERN_BUILD_CUDA=1 {REBUILD}")
+                         "the torch backend works (and Triton's, where triton is installed); to build it: "
+                         f"BERTKERN_BUILD_CUDA=1 {REBUILD}")
     if torch_cuda is None:
         return Diagnosis("cpu_torch", f"bertkern._C is not built and cannot be here: {here} is a CPU-only build; "
                          "install a CUDA build of torch (and nvcc) to build it; the torch backend and the Triton "
                          "kernels under TRITON_INTERPRET=1 work on CPU")
     if not nvcc:
-        return Diagnosis("no_toolchain", "bertkern._C is not built: no CUDA toolchain (nvcc not on PATH, no CUDA_HOME); "
-                         f"install the CUDA toolkit matching torch's CUDA {torch_cuda}, then run {REBUILD}")
+        return Diagnosis("no_toolchain", "bertkern._C is not built: no CUDA toolchain "
+                         "(nvcc not on PATH, no CUDA_HOME); install the CUDA toolkit matching torch's CUDA "
+                         f"{torch_cuda}, then run {REBUILD}")
     reason = f" (at install: {record['why_not']})" if record and record.get("why_not") else ""
     return Diagnosis("not_built", f"bertkern._C is not built{reason}; nvcc and a CUDA torch are here now, so "
                      f"reinstalling builds it: {REBUILD}")

@@ -484,7 +484,8 @@ def _slice_back(out: Any, how, batch: int, seq: int, copy: bool) -> Any:
     return out.clone() if copy else out
 
 
-def capture_graphs(model: nn.Module, batch_sizes: Iterable[int], seq_lens: Iterable[int], **kwargs: Any) -> CUDAGraphRunner:
+def capture_graphs(model: nn.Module, batch_sizes: Iterable[int], seq_lens: Iterable[int],
+                   **kwargs: Any) -> CUDAGraphRunner:
     """A CUDAGraphRunner over the buckets batch_sizes x seq_lens, every graph captured now (for
     input_ids + attention_mask; other input sets are captured on first use). kwargs go to the
     runner (strict, copy_outputs, warmup, pad_token_id)."""

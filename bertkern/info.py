@@ -45,7 +45,8 @@ def collect() -> dict:
 
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info["gpu"] = f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs)"
+        info["gpu"] = (f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
+                       f"{p.multi_processor_count} SMs)")
         if built:
             ext["kernels_for_this_gpu"] = _backend.cuda_arch_problem(torch.device("cuda", 0)) or "yes"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

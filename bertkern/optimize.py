@@ -387,7 +387,8 @@ def _encoder_falls_back(self, args, kwargs, attention_mask) -> bool:
         return True
     if self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.modules()):
         return True  # HF checkpoints through each layer's __call__, which the fused loop bypasses
-    return any(v is not None and v is not False for k, v in kwargs.items() if k not in _ENCODER_INPUTS + ("return_dict",))
+    return any(v is not None and v is not False
+               for k, v in kwargs.items() if k not in _ENCODER_INPUTS + ("return_dict",))
 
 
 def _capturing() -> bool:
@@ -771,7 +772,8 @@ def _attention_layout(module: nn.Module) -> float:
     config = getattr(module, "config", None)
     if _is_cross_attention(module):
         raise _NoMatch("cross-attention")
-    if getattr(module, "is_causal", False) or getattr(module, "is_decoder", False) or getattr(config, "is_decoder", False):
+    if (getattr(module, "is_causal", False) or getattr(module, "is_decoder", False)
+            or getattr(config, "is_decoder", False)):
         raise _NoMatch("decoder (causal) attention")
     head = getattr(module, "attention_head_size", None)
     if not isinstance(head, int) or not isinstance(getattr(module, "dropout", None), nn.Dropout):
@@ -863,7 +865,8 @@ def _match_block(module: nn.Module, backend: str | None, fused_norms: bool, fuse
     for m in (att, ffn, *att.children(), *ffn.children(), module.sa_layer_norm, module.output_layer_norm):
         if "forward" in m.__dict__ or m._forward_hooks or m._forward_pre_hooks:
             raise _NoMatch(f"{type(m).__name__} has hooks or an instance forward that a fused path would skip")
-    extra = [n for n, _ in module.named_children() if n not in ("attention", "sa_layer_norm", "ffn", "output_layer_norm")]
+    extra = [n for n, _ in module.named_children()
+             if n not in ("attention", "sa_layer_norm", "ffn", "output_layer_norm")]
     if extra:
         raise _NoMatch(f"has {', '.join(extra)} besides attention / sa_layer_norm / ffn / output_layer_norm")
     try:

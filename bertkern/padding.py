@@ -26,14 +26,17 @@ import torch
 def unpad(hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(packed [total, ...], indices int64 [total] into the flattened [B * S], cu_seqlens int32
     [B + 1], max_seqlen) of hidden [B, S, ...] under attention_mask [B, S] (nonzero / True = real)."""
+    def got(t):  # a shape, or the type of what is not a tensor
+        return list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
-        raise ValueError(f"bertkern.padding.unpad: hidden must be a tensor [B, S, ...], got "
-                         f"{list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
+        raise ValueError(f"bertkern.padding.unpad: hidden must be a tensor [B, S, ...], got {got(hidden)}")
     if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"bertkern.padding.unpad: attention_mask must be [B, S] = {list(hidden.shape[:2])}, got "
-                         f"{list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}")
+                         f"{got(attention_mask)}")
     if attention_mask.device != hidden.device:
-        raise ValueError(f"bertkern.padding.unpad: attention_mask is on {attention_mask.device} but hidden is on {hidden.device}")
+        raise ValueError(f"bertkern.padding.unpad: attention_mask is on {attention_mask.device} "
+                         f"but hidden is on {hidden.device}")
     B, S = attention_mask.shape
     real = attention_mask.reshape(-1) != 0
     lengths = real.view(B, S).sum(1, dtype=torch.int32)
@@ -50,7 +53,8 @@ def unpad(hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Ten
 def repad(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """[batch, seqlen, ...] with packed[i] at flattened position indices[i], zeros elsewhere."""
     if packed.shape[0] != indices.numel():
-        raise ValueError(f"bertkern.padding.repad: packed has {packed.shape[0]} tokens but indices has {indices.numel()}")
+        raise ValueError(f"bertkern.padding.repad: packed has {packed.shape[0]} tokens "
+                         f"but indices has {indices.numel()}")
     out = packed.new_zeros((batch * seqlen, *packed.shape[1:]))
     return out.index_copy(0, indices, packed).view(batch, seqlen, *packed.shape[1:])
 

@@ -85,7 +85,8 @@ def check_2x(out: Tensors, ref64: Tensors, eager: Tensors, name: str = "output",
     """Judge `out` by the rule: max |out - ref64| <= 2 x max |eager - ref64| + floor, NaN never passes.
 
     out, ref64, eager: tensors, or equal-length sequences of tensors judged together (max over all);
-    name: what the message calls them. Each output must have eager's shape and dtype. floor: a kind of `FLOORS` ("op": one op's outputs,
+    name: what the message calls them. Each output must have eager's shape and dtype. floor: a kind of
+    `FLOORS` ("op": one op's outputs,
     "model": whole-model outputs, looked up by the output's dtype) or a number. scale_floor: multiply
     the floor by max(1, max |ref64|), for outputs whose values are far from 1.
     Under the Triton interpreter, bf16 outputs on CPU get one extra ulp per element (it truncates).
@@ -112,7 +113,8 @@ def check_2x(out: Tensors, ref64: Tensors, eager: Tensors, name: str = "output",
         return dataclasses.replace(check, reason=f"{name}: NaN in the output")
     if not err <= tol:
         return dataclasses.replace(
-            check, reason=f"{name}: max error {err:.3g} > tol {tol:.3g} (2 x eager's {eager_err:.3g} + floor {floor:.2g})")
+            check, reason=f"{name}: max error {err:.3g} > tol {tol:.3g} "
+                          f"(2 x eager's {eager_err:.3g} + floor {floor:.2g})")
     return check
 
 

@@ -75,7 +75,8 @@ def use_emulation(monkeypatch, ops) -> None:
     monkeypatch.setattr(torch.ops, "bertkern_cuda", ops)
     real = _backend.unavailable_reason
     monkeypatch.setattr(_backend, "unavailable_reason",
-                        lambda backend, device: None if backend == "cuda" and device.type == "cpu" else real(backend, device))
+                        lambda backend, device: (None if backend == "cuda" and device.type == "cpu"
+                                                 else real(backend, device)))
 
 
 def fixtures(*ops: str):

@@ -189,7 +189,8 @@ def test_attention_mask_forms(backend, dtype, S, bwd_path, form):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("q_dtype, mask_dtype", [(torch.float16, torch.float32), (torch.float32, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("q_dtype, mask_dtype", [(torch.float16, torch.float32), (torch.float32, torch.bfloat16)],
+                         ids=str)
 # fp32's finfo.min times the kernel's log2(e) factor is -inf, as meant; the interpreter's numpy says so
 @pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
 def test_mixed_mask_dtype(backend, q_dtype, mask_dtype):
@@ -538,8 +539,8 @@ def test_opcheck(backend):
     torch.library.opcheck(vop, (qp, kp, vp, cu, 7, 0.5, 0.0, None, backend))
     torch.library.opcheck(vop, (qp, kp, vp, cu, 7, 0.5, 0.2, seed, backend))
     out, stats = vop(qp.detach(), kp.detach(), vp.detach(), cu, 7, 0.5, 0.2, seed, backend)
-    torch.library.opcheck(vbwd, (rand(11, H, D, dtype=dt), qp.detach(), kp.detach(), vp.detach(), cu, 7, out, stats, 0.5, 0.2,
-                                 seed, backend))
+    torch.library.opcheck(vbwd, (rand(11, H, D, dtype=dt), qp.detach(), kp.detach(), vp.detach(), cu, 7, out, stats,
+                                 0.5, 0.2, seed, backend))
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])

@@ -37,7 +37,8 @@ def test_bias_gelu_matches_reference(backend_device, shape, dtype, approximate, 
     grad = randn(*shape, dtype=dtype, device=device)
 
     poison_allocator(device)
-    out = run_fwd_bwd(lambda x, b: bertkern.ops.bias_gelu(x, b, approximate=approximate, backend=backend), x, bias, grad)
+    out = run_fwd_bwd(lambda x, b: bertkern.ops.bias_gelu(x, b, approximate=approximate, backend=backend),
+                      x, bias, grad)
     ref = run_fwd_bwd(lambda x, b: eager(x, b, approximate),
                       x.double(), None if bias is None else bias.double(), grad.double())
     eag = run_fwd_bwd(lambda x, b: eager(x, b, approximate), x, bias, grad)

@@ -64,7 +64,8 @@ BUILT_214 = {"cuda_extension": "built", "torch": "2.14.1+cu130", "torch_cuda": "
         (dict(record={"cuda_extension": "off"}, so_file="", torch_version="2.14.1", torch_cuda="13.0", nvcc=True),
          "off_by_choice", ["on purpose", "BERTKERN_BUILD_CUDA=1"]),
         # CPU-only torch: following "put nvcc on PATH" cannot work; say what does
-        (dict(record={"cuda_extension": "not_built"}, so_file="", torch_version="2.14.1+cpu", torch_cuda=None, nvcc=True),
+        (dict(record={"cuda_extension": "not_built"}, so_file="", torch_version="2.14.1+cpu", torch_cuda=None,
+              nvcc=True),
          "cpu_torch", ["CPU-only", "CUDA build of torch", "TRITON_INTERPRET=1"]),
         (dict(record={}, so_file="", torch_version="2.14.1", torch_cuda="13.0", nvcc=False),
          "no_toolchain", ["nvcc", "CUDA toolkit", "13.0"]),

@@ -25,7 +25,8 @@ def _calls():
         "bias_gelu": (x, lambda t: bertkern.ops.bias_gelu(t, b, backend="torch")),
         "masked_softmax": (q, lambda t: bertkern.ops.masked_softmax(t, backend="torch")),
         "attention": (q, lambda t: bertkern.ops.attention(t, q, q, backend="torch")),
-        "attention_varlen": (packed, lambda t: bertkern.ops.attention_varlen(t, packed, packed, cu, 4, backend="torch")),
+        "attention_varlen": (packed, lambda t: bertkern.ops.attention_varlen(t, packed, packed, cu, 4,
+                                                                             backend="torch")),
         "embedding_layer_norm": (table, lambda t: bertkern.ops.embedding_layer_norm(ids, None, None, t, None, None,
                                                                                      w, b, backend="torch")),
     }

@@ -107,7 +107,8 @@ WIDE_ROWS = [((2, 8192), dt) for dt in DTYPES] + [((3, 20001), dt) for dt in (to
 
 
 @pytest.mark.parametrize("backend_device", kernel_backends())
-@pytest.mark.parametrize("shape,dtype", WIDE_ROWS, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("shape,dtype", WIDE_ROWS,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_add_layer_norm_wide_row(backend_device, shape, dtype):
     backend, device = backend_device
     skip_unless_usable(backend, device)
@@ -338,7 +339,8 @@ def _prenorm_keep(backend, device, shape, p, seed=None):
     _, pre = bertkern.ops.add_layer_norm(x, None, None, None, dropout_p=p, return_prenorm=True, backend=backend)
     scale = 1.0 / (1.0 - p) if p < 1 else 0.0
     vals = pre.unique()
-    assert all(torch.isclose(v, torch.tensor(0.0, device=device)) or torch.isclose(v, torch.tensor(scale, device=device))
+    assert all(torch.isclose(v, torch.tensor(0.0, device=device))
+               or torch.isclose(v, torch.tensor(scale, device=device))
                for v in vals), vals
     return pre != 0
 

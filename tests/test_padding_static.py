@@ -32,7 +32,8 @@ def test_packed_shapes_hold_every_batch():
         capacity, max_seqlen = choose_packed_shapes(lengths, batch, seq, seq_lens)
         assert sum(lengths) <= capacity <= batch * seq
         total = sum(lengths)  # a step of CAPACITY_STEPS per power of two: wastes at most ~1/4
-        assert capacity == batch * seq or MIN_TOKEN_CAPACITY <= capacity <= max(MIN_TOKEN_CAPACITY, total + max(8, total // 4))
+        assert (capacity == batch * seq
+                or MIN_TOKEN_CAPACITY <= capacity <= max(MIN_TOKEN_CAPACITY, total + max(8, total // 4)))
         assert max(lengths) <= max_seqlen <= seq and max_seqlen in seq_lens
 
 

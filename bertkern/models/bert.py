@@ -389,7 +389,8 @@ def _canonical_key(key: str) -> str:
     return key
 
 
-def _load_hf_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], encoder_prefix: str, strict: bool) -> None:
+def _load_hf_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], encoder_prefix: str,
+                        strict: bool) -> None:
     """Load HF-named weights into `model`, whose encoder lives under `encoder_prefix` ("" or "bert.").
 
     Encoder weights are accepted with or without a leading "bert."; weights of heads the model does
@@ -507,7 +508,8 @@ class BertModel(_BertPreTrained):
         _load_hf_state_dict(self, state_dict, encoder_prefix="", strict=strict)
 
     @classmethod
-    def from_hf(cls, source: Any, *, add_pooling_layer: bool | None = None, strict: bool = True, **flags: Any) -> "BertModel":
+    def from_hf(cls, source: Any, *, add_pooling_layer: bool | None = None, strict: bool = True,
+                **flags: Any) -> "BertModel":
         """A BertModel with the weights of an HF model (BertModel or any BertFor*: its encoder is
         taken) or of a checkpoint directory (config.json + model.safetensors or pytorch_model.bin).
 
@@ -563,7 +565,8 @@ class BertForSequenceClassification(_BertPreTrained):
 
 
 # ---------------------------------------------------------------- fused attention (shared with bertkern.optimize)
-def qkv_params(owner: nn.Module, query: nn.Linear, key: nn.Linear, value: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+def qkv_params(owner: nn.Module, query: nn.Linear, key: nn.Linear,
+               value: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight [3 * out, in], bias [3 * out] or None): query, key, value stacked for one GEMM.
     Concatenated at each call (differentiable: the gradients reach the three Linear layers); in
     inference (no grad, not compiling) cached on `owner` until a parameter changes: the key holds each

@@ -24,7 +24,8 @@ class BiasGELU(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         self.approximate, self.backend = approximate, backend
-        self.bias = None if num_features is None else nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+        self.bias = (None if num_features is None
+                     else nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype)))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return ops.bias_gelu(x, self.bias if bias is None else bias, approximate=self.approximate, backend=self.backend)

@@ -25,7 +25,8 @@ class FusedLayerNorm(nn.LayerNorm):
                  backend: str | None = None, device=None, dtype=None):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
         if len(self.normalized_shape) != 1:
-            raise ValueError(f"FusedLayerNorm normalizes the last dim only, got normalized_shape {self.normalized_shape}")
+            raise ValueError("FusedLayerNorm normalizes the last dim only, "
+                             f"got normalized_shape {self.normalized_shape}")
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,8 @@ class FusedLayerNorm(nn.LayerNorm):
         nn.Module.__init__(new)
         new.normalized_shape, new.eps, new.elementwise_affine = ln.normalized_shape, ln.eps, ln.elementwise_affine
         if len(new.normalized_shape) != 1:
-            raise ValueError(f"FusedLayerNorm normalizes the last dim only, got normalized_shape {new.normalized_shape}")
+            raise ValueError("FusedLayerNorm normalizes the last dim only, "
+                             f"got normalized_shape {new.normalized_shape}")
         new.weight, new.bias, new.backend = ln.weight, ln.bias, backend
         return new
 
@@ -73,7 +75,8 @@ class FusedEmbeddingLayerNorm(nn.Module):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.word_embeddings = nn.Embedding(vocab_size, hidden_size, padding_idx=pad_token_id, **kw)
-        self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size, **kw) if max_position_embeddings else None
+        self.position_embeddings = (nn.Embedding(max_position_embeddings, hidden_size, **kw)
+                                    if max_position_embeddings else None)
         self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size, **kw) if type_vocab_size else None
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps, **kw)
         self.backend = backend

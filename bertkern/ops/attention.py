@@ -546,5 +546,6 @@ def attention_varlen(
         return _auto.sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p)
     if chosen == "varlen_attn":
         return _auto.varlen_attn(q, k, v, cu_seqlens, max_seqlen, scale)
-    out, _ = _ATTENTION_VARLEN.pick(q, needs_grad(q, k, v))(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, reference.dropout_seed(dropout_p, q.device), chosen)
+    out, _ = _ATTENTION_VARLEN.pick(q, needs_grad(q, k, v))(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p,
+                                                            reference.dropout_seed(dropout_p, q.device), chosen)
     return out

@@ -6,7 +6,8 @@
 The table is keyed by (device arch, dtype, head-dim bucket, sequence bucket) and gives one choice per
 op: rows measured on a GPU first (attention_auto.json next to this file, written by `bertkern bench
 --suite ops --update-auto-table` from the forward kernels' timings: the fastest correct candidate per
-bucket), then the static rows below. Candidates: bertkern's Triton and CUDA kernels, torch's `scaled_dot_product_attention` ("sdpa";
+bucket), then the static rows below. Candidates: bertkern's Triton and CUDA kernels, torch's
+`scaled_dot_product_attention` ("sdpa";
 for attention_varlen: the packed tokens gathered into [B, max_seqlen] blocks, SDPA with a key-padding
 mask, scattered back) and `torch.nn.attention.varlen.varlen_attn` ("varlen_attn", FlashAttention on
 packed tokens; fp16 / bf16 on sm_80+, no dropout).

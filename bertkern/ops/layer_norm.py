@@ -98,7 +98,8 @@ def _shaped_outputs(outputs, shape, store_prenorm: bool):
     """A forward's outputs on 2-D rows, viewed as y `shape` ([..., N]) and statistics shape[:-1]."""
     y, prenorm, mean, rstd = outputs
     stats, shaped = shape[:-1], _backend.shaped
-    return shaped(y, shape), (shaped(prenorm, shape) if store_prenorm else prenorm), shaped(mean, stats), shaped(rstd, stats)
+    return (shaped(y, shape), (shaped(prenorm, shape) if store_prenorm else prenorm), shaped(mean, stats),
+            shaped(rstd, stats))
 
 
 def _outputs_fake(like: torch.Tensor, shape, store_prenorm: bool):
@@ -157,14 +158,16 @@ def _add_layer_norm_backward_impl(
         NormGradArgs(dropout_p, need_dweight, need_dbias, need_dx_bias),
     )
     assert dw.numel() in (0, n) and db.numel() in (0, n) and dxb.numel() in (0, n)
-    return _backend.shaped(dh, h.shape), (_backend.shaped(dx, h.shape) if dx.dim() == 2 else dx), dw, db, dxb  # 1-D [0]: no dx
+    return (_backend.shaped(dh, h.shape), (_backend.shaped(dx, h.shape) if dx.dim() == 2 else dx),  # 1-D [0]: no dx
+            dw, db, dxb)
 
 
 def _add_layer_norm_backward_fake(grad, grad_prenorm, h, mean, rstd, weight, seed, dropout_p, need_dweight,
                                   need_dbias, need_dx_bias, backend):
     n = h.shape[-1]
     dx = h.new_empty(h.shape) if (seed is not None and dropout_p > 0.0) else h.new_empty(0)
-    return (h.new_empty(h.shape), dx, *(h.new_empty(n if need else 0) for need in (need_dweight, need_dbias, need_dx_bias)))
+    return (h.new_empty(h.shape), dx,
+            *(h.new_empty(n if need else 0) for need in (need_dweight, need_dbias, need_dx_bias)))
 
 
 _ADD_LAYER_NORM_BACKWARD = OpCall.define("add_layer_norm_backward", _add_layer_norm_backward_impl,
@@ -471,19 +474,22 @@ def _check_embedding(input_ids, position_ids, token_type_ids, word, pos, typ, we
         # expand()'s rule on the shapes alone: making the view costs microseconds of host time per call
         shape, to = t.shape, input_ids.shape
         if len(shape) > len(to) or any(a != 1 and a != b for a, b in zip(reversed(shape), reversed(to))):
-            raise ValueError(f"{name}: {arg} of shape {list(t.shape)} does not broadcast to input_ids' {list(input_ids.shape)}")
+            raise ValueError(f"{name}: {arg} of shape {list(t.shape)} does not broadcast to "
+                             f"input_ids' {list(input_ids.shape)}")
     for arg, t in (("position_embeddings", pos), ("token_type_embeddings", typ)):
         if t is None:
             continue
         _check_type(name, arg, t)
         if t.dim() != 2 or t.shape[1] != n or t.shape[0] == 0:
-            raise ValueError(f"{name}: {arg} must have shape [rows, {n}] (word_embeddings' hidden size), got {list(t.shape)}")
+            raise ValueError(f"{name}: {arg} must have shape [rows, {n}] (word_embeddings' hidden size), "
+                             f"got {list(t.shape)}")
         _check_dtype(name, arg, t, word, "word_embeddings")
         _check_device(name, arg, t, word, "word_embeddings")
     for arg, t in (("weight", weight), ("bias", bias)):
         _check_tensor(name, arg, t, word, (n,), "the hidden size", "word_embeddings")
     if pos is not None and position_ids is None and input_ids.shape[-1] > pos.shape[0]:
-        raise ValueError(f"{name}: sequence length {input_ids.shape[-1]} exceeds position_embeddings' {pos.shape[0]} rows")
+        raise ValueError(f"{name}: sequence length {input_ids.shape[-1]} exceeds "
+                         f"position_embeddings' {pos.shape[0]} rows")
     if padding_idx is not None and not -word.shape[0] <= padding_idx < word.shape[0]:
         raise ValueError(f"{name}: padding_idx {padding_idx} is out of range for {word.shape[0]} word embeddings")
     _check_eps_p(name, eps, 0.0)

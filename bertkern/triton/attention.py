@@ -393,7 +393,8 @@ def _bwd_delta_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
     o = tl.load(O + b64 * so_b + h64 * so_h + (tok0 + offs_m[:, None]) * so_s + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(DO + b64 * sdo_b + h64 * sdo_h + (tok0 + offs_m[:, None]) * sdo_s + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + b64 * sdo_b + h64 * sdo_h + (tok0 + offs_m[:, None]) * sdo_s + offs_d[None, :],
+                 mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + b64 * st_b + h64 * st_h + tok0 + offs_m, delta, mask=offs_m < Lq)
 
@@ -593,8 +594,10 @@ def _bwd_dq_kernel(
         return
     m_ok = offs_m < Lq
     qd_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b64 * sq_b + h64 * sq_h + (tok0 + offs_m[:, None]) * sq_s + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + b64 * sdo_b + h64 * sdo_h + (tok0 + offs_m[:, None]) * sdo_s + offs_d[None, :], mask=qd_mask, other=0.0)
+    q = tl.load(Q + b64 * sq_b + h64 * sq_h + (tok0 + offs_m[:, None]) * sq_s + offs_d[None, :],
+                mask=qd_mask, other=0.0)
+    do = tl.load(DO + b64 * sdo_b + h64 * sdo_h + (tok0 + offs_m[:, None]) * sdo_s + offs_d[None, :],
+                 mask=qd_mask, other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -612,12 +615,12 @@ def _bwd_dq_kernel(
     n_full = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_step(dq, q, do, row_max, inv_l, delta, k_ptrs, v_ptrs, mptrs, start_n, offs_n0, d_ok, Lk, sk_s, sv_s,
-                      sm_k, qk_scale, scale, keep_scale, SEED, rows, thresh, False, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS,
-                      DROPOUT, DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
+                      sm_k, qk_scale, scale, keep_scale, SEED, rows, thresh, False, EVEN_D, MASK_KIND, MASK_MIN,
+                      MASK_ROWS, DROPOUT, DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
     if n_full < Lk:
         dq = _dq_step(dq, q, do, row_max, inv_l, delta, k_ptrs, v_ptrs, mptrs, n_full, offs_n0, d_ok, Lk, sk_s, sv_s,
-                      sm_k, qk_scale, scale, keep_scale, SEED, rows, thresh, True, EVEN_D, MASK_KIND, MASK_MIN, MASK_ROWS,
-                      DROPOUT, DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
+                      sm_k, qk_scale, scale, keep_scale, SEED, rows, thresh, True, EVEN_D, MASK_KIND, MASK_MIN,
+                      MASK_ROWS, DROPOUT, DOT_F32, PREC, FAST_EXP, FOLD, BLOCK_M, BLOCK_N)
     dq = dq * scale
     tl.store(dq_ptr + offs_m[:, None].to(tl.int64) * sdq_s + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
@@ -650,7 +653,8 @@ def fwd_config(D: int, max_seq: int, itemsize: int = 2, mask_kind: int = 0, mask
     torch.compile, and the compile test enumerates every entry. Not yet timed on hardware.
     sm_90, D = 64, S = 512 (static model, issue / max(tensor, MUFU)): 128 x 128 tiles, 8 warps, give
     0.88 without a mask, 1.15 with a padding mask, 1.39 with a [B,H,S,S] mask (128 x 64, measured
-    before the mask's FFMA fold: 1.11 / 1.37 / 1.74; 4 warps at 128 x 128 spill). Dropout's Philox needs the registers of the wider tile."""
+    before the mask's FFMA fold: 1.11 / 1.37 / 1.74; 4 warps at 128 x 128 spill). Dropout's Philox needs the
+    registers of the wider tile."""
     if _backend.triton_interpreted():
         return INTERPRET_BLOCKS[0], INTERPRET_BLOCKS[1], 4, 1
     bd = _block_d(D)

@@ -492,5 +492,6 @@ def compile_cases() -> list[tuple]:
             c += [(90, "add_layer_norm", d, dt, dict(N=n, variant=v)) for d in ("fwd", "bwd")
                   for v in ("train", "infer")]
             c += [(90, "embedding_layer_norm", "fwd", dt, dict(N=n))]
-    c += [(90, "add_layer_norm", d, dt, dict(N=20000, variant="train")) for d in ("fwd", "bwd") for dt in ("fp16", "bf16")]
+    c += [(90, "add_layer_norm", d, dt, dict(N=20000, variant="train")) for d in ("fwd", "bwd")
+          for dt in ("fp16", "bf16")]
     return c + [(80, "add_layer_norm", d, "fp16", dict(N=768, variant="train")) for d in ("fwd", "bwd")]
