@@ -7,19 +7,15 @@ No GPU is needed. Triton kernels are compiled exactly as the ops launch them at 
 launch functions run on meta tensors with their kernels swapped for recorders:
 bertkern.triton.compile_check) for sm_90 and sm_80 with Triton's bundled ptxas; CUDA kernels are read
 from the cubins in the built extension (bertkern/_C*.so, or --cuda-lib), the row kernels at each case's
-launch (CUDA_LAUNCHES: what csrc's host code picks, checked in the CPU emulation by
-tests/test_sass_report.py). For each kernel: registers, spill (stack)
-bytes, shared memory, CTAs per SM, and a model of its hot loop from the SASS (MODEL_TEXT below says
-how, and its limits: a static model for comparing versions of a kernel, not a measurement; the GPU
-timings of benchmarks/run.py are the truth).
+launch (CUDA_LAUNCHES). For each kernel: registers, spill (stack) bytes, shared memory, CTAs per SM,
+and a model of its hot loop from the SASS (MODEL_TEXT says how, and its limits: a static model for
+comparing versions of a kernel, not a measurement; the GPU timings of benchmarks/run.py are the truth).
 
-Targets (issue 12; sm_90, fp16, head dim 64): attention forward issue <= 1.2 x max(tensor, MUFU) with
-no mask or a padding mask, <= 1.5 x with a [B,H,S,S] float mask; backward <= 1.3 x per kernel;
-elementwise/row kernels within their per-element budget with >= 4 CTAs/SM; no spill anywhere (sm_80
-and sm_90). The same targets apply to the CUDA kernels: attention (csrc/attention.cu: the forward per
-mask kind, the five-GEMM backward per GEMM-sized pass) and the row kernels at each case's launch. A check the code meets is a budget
-(tests/test_sass_report.py fails when it is broken); a check it does not meet yet is listed in
-KNOWN_GAPS and shown as "over target" in the report.
+Targets (issue 12; sm_90, fp16, head dim 64; Triton and CUDA kernels alike): attention issue ratio
+<= 1.2 (forward, no mask or a padding mask), 1.5 ([B,H,S,S] float mask), 1.3 (backward, per kernel);
+row kernels within their per-element budget at >= 4 CTAs/SM; no spill anywhere (sm_80 and sm_90). A
+check the code meets is a budget (tests/test_sass_report.py fails when it is broken); one it does not
+meet yet is listed in KNOWN_GAPS and shown as "over target" in the report.
 """
 from __future__ import annotations
 
@@ -61,10 +57,9 @@ MIN_CTAS = 4  # elementwise / row kernels: enough CTAs per SM to keep loads in f
 # Checks the code does not meet yet: (case id, kernel, check). Reported "over target", not failed.
 # tests/test_sass_report.py fails when a check outside this set is over target, and when one in it
 # is met (then take it out: the met target becomes a budget).
-KNOWN_GAPS: set[tuple[str, str, str]] = set()  # none: the CUDA attention's last three went with its mask tiles
-# CUDA kernels (csrc/, not the Triton ones) that spill today: (arch, kernel as shown without
-# "void bertkern::" and its arguments); a new spill fails the test until fixed or listed here with its
-# reason.
+KNOWN_GAPS: set[tuple[str, str, str]] = set()  # none
+# CUDA kernels (csrc/) that spill today: (arch, kernel as _short() names it). A new spill fails the
+# test until fixed or listed here with its reason.
 KNOWN_CUDA_SPILLS: set[tuple[str, str]] = set()  # none
 
 
@@ -76,15 +71,15 @@ def _gap_key(row: dict, check: str) -> tuple:
     """A check's key: a CUDA kernel's spill (arch, kernel) in KNOWN_CUDA_SPILLS (its kernel row and the
     cases that launch it share it); a case's launch (Triton, or CUDA at the case's shape) (case, kernel,
     check) in KNOWN_GAPS; a CUDA kernel row's other checks (arch, kernel, check) in KNOWN_GAPS."""
-    if row["backend"] == "cuda" and check in ("spill", ""):
+    if row["backend"] == "cuda" and check == "spill":
         return (row["arch"], _short(row["kernel"]))
     if "op" in row:
         return (row["id"], row["kernel"], check)
     return (row["arch"], _short(row["kernel"]), check)
 
 
-# bytes per element that must cross DRAM (fp16), by (op, direction, variant)
 def _bytes_per_element(op: str, direction: str, params: dict, kernel: str) -> float:
+    """Bytes per element that must cross DRAM (fp16)."""
     e = 2
     if op == "bias_gelu":
         return e * (2 if direction == "fwd" else 3)  # x -> y;  dy, x -> dx
@@ -111,7 +106,8 @@ ATTN_VARIANTS = ("none", "bool_padding", "float_BHSS", "varlen", "additive_paddi
 def cases(archs=(90, 80)) -> list[tuple]:
     c = []
     for cap in archs:
-        c += [(cap, "bias_gelu", d, "fp16", dict(N=3072, approximate=a)) for d in ("fwd", "bwd") for a in ("none", "tanh")]
+        c += [(cap, "bias_gelu", d, "fp16", dict(N=3072, approximate=a))
+              for d in ("fwd", "bwd") for a in ("none", "tanh")]
         c += [(cap, "add_layer_norm", d, "fp16", dict(N=n, variant=v)) for d in ("fwd", "bwd") for n in (768, 1024)
               for v in ("train", "infer")]
         c += [(cap, "embedding_layer_norm", "fwd", "fp16", dict(N=768))]
@@ -226,13 +222,24 @@ def elementwise_model(case, kernel: str, instructions: int, threads: int, elemen
     cap, op, direction, dt, params = case
     b = _bytes_per_element(op, direction, params, kernel)
     return {"kind": "elementwise", "elements_per_iteration": elements, "bytes_per_element": b,
-            "instr_per_element": round(instructions * threads / elements, 2), "budget": round(INSTR_PER_BYTE[cap] * b, 1)}
+            "instr_per_element": round(instructions * threads / elements, 2),
+            "budget": round(INSTR_PER_BYTE[cap] * b, 1)}
+
+
+def _spill(row: dict) -> dict[str, tuple[float, float, bool]]:
+    return {"spill": (row["stack"], 0, row["stack"] == 0)}
+
+
+def stored_checks(checks: dict[str, tuple[float, float, bool]]) -> dict[str, dict]:
+    """{check: (value, target, met)} as a row stores it in report.json."""
+    return {k: {"value": v, "target": t, "met": ok} for k, (v, t, ok) in checks.items()}
 
 
 def checks(case, row: dict) -> dict[str, tuple[float, float, bool]]:
-    """{check: (value, target, met)}. Spills everywhere; the rest on sm_90 (the issue's targets)."""
+    """{check: (value, target, met)} of a case's launch. Spills everywhere; the rest on sm_90 (the
+    issue's targets)."""
     cap, op, direction, dt, params = case
-    out = {"spill": (row["stack"], 0, row["stack"] == 0)}
+    out = _spill(row)
     m = row.get("model")
     if cap != 90 or m is None:
         return out
@@ -246,6 +253,12 @@ def checks(case, row: dict) -> dict[str, tuple[float, float, bool]]:
     return out
 
 
+def _case_row(case, backend: str, kernel: str, config: dict) -> dict:
+    cap, op, direction, dt, params = case
+    return {"id": case_id(case), "backend": backend, "arch": f"sm_{cap}", "op": op, "direction": direction,
+            "kernel": kernel, "config": config}
+
+
 # ---------------------------------------------------------------- Triton: compile what the ops launch
 def _compile(job):
     from bertkern.triton.compile_check import compile_job
@@ -257,7 +270,7 @@ def _compile(job):
     return r
 
 
-def triton_rows(selected: list[tuple], jobs_parallel: int | None = None) -> list[dict]:
+def triton_rows(selected: list[tuple]) -> list[dict]:
     from bertkern.triton.compile_check import launch_job, op_launch, record_launches, toolchain_missing
 
     if reason := toolchain_missing():
@@ -271,7 +284,7 @@ def triton_rows(selected: list[tuple], jobs_parallel: int | None = None) -> list
             if (case, name, repr(job)) not in launches:  # (both backward paths launch the same delta kernel)
                 jobs.setdefault(repr(job), job)
                 launches.append((case, name, repr(job)))
-    with ProcessPoolExecutor(max_workers=jobs_parallel or os.cpu_count() or 1) as pool:
+    with ProcessPoolExecutor() as pool:
         results = dict(zip(jobs, pool.map(_compile, jobs.values())))
     rows = []
     for case, name, key in launches:
@@ -279,30 +292,26 @@ def triton_rows(selected: list[tuple], jobs_parallel: int | None = None) -> list
         r = results[key]
         kernel = name.strip("_")
         blocks = {k: v for k, v in consts.items() if k.startswith(("BLOCK", "ROWS")) and k != "ROWS64"}
-        row = {"id": case_id(case), "backend": "triton", "arch": f"sm_{cap}", "op": case[1], "direction": case[2],
-               "kernel": kernel, "config": {**blocks, "warps": warps, "stages": stages}}
+        row = _case_row(case, "triton", kernel, {**blocks, "warps": warps, "stages": stages})
         if "error" in r:
             rows.append({**row, "error": r["error"].splitlines()[0][:300]})
             continue
         row.update(registers=r["registers"], stack=r["stack"], shared=r["shared"],
                    ctas_per_sm=ctas_per_sm(cap, r["registers"], warps, r["shared"]), hot=r["hot"])
         row["model"] = model(case, kernel, blocks, warps, r["hot"])
-        row["checks"] = {k: {"value": v, "target": t, "met": ok} for k, (v, t, ok) in checks(case, row).items()}
+        row["checks"] = stored_checks(checks(case, row))
         rows.append(row)
     return rows
 
 
 # ---------------------------------------------------------------- CUDA: the built extension's cubins
-# The CUDA kernels each case launches (fp16, inputs as the Triton rows': 16-byte aligned rows, an
-# additive mask in fp16, masks [B,1,1,S] expanded), as csrc's host code picks them, keyed by the case
-# id without its arch (the host picks the same on sm_80 and sm_90): (kernel, (block x, y), dynamic
-# shared memory bytes, hot part, elements per CTA per hot part). Hot part "loop": one iteration of the
-# kernel's longest loop (the row loop; later loops are once-per-CTA epilogues); "kernel": the whole
-# body, for kernels without a row loop (a row held in registers, one row per thread group), counted
-# once per CTA's rows; None: no per-element model (the column sums of the backward partials).
-# tests/test_sass_report.py runs the host code in the CPU emulation (tests/cuda_emu) at each case's
-# shape and checks kernel, block and shared memory against this table; the elements follow from the
-# kernels' code (see each entry).
+# The CUDA kernels each case launches, as csrc's host code picks them for the Triton rows' inputs (fp16,
+# 16-byte aligned rows, an additive mask in fp16, masks [B,1,1,S] expanded), keyed by the case id
+# without its arch (the host picks the same on sm_80 and sm_90): (kernel, (block x, y), dynamic shared
+# memory bytes, hot part, elements per CTA per hot part). Hot part (MODEL_TEXT): "loop", one iteration
+# of the kernel's longest loop; "kernel", the whole body; None, no per-element model (the column sums).
+# tests/test_sass_report.py checks kernel, block and shared memory against the host code run in the CPU
+# emulation (tests/cuda_emu); the elements follow from the kernels' code (see each entry).
 _COLSUM = ("column_sum_kernel<c10::Half, float>", (32, 16), 0, None, None)
 CUDA_LAUNCHES: dict[str, list[tuple]] = {
     # bias_gelu: 384 vectors of 8 in 2 column tiles of 192 threads x 1 row lane (pick_tile), 4 rows
@@ -329,7 +338,8 @@ CUDA_LAUNCHES: dict[str, list[tuple]] = {
     # masked_softmax: a row of 128 keys = 16 lanes x 8, of 512 = 32 lanes x 16 (warp_shape); 128 threads
     # hold 8 or 4 rows; no row loop
     **{f"masked_softmax-fwd-fp16-N{n}-{m}_mask" + "-dropout" * (m == "additive"): [
-        (f"masked_softmax_fwd_warp<c10::Half, {mask}, {elts}, true, {str(m == 'additive').lower()}>", (128, 1), 0, "kernel", 128 * elts)]
+        (f"masked_softmax_fwd_warp<c10::Half, {mask}, {elts}, true, {str(m == 'additive').lower()}>",
+         (128, 1), 0, "kernel", 128 * elts)]
        for n, elts in ((128, 8), (512, 16)) for m, mask in (("bool", "BoolMask"), ("additive", "c10::Half"))},
     **{f"masked_softmax-bwd-fp16-N{n}-{m}_mask" + "-dropout" * (m == "additive"): [
         (f"masked_softmax_bwd_warp<c10::Half, {elts}, true>", (128, 1), 0, "kernel", 128 * elts)]
@@ -340,6 +350,14 @@ CUDA_LAUNCHES: dict[str, list[tuple]] = {
 def cuda_launches(case) -> list[tuple] | None:
     """The CUDA launches of a case (CUDA_LAUNCHES), or None where it has no CUDA path in the report."""
     return CUDA_LAUNCHES.get(case_id(case).split("-", 1)[1])
+
+
+def _demangle(name: str) -> str:
+    try:
+        out = subprocess.run(["c++filt", name], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return name
+    return re.sub(r"\s+", " ", out.replace("(anonymous namespace)::", ""))
 
 
 def cuda_kernels(lib: str) -> dict[int, dict[str, dict]]:
@@ -361,10 +379,8 @@ def cuda_kernels(lib: str) -> dict[int, dict[str, dict]]:
 
 
 def cuda_rows(selected: list[tuple], lib: str | None, kernel_rows: bool = True) -> list[dict]:
-    """Registers, spills, shared memory and hot-loop counts of every kernel in the extension `lib` (a
-    bertkern/_C*.so), one row per kernel and arch (unless not kernel_rows); the attention kernels' tiles are fixed at compile time,
-    so the cycle model and its targets apply to them (cuda_attention_tiles). Then one row per launch of
-    each selected case with a CUDA path (cuda_launches), with the per-element model and its checks."""
+    """One row per kernel and arch of the extension `lib` (unless not kernel_rows), with the cycle model
+    for the attention kernels; then one row per CUDA launch of each selected case (cuda_case_row)."""
     if not lib:
         return [{"backend": "cuda", "error": "bertkern/_C*.so not built"}]
     kernels = cuda_kernels(lib)
@@ -374,28 +390,26 @@ def cuda_rows(selected: list[tuple], lib: str | None, kernel_rows: bool = True) 
             row = {"id": f"sm{cap}-cuda-{name}", "backend": "cuda", "arch": f"sm_{cap}", "kernel": name,
                    **{f: k[f] for f in ("registers", "stack", "shared", "local")},
                    "hot": hot(k["sass"]) if k["sass"] else None}
-            if (tiles := cuda_attention_tiles(row["kernel"])) and row["hot"]:
+            if (tiles := cuda_attention_tiles(name)) and row["hot"]:
                 row["config"] = tiles
                 row["model"] = attention_model(cap, tiles["model"], tiles, row["hot"])
-            row["checks"] = {k: {"value": v, "target": t, "met": ok} for k, (v, t, ok) in cuda_checks(row).items()}
+            row["checks"] = stored_checks(cuda_checks(row))
             rows.append(row)
     for case in selected:
         by_name = {_short(n): k for n, k in kernels[case[0]].items()}
-        launches = cuda_launches(case) or []
-        for i, launch in enumerate(launches):
-            if launch not in launches[:i]:  # (the backward's column sums: one kernel launched 2-3 times)
-                rows.append(cuda_case_row(case, launch, by_name))
+        # each kernel once (the backward's column sums: one kernel launched 2-3 times)
+        for launch in dict.fromkeys(cuda_launches(case) or ()):
+            rows.append(cuda_case_row(case, launch, by_name))
     return rows
 
 
 def cuda_case_row(case, launch: tuple, kernels: dict[str, dict]) -> dict:
     """The row of one CUDA launch of a case: the kernel's resources in its cubin, CTAs/SM at the launch's
     block and shared memory, and the per-element model of its hot part (CUDA_LAUNCHES)."""
-    cap, op, direction, dt, params = case
+    cap = case[0]
     name, block, smem, part, elements = launch
     threads = block[0] * block[1]
-    row = {"id": case_id(case), "backend": "cuda", "arch": f"sm_{cap}", "op": op, "direction": direction,
-           "kernel": name, "config": {"threads": threads, "dynamic_smem": smem, "hot": part}}
+    row = _case_row(case, "cuda", name, {"threads": threads, "dynamic_smem": smem, "hot": part})
     k = kernels.get(name)
     if k is None or not k["sass"]:
         return {**row, "error": "kernel not in the extension's cubins"}
@@ -403,23 +417,19 @@ def cuda_case_row(case, launch: tuple, kernels: dict[str, dict]) -> dict:
     # sm_90 cubins count the 1 KiB the driver reserves per CTA in a kernel's shared memory (when it has
     # any; sm_80's do not): taken out here, as ctas_per_sm adds it for every CTA.
     static = k["shared"] - 1024 if cap == 90 and k["shared"] >= 1024 else k["shared"]
-    # "kernel": the whole body; "loop" (and unmodelled launches): hot()'s longest loop
     sass_hot = {"loops": len(loops(instrs)), **count(instrs)} if part == "kernel" else hot(instrs)
     row.update(registers=k["registers"], stack=k["stack"], shared=static + smem,
                ctas_per_sm=ctas_per_sm(cap, k["registers"], math.ceil(threads / 32), static + smem),
                hot=sass_hot)
     if part is not None:
         row["model"] = elementwise_model(case, name, sass_hot["instructions"], threads, elements)
-    row["checks"] = {k: {"value": v, "target": t, "met": ok} for k, (v, t, ok) in checks(case, row).items()}
+    row["checks"] = stored_checks(checks(case, row))
     return row
 
 
-# csrc/attention.cu's forward, attention_fwd_kernel<T, kD, mask kind, dropout>: 4 warps, 128 queries,
-# key tiles of 64 (32 at kD = 80 and 128, and with dropout but for mask kind 2; fwd::key_tile), 2 GEMMs
-# per key tile. Its backward,
-# attention_bwd_kernel<T, kD, mask kind, dropout>: 4 warps, 64 keys per block, query tiles of 64 (32
-# at kD = 80 and 128; bwd::tile), 5 GEMMs per query tile. The tiles are fixed at compile time and the
-# loops have no run-time mask / dropout branches, so the cycle model applies as to the Triton kernels.
+# csrc/attention.cu's attention_{fwd,bwd}_kernel<T, kD, mask kind, dropout>: their tiles are fixed at
+# compile time (fwd::key_tile, bwd::tile: cuda_attention_tiles) and their loops have no run-time mask /
+# dropout branches, so the cycle model applies as to the Triton kernels.
 _CUDA_ATTN = re.compile(r"attention_(fwd|bwd)_kernel<([^,]+), (\d+), (\d), (true|false)>")
 # Mask kinds: forward 0 none, 1 per key ([B,1,1,S_k]), 2 any 4-D; backward 1 none or per key, 2 any 4-D.
 CUDA_ATTN_TARGET = {("fwd", 0): 1.2, ("fwd", 1): 1.2, ("fwd", 2): 1.5, ("bwd", 1): 1.3, ("bwd", 2): 1.3}
@@ -441,7 +451,7 @@ def cuda_attention_tiles(kernel: str) -> dict | None:
 def cuda_checks(row: dict) -> dict[str, tuple[float, float, bool]]:
     """{check: (value, target, met)} of a CUDA kernel: the spill everywhere; the attention issue ratio
     on sm_90 for fp16, D = 64 and no dropout (as the Triton targets), from the row's hot-loop counts."""
-    out = {"spill": (row["stack"], 0, row["stack"] == 0)}
+    out = _spill(row)
     tiles = cuda_attention_tiles(row["kernel"])
     if row["arch"] != "sm_90" or not tiles or not row.get("hot") or tiles["dtype"] != "__half" \
             or tiles["BLOCK_D"] != 64 or tiles["dropout"]:
@@ -453,41 +463,33 @@ def cuda_checks(row: dict) -> dict[str, tuple[float, float, bool]]:
     return out
 
 
-def row_checks(row: dict) -> dict:
-    """A row's checks: as stored for Triton rows; recomputed from the counts for CUDA rows (so that a
-    report written before the CUDA attention targets existed is checked against them too)."""
-    if row["backend"] == "cuda" and "op" not in row and "kernel" in row and "stack" in row:
-        return {k: {"value": v, "target": t, "met": ok} for k, (v, t, ok) in cuda_checks(row).items()}
-    return row.get("checks", {})
-
-
-def _demangle(name: str) -> str:
-    try:
-        out = subprocess.run(["c++filt", name], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return name
-    return re.sub(r"\s+", " ", out.replace("(anonymous namespace)::", ""))
-
-
 # ---------------------------------------------------------------- gaps and output
 def gaps(rows: list[dict]) -> tuple[list[tuple], list[tuple]]:
-    """(unexpected: over target and not in KNOWN_GAPS, stale: in KNOWN_GAPS but met now)."""
-    unexpected, seen = [], set()
-    for r in rows:
-        for name, c in row_checks(r).items():
-            if not c["met"]:
-                seen.add(_gap_key(r, name))
-                if _gap_key(r, name) not in KNOWN_GAPS | KNOWN_CUDA_SPILLS:
-                    unexpected.append(_gap_key(r, name))
+    """(unexpected: over target and not in KNOWN_GAPS, stale: in KNOWN_GAPS but met now), from the
+    checks stored in the rows."""
+    known = KNOWN_GAPS | KNOWN_CUDA_SPILLS
+    missed = [_gap_key(r, name) for r in rows for name, c in r.get("checks", {}).items() if not c["met"]]
     # (case, kernel) / (arch, kernel): what ran, so that its listed gaps are known to be met or not
     ran = {_gap_key(r, c)[:2] for r in rows if "kernel" in r for c in ("spill", "instr_per_element")}
-    stale = sorted(k for k in KNOWN_GAPS | KNOWN_CUDA_SPILLS if k[:2] in ran and k not in seen)
-    return unexpected, stale
+    stale = sorted(k for k in known if k[:2] in ran and k not in missed)
+    return [k for k in missed if k not in known], stale
+
+
+def _over_target(r: dict) -> list[str]:
+    return [f"over target: {c['value']} CTAs/SM < {c['target']}" if name == "ctas_per_sm"
+            else f"over target: {name} {c['value']} > {c['target']}"
+            for name, c in r.get("checks", {}).items() if not c["met"]]
+
+
+def _cycles(m: dict) -> str:
+    return (f"issue {m['issue_cycles']:.0f} / tensor {m['tensor_cycles']:.0f} / MUFU {m['mufu_cycles']:.0f} cyc"
+            f" = **{m['ratio']:.2f}x** ({m['bound']})")
 
 
 def _fmt_row(r: dict) -> str:
+    """A case's launch (Triton, or CUDA at the case's shape) as a table row."""
     cfg = r.get("config", {})
-    if r["backend"] == "cuda":  # a CUDA launch of a case
+    if r["backend"] == "cuda":
         c = f"{cfg['threads']} threads, {cfg['dynamic_smem']} B dyn. smem, hot: {cfg['hot'] or '-'}"
     else:
         c = " ".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in cfg.items() if k not in ("warps", "stages"))
@@ -498,28 +500,27 @@ def _fmt_row(r: dict) -> str:
     if m.get("kind") == "attention":
         model_s = f"{h['instructions']} instr/iter: {_cycles(m)}"
     elif m.get("kind") == "elementwise":
-        model_s = f"**{m['instr_per_element']:.1f}** instr/elem (budget {m['budget']:.0f} at {m['bytes_per_element']:g} B/elem)"
+        model_s = (f"**{m['instr_per_element']:.1f}** instr/elem (budget {m['budget']:.0f} at "
+                   f"{m['bytes_per_element']:g} B/elem)")
     else:
         model_s = f"{h.get('instructions', '?')} instr in hot loop ({h.get('loops', 0)} loops)" if h else ""
-    status = []
-    for name, chk in r.get("checks", {}).items():
-        if not chk["met"]:
-            status.append(f"over target: {name} {chk['value']} > {chk['target']}" if name != "ctas_per_sm"
-                          else f"over target: {chk['value']} CTAs/SM < {chk['target']}")
     return (f"| {r['id']} | {r['kernel']} | {c} | {r['registers']} | {r['stack']} | {r['shared']} | "
-            f"{r.get('ctas_per_sm', '')} | {model_s} | {'; '.join(status) or 'ok'} |")
+            f"{r.get('ctas_per_sm', '')} | {model_s} | {'; '.join(_over_target(r)) or 'ok'} |")
 
 
-def _cycles(m: dict) -> str:
-    return (f"issue {m['issue_cycles']:.0f} / tensor {m['tensor_cycles']:.0f} / MUFU {m['mufu_cycles']:.0f} cyc"
-            f" = **{m['ratio']:.2f}x** ({m['bound']})")
+def _fmt_kernel_row(r: dict) -> str:
+    """A kernel of the CUDA extension (no case) as a table row."""
+    h, m = r.get("hot"), r.get("model")
+    counts = f"{h['instructions']} / {h['mufu']} / {h['mma']}" if h else ""
+    model_s = (_cycles(m) if m else "") + "".join(f"; {s}" for s in _over_target(r))
+    return (f"| {r.get('arch', '')} | `{r.get('kernel', r.get('error', ''))[:110]}` | {r.get('registers', '')} | "
+            f"{r.get('stack', '')} | {r.get('shared', '')} | {counts} | {model_s} |")
 
 
 def write(rows: list[dict], out_dir: Path, meta: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     unexpected, _ = gaps(rows)
-    over = [r for r in rows if any(not c["met"] for c in r.get("checks", {}).values())]
     lines = [
         "# Static performance report (a model read from compiled SASS, not a measurement)",
         "",
@@ -528,10 +529,10 @@ def write(rows: list[dict], out_dir: Path, meta: dict) -> None:
         "shapes (fp16) is compiled for sm_90 and sm_80 with Triton's bundled ptxas, the CUDA kernels are "
         "read from the built extension's cubins, and the hot loop of each kernel is counted in its SASS.",
         "",
-        (MODEL_TEXT),
+        MODEL_TEXT,
         "",
-        f"**{len(over)} kernel launches over a target** (listed in `KNOWN_GAPS`, shown as 'over target'); "
-        f"{len(unexpected)} unexpected. Spills: "
+        f"**{sum(1 for r in rows if _over_target(r))} kernel launches over a target** (listed in `KNOWN_GAPS`, "
+        f"shown as 'over target'); {len(unexpected)} unexpected. Spills: "
         f"{sum(1 for r in rows if r.get('stack'))} kernels with stack bytes.",
         "",
         "| case | kernel | tiles | regs | spill B | shared B | CTAs/SM | hot loop model | status |",
@@ -559,13 +560,7 @@ def write(rows: list[dict], out_dir: Path, meta: dict) -> None:
         "",
         "| arch | kernel | regs | spill B | shared B (static) | hot loop: instr / MUFU / MMA | model |",
         "|---|---|---|---|---|---|---|",
-        *[f"| {r.get('arch', '')} | `{r.get('kernel', r.get('error', ''))[:110]}` | {r.get('registers', '')} | "
-          f"{r.get('stack', '')} | {r.get('shared', '')} | "
-          + (f"{r['hot']['instructions']} / {r['hot']['mufu']} / {r['hot']['mma']}" if r.get("hot") else "")
-          + " | " + (_cycles(r["model"]) if r.get("model") else "")
-          + "".join(f"; over target: {k} {c['value']} > {c['target']}" for k, c in row_checks(r).items()
-                    if not c["met"])
-          + " |" for r in rows if r["backend"] == "cuda" and "op" not in r],
+        *[_fmt_kernel_row(r) for r in rows if r["backend"] == "cuda" and "op" not in r],
         "",
     ]
     (out_dir / "report.md").write_text("\n".join(lines))
@@ -624,8 +619,9 @@ def _meta(cuda_lib: str | None) -> dict:
         tree = Path(cuda_lib).resolve().parents[1]
         built = _git(tree, "rev-parse", "--short", "HEAD")
         dirty = bool(_git(tree, "status", "--porcelain", "--", "csrc"))
-        same = built and subprocess.run(["git", "diff", "--quiet", built, "HEAD", "--", "csrc"], cwd=ROOT).returncode == 0
-        meta["cuda_lib"] = {"built_at": built or "?", "csrc_dirty": dirty, "csrc_matches_head": bool(same) and not dirty}
+        same = bool(built) and subprocess.run(["git", "diff", "--quiet", built, "HEAD", "--", "csrc"],
+                                              cwd=ROOT).returncode == 0
+        meta["cuda_lib"] = {"built_at": built or "?", "csrc_dirty": dirty, "csrc_matches_head": same and not dirty}
     return meta
 
 
@@ -644,16 +640,17 @@ def main(argv=None) -> int:
     archs = tuple(int(a) for a in args.arch.split(","))
     selected = [c for c in cases(archs) if args.only is None or re.search(args.only, case_id(c))]
     rows = triton_rows(selected)
-    libs = [args.cuda_lib] if args.cuda_lib else sorted(glob.glob(str(ROOT / "bertkern" / "_C*.so")))
+    # the extension to read: --cuda-lib, else the first bertkern/_C*.so built here
+    lib = None if args.no_cuda else args.cuda_lib or min(glob.glob(str(ROOT / "bertkern" / "_C*.so")), default=None)
     if not args.no_cuda:
-        rows += cuda_rows(selected, libs[0] if libs else None, kernel_rows=args.only is None)
+        rows += cuda_rows(selected, lib, kernel_rows=args.only is None)
     if args.json:
         print(json.dumps(rows))
     elif args.print:
         for r in rows:
-            print(_fmt_row(r))
+            print(_fmt_row(r) if "op" in r else _fmt_kernel_row(r))
     else:
-        write(rows, Path(args.out), _meta(None if args.no_cuda or not libs else libs[0]))
+        write(rows, Path(args.out), _meta(lib))
         print(f"wrote {args.out}/report.json and report.md ({len(rows)} rows)")
     unexpected, stale = gaps(rows)
     for k in unexpected:
