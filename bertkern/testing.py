@@ -86,9 +86,9 @@ def check_2x(out: Tensors, ref64: Tensors, eager: Tensors, name: str = "output",
 
     out, ref64, eager: tensors, or equal-length sequences of tensors judged together (max over all);
     name: what the message calls them. Each output must have eager's shape and dtype. floor: a kind of
-    `FLOORS` ("op": one op's outputs,
-    "model": whole-model outputs, looked up by the output's dtype) or a number. scale_floor: multiply
-    the floor by max(1, max |ref64|), for outputs whose values are far from 1.
+    `FLOORS` ("op": one op's outputs, "model": whole-model outputs, looked up by the output's dtype) or
+    a number. scale_floor: multiply the floor by max(1, max |ref64|), for outputs whose values are far
+    from 1.
     Under the Triton interpreter, bf16 outputs on CPU get one extra ulp per element (it truncates).
     """
     outs, refs, eagers = _listed(out), _listed(ref64), _listed(eager)

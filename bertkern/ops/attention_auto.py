@@ -7,10 +7,10 @@ The table is keyed by (device arch, dtype, head-dim bucket, sequence bucket) and
 op: rows measured on a GPU first (attention_auto.json next to this file, written by `bertkern bench
 --suite ops --update-auto-table` from the forward kernels' timings: the fastest correct candidate per
 bucket), then the static rows below. Candidates: bertkern's Triton and CUDA kernels, torch's
-`scaled_dot_product_attention` ("sdpa";
-for attention_varlen: the packed tokens gathered into [B, max_seqlen] blocks, SDPA with a key-padding
-mask, scattered back) and `torch.nn.attention.varlen.varlen_attn` ("varlen_attn", FlashAttention on
-packed tokens; fp16 / bf16 on sm_80+, no dropout).
+`scaled_dot_product_attention` ("sdpa"; for attention_varlen: the packed tokens gathered into
+[B, max_seqlen] blocks, SDPA with a key-padding mask, scattered back) and
+`torch.nn.attention.varlen.varlen_attn` ("varlen_attn", FlashAttention on packed tokens; fp16 / bf16
+on sm_80+, no dropout).
 
 GPU rows. Kernel time (H100, torch 2.11, fp16, 32 x 12 heads x 512, D = 64, 60% fill, 2026-11-26):
 padded forward SDPA 0.108 ms, bertkern Triton 0.126, bertkern CUDA 0.129; packed forward (with the
