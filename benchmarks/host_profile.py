@@ -80,7 +80,7 @@ def main(argv=None) -> int:
             lines.append(f"| {prov.name} | not profiled: a CUDA-graph provider | | |")
             continue
         try:
-            model, fn, _ = prov.build(g)
+            _, fn, _ = prov.build(g)  # fn holds the model
         except Exception as e:  # e.g. optimize-cuda without _C: say so, go on
             lines.append(f"| {prov.name} | {common.short_exc(e)} | | |")
             continue
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         lines.append(f"| {prov.name} | {host:.3f} | {total:.3f} | {host / total:.0%} |")
         print(lines[-1], flush=True)
         tops.append((prov.name, top_ops(step, sync, max(3, a.calls // 4))))
-        del model, fn, step
+        fn = step = None  # free the model before the next provider's
         common.free_memory(device)
     for name, (in_ops, rows) in tops:
         lines += ["", f"## {name}: the {TOP} ops with the most host (self CPU) time per call, then the kernels "

@@ -433,7 +433,7 @@ class CUDAGraphRunner:
             if len(leaves) != len(probe_leaves):
                 raise RuntimeError("CUDAGraphRunner: the model's output structure changes with the input shape")
             slices = [_follow_dims(a, b, bucket, probe_shape) for a, b in zip(leaves, probe_leaves)]
-            del out, probe_out, leaves, probe_leaves, probe
+            out = probe_out = leaves = probe_leaves = probe = None  # the warm-up's tensors, freed before capture
             try:
                 graph, out = self._record(lambda: self._forward(static, constants, packed))
             except Exception as e:

@@ -886,7 +886,7 @@ def _match_block(module: nn.Module, backend: str | None, fused_norms: bool, fuse
         mask = torch.ones(2, 3, dtype=torch.bool, device=device)
         mask[1, 2] = False
         hf_mask = torch.zeros(2, 1, 3, 3, device=device, dtype=dtype).masked_fill(~mask[:, None, None, :],
-                                                                                 torch.finfo(dtype).min)
+                                                                                  torch.finfo(dtype).min)
         with _probe_mode(module):
             try:
                 want = type(module).forward(module, h, hf_mask)

@@ -281,7 +281,7 @@ def _format_ran(result: dict) -> str:
     if not result["ran"]:
         return "ran: no bertkern op was called (every module was left alone)"
     text = "ran: " + ", ".join(f"{op} on {' + '.join(_RAN_NAMES.get(b, b) for b in backends)}"
-                                for op, backends in result["ran"].items())
+                               for op, backends in result["ran"].items())
     if not result["kernels_ran"]:
         text += ("\n  (no bertkern kernel ran: on CPU `auto` picks torch's own code; for the Triton kernels use a "
                  "CUDA GPU, or --backend triton with TRITON_INTERPRET=1, slow)")

@@ -22,7 +22,6 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bertkern from this tree
 
 import bertkern  # noqa: E402
-from bertkern import padding  # noqa: E402
 
 
 def _rand(gen, cast, device, *shape, scale=1.0):

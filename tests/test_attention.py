@@ -173,7 +173,7 @@ MASK_FORMS = ["none", "b11s", "b1ss", "bhss", "expanded", "b11s:inf", "b11s:min"
 
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype, S, bwd_path", [(dt, S, "five_gemm") for dt in (torch.float32, torch.float16)
-                                               for S in (7, 77)] + [(torch.float32, 77, "deterministic")],
+                                                for S in (7, 77)] + [(torch.float32, 77, "deterministic")],
                          ids=str, indirect=["bwd_path"])
 @pytest.mark.parametrize("form", MASK_FORMS)
 def test_attention_mask_forms(backend, dtype, S, bwd_path, form):

@@ -234,7 +234,7 @@ def test_thread_orders_change_a_race_and_only_a_race(emulated, monkeypatch):
         if order == "highest":
             assert starts == sorted(starts, reverse=True) and second[warp1].max() < first[warp0].min()
     assert len({str(runs[o, False][0]) for o in ("forward", "reverse", "lowest", "highest", "random:1",
-                                                  "random:2")}) == 6
+                                                 "random:2")}) == 6
     assert len({str(runs[o, False][1]) for o in ("forward", "reverse")}) == 2  # the race's result
     monkeypatch.setenv("BERTKERN_EMU_SCHEDULE", "sideways")
     with pytest.raises(RuntimeError, match="BERTKERN_EMU_SCHEDULE must be forward, reverse, lowest, highest or"):

@@ -266,7 +266,7 @@ def test_the_leading_cases_are_bert_base_in_each_direction_and_dtype(spec):
     full = spec.cases(False)
     assert ops.leading(full) >= 4 and _tokens(full[0]) in ops.BERT_TOKENS
     assert {(c.direction != "fwd", c.dtype) for c in full[:4]} == {(b, d) for b in (False, True)
-                                                                  for d in (torch.float16, torch.bfloat16)}
+                                                                   for d in (torch.float16, torch.bfloat16)}
 
 
 def test_gate_passes_bertkern_backends_on_cpu():
@@ -492,7 +492,7 @@ def test_gpu_check_script_syntax_and_suites():
     script = ROOT / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     assert all(s in script.read_text() for s in ("bench ops", "bench bert", "bench train", "--suite", "results.tgz",
-                                                  "tests/test_compute_sanitizer.py"))
+                                                 "tests/test_compute_sanitizer.py"))
 
 
 def test_host_profile_reports_each_provider(tmp_path):

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from bertkern import backend, ops
-from bertkern import info as info_mod
 from bertkern.__main__ import main as cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -28,7 +28,7 @@ def _calls():
         "attention_varlen": (packed, lambda t: bertkern.ops.attention_varlen(t, packed, packed, cu, 4,
                                                                              backend="torch")),
         "embedding_layer_norm": (table, lambda t: bertkern.ops.embedding_layer_norm(ids, None, None, t, None, None,
-                                                                                     w, b, backend="torch")),
+                                                                                    w, b, backend="torch")),
     }
 
 

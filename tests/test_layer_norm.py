@@ -81,7 +81,7 @@ def check_against_eager(backend, inputs, grad, eps):
     """add_layer_norm on `backend` vs eager in float64 (the truth) and in the inputs' dtype (the
     error allowed); returns bertkern's (outputs, grads)."""
     out = run(lambda **a: bertkern.ops.add_layer_norm(a["x"], a["residual"], a["weight"], a["bias"], eps,
-                                                     x_bias=a["x_bias"], backend=backend), inputs, grad)
+                                                      x_bias=a["x_bias"], backend=backend), inputs, grad)
     ref = run(lambda **a: eager(**a, eps=eps), as64(inputs), grad.double())
     eag = run(lambda **a: eager(**a, eps=eps), inputs, grad)
     check_all(out, ref, eag)
@@ -151,8 +151,8 @@ def test_add_layer_norm_optional_inputs(backend_device, present, return_prenorm)
         return (y, h) if return_prenorm else y
 
     out = run(lambda **a: bertkern.ops.add_layer_norm(a["x"], a["residual"], a["weight"], a["bias"],
-                                                     x_bias=a["x_bias"], return_prenorm=return_prenorm,
-                                                     backend=backend), inputs, grad, gp)
+                                                      x_bias=a["x_bias"], return_prenorm=return_prenorm,
+                                                      backend=backend), inputs, grad, gp)
     ref = run(eager_pre, as64(inputs), grad.double(), None if gp is None else gp.double())
     eag = run(eager_pre, inputs, grad, gp)
     check_all(out, ref, eag)
@@ -389,7 +389,7 @@ def test_dropout_forward_backward_agree(backend_device, dtype):
     grad = randn(*shape, dtype=dtype, device=device)
     torch.manual_seed(5)
     out = run(lambda **a: bertkern.ops.add_layer_norm(a["x"], a["residual"], a["weight"], a["bias"], 1e-5,
-                                                     x_bias=a["x_bias"], dropout_p=p, backend=backend), inputs, grad)
+                                                      x_bias=a["x_bias"], dropout_p=p, backend=backend), inputs, grad)
     # Recover the mask: same seed, x = 1 and nothing else -> the pre-norm sum is keep / (1 - p).
     keep = _prenorm_keep(backend, device, shape, p, seed=5)
     ref = run(lambda **a: eager(**a, eps=1e-5, keep=keep, p=p), as64(inputs), grad.double())
@@ -562,7 +562,7 @@ def test_embedding_ids_out_of_range_triton(backend_device):
     pids = torch.tensor([[0, 1, 2, 3], [3, 2, -2, 9]], device=device)
     bad = torch.tensor([[False, True, True, False], [True, False, True, True]], device=device).flatten()
     y, pre, mean, rstd = triton_ln.embedding_forward((ids, pids, tids), (word, pos, typ), None, None,
-                                                  NormArgs(1e-5, store_prenorm=True))
+                                                     NormArgs(1e-5, store_prenorm=True))
     for t in (y, pre, mean, rstd):
         assert t[bad].isnan().all() and not t[~bad].isnan().any()
     e = word[ids.long().clamp(0, 4)].double() + typ[tids.clamp(0, 1)].double() + pos[pids.clamp(0, 3)].double()

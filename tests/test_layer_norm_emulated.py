@@ -191,7 +191,7 @@ def test_strided_rows(cuda, dtype):
     x, grad = inputs["x"], randn(3, 2, 96, dtype=dtype).transpose(0, 1)
     assert x.stride(-2) == 103 and not grad.is_contiguous()
     out = run(lambda **a: bertkern.ops.add_layer_norm(a["x"], a["residual"], a["weight"], a["bias"], 1e-5,
-                                                     x_bias=a["x_bias"], backend=cuda), inputs, grad)
+                                                      x_bias=a["x_bias"], backend=cuda), inputs, grad)
     check_all(out, run(lambda **a: eager(**a, eps=1e-5), as64(inputs), grad.double()),
               run(lambda **a: eager(**a, eps=1e-5), inputs, grad))
     inputs = make_inputs((5, 96), dtype, CPU, noncontig=True)

@@ -300,7 +300,7 @@ def test_philox_is_the_standard_one():
     """The reference's Philox4x32-10, the spec of every backend's dropout, is Random123's (its known
     answer for counter 0, key 0) and tl.randint4x's (counter (offset lo, offset hi, 0, 0))."""
     assert reference.philox_words(torch.tensor([0]), 1, 1).tolist() == [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C,
-                                                                          0x9B00DBD8]]
+                                                                         0x9B00DBD8]]
     import triton
     import triton.language as tl
 

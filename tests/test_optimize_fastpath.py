@@ -238,8 +238,8 @@ def test_auto_table_reads_measured_rows_first(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("runnable, want", [({"varlen_attn", "cuda", "sdpa"}, "varlen_attn"),
-                                             ({"cuda", "sdpa"}, "cuda"),  # dropout: packed CUDA kernels
-                                             ({"sdpa"}, "sdpa"), (set(), "torch")])
+                                            ({"cuda", "sdpa"}, "cuda"),  # dropout: packed CUDA kernels
+                                            ({"sdpa"}, "sdpa"), (set(), "torch")])
 def test_auto_falls_back_in_order(monkeypatch, runnable, want):
     """A choice that cannot run an input moves down its row's order, never to Triton, and ends at torch."""
     monkeypatch.setattr(attention_auto, "_arch", lambda device: "sm_90")

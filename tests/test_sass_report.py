@@ -141,7 +141,9 @@ def _cuda_call(ops, case):
     seed = torch.tensor([1234], dtype=torch.int64)
     if op == "bias_gelu":
         a = params["approximate"]
-        return op, (lambda: ops.bias_gelu_fwd(x, w, a)) if direction == "fwd" else (lambda: ops.bias_gelu_bwd(x, x, w, a))
+        if direction == "fwd":
+            return op, lambda: ops.bias_gelu_fwd(x, w, a)
+        return op, lambda: ops.bias_gelu_bwd(x, x, w, a)
     if op == "embedding_layer_norm":
         ids = torch.zeros(1, 8, dtype=torch.int64)
         word, pos, typ = torch.randn(30522, N).to(h), torch.randn(512, N).to(h), torch.randn(2, N).to(h)
@@ -207,7 +209,8 @@ def test_cuda_case_rows_in_the_report():
     test_budgets_hold), from an extension built from this tree's csrc."""
     report = json.loads(REPORT.read_text())
     rows = [r for r in report["rows"] if r["backend"] == "cuda" and "op" in r]
-    want = {(sass_report.case_id(c), launch[0]) for c in sass_report.cases() for launch in sass_report.cuda_launches(c) or ()}
+    want = {(sass_report.case_id(c), launch[0])
+            for c in sass_report.cases() for launch in sass_report.cuda_launches(c) or ()}
     assert len(rows) == len(want), "a case lists one launch twice"
     assert {(r["id"], r["kernel"]) for r in rows} == want
     assert not [r for r in rows if "error" in r], "a launched kernel is not in the extension"

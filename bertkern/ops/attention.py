@@ -157,7 +157,7 @@ def torch_varlen_forward(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed
     acc = acc_dtype(q.dtype)
     out = torch.zeros((total, H, D), dtype=acc, device=q.device)
     stats = torch.stack((torch.full((H, total), float("-inf"), dtype=acc, device=q.device),
-                       torch.zeros((H, total), dtype=acc, device=q.device)))
+                         torch.zeros((H, total), dtype=acc, device=q.device)))
     if total == 0 or cu_seqlens.numel() < 2 or max_seqlen == 0:
         return out, stats
     idx, valid = varlen_index(cu_seqlens, max_seqlen, total)
@@ -381,7 +381,7 @@ def _pick_backend(op: str, backend: str | None, q: torch.Tensor, dropout_p: floa
         why = cuda_unsupported(q)
         if why is not None and kernel_unsupported(q) is None:
             _backend.warn_once(f"bertkern.ops.{op}: the CUDA kernel does not cover this input ({why}); "
-                                "running the Triton kernel")
+                               "running the Triton kernel")
             requested = "triton"
     return _backend.resolve(op, requested, q.device, kernel_unsupported(q))
 

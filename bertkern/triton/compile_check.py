@@ -110,7 +110,7 @@ def meta(shape, dtype):
     import torch
 
     return torch.empty(shape, dtype=getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-                                           .get(dtype, dtype)), device="meta")
+                                            .get(dtype, dtype)), device="meta")
 
 
 # The Triton module that declares each op's compile launches (its compile_launch).
@@ -215,5 +215,3 @@ def compile_job(job, sass: bool = False) -> dict:
 
     mod, name, sig, consts, aligned, warps, stages, cap = job
     return compile_kernel(getattr(importlib.import_module(mod), name), sig, consts, warps, stages, cap, aligned, sass)
-
-
