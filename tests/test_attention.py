@@ -623,7 +623,7 @@ def test_cuda_backend_coverage(record_backends, monkeypatch):
 @pytest.mark.gpu
 def test_auto_varlen_attn_inference_and_training_match():
     """auto's varlen_attn: the direct ATen call (inference) and torch's varlen_attn (with a gradient)
-    give the reference's answer on packed sequences."""
+    give the reference's answer on packed sequences; training with dropout runs too."""
     auto = importlib.import_module("bertkern.ops.attention_auto")
     cu = torch.tensor([0, 1, 70, 70, 200], dtype=torch.int32, device="cuda")
     q, k, v = (torch.randn(200, 3, 64, device="cuda", dtype=torch.float16) for _ in range(3))
@@ -638,6 +638,10 @@ def test_auto_varlen_attn_inference_and_training_match():
     assert_close_2x(got, want, eager)
     got.float().sum().backward()
     assert qg.grad is not None and torch.isfinite(qg.grad).all()
+    # With dropout (varlen_attn has none) auto moves down the row: it once raised here (AttributeError).
+    qg.grad = None
+    bertkern.ops.attention_varlen(qg, k, v, cu, 130, dropout_p=0.1).float().sum().backward()
+    assert torch.isfinite(qg.grad).all()
 
 
 def test_cuda_ops_are_registered():

@@ -249,6 +249,16 @@ def test_auto_falls_back_in_order(monkeypatch, runnable, want):
     assert attention_auto.choose("attention_varlen", q, 0.1, 128) == want
 
 
+def test_auto_can_run_asks_the_kernels_own_checks():
+    """_can_run unstubbed, for the choices a GPU row gives: a dtype the CUDA kernels or every kernel lack
+    moves down the order. (On an H100 packed training with dropout chose "cuda", and this check raised
+    AttributeError: it had looked the checks up on the attention function, not its module.)"""
+    q = torch.empty(2, 3, 16, 64)
+    assert not attention_auto._can_run("cuda", "attention_varlen", q, 0.1)  # fp32
+    assert not attention_auto._can_run("triton", "attention", q.double(), 0.0)
+    assert attention_auto._can_run("sdpa", "attention", q, 0.1)
+
+
 def test_auto_choice_is_cached_per_input_kind(monkeypatch):
     """choose() walks the table once per (op, device, dtype, head dim, seq bucket, dropout) and again
     when the table is swapped; a call with another key walks it anew."""

@@ -123,7 +123,8 @@ def lookup(op: str, arch: str, dtype: torch.dtype, head_dim: int, seq: int) -> s
 
 def _can_run(choice: str, op: str, q: torch.Tensor, dropout_p: float) -> bool:
     from bertkern import backend as _backend
-    from bertkern.ops import attention as _attn
+    # Not `from bertkern.ops import attention`: that name is the function bertkern.ops re-exports.
+    from bertkern.ops.attention import cuda_unsupported, kernel_unsupported
 
     if choice == "torch":
         return True
@@ -133,9 +134,9 @@ def _can_run(choice: str, op: str, q: torch.Tensor, dropout_p: float) -> bool:
         return (op == "attention_varlen" and dropout_p == 0.0 and q.device.type == "cuda"
                 and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
                 and _varlen_attn() is not None and _matches("sm_80+", _arch(q.device)))
-    if choice == "cuda" and _attn.cuda_unsupported(q) is not None:
+    if choice == "cuda" and cuda_unsupported(q) is not None:
         return False
-    return _backend.unavailable_reason(choice, q.device) is None and _attn.kernel_unsupported(q) is None
+    return _backend.unavailable_reason(choice, q.device) is None and kernel_unsupported(q) is None
 
 
 def choose(op: str, q: torch.Tensor, dropout_p: float, seq: int | None = None) -> str:
