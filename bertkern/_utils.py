@@ -35,6 +35,12 @@ def check_mask_kind(name: str, mask, arg: str, ref: torch.Tensor) -> None:
         raise ValueError(f"{name}: mask is on {mask.device} but {arg} is on {ref.device}")
 
 
+def broadcasts_to(shape, to) -> bool:
+    """expand()'s rule on the shapes alone: every dim of `shape`, aligned from the right, is 1 or
+    `to`'s. Checked on every call: torch.broadcast_shapes costs ~100 us of host time there."""
+    return len(shape) <= len(to) and all(a == 1 or a == b for a, b in zip(reversed(shape), reversed(to)))
+
+
 def num_sms(device: torch.device, interpreted: int) -> int:
     """SMs of a CUDA device; `interpreted` elsewhere (the Triton interpreter: few programs keep CPU
     tests fast)."""

@@ -49,7 +49,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import OpCall, acc_dtype, check_mask_kind, needs_grad, varlen_index
+from bertkern._utils import OpCall, acc_dtype, broadcasts_to, check_mask_kind, needs_grad, varlen_index
 from bertkern.ops import attention_auto as _auto
 
 _NAME = "bertkern.ops.attention"
@@ -435,11 +435,7 @@ def _check(q, k, v, mask, scale, dropout_p) -> None:
         return
     check_mask_kind(_NAME, mask, "q", q)
     scores = (B, H, S_q, k.shape[2])
-    try:
-        ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, scores) == scores
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(mask.shape, scores):
         raise ValueError(f"{_NAME}: mask of shape {list(mask.shape)} does not broadcast to the scores' shape "
                          f"{list(scores)} [B, H, S_q, S_k] (a [B, S_k] padding mask goes in as mask[:, None, None, :])")
 

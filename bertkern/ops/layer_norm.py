@@ -38,8 +38,8 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import (NormArgs, NormGradArgs, OpCall, acc_dtype, check_floating, contiguous_or_none, empty,
-                             keep_mask, needs_grad)
+from bertkern._utils import (NormArgs, NormGradArgs, OpCall, acc_dtype, broadcasts_to, check_floating,
+                             contiguous_or_none, empty, keep_mask, needs_grad)
 
 
 # ---------------------------------------------------------------- torch backend (2-D rows)
@@ -471,9 +471,7 @@ def _check_embedding(input_ids, position_ids, token_type_ids, word, pos, typ, we
         if t.dtype not in _INDEX_DTYPES:
             raise ValueError(f"{name}: {arg} must be int64 or int32, got dtype {t.dtype}")
         _check_device(name, arg, t, word, "word_embeddings")
-        # expand()'s rule on the shapes alone: making the view costs microseconds of host time per call
-        shape, to = t.shape, input_ids.shape
-        if len(shape) > len(to) or any(a != 1 and a != b for a, b in zip(reversed(shape), reversed(to))):
+        if not broadcasts_to(t.shape, input_ids.shape):
             raise ValueError(f"{name}: {arg} of shape {list(t.shape)} does not broadcast to "
                              f"input_ids' {list(input_ids.shape)}")
     for arg, t in (("position_embeddings", pos), ("token_type_embeddings", typ)):

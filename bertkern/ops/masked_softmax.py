@@ -26,7 +26,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import OpCall, acc_dtype, check_floating, check_mask_kind, needs_grad
+from bertkern._utils import OpCall, acc_dtype, broadcasts_to, check_floating, check_mask_kind, needs_grad
 
 _NAME = "bertkern.ops.masked_softmax"
 
@@ -173,11 +173,7 @@ def _check(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, dropou
     if mask is None:
         return
     check_mask_kind(_NAME, mask, "scores", scores)
-    try:
-        ok = torch.broadcast_shapes(mask.shape, scores.shape) == scores.shape
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(mask.shape, scores.shape):
         raise ValueError(
             f"{_NAME}: mask of shape {list(mask.shape)} does not broadcast to scores' shape {list(scores.shape)} "
             "(dims align from the right, as in scores + mask; a [batch, keys] padding mask goes in as "
