@@ -47,8 +47,8 @@ def _torch_forward(x, residual, weight, bias, x_bias, seed, args: NormArgs):
     keep = keep_mask(seed, x.shape, args.dropout_p)
     h = reference.add_layer_norm_prenorm(x, residual, x_bias, args.dropout_p if keep is not None else 0.0, keep=keep)
     h = h.to(x.dtype).to(h.dtype)  # normalize the sum as stored for backward (and as eager adds): in x's dtype
-    mean, rstd = reference.layer_norm_stats(h, args.eps)
-    y = reference.layer_norm(h, weight, bias, args.eps).to(x.dtype)
+    y, mean, rstd = reference.layer_norm_with_stats(h, weight, bias, args.eps)
+    y = y.to(x.dtype)
     # copy=True: with nothing added, h is x itself, and a custom op's output must not alias an input.
     return y, (h.to(x.dtype, copy=True) if args.store_prenorm else empty(x)), mean, rstd
 
@@ -324,8 +324,8 @@ def _emb_torch_forward(ids, tables, weight, bias, args: NormArgs):
     word = tables[0]
     e = reference.embedding_sum(ids, tables)
     e = e.to(word.dtype).to(e.dtype)  # the sum as stored for backward, in the tables' dtype
-    mean, rstd = reference.layer_norm_stats(e, args.eps)
-    y = reference.layer_norm(e, weight, bias, args.eps).to(word.dtype)
+    y, mean, rstd = reference.layer_norm_with_stats(e, weight, bias, args.eps)
+    y = y.to(word.dtype)
     n = word.shape[1]
     prenorm = e.to(word.dtype).reshape(-1, n) if args.store_prenorm else empty(word)
     return y.reshape(-1, n), prenorm, mean.reshape(-1), rstd.reshape(-1)
