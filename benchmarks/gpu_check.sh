@@ -11,7 +11,7 @@
 #
 # Env: PYTHON (python3), BUDGET_S (a suite that no longer fits in it is skipped), BENCH_RESERVE_S, OUT
 # (else a temp dir), SUITES ("ops bert train"), SKIP_TESTS=1 (benchmarks only), FULL_TESTS=1 (all of
-# tests/ after the gpu ones), GPU_TESTS_S (240), BUILD_S (300), SANITIZER_S (100), TEST_WORKERS (8, with
+# tests/ after the gpu ones), GPU_TESTS_S (240), BUILD_S (300), SANITIZER_S (120), TEST_WORKERS (8, with
 # pytest-xdist), OPS_BUDGET_S / BERT_BUDGET_S / TRAIN_BUDGET_S (a suite's timed budget, instead of its
 # share), OPS_ARGS / BERT_ARGS / TRAIN_ARGS (extra `bertkern bench` arguments).
 # MiniLM has its real weights when the tree carries .minilm/ (bertkern bench --export-minilm .minilm).
@@ -79,11 +79,12 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   step "pytest -m gpu tests/" tests.log "${GPU_TESTS_S:-240}" "$PY" -m pytest -m gpu tests/ -q -ra -p no:cacheprovider \
     "${XDIST[@]}" --ignore=tests/test_compute_sanitizer.py
   # The CUDA kernels under compute-sanitizer (memcheck, racecheck, synccheck, initcheck side by side): a
-  # step of its own, so that a slow tool cannot cost the gpu tests' results.
+  # step of its own, so that a slow tool cannot cost the gpu tests' results. Each tool's own limit ends
+  # 30 s before the step's (the workers' start-up), so a slow one fails by name with what it printed.
   SAN_XDIST=()
   ((${#XDIST[@]})) && SAN_XDIST=(-n 4)
-  step "compute-sanitizer" tests.log "${SANITIZER_S:-100}" env BERTKERN_SANITIZER_TIMEOUT_S=$((${SANITIZER_S:-100} - 15)) \
-    "$PY" -m pytest -m gpu tests/test_compute_sanitizer.py -q -ra -p no:cacheprovider "${SAN_XDIST[@]}"
+  step "compute-sanitizer" tests.log "${SANITIZER_S:-120}" env BERTKERN_SANITIZER_TIMEOUT_S=$((${SANITIZER_S:-120} - 30)) \
+    "$PY" -m pytest -m gpu tests/test_compute_sanitizer.py -v -ra -p no:cacheprovider "${SAN_XDIST[@]}"
   # FULL_TESTS=1: the rest of the suite too, in what is left once BENCH_RESERVE_S are kept for the
   # benchmarks. The CPU stand-ins for a GPU (the CUDA emulation, the host-side Triton compile) are CI's.
   if [ "${FULL_TESTS:-0}" = 1 ]; then
