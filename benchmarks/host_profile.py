@@ -1,6 +1,7 @@
 """Where an eager forward spends its host time, per provider of the bert suite: the time for the call to
-return (host: a forward's launches fit in the queue) beside the time until the GPU is done, and the ops
-that cost the host most. A small BERT called eagerly is host-bound on an H100. Writes
+return (host: a forward's launches fit in the queue) beside the time until the GPU is done, the providers
+called in turn so that a noisy host drifts on all of them alike; then the ops, and the Python functions
+outside them, that cost the host most. A small BERT called eagerly is host-bound on an H100. Writes
 OUT/<gpu or cpu>/host_profile.md. (Per op, the ops suite's eager and graph-replay times tell kernel from host.)
 
     python benchmarks/host_profile.py --model bert-base --batch 1 --providers hf-sdpa optimize optimize-cuda
@@ -8,6 +9,8 @@ OUT/<gpu or cpu>/host_profile.md. (Per op, the ops suite's eager and graph-repla
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import sys
 import time
@@ -23,18 +26,28 @@ import torch  # noqa: E402
 TOP = 12
 
 
-def host_and_total(step, sync, calls: int) -> tuple[float, float]:
-    """Median ms for `step()` to return, and until the device is done."""
-    host, total = [], []
+def host_and_total(steps: dict, sync, calls: int) -> dict[str, tuple[float, float]]:
+    """Per step, median ms for `step()` to return and until the device is done; the steps called in turn."""
+    times = {name: ([], []) for name in steps}
     for _ in range(calls):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        t1 = time.perf_counter()
-        sync()
-        host.append(t1 - t0)
-        total.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(host), 1e3 * statistics.median(total)
+        for name, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            step()
+            t1 = time.perf_counter()
+            sync()
+            times[name][0].append(t1 - t0)
+            times[name][1].append(time.perf_counter() - t0)
+    return {name: (1e3 * statistics.median(h), 1e3 * statistics.median(t)) for name, (h, t) in times.items()}
+
+
+def top_python(step, calls: int) -> list[tuple[str, int, float]]:
+    """(function, calls, self µs) per call of the TOP Python functions by self time (cProfile)."""
+    prof = cProfile.Profile()
+    prof.runcall(lambda: [step() for _ in range(calls)])
+    rows = sorted(pstats.Stats(prof).stats.items(), key=lambda kv: kv[1][2], reverse=True)[:TOP]
+    return [(f"{Path(f).name}:{line}({fn})" if line else fn, round(nc / calls), 1e6 * tt / calls)
+            for (f, line, fn), (_, nc, tt, _, _) in rows]
 
 
 def top_ops(step, sync, calls: int) -> tuple[float, list[tuple[str, int, float, float]]]:
@@ -74,31 +87,33 @@ def main(argv=None) -> int:
     ids, mask, _ = models.make_batch(cell, g.config, device)
     lines = [f"# Host time of an eager forward: {cell.label}", "", common.env_line(env), "",
              "| provider | host ms (call returns) | total ms (device done) | host share |", "|---|---:|---:|---:|"]
-    tops = []
+    steps, rows = {}, {}
     for prov in models.providers("bert", a.providers, cpu=device.type != "cuda"):
         if prov.graphs:  # a graph replay has no host work per layer to profile
-            lines.append(f"| {prov.name} | not profiled: a CUDA-graph provider | | |")
+            rows[prov.name] = f"| {prov.name} | not profiled: a CUDA-graph provider | | |"
             continue
         try:
-            _, fn, _ = prov.build(g)  # fn holds the model
+            _, fn, _ = prov.build(g)  # fn holds the model (every provider's at once: small models)
         except Exception as e:  # e.g. optimize-cuda without _C: say so, go on
-            lines.append(f"| {prov.name} | {common.short_exc(e)} | | |")
+            rows[prov.name] = f"| {prov.name} | {common.short_exc(e)} | | |"
             continue
-        step = torch.no_grad()(lambda: fn(ids, mask))
+        steps[prov.name] = torch.no_grad()(lambda fn=fn: fn(ids, mask))
         for _ in range(3):  # Triton compiles, caches, the allocator
-            step()
-        host, total = host_and_total(step, sync, a.calls)
-        lines.append(f"| {prov.name} | {host:.3f} | {total:.3f} | {host / total:.0%} |")
-        print(lines[-1], flush=True)
-        tops.append((prov.name, top_ops(step, sync, max(3, a.calls // 4))))
-        fn = step = None  # free the model before the next provider's
-        common.free_memory(device)
-    for name, (in_ops, rows) in tops:
+            steps[prov.name]()
+    for name, (host, total) in host_and_total(steps, sync, a.calls).items():
+        rows[name] = f"| {name} | {host:.3f} | {total:.3f} | {host / total:.0%} |"
+        print(rows[name], flush=True)
+    lines += list(rows.values())
+    for name, step in steps.items():
+        in_ops, ops = top_ops(step, sync, max(3, a.calls // 4))
         lines += ["", f"## {name}: the {TOP} ops with the most host (self CPU) time per call, then the kernels "
                   "with the most device time", "", f"Host time inside ops (profiled): {in_ops / 1e3:.3f} ms per call; "
                   "the rest of the call is Python outside any op.", "", "| op | calls | host µs | device µs |",
                   "|---|---:|---:|---:|"]
-        lines += [f"| `{op}` | {n} | {us:.1f} | {dev:.1f} |" for op, n, us, dev in rows]
+        lines += [f"| `{op}` | {n} | {us:.1f} | {dev:.1f} |" for op, n, us, dev in ops]
+        lines += ["", "The Python functions and built-ins with the most self time (cProfile):", "",
+                  "| function | calls | self µs |", "|---|---:|---:|"]
+        lines += [f"| `{fn}` | {n} | {us:.1f} |" for fn, n, us in top_python(step, max(3, a.calls // 4))]
     folder = Path(a.out) / env["gpu_slug"]  # "cpu" without a GPU
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "host_profile.md").write_text("\n".join(lines) + "\n")
