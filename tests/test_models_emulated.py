@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import emulation
+from bertkern import backend as _backend
 from bertkern.models import BertModel
+from bertkern.ops import attention_auto
 from harness import assert_close_2x
 from test_models import hf_bert, padded_batch
 
@@ -57,3 +59,20 @@ def test_bert_on_the_cuda_kernels(cuda, monkeypatch, record_backends, mode):
     backends = {op: b for op, b in record_backends}
     expected = {"bias_gelu", "add_layer_norm", "embedding_layer_norm", attention_op}
     assert set(backends) == expected and set(backends.values()) == {"cuda"}, record_backends
+
+
+def test_auto_with_an_h100_table_trains_packed_with_dropout_on_the_cuda_kernels(cuda, monkeypatch):
+    """backend="auto" as on an H100 with bertkern._C built: the fused ops resolve to cuda and attention
+    reads the sm_90 rows. Packed training with dropout: the row's varlen_attn has no dropout, so the
+    CUDA kernels run it. (On the H100 this path raised AttributeError and no CPU test took it.)"""
+    monkeypatch.delenv("BERTKERN_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "auto_backend", lambda device: "cuda")
+    monkeypatch.setattr(attention_auto, "_arch", lambda device: "sm_90")
+    monkeypatch.setattr(attention_auto, "_CHOSEN", {})
+    with _backend.observe() as ran:
+        model = BertModel.from_hf(hf_bert(attention_probs_dropout_prob=0.1), **FUSED, fused_attention=True,
+                                  padding_free=True).to(torch.bfloat16).train()
+        ids, mask, token_types = padded_batch()
+        model(ids, mask, token_types).last_hidden_state.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert ("attention_varlen", "cuda") in ran, ran
