@@ -94,7 +94,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 
 # Where eager inference spends host time, per provider (issue 11: optimize() vs optimize(backend="cuda")).
-step "host profile" bench.log 90 "$PY" benchmarks/host_profile.py --calls 10
+step "host profile" bench.log 90 "$PY" benchmarks/host_profile.py --calls 20
 
 # bench SUITE SHARE_PERCENT ARGS...: run.py --suite SUITE with that share of what is left (less ~20 s for
 # the tar) as its budget, killed GRACE_S past it (start-up, model building, writing the files).
