@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a lent GPU machine without internet: versions, build bertkern._C
-# for sm_90, bertkern info, pytest -m gpu (FULL_TESTS=1: all of tests/), the CUDA kernels under
-# compute-sanitizer (tests/test_compute_sanitizer.py), host_profile.py, then the
+# for sm_90, bertkern info, pytest -m gpu (FULL_TESTS=1: all of tests/; SANITIZER=1: the CUDA kernels
+# under compute-sanitizer, tests/test_compute_sanitizer.py), host_profile.py, then the
 # benchmarks (ops, bert --quick, train --quick) in what is left of BUDGET_S (at least BENCH_RESERVE_S);
 # results.tgz and the logs into $OUT. Each step has a time limit, a failed one does not stop the next,
 # and a summary table comes last.
@@ -11,7 +11,7 @@
 #
 # Env: PYTHON (python3), BUDGET_S (a suite that no longer fits in it is skipped), BENCH_RESERVE_S, OUT
 # (else a temp dir), SUITES ("ops bert train"), SKIP_TESTS=1 (benchmarks only), FULL_TESTS=1 (all of
-# tests/ after the gpu ones), GPU_TESTS_S (240), BUILD_S (300), SANITIZER_S (120), TEST_WORKERS (8, with
+# tests/ after the gpu ones), SANITIZER=1, GPU_TESTS_S (240), BUILD_S (300), SANITIZER_S (120), TEST_WORKERS (8, with
 # pytest-xdist), OPS_BUDGET_S / BERT_BUDGET_S / TRAIN_BUDGET_S (a suite's timed budget, instead of its
 # share), OPS_ARGS / BERT_ARGS / TRAIN_ARGS (extra `bertkern bench` arguments).
 # MiniLM has its real weights when the tree carries .minilm/ (bertkern bench --export-minilm .minilm).
@@ -78,13 +78,16 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-8}")
   step "pytest -m gpu tests/" tests.log "${GPU_TESTS_S:-240}" "$PY" -m pytest -m gpu tests/ -q -ra -p no:cacheprovider \
     "${XDIST[@]}" --ignore=tests/test_compute_sanitizer.py
-  # The CUDA kernels under compute-sanitizer (memcheck, racecheck, synccheck, initcheck side by side): a
-  # step of its own, so that a slow tool cannot cost the gpu tests' results. Each tool's own limit ends
-  # 30 s before the step's (the workers' start-up), so a slow one fails by name with what it printed.
-  SAN_XDIST=()
-  ((${#XDIST[@]})) && SAN_XDIST=(-n 4)
-  step "compute-sanitizer" tests.log "${SANITIZER_S:-120}" env BERTKERN_SANITIZER_TIMEOUT_S=$((${SANITIZER_S:-120} - 30)) \
-    "$PY" -m pytest -m gpu tests/test_compute_sanitizer.py -v -ra -p no:cacheprovider "${SAN_XDIST[@]}"
+  # SANITIZER=1: the CUDA kernels under compute-sanitizer (memcheck, racecheck, synccheck, initcheck side
+  # by side), a step of its own so that a slow tool cannot cost the gpu tests' results. Off by default:
+  # its 100-120 s left the train benchmark no time on 2026-11-27 (3 of the 4 tools passed then). Each
+  # tool's own limit ends 30 s before the step's (the workers' start-up), so a slow one fails by name.
+  if [ "${SANITIZER:-0}" = 1 ]; then
+    SAN_XDIST=()
+    ((${#XDIST[@]})) && SAN_XDIST=(-n 4)
+    step "compute-sanitizer" tests.log "${SANITIZER_S:-120}" env BERTKERN_SANITIZER_TIMEOUT_S=$((${SANITIZER_S:-120} - 30)) \
+      "$PY" -m pytest -m gpu tests/test_compute_sanitizer.py -v -ra -p no:cacheprovider "${SAN_XDIST[@]}"
+  fi
   # FULL_TESTS=1: the rest of the suite too, in what is left once BENCH_RESERVE_S are kept for the
   # benchmarks. The CPU stand-ins for a GPU (the CUDA emulation, the host-side Triton compile) are CI's.
   if [ "${FULL_TESTS:-0}" = 1 ]; then
