@@ -183,8 +183,8 @@ def layer_norm(h: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 def layer_norm_with_stats(h: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd): layer_norm's output in h's dtype and its statistics over the last dim, from one
-    ATen call (torch.native_layer_norm, the op F.layer_norm ends in; computing them apart cost 10x its
-    host time)."""
+    ATen call (torch.native_layer_norm, the op F.layer_norm ends in; a separate two-pass mean and
+    variance made the torch backend's add_layer_norm 158 instead of 119 us per call on a 2-core CPU)."""
     w = None if weight is None else weight.to(h.dtype)
     b = None if bias is None else bias.to(h.dtype)
     y, mean, rstd = torch.native_layer_norm(h, h.shape[-1:], w, b, eps)
