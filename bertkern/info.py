@@ -66,9 +66,10 @@ def collect() -> dict:
     }
     from bertkern.ops import attention_auto
 
-    # Rows of the table attention's auto follows ("arch dtype head_dim seq -> attention / attention_varlen").
+    # Rows of the table attention's auto follows ("arch dtype head_dim seq [mode] -> attention / attention_varlen").
     info["attention_auto_table"] = {
-        f"{r['arch']} {r['dtype']} head_dim {r['head_dim']} seq {r['seq']}":
+        f"{r['arch']} {r['dtype']} head_dim {r['head_dim']} seq {r['seq']}"
+        + (f" {r['mode']} inference" if r.get("mode") else ""):
             f"attention -> {r.get('attention', '(next row)')}, attention_varlen -> "
             f"{r.get('attention_varlen', '(next row)')} ({r.get('why', '')})"
         for r in attention_auto.table()

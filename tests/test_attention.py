@@ -601,11 +601,19 @@ def test_cuda_backend_coverage(record_backends, monkeypatch):
         with pytest.warns(UserWarning, match=f"CUDA kernel does not cover.*{why}"):
             bertkern.ops.attention(t, t, t, backend="cuda")
         assert record_backends[-1] == ("attention", "triton")
-    # auto follows attention_auto's table: torch's SDPA on fp16 / bf16 GPUs (auto's "sdpa" runs
-    # attention_auto.sdpa without going through backend.resolve, so record_backends sees no call: spy
-    # on the SDPA wrapper instead).
+    # auto follows attention_auto's table: torch's SDPA on fp16 / bf16 GPUs with a gradient or inside a
+    # CUDA graph capture; eager inference on an H100 runs the CUDA kernels when built (the EAGER rows).
+    # auto's "sdpa" runs attention_auto.sdpa without going through backend.resolve, so record_backends
+    # sees no call: spy on the SDPA wrapper instead.
     auto = importlib.import_module("bertkern.ops.attention_auto")
-    assert auto.choose("attention", q, 0.0) == "sdpa" and auto.choose("attention", q, 0.1) == "sdpa"
+    qg = q.clone().requires_grad_()
+    assert auto.choose("attention", qg, 0.0) == "sdpa" and auto.choose("attention", qg, 0.1) == "sdpa"
+    h100_built = auto._arch(q.device) == "sm_90" and _backend.unavailable_reason("cuda", q.device) is None
+    assert auto.eager_inference(q) and not auto.eager_inference(qg)
+    assert auto.choose("attention", q, 0.0) == ("cuda" if h100_built else "sdpa")
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        assert not auto.eager_inference(q)
+        assert auto.choose("attention", q, 0.0) == "sdpa"
     ran, real_sdpa = [], auto.sdpa
 
     def spy(*args):
@@ -614,17 +622,22 @@ def test_cuda_backend_coverage(record_backends, monkeypatch):
 
     monkeypatch.setattr(auto, "sdpa", spy)
     calls = len(record_backends)
+    out = bertkern.ops.attention(qg, qg, qg)
+    torch.testing.assert_close(out, ref_attention(q, q, q), rtol=2e-3, atol=2e-3)
+    bertkern.ops.attention(qg, qg, qg, dropout_p=0.1)
+    assert ran == ["sdpa", "sdpa"] and len(record_backends) == calls
     out = bertkern.ops.attention(q, q, q)
     torch.testing.assert_close(out, ref_attention(q, q, q), rtol=2e-3, atol=2e-3)
-    bertkern.ops.attention(q, q, q, dropout_p=0.1)
-    assert ran == ["sdpa", "sdpa"] and len(record_backends) == calls
+    assert (record_backends[-1] == ("attention", "cuda")) if h100_built else ran[-1] == "sdpa"
 
 
 @pytest.mark.gpu
-def test_auto_varlen_attn_inference_and_training_match():
-    """auto's varlen_attn: the direct ATen call (inference) and torch's varlen_attn (with a gradient)
-    give the reference's answer on packed sequences; training with dropout runs too."""
+def test_auto_varlen_attn_inference_and_training_match(monkeypatch):
+    """auto's varlen_attn: the direct ATen call (inference, as in a CUDA graph capture: eager inference
+    on an H100 reads the EAGER rows) and torch's varlen_attn (with a gradient) give the reference's
+    answer on packed sequences; training with dropout runs too."""
     auto = importlib.import_module("bertkern.ops.attention_auto")
+    monkeypatch.setattr(auto, "eager_inference", lambda q: False)
     cu = torch.tensor([0, 1, 70, 70, 200], dtype=torch.int32, device="cuda")
     q, k, v = (torch.randn(200, 3, 64, device="cuda", dtype=torch.float16) for _ in range(3))
     assert auto.choose("attention_varlen", q, 0.0, 130) == "varlen_attn"

@@ -76,3 +76,26 @@ def test_auto_with_an_h100_table_trains_packed_with_dropout_on_the_cuda_kernels(
         model(ids, mask, token_types).last_hidden_state.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert ("attention_varlen", "cuda") in ran, ran
+
+
+@pytest.mark.parametrize("mode", ["fused_attention", "padding_free"])
+def test_auto_with_an_h100_table_runs_eager_inference_on_the_cuda_kernels(cuda, monkeypatch, mode):
+    """backend="auto" as on an H100 with bertkern._C built, called eagerly for inference: attention
+    reads the EAGER rows and runs the CUDA kernels, padded or packed, with the unfused model's answer."""
+    monkeypatch.delenv("BERTKERN_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "auto_backend", lambda device: "cuda")
+    monkeypatch.setattr(attention_auto, "_arch", lambda device: "sm_90")
+    monkeypatch.setattr(attention_auto, "eager_inference", lambda q: not q.requires_grad)  # CPU tensors here
+    monkeypatch.setattr(attention_auto, "_CHOSEN", {})
+    hf = hf_bert()
+    flags, attention_op = MODES[mode]
+    ids, mask, token_types = padded_batch(lengths=(5, 1, 3))  # a short batch: the emulation is slow
+    real = mask.bool()
+    with torch.no_grad(), _backend.observe() as ran:
+        got = BertModel.from_hf(hf, **FUSED, **flags).to(torch.bfloat16).eval()(ids, mask, token_types)
+    unfused = BertModel.from_hf(hf).eval()
+    with torch.no_grad():
+        want = unfused.double()(ids, mask, token_types).last_hidden_state[real]
+        eager = unfused.to(torch.bfloat16)(ids, mask, token_types).last_hidden_state[real]
+    assert_close_2x(got.last_hidden_state[real], want, eager, "last_hidden_state")
+    assert (attention_op, "cuda") in ran, ran

@@ -249,6 +249,33 @@ def test_auto_falls_back_in_order(monkeypatch, runnable, want):
     assert attention_auto.choose("attention_varlen", q, 0.1, 128) == want
 
 
+@pytest.mark.parametrize("eager", [True, False])
+def test_auto_reads_the_eager_rows_only_for_eager_inference(monkeypatch, eager):
+    """Eager inference on an H100 runs the CUDA kernels for padded attention up to S = 128 and packed
+    attention up to 512; with a gradient, in a capture or under compile, the kernel-time rows; where
+    the CUDA kernels cannot run, the row's fallback order (never varlen_attn for padded attention)."""
+    assert not attention_auto.eager_inference(torch.empty(2, 3, 4, 8))  # a CPU call
+    monkeypatch.setattr(attention_auto, "_arch", lambda device: "sm_90")
+    monkeypatch.setattr(attention_auto, "eager_inference", lambda q: eager)
+    runnable = {"cuda", "sdpa", "varlen_attn"}
+    monkeypatch.setattr(attention_auto, "_can_run", lambda c, op, q, p: c == "torch" or (
+        c in runnable and (op, c) != ("attention", "varlen_attn")))  # as the real one: varlen_attn is packed only
+    monkeypatch.setattr(attention_auto, "_CHOSEN", {})
+    q = torch.empty(4, 2, 64, dtype=torch.float16)
+    got = {(op, seq): attention_auto.choose(op, q, 0.0, seq)
+           for op in ("attention", "attention_varlen") for seq in (128, 512, 513)}
+    table = {("attention", 128): "sdpa", ("attention", 512): "sdpa", ("attention", 513): "sdpa",
+             ("attention_varlen", 128): "varlen_attn", ("attention_varlen", 512): "varlen_attn",
+             ("attention_varlen", 513): "varlen_attn"}
+    assert got == (table | {("attention", 128): "cuda", ("attention_varlen", 128): "cuda",
+                            ("attention_varlen", 512): "cuda"} if eager else table)
+    runnable.discard("cuda")  # bertkern._C not built
+    monkeypatch.setattr(attention_auto, "_CHOSEN", {})
+    assert attention_auto.choose("attention", q, 0.0, 128) == "sdpa"
+    assert attention_auto.choose("attention_varlen", q, 0.0, 128) == "varlen_attn"
+    assert attention_auto.lookup("attention", "sm_80", torch.float16, 64, 128, eager=True) == "sdpa"  # H100 rows
+
+
 def test_auto_can_run_asks_the_kernels_own_checks():
     """_can_run unstubbed, for the choices a GPU row gives: a dtype the CUDA kernels or every kernel lack
     moves down the order. (On an H100 packed training with dropout chose "cuda", and this check raised

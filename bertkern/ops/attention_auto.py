@@ -22,6 +22,19 @@ is `varlen_attn` (its autograd). Packed training with dropout (varlen_attn has n
 CUDA kernels when built, else SDPA over gathered blocks (FALLBACK). On CPU, torch's SDPA (a fused
 flash kernel) beats the eager reference ops by far.
 
+Those are kernel times, right where the GPU does the work: inside a CUDA graph or torch.compile,
+and when training. Called eagerly for inference, a BERT forward on an H100 is host-bound (99% of
+MiniLM's 32 x 128 forward is host time), and there the host cost of a call decides: torch dispatches
+SDPA to cuDNN at ~55 us of host time per call, bertkern's CUDA attention costs ~12. End to end (H100,
+fp16, eager inference, optimize() with auto against backend="cuda", ms): BERT-base 32x128 6.08 vs
+5.19 and 5.70 vs 4.56, 1x128 7.39 vs 5.51 and 5.55 vs 4.47, 16x512 at 60% (packed) 9.74 vs 7.22
+and 4.59 vs 4.28; BERT-large 32x128 11.90 vs 9.62 and 10.26 vs 9.03; MiniLM 32x128 5.99 vs 6.11,
+3.39 vs 2.77, 5.01 vs 3.96 (benchmarks/results/h100: bert.json, bert_run2.md, host_profile.md).
+Auto lost in three of those cells to HF's own SDPA model. So eager inference on sm_90 reads the
+EAGER rows first: the CUDA kernels for padded attention up to S = 128 (where attention is at most
+~6% of a layer's FLOPs, so a slower kernel could cost little even when the GPU is the bottleneck) and
+for packed attention up to 512 (the kernels' time equal to FlashAttention's, above).
+
 A choice that cannot run an input (dropout for varlen_attn, a dtype or head dim a kernel lacks,
 varlen_attn missing in this torch) moves down the row's fallback order.
 """
@@ -78,7 +91,16 @@ def load_measured(path: Path = MEASURED_FILE) -> list[dict[str, str]]:
     return rows
 
 
-TABLE: list[dict[str, str]] = load_measured() + STATIC
+# Eager inference on an H100 (module docstring): rows read before every other, only by such calls.
+_WHY_EAGER = "eager inference is host-bound: measured end to end on an H100 (module docstring)"
+EAGER: list[dict[str, str]] = [
+    {"arch": "sm_90", "dtype": "*", "head_dim": "*", "seq": "<=128", "mode": "eager", "attention": "cuda",
+     "attention_varlen": "cuda", "why": _WHY_EAGER},
+    {"arch": "sm_90", "dtype": "*", "head_dim": "*", "seq": "<=512", "mode": "eager", "attention_varlen": "cuda",
+     "why": _WHY_EAGER},
+]
+
+TABLE: list[dict[str, str]] = EAGER + load_measured() + STATIC
 
 # What to try, in order, after a choice that cannot run an input (Triton's launches cost more host
 # time than torch's kernels: it is never an automatic fallback). varlen_attn has no dropout: in training
@@ -113,12 +135,22 @@ def _matches(pattern: str, value: str) -> bool:
     return pattern == "*" or pattern == value
 
 
-def lookup(op: str, arch: str, dtype: torch.dtype, head_dim: int, seq: int) -> str:
+def lookup(op: str, arch: str, dtype: torch.dtype, head_dim: int, seq: int, eager: bool = False) -> str:
+    """The first row that has the op and matches; a row with a "mode" ("eager") matches only such calls."""
     key = (arch, str(dtype).removeprefix("torch."), bucket(head_dim, HEAD_BUCKETS), bucket(seq, SEQ_BUCKETS))
+    modes = (None, "eager") if eager else (None,)
     for row in TABLE:
-        if op in row and all(_matches(row[k], v) for k, v in zip(("arch", "dtype", "head_dim", "seq"), key)):
+        if op in row and row.get("mode") in modes \
+                and all(_matches(row[k], v) for k, v in zip(("arch", "dtype", "head_dim", "seq"), key)):
             return row[op]
     return "torch"
+
+
+def eager_inference(q: torch.Tensor) -> bool:
+    """A call on the GPU with no autograd, outside torch.compile and CUDA graph capture: the host's cost
+    per call shows in its time (module docstring)."""
+    return (q.device.type == "cuda" and not torch.compiler.is_compiling() and not needs_grad(q)
+            and not torch.cuda.is_current_stream_capturing())
 
 
 def _can_run(choice: str, op: str, q: torch.Tensor, dropout_p: float) -> bool:
@@ -141,34 +173,38 @@ def _can_run(choice: str, op: str, q: torch.Tensor, dropout_p: float) -> bool:
 
 def choose(op: str, q: torch.Tensor, dropout_p: float, seq: int | None = None) -> str:
     """The auto choice for one call: the table's entry for q (seq = S or max_seqlen), moved down the
-    fallback order until it can run this input. Cached per key: every layer of every forward asks,
-    and the walk through the table cost 20-90 us of host time per call."""
+    fallback order until it can run this input; eager inference reads the EAGER rows too. Cached per
+    key: every layer of every forward asks, and the walk through the table cost 20-90 us of host time."""
     seq = q.shape[-2] if seq is None else seq
-    key = (op, q.device, q.dtype, q.shape[-1], bucket(seq, SEQ_BUCKETS), dropout_p == 0.0)
+    eager = eager_inference(q)
+    key = (op, q.device, q.dtype, q.shape[-1], bucket(seq, SEQ_BUCKETS), dropout_p == 0.0, eager)
     table, chosen = _CHOSEN.get(key, (None, None))
     if table is not TABLE:  # not asked yet, or asked of another table (a test may swap TABLE)
-        choice = lookup(op, _arch(q.device), q.dtype, q.shape[-1], seq)
+        choice = lookup(op, _arch(q.device), q.dtype, q.shape[-1], seq, eager)
         chosen = next(c for c in (choice, *FALLBACK.get(choice, ()), "torch") if _can_run(c, op, q, dropout_p))
         _CHOSEN[key] = (TABLE, chosen)
     return chosen
 
 
 # choose()'s answers, with the table each came from. The key holds the rest of what lookup() and
-# _can_run() read: the device, dtype, exact head dim, sequence bucket and whether there is dropout.
+# _can_run() read: the device, dtype, exact head dim, sequence bucket, whether there is dropout, and
+# whether the call is eager inference.
 _CHOSEN: dict[tuple, tuple[list, str]] = {}
 
 
 def table() -> list[dict[str, str]]:
-    """The table's rows, measured ones first (for `bertkern info` and the benchmark suite)."""
+    """The table's rows in the order they are read: eager ones, measured ones, static ones (for `bertkern
+    info` and the benchmark suite)."""
     return [dict(r) for r in TABLE]
 
 
 def format_table() -> str:
-    lines = ["attention backend='auto' (first matching row with the op wins; measured rows first):",
-             f"  {'arch':<8} {'dtype':<9} {'head_dim':<9} {'seq':<6} {'attention':<12} {'attention_varlen':<17} why"]
+    lines = ["attention backend='auto' (first matching row with the op wins; mode eager: eager inference only):",
+             f"  {'arch':<8} {'dtype':<9} {'head_dim':<9} {'seq':<6} {'mode':<6} {'attention':<12} "
+             f"{'attention_varlen':<17} why"]
     for r in table():
-        lines.append(f"  {r['arch']:<8} {r['dtype']:<9} {r['head_dim']:<9} {r['seq']:<6} {r.get('attention', '-'):<12} "
-                     f"{r.get('attention_varlen', '-'):<17} {r.get('why', '')}")
+        lines.append(f"  {r['arch']:<8} {r['dtype']:<9} {r['head_dim']:<9} {r['seq']:<6} {r.get('mode', '*'):<6} "
+                     f"{r.get('attention', '-'):<12} {r.get('attention_varlen', '-'):<17} {r.get('why', '')}")
     return "\n".join(lines)
 
 
