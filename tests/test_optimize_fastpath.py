@@ -189,6 +189,26 @@ def test_cpu_auto_leaves_slower_modules_alone_and_attention_runs_sdpa(monkeypatc
     assert (got - want)[mask.bool().any(1)].abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("auto", ["triton", "cuda"])
+def test_gpu_auto_without_the_cuda_extension_leaves_the_row_ops_alone(monkeypatch, auto):
+    """A GPU model with backend auto and no usable bertkern._C (auto runs Triton, slower called eagerly
+    than HF's own modules): add & norm, bias + GELU and the embeddings are left alone, attention and the
+    padding-free encoder swapped; with _C (auto runs cuda) every op is swapped; backend="triton" asked
+    for by name is not second-guessed. (The model stays on the CPU; only its device is faked.)"""
+    monkeypatch.delenv("BERTKERN_BACKEND", raising=False)
+    monkeypatch.setattr(opt, "_model_device", lambda model: torch.device("cuda", 0))
+    monkeypatch.setattr(opt._backend, "auto_backend", lambda device: auto)
+    model = model_of("bert-seqcls")
+    _, report = bertkern.optimize(model, return_report=True)
+    slower = {r.kind for r in report.left_alone if "no usable bertkern._C" in r.reason}
+    if auto == "triton":
+        assert report.counts() == {"padding_free": 1, "attention": 2}, str(report)
+        assert slower == {"add_layer_norm", "bias_gelu", "embedding_layer_norm"}
+    else:
+        assert not slower and {"add_layer_norm", "bias_gelu", "embedding_layer_norm"} <= set(report.counts())
+    assert opt._slower_under_auto(model, "triton") is None
+
+
 def test_auto_varlen_attn_calls_the_aten_kernel_in_inference(monkeypatch):
     """auto's "varlen_attn": without a gradient, the ATen flash kernel directly (no Python custom-op
     dispatch); with one, torch's public varlen_attn (its autograd). Both stand-ins here (CUDA only)."""
