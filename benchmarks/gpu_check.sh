@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a lent GPU machine without internet: versions, build bertkern._C
 # for sm_90, bertkern info, pytest -m gpu (FULL_TESTS=1: all of tests/; SANITIZER=1: the CUDA kernels
-# under compute-sanitizer, tests/test_compute_sanitizer.py), host_profile.py, then the
+# under compute-sanitizer, tests/test_compute_sanitizer.py), host_profile.py (inference, training), then the
 # benchmarks (ops, bert --quick, train --quick) in what is left of BUDGET_S (at least BENCH_RESERVE_S);
 # results.tgz and the logs into $OUT. Each step has a time limit, a failed one does not stop the next,
 # and a summary table comes last.
@@ -96,8 +96,11 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   fi
 fi
 
-# Where eager inference spends host time, per provider (issue 11: optimize() vs optimize(backend="cuda")).
+# Where eager inference spends host time, per provider (issue 11: optimize() vs optimize(backend="cuda")),
+# and a BERT-base fine-tuning step (optimize() trailed HF sdpa there at 32 x 128 on 2026-11-27).
 step "host profile" bench.log 90 "$PY" benchmarks/host_profile.py --calls 20
+step "host profile (train)" bench.log 90 "$PY" benchmarks/host_profile.py --train --model bert-base --calls 10 \
+  --providers hf-sdpa optimize optimize-cuda
 
 # bench SUITE SHARE_PERCENT ARGS...: run.py --suite SUITE with that share of what is left (less ~20 s for
 # the tar) as its budget, killed GRACE_S past it (start-up, model building, writing the files).

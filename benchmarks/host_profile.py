@@ -1,10 +1,12 @@
-"""Where an eager forward spends its host time, per provider of the bert suite: the time for the call to
-return (host: a forward's launches fit in the queue) beside the time until the GPU is done, the providers
-called in turn so that a noisy host drifts on all of them alike; then the ops, and the Python functions
-outside them, that cost the host most. A small BERT called eagerly is host-bound on an H100. Writes
-OUT/<gpu or cpu>/host_profile.md. (Per op, the ops suite's eager and graph-replay times tell kernel from host.)
+"""Where an eager forward (--train: a fine-tuning step, as the train suite times it) spends its host
+time, per provider of the bert (train) suite: the time for the call to return (host: its launches fit in
+the queue) beside the time until the GPU is done, the providers called in turn so that a noisy host drifts
+on all of them alike; then the ops, and the Python functions outside them, that cost the host most. A
+small BERT called eagerly is host-bound on an H100. Writes OUT/<gpu or cpu>/host_profile[_train].md. (Per
+op, the ops suite's eager and graph-replay times tell kernel from host.)
 
     python benchmarks/host_profile.py --model bert-base --batch 1 --providers hf-sdpa optimize optimize-cuda
+    python benchmarks/host_profile.py --train --model bert-base
 """
 from __future__ import annotations
 
@@ -70,7 +72,8 @@ def top_ops(step, sync, calls: int) -> tuple[float, list[tuple[str, int, float, 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="minilm", choices=list(models.ARCH))
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16; --train: bf16 autocast")
+    p.add_argument("--train", action="store_true", help="a fine-tuning step (autocast, AdamW) instead of a forward")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--fill", type=float, default=1.0)
@@ -79,25 +82,29 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(common.RESULTS_DIR))
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = common.DTYPES[a.dtype] if device.type == "cuda" else torch.float32
+    suite = "train" if a.train else "bert"
+    default = "bf16" if a.train else "fp16" if device.type == "cuda" else "fp32"  # train: the autocast dtype
+    dtype = common.DTYPES[a.dtype or default]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     env = common.environment(device)
     cell = models.Cell(a.model, dtype, a.batch, a.seq, a.fill)
-    g = models.Group("bert", a.model, dtype, device)
+    g = models.Group(suite, a.model, dtype, device)
     ids, mask, _ = models.make_batch(cell, g.config, device)
-    lines = [f"# Host time of an eager forward: {cell.label}", "", common.env_line(env), "",
+    ctx = {"ids": ids, "mask": mask, "labels": torch.arange(a.batch, device=device) % g.config.num_labels}
+    what = "fine-tuning step (autocast, AdamW)" if a.train else "forward"
+    lines = [f"# Host time of an eager {what}: {cell.label}", "", common.env_line(env), "",
              "| provider | host ms (call returns) | total ms (device done) | host share |", "|---|---:|---:|---:|"]
     steps, rows = {}, {}
-    for prov in models.providers("bert", a.providers, cpu=device.type != "cuda"):
+    for prov in models.providers(suite, a.providers, cpu=device.type != "cuda"):
         if prov.graphs:  # a graph replay has no host work per layer to profile
             rows[prov.name] = f"| {prov.name} | not profiled: a CUDA-graph provider | | |"
             continue
         try:
-            _, fn, _ = prov.build(g)  # fn holds the model (every provider's at once: small models)
+            model, fn, _ = prov.build(g)  # every provider's model at once: small models
         except Exception as e:  # e.g. optimize-cuda without _C: say so, go on
             rows[prov.name] = f"| {prov.name} | {common.short_exc(e)} | | |"
             continue
-        steps[prov.name] = torch.no_grad()(lambda fn=fn: fn(ids, mask))
+        steps[prov.name] = models.step_fn(g, cell, model, fn, ctx)
         for _ in range(3):  # Triton compiles, caches, the allocator
             steps[prov.name]()
     for name, (host, total) in host_and_total(steps, sync, a.calls).items():
@@ -116,8 +123,9 @@ def main(argv=None) -> int:
         lines += [f"| `{fn}` | {n} | {us:.1f} |" for fn, n, us in top_python(step, max(3, a.calls // 4))]
     folder = Path(a.out) / env["gpu_slug"]  # "cpu" without a GPU
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "host_profile.md").write_text("\n".join(lines) + "\n")
-    print(f"written: {folder / 'host_profile.md'}")
+    path = folder / ("host_profile_train.md" if a.train else "host_profile.md")
+    path.write_text("\n".join(lines) + "\n")
+    print(f"written: {path}")
     return 0
 
 

@@ -495,13 +495,16 @@ def test_gpu_check_script_syntax_and_suites():
                                                  "tests/test_compute_sanitizer.py"))
 
 
-def test_host_profile_reports_each_provider(tmp_path):
+@pytest.mark.parametrize("train", [False, True])
+def test_host_profile_reports_each_provider(tmp_path, train):
     from benchmarks import host_profile
 
     argv = ["--model", "tiny", "--batch", "2", "--seq", "16", "--fill", "0.6", "--calls", "2",
-            "--providers", "hf-sdpa", "optimize", "optimize-cuda", "--out", str(tmp_path)]
+            "--providers", "hf-sdpa", "optimize", "optimize-cuda", "--out", str(tmp_path)] + ["--train"] * train
     assert host_profile.main(argv) == 0
-    text = (tmp_path / "cpu" / "host_profile.md").read_text()
+    text = (tmp_path / "cpu" / ("host_profile_train.md" if train else "host_profile.md")).read_text()
+    # --train profiles the train suite's step: a backward and an AdamW step
+    assert ("`Optimizer.step#AdamW.step`" in text) == train and ("run_backward" in text) == train
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert float(rows["hf-sdpa"].split("|")[2]) > 0 and float(rows["optimize"].split("|")[3]) > 0
     assert rows["optimize-cuda"].split("|")[2].strip().startswith("Skip: ")  # one that cannot run says why
