@@ -23,18 +23,18 @@ CUDA kernels when built, else SDPA over gathered blocks (FALLBACK). On CPU, torc
 flash kernel) beats the eager reference ops by far.
 
 Those are kernel times, which decide where the GPU is the bottleneck: inside a CUDA graph or
-torch.compile, and when training. Called eagerly for inference, a BERT forward on an H100 is host-bound (99% of
-MiniLM's 32 x 128 forward is host time), and there the host cost of a call decides: torch dispatches
-SDPA to cuDNN at ~55 us of host time per call, bertkern's CUDA attention costs ~12. End to end (H100,
-fp16, eager inference, optimize() with auto against backend="cuda", ms): BERT-base 32x128 6.08 vs
-5.19 and 5.70 vs 4.56, 1x128 7.39 vs 5.51 and 5.55 vs 4.47, 16x512 at 60% (packed) 9.74 vs 7.22
-and 4.59 vs 4.28; BERT-large 32x128 11.90 vs 9.62 and 10.26 vs 9.03; MiniLM 32x128 5.99 vs 6.11,
-3.39 vs 2.77, 5.01 vs 3.96 (benchmarks/results/h100: bert.json, bert_run2.md, host_profile.md).
-Auto was slower than HF's own SDPA model in 7 of those 11 cells, backend="cuda" in 2 (MiniLM
-both times). So eager inference on sm_90 reads the
-EAGER rows first: the CUDA kernels for padded attention up to S = 128 (where attention is at most
-~6% of a layer's FLOPs, so a slower kernel could cost little even when the GPU is the bottleneck) and
-for packed attention up to 512 (the kernels' time equal to FlashAttention's, above).
+torch.compile, and when training. Called eagerly for inference, a BERT forward on an H100 is
+host-bound (99% of MiniLM's 32 x 128 forward is host time), and there the host cost of a call
+decides: torch dispatches SDPA to cuDNN at ~55 us of host time per call, bertkern's CUDA attention
+costs ~12. End to end (H100, fp16, eager inference, optimize() with auto against backend="cuda",
+ms): BERT-base 32x128 6.08 vs 5.19 and 5.70 vs 4.56, 1x128 7.39 vs 5.51 and 5.55 vs 4.47, 16x512 at
+60% (packed) 9.74 vs 7.22 and 4.59 vs 4.28; BERT-large 32x128 11.90 vs 9.62 and 10.26 vs 9.03;
+MiniLM 32x128 5.99 vs 6.11, 3.39 vs 2.77, 5.01 vs 3.96 (benchmarks/results/h100: bert.json,
+bert_run2.md, host_profile.md). Auto was slower than HF's own SDPA model in 7 of those 11 cells,
+backend="cuda" in 2 (MiniLM both times). So eager inference on sm_90 reads the EAGER rows first: the
+CUDA kernels for padded attention up to S = 128 (where attention is at most ~6% of a layer's FLOPs,
+so a slower kernel could cost little even when the GPU is the bottleneck) and for packed attention
+up to 512 (the kernels' time equal to FlashAttention's, above).
 
 A choice that cannot run an input (dropout for varlen_attn, a dtype or head dim a kernel lacks,
 varlen_attn missing in this torch) moves down the row's fallback order.
