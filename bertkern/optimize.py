@@ -330,14 +330,15 @@ def _attention_forward(self, hidden_states: torch.Tensor, attention_mask: torch.
     return out, None
 
 
-def _block_step(self, h, mask, varlen, patch: _Patch) -> torch.Tensor:
-    """One DistilBERT TransformerBlock on [B, S, dim] (mask) or packed [total, dim] (varlen)."""
+def _block_step(self, h, mask, varlen, patch: _Patch, seq_len: int | None = None) -> torch.Tensor:
+    """One DistilBERT TransformerBlock on [B, S, dim] or its [B * S, dim] rows (seq_len S; mask) or on
+    packed [total, dim] (varlen)."""
     from bertkern.models.bert import qkv_attention
 
     att, ffn = self.attention, self.ffn
     p = att.dropout.p if att.training else 0.0
     a = qkv_attention(att, att.q_lin, att.k_lin, att.v_lin, att.n_heads, h, mask, varlen, dropout_p=p,
-                      scale=patch.scale, backend=patch.backend)
+                      scale=patch.scale, backend=patch.backend, seq_len=seq_len)
     a = _linear_add_norm(a, att.out_lin, None, h, self.sa_layer_norm, patch.fused_norms, patch.backend)
     f = _linear_gelu(a, ffn.lin1, ffn.activation, patch.approximate if patch.fused_norms else None, patch.backend)
     return _linear_add_norm(f, ffn.lin2, ffn.dropout, a, self.output_layer_norm, patch.fused_norms, patch.backend)
@@ -356,24 +357,25 @@ def _block_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tens
     return (out,) if patch.tuple_output else out
 
 
-def _bert_layer_step(layer, h, mask, varlen, backend) -> torch.Tensor:
+def _bert_layer_step(layer, h, mask, varlen, backend, seq_len: int | None = None) -> torch.Tensor:
     """One BERT-family layer: fused attention, then its own (possibly patched) add & norm and FFN."""
     from bertkern.models.bert import qkv_attention
 
     att = layer.attention.self
     p = att.dropout.p if att.training else 0.0
     a = qkv_attention(att, att.query, att.key, att.value, att.num_attention_heads, h, mask, varlen, dropout_p=p,
-                      scale=getattr(att, "scaling", None), backend=backend)
+                      scale=getattr(att, "scaling", None), backend=backend, seq_len=seq_len)
     a = layer.attention.output(a, h)
     return layer.output(layer.intermediate(a), a)
 
 
-def _run_layers(self, patch: _Patch, h, mask, varlen) -> torch.Tensor:
+def _run_layers(self, patch: _Patch, h, mask, varlen, seq_len: int | None = None) -> torch.Tensor:
+    """Every layer on 2-D rows: packed tokens (varlen), or a padded batch's [B * S, hidden] (seq_len S)."""
     for layer in getattr(self, patch.layers).layer:
         if patch.step == "block":
-            h = _block_step(layer, h, mask, varlen, layer.__dict__.get(_MARK) or _unfused_block(patch))
+            h = _block_step(layer, h, mask, varlen, layer.__dict__.get(_MARK) or _unfused_block(patch), seq_len)
         else:
-            h = _bert_layer_step(layer, h, mask, varlen, patch.backend)
+            h = _bert_layer_step(layer, h, mask, varlen, patch.backend, seq_len)
     return h
 
 
@@ -495,7 +497,8 @@ def _encoder_forward(self, input_ids: torch.Tensor | None = None, attention_mask
             attention_mask = None  # no padding: no mask at all
     if not done:
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        h = _run_layers(self, patch, h, mask, None)
+        # On [B * S, hidden] rows, the ops' own layout: no reshape into and out of each op (host time).
+        h = _run_layers(self, patch, h.reshape(batch * seq, -1), mask, None, seq).reshape(batch, seq, -1)
         if mask is not None and patch.padding_free:  # zeros at padding, whichever path a batch took
             h = h.masked_fill(~mask[:, 0, 0, :, None], 0)
     out = {"last_hidden_state": h}

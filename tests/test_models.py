@@ -293,3 +293,22 @@ def test_minilm_checkpoint_matches_hf():
 
     cosine = torch.nn.functional.cosine_similarity(sentence_embeddings(got), sentence_embeddings(want), dim=-1)
     assert cosine.min().item() > 0.99999
+
+
+def test_qkv_attention_takes_a_padded_batch_as_rows():
+    """A padded batch's [B * S, hidden] rows with seq_len=S (bertkern.optimize's layout) give the [B, S,
+    hidden] answer as rows; 2-D rows without seq_len or varlen are a clear error."""
+    from bertkern.models.bert import qkv_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.nn.Linear(32, 32) for _ in range(3))
+    owner = torch.nn.Module()
+    h = torch.randn(3, 9, 32)
+    mask = torch.tensor(LENGTHS)[:, None] > torch.arange(9)
+    mask = mask[:, None, None, :]
+    want = qkv_attention(owner, q, k, v, 4, h, mask)
+    got = qkv_attention(owner, q, k, v, 4, h.reshape(27, 32), mask, seq_len=9)
+    assert got.shape == (27, 32)
+    torch.testing.assert_close(got, want.reshape(27, 32))
+    with pytest.raises(ValueError, match="seq_len"):
+        qkv_attention(owner, q, k, v, 4, h.reshape(27, 32), mask)

@@ -603,11 +603,13 @@ def qkv_attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     backend: str | None = None,
+    seq_len: int | None = None,
 ) -> torch.Tensor:
     """Self-attention from one QKV GEMM: q, k and v are strided views of its output (no copies), read
-    in place by bertkern.ops.attention ([B, S, hidden] in, with a mask that broadcasts to
-    [B, H, S, S]) or bertkern.ops.attention_varlen (packed [total, hidden] in, varlen=(cu_seqlens,
-    max_seqlen)). Returns the heads merged back: [B, S, H * D] or [total, H * D]."""
+    in place by bertkern.ops.attention ([B, S, hidden] in, or its [B * S, hidden] rows with seq_len=S,
+    with a mask that broadcasts to [B, H, S, S]) or bertkern.ops.attention_varlen (packed [total,
+    hidden] in, varlen=(cu_seqlens, max_seqlen)). Returns the heads merged back in the input's layout:
+    [B, S, H * D], [B * S, H * D] or [total, H * D]."""
     weight, bias = qkv_params(owner, query, key, value)
     qkv = F.linear(hidden_states, weight, bias)  # one GEMM: [..., 3 * H * D]
     size = query.out_features // heads
@@ -617,7 +619,11 @@ def qkv_attention(
         q, k, v = qkv.view(total, 3, heads, size).unbind(1)  # [total, H, D] strided views
         out = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scale, dropout_p=dropout_p, backend=backend)
         return out.reshape(total, heads * size)
-    batch, seq, _ = hidden_states.shape
+    rows = hidden_states.dim() == 2
+    if rows and seq_len is None:
+        raise ValueError("qkv_attention: 2-D hidden_states need varlen (packed tokens) or seq_len (the rows of a "
+                         f"[B, S, hidden] batch), got shape {list(hidden_states.shape)}")
+    batch, seq = (hidden_states.shape[0] // seq_len, seq_len) if rows else hidden_states.shape[:2]
     q, k, v = qkv.view(batch, seq, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, S, D] views
-    out = ops.attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, backend=backend)
-    return out.transpose(1, 2).reshape(batch, seq, heads * size)
+    out = ops.attention(q, k, v, mask, scale=scale, dropout_p=dropout_p, backend=backend).transpose(1, 2)
+    return out.reshape(batch * seq, heads * size) if rows else out.reshape(batch, seq, heads * size)
