@@ -386,7 +386,7 @@ def _unfused_block(patch: _Patch) -> _Patch:
 _ENCODER_INPUTS = ("token_type_ids", "position_ids", "inputs_embeds")
 
 
-def _encoder_falls_back(self, args, kwargs, attention_mask) -> bool:
+def _encoder_falls_back(self, patch: _Patch, args, kwargs, attention_mask) -> bool:
     """Calls the packed / fused encoder does not cover go to the original forward: hidden states or
     attention weights asked for (HF records them per layer), a KV cache, cross-attention inputs, a head
     mask, a 4-D mask, gradient checkpointing, extra positional arguments or unknown inputs."""
@@ -395,8 +395,11 @@ def _encoder_falls_back(self, args, kwargs, attention_mask) -> bool:
         return True
     if getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False):
         return True
-    if self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.modules()):
-        return True  # HF checkpoints through each layer's __call__, which the fused loop bypasses
+    # HF checkpoints in the encoder's forward or (GradientCheckpointingLayer) in each layer's __call__,
+    # both of which the fused loop bypasses: their flags, not a walk over every module (host time).
+    encoder = getattr(self, patch.layers)
+    if self.training and any(getattr(m, "gradient_checkpointing", False) for m in (self, encoder, *encoder.layer)):
+        return True
     return any(v is not None and v is not False
                for k, v in kwargs.items() if k not in _ENCODER_INPUTS + ("return_dict",))
 
@@ -457,7 +460,7 @@ def _encoder_forward(self, input_ids: torch.Tensor | None = None, attention_mask
     """The encoder model (BertModel and family, DistilBertModel): embeddings once, then every layer on
     the packed real tokens (padding-free) or on the padded batch under a bool mask, then the pooler."""
     patch = self._bertkern_patch
-    if _encoder_falls_back(self, args, kwargs, attention_mask):
+    if _encoder_falls_back(self, patch, args, kwargs, attention_mask):
         return type(self).forward(self, input_ids, attention_mask, *args, **kwargs)
     return_dict = kwargs.get("return_dict")
     if return_dict is None:

@@ -164,6 +164,36 @@ def test_a_batch_without_padding_runs_the_layers_on_rows(arch):
     assert seen.dims["attention"] == {4} and "attention_varlen" not in seen.ran
 
 
+@pytest.mark.parametrize("arch", ["bert-seqcls", "distilbert"])
+def test_gradient_checkpointing_runs_the_original_encoder(arch):
+    """With HF's gradient checkpointing on, a training forward runs the original encoder (which
+    checkpoints; the fused loop would bypass it): no packed attention, HF's loss and gradients. Off,
+    the same batch takes the padding-free path."""
+    no_dropout = ({"dropout": 0.0, "attention_dropout": 0.0, "seq_classif_dropout": 0.0} if arch == "distilbert"
+                  else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+    model = model_of(arch, attn_implementation="eager", **no_dropout)
+    ids, mask = padded_batch(model, [5, 3])
+    ref = copy.deepcopy(model).train()
+    bertkern.optimize(model, backend="torch")
+    model.train()
+    for checkpointing in (False, True):
+        if checkpointing:
+            for m in (model, ref):  # transformers 5's name, else 4.x's
+                enable = getattr(m, "activation_checkpointing_enable", None)
+                if enable is not None:
+                    enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with BertkernOps() as seen:
+            loss = model(input_ids=ids, attention_mask=mask).logits.sum()
+        want = ref(input_ids=ids, attention_mask=mask).logits.sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        want_grads = torch.autograd.grad(want, list(ref.parameters()))
+        assert ("attention_varlen" in seen.ran) is not checkpointing
+        assert abs(loss.item() - want.item()) <= 1e-5
+        assert max((g - w).abs().max().item() for g, w in zip(grads, want_grads)) <= 1e-4
+
+
 # ---------------------------------------------------------------- the QKV weight cache
 def test_qkv_cache_never_stale_after_optimizer_step_and_load_state_dict():
     model = model_of("bert-seqcls", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
