@@ -395,11 +395,12 @@ def _encoder_falls_back(self, patch: _Patch, args, kwargs, attention_mask) -> bo
         return True
     if getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False):
         return True
-    # HF checkpoints in the encoder's forward or (GradientCheckpointingLayer) in each layer's __call__,
-    # both of which the fused loop bypasses: their flags, not a walk over every module (host time).
-    encoder = getattr(self, patch.layers)
-    if self.training and any(getattr(m, "gradient_checkpointing", False) for m in (self, encoder, *encoder.layer)):
-        return True
+    if self.training:
+        # HF checkpoints in the encoder's forward or (GradientCheckpointingLayer) in each layer's __call__,
+        # both of which the fused loop bypasses: their flags, not a walk over every module (host time).
+        encoder = getattr(self, patch.layers)
+        if any(getattr(m, "gradient_checkpointing", False) for m in (self, encoder, *encoder.layer)):
+            return True
     return any(v is not None and v is not False
                for k, v in kwargs.items() if k not in _ENCODER_INPUTS + ("return_dict",))
 
