@@ -152,7 +152,7 @@ def test_a_batch_without_padding_runs_the_layers_on_rows(arch):
     """No padding (the padded path): every fused op of the layers gets [B * S, hidden] rows, its own
     layout, as on the padding-free path; a reshape into and out of each op cost ~12 views per layer of
     host time. The answer is the padded batch's."""
-    model = model_of(arch, hidden_dropout_prob=0.0)
+    model = model_of(arch)
     ids, mask = padded_batch(model, [5, 5])
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask)[0]
