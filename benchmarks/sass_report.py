@@ -205,8 +205,10 @@ def attention_model(cap: int, kernel: str, blocks: dict, sass_hot: dict) -> dict
             "bound": max((("issue", issue), ("tensor", tc), ("mufu", mufu)), key=lambda x: x[1])[0]}
 
 
-def model(case, kernel: str, blocks: dict, warps: int, sass_hot: dict) -> dict:
+def model(case, kernel: str, blocks: dict, warps: int, sass_hot: dict) -> dict | None:
     cap, op, direction, dt, params = case
+    if kernel == "column_sum_kernel":  # a backward's partial rows: no per-element model (nor CUDA's, _COLSUM)
+        return None
     if op == "attention" and kernel in _GEMMS:
         return attention_model(cap, kernel, {**blocks, "warps": warps}, sass_hot)
     rows = blocks.get("BLOCK_M", blocks.get("ROWS", 1))
@@ -279,8 +281,8 @@ def triton_rows(selected: list[tuple]) -> list[dict]:
     for case in selected:
         cap, op, direction, dt, params = case
         module, call = op_launch(op, direction, dt, params)
-        for name, args, kwargs in record_launches(module, call, cap):
-            job = launch_job(module, name, args, kwargs, cap)
+        for home, name, args, kwargs in record_launches(module, call, cap):
+            job = launch_job(home, name, args, kwargs, cap)
             if (case, name, repr(job)) not in launches:  # (both backward paths launch the same delta kernel)
                 jobs.setdefault(repr(job), job)
                 launches.append((case, name, repr(job)))

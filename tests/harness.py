@@ -57,6 +57,40 @@ def randn(*shape, dtype=torch.float32, device="cpu", noncontig=False, scale=1.0)
     return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
 
 
+def launches_and_torch_ops(modules, call) -> tuple[list[str], set[str]]:
+    """(the Triton kernels `call` launches, the other torch ops it runs) with the kernels of `modules`
+    swapped for recorders: on a GPU each of those torch ops but an allocation or a view is a launch
+    of its own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    launched, ran = [], set()
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(self.name)
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ran.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with pytest.MonkeyPatch.context() as m:
+        for module in modules:
+            for name, f in vars(module).items():
+                if name.endswith("_kernel") and hasattr(f, "__getitem__"):
+                    m.setattr(module, name, Recorder(name))
+        with Ops():
+            call()
+    return launched, ran
+
+
+# torch ops that launch nothing on a GPU
+NO_LAUNCH_OPS = {"empty", "new_empty", "empty_strided", "unbind", "select", "view", "as_strided", "detach"}
+
+
 def poison_allocator(device: str) -> None:
     """Leave NaNs in memory the CUDA caching allocator will hand out next, so unwritten outputs show."""
     if torch.device(device).type == "cuda":

@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 import bertkern
 from bertkern import reference
-from harness import (DTYPES, assert_close_2x, assert_float8_falls_back_visibly, gradcheck_fast_mode, kernel_backends,
-                     poison_allocator, randn, skip_unless_usable)
+from harness import (DTYPES, NO_LAUNCH_OPS, assert_close_2x, assert_float8_falls_back_visibly, gradcheck_fast_mode,
+                     kernel_backends, launches_and_torch_ops, poison_allocator, randn, skip_unless_usable)
 
 SHAPES = [(1, 384), (97, 768), (97, 1023), (5, 3072), (3, 4096), (2, 7, 384)]
 APPROX = ["none", "tanh"]
@@ -64,6 +64,16 @@ def test_bias_gelu_noncontiguous(backend_device, dtype):
         eag = run_fwd_bwd(lambda x, b: eager(x, b, "none"), inp, bias, g)
         for name, o, r, e in zip(["y", "dx", "dbias"], out, ref, eag):
             assert_close_2x(o, r, e, name)
+
+
+def test_triton_backward_is_two_launches():
+    """The backward kernel, then column_sum for dbias: no torch reduction or cast."""
+    from bertkern.triton import bias_gelu as tk, column_sum
+
+    x, dy, bias = randn(37, 200), randn(37, 200), randn(200)
+    launched, ran = launches_and_torch_ops([tk, column_sum], lambda: tk.backward(dy, x, bias, "none"))
+    assert launched == ["_bias_gelu_bwd_kernel", "_column_sum_kernel"]
+    assert ran <= NO_LAUNCH_OPS, ran
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 import bertkern
 from bertkern import reference
 from bertkern._utils import NormArgs
-from harness import (DTYPES, assert_close_2x, gradcheck_fast_mode, kernel_backends, poison_allocator, randn,
-                     skip_unless_usable)
+from harness import (DTYPES, NO_LAUNCH_OPS, assert_close_2x, gradcheck_fast_mode, kernel_backends,
+                     launches_and_torch_ops, poison_allocator, randn, skip_unless_usable)
 
 OPTIONAL = ("residual", "weight", "bias", "x_bias")
 # (64, 1): with one column the input gradients are 0 only when the statistics come from the sum as
@@ -219,6 +219,40 @@ def test_triton_loop_path(monkeypatch):
             dy, dp, pre, mean, rstd, inputs["weight"], seed, 0.25, True, True, True, "triton"))
         for name, g, w in zip(["dh", "dx", "dweight", "dbias", "dx_bias"], got, want):
             torch.testing.assert_close(g, w, msg=name, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["tile", "loop"])
+def test_triton_backward_is_two_launches(monkeypatch, loop):
+    """The backward kernel, then one column_sum launch for dweight, dbias and dx_bias together: no torch
+    reduction or cast (they were 6 launches more). Rows wider than a tile zero their partial rows first."""
+    from bertkern._utils import NormGradArgs
+    from bertkern.triton import column_sum, layer_norm as tk
+
+    if loop:
+        monkeypatch.setattr(tk, "MAX_BLOCK_N", 128)
+        monkeypatch.setattr(tk, "LOOP_BLOCK_N", 64)
+    h, dy, w = randn(37, 300), randn(37, 300), randn(300)
+    args = NormGradArgs(0.1, need_dweight=True, need_dbias=True, need_dx_bias=True)
+    seed, mean, rstd = torch.tensor([5], dtype=torch.int64), torch.zeros(37), torch.ones(37)
+    call = lambda: tk.backward(dy, None, h, mean, rstd, w, seed, args)  # noqa: E731
+    launched, ran = launches_and_torch_ops([tk, column_sum], call)
+    assert launched == ["_add_ln_bwd_kernel", "_column_sum_kernel"]
+    assert ran <= NO_LAUNCH_OPS | ({"zeros"} if loop else set()), ran
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_triton_column_sum(count, dtype):
+    """The backwards' column sums (bias_gelu's too): more partial rows than one load takes, a ragged
+    last column tile, each sum to its own output; fp64 partials for fp64."""
+    from bertkern.triton.column_sum import column_sum
+
+    parts = torch.randn(count, 70, 45, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    got = column_sum(parts, dtype)
+    assert len(got) == count
+    for g, p in zip(got, parts):
+        assert g.dtype == dtype and g.shape == (45,)
+        torch.testing.assert_close(g, p.sum(0).to(dtype))
 
 
 # ---------------------------------------------------------------- gradcheck / opcheck

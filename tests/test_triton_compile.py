@@ -86,8 +86,8 @@ def _child_main(only=None) -> dict:
         cap, op, direction, dt, params = case
         module, call = _launch(op, direction, dt, params)
         launches[case_id(case)] = []
-        for name, args, kwargs in _record(module, call, cap):
-            job = _job(module, name, args, kwargs, cap)
+        for home, name, args, kwargs in _record(module, call, cap):
+            job = _job(home, name, args, kwargs, cap)
             key = repr(job)
             jobs.setdefault(key, job)
             launches[case_id(case)].append((name, key))

@@ -2,7 +2,7 @@
 
 Inputs are 2-D [M, N] with unit stride along N (bertkern.backend.as_rows); math is fp32
 (fp64 for fp64 inputs), cast on store. dbias is reduced in fp32: each program sums its rows into
-one partial row, and the few partial rows are summed afterwards (deterministic, no atomics).
+one partial row, and column_sum sums the few partial rows (deterministic, no atomics).
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bertkern._utils import num_sms
+from bertkern._utils import acc_dtype, num_sms
+from bertkern.triton.column_sum import column_sum
 
 # The GELU constants are written as literals inside the jit functions: a compiled kernel cannot read
 # module-level Python floats (Triton raises NameError; its interpreter alone accepts them).
@@ -117,14 +118,13 @@ def backward(
     row_programs = max(1, min(triton.cdiv(M, block_m), 4 * num_sms(x.device, interpreted=4) // col_tiles))
     rows_per_program = triton.cdiv(triton.cdiv(M, row_programs), block_m) * block_m
     row_programs = triton.cdiv(M, rows_per_program)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    partial = torch.empty((row_programs, N), dtype=acc, device=x.device) if bias is not None else None
+    partial = None if bias is None else torch.empty((1, row_programs, N), dtype=acc_dtype(x.dtype), device=x.device)
     _bias_gelu_bwd_kernel[(row_programs, col_tiles)](
-        dy, x, bias if bias is not None else x, dx, partial if partial is not None else dx,
+        dy, x, bias if bias is not None else x, dx, partial[0] if partial is not None else dx,
         M, N, dy.stride(0), x.stride(0), dx.stride(0), rows_per_program,
         HAS_BIAS=bias is not None, TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n,
     )
-    dbias = partial.sum(0).to(bias.dtype) if bias is not None else None
+    dbias = column_sum(partial, bias.dtype)[0] if bias is not None else None
     return dx, dbias
 
 

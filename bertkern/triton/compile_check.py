@@ -150,30 +150,38 @@ def op_launch(op, direction, dt, params):
 class _Recorder:
     """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` records the launch."""
 
-    def __init__(self, name, log):
-        self.name, self.log = name, log
+    def __init__(self, module, name, log):
+        self.module, self.name, self.log = module, name, log
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.log.append((self.name, args, kwargs))
+        return lambda *args, **kwargs: self.log.append((self.module, self.name, args, kwargs))
+
+
+# Modules whose kernels the op modules launch through a helper (the backwards' column sums).
+SHARED_MODULES = ("bertkern.triton.column_sum",)
 
 
 def record_launches(module, call, capability: int | None = None) -> list[tuple]:
-    """The (kernel name, args, kwargs) of every launch `call` makes. A module whose configs depend
-    on the GPU (attention: TARGET_CAPABILITY) picks them for sm_<capability> meanwhile."""
+    """The (module, kernel name, args, kwargs) of every launch `call` makes, of the kernels of `module`
+    and of SHARED_MODULES. A module whose configs depend on the GPU (attention: TARGET_CAPABILITY)
+    picks them for sm_<capability> meanwhile."""
+    import importlib
+
     import triton
 
-    kernels = {n: f for n, f in vars(module).items() if isinstance(f, triton.runtime.JITFunction)}
+    homes = [module] + [importlib.import_module(m) for m in SHARED_MODULES]
+    kernels = [(m, n, f) for m in homes for n, f in vars(m).items() if isinstance(f, triton.runtime.JITFunction)]
     log = []
     target = getattr(module, "TARGET_CAPABILITY", None)
     try:
-        for n in kernels:
-            setattr(module, n, _Recorder(n, log))
+        for m, n, _ in kernels:
+            setattr(m, n, _Recorder(m, n, log))
         if capability is not None and hasattr(module, "TARGET_CAPABILITY"):
             module.TARGET_CAPABILITY = capability
         call()
     finally:  # the kernels' globals must be the real helpers again before compiling
-        for n, f in kernels.items():
-            setattr(module, n, f)
+        for m, n, f in kernels:
+            setattr(m, n, f)
         if hasattr(module, "TARGET_CAPABILITY"):
             module.TARGET_CAPABILITY = target
     return log

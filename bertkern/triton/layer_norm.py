@@ -13,8 +13,8 @@ backward pass regenerates the mask rather than storing it.
 
 Backward: dh = rstd * (g - xhat * mean(g * xhat) - mean(g)), g = dy * weight, plus the gradient of the
 returned pre-norm sum; dx = dh * keep / (1 - p). The column sums (dweight, dbias, dx_bias) are reduced
-in fp32: each program owns one partial row per sum, and torch sums the few partial rows afterwards
-(deterministic, no atomics).
+in fp32: each program owns one partial row per sum, and one column_sum launch sums the few partial
+rows of all three (deterministic, no atomics).
 
 Every function here follows the bertkern::add_layer_norm(_backward) convention: outputs that are not
 computed are returned as empty tensors.
@@ -29,6 +29,7 @@ import triton.language as tl
 
 from bertkern import reference
 from bertkern._utils import NormArgs, NormGradArgs, acc_dtype, empty, num_sms
+from bertkern.triton.column_sum import column_sum
 from bertkern.triton.dropout import dropout_keep
 
 # Widest row kept in registers as one tile (16 warps x 32 lanes x 32 fp32 values); wider rows loop
@@ -397,21 +398,25 @@ def backward(dy, dprenorm, h, mean, rstd, weight, seed, args: NormGradArgs):
     programs = min(triton.cdiv(M, block_m), 4 * num_sms(h.device, interpreted=2))
     rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
     programs = triton.cdiv(M, rows_per_program)
+    # One fp32 [programs, N] partial buffer per column sum asked for, stacked for column_sum.
+    count = sum(needs)
     alloc = torch.zeros if loop else torch.empty  # the loop path accumulates into its partial rows
-    parts = [alloc((programs, N), dtype=acc, device=h.device) if need else None for need in needs]
+    stack = alloc((count, programs, N), dtype=acc, device=h.device)
+    rows = iter(stack)
+    parts = [next(rows) if need else mean for need in needs]  # mean: a placeholder pointer, never written
     thresh, scale = _dropout_args(args.dropout_p)
     has_dp = dprenorm is not None
     _add_ln_bwd_kernel[(programs,)](
         dy, dprenorm if has_dp else dy, h, mean, rstd, h if weight is None else weight,
-        seed if has_dropout else h, dh, dx if has_dropout else dh,
-        *[p if p is not None else mean for p in parts],
+        seed if has_dropout else h, dh, dx if has_dropout else dh, *parts,
         M, N, dy.stride(0), dprenorm.stride(0) if has_dp else 0, h.stride(0), dh.stride(0),
         dx.stride(0) if has_dropout else 0, rows_per_program, thresh, scale,
         HAS_DP=has_dp, HAS_W=weight is not None, HAS_DROPOUT=has_dropout,
         NEED_DW=args.need_dweight, NEED_DB=args.need_dbias, NEED_DXB=args.need_dx_bias, LOOP=loop,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
-    sums = [p.sum(0).to(h.dtype) if p is not None else empty(h) for p in parts]
+    sums = iter(column_sum(stack, h.dtype) if count else ())
+    sums = [next(sums) if need else empty(h) for need in needs]
     return (dh, dx, *sums)
 
 
