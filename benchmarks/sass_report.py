@@ -329,11 +329,10 @@ CUDA_LAUNCHES: dict[str, list[tuple]] = {
        for n, it, rows in ((768, 3, 8), (1024, 2, 4)) for v in ("train", "infer")},
     # backward: 1 vector a thread, 768 = 3 warps x 2 teams (192 threads), 1024 = 4 warps x 2 teams
     # (256); each team takes one row per loop iteration; N fp32 of shared memory to fold the teams'
-    # column partials; column sums of dweight, dbias (and dx_bias in training); dropout in training
+    # column partials; one column_sum launch for dweight, dbias (and dx_bias in training); dropout in training
     **{f"add_layer_norm-bwd-fp16-N{n}-{v}": [
         (f"ln::add_ln_bwd_team_kernel<c10::Half, 8, 1, {str(v == 'train').lower()}>", (threads, 1), 4 * n, "loop",
-         threads // (32 * wpr) * n),
-        *[_COLSUM] * (3 if v == "train" else 2)]
+         threads // (32 * wpr) * n), _COLSUM]
        for n, wpr, threads in ((768, 3, 192), (1024, 4, 256)) for v in ("train", "infer")},
     "embedding_layer_norm-fwd-fp16-N768": [
         ("ln::ln_fwd_team_kernel<bertkern::ln::EmbParams<c10::Half>, 8, 3, false>", (256, 1), 0, "kernel", 8 * 768)],
@@ -399,8 +398,7 @@ def cuda_rows(selected: list[tuple], lib: str | None, kernel_rows: bool = True) 
             rows.append(row)
     for case in selected:
         by_name = {_short(n): k for n, k in kernels[case[0]].items()}
-        # each kernel once (the backward's column sums: one kernel launched 2-3 times)
-        for launch in dict.fromkeys(cuda_launches(case) or ()):
+        for launch in cuda_launches(case) or ():
             rows.append(cuda_case_row(case, launch, by_name))
     return rows
 

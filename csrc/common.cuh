@@ -233,16 +233,26 @@ inline void check_rows(const char* op, const char* name, const at::Tensor& t) {
               " must have unit stride in dim 1 (", name, ".stride(1) == 1), got strides ", shape_str(t.strides()));
 }
 
-// out[n] = sum_r partial[r, n] over `parts` rows of per-block partial sums (dbias, dweight, ...).
-// A block owns 32 columns (one coalesced 128-byte segment per warp of fp32) and 16 lanes that
-// stride over the rows; the lanes are folded in a fixed order, so the sum is deterministic.
+// out[k][n] = sum_r partial[k][r, n] over `parts` rows of per-block partial sums (dbias, dweight, ...),
+// for up to kMaxColumnSums sums of the same shape in one launch (blockIdx.y picks the sum). A block
+// owns 32 columns (one coalesced 128-byte segment per warp of fp32) and 16 lanes that stride over the
+// rows; the lanes are folded in a fixed order, so the sum is deterministic.
 constexpr int kColumnSumCols = 32;
 constexpr int kColumnSumLanes = 16;
+constexpr int kMaxColumnSums = 3;
+
+template <typename T, typename A>
+struct ColumnSums {
+  const A* partial[kMaxColumnSums];
+  T* out[kMaxColumnSums];
+  int count;
+};
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kColumnSumCols * kColumnSumLanes)
-    column_sum_kernel(const A* __restrict__ partial, T* __restrict__ out, int64_t parts, int64_t N) {
+    column_sum_kernel(const ColumnSums<T, A> sums, int64_t parts, int64_t N) {
   __shared__ A lanes[kColumnSumLanes][kColumnSumCols];
+  const A* __restrict__ partial = sums.partial[blockIdx.y];
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kColumnSumCols + threadIdx.x;
   A s = A(0);
   if (n < N) {
@@ -254,14 +264,21 @@ __global__ void __launch_bounds__(kColumnSumCols * kColumnSumLanes)
     A total = lanes[0][threadIdx.x];
 #pragma unroll
     for (int k = 1; k < kColumnSumLanes; ++k) total += lanes[k][threadIdx.x];
-    out[n] = static_cast<T>(total);
+    sums.out[blockIdx.y][n] = static_cast<T>(total);
   }
 }
 
 template <typename T, typename A>
+void column_sum(const ColumnSums<T, A>& sums, int64_t parts, int64_t N, cudaStream_t stream) {
+  if (sums.count == 0) return;
+  launch(column_sum_kernel<T, A>,
+         dim3(static_cast<unsigned>(ceil_div<int64_t>(N, kColumnSumCols)), static_cast<unsigned>(sums.count)),
+         dim3(kColumnSumCols, kColumnSumLanes), 0, stream, sums, parts, N);
+}
+
+template <typename T, typename A>
 void column_sum(const A* partial, T* out, int64_t parts, int64_t N, cudaStream_t stream) {
-  launch(column_sum_kernel<T, A>, dim3(static_cast<unsigned>(ceil_div<int64_t>(N, kColumnSumCols))),
-         dim3(kColumnSumCols, kColumnSumLanes), 0, stream, partial, out, parts, N);
+  column_sum(ColumnSums<T, A>{{partial}, {out}, 1}, parts, N, stream);
 }
 
 }  // namespace bertkern

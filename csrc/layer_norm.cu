@@ -950,12 +950,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
       alloc_parts(blocks, true);
       launch(add_ln_bwd_loop_kernel<scalar_t>, static_cast<unsigned>(blocks), kLoopThreads, 0, stream, p);
     }
+    // One launch for every column sum asked for.
+    ColumnSums<scalar_t, A> col{};
     for (int k = 0; k < 3; ++k) {
-      if (need[k]) {
-        column_sum<scalar_t, A>(parts[k].const_data_ptr<A>(), sums[k].mutable_data_ptr<scalar_t>(), parts[k].size(0),
-                                parts[k].size(1), stream);
-      }
+      if (!need[k]) continue;
+      col.partial[col.count] = parts[k].const_data_ptr<A>();
+      col.out[col.count++] = sums[k].mutable_data_ptr<scalar_t>();
     }
+    column_sum(col, blocks, N, stream);
     // `parts` are freed while the kernels may still run: the caching allocator only hands their memory
     // to work queued later on this stream.
   });
