@@ -248,11 +248,18 @@ struct ColumnSums {
   int count;
 };
 
+// Element k of a kernel parameter's array, read at constant indices: a run-time index would copy the
+// parameter to the stack (56 bytes of local memory per thread).
+template <typename P>
+__device__ __forceinline__ P pick(const P (&v)[kMaxColumnSums], unsigned k) {
+  return k == 0 ? v[0] : k == 1 ? v[1] : v[2];
+}
+
 template <typename T, typename A>
 __global__ void __launch_bounds__(kColumnSumCols * kColumnSumLanes)
     column_sum_kernel(const ColumnSums<T, A> sums, int64_t parts, int64_t N) {
   __shared__ A lanes[kColumnSumLanes][kColumnSumCols];
-  const A* __restrict__ partial = sums.partial[blockIdx.y];
+  const A* __restrict__ partial = pick(sums.partial, blockIdx.y);
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kColumnSumCols + threadIdx.x;
   A s = A(0);
   if (n < N) {
@@ -264,7 +271,7 @@ __global__ void __launch_bounds__(kColumnSumCols * kColumnSumLanes)
     A total = lanes[0][threadIdx.x];
 #pragma unroll
     for (int k = 1; k < kColumnSumLanes; ++k) total += lanes[k][threadIdx.x];
-    sums.out[blockIdx.y][n] = static_cast<T>(total);
+    pick(sums.out, blockIdx.y)[n] = static_cast<T>(total);
   }
 }
 
