@@ -247,7 +247,9 @@ def test_triton_column_sum(count, dtype):
     last column tile, each sum to its own output; fp64 partials for fp64."""
     from bertkern.triton.column_sum import column_sum
 
-    parts = torch.randn(count, 70, 45, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    skip_unless_usable("triton", device)
+    parts = torch.randn(count, 70, 45, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
     got = column_sum(parts, dtype)
     assert len(got) == count
     for g, p in zip(got, parts):
