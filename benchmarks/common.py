@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 # Without a GPU the Triton backend runs on CPU tensors through the interpreter; the variable must be
-# set before any @triton.jit kernel module (bertkern.triton.*) is imported.
+# set before triton is imported (torch._dynamo imports it: `bertkern bench` starts afresh when bertkern has).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -524,14 +524,14 @@ def render_latest(docs: list[dict]) -> str:
 
 
 def write_latest(out_root: Path) -> Path | None:
-    """LATEST.md from every <gpu>/*.json under out_root (cpu/ excluded)."""
+    """LATEST.md from every <gpu>/*.json under out_root (runs without a GPU, such as cpu/, excluded)."""
     docs = []
     for p in sorted(Path(out_root).glob("*/*.json")):
         try:
             d = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
-        if p.parent.name != "cpu" and d.get("schema") == SCHEMA:
+        if d.get("env", {}).get("gpu") and d.get("schema") == SCHEMA:
             docs.append(d)
     if not docs:
         return None

@@ -1,6 +1,8 @@
 """The `bertkern` command: `bertkern info`, `bertkern bench ...`."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +20,14 @@ def _bench(argv: list[str]) -> int:
         print(f"bertkern bench: {run} not found; the benchmarks ship with the source checkout "
               "(pip install -e . from a clone)", file=sys.stderr)
         return 2
+    import torch
+
+    if "triton" in sys.modules and "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+        # Without a GPU the Triton kernels run in its interpreter, and triton must see TRITON_INTERPRET=1
+        # when it is imported (set later, every interpreted kernel after the first fails). `import bertkern`
+        # has imported it (torch._dynamo does): run the benchmarks in a fresh process with the variable.
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        return subprocess.call([sys.executable, "-m", "bertkern", "bench", *argv], env=env)
     sys.path.insert(0, str(run.parent))
     import run as bench_run  # benchmarks/run.py
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -286,6 +287,17 @@ def test_bad_arguments_exit_2(argv, capsys):
     assert "bertkern bench: error:" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU mode")
+def test_bertkern_bench_command_checks_triton_on_the_cpu(tmp_path):
+    """`bertkern bench` as a user types it, TRITON_INTERPRET unset: `import bertkern` imports triton
+    before benchmarks/common.py could set the variable, and every Triton check after the first failed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-m", "bertkern", "bench", "--ops", "bias_gelu", "--quick", "--out",
+                        str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "triton PASS 8/8" in p.stdout, p.stdout
+
+
 @pytest.mark.parametrize("argv0,prog", [("/venv/bin/bertkern", "bertkern bench"),
                                         ("bertkern/__main__.py", "bertkern bench"),
                                         ("benchmarks/run.py", "benchmarks/run.py")])
@@ -318,8 +330,10 @@ def test_op_suite_gpu_path_and_results_files(tmp_path):
     assert "H100" in md and "100% line" in md and "skipped" in md and "GB/s" in md
     rows = list(csv.DictReader(open(tmp_path / "h100" / "bias_gelu.csv")))
     assert len(rows) == 2 * 3 and {r["env_gpu"] for r in rows} == {"NVIDIA H100 80GB HBM3"}
-    latest = common.write_latest(tmp_path)
+    common.save_json({**doc, "env": common.environment(CPU)}, tmp_path / "epyc-2core" / "bias_gelu.json")
+    latest = common.write_latest(tmp_path)  # GPU runs only: not the committed CPU one in epyc-2core/
     assert "bias_gelu" in latest.read_text() and "| fwd | float32 | 1.00× (1) | - |" in latest.read_text()
+    assert "CPU only" not in latest.read_text() and ", None" not in latest.read_text()
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{common.START}\nold\n{common.END}\ntail\n")
     common.update_readme(readme, latest)
