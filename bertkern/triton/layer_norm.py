@@ -241,7 +241,7 @@ def _add_ln_bwd_kernel(
             tl.store(DXB_PART + part + cols, dxb, mask=col_ok)
     else:
         # One row at a time (BLOCK_M == 1), two sweeps over its column chunks. The column partials
-        # live in this program's own rows of the (zero-initialized) partial buffers.
+        # live in this program's own rows of the partial buffers (its first row stores, the rest add).
         for row in range(row_start, row_end):
             rows = row + tl.arange(0, BLOCK_M)
             mean = tl.load(MEAN + rows).to(acc)
@@ -260,16 +260,16 @@ def _add_ln_bwd_kernel(
                                                       HAS_W, BLOCK_N)
                 dx = _dh_dx(g, xhat, c1, c2, rstd, DP, DH, DX, SEED, rows, cols, col0, m, stride_dp, stride_dh,
                             stride_dx, thresh, scale, HAS_DP, HAS_DROPOUT, BLOCK_M, BLOCK_N)
+                prev = col_ok & (row > row_start)  # partials to add to (none before the first row)
                 if NEED_DW:
                     p = DW_PART + part + cols
-                    tl.store(p, tl.load(p, mask=col_ok, other=0.0) + tl.sum(dy * xhat, axis=0), mask=col_ok)
+                    tl.store(p, tl.load(p, mask=prev, other=0.0) + tl.sum(dy * xhat, axis=0), mask=col_ok)
                 if NEED_DB:
                     p = DB_PART + part + cols
-                    tl.store(p, tl.load(p, mask=col_ok, other=0.0) + tl.sum(dy, axis=0), mask=col_ok)
+                    tl.store(p, tl.load(p, mask=prev, other=0.0) + tl.sum(dy, axis=0), mask=col_ok)
                 if NEED_DXB:
                     p = DXB_PART + part + cols
-                    tl.store(p, tl.load(p, mask=col_ok, other=0.0) + tl.sum(tl.where(m, dx, 0.0), axis=0),
-                             mask=col_ok)
+                    tl.store(p, tl.load(p, mask=prev, other=0.0) + tl.sum(tl.where(m, dx, 0.0), axis=0), mask=col_ok)
 
 
 # ---------------------------------------------------------------- embedding_layer_norm forward
@@ -400,8 +400,7 @@ def backward(dy, dprenorm, h, mean, rstd, weight, seed, args: NormGradArgs):
     programs = triton.cdiv(M, rows_per_program)
     # One fp32 [programs, N] partial buffer per column sum asked for, stacked for column_sum.
     count = sum(needs)
-    alloc = torch.zeros if loop else torch.empty  # the loop path accumulates into its partial rows
-    stack = alloc((count, programs, N), dtype=acc, device=h.device)
+    stack = torch.empty((count, programs, N), dtype=acc, device=h.device)
     rows = iter(stack)
     parts = [next(rows) if need else mean for need in needs]  # mean: a placeholder pointer, never written
     thresh, scale = _dropout_args(args.dropout_p)
