@@ -512,8 +512,9 @@ __global__ void __launch_bounds__(kLoopThreads) ln_fwd_loop_kernel(P p) {
   }
 }
 
-// Column partials: thread i owns columns i, i + blockDim.x, ... of its block's (zeroed) partial rows
-// for every row the block takes, so the read-modify-write needs no atomics.
+// Column partials: thread i owns columns i, i + blockDim.x, ... of its block's partial rows for every
+// row the block takes, so the read-modify-write needs no atomics; the block's first row writes them
+// (no zero-fill before the launch), the later rows add to them.
 template <typename T>
 __global__ void __launch_bounds__(kLoopThreads) add_ln_bwd_loop_kernel(BwdParams<T> p) {
   using A = acc_t<T>;
@@ -523,6 +524,7 @@ __global__ void __launch_bounds__(kLoopThreads) add_ln_bwd_loop_kernel(BwdParams
   const Dropout drop = make_dropout(p.seed, p.thresh);
   const int64_t part = static_cast<int64_t>(blockIdx.x) * N;
   for (int64_t row = blockIdx.x; row < p.M; row += gridDim.x) {
+    const bool first = row == blockIdx.x;
     const A mean = p.mean[row];
     const A rstd = p.rstd[row];
     A s1 = A(0), s2 = A(0);
@@ -546,9 +548,9 @@ __global__ void __launch_bounds__(kLoopThreads) add_ln_bwd_loop_kernel(BwdParams
         d = (keep_bits<1>(drop, row, c) & 1u) ? d * p.scale : A(0);
         p.dx[row * N + c] = static_cast<T>(d);
       }
-      if (p.dw_part != nullptr) p.dw_part[part + c] += dyv * xhat;
-      if (p.db_part != nullptr) p.db_part[part + c] += dyv;
-      if (p.dxb_part != nullptr) p.dxb_part[part + c] += d;
+      if (p.dw_part != nullptr) p.dw_part[part + c] = (first ? A(0) : p.dw_part[part + c]) + dyv * xhat;
+      if (p.db_part != nullptr) p.db_part[part + c] = (first ? A(0) : p.db_part[part + c]) + dyv;
+      if (p.dxb_part != nullptr) p.dxb_part[part + c] = (first ? A(0) : p.dxb_part[part + c]) + d;
     }
   }
 }
@@ -920,11 +922,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
     const int sms = num_sms(h.device().index());
     const auto part_opts = h.options().dtype(acc_type);
     at::Tensor parts[3];
-    const auto alloc_parts = [&](int64_t rows, bool zero) {
+    const auto alloc_parts = [&](int64_t rows) {
       for (int k = 0; k < 3; ++k) {
-        if (!need[k]) continue;
-        parts[k] = at::empty({rows, N}, part_opts);
-        if (zero) parts[k].zero_();
+        if (need[k]) parts[k] = at::empty({rows, N}, part_opts);
       }
       p.dw_part = need[0] ? parts[0].mutable_data_ptr<A>() : nullptr;
       p.db_part = need[1] ? parts[1].mutable_data_ptr<A>() : nullptr;
@@ -942,12 +942,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
       // One full wave of blocks (each keeps one partial row per column sum), never more than the rows.
       const int per_sm = blocks_per_sm(kernel, threads, smem, h.device().index());
       blocks = std::min<int64_t>(static_cast<int64_t>(per_sm) * sms, ceil_div<int64_t>(M, teams));
-      alloc_parts(blocks, false);
+      alloc_parts(blocks);
       launch(kernel, static_cast<unsigned>(blocks), threads, smem, stream, p, team.wpr);
     });
     if (!launched) {
       blocks = std::min<int64_t>(M, 4LL * sms);
-      alloc_parts(blocks, true);
+      alloc_parts(blocks);
       launch(add_ln_bwd_loop_kernel<scalar_t>, static_cast<unsigned>(blocks), kLoopThreads, 0, stream, p);
     }
     // One launch for every column sum asked for.

@@ -9,7 +9,7 @@ Launch paths covered (the host code's choices, see plan_team / with_team in laye
   bf16, 4 for fp32) with every compiled ITERS, and the scalar path (V = 1, ITERS 1 / 4 / 8) for odd
   widths and misaligned rows; last blocks with missing teams; the backward's grid-stride rounds
   (one block per SM here) and its partial rows folded through shared memory;
-- loop kernels: float64 always, wider rows for the other dtypes; grid-stride rounds, zeroed partials;
+- loop kernels: float64 always, wider rows for the other dtypes; grid-stride rounds (the first writes the partials);
 - column_sum over 1 to 16 partial rows; x_bias, residual, weight, bias each present or not;
   return_prenorm (and its gradient); Philox dropout equal to reference.dropout_keep_mask; rows with a
   stride; no rows; the C++ argument checks.
