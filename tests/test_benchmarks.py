@@ -10,6 +10,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -523,7 +524,8 @@ def test_host_profile_reports_each_provider(tmp_path, train):
     assert float(rows["hf-sdpa"].split("|")[2]) > 0 and float(rows["optimize"].split("|")[3]) > 0
     assert rows["optimize-cuda"].split("|")[2].strip().startswith("Skip: ")  # one that cannot run says why
     assert "## optimize: the" in text and "`aten::" in text
-    assert "with the most self time (cProfile)" in text and "`module.py:" in text  # nn.Module's call, always there
+    # the cProfile rows name Python functions by file:line (which ones lead depends on the host's timing)
+    assert "with the most self time (cProfile)" in text and re.search(r"`\w+\.py:\d+\(\w+\)`", text)
 
 
 def test_hf_varlen_provider_matches_the_padded_model(monkeypatch):
