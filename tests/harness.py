@@ -57,33 +57,23 @@ def randn(*shape, dtype=torch.float32, device="cpu", noncontig=False, scale=1.0)
     return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
 
 
-def launches_and_torch_ops(modules, call) -> tuple[list[str], set[str]]:
-    """(the Triton kernels `call` launches, the other torch ops it runs) with the kernels of `modules`
-    swapped for recorders: on a GPU each of those torch ops but an allocation or a view is a launch
-    of its own."""
+def launches_and_torch_ops(module, call) -> tuple[list[str], set[str]]:
+    """(the Triton kernels `call` launches, the other torch ops it runs), the kernels of `module` and the
+    shared ones swapped for recorders (compile_check.record_launches): on a GPU each of those torch ops
+    but an allocation or a view is a launch of its own."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    launched, ran = [], set()
+    from bertkern.triton.compile_check import record_launches
 
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launched.append(self.name)
+    ran = set()
 
     class Ops(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             ran.add(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 
-    with pytest.MonkeyPatch.context() as m:
-        for module in modules:
-            for name, f in vars(module).items():
-                if name.endswith("_kernel") and hasattr(f, "__getitem__"):
-                    m.setattr(module, name, Recorder(name))
-        with Ops():
-            call()
+    with Ops():
+        launched = [name for _, name, _, _ in record_launches(module, call)]
     return launched, ran
 
 

@@ -37,10 +37,13 @@ def _column_sum_kernel(PART, OUT0, OUT1, OUT2, parts, N, BLOCK_P: tl.constexpr, 
 
 
 def column_sum(parts: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
-    """[parts[k].sum(0).to(dtype) for k] of a contiguous [count <= 3, rows, N] buffer, in one launch."""
+    """[parts[k].sum(0).to(dtype) for k] of a contiguous [count <= 3, rows, N] buffer, in one launch
+    (none for count 0)."""
     count, rows, N = parts.shape
-    assert 1 <= count <= 3 and parts.is_contiguous(), (tuple(parts.shape), parts.stride())
+    assert count <= 3 and parts.is_contiguous(), (tuple(parts.shape), parts.stride())
     outs = [torch.empty(N, dtype=dtype, device=parts.device) for _ in range(count)]
+    if count == 0:
+        return outs
     _column_sum_kernel[(triton.cdiv(N, BLOCK_N), count)](
         parts, *(outs + outs[:1] * (3 - count)), rows, N, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
     )

@@ -163,14 +163,15 @@ SHARED_MODULES = ("bertkern.triton.column_sum",)
 
 def record_launches(module, call, capability: int | None = None) -> list[tuple]:
     """The (module, kernel name, args, kwargs) of every launch `call` makes, of the kernels of `module`
-    and of SHARED_MODULES. A module whose configs depend on the GPU (attention: TARGET_CAPABILITY)
-    picks them for sm_<capability> meanwhile."""
+    and of SHARED_MODULES (compiled, or interpreted: the tests count launches on the CPU too). A module
+    whose configs depend on the GPU (attention: TARGET_CAPABILITY) picks them for sm_<capability>
+    meanwhile."""
     import importlib
 
     import triton
 
     homes = [module] + [importlib.import_module(m) for m in SHARED_MODULES]
-    kernels = [(m, n, f) for m in homes for n, f in vars(m).items() if isinstance(f, triton.runtime.JITFunction)]
+    kernels = [(m, n, f) for m in homes for n, f in vars(m).items() if isinstance(f, triton.runtime.KernelInterface)]
     log = []
     target = getattr(module, "TARGET_CAPABILITY", None)
     try:

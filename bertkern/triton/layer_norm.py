@@ -399,8 +399,7 @@ def backward(dy, dprenorm, h, mean, rstd, weight, seed, args: NormGradArgs):
     rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
     programs = triton.cdiv(M, rows_per_program)
     # One fp32 [programs, N] partial buffer per column sum asked for, stacked for column_sum.
-    count = sum(needs)
-    stack = torch.empty((count, programs, N), dtype=acc, device=h.device)
+    stack = torch.empty((sum(needs), programs, N), dtype=acc, device=h.device)
     rows = iter(stack)
     parts = [next(rows) if need else mean for need in needs]  # mean: a placeholder pointer, never written
     thresh, scale = _dropout_args(args.dropout_p)
@@ -414,7 +413,7 @@ def backward(dy, dprenorm, h, mean, rstd, weight, seed, args: NormGradArgs):
         NEED_DW=args.need_dweight, NEED_DB=args.need_dbias, NEED_DXB=args.need_dx_bias, LOOP=loop,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
-    sums = iter(column_sum(stack, h.dtype) if count else ())
+    sums = iter(column_sum(stack, h.dtype))
     sums = [next(sums) if need else empty(h) for need in needs]
     return (dh, dx, *sums)
 
