@@ -15,12 +15,50 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_floating(name: str, arg: str, t) -> None:
-    """The ops' first argument check: `arg` is a floating-point tensor (messages name op and argument)."""
+# ---------------------------------------------------------------- argument checks
+# Every op checks its arguments with these: each error names the op and the argument. They run on
+# every call, so the usual case (all right) is a few comparisons and the message is built on failure.
+def check_floating(name: str, arg: str, t, dims: int | None = None, layout: str = "") -> None:
+    """`arg` is a floating-point tensor (with `dims` dims, `layout` naming them, when given)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name}: {arg} must be a {dims}-D tensor {layout}, got shape {list(t.shape)}")
     if not t.is_floating_point():
         raise ValueError(f"{name}: {arg} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_like(name: str, ref_name: str, ref: torch.Tensor, table, dtypes: tuple | None = None) -> None:
+    """Each row (arg, t, shape, what) of `table`: t is None, or a tensor on ref's device with ref's dtype
+    (one of `dtypes` when given) and, unless shape is None, that shape (`what` says which)."""
+    dtype, device = ref.dtype, ref.device
+    for arg, t, shape, what in table:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
+        if shape is not None and t.shape != shape:
+            raise ValueError(f"{name}: {arg} must have shape {list(shape)} ({what}), got {list(t.shape)}")
+        if dtypes is not None and t.dtype not in dtypes:
+            names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise ValueError(f"{name}: {arg} must be {names}, got dtype {t.dtype}")
+        if dtypes is None and t.dtype != dtype:
+            raise ValueError(f"{name}: {arg} dtype {t.dtype} does not match {ref_name} dtype {dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}: {arg} is on {t.device} but {ref_name} is on {device}")
+
+
+def check_float(name: str, arg: str, value, lo: float | None = None, hi: float | None = None,
+                none_ok: bool = False) -> None:
+    """`arg` is a Python number (not a bool or a tensor) in [lo, hi] (NaN is not), or None if none_ok."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: {arg} must be a Python float{' or None' if none_ok else ''}, "
+                        f"got {type(value).__name__}")
+    if (lo is not None and not value >= lo) or (hi is not None and not value <= hi):
+        bounds = f">= {lo:g}" if hi is None else f"in [{lo:g}, {hi:g}]"
+        raise ValueError(f"{name}: {arg} must be a float {bounds}, got {value!r}")
 
 
 def check_mask_kind(name: str, mask, arg: str, ref: torch.Tensor) -> None:

@@ -702,7 +702,7 @@ def test_bad_input_names_the_argument():
     A = bertkern.ops.attention
     with pytest.raises(ValueError, match="q must be a 4-D tensor"):
         A(q[0], q, q)
-    with pytest.raises(ValueError, match="k has dtype torch.float16"):
+    with pytest.raises(ValueError, match="k dtype torch.float16 does not match q dtype"):
         A(q, q.half(), q)
     with pytest.raises(ValueError, match="k must be .B, H, S_k, D."):
         A(q, q[:, :1], q)

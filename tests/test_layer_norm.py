@@ -459,6 +459,12 @@ def test_bad_inputs_name_the_argument():
         op(x, None, None, None, dropout_p=1.5)
     with pytest.raises(ValueError, match="eps"):
         op(x, None, None, None, eps=-1.0)
+    with pytest.raises(ValueError, match=r"dropout_p must be a float in \[0, 1\], got nan"):
+        op(x, None, None, None, dropout_p=float("nan"))
+    with pytest.raises(TypeError, match="eps must be a Python float, got bool"):
+        op(x, None, None, None, eps=True)
+    with pytest.raises(TypeError, match="x_bias must be a torch.Tensor or None, got list"):
+        op(x, None, None, None, x_bias=[0.0] * 8)
     with pytest.raises(ValueError, match="non-empty last dim"):
         op(torch.randn(4, 0), None, None, None)
     with pytest.raises(ValueError, match="backend"):
@@ -467,8 +473,10 @@ def test_bad_inputs_name_the_argument():
     emb = bertkern.ops.embedding_layer_norm
     ids = torch.randint(0, 5, (2, 3))
     word, pos, typ = torch.randn(5, 8), torch.randn(4, 8), torch.randn(2, 8)
-    with pytest.raises(ValueError, match="input_ids"):
+    with pytest.raises(ValueError, match="input_ids must be int64 or int32, got dtype torch.float32"):
         emb(ids.float(), None, None, word, pos, typ, w, None)
+    with pytest.raises(ValueError, match="token_type_ids is on meta but word_embeddings is on cpu"):
+        emb(ids, None, torch.zeros(2, 3, dtype=torch.long, device="meta"), word, pos, typ, w, None)
     with pytest.raises(ValueError, match="position_embeddings"):
         emb(ids, None, None, word, torch.randn(4, 9), typ, w, None)
     with pytest.raises(ValueError, match="token_type_embeddings dtype"):

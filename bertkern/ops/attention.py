@@ -49,7 +49,8 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import OpCall, acc_dtype, broadcasts_to, check_mask_kind, needs_grad, varlen_index
+from bertkern._utils import (OpCall, acc_dtype, broadcasts_to, check_float, check_floating, check_like,
+                             check_mask_kind, needs_grad, varlen_index)
 from bertkern.ops import attention_auto as _auto
 
 _NAME = "bertkern.ops.attention"
@@ -406,22 +407,10 @@ def kernel_unsupported(q: torch.Tensor) -> str | None:
 
 def _check_common(name, q, k, v, scale, dropout_p, dims, layout):
     for arg, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != dims:
-            raise ValueError(f"{name}: {arg} must be a {dims}-D tensor {layout}, got shape {list(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name}: {arg} must be a floating-point tensor, got dtype {t.dtype}")
-    for arg, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name}: {arg} has dtype {t.dtype} but q has {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: {arg} is on {t.device} but q is on {q.device}")
-    if scale is not None and (isinstance(scale, (torch.Tensor, bool)) or not isinstance(scale, (int, float))):
-        raise TypeError(f"{name}: scale must be a Python float or None, got {type(scale).__name__}")
-    if (isinstance(dropout_p, (torch.Tensor, bool)) or not isinstance(dropout_p, (int, float))
-            or not 0.0 <= dropout_p <= 1.0):
-        raise ValueError(f"{name}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
+        check_floating(name, arg, t, dims, layout)
+    check_like(name, "q", q, (("k", k, None, ""), ("v", v, None, "")))
+    check_float(name, "scale", scale, none_ok=True)
+    check_float(name, "dropout_p", dropout_p, 0.0, 1.0)
 
 
 def _check(q, k, v, mask, scale, dropout_p) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import OpCall, check_floating, contiguous_or_none, needs_grad
+from bertkern._utils import OpCall, check_floating, check_like, contiguous_or_none, needs_grad
 
 
 def _kernels(backend: str):
@@ -84,16 +84,7 @@ def _check(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> None
         raise ValueError(f"{name}: x must have at least one dimension, got a scalar")
     if approximate not in reference.GELU_APPROXIMATIONS:
         raise ValueError(f"{name}: approximate must be one of {reference.GELU_APPROXIMATIONS}, got {approximate!r}")
-    if bias is None:
-        return
-    if not isinstance(bias, torch.Tensor):
-        raise TypeError(f"{name}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if bias.dim() != 1 or bias.shape[0] != x.shape[-1]:
-        raise ValueError(f"{name}: bias must have shape [{x.shape[-1]}] (x's last dim), got {list(bias.shape)}")
-    if bias.dtype != x.dtype:
-        raise ValueError(f"{name}: bias dtype {bias.dtype} does not match x dtype {x.dtype}")
-    if bias.device != x.device:
-        raise ValueError(f"{name}: bias is on {bias.device} but x is on {x.device}")
+    check_like(name, "x", x, (("bias", bias, x.shape[-1:], "x's last dim"),))
 
 
 def bias_gelu(

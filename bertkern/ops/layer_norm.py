@@ -38,8 +38,8 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import (NormArgs, NormGradArgs, OpCall, acc_dtype, broadcasts_to, check_floating,
-                             contiguous_or_none, empty, keep_mask, needs_grad)
+from bertkern._utils import (NormArgs, NormGradArgs, OpCall, acc_dtype, broadcasts_to, check_float, check_floating,
+                             check_like, contiguous_or_none, empty, keep_mask, needs_grad)
 
 
 # ---------------------------------------------------------------- torch backend (2-D rows)
@@ -221,50 +221,16 @@ _ADD_LAYER_NORM = OpCall.define("add_layer_norm", _add_layer_norm_impl, fake=_ad
 
 
 # ---------------------------------------------------------------- input checks
-# Each check names the op (`name`), the argument (`arg`) and the argument it must match (`ref_name`).
-def _check_type(name: str, arg: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
-
-
-def _check_dtype(name: str, arg: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
-    if t.dtype != ref.dtype:
-        raise ValueError(f"{name}: {arg} dtype {t.dtype} does not match {ref_name} dtype {ref.dtype}")
-
-
-def _check_device(name: str, arg: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{name}: {arg} is on {t.device} but {ref_name} is on {ref.device}")
-
-
-def _check_tensor(name: str, arg: str, t, ref: torch.Tensor, shape: tuple, what: str, ref_name: str = "x") -> None:
-    """None, or a tensor of `shape` (`what`, for the message) with ref's dtype and device."""
-    if t is None:
-        return
-    _check_type(name, arg, t)
-    if t.shape != shape:
-        raise ValueError(f"{name}: {arg} must have shape {list(shape)} ({what}), got {list(t.shape)}")
-    _check_dtype(name, arg, t, ref, ref_name)
-    _check_device(name, arg, t, ref, ref_name)
-
-
-def _check_eps_p(name: str, eps, dropout_p) -> None:
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0.0:
-        raise ValueError(f"{name}: eps must be a non-negative number, got {eps!r}")
-    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"{name}: dropout_p must be in [0, 1], got {dropout_p!r}")
-
-
 def _check(x, residual, weight, bias, x_bias, eps, dropout_p) -> None:
     name = "bertkern.ops.add_layer_norm"
     check_floating(name, "x", x)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"{name}: x must have a non-empty last dim, got shape {list(x.shape)}")
-    n = x.shape[-1]
-    _check_tensor(name, "residual", residual, x, x.shape, "x's shape")
-    for arg, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
-        _check_tensor(name, arg, t, x, (n,), "x's last dim")
-    _check_eps_p(name, eps, dropout_p)
+    n = (x.shape[-1],)
+    check_like(name, "x", x, (("residual", residual, x.shape, "x's shape"), ("weight", weight, n, "x's last dim"),
+                              ("bias", bias, n, "x's last dim"), ("x_bias", x_bias, n, "x's last dim")))
+    check_float(name, "eps", eps, 0.0)
+    check_float(name, "dropout_p", dropout_p, 0.0, 1.0)
 
 
 def _autocast(*tensors):
@@ -451,46 +417,33 @@ _INDEX_DTYPES = (torch.int64, torch.int32)
 
 def _check_embedding(input_ids, position_ids, token_type_ids, word, pos, typ, weight, bias, eps, padding_idx):
     name = "bertkern.ops.embedding_layer_norm"
+    check_floating(name, "word_embeddings", word, 2, "[vocab, hidden]")
+    n = word.shape[1]
+    if n == 0:
+        raise ValueError(f"{name}: word_embeddings must be [vocab, hidden], got shape {list(word.shape)}")
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"{name}: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-    if input_ids.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"{name}: input_ids must be int64 or int32, got dtype {input_ids.dtype}")
+    ids = (("input_ids", input_ids), ("position_ids", position_ids), ("token_type_ids", token_type_ids))
+    check_like(name, "word_embeddings", word, [(arg, t, None, "") for arg, t in ids], dtypes=_INDEX_DTYPES)
     if input_ids.dim() == 0:
         raise ValueError(f"{name}: input_ids must have at least one dimension (the sequence), got a scalar")
-    if not isinstance(word, torch.Tensor):
-        raise TypeError(f"{name}: word_embeddings must be a torch.Tensor, got {type(word).__name__}")
-    if word.dim() != 2 or word.shape[1] == 0:
-        raise ValueError(f"{name}: word_embeddings must be [vocab, hidden], got shape {list(word.shape)}")
-    if not word.is_floating_point():
-        raise ValueError(f"{name}: word_embeddings must be floating point, got dtype {word.dtype}")
-    n = word.shape[1]
-    for arg, t in (("input_ids", input_ids), ("position_ids", position_ids), ("token_type_ids", token_type_ids)):
-        if t is None:
-            continue
-        _check_type(name, arg, t)
-        if t.dtype not in _INDEX_DTYPES:
-            raise ValueError(f"{name}: {arg} must be int64 or int32, got dtype {t.dtype}")
-        _check_device(name, arg, t, word, "word_embeddings")
-        if not broadcasts_to(t.shape, input_ids.shape):
+    for arg, t in ids[1:]:
+        if t is not None and not broadcasts_to(t.shape, input_ids.shape):
             raise ValueError(f"{name}: {arg} of shape {list(t.shape)} does not broadcast to "
                              f"input_ids' {list(input_ids.shape)}")
     for arg, t in (("position_embeddings", pos), ("token_type_embeddings", typ)):
-        if t is None:
-            continue
-        _check_type(name, arg, t)
-        if t.dim() != 2 or t.shape[1] != n or t.shape[0] == 0:
+        if isinstance(t, torch.Tensor) and (t.dim() != 2 or t.shape[1] != n or t.shape[0] == 0):
             raise ValueError(f"{name}: {arg} must have shape [rows, {n}] (word_embeddings' hidden size), "
                              f"got {list(t.shape)}")
-        _check_dtype(name, arg, t, word, "word_embeddings")
-        _check_device(name, arg, t, word, "word_embeddings")
-    for arg, t in (("weight", weight), ("bias", bias)):
-        _check_tensor(name, arg, t, word, (n,), "the hidden size", "word_embeddings")
+    check_like(name, "word_embeddings", word, (
+        ("position_embeddings", pos, None, ""), ("token_type_embeddings", typ, None, ""),
+        ("weight", weight, (n,), "the hidden size"), ("bias", bias, (n,), "the hidden size")))
     if pos is not None and position_ids is None and input_ids.shape[-1] > pos.shape[0]:
         raise ValueError(f"{name}: sequence length {input_ids.shape[-1]} exceeds "
                          f"position_embeddings' {pos.shape[0]} rows")
     if padding_idx is not None and not -word.shape[0] <= padding_idx < word.shape[0]:
         raise ValueError(f"{name}: padding_idx {padding_idx} is out of range for {word.shape[0]} word embeddings")
-    _check_eps_p(name, eps, 0.0)
+    check_float(name, "eps", eps, 0.0)
     # Out-of-range ids would read out of bounds in a kernel. Checking costs a host sync on a GPU, so
     # only CPU tensors are checked, and not while compiling (a data-dependent branch).
     if word.device.type == "cpu" and not torch.compiler.is_compiling():

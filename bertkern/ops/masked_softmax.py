@@ -26,7 +26,8 @@ import torch
 
 from bertkern import backend as _backend
 from bertkern import reference
-from bertkern._utils import OpCall, acc_dtype, broadcasts_to, check_floating, check_mask_kind, needs_grad
+from bertkern._utils import (OpCall, acc_dtype, broadcasts_to, check_float, check_floating, check_mask_kind,
+                             needs_grad)
 
 _NAME = "bertkern.ops.masked_softmax"
 
@@ -166,10 +167,8 @@ def _check(scores: torch.Tensor, mask: torch.Tensor | None, scale: float, dropou
     check_floating(_NAME, "scores", scores)
     if scores.dim() == 0:
         raise ValueError(f"{_NAME}: scores must have at least one dimension (the keys), got a scalar")
-    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{_NAME}: scale must be a Python float, got {type(scale).__name__}")
-    if isinstance(dropout_p, torch.Tensor) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"{_NAME}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    check_float(_NAME, "scale", scale)
+    check_float(_NAME, "dropout_p", dropout_p, 0.0, 1.0)
     if mask is None:
         return
     check_mask_kind(_NAME, mask, "scores", scores)
