@@ -5,6 +5,7 @@ need the reference import it where they run.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,16 +49,17 @@ def check_like(name: str, ref_name: str, ref: torch.Tensor, table, dtypes: tuple
             raise ValueError(f"{name}: {arg} is on {t.device} but {ref_name} is on {device}")
 
 
-def check_float(name: str, arg: str, value, lo: float | None = None, hi: float | None = None,
+def check_float(name: str, arg: str, value, lo: float | None = None, hi: float = math.inf,
                 none_ok: bool = False) -> None:
-    """`arg` is a Python number (not a bool or a tensor) in [lo, hi] (NaN is not), or None if none_ok."""
+    """`arg` is a Python number (not a bool or a tensor), or None if none_ok; with `lo`, in [lo, hi]
+    (NaN is not)."""
     if value is None and none_ok:
         return
     if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: {arg} must be a Python float{' or None' if none_ok else ''}, "
                         f"got {type(value).__name__}")
-    if (lo is not None and not value >= lo) or (hi is not None and not value <= hi):
-        bounds = f">= {lo:g}" if hi is None else f"in [{lo:g}, {hi:g}]"
+    if lo is not None and not lo <= value <= hi:
+        bounds = f">= {lo:g}" if hi == math.inf else f"in [{lo:g}, {hi:g}]"
         raise ValueError(f"{name}: {arg} must be a float {bounds}, got {value!r}")
 
 
